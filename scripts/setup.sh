@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# One-command set-up of runa_ood_node on a fresh Debian 12 / Python 3.11 machine.
+# Creates .venv, installs the pinned Python + ROS 2 kilted wheels, fixes the wheels' CMake
+# paths, builds the interface packages in ros2_ws/ with colcon and installs this package
+# in editable mode. Idempotent: every step is skipped when its inputs have not changed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PY="${RUNA_PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "ROS 2 kilted wheels are cp311: need Python 3.11, got %s" % sys.version' \
+  || { echo "[setup] Python 3.11 is required (set RUNA_PYTHON=/path/to/python3.11)" >&2; exit 2; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+
+hash_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+
+# 1. Python packages (pinned by requirements/constraints.txt)
+REQ_HASH=$(hash_of requirements/*.txt)
+if [ "$(cat "$VENV/.runa_requirements" 2>/dev/null)" != "$REQ_HASH" ]; then
+  log "installing Python and ROS 2 wheels (first run: a few minutes)"
+    "$VPY" -m pip install -q -c requirements/constraints.txt \
+      -r requirements/base.txt -r requirements/test.txt 2>&1 \
+      | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  rm -f "$VENV/.runa_cmake_fixed"
+  echo "$REQ_HASH" > "$VENV/.runa_requirements"
+else
+  log "Python packages up to date"
+fi
+
+# 2. The wheels' exported CMake files hard-code the wheel build machine's include folders.
+if [ ! -f "$VENV/.runa_cmake_fixed" ]; then
+  log "rewriting the ROS wheels' CMake include paths for this interpreter"
+  "$VPY" - "$VENV" <<'PYEOF'
+import pathlib, sys, sysconfig, numpy
+venv = pathlib.Path(sys.argv[1])
+py_inc = sysconfig.get_paths()["include"]
+np_inc = numpy.get_include()
+bad_py = "/opt/python/cp311-cp311/include/python3.11"
+n = 0
+for f in (venv / "share").rglob("*.cmake"):
+    try:
+        text = f.read_text()
+    except UnicodeDecodeError:
+        continue
+    new = text.replace(bad_py, py_inc)
+    # numpy include folder of the wheel build machine
+    import re
+    new = re.sub(r"/opt/python/cp311-cp311/lib/python3\.11/site-packages/numpy/[^;\"\s)]*include", np_inc, new)
+    if new != text:
+        f.write_text(new); n += 1
+print(f"[setup] fixed {n} cmake files")
+PYEOF
+  touch "$VENV/.runa_cmake_fixed"
+fi
+
+# 3. Interface packages (runa_ood_msgs, vision_msgs) with colcon
+WS="$ROOT/ros2_ws"
+if [ -d "$WS/src" ] && [ -n "$(ls -A "$WS/src" 2>/dev/null)" ]; then
+  WS_HASH=$(find "$WS/src" -type f | sort | xargs cat | sha256sum | cut -c1-16)
+  if [ "$(cat "$WS/.runa_built" 2>/dev/null)" != "$WS_HASH" ] || [ ! -f "$WS/install/setup.bash" ]; then
+    log "building interface packages in ros2_ws (colcon)"
+    (
+      cd "$WS"
+      export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" AMENT_PREFIX_PATH="$VENV"
+      export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+      # vision_msgs from the system ROS wins when there is one (see README)
+      SKIP=()
+      if [ -n "${RUNA_SYSTEM_VISION_MSGS:-}" ]; then SKIP=(--packages-skip vision_msgs); fi
+      "$VENV/bin/colcon" --log-base log build --merge-install "${SKIP[@]}" \
+         --cmake-args -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$VPY" >"$WS/build.log" 2>&1 \
+         || { tail -40 "$WS/build.log"; echo "[setup] colcon build failed, full log: $WS/build.log" >&2; exit 1; }
+    )
+    echo "$WS_HASH" > "$WS/.runa_built"
+  else
+    log "interface packages up to date"
+  fi
+fi
+
+# 4. This package, editable, so `runa-ood` and `runa_ood_node` are on PATH
+if [ ! -f "$VENV/.runa_editable" ] || [ setup.py -nt "$VENV/.runa_editable" ]; then
+  log "installing runa_ood_node (editable)"
+  "$VPY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+  touch "$VENV/.runa_editable"
+fi
+log "ready: source scripts/env.sh (or use scripts/demo.sh / scripts/test.sh)"

@@ -1,0 +1,30 @@
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = "runa_ood_node"
+
+setup(
+    name=package_name,
+    version="0.1.0",
+    packages=find_packages(exclude=["tests", "tests.*"]),
+    package_data={"runa_ood_node": ["core/model_configs/*.json"]},
+    data_files=[
+        ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
+        ("share/" + package_name, ["package.xml"]),
+        ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
+        ("share/" + package_name + "/config", glob("config/*")),
+        ("share/" + package_name + "/calibration", glob("calibration/*.yaml")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=False,
+    maintainer="runa_ood_node maintainers",
+    description="Object-level OOD detection (RUNA) as a ROS 2 node",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "runa-ood = runa_ood_node.tools.cli:main",
+            "runa_ood_node = runa_ood_node.ros.node:main",
+        ],
+    },
+)
