@@ -1,0 +1,296 @@
+"""Scripted frame-by-frame tests of core.alerts (message stamps, no wall time, no sleeping)."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from runa_ood_node.core.alerts import Alert, AlertConfig, AlertLevel, AlertMonitor, HealthMonitor
+
+W, H = 640, 480
+DT = 0.25  # 4 Hz: stamps are exact binary fractions, so interval arithmetic is exact
+SMALL = [300, 200, 320, 220]  # 400 px^2 = 0.13% of the image, bottom at 46%, centre (0.48, 0.44)
+BIG = [100, 100, 300, 300]  # 40000 px^2 = 13% of the image
+LOW = [10, 400, 30, 420]  # bottom at 87.5% of the height, tiny, centre (0.03, 0.85)
+
+CLEAR, CAUTION, TAKE_OVER = AlertLevel.CLEAR, AlertLevel.CAUTION, AlertLevel.TAKE_OVER
+
+
+def frame(*boxes, ood=None, status=None):
+    """A duck-typed frame result; every box is OOD unless ``ood`` says otherwise."""
+    n = len(boxes)
+    return SimpleNamespace(
+        boxes_xyxy=np.asarray(boxes, dtype=np.float32).reshape(n, 4),
+        is_ood=np.ones(n, bool) if ood is None else np.asarray(ood, bool),
+        status=np.zeros(n, np.uint8) if status is None else np.asarray(status, np.uint8),
+        uncertainty=np.full(n, -0.1, np.float32),
+        label=["car"] * n,
+    )
+
+
+NONE = frame()
+OOD = frame(SMALL)
+
+
+def run(monitor, frames, t0=0.0):
+    """Feed frames at DT spacing; return the list of alerts."""
+    return [monitor.update(t0 + i * DT, f, W, H) for i, f in enumerate(frames)]
+
+
+def levels(alerts):
+    return [a.level for a in alerts]
+
+
+def test_level_ordering_and_values():
+    assert (int(CLEAR), int(CAUTION), int(TAKE_OVER)) == (0, 1, 2)
+    assert CLEAR < CAUTION < TAKE_OVER
+
+
+def test_caution_needs_k_of_last_n_frames():
+    m = AlertMonitor(AlertConfig(k=3, n=5))
+    alerts = run(m, [OOD, NONE, OOD, NONE, OOD])
+    assert levels(alerts) == [CLEAR] * 4 + [CAUTION]
+    assert [a.changed for a in alerts] == [False] * 4 + [True]
+    assert alerts[-1].object_indices == [0]
+    assert "3 of last 5" in alerts[-1].reason
+
+
+def test_isolated_detections_never_raise():
+    m = AlertMonitor(AlertConfig(k=3, n=5))
+    # at most 2 OOD frames in any 5 consecutive frames
+    pattern = [OOD, NONE, NONE, OOD, NONE, NONE] * 5
+    assert set(levels(run(m, pattern))) == {CLEAR}
+
+
+def test_small_ood_box_is_caution_not_takeover():
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    assert levels(run(m, [OOD] * 10))[-1] == CAUTION
+
+
+def test_hold_then_clear_after_clear_s():
+    cfg = AlertConfig(k=3, n=5, hold_s=1.0, clear_s=2.0)
+    m = AlertMonitor(cfg)
+    run(m, [OOD, OOD, OOD])  # raised at t=0.5
+    assert m.level == CAUTION
+    # OOD gone from t=0.75; the 3-of-5 rule still holds at 0.75 and 1.0 (window has 3 OOD)
+    t, out = 0.75, []
+    while t <= 4.0:
+        out.append((t, m.update(t, NONE, W, H)))
+        t += DT
+    # condition last held at t=1.0 -> the level drops at the first frame with t - 1.0 >= 2.0
+    for stamp, a in out:
+        expected = CAUTION if stamp < 3.0 else CLEAR
+        assert a.level == expected, stamp
+        assert a.changed == (stamp == 3.0)
+    held = dict(out)[2.75]
+    assert "held" in held.reason and held.object_indices == []
+
+
+def test_min_hold_keeps_level_even_with_zero_clear_time():
+    m = AlertMonitor(AlertConfig(k=1, n=1, hold_s=1.0, clear_s=0.0))
+    assert m.update(0.0, OOD, W, H).level == CAUTION
+    assert m.update(0.5, NONE, W, H).level == CAUTION  # within the 1 s hold
+    a = m.update(1.0, NONE, W, H)
+    assert a.level == CLEAR and a.changed
+
+
+def test_returning_condition_restarts_clear_timer():
+    m = AlertMonitor(AlertConfig(k=1, n=1, hold_s=0.0, clear_s=1.0))
+    m.update(0.0, OOD, W, H)
+    m.update(0.75, NONE, W, H)
+    m.update(0.9, OOD, W, H)  # back before clear_s elapsed
+    assert m.update(1.5, NONE, W, H).level == CAUTION  # 0.6 s since 0.9
+    assert m.update(1.9, NONE, W, H).level == CLEAR
+
+
+def test_flicker_suppressed():
+    """Detections that come and go around the k-of-n boundary give one raise, one clear."""
+    m = AlertMonitor(AlertConfig(k=3, n=5, hold_s=1.0, clear_s=2.0))
+    pattern = [OOD, OOD, OOD, NONE, NONE, OOD, NONE, NONE, OOD, OOD, NONE, NONE, NONE] * 3 + [NONE] * 20
+    alerts = run(m, pattern)
+    assert sum(a.changed for a in alerts) == 2
+    assert alerts[-1].level == CLEAR
+    # without debouncing the raw k-of-n rule would toggle many times
+    raw = AlertMonitor(AlertConfig(k=3, n=5, hold_s=0.0, clear_s=0.0))
+    assert sum(a.changed for a in run(raw, pattern)) > 4
+
+
+def test_takeover_by_area():
+    cfg = AlertConfig(k=2, n=3, takeover_min_area_frac=0.05, takeover_min_bottom_frac=None)
+    m = AlertMonitor(cfg)
+    big = frame(SMALL, BIG)
+    alerts = run(m, [big, big])
+    assert levels(alerts) == [CLEAR, TAKE_OVER]
+    assert alerts[-1].object_indices == [1]
+    assert "area 13.0% >= 5.0%" in alerts[-1].reason
+    # the same box below the area limit is only a caution
+    m2 = AlertMonitor(AlertConfig(k=2, n=3, takeover_min_area_frac=0.2, takeover_min_bottom_frac=None))
+    assert levels(run(m2, [big, big])) == [CLEAR, CAUTION]
+
+
+def test_takeover_by_bottom_edge():
+    m = AlertMonitor(AlertConfig(k=2, n=3, takeover_min_area_frac=None, takeover_min_bottom_frac=0.8))
+    alerts = run(m, [frame(LOW), frame(LOW)])
+    assert levels(alerts) == [CLEAR, TAKE_OVER] and "bottom" in alerts[-1].reason
+    m2 = AlertMonitor(AlertConfig(k=2, n=3, takeover_min_area_frac=None, takeover_min_bottom_frac=0.9))
+    assert levels(run(m2, [frame(LOW), frame(LOW)])) == [CLEAR, CAUTION]
+
+
+@pytest.mark.parametrize(
+    "roi, expected",
+    [
+        ([0.4, 0.3, 0.6, 0.6], TAKE_OVER),  # rectangle around SMALL's centre (0.48, 0.44)
+        ([[0.3, 1.0], [0.45, 0.3], [0.55, 0.3], [0.7, 1.0]], TAKE_OVER),  # ego-lane trapezoid
+        ([[0.0, 1.0], [0.1, 0.5], [0.2, 1.0]], CAUTION),  # polygon elsewhere
+        ([0.0, 0.0, 0.2, 0.2], CAUTION),  # rectangle elsewhere
+    ],
+)
+def test_takeover_by_roi(roi, expected):
+    cfg = AlertConfig(k=2, n=3, takeover_min_area_frac=None, takeover_min_bottom_frac=None, roi=roi)
+    m = AlertMonitor(cfg)
+    a = run(m, [OOD, OOD])[-1]
+    assert a.level == expected
+    if expected == TAKE_OVER:
+        assert "ROI" in a.reason and a.object_indices == [0]
+
+
+def test_takeover_k_of_n_and_step_down_to_caution():
+    cfg = AlertConfig(k=2, n=4, hold_s=0.0, clear_s=1.0, takeover_min_area_frac=0.05, takeover_min_bottom_frac=None)
+    m = AlertMonitor(cfg)
+    big = frame(BIG)
+    # one big frame among small ones is a caution only (take-over rule needs 2 of 4)
+    assert levels(run(m, [OOD, big, OOD, OOD])) == [CLEAR, CAUTION, CAUTION, CAUTION]
+    a = m.update(1.0, big, W, H)
+    assert a.level == TAKE_OVER and a.changed  # 2 big frames in the last 4
+    # big box leaves, small OOD stays: take-over condition last held at 1.0 ... 1.5 (window)
+    out = [(t, m.update(t, OOD, W, H)) for t in np.arange(1.25, 4.0, DT)]
+    drops = [(t, a.level) for t, a in out if a.changed]
+    assert len(drops) == 1 and drops[0][1] == CAUTION
+    assert all(a.level == CAUTION for t, a in out if t >= drops[0][0])
+
+
+def test_takeover_straight_to_clear_when_nothing_left():
+    cfg = AlertConfig(k=1, n=1, hold_s=0.0, clear_s=1.0)
+    m = AlertMonitor(cfg)
+    assert m.update(0.0, frame(BIG), W, H).level == TAKE_OVER
+    assert m.update(0.5, NONE, W, H).level == TAKE_OVER
+    a = m.update(1.0, NONE, W, H)
+    assert a.level == CLEAR and a.changed
+
+
+def test_out_of_order_and_duplicate_stamps_ignored():
+    m = AlertMonitor(AlertConfig(k=2, n=2))
+    m.update(1.0, OOD, W, H)
+    a = m.update(0.5, OOD, W, H)  # late message: must not count towards k
+    assert a.level == CLEAR and not a.changed and "ignored" in a.reason
+    m.update(1.0, OOD, W, H)  # duplicate stamp
+    assert m.n_out_of_order == 2 and m.n_frames == 1
+    assert m.update(1.25, NONE, W, H).level == CLEAR  # window: [OOD, NONE]
+
+
+def test_only_ok_boxes_count_and_none_frame():
+    m = AlertMonitor(AlertConfig(k=1, n=1))
+    bad = frame(SMALL, ood=[True], status=[7])  # BACKEND_ERROR box flagged OOD: ignored
+    assert m.update(0.0, bad, W, H).level == CLEAR
+    assert m.update(0.25, None, W, H).level == CLEAR
+    notood = frame(BIG, ood=[False])
+    assert m.update(0.5, notood, W, H).level == CLEAR
+    assert m.update(0.75, {"is_ood": [True], "boxes_xyxy": [SMALL]}, W, H).level == CAUTION  # mapping works
+
+
+def test_deterministic_replay():
+    pattern = [OOD, frame(BIG), NONE, OOD, OOD, frame(LOW), NONE] * 6
+    a1 = [(a.level, a.reason) for a in run(AlertMonitor(), pattern)]
+    a2 = [(a.level, a.reason) for a in run(AlertMonitor(), pattern)]
+    assert a1 == a2
+    assert isinstance(run(AlertMonitor(), [OOD])[0], Alert)
+
+
+def test_reset():
+    m = AlertMonitor(AlertConfig(k=1, n=1))
+    m.update(5.0, OOD, W, H)
+    m.reset()
+    assert m.level == CLEAR and m.update(0.0, NONE, W, H).level == CLEAR  # earlier stamp accepted
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(k=0),
+        dict(k=6, n=5),
+        dict(n=0),
+        dict(hold_s=-1.0),
+        dict(clear_s=float("nan")),
+        dict(takeover_min_area_frac=1.5),
+        dict(takeover_min_bottom_frac=-0.1),
+        dict(roi=[0.5, 0.5, 0.4, 0.9]),
+        dict(roi=[0.0, 0.0, 1.2, 1.0]),
+        dict(roi=[[0.0, 0.0], [1.0, 1.0]]),
+        dict(roi="lane"),
+        dict(takeover_k=9),
+    ],
+)
+def test_config_validation(kwargs):
+    with pytest.raises(ValueError):
+        AlertConfig(**kwargs)
+
+
+def test_update_argument_validation():
+    m = AlertMonitor()
+    with pytest.raises(ValueError, match="image size"):
+        m.update(0.0, OOD, 0, H)
+    with pytest.raises(ValueError, match="stamp"):
+        m.update(float("nan"), OOD, W, H)
+
+
+# --------------------------------------------------------------------------------- health
+
+
+def test_health_frame_timeout_and_recovery():
+    h = HealthMonitor(frame_timeout_s=1.0, latency_budget_ms=200.0)
+    assert h.check(100.0) == [] and not h.degraded  # first check starts the clock
+    r = h.check(101.5)
+    assert len(r) == 1 and "no frame processed yet" in r[0] and h.degraded
+    h.frame(101.6, 50.0)
+    assert h.check(102.0) == [] and not h.degraded
+    assert h.check(102.6) == []  # exactly 1.0 s: not yet over the timeout
+    r = h.check(102.7)
+    assert len(r) == 1 and "no frame processed for 1.10 s" in r[0]
+    h.frame(102.8, 50.0)
+    assert h.check(102.9) == []
+
+
+def test_health_backend_error_until_next_frame():
+    h = HealthMonitor()
+    h.frame(0.0, 10.0)
+    h.backend_error("TensorRT engine failed to load")
+    r = h.check(0.1)
+    assert r == ["backend failing: TensorRT engine failed to load"] and h.degraded
+    h.frame(0.2, 10.0)
+    assert h.check(0.3) == [] and h.n_backend_errors == 1
+
+
+def test_health_latency_p95_over_budget_and_recovery():
+    h = HealthMonitor(frame_timeout_s=10.0, latency_budget_ms=200.0, latency_window=20, min_latency_samples=5)
+    t = 0.0
+    for _ in range(4):  # too few samples for a verdict, even if slow
+        t += 0.1
+        h.frame(t, 500.0)
+    assert h.check(t) == []
+    for _ in range(16):
+        t += 0.1
+        h.frame(t, 100.0)
+    # 20 samples: 4 x 500 ms, 16 x 100 ms -> p95 interpolates between 500 and 500 -> over budget
+    assert h.latency_p95_ms() == pytest.approx(np.percentile([500.0] * 4 + [100.0] * 16, 95))
+    r = h.check(t)
+    assert len(r) == 1 and "latency p95" in r[0]
+    for _ in range(20):  # slow frames leave the window
+        t += 0.1
+        h.frame(t, 100.0)
+    assert h.check(t) == [] and h.latency_p95_ms() == pytest.approx(100.0)
+
+
+def test_health_one_slow_frame_in_window_is_tolerated():
+    h = HealthMonitor(frame_timeout_s=10.0, latency_budget_ms=200.0, latency_window=50)
+    for i in range(50):
+        h.frame(i * 0.1, 1000.0 if i == 10 else 80.0)
+    assert h.check(5.0) == []
