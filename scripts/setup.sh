@@ -71,9 +71,13 @@ if [ -d "$WS/src" ] && [ -n "$(ls -A "$WS/src" 2>/dev/null)" ]; then
       cd "$WS"
       export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" AMENT_PREFIX_PATH="$VENV"
       export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
-      # vision_msgs from the system ROS wins when there is one (see README)
+      # On a ROS installation that already has vision_msgs, use that one (same type hashes):
+      # RUNA_SYSTEM_VISION_MSGS=1 [RUNA_SYSTEM_PREFIX=/opt/ros/<distro>] bash scripts/setup.sh
       SKIP=()
-      if [ -n "${RUNA_SYSTEM_VISION_MSGS:-}" ]; then SKIP=(--packages-skip vision_msgs); fi
+      if [ -n "${RUNA_SYSTEM_VISION_MSGS:-}" ]; then
+        SKIP=(--packages-skip vision_msgs)
+        AMENT_PREFIX_PATH="$VENV:${RUNA_SYSTEM_PREFIX:-/opt/ros/${ROS_DISTRO:-kilted}}"
+      fi
       "$VENV/bin/colcon" --log-base log build --merge-install "${SKIP[@]}" \
          --cmake-args -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$VPY" >"$WS/build.log" 2>&1 \
          || { tail -40 "$WS/build.log"; echo "[setup] colcon build failed, full log: $WS/build.log" >&2; exit 1; }

@@ -1,0 +1,596 @@
+"""Message <-> array conversion for runa_ood_node (no cv_bridge).
+
+Images
+------
+:func:`image_to_rgb` turns a ``sensor_msgs/Image`` into the ``HxWx3 uint8 RGB`` array that core
+expects; :func:`compressed_to_rgb` does the same for ``sensor_msgs/CompressedImage``. Both honour
+``step`` (padded rows), ``is_bigendian`` (16-bit) and validate sizes; every problem raises
+:class:`ImageConversionError` whose ``reason`` is one of :data:`REASONS`, so a node can count drops
+per reason in its diagnostics and never crash on a bad frame.
+
+Supported ``sensor_msgs/Image`` encodings (:data:`ENCODINGS`)::
+
+    rgb8  bgr8  rgba8  bgra8  mono8  mono16        (sensor_msgs/image_encodings names)
+    8UC1 = mono8   8UC3 = bgr8   8UC4 = bgra8   16UC1 = mono16   (OpenCV-style aliases)
+    yuv422 (UYVY)  yuv422_yuy2 (YUYV)              (common USB camera outputs; width must be even)
+
+16-bit images (mono16 / 16UC1) become 8-bit grey for the model. ``mono16_scale`` chooses how:
+
+* ``"max"`` (default): ``round(v * 255 / max(frame))`` per frame, so 10/12-bit sensors in 16-bit
+  containers and thermal cameras use the whole 8-bit range (an all-zero frame stays zero). The
+  mapping changes from frame to frame with the frame's maximum.
+* ``"shift"``: ``v >> 8``, a fixed mapping of the full 0..65535 range (dark for < 16-bit sensors).
+
+Both readers accept rclpy messages and rosbags messages alike (``data`` may be ``array.array``,
+``bytes`` or a NumPy ``uint8`` array). Trailing bytes beyond ``height * step`` are ignored; the last
+row may omit its padding (only ``(height-1)*step + width*bytes_per_pixel`` bytes are required).
+
+Detections and outputs
+----------------------
+``vision_msgs/Detection2D`` boxes are ``bbox.center.position.{x,y}`` (pixels), ``bbox.center.theta``
+(radians) and ``size_x``/``size_y`` (pixels): centre-size in original image pixels. A rotated box
+(theta != 0) is replaced by its axis-aligned envelope. Hypotheses are
+``results[i].hypothesis.class_id`` (string) and ``.score``.
+
+Every builder copies the header it is given (stamp and frame_id of the source image) into its
+output; nothing here ever stamps with ``now()``. Message classes are imported lazily, so the
+readers work without a sourced ROS environment (offline bag tools).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..core.boxes import BoxStatus, status_text
+
+#: Reason codes carried by :class:`ImageConversionError`.
+REASONS = (
+    "empty",                 # width, height or data size is zero
+    "unsupported_encoding",  # Image.encoding / CompressedImage.format not handled here
+    "bad_step",              # step < width * bytes_per_pixel
+    "truncated",             # fewer data bytes than height * step requires
+    "bad_size",              # size impossible for the encoding (e.g. odd width for yuv422)
+    "decode_failed",         # JPEG/PNG payload could not be decoded
+    "bad_array",             # (writers) array shape/dtype does not fit the encoding
+)
+
+MONO16_SCALINGS = ("max", "shift")
+
+
+class ImageConversionError(ValueError):
+    """An image message cannot be converted; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in REASONS, reason
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass(frozen=True)
+class _Enc:
+    name: str          # canonical sensor_msgs name
+    channels: int      # channels of the array representation
+    itemsize: int      # bytes per channel
+    kind: str          # rgb | bgr | rgba | bgra | mono | uyvy | yuyv
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        return self.channels * self.itemsize
+
+
+_CANON = {
+    "rgb8": _Enc("rgb8", 3, 1, "rgb"),
+    "bgr8": _Enc("bgr8", 3, 1, "bgr"),
+    "rgba8": _Enc("rgba8", 4, 1, "rgba"),
+    "bgra8": _Enc("bgra8", 4, 1, "bgra"),
+    "mono8": _Enc("mono8", 1, 1, "mono"),
+    "mono16": _Enc("mono16", 1, 2, "mono"),
+    "yuv422": _Enc("yuv422", 2, 1, "uyvy"),
+    "yuv422_yuy2": _Enc("yuv422_yuy2", 2, 1, "yuyv"),
+}
+_ALIASES = {"8uc1": "mono8", "8uc3": "bgr8", "8uc4": "bgra8", "16uc1": "mono16", "uyvy": "yuv422",
+            "yuyv": "yuv422_yuy2", "yuy2": "yuv422_yuy2"}
+
+#: Every accepted ``Image.encoding`` (case-insensitive).
+ENCODINGS = tuple(sorted(set(_CANON) | {"8UC1", "8UC3", "8UC4", "16UC1"} | {"yuyv", "uyvy", "yuy2"}))
+
+
+def _encoding(name: str) -> _Enc:
+    key = (name or "").strip().lower()
+    key = _ALIASES.get(key, key)
+    enc = _CANON.get(key)
+    if enc is None:
+        raise ImageConversionError("unsupported_encoding", f"image encoding {name!r}")
+    return enc
+
+
+def _bytes_of(data) -> np.ndarray:
+    """``data`` (array.array / bytes / memoryview / ndarray / list) as a flat uint8 array."""
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError, BufferError):
+        return np.asarray(data, dtype=np.uint8).reshape(-1)
+
+
+def _to8(gray16: np.ndarray, mono16_scale: str) -> np.ndarray:
+    """uint16 -> uint8 (see the module docstring for ``max`` and ``shift``)."""
+    if mono16_scale == "shift":
+        return (gray16 >> 8).astype(np.uint8)
+    if mono16_scale != "max":
+        raise ValueError(f"mono16_scale must be one of {MONO16_SCALINGS}, got {mono16_scale!r}")
+    peak = int(gray16.max()) if gray16.size else 0
+    if peak == 0:
+        return np.zeros(gray16.shape, np.uint8)
+    out = gray16.astype(np.float32) * np.float32(255.0 / peak) + np.float32(0.5)
+    return np.minimum(out, 255.0).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def image_to_rgb(msg, mono16_scale: str = "max") -> np.ndarray:
+    """``sensor_msgs/Image`` -> new ``HxWx3 uint8 RGB`` array (never a view of ``msg.data``).
+
+    Args:
+        msg: the image message (rclpy or rosbags).
+        mono16_scale: ``"max"`` or ``"shift"``, 16-bit -> 8-bit mapping (module docstring).
+
+    Raises:
+        ImageConversionError: reason ``empty``, ``unsupported_encoding``, ``bad_step``,
+            ``truncated`` or ``bad_size``.
+    """
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if h <= 0 or w <= 0:
+        raise ImageConversionError("empty", f"image is {w}x{h}")
+    enc = _encoding(msg.encoding)
+    row_bytes = w * enc.bytes_per_pixel
+    if step < row_bytes:
+        raise ImageConversionError(
+            "bad_step", f"step {step} < width {w} x {enc.bytes_per_pixel} B/px = {row_bytes}")
+    if enc.kind in ("uyvy", "yuyv") and w % 2:
+        raise ImageConversionError("bad_size", f"{enc.name} needs an even width, got {w}")
+    buf = _bytes_of(msg.data)
+    need = (h - 1) * step + row_bytes
+    if buf.size < need:
+        raise ImageConversionError(
+            "truncated", f"{buf.size} data bytes < {need} for {w}x{h} {enc.name}, step {step}")
+
+    # rows without padding: a (h, row_bytes) view with stride `step` (no copy yet); every branch
+    # below makes exactly one new array, so the result never aliases the message's buffer.
+    rows = np.lib.stride_tricks.as_strided(buf, shape=(h, row_bytes), strides=(step, 1),
+                                           writeable=False)
+    if enc.itemsize == 2:
+        big = bool(getattr(msg, "is_bigendian", False))
+        gray16 = np.array(rows).view(">u2" if big else "<u2").reshape(h, w).astype(np.uint16)
+        return _gray_to_rgb(_to8(gray16, mono16_scale))
+    px = rows.reshape(h, w, enc.channels)
+    if enc.kind == "rgb":
+        return np.array(px)
+    if enc.kind == "bgr":
+        return np.ascontiguousarray(px[:, :, ::-1])
+    if enc.kind == "rgba":
+        return np.ascontiguousarray(px[:, :, :3])
+    if enc.kind == "bgra":
+        return np.ascontiguousarray(px[:, :, 2::-1])
+    if enc.kind == "mono":
+        return _gray_to_rgb(px[:, :, 0])
+    import cv2
+
+    code = cv2.COLOR_YUV2RGB_UYVY if enc.kind == "uyvy" else cv2.COLOR_YUV2RGB_YUY2
+    return cv2.cvtColor(np.ascontiguousarray(px), code)
+
+
+def compressed_to_rgb(msg, mono16_scale: str = "max") -> np.ndarray:
+    """``sensor_msgs/CompressedImage`` (JPEG or PNG) -> new ``HxWx3 uint8 RGB`` array.
+
+    ``format`` follows image_transport: ``"jpeg"``, ``"png"``, ``"rgb8; jpeg compressed bgr8"``,
+    ``"16UC1; compressedDepth png"`` (its 12-byte depth header is skipped), or empty (the payload
+    is sniffed). Decoded colour payloads are BGR(A), as image_transport writes them; grey and
+    16-bit payloads are handled like mono8 / mono16.
+
+    Raises:
+        ImageConversionError: reason ``empty``, ``unsupported_encoding`` (e.g. ``h264``) or
+            ``decode_failed``.
+    """
+    import cv2
+
+    fmt = (getattr(msg, "format", "") or "").strip().lower()
+    buf = _bytes_of(msg.data)
+    if buf.size == 0:
+        raise ImageConversionError("empty", "compressed image has no data")
+    if "compresseddepth" in fmt:
+        buf = buf[12:]  # compressed_depth_image_transport ConfigHeader (format + 2 float32)
+    elif fmt and not any(tok in fmt for tok in ("jpeg", "jpg", "png")):
+        raise ImageConversionError("unsupported_encoding", f"compressed format {fmt!r}")
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    except cv2.error as exc:
+        raise ImageConversionError("decode_failed", str(exc).strip().splitlines()[-1]) from exc
+    if img is None or img.size == 0:
+        raise ImageConversionError("decode_failed", f"{buf.size} bytes, format {fmt!r}")
+    if img.dtype == np.uint16:
+        img = _to8(img, mono16_scale)
+    elif img.dtype != np.uint8:
+        raise ImageConversionError("decode_failed", f"unexpected decoded dtype {img.dtype}")
+    if img.ndim == 2:
+        return _gray_to_rgb(img)
+    if img.shape[2] == 1:
+        return _gray_to_rgb(img[:, :, 0])
+    if img.shape[2] == 3:
+        return np.ascontiguousarray(img[:, :, ::-1])
+    return np.ascontiguousarray(img[:, :, 2::-1])
+
+
+# --------------------------------------------------------------------------------------------
+# message classes (lazy: the readers above work without ROS)
+
+
+def _msg(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module + ".msg"), name)
+
+
+def copy_header(header=None):
+    """A new ``std_msgs/Header`` with ``header``'s stamp and frame_id (a default one if None).
+
+    Outputs get their own copy so that mutating one never changes another.
+    """
+    Header = _msg("std_msgs", "Header")
+    out = Header()
+    if header is not None:
+        out.stamp.sec = int(header.stamp.sec)
+        out.stamp.nanosec = int(header.stamp.nanosec)
+        out.frame_id = str(header.frame_id)
+    return out
+
+
+def stamp_to_ns(stamp) -> int:
+    """``builtin_interfaces/Time`` -> integer nanoseconds since the epoch."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def ns_to_stamp(ns: int):
+    """Integer nanoseconds -> ``builtin_interfaces/Time`` (sec may be negative, nanosec >= 0)."""
+    Time = _msg("builtin_interfaces", "Time")
+    sec, nsec = divmod(int(ns), 1_000_000_000)
+    return Time(sec=sec, nanosec=nsec)
+
+
+# --------------------------------------------------------------------------------------------
+# image writers
+
+
+def array_to_image(arr: np.ndarray, encoding: str, header=None, step: Optional[int] = None,
+                   bigendian: bool = False):
+    """An array already in ``encoding``'s layout -> ``sensor_msgs/Image`` (tests, bag writing).
+
+    Args:
+        arr: ``HxWxC`` (or ``HxW`` for 1 channel) ``uint8`` array, ``uint16`` for mono16/16UC1;
+            channel order as the encoding says (e.g. BGR for bgr8, ``HxWx2`` bytes for yuv422).
+        encoding: any of :data:`ENCODINGS`; written to the message as given.
+        header: copied into the message (stamp and frame_id).
+        step: row length in bytes; default ``width * bytes_per_pixel``; larger values pad each
+            row with zero bytes.
+        bigendian: 16-bit only: write big-endian samples and set ``is_bigendian``.
+
+    Raises:
+        ImageConversionError: ``unsupported_encoding``, ``bad_array``, ``bad_step`` or ``empty``.
+    """
+    enc = _encoding(encoding)
+    a = np.asarray(arr)
+    if a.ndim == 2 and enc.channels == 1:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] != enc.channels:
+        raise ImageConversionError(
+            "bad_array", f"{enc.name} needs HxWx{enc.channels}, got shape {np.shape(arr)}")
+    want = np.uint16 if enc.itemsize == 2 else np.uint8
+    if a.dtype != want:
+        raise ImageConversionError("bad_array", f"{enc.name} needs {np.dtype(want)}, got {a.dtype}")
+    h, w = int(a.shape[0]), int(a.shape[1])
+    if h == 0 or w == 0:
+        raise ImageConversionError("empty", f"array is {w}x{h}")
+    row_bytes = w * enc.bytes_per_pixel
+    step = row_bytes if step is None else int(step)
+    if step < row_bytes:
+        raise ImageConversionError("bad_step", f"step {step} < {row_bytes}")
+    if enc.itemsize == 2:
+        raw = a.astype(">u2" if bigendian else "<u2").view(np.uint8).reshape(h, row_bytes)
+    else:
+        raw = a.reshape(h, row_bytes)
+    if step != row_bytes:
+        padded = np.zeros((h, step), np.uint8)
+        padded[:, :row_bytes] = raw
+        raw = padded
+    import array as _array
+
+    Image = _msg("sensor_msgs", "Image")
+    msg = Image()
+    msg.header = copy_header(header)
+    msg.height, msg.width, msg.step = h, w, step
+    msg.encoding = encoding
+    msg.is_bigendian = 1 if (bigendian and enc.itemsize == 2) else 0
+    msg.data = _array.array("B", np.ascontiguousarray(raw).tobytes())
+    return msg
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    a = np.asarray(rgb)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise ImageConversionError(
+            "bad_array", f"need HxWx3 uint8 RGB, got shape {a.shape} dtype {a.dtype}")
+    return a
+
+
+def rgb_to_image(rgb: np.ndarray, header=None, encoding: str = "rgb8", step: Optional[int] = None):
+    """``HxWx3 uint8 RGB`` -> ``sensor_msgs/Image`` in ``encoding``.
+
+    ``encoding`` may be rgb8, bgr8 (8UC3), rgba8, bgra8 (alpha 255), mono8 (8UC1; ITU-R BT.601
+    luma) or mono16 (16UC1; luma x 257, so ``shift`` reads it back exactly).
+    """
+    import cv2
+
+    a = _check_rgb(rgb)
+    enc = _encoding(encoding)
+    if enc.kind == "rgb":
+        out = a
+    elif enc.kind == "bgr":
+        out = a[:, :, ::-1]
+    elif enc.kind in ("rgba", "bgra"):
+        out = np.concatenate([a if enc.kind == "rgba" else a[:, :, ::-1],
+                              np.full(a.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    elif enc.kind == "mono":
+        gray = cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_RGB2GRAY)
+        out = gray if enc.itemsize == 1 else gray.astype(np.uint16) * np.uint16(257)
+    else:
+        raise ImageConversionError("unsupported_encoding", f"cannot write {encoding!r} from RGB")
+    return array_to_image(np.ascontiguousarray(out), encoding, header=header, step=step)
+
+
+def rgb_to_compressed(rgb: np.ndarray, header=None, fmt: str = "jpeg", quality: int = 90):
+    """``HxWx3 uint8 RGB`` -> ``sensor_msgs/CompressedImage`` (image_transport conventions).
+
+    Args:
+        fmt: ``"jpeg"`` (or ``"jpg"``) or ``"png"``; the message format is then
+            ``"rgb8; jpeg compressed bgr8"`` / ``"rgb8; png compressed bgr8"``.
+        quality: JPEG quality 1..100 (ignored for PNG).
+    """
+    import array as _array
+
+    import cv2
+
+    a = _check_rgb(rgb)
+    f = fmt.strip().lower()
+    if f in ("jpeg", "jpg"):
+        ok, enc = cv2.imencode(".jpg", np.ascontiguousarray(a[:, :, ::-1]),
+                               [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+        name = "jpeg"
+    elif f == "png":
+        ok, enc = cv2.imencode(".png", np.ascontiguousarray(a[:, :, ::-1]))
+        name = "png"
+    else:
+        raise ImageConversionError("unsupported_encoding", f"compressed format {fmt!r}")
+    if not ok:
+        raise ImageConversionError("decode_failed", f"cv2.imencode({name}) failed")
+    CompressedImage = _msg("sensor_msgs", "CompressedImage")
+    msg = CompressedImage()
+    msg.header = copy_header(header)
+    msg.format = f"rgb8; {name} compressed bgr8"
+    msg.data = _array.array("B", enc.tobytes())
+    return msg
+
+
+# --------------------------------------------------------------------------------------------
+# detections
+
+
+def _center_xy_theta(center) -> Tuple[float, float, float]:
+    pos = getattr(center, "position", None)
+    if pos is None:  # pre-Humble vision_msgs: geometry_msgs/Pose2D (x, y, theta)
+        return float(center.x), float(center.y), float(getattr(center, "theta", 0.0))
+    return float(pos.x), float(pos.y), float(center.theta)
+
+
+def detections_to_arrays(msg) -> Tuple[np.ndarray, np.ndarray, List[str], List[str]]:
+    """``vision_msgs/Detection2DArray`` -> arrays in input order.
+
+    Returns:
+        boxes_cxcywh: float32 ``[N,4]`` centre x, centre y, width, height in image pixels. A box
+            rotated by ``theta`` (radians) becomes its axis-aligned envelope
+            ``w' = |w cos t| + |h sin t|``, ``h' = |w sin t| + |h cos t|``. Non-finite values are
+            passed through (core flags them).
+        scores: float32 ``[N]``, the highest hypothesis score; NaN when a detection has none.
+        class_ids: ``class_id`` of that best hypothesis ("" when none).
+        ids: ``Detection2D.id`` (may be "").
+    """
+    dets = list(msg.detections)
+    n = len(dets)
+    boxes = np.empty((n, 4), np.float64)
+    scores = np.full(n, np.nan, np.float32)
+    class_ids: List[str] = []
+    ids: List[str] = []
+    for i, d in enumerate(dets):
+        cx, cy, theta = _center_xy_theta(d.bbox.center)
+        w, h = float(d.bbox.size_x), float(d.bbox.size_y)
+        if theta != 0.0 and math.isfinite(theta):
+            c, s = abs(math.cos(theta)), abs(math.sin(theta))
+            w, h = w * c + h * s, w * s + h * c
+        elif not math.isfinite(theta):
+            w = h = float("nan")
+        boxes[i] = (cx, cy, w, h)
+        best_id, best = "", math.nan
+        for j, r in enumerate(d.results):
+            hyp = getattr(r, "hypothesis", r)  # pre-Humble ObjectHypothesisWithPose had id/score
+            sc = float(hyp.score)
+            if j == 0 or sc > best or (math.isnan(best) and not math.isnan(sc)):
+                best, best_id = sc, str(getattr(hyp, "class_id", getattr(hyp, "id", "")))
+        scores[i] = best
+        class_ids.append(best_id)
+        ids.append(str(d.id))
+    return boxes.astype(np.float32), scores, class_ids, ids
+
+
+def boxes_to_detections(header, boxes_xyxy, class_ids: Optional[Sequence[str]] = None,
+                        scores: Optional[Sequence[float]] = None,
+                        ids: Optional[Sequence[str]] = None):
+    """xyxy boxes (image pixels) -> ``vision_msgs/Detection2DArray`` (detector side, tests, bags).
+
+    Each ``Detection2D`` gets a copy of ``header``, an axis-aligned bbox (theta 0) and, when
+    ``class_ids`` or ``scores`` are given, one hypothesis (class_id "" or score 1.0 fill the one
+    missing). ``ids`` default to ``"0", "1", ...``.
+    """
+    Detection2DArray = _msg("vision_msgs", "Detection2DArray")
+    Detection2D = _msg("vision_msgs", "Detection2D")
+    Hyp = _msg("vision_msgs", "ObjectHypothesisWithPose")
+    b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    n = b.shape[0]
+    for name, seq in (("class_ids", class_ids), ("scores", scores), ("ids", ids)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries for {n} boxes")
+    out = Detection2DArray()
+    out.header = copy_header(header)
+    for i in range(n):
+        x1, y1, x2, y2 = (float(v) for v in b[i])
+        d = Detection2D()
+        d.header = copy_header(header)
+        d.bbox.center.position.x = (x1 + x2) / 2.0
+        d.bbox.center.position.y = (y1 + y2) / 2.0
+        d.bbox.center.theta = 0.0
+        d.bbox.size_x = x2 - x1
+        d.bbox.size_y = y2 - y1
+        if class_ids is not None or scores is not None:
+            hyp = Hyp()
+            hyp.hypothesis.class_id = str(class_ids[i]) if class_ids is not None else ""
+            hyp.hypothesis.score = float(scores[i]) if scores is not None else 1.0
+            d.results.append(hyp)
+        d.id = str(ids[i]) if ids is not None else str(i)
+        out.detections.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# OOD outputs
+
+
+def _f(v) -> float:
+    return float(v)
+
+
+def ood_detection(det, frame_result, i: int):
+    """One ``runa_ood_msgs/OodDetection`` for input detection ``det`` = box ``i`` of the result.
+
+    Boxes the result does not cover (``frame_result`` None or shorter than the input) get
+    ``STATUS_NOT_SCORED`` with NaN scores and an explanatory ``status_text``.
+    """
+    OodDetection = _msg("runa_ood_msgs", "OodDetection")
+    o = OodDetection()
+    o.detection = det
+    n = 0 if frame_result is None else len(frame_result.status)
+    if i >= n:
+        o.uncertainty = o.threshold = o.similarity = float("nan")
+        o.is_ood = False
+        o.nearest_label = ""
+        o.status = int(BoxStatus.NOT_SCORED)
+        o.status_text = "no OOD result for this box" + (
+            "" if frame_result is None else f" (result has {n} boxes)")
+        return o
+    st = int(frame_result.status[i])
+    o.uncertainty = _f(frame_result.uncertainty[i])
+    o.threshold = _f(frame_result.threshold[i])
+    o.is_ood = bool(frame_result.is_ood[i])
+    o.nearest_label = str(frame_result.label[i]) if st == BoxStatus.OK else ""
+    o.similarity = _f(frame_result.similarity[i])
+    o.status = st if 0 <= st <= 255 else int(BoxStatus.BACKEND_ERROR)
+    text = status_text(st)
+    err = getattr(frame_result, "error", None)
+    if st == BoxStatus.BACKEND_ERROR and err:
+        text = f"{text}: {err}"
+    o.status_text = text
+    return o
+
+
+def to_ood_array(header, det_msg, frame_result, model: str, backend: str, scorer: str,
+                 random_weights: bool):
+    """``runa_ood_msgs/OodDetectionArray``: one entry per input detection, in input order.
+
+    ``header`` is the source image's header (copied); ``frame_result`` a core ``FrameResult``
+    for the same boxes (or None when scoring failed: every box is then ``NOT_SCORED``).
+    """
+    OodDetectionArray = _msg("runa_ood_msgs", "OodDetectionArray")
+    out = OodDetectionArray()
+    out.header = copy_header(header)
+    out.detections = [ood_detection(d, frame_result, i) for i, d in enumerate(det_msg.detections)]
+    out.model, out.backend, out.scorer = str(model), str(backend), str(scorer)
+    out.random_weights = bool(random_weights)
+    return out
+
+
+def to_ood_only(header, det_msg, frame_result):
+    """``vision_msgs/Detection2DArray`` of the input detections flagged OOD (unchanged, in order)."""
+    Detection2DArray = _msg("vision_msgs", "Detection2DArray")
+    out = Detection2DArray()
+    out.header = copy_header(header)
+    if frame_result is not None:
+        flags = np.asarray(frame_result.is_ood, dtype=bool)
+        out.detections = [d for i, d in enumerate(det_msg.detections)
+                          if i < flags.shape[0] and flags[i]]
+    return out
+
+
+def _get(obj, name, default=None):
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def to_alert(header, alert, det_msg, frame_result, source: int):
+    """``runa_ood_msgs/DriverAlert`` from a core ``Alert`` (``level``, ``reason``,
+    ``object_indices``) or any object/dict with those names.
+
+    ``objects`` lists the OOD detections at ``alert.object_indices`` (indices out of range are
+    skipped); ``source`` is ``DriverAlert.SOURCE_OOD_OBJECT`` or ``SOURCE_MONITOR_HEALTH``.
+    """
+    DriverAlert = _msg("runa_ood_msgs", "DriverAlert")
+    out = DriverAlert()
+    out.header = copy_header(header)
+    out.level = int(_get(alert, "level", 0))
+    out.source = int(source)
+    out.reason = str(_get(alert, "reason", "") or "")
+    dets = list(det_msg.detections) if det_msg is not None else []
+    objs = []
+    for i in _get(alert, "object_indices", None) or []:
+        i = int(i)
+        if 0 <= i < len(dets):
+            objs.append(ood_detection(dets[i], frame_result, i))
+    out.objects = objs
+    return out
+
+
+def to_label_info(header, labels: Sequence[str], threshold: float = float("nan")):
+    """``vision_msgs/LabelInfo`` for the ID label set: class_id = index, class_name = label.
+
+    ``threshold`` is the global OOD threshold (an uncertainty, not a [0,1] confidence; NaN when
+    uncalibrated), published for reference.
+    """
+    LabelInfo = _msg("vision_msgs", "LabelInfo")
+    VisionClass = _msg("vision_msgs", "VisionClass")
+    if len(labels) > 65535:
+        raise ValueError("LabelInfo holds at most 65535 classes (uint16; 65535 = UNLABELED)")
+    out = LabelInfo()
+    out.header = copy_header(header)
+    out.class_map = [VisionClass(class_id=i, class_name=str(name)) for i, name in enumerate(labels)]
+    out.threshold = float(threshold)
+    return out
+
+
+__all__ = [
+    "ENCODINGS", "REASONS", "MONO16_SCALINGS", "ImageConversionError", "image_to_rgb",
+    "compressed_to_rgb", "array_to_image", "rgb_to_image", "rgb_to_compressed", "copy_header",
+    "stamp_to_ns", "ns_to_stamp", "detections_to_arrays", "boxes_to_detections", "ood_detection",
+    "to_ood_array", "to_ood_only", "to_alert", "to_label_info",
+]

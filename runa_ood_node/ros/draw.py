@@ -1,0 +1,209 @@
+"""Debug drawing for runa_ood_node: the annotated image and RViz markers.
+
+Colours (RGB): in-distribution boxes green :data:`ID_RGB`, OOD boxes red :data:`OOD_RGB`, boxes that
+were not scored (any status other than OK) grey :data:`NOT_SCORED_RGB`. Each box carries a label:
+
+* ID:          ``"<nearest label> <uncertainty>"``           e.g. ``car -0.31``
+* OOD:         ``"OOD <uncertainty> (~<nearest label>)"``    e.g. ``OOD -0.12 (~car)``
+* not scored:  the status name                               e.g. ``TOO_SMALL``
+
+Uncertainty is RUNA's score (higher = more OOD; negative max cosine similarity), two decimals.
+With ``random_weights`` a yellow banner "RANDOM WEIGHTS - NOT A QUALITY RESULT" is burnt into the
+bottom of the image (OpenCV's Hershey fonts are ASCII-only, so the banner uses a hyphen where
+:data:`WATERMARK` has an em dash).
+
+:func:`annotate` needs only NumPy and OpenCV; :func:`make_markers` imports the message packages
+when called (nothing ROS is imported at module import).
+
+Marker frame
+------------
+Markers are drawn in the image's own ``frame_id`` (normally the camera's optical frame: x right,
+y down, z forward, REP 103) on a virtual image plane ``depth`` metres in front of the camera:
+pixel ``(u, v)`` -> ``((u - W/2) * scale, (v - H/2) * scale, depth)``. The default
+``scale = 0.001`` (1 px = 1 mm) and ``depth = 1.0`` m give a readable overlay, not a metric
+reprojection; for one that lines up with the camera frustum use ``scale = depth / fx`` from
+``sensor_msgs/CameraInfo``. The first marker of every array is ``DELETEALL`` (with ``ns`` set) so boxes
+of the previous frame vanish even when the box count drops (some RViz versions clear every marker of
+the display, whatever the namespace: keep ``ood/markers`` in a display of its own); per box one
+``LINE_STRIP`` rectangle (id ``2i+1``) and one ``TEXT_VIEW_FACING`` label (id ``2i+2``), with
+lifetime 0 (until replaced). Boxes with non-finite coordinates get no markers.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from ..core.boxes import BoxStatus
+
+ID_RGB: Tuple[int, int, int] = (0, 200, 0)
+OOD_RGB: Tuple[int, int, int] = (230, 0, 0)
+NOT_SCORED_RGB: Tuple[int, int, int] = (150, 150, 150)
+WATERMARK = "RANDOM WEIGHTS \u2014 NOT A QUALITY RESULT"
+WATERMARK_ASCII = "RANDOM WEIGHTS - NOT A QUALITY RESULT"
+WATERMARK_RGB: Tuple[int, int, int] = (255, 220, 0)
+
+
+def _box_style(frame_result, i: int) -> Tuple[Tuple[int, int, int], str]:
+    """Colour and label text of box ``i``."""
+    st = int(frame_result.status[i])
+    if st != BoxStatus.OK:
+        try:
+            name = BoxStatus(st).name
+        except ValueError:
+            name = f"STATUS_{st}"
+        return NOT_SCORED_RGB, name
+    u = float(frame_result.uncertainty[i])
+    label = str(frame_result.label[i])
+    if bool(frame_result.is_ood[i]):
+        return OOD_RGB, f"OOD {u:.2f} (~{label})"
+    return ID_RGB, f"{label} {u:.2f}"
+
+
+def _finite_box(frame_result, i: int) -> Optional[Tuple[float, float, float, float]]:
+    b = np.asarray(frame_result.boxes_xyxy[i], dtype=np.float64)
+    if b.shape != (4,) or not np.all(np.isfinite(b)):
+        return None
+    return tuple(float(v) for v in b)
+
+
+def annotate(rgb: np.ndarray, frame_result, random_weights: bool = False) -> np.ndarray:
+    """Return a copy of ``rgb`` (``HxWx3 uint8 RGB``) with every box, its label and, when
+    ``random_weights``, the watermark banner drawn on it. The input is never modified.
+
+    ``frame_result`` is a core ``FrameResult`` (or any object with ``boxes_xyxy``, ``status``,
+    ``uncertainty``, ``label``, ``is_ood``); ``None`` draws only the watermark. Box ``[x1,y1,x2,y2]``
+    covers pixels ``x1..x2-1`` (continuous pixel coordinates, as in core.boxes), so the outline's
+    outer edge lies on the box's first/last pixel rows and columns.
+    """
+    import cv2
+
+    a = np.asarray(rgb)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"annotate needs HxWx3 uint8 RGB, got shape {a.shape} dtype {a.dtype}")
+    out = np.ascontiguousarray(a).copy()
+    h, w = out.shape[:2]
+    thick = max(1, int(round(min(h, w) / 240)))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    fscale = max(0.35, min(h, w) / 960.0)
+    n = 0 if frame_result is None else len(frame_result.status)
+    # draw not-scored first, then ID, then OOD on top (the important ones stay visible)
+    order = sorted(range(n), key=lambda i: (int(frame_result.status[i]) == BoxStatus.OK,
+                                            bool(frame_result.is_ood[i])))
+    labels = []
+    for i in order:
+        box = _finite_box(frame_result, i)
+        if box is None:
+            continue
+        color, text = _box_style(frame_result, i)
+        x1 = int(np.clip(math.floor(box[0]), 0, w - 1))
+        y1 = int(np.clip(math.floor(box[1]), 0, h - 1))
+        x2 = int(np.clip(math.ceil(box[2]) - 1, 0, w - 1))
+        y2 = int(np.clip(math.ceil(box[3]) - 1, 0, h - 1))
+        # thickness grows inwards so the outline never covers pixels outside the box
+        for t in range(thick):
+            if x2 - t < x1 + t or y2 - t < y1 + t:
+                break
+            cv2.rectangle(out, (x1 + t, y1 + t), (x2 - t, y2 - t), color, 1, cv2.LINE_8)
+        labels.append((x1, y1, color, text))
+    for x1, y1, color, text in labels:  # labels after all boxes, so no box crosses a label
+        (tw, th), base = cv2.getTextSize(text, font, fscale, 1)
+        pad = 2
+        ty = y1 - pad - base if y1 - th - base - 2 * pad >= 0 else y1 + th + pad + thick
+        tx = min(max(0, x1), max(0, w - tw - 2 * pad))
+        cv2.rectangle(out, (tx, ty - th - pad), (tx + tw + 2 * pad, ty + base), color, cv2.FILLED)
+        ink = (0, 0, 0) if color == ID_RGB or color == NOT_SCORED_RGB else (255, 255, 255)
+        cv2.putText(out, text, (tx + pad, ty), font, fscale, ink, 1, cv2.LINE_AA)
+    if random_weights:
+        _watermark(out)
+    return out
+
+
+def _watermark(out: np.ndarray) -> None:
+    import cv2
+
+    h, w = out.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    fscale = 1.0
+    (tw, th), base = cv2.getTextSize(WATERMARK_ASCII, font, fscale, 2)
+    fscale = max(0.3, min(1.0, 0.9 * w / max(tw, 1)))  # fit the width
+    (tw, th), base = cv2.getTextSize(WATERMARK_ASCII, font, fscale, 2)
+    band = min(h, th + base + 10)
+    y0 = h - band
+    out[y0:, :] //= 3  # darken the strip
+    cv2.putText(out, WATERMARK_ASCII, (max(0, (w - tw) // 2), h - base - 5), font, fscale,
+                WATERMARK_RGB, 2, cv2.LINE_AA)
+
+
+def _rgba(rgb: Tuple[int, int, int], alpha: float = 1.0):
+    ColorRGBA = _msg("std_msgs", "ColorRGBA")
+    return ColorRGBA(r=rgb[0] / 255.0, g=rgb[1] / 255.0, b=rgb[2] / 255.0, a=float(alpha))
+
+
+def _msg(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module + ".msg"), name)
+
+
+def make_markers(header, frame_result, width: int, height: int, ns: str = "runa_ood",
+                 scale: float = 0.001, depth: float = 1.0, line_px: float = 2.0,
+                 text_px: float = 14.0):
+    """``visualization_msgs/MarkerArray`` of the boxes (see the module docstring for the frame).
+
+    Args:
+        header: the source image's header; copied into every marker (stamp and frame_id).
+        frame_result: core ``FrameResult`` (None: only the DELETEALL marker).
+        width, height: image size in pixels (the plane is centred on the image centre).
+        ns: marker namespace.
+        scale: metres per pixel on the virtual image plane.
+        depth: distance of that plane along the optical axis (z), metres.
+        line_px, text_px: line width and text height, in pixels (times ``scale``).
+    """
+    from .convert import copy_header
+
+    Marker = _msg("visualization_msgs", "Marker")
+    MarkerArray = _msg("visualization_msgs", "MarkerArray")
+    Point = _msg("geometry_msgs", "Point")
+
+    def to_xyz(u: float, v: float) -> Tuple[float, float, float]:
+        return (u - width / 2.0) * scale, (v - height / 2.0) * scale, float(depth)
+
+    out = MarkerArray()
+    clear = Marker()
+    clear.header = copy_header(header)
+    clear.ns = ns
+    clear.id = 0
+    clear.action = Marker.DELETEALL
+    markers: List = [clear]
+    n = 0 if frame_result is None else len(frame_result.status)
+    for i in range(n):
+        box = _finite_box(frame_result, i)
+        if box is None:
+            continue
+        color, text = _box_style(frame_result, i)
+        x1, y1, x2, y2 = box
+        rect = Marker()
+        rect.header = copy_header(header)
+        rect.ns, rect.id = ns, 2 * i + 1
+        rect.type, rect.action = Marker.LINE_STRIP, Marker.ADD
+        rect.pose.orientation.w = 1.0
+        rect.scale.x = float(line_px * scale)
+        rect.color = _rgba(color)
+        rect.points = [Point(x=p[0], y=p[1], z=p[2]) for p in
+                       (to_xyz(x1, y1), to_xyz(x2, y1), to_xyz(x2, y2), to_xyz(x1, y2),
+                        to_xyz(x1, y1))]
+        label = Marker()
+        label.header = copy_header(header)
+        label.ns, label.id = ns, 2 * i + 2
+        label.type, label.action = Marker.TEXT_VIEW_FACING, Marker.ADD
+        tx, ty, tz = to_xyz(x1 + (x2 - x1) / 2.0, y1 - text_px)  # centred above the box
+        label.pose.position.x, label.pose.position.y, label.pose.position.z = tx, ty, tz
+        label.pose.orientation.w = 1.0
+        label.scale.z = float(text_px * scale)
+        label.color = _rgba(color)
+        label.text = text
+        markers += [rect, label]
+    out.markers = markers
+    return out

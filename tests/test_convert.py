@@ -1,0 +1,397 @@
+"""runa_ood_node.ros.convert: images (every encoding, padded rows, big-endian, bad data),
+compressed images, detections and the OOD output messages."""
+import math
+import types
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sensor_msgs.msg")
+vision_msg = pytest.importorskip("vision_msgs.msg", reason="build ros2_ws (scripts/setup.sh) and source scripts/env.sh")
+runa_msg = pytest.importorskip("runa_ood_msgs.msg", reason="build ros2_ws (scripts/setup.sh) and source scripts/env.sh")
+
+import cv2  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from runa_ood_node.core.boxes import BoxStatus  # noqa: E402
+from runa_ood_node.ros import convert as C  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)  # odd sizes catch stride bugs
+
+
+def _hdr(sec=1700000000, nsec=123456789, frame="camera_optical"):
+    h = Header()
+    h.stamp.sec, h.stamp.nanosec, h.frame_id = sec, nsec, frame
+    return h
+
+
+def _gray601(rgb):
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+
+
+# ----------------------------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "8UC3", "8UC4"])
+@pytest.mark.parametrize("pad", [0, 5])
+def test_colour_encodings_roundtrip_exactly(rgb, encoding, pad):
+    bpp = C._encoding(encoding).bytes_per_pixel
+    msg = C.rgb_to_image(rgb, _hdr(), encoding=encoding, step=rgb.shape[1] * bpp + pad)
+    assert msg.step == rgb.shape[1] * bpp + pad and len(msg.data) == msg.step * msg.height
+    out = C.image_to_rgb(msg)
+    assert out.dtype == np.uint8 and out.shape == rgb.shape and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, rgb)
+
+
+@pytest.mark.parametrize("encoding", ["mono8", "8UC1"])
+def test_mono8_roundtrip(rgb, encoding):
+    msg = C.rgb_to_image(rgb, encoding=encoding, step=rgb.shape[1] + 3)
+    out = C.image_to_rgb(msg)
+    g = _gray601(rgb)
+    for c in range(3):
+        np.testing.assert_array_equal(out[:, :, c], g)
+
+
+@pytest.mark.parametrize("encoding", ["mono16", "16UC1"])
+@pytest.mark.parametrize("bigendian", [False, True])
+def test_mono16_roundtrip_padded_and_endianness(rgb, encoding, bigendian):
+    msg = C.rgb_to_image(rgb, encoding=encoding, step=rgb.shape[1] * 2 + 4)
+    if bigendian:
+        gray16 = _gray601(rgb).astype(np.uint16) * 257
+        msg = C.array_to_image(gray16, encoding, step=rgb.shape[1] * 2 + 4, bigendian=True)
+        assert msg.is_bigendian == 1
+    np.testing.assert_array_equal(C.image_to_rgb(msg, mono16_scale="shift")[:, :, 0], _gray601(rgb))
+
+
+def test_bigendian_bytes_are_really_swapped():
+    arr = np.array([[0x0102, 0xA0B0]], np.uint16)
+    be = C.array_to_image(arr, "mono16", bigendian=True)
+    le = C.array_to_image(arr, "mono16")
+    assert bytes(be.data) == b"\x01\x02\xa0\xb0" and bytes(le.data) == b"\x02\x01\xb0\xa0"
+    for m in (be, le):  # both decode to 0x01 and 0xA0 (high bytes)
+        assert C.image_to_rgb(m, mono16_scale="shift")[0, :, 0].tolist() == [0x01, 0xA0]
+
+
+def test_mono16_max_scaling_uses_full_range():
+    arr = np.array([[0, 1000, 2000, 4000]], np.uint16)  # a 12-bit sensor
+    out = C.image_to_rgb(C.array_to_image(arr, "16UC1"))[0, :, 0]
+    assert out.tolist() == [0, 64, 128, 255]  # round(v * 255 / 4000)
+    assert C.image_to_rgb(C.array_to_image(arr, "16UC1"), mono16_scale="shift")[0, :, 0].tolist() == [0, 3, 7, 15]
+    zeros = C.image_to_rgb(C.array_to_image(np.zeros((2, 2), np.uint16), "mono16"))
+    assert zeros.max() == 0
+    with pytest.raises(ValueError):
+        C.image_to_rgb(C.array_to_image(arr, "16UC1"), mono16_scale="log")
+
+
+def test_hand_built_padded_bgr8_message():
+    """Bytes written by hand (not by our writer): 2x2 bgr8, step 8, padding filled with 0xEE."""
+    m = Image(height=2, width=2, encoding="bgr8", step=8)
+    m.data = bytes([1, 2, 3, 4, 5, 6, 0xEE, 0xEE,
+                    7, 8, 9, 10, 11, 12, 0xEE, 0xEE])
+    out = C.image_to_rgb(m)
+    assert out.tolist() == [[[3, 2, 1], [6, 5, 4]], [[9, 8, 7], [12, 11, 10]]]
+
+
+def test_last_row_may_omit_padding_and_extra_bytes_are_ignored():
+    m = Image(height=2, width=1, encoding="mono8", step=4)
+    m.data = bytes([10, 0, 0, 0, 20])  # 5 bytes: last row without its padding
+    assert C.image_to_rgb(m)[:, 0, 0].tolist() == [10, 20]
+    m.data = bytes([10, 0, 0, 0, 20, 0, 0, 0, 99, 99])
+    assert C.image_to_rgb(m)[:, 0, 0].tolist() == [10, 20]
+
+
+def test_result_never_aliases_message_buffer(rgb):
+    msg = C.rgb_to_image(rgb)
+    out = C.image_to_rgb(msg)
+    out[:] = 0
+    np.testing.assert_array_equal(C.image_to_rgb(msg), rgb)
+
+
+def test_yuv422_uyvy_and_yuyv_byte_order():
+    # neutral chroma, two luma values: UYVY = U Y0 V Y1, YUYV = Y0 U Y1 V
+    for enc, data in (("yuv422", [128, 50, 128, 200]), ("yuv422_yuy2", [50, 128, 200, 128])):
+        m = Image(height=1, width=2, encoding=enc, step=4)
+        m.data = bytes(data)
+        out = C.image_to_rgb(m).astype(int)
+        assert out.shape == (1, 2, 3)
+        assert np.ptp(out[0, 0]) <= 2 and np.ptp(out[0, 1]) <= 2, f"{enc}: not grey {out}"  # grey
+        assert out[0, 0, 0] < 80 < 170 < out[0, 1, 0], out  # pixel 0 dark, pixel 1 bright
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(height=0, width=4, encoding="rgb8", step=12, data=b""), "empty"),
+    (dict(height=4, width=0, encoding="rgb8", step=0, data=b""), "empty"),
+    (dict(height=2, width=2, encoding="rgb8", step=5, data=bytes(12)), "bad_step"),
+    (dict(height=2, width=2, encoding="mono16", step=3, data=bytes(8)), "bad_step"),
+    (dict(height=2, width=2, encoding="rgb8", step=6, data=bytes(11)), "truncated"),
+    (dict(height=2, width=2, encoding="rgb8", step=8, data=bytes(13)), "truncated"),
+    (dict(height=2, width=2, encoding="rgb8", step=6, data=b""), "truncated"),
+    (dict(height=2, width=2, encoding="bayer_rggb8", step=2, data=bytes(4)), "unsupported_encoding"),
+    (dict(height=2, width=2, encoding="32FC1", step=8, data=bytes(16)), "unsupported_encoding"),
+    (dict(height=2, width=2, encoding="", step=6, data=bytes(12)), "unsupported_encoding"),
+    (dict(height=1, width=3, encoding="yuv422", step=6, data=bytes(6)), "bad_size"),
+])
+def test_bad_images_raise_with_reason(kwargs, reason):
+    m = Image(height=kwargs["height"], width=kwargs["width"], encoding=kwargs["encoding"], step=kwargs["step"])
+    m.data = kwargs["data"]
+    with pytest.raises(C.ImageConversionError) as ei:
+        C.image_to_rgb(m)
+    assert ei.value.reason == reason
+    assert isinstance(ei.value, ValueError) and reason in str(ei.value)
+
+
+def test_rosbags_image_messages_are_accepted(rgb):
+    """Offline tools hand in rosbags dataclasses whose data is a NumPy array."""
+    from runa_ood_node.ros import msgdefs
+
+    store = msgdefs.typestore()
+    msg = C.rgb_to_image(rgb, encoding="bgr8", step=rgb.shape[1] * 3 + 2)
+    from rclpy.serialization import serialize_message
+
+    rb = store.deserialize_cdr(bytes(serialize_message(msg)), "sensor_msgs/msg/Image")
+    assert isinstance(rb.data, np.ndarray)
+    np.testing.assert_array_equal(C.image_to_rgb(rb), rgb)
+
+
+def test_writer_rejects_wrong_arrays(rgb):
+    with pytest.raises(C.ImageConversionError) as ei:
+        C.array_to_image(rgb, "mono16")
+    assert ei.value.reason == "bad_array"
+    with pytest.raises(C.ImageConversionError) as ei:
+        C.array_to_image(rgb.astype(np.uint16), "rgb8")
+    assert ei.value.reason == "bad_array"
+    with pytest.raises(C.ImageConversionError) as ei:
+        C.rgb_to_image(rgb, step=5)
+    assert ei.value.reason == "bad_step"
+    with pytest.raises(C.ImageConversionError) as ei:
+        C.rgb_to_image(rgb[:, :, 0])
+    assert ei.value.reason == "bad_array"
+
+
+def test_writer_copies_header_not_now():
+    h = _hdr()
+    m = C.rgb_to_image(np.zeros((2, 2, 3), np.uint8), h)
+    assert (m.header.stamp.sec, m.header.stamp.nanosec, m.header.frame_id) == (1700000000, 123456789,
+                                                                                 "camera_optical")
+    h.frame_id = "changed"
+    assert m.header.frame_id == "camera_optical"  # a copy, not an alias
+    assert C.rgb_to_image(np.zeros((2, 2, 3), np.uint8)).header.stamp.sec == 0
+
+
+# ------------------------------------------------------------------------------------- compressed
+
+
+@pytest.fixture(scope="module")
+def smooth():
+    y, x = np.mgrid[0:48, 0:64]
+    return np.stack([x * 4, y * 5, (x + y) * 2], axis=2).astype(np.uint8)
+
+
+def test_png_roundtrip_exact(smooth):
+    m = C.rgb_to_compressed(smooth, _hdr(), fmt="png")
+    assert m.format == "rgb8; png compressed bgr8" and m.header.frame_id == "camera_optical"
+    np.testing.assert_array_equal(C.compressed_to_rgb(m), smooth)
+
+
+def test_jpeg_roundtrip_close_and_channel_order(smooth):
+    m = C.rgb_to_compressed(smooth, fmt="jpeg", quality=95)
+    assert m.format == "rgb8; jpeg compressed bgr8"
+    out = C.compressed_to_rgb(m)
+    assert np.abs(out.astype(int) - smooth.astype(int)).mean() < 3.0
+    red = np.zeros((16, 16, 3), np.uint8)
+    red[..., 0] = 255
+    r = C.compressed_to_rgb(C.rgb_to_compressed(red))
+    assert r[..., 0].min() > 200 and r[..., 2].max() < 50  # red stays red (BGR handled)
+
+
+def test_plain_format_strings_and_sniffing(smooth):
+    ok, png = cv2.imencode(".png", smooth[:, :, ::-1])
+    for fmt in ("png", "PNG", "bgr8; png compressed bgr8", ""):
+        m = CompressedImage(format=fmt)
+        m.data = png.tobytes()
+        np.testing.assert_array_equal(C.compressed_to_rgb(m), smooth)
+
+
+def test_grey_and_16bit_png(smooth):
+    g = smooth[:, :, 1]
+    m = CompressedImage(format="mono8; png compressed mono8")
+    m.data = cv2.imencode(".png", g)[1].tobytes()
+    out = C.compressed_to_rgb(m)
+    for c in range(3):
+        np.testing.assert_array_equal(out[:, :, c], g)
+    g16 = (g.astype(np.uint16) * 257)
+    m16 = CompressedImage(format="16UC1; png compressed")
+    m16.data = cv2.imencode(".png", g16)[1].tobytes()
+    np.testing.assert_array_equal(C.compressed_to_rgb(m16, mono16_scale="shift")[:, :, 0], g)
+    depth = CompressedImage(format="16UC1; compressedDepth png")
+    depth.data = bytes(12) + cv2.imencode(".png", g16)[1].tobytes()  # 12-byte ConfigHeader
+    np.testing.assert_array_equal(C.compressed_to_rgb(depth, mono16_scale="shift")[:, :, 0], g)
+
+
+@pytest.mark.parametrize("fmt, data, reason", [
+    ("jpeg", b"", "empty"),
+    ("jpeg", b"\xff\xd8\xff garbage, not a jpeg", "decode_failed"),
+    ("png", b"\x89PNG\r\n\x1a\n" + bytes(20), "decode_failed"),
+    ("h264", b"\x00\x00\x00\x01\x67", "unsupported_encoding"),
+    ("theora", b"x", "unsupported_encoding"),
+])
+def test_bad_compressed_raise_with_reason(fmt, data, reason):
+    m = CompressedImage(format=fmt)
+    m.data = data
+    with pytest.raises(C.ImageConversionError) as ei:
+        C.compressed_to_rgb(m)
+    assert ei.value.reason == reason
+
+
+def test_truncated_jpeg_fails_or_decodes_partially_but_never_crashes(smooth):
+    full = C.rgb_to_compressed(smooth).data
+    m = CompressedImage(format="jpeg")
+    m.data = bytes(full)[: len(full) // 2]
+    try:
+        out = C.compressed_to_rgb(m)
+        assert out.shape == smooth.shape  # libjpeg may pad a truncated scan with grey
+    except C.ImageConversionError as e:
+        assert e.reason == "decode_failed"
+
+
+# ------------------------------------------------------------------------------------- detections
+
+
+def test_detections_roundtrip_xyxy_to_cxcywh():
+    boxes = np.array([[10, 20, 30, 60], [0.5, 1.5, 2.5, 9.5]], np.float32)
+    msg = C.boxes_to_detections(_hdr(), boxes, class_ids=["car", "person"], scores=[0.9, 0.25], ids=["a", "b"])
+    assert msg.header.frame_id == "camera_optical" and msg.detections[0].header.stamp.nanosec == 123456789
+    d = msg.detections[0]
+    assert (d.bbox.center.position.x, d.bbox.center.position.y, d.bbox.size_x, d.bbox.size_y) == (20, 40, 20, 40)
+    assert d.results[0].hypothesis.class_id == "car"
+    b, s, cls, ids = C.detections_to_arrays(msg)
+    assert b.dtype == np.float32 and b.shape == (2, 4)
+    np.testing.assert_allclose(b, [[20, 40, 20, 40], [1.5, 5.5, 2, 8]])
+    np.testing.assert_allclose(s, [0.9, 0.25])
+    assert cls == ["car", "person"] and ids == ["a", "b"]
+
+
+def test_detections_best_hypothesis_missing_and_rotated():
+    msg = C.boxes_to_detections(_hdr(), [[0, 0, 10, 4], [0, 0, 1, 1], [0, 0, 2, 2]])
+    assert [len(d.results) for d in msg.detections] == [0, 0, 0]
+    assert [d.id for d in msg.detections] == ["0", "1", "2"]
+    for name, sc in (("cat", 0.2), ("dog", 0.7), ("cow", 0.5)):
+        h = vision_msg.ObjectHypothesisWithPose()
+        h.hypothesis.class_id, h.hypothesis.score = name, sc
+        msg.detections[1].results.append(h)
+    msg.detections[0].bbox.center.theta = math.pi / 2  # 10x4 rotated by 90 deg -> 4x10 envelope
+    msg.detections[0].bbox.center.position.x = 5.0
+    msg.detections[2].bbox.center.position.x = float("nan")
+    b, s, cls, _ = C.detections_to_arrays(msg)
+    np.testing.assert_allclose(b[0], [5, 2, 4, 10], atol=1e-5)
+    assert math.isnan(s[0]) and cls[0] == ""
+    assert s[1] == pytest.approx(0.7) and cls[1] == "dog"
+    assert math.isnan(b[2, 0]) and not np.isnan(b[2, 1:]).any()  # passed through for core to flag
+
+
+def test_empty_detection_array():
+    b, s, cls, ids = C.detections_to_arrays(vision_msg.Detection2DArray())
+    assert b.shape == (0, 4) and s.shape == (0,) and cls == [] and ids == []
+
+
+def test_boxes_to_detections_length_mismatch():
+    with pytest.raises(ValueError, match="class_ids"):
+        C.boxes_to_detections(_hdr(), [[0, 0, 1, 1]], class_ids=["a", "b"])
+
+
+# ------------------------------------------------------------------------------------ OOD outputs
+
+
+def _frame_result(n=4, error=None):
+    """Duck-typed core.pipeline.FrameResult: 0 ID, 1 OOD, 2 TOO_SMALL, 3 BACKEND_ERROR."""
+    nan = float("nan")
+    return types.SimpleNamespace(
+        boxes_xyxy=np.array([[0, 0, 10, 10], [20, 20, 40, 40], [1, 1, 2, 2], [5, 5, 9, 9]], np.float32)[:n],
+        status=np.array([0, 0, BoxStatus.TOO_SMALL, BoxStatus.BACKEND_ERROR], np.uint8)[:n],
+        uncertainty=np.array([-0.3, -0.1, nan, nan], np.float32)[:n],
+        label_idx=np.array([0, 1, -1, -1])[:n], label=["car", "person", "", ""][:n],
+        similarity=np.array([0.3, 0.1, nan, nan], np.float32)[:n],
+        threshold=np.array([-0.2, -0.2, nan, nan], np.float32)[:n],
+        is_ood=np.array([False, True, False, False])[:n], timings={}, error=error)
+
+
+def _dets(n=4):
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [1, 1, 2, 2], [5, 5, 9, 9]], np.float32)[:n]
+    return C.boxes_to_detections(_hdr(frame="det_frame"), boxes, class_ids=["car", "moose", "x", "y"][:n],
+                                 scores=[0.9, 0.8, 0.7, 0.6][:n])
+
+
+def test_to_ood_array_fields_and_header():
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    img_hdr = _hdr(sec=5, nsec=6, frame="camera_optical")
+    dets = _dets()
+    out = C.to_ood_array(img_hdr, dets, _frame_result(error="CUDA out of memory"), "ViT-B-16", "torch", "runa", True)
+    assert (out.header.stamp.sec, out.header.stamp.nanosec, out.header.frame_id) == (5, 6, "camera_optical")
+    assert (out.model, out.backend, out.scorer, out.random_weights) == ("ViT-B-16", "torch", "runa", True)
+    assert len(out.detections) == 4
+    o0, o1, o2, o3 = out.detections
+    assert o0.detection == dets.detections[0] and o1.detection.results[0].hypothesis.class_id == "moose"
+    assert (o0.is_ood, o0.nearest_label, o0.status, o0.status_text) == (False, "car", 0, "ok")
+    assert o0.uncertainty == pytest.approx(-0.3) and o0.threshold == pytest.approx(-0.2)
+    assert o0.similarity == pytest.approx(0.3)
+    assert o1.is_ood and o1.nearest_label == "person"
+    assert o2.status == runa_msg.OodDetection.STATUS_TOO_SMALL and math.isnan(o2.uncertainty)
+    assert o2.nearest_label == "" and not o2.is_ood and "smaller" in o2.status_text
+    assert o3.status == runa_msg.OodDetection.STATUS_BACKEND_ERROR and "CUDA out of memory" in o3.status_text
+    back = deserialize_message(serialize_message(out), runa_msg.OodDetectionArray)
+    assert back.detections[1].is_ood and math.isnan(back.detections[2].similarity)
+
+
+def test_to_ood_array_without_or_short_result():
+    out = C.to_ood_array(_hdr(), _dets(), None, "m", "b", "s", False)
+    assert [o.status for o in out.detections] == [BoxStatus.NOT_SCORED] * 4
+    assert all(math.isnan(o.uncertainty) and not o.is_ood for o in out.detections)
+    short = C.to_ood_array(_hdr(), _dets(), _frame_result(n=2), "m", "b", "s", False)
+    assert [o.status for o in short.detections] == [0, 0, BoxStatus.NOT_SCORED, BoxStatus.NOT_SCORED]
+    assert "result has 2 boxes" in short.detections[3].status_text
+
+
+def test_to_ood_only_keeps_only_ood_detections_in_order():
+    dets = _dets()
+    fr = _frame_result()
+    fr.is_ood = np.array([True, True, False, False])
+    out = C.to_ood_only(_hdr(frame="img"), dets, fr)
+    assert out.header.frame_id == "img"
+    assert [d.results[0].hypothesis.class_id for d in out.detections] == ["car", "moose"]
+    assert len(C.to_ood_only(_hdr(), dets, None).detections) == 0
+
+
+def test_to_alert():
+    alert = types.SimpleNamespace(level=2, reason="OOD object in corridor", object_indices=[1, 17])
+    out = C.to_alert(_hdr(frame="img"), alert, _dets(), _frame_result(), runa_msg.DriverAlert.SOURCE_OOD_OBJECT)
+    assert out.level == runa_msg.DriverAlert.LEVEL_TAKE_OVER and out.source == 0
+    assert out.reason == "OOD object in corridor" and out.header.frame_id == "img"
+    assert len(out.objects) == 1 and out.objects[0].is_ood  # index 17 does not exist: skipped
+    health = C.to_alert(_hdr(), {"level": 1, "reason": "no frames for 2.0 s"}, None, None,
+                        runa_msg.DriverAlert.SOURCE_MONITOR_HEALTH)
+    assert (health.level, health.source, len(health.objects)) == (1, 1, 0)
+
+
+def test_real_frame_result_class_is_accepted():
+    pipeline = pytest.importorskip("runa_ood_node.core.pipeline")
+    fields = {f: getattr(_frame_result(), f) for f in
+              ("boxes_xyxy", "status", "uncertainty", "label_idx", "label", "similarity", "threshold", "is_ood",
+               "timings", "error")}
+    fr = pipeline.FrameResult(**fields)
+    out = C.to_ood_array(_hdr(), _dets(), fr, "m", "b", "s", False)
+    assert [o.is_ood for o in out.detections] == [False, True, False, False]
+
+
+def test_label_info_and_stamps():
+    li = C.to_label_info(_hdr(), ["car", "person"], threshold=-0.25)
+    assert [(c.class_id, c.class_name) for c in li.class_map] == [(0, "car"), (1, "person")]
+    assert li.threshold == pytest.approx(-0.25) and li.header.frame_id == "camera_optical"
+    assert C.stamp_to_ns(_hdr().stamp) == 1700000000123456789
+    for ns in (0, 1, 1700000000123456789, -1):
+        assert C.stamp_to_ns(C.ns_to_stamp(ns)) == ns
