@@ -57,3 +57,11 @@ def tiny_encoder():
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     return DualEncoder.load(TINY_MODEL, pretrained=None, device="cpu", allow_random=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tiny_encoder):
+    """An ``OodScorer`` over the tiny random encoder with the built-in VOC label set (no thresholds)."""
+    from runa_ood_node.core.pipeline import OodScorer
+
+    return OodScorer(tiny_encoder, "voc")

@@ -1,0 +1,543 @@
+"""The RUNA dual encoder on top of an open_clip ViT.
+
+RUNA encodes each box twice with the same CLIP image tower: once as a regional crop and once as a
+blurred global view (see :mod:`views`). Both go through the visual *trunk* (everything up to and
+including ``ln_post`` and the [CLS] pooling, i.e. the tower without its final projection), giving
+pre-projection features of size ``width``. The projections are applied outside the trunk:
+
+    I_t = L2norm( lam * f_r @ P_r + (1 - lam) * f_g @ P_g )          (``DualEncoder.fuse``)
+
+``P_g`` is the off-the-shelf ``visual.proj`` and ``P_r`` starts as a copy of it; a few-shot
+fine-tuned ``P_r`` (:mod:`finetune`) can be swapped in with :meth:`set_regional_projection`. With
+``P_r == P_g == P`` this equals the paper's Eq. 3 ``P(lam*f_r + (1-lam)*f_g)`` because P is linear.
+Keeping the projection out of the trunk means one exported ONNX/TensorRT trunk serves every
+fine-tune (:meth:`set_backend` swaps the trunk implementation).
+
+Tensor conventions: every tensor returned by this class is float32 on the CPU (features,
+projections, embeddings); the trunk itself runs on ``device`` in the model's precision.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import threading
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .paths import cache_dir
+
+LOG = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "model_configs"
+_CONFIGS_REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
+
+Backend = Callable[[torch.Tensor], torch.Tensor]
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be loaded (offline, unknown tag, missing file) and random
+    weights were not allowed."""
+
+
+def register_model_configs() -> None:
+    """Register this package's extra open_clip model configs (``core/model_configs/*.json``) once."""
+    global _CONFIGS_REGISTERED
+    with _REGISTER_LOCK:
+        if _CONFIGS_REGISTERED:
+            return
+        import open_clip
+
+        if MODEL_CONFIG_DIR.is_dir():
+            open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _CONFIGS_REGISTERED = True
+
+
+def _how_to_provide(model_name: str) -> str:
+    return (
+        f"Provide weights for {model_name!r} by passing pretrained=<path to a local open_clip checkpoint "
+        "(.pt/.bin/.safetensors)>, or run once on a machine with internet access with the same tag so "
+        "the open_clip / Hugging Face cache (HF_HOME, ~/.cache/huggingface) is filled, then copy that "
+        "cache to this machine. For tests only, allow_random=True builds random weights (meaningless scores)."
+    )
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("RUNA_OOD_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def find_cached_tag_weights(arch: str, tag: str) -> Optional[str]:
+    """Local file of an open_clip pretrained tag if it is already cached, else None. No network.
+
+    Looks where open_clip's own download would have put it: the Hugging Face hub cache
+    (``HF_HUB_CACHE``/``HF_HOME``; safetensors preferred, as open_clip does) and, for URL-only
+    tags, ``~/.cache/clip/<file>``.
+    """
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        return None
+    if cfg.get("file") and os.path.isfile(cfg["file"]):
+        return cfg["file"]
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            # open_clip's convention: "org/repo/" (default file name) or "org/repo/file.bin"
+            repo_id, filename = os.path.split(hub)
+            filename = filename or "open_clip_pytorch_model.bin"
+            names = (["open_clip_model.safetensors"] if filename == "open_clip_pytorch_model.bin" else
+                     [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else []) + [filename]
+            for name in names:
+                try:
+                    found = try_to_load_from_cache(repo_id, name)
+                except Exception:  # malformed cache entries must not crash loading
+                    found = None
+                if isinstance(found, str) and os.path.isfile(found):
+                    return found
+    url = cfg.get("url", "")
+    if url:
+        cand = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+def _sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, memoised in cache_dir()/file_hashes.json by (path, size, mtime_ns)."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = cache_dir() / "file_hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    memo[key] = digest
+    try:
+        tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:  # read-only cache: hashing again next time is fine
+        pass
+    return digest
+
+
+def _state_dict_hash(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class VisualTrunk(nn.Module):
+    """open_clip ``VisionTransformer`` without its projection: views ``[B,3,S,S]`` -> ``[B,width]``.
+
+    Shares parameters with the CLIP model (no copy, no mutation): it re-runs the tower's own
+    ``_embeds -> transformer -> _pool`` steps and skips ``@ proj``. The output is the pooled token
+    after ``ln_post`` (the [CLS] token for OpenAI-style ViTs). Suitable for ONNX export.
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v._embeds(x)
+        x = v.transformer(x)
+        pooled, _ = v._pool(x)
+        return pooled
+
+
+class DualEncoder:
+    """RUNA's dual image encoder plus the CLIP text tower for the ID prompts.
+
+    Build with :meth:`load`. Attributes (read-only by convention):
+
+    * ``model_name``, ``pretrained``: what was loaded (``pretrained`` is the tag, path, or None).
+    * ``input_size`` (S, px), ``mean``, ``std`` (RGB, for [0,1] inputs): preprocessing of views.
+    * ``width``: pre-projection feature size; ``embed_dim`` (D): joint embedding size.
+    * ``proj_global``, ``proj_regional``: float32 CPU ``[width, D]`` projections.
+    * ``random_weights``: True when weights are random (tests only; scores are meaningless).
+    * ``model_id``: stable string identifying architecture + weights (for caches and engines).
+    * ``visual_trunk``: :class:`VisualTrunk` (torch module, on ``device``, eval mode).
+    * ``backend_name``: ``"torch"`` or the name of the backend given to :meth:`set_backend`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, model_name: str, pretrained: Optional[str], device: str,
+                 random_weights: bool, weights_id: str, precision: str = "fp32"):
+        import open_clip
+
+        visual = getattr(model, "visual", None)
+        if not isinstance(visual, open_clip.transformer.VisionTransformer) or not isinstance(
+                getattr(visual, "proj", None), torch.Tensor):
+            raise ValueError(
+                f"model {model_name!r} has a {type(visual).__name__} visual tower; runa_ood_node needs an open_clip "
+                "VisionTransformer with a linear projection `visual.proj` (ViT-B-32, ViT-B-16, ViT-L-14, ...). "
+                "timm/ConvNeXt/ResNet towers are not supported."
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.device = torch.device(device)
+        self.precision = precision
+        self.random_weights = bool(random_weights)
+        self.model_id = hashlib.sha256(f"{model_name}|{weights_id}".encode()).hexdigest()[:16]
+        self.weights_id = weights_id
+
+        size = visual.image_size
+        if isinstance(size, (tuple, list)):
+            if size[0] != size[1]:
+                raise ValueError(f"only square image inputs are supported, {model_name!r} has {size}")
+            size = size[0]
+        self.input_size = int(size)
+        pp = getattr(visual, "preprocess_cfg", None) or {}
+        self.mean = tuple(float(v) for v in (pp.get("mean") or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(float(v) for v in (pp.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
+
+        self.proj_global = visual.proj.detach().to("cpu", torch.float32).clone()
+        self.width, self.embed_dim = (int(d) for d in self.proj_global.shape)
+        self.proj_regional = self.proj_global.clone()
+        self.visual_trunk = VisualTrunk(visual).eval()
+        self._backend: Optional[Backend] = None
+        self.backend_name = "torch"
+        self._text_cache: Dict[str, torch.Tensor] = {}
+        self.text_encode_calls = 0  # number of text-tower runs (for diagnostics and cache tests)
+        self._check_trunk()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, model_name: str, pretrained: Optional[str] = None, device: str = "cpu",
+             allow_random: bool = False, precision: str = "fp32", backend: Optional[Backend] = None,
+             allow_download: Optional[bool] = None) -> "DualEncoder":
+        """Load an open_clip ViT for RUNA.
+
+        Args:
+            model_name: open_clip architecture (``"ViT-B-16"``) or one of this package's configs
+                (``"runa-tiny-vit"``); see ``open_clip.list_models()``.
+            pretrained: an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``...), a path to a
+                local checkpoint file, or None for no pretrained weights.
+            device: torch device for the trunk and text tower (``"cpu"``, ``"cuda"``).
+            allow_random: when ``pretrained`` is None, build randomly initialised weights (tests,
+                benchmarks of speed only). Never used as a silent fallback for failed loading.
+            precision: open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``...).
+            backend: optional visual backend callable, as for :meth:`set_backend`.
+            allow_download: for a tag whose weights are not cached locally, let open_clip try to
+                download them (without network that costs about a minute of retries before
+                failing). None = allowed unless ``RUNA_OOD_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``.
+                Cached tag weights are always loaded from the cache without touching the network.
+
+        OpenAI weights use QuickGELU. For a tag, this loader forces QuickGELU when the tag says so
+        (open_clip itself only warns about the mismatch). For a local *file* of OpenAI weights,
+        name the ``-quickgelu`` architecture (``ViT-B-16-quickgelu``), or activations are wrong.
+
+        Raises:
+            WeightsUnavailableError: weights cannot be loaded (unknown tag, missing file, offline),
+                or ``pretrained`` is None and ``allow_random`` is False. The message says how to
+                provide weights.
+            ValueError: unknown model name or a non-ViT visual tower.
+        """
+        import open_clip
+
+        register_model_configs()
+        if not isinstance(model_name, str) or not model_name:
+            raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
+        has_schema = model_name.startswith(("hf-hub:", "local-dir:"))
+        arch = model_name.replace("/", "-")
+        if not has_schema and arch not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip model {model_name!r}; known ViT models include "
+                             f"{[m for m in open_clip.list_models() if m.startswith('ViT-')][:12]} ... "
+                             "and this package's configs in core/model_configs")
+        if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+            raise ValueError(f"pretrained must be a tag, a path or None, got {pretrained!r}")
+        pretrained = os.fspath(pretrained) if pretrained is not None else None
+        if pretrained == "":
+            pretrained = None
+
+        random_weights = False
+        if has_schema:
+            weights_id = f"schema:{model_name}"
+            kwargs = {}
+        elif pretrained is None:
+            if not allow_random:
+                raise WeightsUnavailableError(
+                    f"no pretrained weights requested for {model_name!r} (pretrained=None) and allow_random=False. "
+                    + _how_to_provide(model_name))
+            random_weights = True
+            weights_id = None  # filled from the state dict below
+            kwargs = {"pretrained": None}
+        else:
+            path = pathlib.Path(pretrained).expanduser()
+            known_tags = open_clip.list_pretrained_tags_by_model(arch)
+            looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+            if path.is_file():
+                weights_id = f"file:{_sha256_file(path)}"
+                kwargs = {"pretrained": str(path)}
+            elif looks_like_path or pretrained.lower() not in [t.lower() for t in known_tags]:
+                where = "checkpoint file not found" if looks_like_path else \
+                    f"not an existing file nor a known open_clip tag for {arch} (tags: {known_tags})"
+                raise WeightsUnavailableError(f"cannot load weights {pretrained!r}: {where}. " + _how_to_provide(model_name))
+            else:
+                tag = next(t for t in known_tags if t.lower() == pretrained.lower())
+                weights_id = f"tag:{tag}"
+                tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
+                # open_clip only *warns* when a tag was trained with QuickGELU (OpenAI weights) and the
+                # architecture name lacks "-quickgelu"; the activations would then be wrong. Force it.
+                quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+                if quick_gelu:
+                    weights_id += "|quickgelu"
+                cached = find_cached_tag_weights(arch, tag)
+                if cached is not None:
+                    # Same result as open_clip's tag path (preprocessing of the tag), but straight
+                    # from the cache: no HEAD requests and retries when offline.
+                    kwargs = {"pretrained": cached, "force_quick_gelu": quick_gelu,
+                              "force_preprocess_cfg": {k: tag_cfg[k] for k in ("mean", "std", "interpolation",
+                                                                              "resize_mode") if k in tag_cfg}}
+                    LOG.info("loading %s/%s from cached file %s", arch, tag, cached)
+                else:
+                    if allow_download is None:
+                        allow_download = not _env_offline()
+                    if not allow_download:
+                        raise WeightsUnavailableError(
+                            f"weights for {model_name!r} tag {tag!r} are not in the local cache and downloading is "
+                            "disabled (allow_download=False or RUNA_OOD_OFFLINE/HF_HUB_OFFLINE set). "
+                            + _how_to_provide(model_name))
+                    kwargs = {"pretrained": tag, "force_quick_gelu": quick_gelu}
+
+        try:
+            model = open_clip.create_model(model_name, device=device, precision=precision,
+                                           pretrained_text=False, **kwargs)
+        except Exception as exc:  # download failures, corrupt files, state-dict mismatches
+            if random_weights:
+                raise
+            raise WeightsUnavailableError(
+                f"loading {model_name!r} with pretrained={pretrained!r} failed: {type(exc).__name__}: {exc}. "
+                + _how_to_provide(model_name)) from exc
+        tokenizer = open_clip.get_tokenizer(model_name)
+        if random_weights:
+            weights_id = f"random-seed:{_state_dict_hash(model)}"
+            LOG.warning("DualEncoder %s uses RANDOM weights: OOD scores are meaningless (tests only)", model_name)
+        enc = cls(model, tokenizer, model_name, pretrained, device, random_weights, weights_id, precision)
+        if backend is not None:
+            enc.set_backend(backend)
+        return enc
+
+    def _check_trunk(self) -> None:
+        """Verify once that trunk(x) @ proj reproduces the tower's own output (API drift guard)."""
+        S = self.input_size
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((1, 3, S, S), generator=gen).to(self.device, self._trunk_dtype())
+        with torch.no_grad():
+            ref = self.model.visual(x)
+            if isinstance(ref, tuple):
+                ref = ref[0]
+            ours = self.visual_trunk(x) @ self.model.visual.proj
+        tol = 1e-4 if self._trunk_dtype() == torch.float32 else 5e-2
+        if not torch.allclose(ref.float(), ours.float(), atol=tol, rtol=tol):
+            raise RuntimeError(f"the visual trunk of {self.model_name!r} does not reproduce open_clip's output "
+                               "(unsupported open_clip version or pooling); please report")
+
+    def _trunk_dtype(self) -> torch.dtype:
+        return self.model.visual.conv1.weight.dtype
+
+    # ------------------------------------------------------------------ visual side
+    def set_backend(self, backend: Optional[Backend], name: Optional[str] = None) -> None:
+        """Use ``backend`` (callable ``views [B,3,S,S] f32 -> features [B,width]``) for the trunk.
+
+        ``None`` restores the built-in torch trunk. The backend must produce the same features as
+        :attr:`visual_trunk` (e.g. an ONNX Runtime or TensorRT export of it).
+        """
+        self._backend = backend
+        self.backend_name = "torch" if backend is None else (name or getattr(backend, "name", None) or type(backend).__name__)
+
+    def _torch_trunk(self, views: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.visual_trunk(views.to(self.device, self._trunk_dtype()))
+
+    def visual_features(self, views: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
+        """Pre-projection features of a batch of normalised views.
+
+        Args:
+            views: float32 ``[B,3,S,S]`` (see :mod:`views`). B may be 0.
+            max_batch: split into chunks of at most this many views (None = one call).
+
+        Returns:
+            float32 CPU ``[B, width]``.
+
+        Raises:
+            ValueError: wrong view shape; RuntimeError (or whatever the backend raises) on failure;
+            a backend returning the wrong shape raises RuntimeError.
+        """
+        S = self.input_size
+        if not isinstance(views, torch.Tensor):
+            views = torch.as_tensor(np.asarray(views), dtype=torch.float32)
+        if views.ndim != 4 or tuple(views.shape[1:]) != (3, S, S):
+            raise ValueError(f"views must be [B,3,{S},{S}], got {tuple(views.shape)}")
+        B = views.shape[0]
+        if B == 0:
+            return torch.zeros((0, self.width), dtype=torch.float32)
+        run = self._backend or self._torch_trunk
+        step = B if not max_batch or max_batch <= 0 else int(max_batch)
+        outs = []
+        for start in range(0, B, step):
+            chunk = views[start:start + step].float().contiguous()
+            out = run(chunk)
+            if not isinstance(out, torch.Tensor):
+                out = torch.as_tensor(np.asarray(out))
+            out = out.detach().to("cpu", torch.float32)
+            if tuple(out.shape) != (chunk.shape[0], self.width):
+                raise RuntimeError(f"visual backend {self.backend_name!r} returned shape {tuple(out.shape)}, "
+                                   f"expected ({chunk.shape[0]}, {self.width})")
+            outs.append(out)
+        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+    def set_regional_projection(self, proj: Union[None, torch.Tensor, np.ndarray]) -> None:
+        """Replace ``P_r`` by a (fine-tuned) ``[width, D]`` matrix; None restores ``P_g``.
+
+        Raises:
+            ValueError: wrong shape or non-finite values.
+        """
+        if proj is None:
+            self.proj_regional = self.proj_global.clone()
+            return
+        t = torch.as_tensor(np.asarray(proj) if not isinstance(proj, torch.Tensor) else proj)
+        t = t.detach().to("cpu", torch.float32).clone()
+        if tuple(t.shape) != (self.width, self.embed_dim):
+            raise ValueError(f"regional projection must be [{self.width}, {self.embed_dim}] for {self.model_name!r}, "
+                             f"got {tuple(t.shape)} (was it trained for another model?)")
+        if not torch.isfinite(t).all():
+            raise ValueError("regional projection contains NaN or inf")
+        self.proj_regional = t
+
+    def fuse(self, f_r: Optional[torch.Tensor], f_g: Optional[torch.Tensor], lam: float) -> torch.Tensor:
+        """Fused, L2-normalised box embeddings ``L2norm(lam*f_r@P_r + (1-lam)*f_g@P_g)``.
+
+        Args:
+            f_r, f_g: ``[M, width]`` regional / global pre-projection features. ``f_g`` may be None
+                when ``lam == 1`` and ``f_r`` None when ``lam == 0`` (single-view ablations).
+            lam: fusion weight in [0, 1] (paper: 0.5).
+
+        Returns:
+            float32 CPU ``[M, D]``; rows whose inputs are non-finite stay non-finite (NaN), so
+            callers can flag them. An all-zero row normalises to zeros.
+        """
+        lam = float(lam)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        parts = []
+        if lam > 0.0:
+            if f_r is None:
+                raise ValueError("f_r is required when lam > 0")
+            parts.append(lam * (f_r.to("cpu", torch.float32) @ self.proj_regional))
+        if lam < 1.0:
+            if f_g is None:
+                raise ValueError("f_g is required when lam < 1")
+            parts.append((1.0 - lam) * (f_g.to("cpu", torch.float32) @ self.proj_global))
+        emb = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def encode_boxes(self, regional: torch.Tensor, global_: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
+        """Convenience: features of both view batches in one backend call, then :meth:`fuse`."""
+        M = regional.shape[0]
+        feats = self.visual_features(torch.cat([regional, global_], 0))
+        return self.fuse(feats[:M], feats[M:], lam)
+
+    # ------------------------------------------------------------------ text side
+    def _text_key(self, prompts: Sequence[Sequence[str]]) -> str:
+        blob = json.dumps({"model_id": self.model_id, "prompts": [list(p) for p in prompts]}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def text_cache_path(self, label_set) -> pathlib.Path:
+        """Disk cache file for a label set's text embeddings."""
+        return cache_dir() / "text" / f"{self._text_key(label_set.prompts())}.pt"
+
+    def _encode_prompts(self, prompts: Sequence[Sequence[str]], chunk: int = 256) -> torch.Tensor:
+        flat = [p for group in prompts for p in group]
+        embs = []
+        with torch.no_grad():
+            for start in range(0, len(flat), chunk):
+                tokens = self.tokenizer(flat[start:start + chunk]).to(self.device)
+                e = self.model.encode_text(tokens)
+                embs.append(F.normalize(e.float(), dim=-1).cpu())
+        self.text_encode_calls += 1
+        all_e = torch.cat(embs, 0)
+        out, pos = [], 0
+        for group in prompts:
+            mean = all_e[pos:pos + len(group)].mean(0)
+            out.append(mean / mean.norm().clamp_min(1e-12))
+            pos += len(group)
+        return torch.stack(out).to(torch.float32)
+
+    def text_embeddings(self, label_set) -> torch.Tensor:
+        """L2-normalised text embeddings ``[K, D]`` (float32 CPU) of a :class:`labels.LabelSet`
+        (or a built-in name / YAML path, see :func:`labels.load_label_set`).
+
+        Each label's embedding is the mean of its prompts' normalised embeddings (templates x
+        names), renormalised. Cached in memory and on disk under
+        ``cache_dir()/text/<sha256(model_id, prompts)>.pt``, so a second call, or a fresh encoder
+        with the same ``model_id``, does not run the text tower. A corrupt cache file is ignored
+        and rewritten.
+        """
+        if not hasattr(label_set, "prompts"):
+            from .labels import load_label_set
+
+            label_set = load_label_set(label_set)
+        prompts = label_set.prompts()
+        key = self._text_key(prompts)
+        if key in self._text_cache:
+            return self._text_cache[key].clone()
+        path = cache_dir() / "text" / f"{key}.pt"
+        emb = None
+        if path.is_file():
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                cand = blob["embeddings"]
+                if (blob.get("model_id") == self.model_id and blob.get("prompts") == [list(p) for p in prompts]
+                        and tuple(cand.shape) == (len(prompts), self.embed_dim) and torch.isfinite(cand).all()):
+                    emb = cand.to(torch.float32)
+                else:
+                    LOG.warning("text embedding cache %s does not match; recomputing", path)
+            except Exception as exc:  # corrupt / truncated / old format
+                LOG.warning("ignoring unreadable text embedding cache %s: %s", path, exc)
+        if emb is None:
+            emb = self._encode_prompts(prompts)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save({"model_id": self.model_id, "label_set": label_set.name,
+                            "prompts": [list(p) for p in prompts], "embeddings": emb}, tmp)
+                os.replace(tmp, path)
+            except OSError as exc:
+                LOG.warning("could not write text embedding cache %s: %s", path, exc)
+        self._text_cache[key] = emb
+        return emb.clone()
+
+    def describe(self) -> dict:
+        """Summary for logs/diagnostics."""
+        return {"model_name": self.model_name, "pretrained": self.pretrained, "model_id": self.model_id,
+                "random_weights": self.random_weights, "input_size": self.input_size, "width": self.width,
+                "embed_dim": self.embed_dim, "device": str(self.device), "precision": self.precision,
+                "backend": self.backend_name,
+                "regional_projection": "off-the-shelf" if torch.equal(self.proj_regional, self.proj_global) else "custom"}

@@ -1,0 +1,443 @@
+"""``OodScorer``: one RGB frame + N detector boxes -> per-box RUNA OOD results.
+
+This is the single implementation of the method that the ROS node, the evaluation tool and the
+benchmark all call. Steps of :meth:`OodScorer.score`:
+
+1. validate the image (``HxWx3 uint8 RGB``; anything else raises ``ValueError``: converting
+   messages is the caller's job);
+2. :func:`boxes.sanitize_boxes` -> per-box :class:`BoxStatus` (invalid boxes are never encoded);
+3. cap the valid boxes at ``max_boxes``, keeping the highest detector scores (the rest get
+   ``NOT_SCORED``);
+4. build the views of the valid boxes (:class:`views.ViewMaker`, one resize + one blur per frame);
+5. **one** batched ``encoder.visual_features`` call over regional + global views (only the views
+   the ablation needs);
+6. fuse (``lam``; regional ablation uses lam=1, global ablation lam=0), cosine similarities to the
+   ID text embeddings, scorer (:mod:`scoring`);
+7. threshold of the nearest ID label (:class:`thresholds.Thresholds`) -> ``is_ood``.
+
+Failure handling (a robot must keep running): boxes whose embeddings come back NaN/inf get
+``BACKEND_ERROR``; if the backend (or the view maker) raises, every box that was going to be
+scored gets ``BACKEND_ERROR`` and :attr:`FrameResult.error` holds the message. ``score`` does not raise for
+per-box or backend problems.
+
+``is_ood`` semantics: True only for ``OK`` boxes whose uncertainty is strictly greater than a
+finite threshold. Without thresholds (``thresholds=None``) the threshold is NaN and ``is_ood`` is
+False for every box: the scorer still ranks boxes, but nothing is declared OOD until calibrated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+
+from . import scoring
+from .boxes import BoxStatus, sanitize_boxes, status_text
+from .encoder import DualEncoder
+from .labels import LabelSet, load_label_set
+from .views import ViewMaker
+
+LOG = logging.getLogger(__name__)
+
+ABLATIONS = ("dual", "regional", "global")
+
+
+@dataclasses.dataclass
+class FrameResult:
+    """Per-box results for one frame; every array has length N (the number of input boxes).
+
+    Attributes:
+        boxes_xyxy: float32 ``[N,4]`` sanitised boxes, xyxy in original image pixels, clipped.
+        status: uint8 ``[N]`` :class:`BoxStatus` codes; only ``OK`` boxes carry scores.
+        uncertainty: float32 ``[N]``, higher = more OOD; NaN unless status is OK.
+        label_idx: int64 ``[N]`` index of the nearest ID label; -1 unless OK.
+        label: list of N str, the nearest ID label name ("" unless OK).
+        similarity: float32 ``[N]`` cosine similarity to that label; NaN unless OK.
+        threshold: float32 ``[N]`` threshold used for that box (NaN if none / not OK).
+        is_ood: bool ``[N]``: OK and uncertainty > finite threshold.
+        timings: milliseconds for ``views``, ``encode``, ``score`` and ``total``.
+        error: None, or the message of a backend failure that affected this frame.
+        detector_scores: float32 ``[N]`` detector confidences if given (NaN otherwise).
+    """
+
+    boxes_xyxy: np.ndarray
+    status: np.ndarray
+    uncertainty: np.ndarray
+    label_idx: np.ndarray
+    label: List[str]
+    similarity: np.ndarray
+    threshold: np.ndarray
+    is_ood: np.ndarray
+    timings: Dict[str, float]
+    error: Optional[str] = None
+    detector_scores: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return int(self.status.shape[0])
+
+    @property
+    def ok(self) -> np.ndarray:
+        """bool ``[N]``: boxes that were scored."""
+        return self.status == BoxStatus.OK
+
+    def status_counts(self) -> Dict[str, int]:
+        """Number of boxes per status name (only statuses that occur)."""
+        names, counts = np.unique(self.status, return_counts=True)
+        return {BoxStatus(int(s)).name: int(c) for s, c in zip(names, counts)}
+
+    def to_records(self) -> List[Dict[str, Any]]:
+        """One JSON-friendly dict per box (NaN becomes None), for tables, logs and JSON files."""
+
+        def f(v) -> Optional[float]:
+            v = float(v)
+            return v if math.isfinite(v) else None
+
+        recs = []
+        for i in range(len(self)):
+            st = int(self.status[i])
+            recs.append({
+                "index": i,
+                "x1": f(self.boxes_xyxy[i, 0]), "y1": f(self.boxes_xyxy[i, 1]),
+                "x2": f(self.boxes_xyxy[i, 2]), "y2": f(self.boxes_xyxy[i, 3]),
+                "status": BoxStatus(st).name if st in BoxStatus._value2member_map_ else str(st),
+                "status_text": status_text(st),
+                "uncertainty": f(self.uncertainty[i]),
+                "label_idx": int(self.label_idx[i]),
+                "label": self.label[i],
+                "similarity": f(self.similarity[i]),
+                "threshold": f(self.threshold[i]),
+                "is_ood": bool(self.is_ood[i]),
+                "detector_score": None if self.detector_scores is None else f(self.detector_scores[i]),
+            })
+        return recs
+
+
+def _empty_result(xyxy: np.ndarray, status: np.ndarray, det: Optional[np.ndarray]) -> FrameResult:
+    n = status.shape[0]
+    return FrameResult(
+        boxes_xyxy=xyxy, status=status,
+        uncertainty=np.full(n, np.nan, np.float32), label_idx=np.full(n, -1, np.int64), label=[""] * n,
+        similarity=np.full(n, np.nan, np.float32), threshold=np.full(n, np.nan, np.float32),
+        is_ood=np.zeros(n, bool), timings={}, error=None, detector_scores=det)
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class OodScorer:
+    """RUNA OOD scoring of detector boxes (see module docstring).
+
+    Args:
+        encoder: a loaded :class:`DualEncoder`.
+        label_set: :class:`LabelSet`, or a built-in name / YAML path for :func:`load_label_set`.
+        scorer: one of ``scoring.METHODS`` (``"runa"`` = -max cosine, paper Eq. 6).
+        lam: fusion weight of the regional view in [0, 1] (paper: 0.5); used by ``"dual"``.
+        blur_radius: Gaussian sigma of the global view in px at the encoder input size (paper: 1).
+        ablation: ``"dual"`` (RUNA), ``"regional"`` (crop only, lam=1) or ``"global"`` (blurred
+            global view only, lam=0). Single-view ablations encode only the views they use.
+        thresholds: optional ``thresholds.Thresholds`` (``for_label(label) -> float``); if it has
+            ``check_compatible`` it is called with this scorer's model_id, scorer and label set
+            name, so thresholds fitted for another configuration raise ``ValueError``.
+        max_boxes: score at most this many valid boxes per frame (highest detector score first;
+            input order when no detector scores); None = all.
+        min_box_size: minimum box width/height in px after clipping (smaller -> TOO_SMALL).
+        temperature: temperature of the ``mcm`` / ``energy`` scorers.
+        max_batch: optional cap on views per backend call (memory bound); None = one call.
+        view_maker: optional object with ``make(image_rgb, boxes_xyxy) -> (regional, global)`` and
+            ``blur_radius`` replacing the CPU :class:`views.ViewMaker` (e.g.
+            ``backends.gpu_preprocess.GpuViewMaker``); it must have been built with this
+            encoder's input size / mean / std. ``blur_radius`` is then ignored.
+    """
+
+    def __init__(self, encoder: DualEncoder, label_set, scorer: str = "runa", lam: float = 0.5,
+                 blur_radius: float = 1.0, ablation: str = "dual", thresholds=None,
+                 max_boxes: Optional[int] = None, min_box_size: float = 2.0, temperature: float = 1.0,
+                 max_batch: Optional[int] = None, view_maker=None):
+        if scorer not in scoring.METHODS:
+            raise ValueError(f"unknown scorer {scorer!r}; expected one of {scoring.METHODS}")
+        if ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
+        if not (isinstance(lam, (int, float)) and 0.0 <= float(lam) <= 1.0):
+            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+        if max_boxes is not None and (int(max_boxes) != max_boxes or max_boxes < 0):
+            raise ValueError(f"max_boxes must be None or an integer >= 0, got {max_boxes!r}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not (math.isfinite(min_box_size) and min_box_size >= 0):
+            raise ValueError(f"min_box_size must be >= 0 px, got {min_box_size!r}")
+        self.encoder = encoder
+        self.label_set: LabelSet = load_label_set(label_set)
+        self.scorer = scorer
+        self.lam = float(lam)
+        self.ablation = ablation
+        self.thresholds = thresholds
+        self.max_boxes = None if max_boxes is None else int(max_boxes)
+        self.min_box_size = float(min_box_size)
+        self.temperature = float(temperature)
+        self.max_batch = max_batch
+        self.view_maker = view_maker if view_maker is not None else ViewMaker(
+            encoder.input_size, encoder.mean, encoder.std, blur_radius)
+        self.text_emb = encoder.text_embeddings(self.label_set)  # [K, D], computed/cached once
+        self._label_thresholds = self._resolve_thresholds()
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def blur_radius(self) -> float:
+        return self.view_maker.blur_radius
+
+    @property
+    def effective_lam(self) -> float:
+        """The fusion weight actually used: lam for dual, 1 for regional, 0 for global."""
+        return {"dual": self.lam, "regional": 1.0, "global": 0.0}[self.ablation]
+
+    def _resolve_thresholds(self) -> np.ndarray:
+        K = len(self.label_set)
+        if self.thresholds is None:
+            return np.full(K, np.nan, np.float32)
+        check = getattr(self.thresholds, "check_compatible", None)
+        if callable(check):  # thresholds fitted for another model/scorer/label set are meaningless
+            check(model_id=self.encoder.model_id, scorer=self.scorer, label_set=self.label_set.name)
+        out = np.empty(K, np.float32)
+        for k, lab in enumerate(self.label_set.labels):
+            try:
+                v = float(self.thresholds.for_label(lab))
+            except Exception as exc:  # a thresholds file without this label and without a global value
+                LOG.warning("no threshold for label %r (%s); boxes nearest to it will not be flagged OOD", lab, exc)
+                v = float("nan")
+            out[k] = v
+        return out
+
+    def set_thresholds(self, thresholds) -> None:
+        """Swap the thresholds (e.g. after calibration) without rebuilding the scorer.
+
+        Raises ValueError (from ``Thresholds.check_compatible``) when the thresholds' metadata
+        names another model_id, scorer or label set."""
+        self.thresholds = thresholds
+        self._label_thresholds = self._resolve_thresholds()
+
+    @property
+    def label_thresholds(self) -> np.ndarray:
+        """float32 ``[K]`` threshold per ID label (NaN where none)."""
+        return self._label_thresholds.copy()
+
+    def describe(self) -> Dict[str, Any]:
+        """Configuration summary for logs, diagnostics and result files."""
+        return {"encoder": self.encoder.describe(), "label_set": self.label_set.name, "num_labels": len(self.label_set),
+                "scorer": self.scorer, "lam": self.lam, "ablation": self.ablation, "blur_radius": self.blur_radius,
+                "max_boxes": self.max_boxes, "min_box_size": self.min_box_size, "temperature": self.temperature,
+                "thresholds": None if self.thresholds is None else getattr(self.thresholds, "global_threshold", "custom")}
+
+    # ------------------------------------------------------------------ scoring
+    def _cap(self, status: np.ndarray, det: Optional[np.ndarray]) -> None:
+        if self.max_boxes is None:
+            return
+        valid = np.flatnonzero(status == BoxStatus.OK)
+        if valid.size <= self.max_boxes:
+            return
+        if det is None:
+            keep = valid[: self.max_boxes]
+        else:
+            key = np.where(np.isfinite(det[valid]), det[valid], -np.inf)
+            order = np.argsort(-key, kind="stable")  # highest score first, ties keep input order
+            keep = valid[order[: self.max_boxes]]
+        drop = np.setdiff1d(valid, keep)
+        status[drop] = BoxStatus.NOT_SCORED
+
+    def score(self, image_rgb: np.ndarray, boxes, box_format: str = "xyxy", detector_scores=None) -> FrameResult:
+        """Score every box of one frame.
+
+        Args:
+            image_rgb: ``HxWx3`` uint8 RGB image.
+            boxes: ``[N,4]`` boxes in ``box_format`` (original image pixels); list/array/tensor.
+            box_format: ``"xyxy"``, ``"xywh"`` or ``"cxcywh"``.
+            detector_scores: optional ``[N]`` detector confidences, used by the ``max_boxes`` cap.
+
+        Returns:
+            :class:`FrameResult` with N entries, in input order.
+
+        Raises:
+            ValueError: the image is not HxWx3 uint8, boxes are not ``[N,4]``-shaped, or
+                ``detector_scores`` has the wrong length. Per-box and backend problems do not raise.
+        """
+        t0 = time.perf_counter()
+        ViewMaker.check_image(image_rgb)
+        H, W = image_rgb.shape[:2]
+        xyxy, status = sanitize_boxes(boxes, W, H, fmt=box_format, min_size=self.min_box_size)
+        n = status.shape[0]
+        det = None
+        if detector_scores is not None:
+            det = np.asarray(_to_numpy(detector_scores), dtype=np.float32).reshape(-1)
+            if det.shape[0] != n:
+                raise ValueError(f"detector_scores has {det.shape[0]} values for {n} boxes")
+        self._cap(status, det)
+        res = _empty_result(xyxy, status, det)
+        idx = np.flatnonzero(status == BoxStatus.OK)
+        timings = {"views": 0.0, "encode": 0.0, "score": 0.0}
+
+        if idx.size:
+            t1 = t2 = time.perf_counter()
+            emb = None
+            stage = "view maker"
+            try:
+                # Views are inside the guarded block too: a GPU view maker can fail like a backend.
+                regional, global_ = self.view_maker.make(image_rgb, xyxy[idx])
+                if self.ablation == "regional":
+                    batch = regional
+                elif self.ablation == "global":
+                    batch = global_
+                else:
+                    batch = torch.cat([regional, global_], 0)
+                t2 = time.perf_counter()
+                timings["views"] = (t2 - t1) * 1e3
+                stage = "backend"
+                feats = self.encoder.visual_features(batch, max_batch=self.max_batch)
+                M = idx.size
+                if self.ablation == "regional":
+                    emb = self.encoder.fuse(feats, None, 1.0)
+                elif self.ablation == "global":
+                    emb = self.encoder.fuse(None, feats, 0.0)
+                else:
+                    emb = self.encoder.fuse(feats[:M], feats[M:], self.lam)
+            except Exception as exc:  # backend failure: keep the frame, flag the boxes
+                msg = f"{type(exc).__name__}: {exc}"
+                who = f"backend {self.encoder.backend_name!r}" if stage == "backend" else \
+                    f"view maker {type(self.view_maker).__name__}"
+                LOG.error("%s failed on %d boxes: %s", who, idx.size, msg)
+                res.error = f"{who} failed: {msg}"
+                status[idx] = BoxStatus.BACKEND_ERROR
+            t3 = time.perf_counter()
+            timings["encode"] = (t3 - t2) * 1e3
+
+            if emb is not None:
+                finite = torch.isfinite(emb).all(dim=1).numpy()
+                if not finite.all():
+                    status[idx[~finite]] = BoxStatus.BACKEND_ERROR
+                    res.error = (f"backend {self.encoder.backend_name!r} returned non-finite features for "
+                                 f"{int((~finite).sum())} of {idx.size} boxes")
+                    LOG.warning(res.error)
+                good = idx[finite]
+                if good.size:
+                    sims = scoring.cosine_similarities(emb[torch.from_numpy(finite)], self.text_emb)
+                    out = scoring.score(sims, method=self.scorer, temperature=self.temperature)
+                    unc = np.asarray(_to_numpy(out.uncertainty), np.float32).reshape(-1)
+                    lab = np.asarray(_to_numpy(out.label_idx), np.int64).reshape(-1)
+                    sim = np.asarray(_to_numpy(out.similarity), np.float32).reshape(-1)
+                    bad = ~np.isfinite(unc) | (lab < 0)
+                    if bad.any():  # scorer could not score a row (should not happen with finite embeddings)
+                        status[good[bad]] = BoxStatus.BACKEND_ERROR
+                    ok = ~bad
+                    g = good[ok]
+                    res.uncertainty[g] = unc[ok]
+                    res.label_idx[g] = lab[ok]
+                    res.similarity[g] = sim[ok]
+                    thr = self._label_thresholds[lab[ok]]
+                    res.threshold[g] = thr
+                    res.is_ood[g] = np.isfinite(thr) & (unc[ok] > thr)
+                    for i, k in zip(g, lab[ok]):
+                        res.label[i] = self.label_set.labels[int(k)]
+            timings["score"] = (time.perf_counter() - t3) * 1e3
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        res.timings = timings
+        return res
+
+    def warmup(self, width: int = 640, height: int = 480, num_boxes: int = 2) -> FrameResult:
+        """Score one synthetic grey frame so lazy initialisation (allocators, kernels, engines)
+        happens before the first real frame. Returns that frame's result (check ``error``)."""
+        image = np.full((int(height), int(width), 3), 114, np.uint8)
+        n = max(int(num_boxes), 1)
+        w, h = width / (n + 1), height / 2
+        boxes = [[i * w, h / 2, (i + 1) * w, 1.5 * h] for i in range(n)]
+        return self.score(image, boxes)
+
+    # ------------------------------------------------------------------ factory
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "OodScorer":
+        """Build encoder, label set, projection, thresholds and scorer from a flat dict.
+
+        Keys (all optional except ``model``; defaults in brackets):
+            ``model`` open_clip model name; ``pretrained`` [None] tag or checkpoint path;
+            ``device`` ["cpu"]; ``precision`` ["fp32"]; ``allow_random`` [False];
+            ``labels`` ["voc"] built-in name or YAML path/name; ``projection`` [None] fine-tuned
+            projection (name in calibration/ or path, via ``finetune.load_projection``);
+            ``thresholds`` [None] thresholds file (name or path, via ``Thresholds.load``);
+            ``scorer`` ["runa"]; ``lam`` [0.5]; ``blur_radius`` [1.0]; ``ablation`` ["dual"];
+            ``max_boxes`` [None]; ``min_box_size`` [2.0]; ``temperature`` [1.0];
+            ``max_batch`` [None]; ``views`` ["cpu"] or "gpu" (``backends.gpu_preprocess.GpuViewMaker``
+            on ``device``; falls back to the CPU views with a warning when it cannot be built);
+            ``backend`` ["torch"]: other kinds go through
+            ``backends.base.make_backend(kind, encoder, device=device, **backend_options)``
+            (``"auto"`` falls back TensorRT -> ONNX Runtime -> torch, logged there);
+            ``backend_options`` [{}] extra keyword arguments for ``make_backend`` (precision,
+            engine_path, onnx_path, ort_threads, int8, max_batch...).
+
+        Unknown keys raise ValueError (typos in parameter files should not pass silently).
+        """
+        allowed = {"model", "pretrained", "device", "precision", "allow_random", "labels", "label_set", "projection",
+                   "thresholds", "scorer", "lam", "blur_radius", "ablation", "max_boxes", "min_box_size",
+                   "temperature", "max_batch", "backend", "backend_options", "views"}
+        cfg = dict(config)
+        unknown = set(cfg) - allowed
+        if unknown:
+            raise ValueError(f"unknown OodScorer config keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if not cfg.get("model"):
+            raise ValueError("OodScorer config needs 'model' (an open_clip model name, e.g. 'ViT-B-16')")
+
+        def opt(key, default=None):
+            v = cfg.get(key, default)
+            return default if v in ("", None) else v
+
+        encoder = DualEncoder.load(cfg["model"], pretrained=opt("pretrained"), device=opt("device", "cpu"),
+                                   allow_random=bool(cfg.get("allow_random", False)),
+                                   precision=opt("precision", "fp32"))
+        backend_kind = opt("backend", "torch")
+        if backend_kind != "torch":
+            from ..backends.base import make_backend  # lazy: optional runtimes
+
+            options = {"device": opt("device", "cpu"), **dict(cfg.get("backend_options") or {})}
+            backend = make_backend(backend_kind, encoder, **options)
+            encoder.set_backend(backend, getattr(backend, "name", backend_kind))
+        projection = opt("projection")
+        if projection is not None:
+            from .finetune import load_projection
+
+            proj, meta = load_projection(projection)
+            mid = (meta or {}).get("model_id") if isinstance(meta, Mapping) else None
+            if mid and mid != encoder.model_id:
+                LOG.warning("projection %s was trained for model_id %s, loaded model is %s", projection, mid,
+                            encoder.model_id)
+            encoder.set_regional_projection(proj)
+        thresholds = opt("thresholds")
+        if thresholds is not None and not hasattr(thresholds, "for_label"):
+            from .paths import resolve_calibration_file
+            from .thresholds import Thresholds
+
+            thresholds = Thresholds.load(resolve_calibration_file(thresholds, (".json", ".yaml", ".yml")))
+        blur_radius = float(opt("blur_radius", 1.0))
+        views = opt("views", "cpu")
+        if views not in ("cpu", "gpu"):
+            raise ValueError(f"views must be 'cpu' or 'gpu', got {views!r}")
+        view_maker = None
+        if views == "gpu":
+            try:
+                from ..backends.gpu_preprocess import GpuViewMaker  # lazy: needs torchvision
+
+                view_maker = GpuViewMaker(encoder.input_size, encoder.mean, encoder.std, blur_radius,
+                                          device=opt("device", "cpu"))
+            except Exception as exc:  # missing torchvision ops / CUDA: the CPU path always works
+                LOG.warning("GPU view maker unavailable (%s: %s); using CPU views", type(exc).__name__, exc)
+        max_boxes = opt("max_boxes")
+        if max_boxes is not None and int(max_boxes) <= 0:
+            max_boxes = None  # 0 / negative in a parameter file means "no cap"
+        return cls(encoder, opt("labels", None) or opt("label_set", "voc"), scorer=opt("scorer", "runa"),
+                   lam=float(opt("lam", 0.5)), blur_radius=blur_radius,
+                   ablation=opt("ablation", "dual"), thresholds=thresholds,
+                   max_boxes=None if max_boxes is None else int(max_boxes),
+                   min_box_size=float(opt("min_box_size", 2.0)), temperature=float(opt("temperature", 1.0)),
+                   max_batch=opt("max_batch"), view_maker=view_maker)

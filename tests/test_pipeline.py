@@ -1,0 +1,376 @@
+"""OodScorer end to end on a real photograph with the tiny random ViT.
+
+Random weights make the scores meaningless, so these tests check structure and invariants that hold
+for any weights: batching equivalence, statuses, caps, ablations, failure handling, thresholds.
+"""
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runa_ood_node.core.boxes import BoxStatus
+from runa_ood_node.core.labels import load_label_set
+from runa_ood_node.core.pipeline import FrameResult, OodScorer
+
+TINY = "runa-tiny-vit"
+
+
+class FakeThresholds:
+    """Stand-in with the Thresholds interface (for_label, global_threshold)."""
+
+    def __init__(self, global_threshold, per_class=None):
+        self.global_threshold = global_threshold
+        self.per_class = per_class or {}
+
+    def for_label(self, label):
+        return self.per_class.get(label, self.global_threshold)
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_encoder):
+    return OodScorer(tiny_encoder, "voc")
+
+
+@pytest.fixture(scope="module")
+def photo(real_photo):
+    image, boxes_xywh = real_photo
+    return image, np.asarray(boxes_xywh, np.float32)
+
+
+def _check_shapes(r: FrameResult, n: int):
+    assert r.boxes_xyxy.shape == (n, 4) and r.boxes_xyxy.dtype == np.float32
+    assert r.status.shape == (n,) and r.status.dtype == np.uint8
+    for a in (r.uncertainty, r.similarity, r.threshold):
+        assert a.shape == (n,) and a.dtype == np.float32
+    assert r.label_idx.shape == (n,) and r.is_ood.shape == (n,) and r.is_ood.dtype == bool
+    assert len(r.label) == n and len(r) == n
+    assert set(r.timings) == {"views", "encode", "score", "total"}
+    assert all(v >= 0 for v in r.timings.values())
+
+
+def test_scores_real_photo(scorer, photo):
+    image, boxes = photo
+    r = scorer.score(image, boxes, box_format="xywh")
+    n = len(boxes)
+    _check_shapes(r, n)
+    assert (r.status == BoxStatus.OK).all() and r.error is None
+    assert np.isfinite(r.uncertainty).all() and np.isfinite(r.similarity).all()
+    # runa: uncertainty = -max cosine, and the label is the argmax label
+    assert np.allclose(r.uncertainty, -r.similarity, atol=1e-6)
+    assert ((r.label_idx >= 0) & (r.label_idx < 20)).all()
+    assert r.label == [scorer.label_set.labels[k] for k in r.label_idx]
+    # no thresholds: threshold NaN and nothing declared OOD
+    assert np.isnan(r.threshold).all() and not r.is_ood.any()
+    assert r.boxes_xyxy[0].tolist() == pytest.approx([boxes[0, 0], boxes[0, 1], boxes[0, 0] + boxes[0, 2],
+                                                      boxes[0, 1] + boxes[0, 3]], abs=1e-3)
+
+
+def test_matches_manual_computation(scorer, photo, tiny_encoder):
+    image, boxes = photo
+    r = scorer.score(image, boxes, box_format="xywh")
+    reg, glo = scorer.view_maker.make(image, r.boxes_xyxy)
+    with torch.no_grad():
+        fr = tiny_encoder.visual_trunk(reg)
+        fg = tiny_encoder.visual_trunk(glo)
+    emb = F.normalize((0.5 * fr + 0.5 * fg) @ tiny_encoder.proj_global, dim=-1)  # paper Eq. 3
+    sims = emb @ tiny_encoder.text_embeddings(scorer.label_set).T
+    assert np.allclose(r.uncertainty, -sims.max(1).values.numpy(), atol=1e-5)
+    assert (r.label_idx == sims.argmax(1).numpy()).all()
+
+
+def test_batched_equals_one_by_one(scorer, photo):
+    image, boxes = photo
+    r = scorer.score(image, boxes, box_format="xywh")
+    for i in range(len(boxes)):
+        ri = scorer.score(image, boxes[i:i + 1], box_format="xywh")
+        assert ri.uncertainty[0] == pytest.approx(float(r.uncertainty[i]), abs=1e-5)
+        assert ri.label_idx[0] == r.label_idx[i]
+
+
+def test_invalid_boxes_keep_status_and_do_not_break_frame(scorer, photo):
+    image, boxes = photo
+    H, W = image.shape[:2]
+    good = boxes[:2].copy()
+    bad = np.array([
+        [np.nan, 0, 10, 10],
+        [0, 0, np.inf, 10],
+        [50, 50, 0, 10],          # xywh with zero width
+        [W + 10, 10, 30, 30],     # outside
+        [5, 5, 1, 50],            # 1 px wide
+        [10, 10, -20, 30],        # negative width
+    ], np.float32)
+    allb = np.concatenate([good[:1], bad, good[1:]])
+    r = scorer.score(image, allb, box_format="xywh")
+    S = BoxStatus
+    assert r.status.tolist() == [S.OK, S.NAN, S.INFINITE, S.ZERO_AREA, S.OUTSIDE_IMAGE, S.TOO_SMALL, S.ZERO_AREA, S.OK]
+    bad_rows = r.status != S.OK
+    assert np.isnan(r.uncertainty[bad_rows]).all() and (r.label_idx[bad_rows] == -1).all()
+    assert all(r.label[i] == "" for i in np.flatnonzero(bad_rows))
+    assert not r.is_ood[bad_rows].any()
+    # the valid boxes score exactly as without the invalid ones around them
+    ref = scorer.score(image, good, box_format="xywh")
+    assert r.uncertainty[[0, 7]] == pytest.approx(ref.uncertainty, abs=1e-5)
+    recs = r.to_records()
+    json.dumps(recs)  # JSON-serialisable (NaN -> None)
+    assert recs[1]["status"] == "NAN" and recs[1]["uncertainty"] is None and recs[0]["status"] == "OK"
+
+
+def test_zero_boxes(scorer, photo):
+    image, _ = photo
+    for empty in ([], np.zeros((0, 4)), None):
+        r = scorer.score(image, empty)
+        _check_shapes(r, 0)
+        assert r.to_records() == [] and r.error is None
+
+
+def test_all_invalid_boxes_never_call_the_encoder(tiny_encoder, photo):
+    image, _ = photo
+    s = OodScorer(tiny_encoder, "voc")
+    calls = []
+    tiny_encoder.set_backend(lambda v: calls.append(1))
+    try:
+        r = s.score(image, [[np.nan, 0, 1, 1], [0, 0, 0, 0]])
+    finally:
+        tiny_encoder.set_backend(None)
+    assert calls == [] and r.status.tolist() == [BoxStatus.NAN, BoxStatus.ZERO_AREA]
+
+
+def test_max_boxes_keeps_highest_detector_scores(tiny_encoder, photo):
+    image, boxes = photo
+    n = len(boxes)
+    s = OodScorer(tiny_encoder, "voc", max_boxes=2)
+    det = np.linspace(0.1, 0.9, n).astype(np.float32)[::-1].copy()
+    det[n - 1] = 0.95  # the last box is the most confident
+    r = s.score(image, boxes, box_format="xywh", detector_scores=det)
+    assert set(np.flatnonzero(r.status == BoxStatus.OK)) == {0, n - 1}
+    assert (r.status[1:n - 1] == BoxStatus.NOT_SCORED).all()
+    assert np.isnan(r.uncertainty[r.status == BoxStatus.NOT_SCORED]).all()
+    # capped boxes score the same as uncapped
+    full = OodScorer(tiny_encoder, "voc").score(image, boxes, box_format="xywh")
+    assert r.uncertainty[[0, n - 1]] == pytest.approx(full.uncertainty[[0, n - 1]], abs=1e-5)
+    # without detector scores: input order; invalid boxes do not use up the cap
+    r2 = s.score(image, np.concatenate([[[np.nan] * 4], boxes]), box_format="xywh")
+    assert r2.status.tolist()[:4] == [BoxStatus.NAN, BoxStatus.OK, BoxStatus.OK, BoxStatus.NOT_SCORED]
+    with pytest.raises(ValueError, match="detector_scores"):
+        s.score(image, boxes, box_format="xywh", detector_scores=det[:1])
+
+
+def test_ablations_differ_and_encode_only_needed_views(tiny_encoder, photo):
+    image, boxes = photo
+    results, batch_sizes = {}, {}
+    for ab in ("dual", "regional", "global"):
+        seen = []
+
+        def backend(v, seen=seen):
+            seen.append(v.shape[0])
+            with torch.no_grad():
+                return tiny_encoder.visual_trunk(v)
+
+        tiny_encoder.set_backend(backend)
+        try:
+            results[ab] = OodScorer(tiny_encoder, "voc", ablation=ab).score(image, boxes, box_format="xywh")
+        finally:
+            tiny_encoder.set_backend(None)
+        batch_sizes[ab] = seen
+    n = len(boxes)
+    assert batch_sizes == {"dual": [2 * n], "regional": [n], "global": [n]}  # ONE backend call per frame
+    u = {k: v.uncertainty for k, v in results.items()}
+    assert not np.allclose(u["dual"], u["regional"]) and not np.allclose(u["dual"], u["global"])
+    assert not np.allclose(u["regional"], u["global"])
+    # regional ablation == dual with lam = 1
+    lam1 = OodScorer(tiny_encoder, "voc", lam=1.0).score(image, boxes, box_format="xywh")
+    assert np.allclose(lam1.uncertainty, u["regional"], atol=1e-5)
+
+
+def test_blur_radius_changes_dual_but_not_regional(tiny_encoder, photo):
+    image, boxes = photo
+    a = OodScorer(tiny_encoder, "voc", blur_radius=0.0).score(image, boxes, box_format="xywh")
+    b = OodScorer(tiny_encoder, "voc", blur_radius=3.0).score(image, boxes, box_format="xywh")
+    assert not np.allclose(a.uncertainty, b.uncertainty)
+    ra = OodScorer(tiny_encoder, "voc", blur_radius=0.0, ablation="regional").score(image, boxes, box_format="xywh")
+    rb = OodScorer(tiny_encoder, "voc", blur_radius=3.0, ablation="regional").score(image, boxes, box_format="xywh")
+    assert np.allclose(ra.uncertainty, rb.uncertainty, atol=1e-6)
+
+
+def test_backend_exception_marks_boxes_and_sets_error(tiny_encoder, photo):
+    image, boxes = photo
+
+    def broken(v):
+        raise RuntimeError("CUDA error: device lost")
+
+    s = OodScorer(tiny_encoder, "voc")
+    tiny_encoder.set_backend(broken, name="broken")
+    try:
+        r = s.score(image, np.concatenate([boxes, [[np.nan] * 4]]), box_format="xywh")
+    finally:
+        tiny_encoder.set_backend(None)
+    assert (r.status[:-1] == BoxStatus.BACKEND_ERROR).all() and r.status[-1] == BoxStatus.NAN
+    assert "device lost" in r.error and "broken" in r.error
+    assert np.isnan(r.uncertainty).all() and not r.is_ood.any()
+    # the next frame works again
+    assert s.score(image, boxes, box_format="xywh").error is None
+
+
+def test_non_finite_features_flag_only_affected_boxes(tiny_encoder, photo):
+    image, boxes = photo
+    n = len(boxes)
+
+    def nan_for_box1(v):
+        with torch.no_grad():
+            out = tiny_encoder.visual_trunk(v).clone()
+        out[1] = float("nan")  # regional view of box 1 (dual batch is [regional..., global...])
+        return out
+
+    s = OodScorer(tiny_encoder, "voc")
+    tiny_encoder.set_backend(nan_for_box1)
+    try:
+        r = s.score(image, boxes, box_format="xywh")
+    finally:
+        tiny_encoder.set_backend(None)
+    assert r.status[1] == BoxStatus.BACKEND_ERROR and np.isnan(r.uncertainty[1])
+    others = [i for i in range(n) if i != 1]
+    assert (r.status[others] == BoxStatus.OK).all() and np.isfinite(r.uncertainty[others]).all()
+    assert r.error is not None and "non-finite" in r.error
+
+
+def test_thresholds_per_label(tiny_encoder, photo):
+    image, boxes = photo
+    base = OodScorer(tiny_encoder, "voc").score(image, boxes, box_format="xywh")
+    lab0 = base.label[0]
+    # per-class threshold just below box 0's uncertainty -> OOD; global very high -> others ID
+    th = FakeThresholds(10.0, {lab0: float(base.uncertainty[0]) - 1e-4})
+    r = OodScorer(tiny_encoder, "voc", thresholds=th).score(image, boxes, box_format="xywh")
+    assert r.is_ood[0] and r.threshold[0] == pytest.approx(base.uncertainty[0] - 1e-4)
+    for i in range(len(boxes)):
+        want_thr = th.for_label(r.label[i])
+        assert r.threshold[i] == pytest.approx(want_thr)
+        assert r.is_ood[i] == (r.uncertainty[i] > want_thr)
+    # a global threshold below every score flags everything
+    r2 = OodScorer(tiny_encoder, "voc", thresholds=FakeThresholds(-10.0)).score(image, boxes, box_format="xywh")
+    assert r2.is_ood.all()
+
+
+def test_real_thresholds_and_compatibility_check(tiny_encoder, photo, tmp_path):
+    thresholds = pytest.importorskip("runa_ood_node.core.thresholds")
+    image, boxes = photo
+    th = thresholds.Thresholds(global_threshold=-10.0, meta={"model_id": tiny_encoder.model_id, "scorer": "runa"})
+    r = OodScorer(tiny_encoder, "voc", thresholds=th).score(image, boxes, box_format="xywh")
+    assert r.is_ood.all()
+    wrong = thresholds.Thresholds(global_threshold=0.0, meta={"model_id": "another-model"})
+    with pytest.raises(ValueError, match="model_id"):
+        OodScorer(tiny_encoder, "voc", thresholds=wrong)
+
+
+def test_other_scorers_run(tiny_encoder, photo):
+    image, boxes = photo
+    for method in ("mcm", "energy", "sum"):
+        r = OodScorer(tiny_encoder, "bdd", scorer=method, temperature=0.5).score(image, boxes, box_format="xywh")
+        assert (r.status == BoxStatus.OK).all() and np.isfinite(r.uncertainty).all()
+        assert ((r.label_idx >= 0) & (r.label_idx < 9)).all()
+
+
+def test_bad_inputs_raise_value_error(scorer, photo):
+    image, boxes = photo
+    for bad in (image[..., 0], image.astype(np.float32), image[..., :2], "image.png"):
+        with pytest.raises(ValueError, match="image"):
+            scorer.score(bad, boxes)
+    with pytest.raises(ValueError, match=r"\[N,4\]"):
+        scorer.score(image, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="format"):
+        scorer.score(image, boxes, box_format="ltrb")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"scorer": "maxlogit"}, "scorer"), ({"ablation": "both"}, "ablation"), ({"lam": 1.5}, "lam"),
+    ({"max_boxes": -1}, "max_boxes"), ({"temperature": 0.0}, "temperature"), ({"blur_radius": -1}, "blur_radius"),
+])
+def test_bad_configuration_raises(tiny_encoder, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OodScorer(tiny_encoder, "voc", **kwargs)
+
+
+def test_from_config_builds_everything(photo, tmp_path, monkeypatch):
+    image, boxes = photo
+    torch.manual_seed(0)
+    cfg = {"model": TINY, "allow_random": True, "labels": "bdd", "scorer": "runa", "lam": 0.5,
+           "blur_radius": 1.0, "ablation": "dual", "max_boxes": 0, "min_box_size": 2.0}
+    s = OodScorer.from_config(cfg)
+    assert s.label_set.name == "bdd" and s.max_boxes is None and s.encoder.random_weights
+    r = s.score(image, boxes, box_format="xywh")
+    assert (r.status == BoxStatus.OK).all()
+    with pytest.raises(ValueError, match="unknown OodScorer config keys"):
+        OodScorer.from_config({**cfg, "lamda": 0.3})
+    from runa_ood_node.core.encoder import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError):
+        OodScorer.from_config({"model": TINY})
+
+
+def test_from_config_loads_projection(photo, monkeypatch):
+    """The projection is loaded with finetune.load_projection and becomes P_r."""
+    image, boxes = photo
+    torch.manual_seed(0)
+    proj = torch.randn(64, 32)
+    calls = []
+    fake = types.ModuleType("runa_ood_node.core.finetune")
+
+    def load_projection(name):
+        calls.append(name)
+        return proj, {"model": TINY}
+
+    fake.load_projection = load_projection
+    monkeypatch.setitem(sys.modules, "runa_ood_node.core.finetune", fake)
+    import runa_ood_node.core as core_pkg
+
+    monkeypatch.setattr(core_pkg, "finetune", fake, raising=False)
+    s = OodScorer.from_config({"model": TINY, "allow_random": True, "labels": "voc", "projection": "bdd_10shot"})
+    assert calls == ["bdd_10shot"] and torch.equal(s.encoder.proj_regional, proj)
+    r = s.score(image, boxes, box_format="xywh")
+    torch.manual_seed(0)
+    plain = OodScorer.from_config({"model": TINY, "allow_random": True, "labels": "voc"}).score(
+        image, boxes, box_format="xywh")
+    assert not np.allclose(r.uncertainty, plain.uncertainty)
+
+
+def test_custom_view_maker_is_used(tiny_encoder, photo):
+    from runa_ood_node.core.views import ViewMaker
+
+    image, boxes = photo
+    vm = ViewMaker(tiny_encoder.input_size, tiny_encoder.mean, tiny_encoder.std, blur_radius=0.0)
+    a = OodScorer(tiny_encoder, "voc", view_maker=vm).score(image, boxes, box_format="xywh")
+    b = OodScorer(tiny_encoder, "voc", blur_radius=0.0).score(image, boxes, box_format="xywh")
+    assert np.allclose(a.uncertainty, b.uncertainty, atol=1e-6)
+
+
+def test_from_config_gpu_views_work_or_fall_back(photo):
+    """views='gpu' builds GpuViewMaker when it can, else the CPU views; either way frames score."""
+    image, boxes = photo
+    torch.manual_seed(0)
+    s = OodScorer.from_config({"model": TINY, "allow_random": True, "labels": "voc", "views": "gpu"})
+    r = s.score(image, boxes, box_format="xywh")
+    assert (r.status == BoxStatus.OK).all() and np.isfinite(r.uncertainty).all()
+    with pytest.raises(ValueError, match="views"):
+        OodScorer.from_config({"model": TINY, "allow_random": True, "views": "tpu"})
+
+
+def test_view_maker_failure_is_contained(tiny_encoder, photo):
+    image, boxes = photo
+
+    class BrokenViews:
+        blur_radius = 1.0
+
+        def make(self, image_rgb, boxes_xyxy):
+            raise RuntimeError("CUDA out of memory")
+
+    r = OodScorer(tiny_encoder, "voc", view_maker=BrokenViews()).score(image, boxes, box_format="xywh")
+    assert (r.status == BoxStatus.BACKEND_ERROR).all()
+    assert "BrokenViews" in r.error and "out of memory" in r.error
+
+
+def test_warmup_scores_a_synthetic_frame(tiny_scorer):
+    r = tiny_scorer.warmup(num_boxes=3)
+    assert len(r) == 3 and (r.status == BoxStatus.OK).all() and r.error is None
