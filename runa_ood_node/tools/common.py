@@ -1,0 +1,564 @@
+"""Shared pieces of the offline tools: CLI arguments, encoder loading, the dataset scoring loop.
+
+Every tool that scores a dataset goes through :func:`encode_dataset` (images -> per-box
+pre-projection features ``f_r`` / ``f_g``, computed once) and :func:`score_encoded`
+(features -> fused embedding -> similarities -> uncertainty, for one scorer x ablation);
+:func:`score_dataset` chains the two for an :class:`~runa_ood_node.core.pipeline.OodScorer`.
+The split exists so ``evaluate`` can compare several scorers and ablations on one set of features.
+It uses only the method's public building blocks (``ViewMaker.make``, ``DualEncoder.visual_features``,
+``DualEncoder.fuse``, ``scoring.cosine_similarities``, ``scoring.score``) in the same order as
+``OodScorer.score``; ``tests/test_evaluate.py`` checks the two agree box by box.
+
+Weights policy: a tool never silently falls back to random weights. When the requested weights
+cannot be loaded it prints what failed and how to provide weights, and exits with status 2.
+``--allow-random-weights`` builds a randomly initialised model instead (seeded, so separate tool
+runs share the same random model); every output is then labelled :data:`RANDOM_LABEL`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+LOG = logging.getLogger("runa_ood_node.tools")
+
+RANDOM_LABEL = "RANDOM WEIGHTS — numbers say nothing about detection quality"
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+SCORERS = ("runa", "mcm", "energy", "sum")
+ABLATIONS = ("dual", "regional", "global")
+#: torch seed used to build random weights, so every tool run gets the same random model
+RANDOM_WEIGHTS_SEED = 0
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_ANNOTATIONS = (REPO_ROOT.parent / "shared" / "data" / "ood_pack" / "annotations.json")
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model --pretrained --device --backend --allow-random-weights --projection``."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="open_clip ViT architecture, e.g. ViT-B-16 (paper), ViT-B-32, ViT-L-14 (default %(default)s)")
+    g.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                   help="open_clip pretrained tag (cached locally) or a checkpoint path; 'none' for no weights "
+                        "(needs --allow-random-weights) (default %(default)s, as in the paper)")
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:0 or auto (default %(default)s)")
+    g.add_argument("--backend", default="torch", choices=("torch", "auto", "onnxruntime", "tensorrt"),
+                   help="visual trunk backend (default %(default)s)")
+    g.add_argument("--allow-random-weights", action="store_true",
+                   help="if the weights cannot be loaded, use a RANDOM model instead of failing "
+                        "(plumbing tests only; every number and plot is labelled as meaningless)")
+    g.add_argument("--projection", default=None,
+                   help="fine-tuned regional projection (a calibration/<domain> folder name or path), "
+                        "see `runa-ood finetune`")
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
+    """``--id-set --scorer --ablation --lam --blur-radius --temperature --thresholds --min-box-size``."""
+    g = parser.add_argument_group("scoring")
+    g.add_argument("--id-set", default="voc",
+                   help="ID label set: voc | bdd (pack flags decide ID/OOD), coco, or a label-set YAML path "
+                        "(then ID = category in the set) (default %(default)s)")
+    extra = " or all" if allow_all else ""
+    g.add_argument("--scorer", default="runa", choices=SCORERS + (("all",) if allow_all else ()),
+                   help=f"uncertainty score: runa (paper Eq. 6), mcm, energy, sum{extra} (default %(default)s)")
+    g.add_argument("--ablation", default="dual", choices=ABLATIONS + (("all",) if allow_all else ()),
+                   help=f"views: dual (RUNA), regional (crop only), global (blurred frame only){extra} "
+                        "(default %(default)s)")
+    g.add_argument("--lam", type=float, default=0.5, help="fusion weight of the regional view (default %(default)s)")
+    g.add_argument("--blur-radius", type=float, default=1.0,
+                   help="Gaussian sigma in px at the encoder input size for the global view (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="temperature of the mcm / energy scorers (default %(default)s)")
+    g.add_argument("--min-box-size", type=float, default=2.0,
+                   help="boxes narrower/shorter than this (px) are not scored (default %(default)s)")
+    g.add_argument("--thresholds", default=None,
+                   help="thresholds file (name in calibration/ or path) from `runa-ood calibrate`")
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--annotations`` (default: the shared ood_pack when it exists)."""
+    parser.add_argument("--annotations", default=None,
+                        help="COCO-style annotation JSON (ood_pack format or plain COCO); default "
+                             f"{DEFAULT_ANNOTATIONS} when it exists")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
+    """All shared arguments: dataset, model, scoring."""
+    add_dataset_arguments(parser)
+    add_model_arguments(parser)
+    add_scoring_arguments(parser, allow_all=allow_all)
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def setup_logging(args) -> None:
+    """INFO for runa_ood_node loggers (DEBUG with -v); third-party (open_clip's root logs) at WARNING."""
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] %(name)s: %(message)s")
+    logging.getLogger("runa_ood_node").setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def banner(lines: Sequence[str], char: str = "#", stream=None) -> None:
+    """Print a boxed, prominent message to ``stream`` (stderr by default)."""
+    import textwrap
+
+    stream = stream or sys.stderr
+    wrapped: List[str] = []
+    for s in lines:
+        indent = s[: len(s) - len(s.lstrip())]
+        wrapped.extend(textwrap.wrap(s, 96, subsequent_indent=indent + "  ") or [""])
+    lines = wrapped
+    width = max(78, max(len(s) for s in lines) + 4)
+    bar = char * width
+    print(bar, file=stream)
+    for s in lines:
+        print(f"{char} {s.ljust(width - 4)} {char}", file=stream)
+    print(bar, file=stream, flush=True)
+
+
+def fail(message_lines: Sequence[str], code: int = 2) -> "SystemExit":
+    """Print an error banner and return a ``SystemExit(code)`` for the caller to raise."""
+    banner(["ERROR"] + list(message_lines), char="!")
+    return SystemExit(code)
+
+
+def _pretrained_arg(value) -> Optional[str]:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if text.lower() in ("", "none", "null", "random") else text
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_encoder_or_exit(args):
+    """Load the :class:`DualEncoder` named by ``args`` (model, pretrained, device, backend, projection).
+
+    Raises:
+        SystemExit(2): the weights cannot be loaded and ``--allow-random-weights`` is not set
+            (after printing what failed and how to provide weights), or the model name, the
+            projection or the backend is invalid.
+    """
+    import torch
+
+    from ..core.encoder import DualEncoder, WeightsUnavailableError
+
+    model = args.model
+    pretrained = _pretrained_arg(args.pretrained)
+    device = _resolve_device(getattr(args, "device", "cpu"))
+    allow = bool(getattr(args, "allow_random_weights", False))
+    encoder = None
+    reason = None
+    try:
+        if pretrained is None:
+            raise WeightsUnavailableError(f"no pretrained weights requested for {model!r} (--pretrained none)")
+        if not pathlib.Path(pretrained).expanduser().exists():
+            LOG.info("loading %s weights %r (open_clip cache or download; offline, set HF_HUB_OFFLINE=1 to fail "
+                     "fast instead of retrying)", model, pretrained)
+        encoder = DualEncoder.load(model, pretrained=pretrained, device=device, allow_random=False)
+    except WeightsUnavailableError as exc:
+        reason = str(exc)
+    except ValueError as exc:  # unknown model name, non-ViT tower
+        raise fail([f"cannot build model {model!r}: {exc}"])
+    if encoder is None:
+        if not allow:
+            raise fail([
+                f"cannot load weights for model {model!r} (--pretrained {args.pretrained}):",
+                *_wrap(reason),
+                "",
+                "How to provide weights:",
+                "  * --pretrained /path/to/checkpoint.pt   (a local open_clip checkpoint file), or",
+                f"  * run once with internet access with --model {model} --pretrained <tag> so open_clip caches",
+                "    the tag (HF_HOME / ~/.cache/huggingface), then reuse or copy that cache here.",
+                "  * plumbing tests only: --allow-random-weights (numbers then say nothing about quality).",
+            ])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            encoder = DualEncoder.load(model, pretrained=None, device=device, allow_random=True)
+        banner([RANDOM_LABEL, f"model {model!r} runs with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}) because:",
+                *_wrap(reason), "Use this run to test plumbing only."])
+    backend = getattr(args, "backend", "torch") or "torch"
+    if backend != "torch":
+        try:
+            from ..backends.base import make_backend  # lazy: optional runtimes
+
+            be = make_backend(backend, encoder.visual_trunk)
+            encoder.set_backend(be, getattr(be, "name", backend))
+        except Exception as exc:  # missing runtime, engine build failure: the torch trunk still works
+            LOG.warning("backend %r unavailable (%s: %s); using the torch trunk", backend, type(exc).__name__, exc)
+    if getattr(args, "projection", None):
+        try:
+            from ..core.finetune import load_projection
+
+            proj, meta = load_projection(args.projection)
+            mid = meta.get("model_id") if isinstance(meta, dict) else None
+            if mid and mid != encoder.model_id:
+                LOG.warning("projection %s was trained for model_id %s; the loaded model is %s", args.projection,
+                            mid, encoder.model_id)
+            encoder.set_regional_projection(proj)
+            LOG.info("regional projection loaded from %s", args.projection)
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            raise fail([f"cannot use projection {args.projection!r}: {type(exc).__name__}: {exc}"])
+    return encoder
+
+
+def _wrap(text: Optional[str], width: int = 100) -> List[str]:
+    import textwrap
+
+    return ["  " + s for s in textwrap.wrap(text or "", width)] or ["  (no reason given)"]
+
+
+def load_thresholds_or_exit(args):
+    """``Thresholds`` from ``--thresholds`` (None when not given); exit 2 on a bad file."""
+    if not getattr(args, "thresholds", None):
+        return None
+    from ..core.paths import resolve_calibration_file
+    from ..core.thresholds import Thresholds
+
+    try:
+        return Thresholds.load(resolve_calibration_file(args.thresholds, (".yaml", ".yml", ".json")))
+    except (OSError, ValueError) as exc:
+        raise fail([f"cannot load thresholds {args.thresholds!r}: {exc}"])
+
+
+def annotations_path_or_exit(args) -> pathlib.Path:
+    """``--annotations`` or the default shared pack; exit 2 if neither exists."""
+    path = pathlib.Path(args.annotations).expanduser() if args.annotations else DEFAULT_ANNOTATIONS
+    if not path.is_file():
+        raise fail([f"annotation file not found: {path}",
+                    "pass --annotations /path/to/annotations.json (ood_pack or COCO format)"])
+    return path
+
+
+def load_dataset_or_exit(args, id_set=None):
+    """:class:`Dataset` from ``--annotations`` and ``--id-set``; exit 2 with the reason on failure."""
+    from ..core.dataset import DatasetError, load_dataset
+    from ..core.labels import LabelSetError
+
+    path = annotations_path_or_exit(args)
+    try:
+        return load_dataset(path, id_set if id_set is not None else args.id_set)
+    except (DatasetError, LabelSetError) as exc:
+        raise fail([str(exc)])
+
+
+def tool_config(args, encoder) -> Dict[str, Any]:
+    """Model / method settings for report files."""
+    return {"model": encoder.describe(), "random_weights": bool(encoder.random_weights),
+            "projection": getattr(args, "projection", None), "lam": args.lam, "blur_radius": args.blur_radius,
+            "temperature": args.temperature, "min_box_size": args.min_box_size, "id_set": args.id_set}
+
+
+def maybe_random_title(title: str, random_weights: bool) -> str:
+    return f"{title}\n[{RANDOM_LABEL}]" if random_weights else title
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    return obj
+
+
+def write_json(path, obj) -> pathlib.Path:
+    """Write ``obj`` as indented JSON (NaN/inf -> null, numpy -> Python), parents created."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- scoring loop
+@dataclasses.dataclass
+class EncodedBoxes:
+    """Per-box pre-projection features of a dataset (all boxes of all frames, in frame order).
+
+    Attributes:
+        image_id, ann_id: identifiers ``[B]``; ``category`` B names; ``is_id`` bool ``[B]``.
+        frame_idx: int ``[B]`` index of the box's frame in the dataset.
+        status: uint8 ``[B]`` :class:`BoxStatus` (``NOT_SCORED`` for boxes of unreadable images,
+            ``BACKEND_ERROR`` when the backend failed on the frame).
+        f_r, f_g: float32 ``[B, width]`` regional / global features (None when not computed;
+            rows of non-OK boxes are NaN).
+        seconds: wall time per stage (``load`` image reading, ``views``, ``encode_r``,
+            ``encode_g``) in seconds.
+        n_images: frames processed; ``image_errors``: list of ``(path, message)``.
+    """
+
+    image_id: list
+    ann_id: list
+    category: List[str]
+    is_id: np.ndarray
+    frame_idx: np.ndarray
+    status: np.ndarray
+    f_r: Optional[np.ndarray]
+    f_g: Optional[np.ndarray]
+    seconds: Dict[str, float]
+    n_images: int
+    image_errors: list
+
+    def __len__(self) -> int:
+        return int(self.status.shape[0])
+
+    def seconds_for(self, ablation: str) -> float:
+        """Wall time the scoring of ``ablation`` needs (image loading + views + the encodes it uses)."""
+        s = self.seconds["load"] + self.seconds["views"]
+        if ablation in ("dual", "regional"):
+            s += self.seconds["encode_r"]
+        if ablation in ("dual", "global"):
+            s += self.seconds["encode_g"]
+        return s
+
+
+def encode_dataset(encoder, view_maker, dataset, min_box_size: float = 2.0, views=("regional", "global"),
+                   progress: bool = True, desc: str = "encoding", max_batch: Optional[int] = None) -> EncodedBoxes:
+    """Run the visual trunk once over every box of ``dataset``.
+
+    Per frame: read the image, :func:`sanitize_boxes` (xywh -> xyxy, status), ``ViewMaker.make``
+    for the OK boxes, one ``visual_features`` call for the regional views and one for the global
+    views (timed separately, so per-ablation throughput can be reported). A frame whose image
+    cannot be read marks its boxes ``NOT_SCORED``; a backend exception marks them
+    ``BACKEND_ERROR``; neither stops the loop (both are logged and listed in ``image_errors``).
+    """
+    from tqdm import tqdm
+
+    from ..core.boxes import BoxStatus, sanitize_boxes
+
+    want_r, want_g = "regional" in views, "global" in views
+    width = encoder.width
+    B = dataset.n_boxes
+    f_r = np.full((B, width), np.nan, np.float32) if want_r else None
+    f_g = np.full((B, width), np.nan, np.float32) if want_g else None
+    status = np.full(B, BoxStatus.NOT_SCORED, np.uint8)
+    image_id, ann_id, category = [], [], []
+    is_id = np.zeros(B, bool)
+    frame_idx = np.zeros(B, np.int64)
+    secs = {"load": 0.0, "views": 0.0, "encode_r": 0.0, "encode_g": 0.0}
+    errors = []
+    size_mismatch = 0
+    pos = 0
+    bar = tqdm(dataset.frames, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
+    for fi, fr in enumerate(bar):
+        n = len(fr)
+        sl = slice(pos, pos + n)
+        image_id.extend([fr.image_id] * n)
+        ann_id.extend(fr.ann_ids)
+        category.extend(fr.categories)
+        is_id[sl] = fr.is_id
+        frame_idx[sl] = fi
+        pos += n
+        if n == 0:
+            continue
+        t0 = time.perf_counter()
+        try:
+            img = dataset.load_image(fr)
+        except Exception as exc:
+            errors.append((str(fr.path), str(exc)))
+            LOG.warning("skipping %d boxes of %s: %s", n, fr.path, exc)
+            secs["load"] += time.perf_counter() - t0
+            continue
+        H, W = img.shape[:2]
+        if (W, H) != (fr.width, fr.height):
+            size_mismatch += 1
+            LOG.warning("%s is %dx%d but annotated as %dx%d; boxes used as annotated", fr.path, W, H, fr.width,
+                        fr.height)
+        xyxy, st = sanitize_boxes(fr.boxes, W, H, fmt="xywh", min_size=min_box_size)
+        t1 = time.perf_counter()
+        secs["load"] += t1 - t0
+        ok = np.flatnonzero(st == BoxStatus.OK)
+        if ok.size:
+            regional, global_ = view_maker.make(img, xyxy[ok])
+            t2 = time.perf_counter()
+            secs["views"] += t2 - t1
+            rows = np.arange(sl.start, sl.stop)[ok]
+            try:
+                if want_r:
+                    ta = time.perf_counter()
+                    f_r[rows] = encoder.visual_features(regional, max_batch=max_batch).numpy()
+                    secs["encode_r"] += time.perf_counter() - ta
+                if want_g:
+                    ta = time.perf_counter()
+                    f_g[rows] = encoder.visual_features(global_, max_batch=max_batch).numpy()
+                    secs["encode_g"] += time.perf_counter() - ta
+            except Exception as exc:  # backend failure: flag the boxes, keep going
+                errors.append((str(fr.path), f"backend: {type(exc).__name__}: {exc}"))
+                LOG.error("backend %s failed on %s: %s", encoder.backend_name, fr.path, exc)
+                st[ok] = BoxStatus.BACKEND_ERROR
+        status[sl] = st
+        done = max(1e-9, sum(secs.values()))
+        if progress:
+            bar.set_postfix(boxes_s=f"{int((status[:pos] == BoxStatus.OK).sum()) / done:.1f}")
+    bar.close()
+    if size_mismatch:
+        errors.append(("*", f"{size_mismatch} image(s) differ in size from their annotation"))
+    return EncodedBoxes(image_id, ann_id, category, is_id, frame_idx, status, f_r, f_g, secs, dataset.n_images,
+                        errors)
+
+
+@dataclasses.dataclass
+class ScoredBoxes:
+    """Scores of one scorer x ablation over :class:`EncodedBoxes` (arrays of length B)."""
+
+    uncertainty: np.ndarray  # float32, NaN unless status OK
+    label_idx: np.ndarray  # int64, -1 unless OK
+    label: List[str]
+    similarity: np.ndarray  # float32
+    status: np.ndarray  # uint8 (OK boxes with non-finite embeddings become BACKEND_ERROR)
+    seconds: float  # fuse + similarity + score wall time
+
+
+def effective_lam(ablation: str, lam: float) -> float:
+    """The fusion weight an ablation uses: lam (dual), 1 (regional), 0 (global)."""
+    return {"dual": float(lam), "regional": 1.0, "global": 0.0}[ablation]
+
+
+def score_encoded(encoder, enc: EncodedBoxes, text_emb, label_names: Sequence[str], scorer: str = "runa",
+                  ablation: str = "dual", lam: float = 0.5, temperature: float = 1.0,
+                  regional_projection=None) -> ScoredBoxes:
+    """Uncertainties of every OK box from precomputed features (same steps as ``OodScorer.score``).
+
+    ``regional_projection``: optional ``[width, D]`` to use instead of the encoder's current
+    ``P_r`` (the encoder is restored afterwards), used by ``finetune`` for before/after scores.
+    """
+    import torch
+
+    from ..core import scoring
+    from ..core.boxes import BoxStatus
+
+    t0 = time.perf_counter()
+    B = len(enc)
+    unc = np.full(B, np.nan, np.float32)
+    lab = np.full(B, -1, np.int64)
+    sim = np.full(B, np.nan, np.float32)
+    status = enc.status.copy()
+    idx = np.flatnonzero(status == BoxStatus.OK)
+    if idx.size:
+        lam_e = effective_lam(ablation, lam)
+        if (lam_e > 0 and enc.f_r is None) or (lam_e < 1 and enc.f_g is None):
+            raise ValueError(f"ablation {ablation!r} needs features that were not encoded")
+        fr = torch.from_numpy(enc.f_r[idx]) if lam_e > 0 else None
+        fg = torch.from_numpy(enc.f_g[idx]) if lam_e < 1 else None
+        saved = encoder.proj_regional
+        try:
+            if regional_projection is not None:
+                encoder.set_regional_projection(regional_projection)
+            emb = encoder.fuse(fr, fg, lam_e)
+        finally:
+            encoder.proj_regional = saved
+        finite = torch.isfinite(emb).all(dim=1).numpy()
+        status[idx[~finite]] = BoxStatus.BACKEND_ERROR
+        good = idx[finite]
+        if good.size:
+            sims = scoring.cosine_similarities(emb[torch.from_numpy(finite)], text_emb)
+            out = scoring.score(sims, method=scorer, temperature=temperature)
+            u = np.asarray(out.uncertainty, np.float32)
+            bad = ~np.isfinite(u) | (out.label_idx < 0)
+            status[good[bad]] = BoxStatus.BACKEND_ERROR
+            g = good[~bad]
+            unc[g] = u[~bad]
+            lab[g] = out.label_idx[~bad]
+            sim[g] = out.similarity[~bad]
+    labels = [label_names[k] if k >= 0 else "" for k in lab]
+    return ScoredBoxes(unc, lab, labels, sim, status, time.perf_counter() - t0)
+
+
+class Records(list):
+    """List of per-box dicts from :func:`score_dataset`, with run statistics as attributes.
+
+    Each record: ``image_id``, ``ann_id``, ``category``, ``is_id`` (bool), ``status`` (BoxStatus
+    name), ``uncertainty`` (float or None), ``label`` (nearest ID label or ""), ``similarity``.
+    Attributes: ``boxes_per_s`` (OK boxes / wall seconds, image reading included), ``seconds``,
+    ``n_images``, ``status_counts``, ``image_errors``.
+    """
+
+    boxes_per_s: float = float("nan")
+    seconds: float = float("nan")
+    n_images: int = 0
+    status_counts: Dict[str, int] = {}
+    image_errors: list = []
+
+    def arrays(self):
+        """``(is_id bool[B], uncertainty float32[B] (NaN unless OK), labels list[str])``."""
+        is_id = np.asarray([r["is_id"] for r in self], bool)
+        unc = np.asarray([np.nan if r["uncertainty"] is None else r["uncertainty"] for r in self], np.float32)
+        return is_id, unc, [r["label"] for r in self]
+
+
+def make_records(enc: EncodedBoxes, scored: ScoredBoxes, seconds: float) -> Records:
+    from ..core.boxes import BoxStatus
+
+    def f(v):
+        v = float(v)
+        return v if math.isfinite(v) else None
+
+    recs = Records()
+    for i in range(len(enc)):
+        recs.append({"image_id": enc.image_id[i], "ann_id": enc.ann_id[i], "category": enc.category[i],
+                     "is_id": bool(enc.is_id[i]), "status": BoxStatus(int(scored.status[i])).name,
+                     "uncertainty": f(scored.uncertainty[i]), "label": scored.label[i],
+                     "similarity": f(scored.similarity[i])})
+    n_ok = int((scored.status == BoxStatus.OK).sum())
+    recs.seconds = float(seconds)
+    recs.boxes_per_s = n_ok / seconds if seconds > 0 else float("nan")
+    recs.n_images = enc.n_images
+    names, counts = np.unique(scored.status, return_counts=True)
+    recs.status_counts = {BoxStatus(int(s)).name: int(c) for s, c in zip(names, counts)}
+    recs.image_errors = list(enc.image_errors)
+    return recs
+
+
+def score_dataset(scorer, dataset, progress: bool = True) -> Records:
+    """Score every box of ``dataset`` with an ``OodScorer``'s encoder, views and settings.
+
+    Only the views the scorer's ablation needs are encoded. Returns :class:`Records` (per box:
+    image_id, category, is_id, uncertainty, label, similarity, status; plus ``boxes_per_s``).
+    Thresholds are not applied here (tools compare uncertainties against them explicitly).
+    """
+    views = {"dual": ("regional", "global"), "regional": ("regional",), "global": ("global",)}[scorer.ablation]
+    enc = encode_dataset(scorer.encoder, scorer.view_maker, dataset, min_box_size=scorer.min_box_size, views=views,
+                         progress=progress, max_batch=getattr(scorer, "max_batch", None))
+    scored = score_encoded(scorer.encoder, enc, scorer.text_emb, scorer.label_set.labels, scorer=scorer.scorer,
+                           ablation=scorer.ablation, lam=scorer.lam, temperature=scorer.temperature)
+    return make_records(enc, scored, enc.seconds_for(scorer.ablation) + scored.seconds)
+
+
+def build_scorer(args, encoder, label_set, scorer: Optional[str] = None, ablation: Optional[str] = None,
+                 thresholds=None):
+    """An ``OodScorer`` from the shared CLI arguments (``scorer``/``ablation`` override ``args``)."""
+    from ..core.pipeline import OodScorer
+
+    return OodScorer(encoder, label_set, scorer=scorer or args.scorer, lam=args.lam, blur_radius=args.blur_radius,
+                     ablation=ablation or args.ablation, thresholds=thresholds, min_box_size=args.min_box_size,
+                     temperature=args.temperature)
+
+
+def expand_choice(value: str, choices: Iterable[str]) -> List[str]:
+    """``"all"`` -> every choice, else ``[value]``."""
+    return list(choices) if value == "all" else [value]

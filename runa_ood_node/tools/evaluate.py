@@ -1,0 +1,244 @@
+"""`runa-ood evaluate`: object-level OOD metrics of RUNA and its variants on labelled boxes.
+
+Dataset mode (default): every annotated box of a COCO-style file (default: the shared ood_pack)
+is scored; ID boxes are the positive class. For each scorer x ablation the table gives FPR95,
+AUROC, AUPR-In, AUPR-Out (fractions, ``core.metrics``), the number of ID / OOD boxes used and the
+throughput in boxes per second.
+
+Features are computed **once**: per frame, the regional and global views of every box go through
+the visual trunk once each (``DualEncoder.visual_features``), then every ablation fuses them
+(``DualEncoder.fuse`` with lam, 1 or 0) and every scorer scores the same similarities (see
+``tools.common``). ``boxes/s`` of a row is (OK boxes) / (image reading + view making + the trunk
+passes that ablation needs + its fusion and scoring), i.e. what a run of that configuration
+alone would take, measured within the shared pass.
+
+Outputs in ``--out`` (default ``out/evaluate``): ``report.json`` (``random_weights`` flag, model,
+dataset counts, per-run metrics and box status counts), ``roc.png`` (one line per run),
+``hist_<scorer>_<ablation>.png`` (ID vs OOD uncertainty, as the paper's Fig. 4).
+
+Bag mode: ``--bag PATH`` (with ``--live`` to go through the running node) is delegated to
+``tools.bag_eval.run_bag``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+import time
+
+from . import common
+
+LOG = logging.getLogger("runa_ood_node.tools.evaluate")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_common_arguments(parser, allow_all=True)
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="evaluate on at most this many images, evenly spread over the file (default all)")
+    parser.add_argument("--out", default="out/evaluate", help="output folder (default %(default)s)")
+    parser.add_argument("--tpr", type=float, default=0.95, help="TPR of the FPR@TPR metric (default %(default)s)")
+    parser.add_argument("--save-scores", action="store_true", help="also write scores.json (one record per box)")
+    _add_bag_arguments(parser)
+
+
+def _add_bag_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--bag`` / ``--live`` from ``tools.bag_eval`` when importable, else plain flags (lazy dispatch)."""
+    try:
+        from . import bag_eval  # noqa: WPS433 (optional teammate module)
+
+        bag_eval.add_bag_arguments(parser)
+        return
+    except Exception as exc:  # module absent or broken: dataset mode must keep working
+        LOG.debug("tools.bag_eval unavailable (%s); adding --bag/--live placeholders", exc)
+    existing = {s for a in parser._actions for s in a.option_strings}
+    if "--bag" not in existing:
+        parser.add_argument("--bag", default=None, help="evaluate on a recorded bag instead (tools.bag_eval)")
+    if "--live" not in existing:
+        parser.add_argument("--live", action="store_true", help="with --bag: replay through the running node")
+
+
+def _format_table(rows, random_weights: bool) -> str:
+    head = f"{'scorer':<8} {'ablation':<9} {'FPR95':>7} {'AUROC':>7} {'AUPR-In':>8} {'AUPR-Out':>8} " \
+           f"{'#ID':>6} {'#OOD':>6} {'boxes/s':>9}"
+    lines = [head, "-" * len(head)]
+
+    def f(v):
+        return "   n/a" if v is None or v != v else f"{v:7.4f}"
+
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"{r['scorer']:<8} {r['ablation']:<9} {f(m['fpr95']):>7} {f(m['auroc']):>7} "
+                     f"{f(m['aupr_in']):>8} {f(m['aupr_out']):>8} {m['n_id']:>6} {m['n_ood']:>6} "
+                     f"{r['boxes_per_s']:>9.1f}")
+    for r in rows:
+        op = r.get("at_thresholds")
+        if op:
+            t = "n/a" if op["tpr"] is None else f"{op['tpr']:.4f}"
+            f_ = "n/a" if op["fpr"] is None else f"{op['fpr']:.4f}"
+            lines.append(f"at thresholds ({r['scorer']}/{r['ablation']}, target TPR {op['target_tpr']}): "
+                         f"TPR {t}, FPR {f_}")
+    if random_weights:
+        lines.insert(0, f"*** {common.RANDOM_LABEL} ***")
+        lines.append(f"*** {common.RANDOM_LABEL} ***")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    if getattr(args, "bag", None):
+        try:
+            from . import bag_eval
+        except Exception as exc:
+            print(f"error: --bag needs runa_ood_node.tools.bag_eval, which cannot be imported: {exc}",
+                  file=sys.stderr)
+            return 2
+        try:
+            return int(bag_eval.run_bag(args) or 0)
+        except SystemExit as exc:  # common.fail inside bag_eval: the message is already printed
+            return int(exc.code or 0)
+    if getattr(args, "live", False):
+        print("error: --live needs --bag PATH", file=sys.stderr)
+        return 2
+    common.setup_logging(args)
+    try:
+        return _run_dataset(args)
+    except SystemExit as exc:  # common.fail: the message is already printed
+        return int(exc.code or 0)
+
+
+def _run_dataset(args) -> int:
+    import numpy as np
+    import warnings
+
+    from ..core import metrics
+    from ..core.boxes import BoxStatus
+    from . import plots
+
+    scorers = common.expand_choice(args.scorer, common.SCORERS)
+    ablations = common.expand_choice(args.ablation, common.ABLATIONS)
+    dataset = common.load_dataset_or_exit(args)
+    if args.max_images:
+        dataset = dataset.subset(args.max_images)
+    if dataset.n_boxes == 0:
+        raise common.fail([f"no labelled boxes in {dataset.annotation_path} for ID set {args.id_set!r}"])
+    encoder = common.load_encoder_or_exit(args)
+    thresholds = common.load_thresholds_or_exit(args)
+    if thresholds is not None:
+        try:
+            thresholds.check_compatible(model_id=encoder.model_id)
+        except ValueError as exc:
+            LOG.warning("%s", exc)
+    rw = bool(encoder.random_weights)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    LOG.info("evaluating %d images, %d boxes (%d ID / %d OOD), ID set %s, scorers %s, ablations %s",
+             dataset.n_images, dataset.n_boxes, dataset.n_id, dataset.n_ood, dataset.label_set.name, scorers,
+             ablations)
+
+    ref = common.build_scorer(args, encoder, dataset.label_set, scorer=scorers[0], ablation=ablations[0])
+    views = set()
+    for ab in ablations:
+        views |= {"dual": {"regional", "global"}, "regional": {"regional"}, "global": {"global"}}[ab]
+    t0 = time.perf_counter()
+    enc = common.encode_dataset(encoder, ref.view_maker, dataset, min_box_size=args.min_box_size,
+                                views=tuple(sorted(views)), progress=not args.no_progress, desc="encoding boxes")
+    LOG.info("encoded %d boxes of %d images in %.1f s", len(enc), enc.n_images, time.perf_counter() - t0)
+
+    rows, curves, all_records = [], {}, {}
+    for ab in ablations:
+        for sc in scorers:
+            scored = common.score_encoded(encoder, enc, ref.text_emb, dataset.label_set.labels, scorer=sc,
+                                          ablation=ab, lam=args.lam, temperature=args.temperature)
+            ok = scored.status == BoxStatus.OK
+            id_s = scored.uncertainty[ok & enc.is_id]
+            ood_s = scored.uncertainty[ok & ~enc.is_id]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", metrics.MetricsWarning)
+                summ = metrics.summary(id_s, ood_s, tpr=args.tpr)
+                fpr, tpr, _ = metrics.roc_curve(id_s, ood_s)
+            secs = enc.seconds_for(ab) + scored.seconds
+            n_ok = int(ok.sum())
+            names, counts = np.unique(scored.status, return_counts=True)
+            row = {"scorer": sc, "ablation": ab, "lam": common.effective_lam(ab, args.lam), "metrics": summ,
+                   "boxes_per_s": n_ok / secs if secs > 0 else float("nan"), "seconds": secs,
+                   "status_counts": {BoxStatus(int(s)).name: int(c) for s, c in zip(names, counts)},
+                   "nearest_label_accuracy_on_id": _label_accuracy(enc, scored, dataset.label_set)}
+            gthr = None
+            if thresholds is not None and _thresholds_apply(thresholds, sc, ab, dataset.label_set.name):
+                row["at_thresholds"] = _operating_point(thresholds, scored, ok, enc.is_id)
+                gthr = thresholds.global_threshold
+            rows.append(row)
+            name = f"{sc}/{ab}"
+            curves[name] = (fpr, tpr, summ)
+            hp = plots.hist_plot(id_s, ood_s, out / f"hist_{sc}_{ab}.png",
+                                 title=f"{sc} / {ab} — {dataset.label_set.name} ID vs OOD boxes",
+                                 threshold=gthr, random_weights=rw)
+            row["histogram"] = hp.name
+            if args.save_scores:
+                all_records[name] = common.make_records(enc, scored, secs)
+    roc = plots.roc_plot(curves, out / "roc.png",
+                         title=f"ROC, ID = {dataset.label_set.name} ({encoder.model_name})", random_weights=rw)
+
+    table = _format_table(rows, rw)
+    print(table)
+    report = {
+        "random_weights": rw,
+        "warning": common.RANDOM_LABEL if rw else None,
+        "config": common.tool_config(args, encoder),
+        "dataset": dataset.describe(),
+        "encoding": {"seconds": enc.seconds, "image_errors": enc.image_errors, "boxes": len(enc),
+                     "note": "features computed once per box (regional and global trunk passes), shared by all "
+                             "scorers and ablations; fusion via DualEncoder.fuse, scores via core.scoring"},
+        "tpr": args.tpr,
+        "runs": rows,
+        "plots": {"roc": roc.name},
+        "table": table,
+    }
+    common.write_json(out / "report.json", report)
+    if args.save_scores:
+        common.write_json(out / "scores.json", {k: list(v) for k, v in all_records.items()})
+    if enc.image_errors:
+        LOG.warning("%d frame problem(s), see report.json encoding.image_errors", len(enc.image_errors))
+    print(f"wrote {out / 'report.json'}, {roc} and {len(rows)} histogram(s)")
+    if rw:
+        common.banner([common.RANDOM_LABEL, "the table above is a plumbing check, not a quality result"])
+    return 0
+
+
+def _thresholds_apply(thresholds, scorer: str, ablation: str, label_set: str) -> bool:
+    """Thresholds are in the units of the scorer/ablation/label set they were fitted with."""
+    meta = thresholds.meta or {}
+    for key, have in (("scorer", scorer), ("ablation", ablation), ("label_set", label_set)):
+        want = meta.get(key)
+        if want is not None and str(want) != have:
+            return False
+    return True
+
+
+def _operating_point(thresholds, scored, ok, is_id) -> dict:
+    """TPR (ID boxes accepted) and FPR (OOD boxes accepted) at the per-class thresholds."""
+    import numpy as np
+
+    thr = thresholds.for_labels(scored.label)
+    acc = ok & (scored.uncertainty <= thr)
+    n_id, n_ood = int((ok & is_id).sum()), int((ok & ~is_id).sum())
+    return {"tpr": float(acc[is_id].sum() / n_id) if n_id else None,
+            "fpr": float(acc[~is_id].sum() / n_ood) if n_ood else None,
+            "global_threshold": thresholds.global_threshold, "target_tpr": thresholds.tpr}
+
+
+def _label_accuracy(enc, scored, label_set) -> float:
+    """Fraction of scored ID boxes whose nearest ID label is their own category (NaN if none)."""
+    from ..core.boxes import BoxStatus
+    from ..core.dataset import label_lookup, normalize_name
+
+    lookup = label_lookup(label_set)
+    hits = tot = 0
+    for i in range(len(enc)):
+        if enc.is_id[i] and scored.status[i] == BoxStatus.OK:
+            k = lookup.get(normalize_name(enc.category[i]))
+            if k is None:
+                continue
+            tot += 1
+            hits += int(scored.label_idx[i] == k)
+    return hits / tot if tot else float("nan")

@@ -1,0 +1,246 @@
+"""`runa-ood finetune`: few-shot fine-tuning of the regional projection ``P_r`` (paper Eq. 7).
+
+Protocol (paper, "Few-shot Fine-tuning" and implementation details): from the ID ground-truth
+boxes of an annotated dataset, N shots per ID class are drawn (``--shots 10``,
+``Dataset.sample_shots``, seeded); only the regional encoder's projection is trained, with the
+backbone frozen, so the regional crops' **pre-projection** features are computed once (and cached
+on disk under ``cache_dir()/features``, keyed by model, annotation file and shot boxes) and
+``core.finetune.train_projection`` runs AdamW on them (lr 5e-6, batch 256, 100 epochs, tau 0.01
+by default). The global projection stays off-the-shelf.
+
+Outputs (``--out DIR`` or ``--domain NAME`` -> ``calibration/<NAME>/``): ``projection.pt`` +
+``projection.yaml`` (``core.finetune.save_projection``; load with ``--projection`` in every tool,
+or the node's ``projection`` parameter), ``loss_curve.png``, ``finetune_report.json`` with the
+Eq. 7 loss and each shot's cosine to its own class text embedding before and after, and
+(``--eval-images N``, 0 to skip) before/after metrics on held-out images that contributed no shot.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import pathlib
+import time
+
+from . import common
+
+LOG = logging.getLogger("runa_ood_node.tools.finetune")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_common_arguments(parser)
+    g = parser.add_argument_group("fine-tuning (paper defaults)")
+    g.add_argument("--shots", type=int, default=10, help="ID boxes drawn per class (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the shot draw and the batch order (default %(default)s)")
+    g.add_argument("--epochs", type=int, default=100, help="default %(default)s")
+    g.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=256, help="default %(default)s")
+    g.add_argument("--tau", type=float, default=0.01, help="Eq. 7 temperature (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--max-images", type=int, default=None,
+                   help="draw shots (and held-out images) from at most this many images, evenly spread (default all)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--domain", default=None, help="write to <calibration dir>/<DOMAIN>/ (see core.paths)")
+    o.add_argument("--out", default=None, help="write to this folder instead of the calibration directory")
+    o.add_argument("--eval-images", type=int, default=100,
+                   help="held-out images (without shots) for the before/after evaluation; 0 skips (default %(default)s)")
+    o.add_argument("--no-feature-cache", action="store_true", help="recompute the shots' features")
+
+
+def _out_dir(args) -> pathlib.Path:
+    if args.out:
+        return pathlib.Path(args.out)
+    if args.domain:
+        from ..core.paths import calibration_dir
+
+        return calibration_dir() / args.domain
+    raise common.fail(["say where to write the projection: --domain NAME (-> calibration/NAME/) or --out DIR"])
+
+
+def _feature_cache_key(encoder, dataset, shots, min_box_size: float) -> str:
+    st = dataset.annotation_path.stat()
+    boxes = [[str(dataset.frames[f].path), int(b), [float(v) for v in dataset.frames[f].boxes[b]]]
+             for f, b in zip(shots.frame_idx, shots.box_idx)]
+    blob = json.dumps({"model_id": encoder.model_id, "ann": [str(dataset.annotation_path), st.st_size, st.st_mtime_ns],
+                       "boxes": boxes, "S": encoder.input_size, "min": min_box_size}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def shot_features(encoder, view_maker, dataset, shots, min_box_size: float = 2.0, use_cache: bool = True,
+                  progress: bool = True):
+    """Pre-projection features of the shots' regional crops.
+
+    Returns ``(features float32 [S', width] torch, keep bool [S])``: shots whose box is not
+    encodable (outside the image, unreadable image, backend failure) are dropped (``keep`` False,
+    logged). Cached on disk by model id, annotation file and shot boxes.
+    """
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from ..core.boxes import BoxStatus, sanitize_boxes
+    from ..core.paths import cache_dir
+
+    path = None
+    if use_cache:
+        path = cache_dir() / "features" / f"shots_{_feature_cache_key(encoder, dataset, shots, min_box_size)}.pt"
+        if path.is_file():
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                feats, keep = blob["features"], blob["keep"].numpy().astype(bool)
+                if feats.shape == (int(keep.sum()), encoder.width) and torch.isfinite(feats).all():
+                    LOG.info("shot features loaded from cache %s", path)
+                    return feats, keep
+            except Exception as exc:  # corrupt cache: recompute
+                LOG.warning("ignoring unreadable feature cache %s: %s", path, exc)
+    n = len(shots)
+    feats = torch.full((n, encoder.width), float("nan"))
+    keep = np.zeros(n, bool)
+    groups = shots.by_frame()
+    for fi, positions in tqdm(groups.items(), desc="shot features", unit="img", disable=not progress, leave=False):
+        fr = dataset.frames[fi]
+        try:
+            img = dataset.load_image(fr)
+        except Exception as exc:
+            LOG.warning("dropping %d shot(s) of %s: %s", len(positions), fr.path, exc)
+            continue
+        H, W = img.shape[:2]
+        xyxy, st = sanitize_boxes(fr.boxes[shots.box_idx[positions]], W, H, fmt="xywh", min_size=min_box_size)
+        ok = np.flatnonzero(st == BoxStatus.OK)
+        if ok.size < len(positions):
+            LOG.warning("dropping %d unencodable shot box(es) of %s", len(positions) - ok.size, fr.path)
+        if not ok.size:
+            continue
+        regional, _ = view_maker.make(img, xyxy[ok])
+        try:
+            f = encoder.visual_features(regional)
+        except Exception as exc:
+            LOG.error("backend failed on shots of %s: %s", fr.path, exc)
+            continue
+        pos = np.asarray(positions)[ok]
+        good = torch.isfinite(f).all(dim=1).numpy()
+        feats[pos[good]] = f[torch.from_numpy(good)]
+        keep[pos[good]] = True
+    feats = feats[torch.from_numpy(keep)].contiguous()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"features": feats, "keep": torch.from_numpy(keep)}, path)
+        except OSError as exc:
+            LOG.warning("cannot write feature cache %s: %s", path, exc)
+    return feats, keep
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except SystemExit as exc:  # common.fail: the message is already printed
+        return int(exc.code or 0)
+
+
+def _run(args) -> int:
+    import numpy as np
+    import torch
+
+    from ..core import finetune as ft
+    from ..core import metrics
+    from ..core.boxes import BoxStatus
+    from . import plots
+
+    common.setup_logging(args)
+    out = _out_dir(args)
+    dataset = common.load_dataset_or_exit(args)
+    if args.max_images:
+        dataset = dataset.subset(args.max_images)
+    try:
+        shots = dataset.sample_shots(args.shots, seed=args.seed, min_size=args.min_box_size)
+    except ValueError as exc:
+        raise common.fail([f"cannot draw shots: {exc}"])
+    encoder = common.load_encoder_or_exit(args)
+    rw = bool(encoder.random_weights)
+    label_set = dataset.label_set
+    scorer = common.build_scorer(args, encoder, label_set)
+    text_emb = scorer.text_emb
+    LOG.info("%d shots over %d classes (%d per class requested; short: %s)", len(shots), len(label_set),
+             args.shots, shots.report["short_classes"] or "none")
+
+    t0 = time.perf_counter()
+    feats, keep = shot_features(encoder, scorer.view_maker, dataset, shots, args.min_box_size,
+                                use_cache=not args.no_feature_cache, progress=not args.no_progress)
+    y = torch.from_numpy(shots.label_idx[keep])
+    if feats.shape[0] == 0:
+        raise common.fail(["no shot could be encoded (see the warnings above)"])
+    feat_s = time.perf_counter() - t0
+    init = encoder.proj_regional.clone()
+    loss_before = float(ft.eq7_loss(feats, y, text_emb, init, args.tau))
+    cos_before = ft.own_class_cosine(feats, y, text_emb, init)
+    t1 = time.perf_counter()
+    proj, curve = ft.train_projection(feats, y, text_emb, init, tau=args.tau, lr=args.lr, batch_size=args.batch_size,
+                                      epochs=args.epochs, weight_decay=args.weight_decay, seed=args.seed,
+                                      progress=not args.no_progress)
+    train_s = time.perf_counter() - t1
+    loss_after = float(ft.eq7_loss(feats, y, text_emb, proj, args.tau))
+    cos_after = ft.own_class_cosine(feats, y, text_emb, proj)
+    improved = int((cos_after > cos_before).sum())
+
+    kept_pos = np.flatnonzero(keep)
+    shot_list = [{"image_id": dataset.frames[shots.frame_idx[p]].image_id,
+                  "ann_id": dataset.frames[shots.frame_idx[p]].ann_ids[shots.box_idx[p]],
+                  "label": shots.labels[p]} for p in kept_pos]
+    meta = {"model_name": encoder.model_name, "model_id": encoder.model_id, "pretrained": encoder.pretrained,
+            "random_weights": rw, "label_set": label_set.name, "prompts": label_set.prompts(),
+            "shots": args.shots, "n_shots": int(len(kept_pos)), "seed": args.seed, "lr": args.lr,
+            "epochs": args.epochs, "batch_size": args.batch_size, "tau": args.tau, "weight_decay": args.weight_decay,
+            "loss_curve": [float(v) for v in curve], "loss_before": loss_before, "loss_after": loss_after,
+            "annotations": str(dataset.annotation_path), "id_rule": dataset.id_rule,
+            "shots_per_class": shots.report["per_class"], "shot_list": shot_list}
+    if rw:
+        meta["warning"] = common.RANDOM_LABEL
+    pt = ft.save_projection(out, proj, meta)
+    lp = plots.loss_plot(curve, out / "loss_curve.png",
+                         title=f"Eq. 7 loss, {len(kept_pos)} shots, {label_set.name} ({encoder.model_name})",
+                         random_weights=rw)
+
+    report = {"random_weights": rw, "warning": common.RANDOM_LABEL if rw else None,
+              "config": common.tool_config(args, encoder), "projection": str(pt), "loss_curve_png": lp.name,
+              "shots": shots.report, "n_shots_used": int(len(kept_pos)),
+              "seconds": {"features": feat_s, "training": train_s},
+              "loss_before": loss_before, "loss_after": loss_after,
+              "own_class_cosine_before": cos_before.tolist(), "own_class_cosine_after": cos_after.tolist(),
+              "shots_with_higher_own_class_cosine": improved, "held_out": None}
+    print(f"Eq. 7 loss on {len(kept_pos)} shots: {loss_before:.4f} -> {loss_after:.4f}; own-class cosine "
+          f"mean {float(cos_before.mean()):.4f} -> {float(cos_after.mean()):.4f} "
+          f"(higher for {improved}/{len(kept_pos)} shots)")
+
+    if args.eval_images and args.eval_images > 0:
+        held = dataset.without_frames(set(shots.frame_idx.tolist())).subset(args.eval_images)
+        if held.n_boxes == 0:
+            LOG.warning("no held-out boxes left for the before/after evaluation")
+        else:
+            views = {"dual": ("regional", "global"), "regional": ("regional",), "global": ("global",)}[args.ablation]
+            enc = common.encode_dataset(encoder, scorer.view_maker, held, min_box_size=args.min_box_size, views=views,
+                                        progress=not args.no_progress, desc="held-out")
+            res = {}
+            for name, p in (("before", init), ("after", proj)):
+                sc = common.score_encoded(encoder, enc, text_emb, label_set.labels, scorer=args.scorer,
+                                          ablation=args.ablation, lam=args.lam, temperature=args.temperature,
+                                          regional_projection=p)
+                ok = sc.status == BoxStatus.OK
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", metrics.MetricsWarning)
+                    res[name] = metrics.summary(sc.uncertainty[ok & enc.is_id], sc.uncertainty[ok & ~enc.is_id])
+            report["held_out"] = {"images": held.n_images, "scorer": args.scorer, "ablation": args.ablation, **res}
+            hdr = f"{'':<8}{'FPR95':>8}{'AUROC':>8}{'AUPR-In':>9}{'AUPR-Out':>9}{'#ID':>6}{'#OOD':>6}"
+            print(f"held-out ({held.n_images} images without shots, {args.scorer}/{args.ablation}):\n{hdr}")
+            for name in ("before", "after"):
+                m = res[name]
+                print(f"{name:<8}{m['fpr95']:>8.4f}{m['auroc']:>8.4f}{m['aupr_in']:>9.4f}{m['aupr_out']:>9.4f}"
+                      f"{m['n_id']:>6}{m['n_ood']:>6}")
+    common.write_json(out / "finetune_report.json", report)
+    print(f"wrote {pt}, {lp} and {out / 'finetune_report.json'}")
+    if rw:
+        common.banner([common.RANDOM_LABEL, "this projection was trained on a RANDOM model: plumbing check only"])
+    return 0

@@ -1,0 +1,73 @@
+"""`runa-ood calibrate` on a slice of the real photographs (tiny random model): writes a loadable
+thresholds file whose held-out TPR matches an independent recount, and refuses too-small sets."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from runa_ood_node.tools.cli import main
+
+BASE = ["--model", "runa-tiny-vit", "--pretrained", "none", "--allow-random-weights", "--no-progress",
+        "--id-set", "voc", "--tpr", "0.95", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(ood_pack, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "road" / "thresholds.yaml"
+    rc = main(["calibrate", *BASE, "--annotations", str(ood_pack / "annotations.json"), "--max-images", "16",
+               "--split", "0.75", "--min-per-class", "10", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_thresholds_file_loads_with_provenance(calibrated):
+    from runa_ood_node.core.thresholds import Thresholds
+
+    thr = Thresholds.load(calibrated)
+    assert thr.tpr == 0.95 and np.isfinite(thr.global_threshold)
+    assert thr.meta["scorer"] == "runa" and thr.meta["label_set"] == "voc" and thr.meta["random_weights"] is True
+    assert thr.meta["n"] >= 20
+    thr.check_compatible(scorer="runa", label_set="voc", model_id=thr.meta["model_id"])
+    for lab, v in thr.per_class.items():
+        assert thr.meta["n_per_class"][lab] >= 20  # max(min_per_class, ceil(1/(1-tpr)))
+    rep = json.loads((calibrated.parent / "calibration_report.json").read_text())
+    assert rep["random_weights"] is True
+    assert rep["fit"]["global_tpr"] >= 0.95
+    ho = rep["held_out"]["per_class"]
+    assert 0.0 <= ho["lo"] <= ho["rate"] <= ho["hi"] <= 1.0 and ho["n"] > 0
+    assert rep["ood"]["fpr_per_class"]["n"] > 0
+
+
+def test_held_out_tpr_matches_independent_recount(calibrated, ood_pack):
+    """Re-score the held-out images with the same (seeded) model and count accepted ID boxes."""
+    from runa_ood_node.core.dataset import load_dataset
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.core.thresholds import Thresholds
+    from runa_ood_node.tools.common import load_encoder_or_exit
+
+    thr = Thresholds.load(calibrated)
+    enc = load_encoder_or_exit(argparse.Namespace(model="runa-tiny-vit", pretrained="none", device="cpu",
+                                                  backend="torch", allow_random_weights=True, projection=None))
+    assert enc.model_id == thr.meta["model_id"]
+    ds = load_dataset(ood_pack / "annotations.json", "voc").subset(16)
+    _, held = ds.split(0.75, seed=1)
+    scorer = OodScorer(enc, ds.label_set, thresholds=thr)
+    accepted = total = 0
+    for fr in held.frames:
+        res = scorer.score(held.load_image(fr), fr.boxes, box_format="xywh")
+        m = res.ok & fr.is_id
+        total += int(m.sum())
+        accepted += int((~res.is_ood[m]).sum())  # the node's decision: uncertainty <= threshold
+    rep = json.loads((calibrated.parent / "calibration_report.json").read_text())
+    assert total == rep["held_out"]["per_class"]["n"]
+    assert accepted / total == pytest.approx(rep["held_out"]["per_class"]["rate"])
+
+
+def test_refuses_too_small_set(ood_pack, tmp_path, capsys):
+    out = tmp_path / "thr.yaml"
+    rc = main(["calibrate", *BASE, "--annotations", str(ood_pack / "annotations.json"), "--max-images", "3",
+               "--out", str(out)])
+    assert rc == 2
+    assert "too few ID boxes" in capsys.readouterr().err
+    assert not out.exists()
