@@ -1,0 +1,163 @@
+"""`runa-ood replay`: every message of a bag reaches live subscribers, byte for byte (real DDS).
+
+conftest sets ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, a random ROS_DOMAIN_ID and ROS_LOG_DIR.
+"""
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from runa_ood_node.tools import bagio, replay
+
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("vision_msgs.msg")
+pytest.importorskip("runa_ood_msgs.msg")
+
+N_FRAMES = 6
+
+
+@pytest.fixture(scope="module")
+def small_bag(tmp_path_factory):
+    path = tmp_path_factory.mktemp("replay") / "bag"
+    rng = np.random.default_rng(0)
+    with bagio.BagWriter(path, storage="mcap") as w:
+        for i in range(N_FRAMES):
+            st = 1_700_000_000_000_000_000 + i * 20_000_000  # 50 Hz: the replay takes 0.1 s
+            hdr = bagio.header(st)
+            w.write(bagio.IMAGE_TOPIC, bagio.IMAGE_TYPE, st,
+                    bagio.image_msg(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), hdr))
+            w.write(bagio.DETECTIONS_TOPIC, bagio.DETECTIONS_TYPE, st,
+                    bagio.detections_msg(hdr, [[1, 2, 3, 4]] * (i + 1), ["cat"] * (i + 1),
+                                         [f"{i}-{k}" for k in range(i + 1)]))
+            w.write(bagio.GROUND_TRUTH_TOPIC, bagio.GROUND_TRUTH_TYPE, st,
+                    bagio.ground_truth_msg(hdr, [f"{i}-0"], [True], ["cat"]))
+    return path
+
+
+def _subscribe_all(node, topics, best_effort_images=False):
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    got = {t: [] for t in topics}
+    lock = threading.Lock()
+    subs = []
+    for t, msgtype in topics.items():
+        rel = ReliabilityPolicy.BEST_EFFORT if (best_effort_images and t == bagio.IMAGE_TOPIC) \
+            else ReliabilityPolicy.RELIABLE
+        qos = QoSProfile(depth=100, reliability=rel)
+
+        def cb(raw, t=t):
+            with lock:
+                got[t].append(bytes(raw))
+        subs.append(node.create_subscription(replay.message_class(msgtype), t, cb, qos, raw=True))
+    return got, lock, subs
+
+
+def test_replay_cli_delivers_every_message(small_bag):
+    """The CLI in a child process (child env as the tools build it) -> a subscriber here; the
+    image subscription is best effort (sensor-data style) and still matches the reliable replay."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    from runa_ood_node.tools.bag_eval import child_env
+
+    info = bagio.bag_info(small_bag)
+    expected = {t: [] for t in info.topics}
+    for m in bagio.read_bag(small_bag):
+        expected[m.topic].append(m.rawdata)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = rclpy.create_node("test_replay_sink", context=ctx)
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(node)
+    got, lock, _subs = _subscribe_all(node, info.topics, best_effort_images=True)
+    th = threading.Thread(target=ex.spin, daemon=True)
+    th.start()
+    try:
+        env = child_env()
+        proc = subprocess.run([sys.executable, "-m", "runa_ood_node.tools.cli", "replay", str(small_bag),
+                               "--wait-subscribers", "1", "--wait-timeout", "30", "--rate", "1"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"published {3 * N_FRAMES} messages" in proc.stdout
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with lock:
+                if all(len(got[t]) >= len(v) for t, v in expected.items()):
+                    break
+            time.sleep(0.05)
+        with lock:
+            for t, v in expected.items():
+                assert got[t] == v, f"{t}: {len(got[t])} of {len(v)} messages, in order and byte-identical"
+    finally:
+        ex.shutdown(timeout_sec=2)
+        th.join(timeout=5)
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_player_in_process_counts_remaps_and_offsets(small_bag):
+    from rclpy.executors import SingleThreadedExecutor
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = rclpy.create_node("test_player", context=ctx)
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(node)
+    th = threading.Thread(target=ex.spin, daemon=True)
+    th.start()
+    try:
+        player = replay.BagPlayer(node, small_bag, topics=[bagio.DETECTIONS_TOPIC],
+                                  remap={bagio.DETECTIONS_TOPIC: "/remapped/detections"})
+        got, lock, _ = _subscribe_all(node, {"/remapped/detections": bagio.DETECTIONS_TYPE})
+        assert player.wait_for_subscribers(1, 15.0)
+        # skip the first 3 frames (0.06 s of bag time at 50 Hz), play twice as fast, twice
+        counts = player.play(rate=2.0, start_offset_s=0.05, loop=2, progress=False)
+        assert counts == {bagio.DETECTIONS_TOPIC: 2 * (N_FRAMES - 3)}
+        assert player.wait_acked(10.0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(got["/remapped/detections"]) < counts[bagio.DETECTIONS_TOPIC]:
+            time.sleep(0.05)
+        with lock:
+            sizes = [len(bagio.deserialize(r, bagio.DETECTIONS_TYPE).detections) for r in got["/remapped/detections"]]
+        assert sizes == [4, 5, 6, 4, 5, 6]
+        assert [t for t, _, _ in player.publish_log] == [bagio.DETECTIONS_TOPIC] * 6
+        with pytest.raises(ValueError, match="no topic"):
+            replay.BagPlayer(node, small_bag, topics=["/nope"])
+    finally:
+        ex.shutdown(timeout_sec=2)
+        th.join(timeout=5)
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_message_class_and_remap_parsing():
+    from sensor_msgs.msg import Image
+
+    assert replay.message_class("sensor_msgs/msg/Image") is Image
+    with pytest.raises(ImportError, match="setup.sh"):
+        replay.message_class("no_such_pkg/msg/Thing")
+    with pytest.raises(ValueError):
+        replay.message_class("Image")
+    assert replay.parse_remaps(["/a:=/b", "c:=d"]) == {"/a": "/b", "c": "d"}
+    with pytest.raises(ValueError):
+        replay.parse_remaps(["/a=/b"])
+
+
+def test_child_env_strips_the_bootstrap_marker():
+    """A child that inherits _ROS_WHEELS_BOOTSTRAP_COMPLETE without the wheels' library path
+    cannot import rclpy; child_env() removes the marker so the child bootstraps itself."""
+    from runa_ood_node.tools.bag_eval import child_env
+
+    code = "import rclpy; print('rclpy ok')"
+    env = child_env()
+    assert "_ROS_WHEELS_BOOTSTRAP_COMPLETE" not in env and env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+    env["LD_LIBRARY_PATH"] = ""
+    ok = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "rclpy ok" in ok.stdout, ok.stderr[-500:]
+    if os.environ.get("_ROS_WHEELS_BOOTSTRAP_COMPLETE"):
+        bad = dict(os.environ, LD_LIBRARY_PATH="")
+        broken = subprocess.run([sys.executable, "-c", code], env=bad, capture_output=True, text=True, timeout=60)
+        assert broken.returncode != 0  # the hazard child_env exists for
