@@ -10,8 +10,15 @@ TINY = "runa-tiny-vit"
 
 
 def _load_seeded(seed=0, **kw):
-    torch.manual_seed(seed)
-    return DualEncoder.load(TINY, pretrained=None, device="cpu", allow_random=True, **kw)
+    return DualEncoder.load(TINY, pretrained=None, device="cpu", allow_random=True, random_seed=seed, **kw)
+
+
+def test_random_weights_do_not_depend_on_the_callers_rng(tiny_encoder):
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    e = DualEncoder.load(TINY, pretrained=None, device="cpu", allow_random=True)
+    assert e.model_id == tiny_encoder.model_id  # default seed, whatever the caller's RNG
+    assert torch.equal(torch.random.get_rng_state(), before)  # caller's RNG untouched
 
 
 def test_attributes(tiny_encoder):

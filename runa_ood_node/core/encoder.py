@@ -42,6 +42,10 @@ _REGISTER_LOCK = threading.Lock()
 Backend = Callable[[torch.Tensor], torch.Tensor]
 
 
+#: seed of every randomly initialised model (tests, demos and benchmarks of speed only)
+RANDOM_WEIGHTS_SEED = 0
+
+
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be loaded (offline, unknown tag, missing file) and random
     weights were not allowed."""
@@ -231,7 +235,7 @@ class DualEncoder:
     @classmethod
     def load(cls, model_name: str, pretrained: Optional[str] = None, device: str = "cpu",
              allow_random: bool = False, precision: str = "fp32", backend: Optional[Backend] = None,
-             allow_download: Optional[bool] = None) -> "DualEncoder":
+             allow_download: Optional[bool] = None, random_seed: int = RANDOM_WEIGHTS_SEED) -> "DualEncoder":
         """Load an open_clip ViT for RUNA.
 
         Args:
@@ -248,6 +252,8 @@ class DualEncoder:
                 download them (without network that costs about a minute of retries before
                 failing). None = allowed unless ``RUNA_OOD_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``.
                 Cached tag weights are always loaded from the cache without touching the network.
+            random_seed: seed of random weights (``allow_random``). Drawn inside a forked RNG, so
+                every process that asks for the same model and seed gets the same random model.
 
         OpenAI weights use QuickGELU. For a tag, this loader forces QuickGELU when the tag says so
         (open_clip itself only warns about the mismatch). For a local *file* of OpenAI weights,
@@ -327,8 +333,14 @@ class DualEncoder:
                     kwargs = {"pretrained": tag, "force_quick_gelu": quick_gelu}
 
         try:
-            model = open_clip.create_model(model_name, device=device, precision=precision,
-                                           pretrained_text=False, **kwargs)
+            # Random weights are always drawn with seed RANDOM_WEIGHTS_SEED inside a forked RNG, so
+            # the node, the tools and the tests build the *same* random model (their scores can be
+            # compared) without disturbing the caller's RNG.
+            with torch.random.fork_rng(devices=[]):
+                if random_weights:
+                    torch.manual_seed(int(random_seed))
+                model = open_clip.create_model(model_name, device=device, precision=precision,
+                                               pretrained_text=False, **kwargs)
         except Exception as exc:  # download failures, corrupt files, state-dict mismatches
             if random_weights:
                 raise

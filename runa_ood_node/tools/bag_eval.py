@@ -145,14 +145,11 @@ def scorer_from_params(params: Dict[str, Any], encoder=None):
     """The ``OodScorer`` the node builds from ``params``.
 
     Without ``encoder``: the node's own path (``validate`` -> ``NodeSettings.scorer_config()`` +
-    ``thresholds()`` -> ``OodScorer.from_config``), random weights built under the tools' seed (as
-    :data:`SEEDED_LAUNCH` does for the node). With an already loaded ``encoder`` (same model and
+    ``thresholds()`` -> ``OodScorer.from_config``); random weights are always drawn with
+    ``core.encoder.RANDOM_WEIGHTS_SEED``, so they equal the node's. With an already loaded ``encoder`` (same model and
     weights): the scorer is built around it with the node's method settings and thresholds
     (``thresholds_file``, else ``default_threshold`` for every label), saving a second model load."""
-    import torch
-
     from ..core.pipeline import OodScorer
-    from .common import RANDOM_WEIGHTS_SEED
 
     settings = node_settings(params)
     if encoder is not None:
@@ -164,16 +161,7 @@ def scorer_from_params(params: Dict[str, Any], encoder=None):
     if settings.backend != "torch":
         cfg.setdefault("backend_options", {})["device"] = settings.device
     cfg["thresholds"] = settings.thresholds()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        return OodScorer.from_config(cfg)
-
-
-#: Python run by the child when the node uses random weights: seed torch's RNG like the tools
-#: (``tools.common.RANDOM_WEIGHTS_SEED``) so the node's random model equals the offline one, then run
-#: the node's console-script entry point unchanged.
-SEEDED_LAUNCH = ("import sys, torch; from runa_ood_node.tools.common import RANDOM_WEIGHTS_SEED as S; "
-                 "torch.manual_seed(S); from runa_ood_node.ros.node import main; sys.exit(main(sys.argv))")
+    return OodScorer.from_config(cfg)
 
 
 def ros_args(params: Dict[str, Any]) -> List[str]:
@@ -310,10 +298,7 @@ class NodeProcess:
                  executable: Optional[str] = None):
         exe = executable or shutil.which(NODE_EXECUTABLE, path=os.pathsep.join(
             [str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]))
-        if params.get("allow_random_weights") and not params.get("pretrained") and executable is None:
-            exe_cmd = [sys.executable, "-c", SEEDED_LAUNCH]  # same random model as in-process tools
-        else:
-            exe_cmd = [exe] if exe else [sys.executable, "-m", "runa_ood_node.ros.node"]
+        exe_cmd = [exe] if exe else [sys.executable, "-m", "runa_ood_node.ros.node"]
         self.cmd = exe_cmd + ros_args(params)
         self.log_path = pathlib.Path(log_path)
         self.env = child_env(env)
