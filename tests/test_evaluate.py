@@ -123,3 +123,36 @@ def test_allow_random_weights_falls_back_loudly_and_reproducibly(tmp_path, capsy
     assert a.random_weights and RANDOM_LABEL in err and "gone.pt" in err  # says why it is random
     b = load_encoder_or_exit(ns)
     assert b.model_id == a.model_id  # seeded: separate tool runs share one random model
+
+
+def test_one_encoding_scores_every_configuration_like_score_dataset(ood_pack, tiny_encoder, tmp_path):
+    """encode_boxes once (both views) + score_boxes per configuration == score_dataset of a fresh
+    OodScorer; an unreadable image only marks its own boxes NOT_SCORED."""
+    import dataclasses
+
+    from runa_ood_node.core.boxes import BoxStatus
+    from runa_ood_node.core.dataset import load_dataset
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.tools import common
+
+    ds = load_dataset(ood_pack / "annotations.json", "voc").subset(3)
+    broken = dataclasses.replace(ds.frames[1], path=tmp_path / "missing.jpg")
+    ds = dataclasses.replace(ds, frames=[ds.frames[0], broken, ds.frames[2]])
+    n0, n1 = len(ds.frames[0]), len(broken)
+    assert n1 > 0
+    ref = OodScorer(tiny_encoder, ds.label_set)
+    enc = common.encode_boxes(ref, ds, views=("regional", "global"), progress=False)
+    assert len(enc) == ds.n_boxes and enc.views == ("regional", "global")
+    assert (enc.status[n0:n0 + n1] == BoxStatus.NOT_SCORED).all()
+    assert any("missing.jpg" in p for p, _ in enc.image_errors)
+    assert enc.seconds_for("regional") < enc.seconds_for("dual")
+    for sc, ab in (("runa", "regional"), ("energy", "global"), ("mcm", "dual")):
+        got = common.make_records(enc, common.score_boxes(enc, scorer=sc, ablation=ab), 1.0)
+        want = common.score_dataset(OodScorer(tiny_encoder, ds.label_set, scorer=sc, ablation=ab), ds, progress=False)
+        assert [r["status"] for r in got] == [r["status"] for r in want]
+        np.testing.assert_allclose(got.arrays()[1], want.arrays()[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert got.arrays()[2] == want.arrays()[2]
+    # the compatibility form refuses to score against another label set
+    bdd = OodScorer(tiny_encoder, "bdd")
+    with pytest.raises(ValueError, match="label"):
+        common.score_encoded(tiny_encoder, enc, bdd.text_emb, bdd.label_set.labels)

@@ -374,3 +374,143 @@ def test_view_maker_failure_is_contained(tiny_encoder, photo):
 def test_warmup_scores_a_synthetic_frame(tiny_scorer):
     r = tiny_scorer.warmup(num_boxes=3)
     assert len(r) == 3 and (r.status == BoxStatus.OK).all() and r.error is None
+
+
+# ---------------------------------------------------------------------- encode / score_features split
+def _assert_same_result(a: FrameResult, b: FrameResult, atol=1e-6):
+    np.testing.assert_array_equal(a.status, b.status)
+    np.testing.assert_array_equal(a.boxes_xyxy, b.boxes_xyxy)
+    np.testing.assert_allclose(a.uncertainty, b.uncertainty, rtol=1e-5, atol=atol, equal_nan=True)
+    np.testing.assert_allclose(a.similarity, b.similarity, rtol=1e-5, atol=atol, equal_nan=True)
+    np.testing.assert_array_equal(a.threshold, b.threshold)
+    np.testing.assert_array_equal(a.label_idx, b.label_idx)
+    np.testing.assert_array_equal(a.is_ood, b.is_ood)
+    assert a.label == b.label and a.error == b.error
+
+
+def test_score_is_score_features_of_encode(tiny_encoder, photo):
+    image, boxes = photo
+    allb = np.concatenate([boxes, [[np.nan] * 4, [5, 5, 0, 0]]]).astype(np.float32)
+    det = np.linspace(0.9, 0.1, len(allb)).astype(np.float32)
+    s = OodScorer(tiny_encoder, "voc", max_boxes=len(boxes) - 1, thresholds=FakeThresholds(-0.1))
+    feats = s.encode(image, allb, box_format="xywh", detector_scores=det)
+    assert feats.views == ("regional", "global") and len(feats) == len(allb)
+    assert feats.f_r.shape == (len(allb), tiny_encoder.width) and feats.f_r.dtype == torch.float32
+    ok = feats.status == BoxStatus.OK
+    assert torch.isfinite(feats.f_r[torch.from_numpy(ok)]).all() and torch.isnan(feats.f_r[torch.from_numpy(~ok)]).all()
+    status_before, f_r_before = feats.status.copy(), feats.f_r.clone()
+    split = s.score_features(feats)
+    whole = s.score(image, allb, box_format="xywh", detector_scores=det)
+    _check_shapes(split, len(allb))
+    _assert_same_result(split, whole)
+    np.testing.assert_array_equal(split.detector_scores, det)
+    assert split.status[-2] == BoxStatus.NAN and split.status[-1] == BoxStatus.ZERO_AREA
+    assert (split.status == BoxStatus.NOT_SCORED).sum() == 1  # the max_boxes cap is applied in encode
+    # scoring does not mutate the encoding: a second call gives the same result
+    _assert_same_result(s.score_features(feats), split)
+    np.testing.assert_array_equal(feats.status, status_before)
+    assert torch.equal(torch.nan_to_num(feats.f_r), torch.nan_to_num(f_r_before))
+    split.status[:] = BoxStatus.BACKEND_ERROR  # results own their arrays
+    np.testing.assert_array_equal(feats.status, status_before)
+
+
+def test_one_encoding_scores_every_scorer_and_ablation_like_a_fresh_scorer(tiny_encoder, photo):
+    image, boxes = photo
+    base = OodScorer(tiny_encoder, "voc")
+    calls = []
+
+    def backend(v):
+        calls.append(v.shape[0])
+        with torch.no_grad():
+            return tiny_encoder.visual_trunk(v)
+
+    tiny_encoder.set_backend(backend)
+    try:
+        feats = base.encode(image, boxes, box_format="xywh", views=("global", "regional"))
+    finally:
+        tiny_encoder.set_backend(None)
+    assert calls == [2 * len(boxes)] and feats.views == ("regional", "global")  # one backend call, both views
+    for ab in ("dual", "regional", "global"):
+        for sc in ("runa", "mcm", "energy", "sum"):
+            got = base.score_features(feats, scorer=sc, ablation=ab, lam=0.3, temperature=0.5)
+            want = OodScorer(tiny_encoder, "voc", scorer=sc, ablation=ab, lam=0.3, temperature=0.5).score(
+                image, boxes, box_format="xywh")
+            _assert_same_result(got, want, atol=1e-5)
+    # the defaults are the scorer's own settings
+    _assert_same_result(base.score_features(feats), base.score(image, boxes, box_format="xywh"))
+
+
+def test_encode_default_views_follow_the_ablation_and_missing_views_raise(tiny_encoder, photo):
+    image, boxes = photo
+    reg = OodScorer(tiny_encoder, "voc", ablation="regional")
+    feats = reg.encode(image, boxes, box_format="xywh")
+    assert feats.views == ("regional",) and feats.f_g is None
+    assert reg.score_features(feats, ablation="dual", lam=1.0).ok.all()  # lam=1 needs only the crop
+    with pytest.raises(ValueError, match="global view"):
+        reg.score_features(feats, ablation="global")
+    with pytest.raises(ValueError, match="global view"):
+        reg.score_features(feats, ablation="dual")
+    for kwargs in ({"scorer": "maxlogit"}, {"ablation": "both"}, {"lam": 1.5}, {"temperature": 0.0}):
+        with pytest.raises(ValueError):
+            reg.score_features(feats, **kwargs)
+    for views in ((), ("crop",), "depth"):
+        with pytest.raises(ValueError, match="views"):
+            reg.encode(image, boxes, box_format="xywh", views=views)
+
+
+def test_overridden_scorer_uses_thresholds_only_when_compatible(tiny_encoder, photo):
+    thresholds = pytest.importorskip("runa_ood_node.core.thresholds")
+    image, boxes = photo
+    th = thresholds.Thresholds(global_threshold=-10.0, meta={"model_id": tiny_encoder.model_id, "scorer": "runa"})
+    s = OodScorer(tiny_encoder, "voc", thresholds=th)
+    feats = s.encode(image, boxes, box_format="xywh")
+    assert s.score_features(feats).is_ood.all()
+    other = s.score_features(feats, scorer="mcm")  # runa thresholds are not in mcm units
+    assert np.isnan(other.threshold).all() and not other.is_ood.any() and other.ok.all()
+    # thresholds without scorer provenance apply to any scorer, as for a fresh OodScorer
+    fake = OodScorer(tiny_encoder, "voc", thresholds=FakeThresholds(-10.0))
+    _assert_same_result(fake.score_features(fake.encode(image, boxes, box_format="xywh"), scorer="mcm"),
+                        OodScorer(tiny_encoder, "voc", scorer="mcm", thresholds=FakeThresholds(-10.0)).score(
+                            image, boxes, box_format="xywh"))
+
+
+def test_concatenated_frames_score_like_each_frame(tiny_encoder, photo):
+    from runa_ood_node.core.pipeline import BoxFeatures
+
+    image, boxes = photo
+    s = OodScorer(tiny_encoder, "voc", scorer="mcm")
+    parts = [s.encode(image, boxes[:2], box_format="xywh"),
+             BoxFeatures.unscored(3, tiny_encoder.width, error="cannot read frame"),
+             s.encode(np.ascontiguousarray(image[:, ::-1]), boxes, box_format="xywh")]
+    joined = BoxFeatures.concat(parts)
+    assert len(joined) == 2 + 3 + len(boxes) and joined.error == "cannot read frame"
+    r = s.score_features(joined)
+    singles = [s.score_features(p) for p in parts]
+    for attr in ("status", "uncertainty", "label_idx", "similarity"):
+        np.testing.assert_allclose(getattr(r, attr), np.concatenate([getattr(x, attr) for x in singles]),
+                                   rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert (r.status[2:5] == BoxStatus.NOT_SCORED).all() and np.isnan(r.uncertainty[2:5]).all()
+    # views present in only some parts are dropped
+    reg = OodScorer(tiny_encoder, "voc", ablation="regional").encode(image, boxes, box_format="xywh")
+    assert BoxFeatures.concat([parts[0], reg]).views == ("regional",)
+    with pytest.raises(ValueError):
+        BoxFeatures.concat([])
+
+
+def test_encode_contains_backend_failure(tiny_encoder, photo):
+    image, boxes = photo
+
+    def broken(v):
+        raise RuntimeError("engine lost")
+
+    s = OodScorer(tiny_encoder, "voc")
+    tiny_encoder.set_backend(broken, name="broken")
+    try:
+        feats = s.encode(image, boxes, box_format="xywh", views=("regional", "global"))
+    finally:
+        tiny_encoder.set_backend(None)
+    assert (feats.status == BoxStatus.BACKEND_ERROR).all() and "engine lost" in feats.error
+    assert torch.isnan(feats.f_r).all() and torch.isnan(feats.f_g).all()
+    for ab in ("dual", "global"):
+        r = s.score_features(feats, ablation=ab)
+        assert (r.status == BoxStatus.BACKEND_ERROR).all() and "engine lost" in r.error and not r.is_ood.any()

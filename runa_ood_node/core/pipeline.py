@@ -1,7 +1,9 @@
 """``OodScorer``: one RGB frame + N detector boxes -> per-box RUNA OOD results.
 
 This is the single implementation of the method that the ROS node, the evaluation tool and the
-benchmark all call. Steps of :meth:`OodScorer.score`:
+benchmark all call. :meth:`OodScorer.score` is ``score_features(encode(...))``, two public steps:
+
+:meth:`OodScorer.encode` (image -> :class:`BoxFeatures`, the expensive part):
 
 1. validate the image (``HxWx3 uint8 RGB``; anything else raises ``ValueError``: converting
    messages is the caller's job);
@@ -9,16 +11,24 @@ benchmark all call. Steps of :meth:`OodScorer.score`:
 3. cap the valid boxes at ``max_boxes``, keeping the highest detector scores (the rest get
    ``NOT_SCORED``);
 4. build the views of the valid boxes (:class:`views.ViewMaker`, one resize + one blur per frame);
-5. **one** batched ``encoder.visual_features`` call over regional + global views (only the views
-   the ablation needs);
+5. **one** batched ``encoder.visual_features`` call over the regional + global views (by default
+   only the views the ablation needs; ``views=("regional", "global")`` computes both so several
+   ablations can be scored from one encoding).
+
+:meth:`OodScorer.score_features` (features -> :class:`FrameResult`, cheap, row-wise per box):
+
 6. fuse (``lam``; regional ablation uses lam=1, global ablation lam=0), cosine similarities to the
-   ID text embeddings, scorer (:mod:`scoring`);
+   ID text embeddings, scorer (:mod:`scoring`); scorer / ablation / lam / temperature default to
+   the OodScorer's settings and may be overridden per call;
 7. threshold of the nearest ID label (:class:`thresholds.Thresholds`) -> ``is_ood``.
 
-Failure handling (a robot must keep running): boxes whose embeddings come back NaN/inf get
+Because steps 6-7 are per box, the :class:`BoxFeatures` of many frames may be joined with
+:meth:`BoxFeatures.concat` and scored in one call (the offline tools do this).
+
+Failure handling (a robot must keep running): boxes whose fused embeddings come back NaN/inf get
 ``BACKEND_ERROR``; if the backend (or the view maker) raises, every box that was going to be
-scored gets ``BACKEND_ERROR`` and :attr:`FrameResult.error` holds the message. ``score`` does not raise for
-per-box or backend problems.
+scored gets ``BACKEND_ERROR`` and :attr:`FrameResult.error` holds the message. ``score`` does not
+raise for per-box or backend problems.
 
 ``is_ood`` semantics: True only for ``OK`` boxes whose uncertainty is strictly greater than a
 finite threshold. Without thresholds (``thresholds=None``) the threshold is NaN and ``is_ood`` is
@@ -29,8 +39,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,6 +55,17 @@ from .views import ViewMaker
 LOG = logging.getLogger(__name__)
 
 ABLATIONS = ("dual", "regional", "global")
+VIEWS = ("regional", "global")
+#: views (pre-projection features) each ablation needs
+VIEWS_FOR_ABLATION: Dict[str, Tuple[str, ...]] = {"dual": ("regional", "global"), "regional": ("regional",),
+                                                  "global": ("global",)}
+
+
+def effective_lam(ablation: str, lam: float) -> float:
+    """The fusion weight an ablation uses: ``lam`` for dual, 1 for regional, 0 for global."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
+    return {"dual": float(lam), "regional": 1.0, "global": 0.0}[ablation]
 
 
 @dataclasses.dataclass
@@ -131,6 +153,89 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+@dataclasses.dataclass
+class BoxFeatures:
+    """Output of :meth:`OodScorer.encode`: one frame's boxes and their pre-projection features.
+
+    Everything :meth:`OodScorer.score_features` needs to score the boxes with any scorer,
+    ablation, lam or temperature, without touching the image or the visual trunk again.
+
+    Attributes:
+        boxes_xyxy: float32 ``[N,4]`` sanitised boxes, xyxy in original image pixels, clipped.
+        status: uint8 ``[N]`` :class:`BoxStatus` after sanitising, the ``max_boxes`` cap and the
+            encoding (``BACKEND_ERROR`` when the view maker or backend raised). Boxes still ``OK``
+            may have non-finite features; scoring flags those.
+        f_r: float32 CPU torch ``[N, width]`` regional (crop) pre-projection features (after
+            ``ln_post``), or None when the regional view was not computed. Rows of boxes that
+            were not encoded are NaN.
+        f_g: same for the blurred global view.
+        timings: milliseconds for ``views`` (view making), ``encode`` (visual trunk) and
+            ``total`` (the whole :meth:`OodScorer.encode` call).
+        error: None, or the message of a view-maker / backend failure.
+        detector_scores: float32 ``[N]`` detector confidences if given, else None.
+    """
+
+    boxes_xyxy: np.ndarray
+    status: np.ndarray
+    f_r: Optional[torch.Tensor]
+    f_g: Optional[torch.Tensor]
+    timings: Dict[str, float]
+    error: Optional[str] = None
+    detector_scores: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return int(self.status.shape[0])
+
+    @property
+    def views(self) -> Tuple[str, ...]:
+        """The views whose features are present, a subset of ``("regional", "global")``."""
+        return tuple(v for v, f in (("regional", self.f_r), ("global", self.f_g)) if f is not None)
+
+    @classmethod
+    def unscored(cls, n: int, width: int, views: Sequence[str] = VIEWS, status: int = BoxStatus.NOT_SCORED,
+                 error: Optional[str] = None) -> "BoxFeatures":
+        """``n`` boxes that could not be encoded (e.g. their image could not be read): NaN boxes
+        and features, every status ``status``."""
+        n = int(n)
+        nan = lambda: torch.full((n, int(width)), float("nan"), dtype=torch.float32)  # noqa: E731
+        return cls(boxes_xyxy=np.full((n, 4), np.nan, np.float32), status=np.full(n, int(status), np.uint8),
+                   f_r=nan() if "regional" in views else None, f_g=nan() if "global" in views else None,
+                   timings={"views": 0.0, "encode": 0.0, "total": 0.0}, error=error, detector_scores=None)
+
+    @classmethod
+    def concat(cls, items: Sequence["BoxFeatures"]) -> "BoxFeatures":
+        """Join the boxes of several frames (in order), e.g. to score a whole dataset in one
+        :meth:`OodScorer.score_features` call; valid because scoring is per box.
+
+        Only the views present in every item are kept; timings are summed; errors are joined
+        with ``"; "``; ``detector_scores`` is kept only when every item has it.
+
+        Raises:
+            ValueError: ``items`` is empty or the feature widths differ.
+        """
+        items = list(items)
+        if not items:
+            raise ValueError("BoxFeatures.concat needs at least one item")
+        common = [v for v in VIEWS if all(v in it.views for it in items)]
+
+        def cat(attr):
+            return torch.cat([getattr(it, attr) for it in items], 0)
+
+        timings: Dict[str, float] = {}
+        for it in items:
+            for k, v in it.timings.items():
+                timings[k] = timings.get(k, 0.0) + float(v)
+        errors = [it.error for it in items if it.error]
+        det = None
+        if all(it.detector_scores is not None for it in items):
+            det = np.concatenate([it.detector_scores for it in items]).astype(np.float32)
+        return cls(boxes_xyxy=np.concatenate([it.boxes_xyxy for it in items]).astype(np.float32).reshape(-1, 4),
+                   status=np.concatenate([it.status for it in items]).astype(np.uint8),
+                   f_r=cat("f_r") if "regional" in common else None,
+                   f_g=cat("f_g") if "global" in common else None,
+                   timings=timings, error="; ".join(errors) if errors else None, detector_scores=det)
+
+
 class OodScorer:
     """RUNA OOD scoring of detector boxes (see module docstring).
 
@@ -186,6 +291,7 @@ class OodScorer:
             encoder.input_size, encoder.mean, encoder.std, blur_radius)
         self.text_emb = encoder.text_embeddings(self.label_set)  # [K, D], computed/cached once
         self._label_thresholds = self._resolve_thresholds()
+        self._other_thresholds: Dict[str, np.ndarray] = {}  # per-label thresholds of overridden scorers
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -195,15 +301,19 @@ class OodScorer:
     @property
     def effective_lam(self) -> float:
         """The fusion weight actually used: lam for dual, 1 for regional, 0 for global."""
-        return {"dual": self.lam, "regional": 1.0, "global": 0.0}[self.ablation]
+        return effective_lam(self.ablation, self.lam)
 
-    def _resolve_thresholds(self) -> np.ndarray:
+    def _resolve_thresholds(self, scorer: Optional[str] = None) -> np.ndarray:
+        """float32 ``[K]`` per-label thresholds for ``scorer`` (default: this scorer's).
+
+        Raises ValueError (``check_compatible``) when the thresholds were fitted for another
+        model_id, scorer or label set."""
         K = len(self.label_set)
         if self.thresholds is None:
             return np.full(K, np.nan, np.float32)
         check = getattr(self.thresholds, "check_compatible", None)
         if callable(check):  # thresholds fitted for another model/scorer/label set are meaningless
-            check(model_id=self.encoder.model_id, scorer=self.scorer, label_set=self.label_set.name)
+            check(model_id=self.encoder.model_id, scorer=scorer or self.scorer, label_set=self.label_set.name)
         out = np.empty(K, np.float32)
         for k, lab in enumerate(self.label_set.labels):
             try:
@@ -221,6 +331,21 @@ class OodScorer:
         names another model_id, scorer or label set."""
         self.thresholds = thresholds
         self._label_thresholds = self._resolve_thresholds()
+        self._other_thresholds = {}
+
+    def _thresholds_for(self, scorer: str) -> np.ndarray:
+        """Per-label thresholds used when scoring with ``scorer``: this scorer's own for its own
+        method; for another method the thresholds only if their metadata does not name a
+        different scorer (else NaN: thresholds in another score's units flag nothing)."""
+        if scorer == self.scorer:
+            return self._label_thresholds
+        if scorer not in self._other_thresholds:
+            try:
+                self._other_thresholds[scorer] = self._resolve_thresholds(scorer)
+            except ValueError as exc:
+                LOG.info("thresholds not applied to scorer %r (%s); is_ood stays False for it", scorer, exc)
+                self._other_thresholds[scorer] = np.full(len(self.label_set), np.nan, np.float32)
+        return self._other_thresholds[scorer]
 
     @property
     def label_thresholds(self) -> np.ndarray:
@@ -250,8 +375,190 @@ class OodScorer:
         drop = np.setdiff1d(valid, keep)
         status[drop] = BoxStatus.NOT_SCORED
 
+    def resolve_views(self, views=None) -> Tuple[str, ...]:
+        """``views`` argument of :meth:`encode` -> canonical tuple (regional first); None = the
+        views this scorer's ablation needs. Raises ValueError for anything but a non-empty
+        subset of ``("regional", "global")``."""
+        if views is None:
+            return VIEWS_FOR_ABLATION[self.ablation]
+        if isinstance(views, str):
+            views = (views,)
+        views = tuple(views)
+        unknown = set(views) - set(VIEWS)
+        if unknown or not views:
+            raise ValueError(f"views must be a non-empty subset of {VIEWS}, got {views!r}")
+        return tuple(v for v in VIEWS if v in views)
+
+    def encode(self, image_rgb: np.ndarray, boxes, box_format: str = "xyxy", detector_scores=None,
+               views: Optional[Sequence[str]] = None) -> BoxFeatures:
+        """Sanitise, cap and encode every box of one frame (steps 1-5 of the module docstring).
+
+        Args:
+            image_rgb: ``HxWx3`` uint8 RGB image.
+            boxes: ``[N,4]`` boxes in ``box_format`` (original image pixels); list/array/tensor.
+            box_format: ``"xyxy"``, ``"xywh"`` or ``"cxcywh"``.
+            detector_scores: optional ``[N]`` detector confidences, used by the ``max_boxes`` cap.
+            views: which pre-projection features to compute, a subset of ``("regional", "global")``;
+                None = the ones this scorer's ablation needs. Pass both to score several ablations
+                from this one encoding with :meth:`score_features`. All requested views of the
+                frame go through the visual trunk in **one** backend call (regional first).
+
+        Returns:
+            :class:`BoxFeatures` with N entries, in input order.
+
+        Raises:
+            ValueError: the image is not HxWx3 uint8, boxes are not ``[N,4]``-shaped,
+                ``detector_scores`` has the wrong length, or ``views`` is invalid. View-maker and
+                backend failures do not raise: the boxes get ``BACKEND_ERROR`` and ``error`` is set.
+        """
+        t0 = time.perf_counter()
+        views = self.resolve_views(views)
+        ViewMaker.check_image(image_rgb)
+        H, W = image_rgb.shape[:2]
+        xyxy, status = sanitize_boxes(boxes, W, H, fmt=box_format, min_size=self.min_box_size)
+        n = status.shape[0]
+        det = None
+        if detector_scores is not None:
+            det = np.asarray(_to_numpy(detector_scores), dtype=np.float32).reshape(-1)
+            if det.shape[0] != n:
+                raise ValueError(f"detector_scores has {det.shape[0]} values for {n} boxes")
+        self._cap(status, det)
+        width = int(self.encoder.width)
+        f_r = torch.full((n, width), float("nan"), dtype=torch.float32) if "regional" in views else None
+        f_g = torch.full((n, width), float("nan"), dtype=torch.float32) if "global" in views else None
+        idx = np.flatnonzero(status == BoxStatus.OK)
+        timings = {"views": 0.0, "encode": 0.0}
+        error = None
+
+        if idx.size:
+            t1 = t2 = time.perf_counter()
+            stage = "view maker"
+            rows = torch.from_numpy(idx)
+            M = idx.size
+            try:
+                # Views are inside the guarded block too: a GPU view maker can fail like a backend.
+                regional, global_ = self.view_maker.make(image_rgb, xyxy[idx])
+                parts = [v for name, v in (("regional", regional), ("global", global_)) if name in views]
+                batch = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+                t2 = time.perf_counter()
+                timings["views"] = (t2 - t1) * 1e3
+                stage = "backend"
+                feats = self.encoder.visual_features(batch, max_batch=self.max_batch)
+                off = 0
+                if f_r is not None:
+                    f_r[rows] = feats[:M]
+                    off = M
+                if f_g is not None:
+                    f_g[rows] = feats[off:off + M]
+            except Exception as exc:  # backend failure: keep the frame, flag the boxes
+                msg = f"{type(exc).__name__}: {exc}"
+                who = f"backend {self.encoder.backend_name!r}" if stage == "backend" else \
+                    f"view maker {type(self.view_maker).__name__}"
+                LOG.error("%s failed on %d boxes: %s", who, M, msg)
+                error = f"{who} failed: {msg}"
+                status[idx] = BoxStatus.BACKEND_ERROR
+                for f in (f_r, f_g):
+                    if f is not None:
+                        f[rows] = float("nan")
+            timings["encode"] = (time.perf_counter() - t2) * 1e3
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        return BoxFeatures(boxes_xyxy=xyxy, status=status, f_r=f_r, f_g=f_g, timings=timings, error=error,
+                           detector_scores=det)
+
+    def score_features(self, features: BoxFeatures, scorer: Optional[str] = None, ablation: Optional[str] = None,
+                       lam: Optional[float] = None, temperature: Optional[float] = None) -> FrameResult:
+        """Score encoded boxes (steps 6-7 of the module docstring); no image, no visual trunk.
+
+        Args:
+            features: from :meth:`encode` of this scorer (or :meth:`BoxFeatures.concat` of several).
+            scorer, ablation, lam, temperature: override this OodScorer's settings for this call
+                (None = its own). The result equals what a fresh ``OodScorer`` built with those
+                settings returns from :meth:`score` on the same frame.
+
+        Thresholds: this scorer's per-label thresholds, as in :meth:`score`. With another
+        ``scorer`` they apply only when their metadata does not name a different scorer (NaN
+        otherwise, so ``is_ood`` stays False); ``ablation`` / ``lam`` overrides are not checked
+        against the thresholds (as for the constructor).
+
+        Returns:
+            :class:`FrameResult` with ``len(features)`` entries. ``timings`` holds the encoding's
+            ``views`` / ``encode`` plus this call's ``score``; ``total`` is their sum with the rest
+            of the encoding time.
+
+        Raises:
+            ValueError: an invalid setting, or ``features`` lacks a view the ablation needs
+                (encode with ``views=("regional", "global")`` to score every ablation).
+        """
+        t0 = time.perf_counter()
+        scorer = self.scorer if scorer is None else scorer
+        ablation = self.ablation if ablation is None else ablation
+        lam = self.lam if lam is None else lam
+        temperature = self.temperature if temperature is None else temperature
+        if scorer not in scoring.METHODS:
+            raise ValueError(f"unknown scorer {scorer!r}; expected one of {scoring.METHODS}")
+        if not (isinstance(lam, numbers.Real) and 0.0 <= float(lam) <= 1.0):
+            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+        if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        lam_e = effective_lam(ablation, lam)  # raises for an unknown ablation
+        for need, have, name in ((lam_e > 0, features.f_r, "regional"), (lam_e < 1, features.f_g, "global")):
+            if need and have is None:
+                raise ValueError(f"ablation {ablation!r} (lam={lam_e:g}) needs the {name} view, but these features "
+                                 f"hold only {features.views}; encode with views=('regional', 'global')")
+        status = features.status.copy()
+        det = None if features.detector_scores is None else features.detector_scores.copy()
+        res = _empty_result(features.boxes_xyxy.copy(), status, det)
+        res.error = features.error
+        idx = np.flatnonzero(status == BoxStatus.OK)
+
+        if idx.size:
+            rows = torch.from_numpy(idx)
+            emb = None
+            try:
+                emb = self.encoder.fuse(features.f_r[rows] if lam_e > 0 else None,
+                                        features.f_g[rows] if lam_e < 1 else None, lam_e)
+            except Exception as exc:  # wrong feature width for this encoder: flag, never crash a frame
+                msg = f"fusion failed: {type(exc).__name__}: {exc}"
+                LOG.error("%s (%d boxes)", msg, idx.size)
+                res.error = msg if not res.error else f"{res.error}; {msg}"
+                status[idx] = BoxStatus.BACKEND_ERROR
+            if emb is not None:
+                finite = torch.isfinite(emb).all(dim=1).numpy()
+                if not finite.all():
+                    status[idx[~finite]] = BoxStatus.BACKEND_ERROR
+                    msg = (f"backend {self.encoder.backend_name!r} returned non-finite features for "
+                           f"{int((~finite).sum())} of {idx.size} boxes")
+                    LOG.warning(msg)
+                    res.error = msg if not res.error else f"{res.error}; {msg}"
+                good = idx[finite]
+                if good.size:
+                    sims = scoring.cosine_similarities(emb[torch.from_numpy(finite)], self.text_emb)
+                    out = scoring.score(sims, method=scorer, temperature=float(temperature))
+                    unc = np.asarray(_to_numpy(out.uncertainty), np.float32).reshape(-1)
+                    lab = np.asarray(_to_numpy(out.label_idx), np.int64).reshape(-1)
+                    sim = np.asarray(_to_numpy(out.similarity), np.float32).reshape(-1)
+                    bad = ~np.isfinite(unc) | (lab < 0)
+                    if bad.any():  # scorer could not score a row (should not happen with finite embeddings)
+                        status[good[bad]] = BoxStatus.BACKEND_ERROR
+                    ok = ~bad
+                    g = good[ok]
+                    res.uncertainty[g] = unc[ok]
+                    res.label_idx[g] = lab[ok]
+                    res.similarity[g] = sim[ok]
+                    thr = self._thresholds_for(scorer)[lab[ok]]
+                    res.threshold[g] = thr
+                    res.is_ood[g] = np.isfinite(thr) & (unc[ok] > thr)
+                    names = self.label_set.labels
+                    for i, k in zip(g, lab[ok]):
+                        res.label[i] = names[int(k)]
+        t_score = (time.perf_counter() - t0) * 1e3
+        ft = features.timings
+        res.timings = {"views": float(ft.get("views", 0.0)), "encode": float(ft.get("encode", 0.0)),
+                       "score": t_score, "total": float(ft.get("total", 0.0)) + t_score}
+        return res
+
     def score(self, image_rgb: np.ndarray, boxes, box_format: str = "xyxy", detector_scores=None) -> FrameResult:
-        """Score every box of one frame.
+        """Score every box of one frame: ``score_features(encode(...))`` with this scorer's settings.
 
         Args:
             image_rgb: ``HxWx3`` uint8 RGB image.
@@ -266,86 +573,8 @@ class OodScorer:
             ValueError: the image is not HxWx3 uint8, boxes are not ``[N,4]``-shaped, or
                 ``detector_scores`` has the wrong length. Per-box and backend problems do not raise.
         """
-        t0 = time.perf_counter()
-        ViewMaker.check_image(image_rgb)
-        H, W = image_rgb.shape[:2]
-        xyxy, status = sanitize_boxes(boxes, W, H, fmt=box_format, min_size=self.min_box_size)
-        n = status.shape[0]
-        det = None
-        if detector_scores is not None:
-            det = np.asarray(_to_numpy(detector_scores), dtype=np.float32).reshape(-1)
-            if det.shape[0] != n:
-                raise ValueError(f"detector_scores has {det.shape[0]} values for {n} boxes")
-        self._cap(status, det)
-        res = _empty_result(xyxy, status, det)
-        idx = np.flatnonzero(status == BoxStatus.OK)
-        timings = {"views": 0.0, "encode": 0.0, "score": 0.0}
-
-        if idx.size:
-            t1 = t2 = time.perf_counter()
-            emb = None
-            stage = "view maker"
-            try:
-                # Views are inside the guarded block too: a GPU view maker can fail like a backend.
-                regional, global_ = self.view_maker.make(image_rgb, xyxy[idx])
-                if self.ablation == "regional":
-                    batch = regional
-                elif self.ablation == "global":
-                    batch = global_
-                else:
-                    batch = torch.cat([regional, global_], 0)
-                t2 = time.perf_counter()
-                timings["views"] = (t2 - t1) * 1e3
-                stage = "backend"
-                feats = self.encoder.visual_features(batch, max_batch=self.max_batch)
-                M = idx.size
-                if self.ablation == "regional":
-                    emb = self.encoder.fuse(feats, None, 1.0)
-                elif self.ablation == "global":
-                    emb = self.encoder.fuse(None, feats, 0.0)
-                else:
-                    emb = self.encoder.fuse(feats[:M], feats[M:], self.lam)
-            except Exception as exc:  # backend failure: keep the frame, flag the boxes
-                msg = f"{type(exc).__name__}: {exc}"
-                who = f"backend {self.encoder.backend_name!r}" if stage == "backend" else \
-                    f"view maker {type(self.view_maker).__name__}"
-                LOG.error("%s failed on %d boxes: %s", who, idx.size, msg)
-                res.error = f"{who} failed: {msg}"
-                status[idx] = BoxStatus.BACKEND_ERROR
-            t3 = time.perf_counter()
-            timings["encode"] = (t3 - t2) * 1e3
-
-            if emb is not None:
-                finite = torch.isfinite(emb).all(dim=1).numpy()
-                if not finite.all():
-                    status[idx[~finite]] = BoxStatus.BACKEND_ERROR
-                    res.error = (f"backend {self.encoder.backend_name!r} returned non-finite features for "
-                                 f"{int((~finite).sum())} of {idx.size} boxes")
-                    LOG.warning(res.error)
-                good = idx[finite]
-                if good.size:
-                    sims = scoring.cosine_similarities(emb[torch.from_numpy(finite)], self.text_emb)
-                    out = scoring.score(sims, method=self.scorer, temperature=self.temperature)
-                    unc = np.asarray(_to_numpy(out.uncertainty), np.float32).reshape(-1)
-                    lab = np.asarray(_to_numpy(out.label_idx), np.int64).reshape(-1)
-                    sim = np.asarray(_to_numpy(out.similarity), np.float32).reshape(-1)
-                    bad = ~np.isfinite(unc) | (lab < 0)
-                    if bad.any():  # scorer could not score a row (should not happen with finite embeddings)
-                        status[good[bad]] = BoxStatus.BACKEND_ERROR
-                    ok = ~bad
-                    g = good[ok]
-                    res.uncertainty[g] = unc[ok]
-                    res.label_idx[g] = lab[ok]
-                    res.similarity[g] = sim[ok]
-                    thr = self._label_thresholds[lab[ok]]
-                    res.threshold[g] = thr
-                    res.is_ood[g] = np.isfinite(thr) & (unc[ok] > thr)
-                    for i, k in zip(g, lab[ok]):
-                        res.label[i] = self.label_set.labels[int(k)]
-            timings["score"] = (time.perf_counter() - t3) * 1e3
-        timings["total"] = (time.perf_counter() - t0) * 1e3
-        res.timings = timings
-        return res
+        return self.score_features(self.encode(image_rgb, boxes, box_format=box_format,
+                                               detector_scores=detector_scores))
 
     def warmup(self, width: int = 640, height: int = 480, num_boxes: int = 2) -> FrameResult:
         """Score one synthetic grey frame so lazy initialisation (allocators, kernels, engines)

@@ -1,13 +1,12 @@
 """Shared pieces of the offline tools: CLI arguments, encoder loading, the dataset scoring loop.
 
-Every tool that scores a dataset goes through :func:`encode_dataset` (images -> per-box
-pre-projection features ``f_r`` / ``f_g``, computed once) and :func:`score_encoded`
-(features -> fused embedding -> similarities -> uncertainty, for one scorer x ablation);
-:func:`score_dataset` chains the two for an :class:`~runa_ood_node.core.pipeline.OodScorer`.
-The split exists so ``evaluate`` can compare several scorers and ablations on one set of features.
-It uses only the method's public building blocks (``ViewMaker.make``, ``DualEncoder.visual_features``,
-``DualEncoder.fuse``, ``scoring.cosine_similarities``, ``scoring.score``) in the same order as
-``OodScorer.score``; ``tests/test_evaluate.py`` checks the two agree box by box.
+The dataset loop holds no method code: :func:`encode_boxes` calls ``OodScorer.encode`` once per
+frame (sanitising, views, visual trunk -> per-box pre-projection features) and :func:`score_boxes`
+calls ``OodScorer.score_features`` (fusion, similarities, scorer) once per scorer x ablation on
+the features of the whole dataset; :func:`score_dataset` chains the two for one configuration.
+The split exists so ``evaluate`` can compare several scorers and ablations on one encoding.
+:func:`encode_dataset` / :func:`score_encoded` are the same two steps with the older signatures
+(used by ``finetune``).
 
 Weights policy: a tool never silently falls back to random weights. When the requested weights
 cannot be loaded it prints what failed and how to provide weights, and exits with status 2.
@@ -298,17 +297,18 @@ def write_json(path, obj) -> pathlib.Path:
 # ---------------------------------------------------------------------------------------------- scoring loop
 @dataclasses.dataclass
 class EncodedBoxes:
-    """Per-box pre-projection features of a dataset (all boxes of all frames, in frame order).
+    """Every box of a dataset encoded once by an ``OodScorer`` (all frames, in frame order).
 
     Attributes:
         image_id, ann_id: identifiers ``[B]``; ``category`` B names; ``is_id`` bool ``[B]``.
         frame_idx: int ``[B]`` index of the box's frame in the dataset.
-        status: uint8 ``[B]`` :class:`BoxStatus` (``NOT_SCORED`` for boxes of unreadable images,
-            ``BACKEND_ERROR`` when the backend failed on the frame).
-        f_r, f_g: float32 ``[B, width]`` regional / global features (None when not computed;
-            rows of non-OK boxes are NaN).
-        seconds: wall time per stage (``load`` image reading, ``views``, ``encode_r``,
-            ``encode_g``) in seconds.
+        features: :class:`~runa_ood_node.core.pipeline.BoxFeatures` of all B boxes
+            (``OodScorer.encode`` per frame, joined with ``BoxFeatures.concat``); boxes of
+            unreadable images are ``NOT_SCORED``, boxes of frames where the backend failed
+            ``BACKEND_ERROR``.
+        pipeline: the ``OodScorer`` that encoded them; :func:`score_boxes` scores with it.
+        seconds: wall time per stage in seconds: ``load`` (image reading + box sanitising),
+            ``views`` (view making), ``encode`` (the visual trunk passes of the encoded views).
         n_images: frames processed; ``image_errors``: list of ``(path, message)``.
     """
 
@@ -317,53 +317,60 @@ class EncodedBoxes:
     category: List[str]
     is_id: np.ndarray
     frame_idx: np.ndarray
-    status: np.ndarray
-    f_r: Optional[np.ndarray]
-    f_g: Optional[np.ndarray]
+    features: Any
+    pipeline: Any
     seconds: Dict[str, float]
     n_images: int
     image_errors: list
 
     def __len__(self) -> int:
-        return int(self.status.shape[0])
+        return len(self.features)
+
+    @property
+    def status(self) -> np.ndarray:
+        """uint8 ``[B]`` :class:`BoxStatus` after encoding."""
+        return self.features.status
+
+    @property
+    def views(self) -> tuple:
+        """The encoded views, a subset of ``("regional", "global")``."""
+        return self.features.views
 
     def seconds_for(self, ablation: str) -> float:
-        """Wall time the scoring of ``ablation`` needs (image loading + views + the encodes it uses)."""
-        s = self.seconds["load"] + self.seconds["views"]
-        if ablation in ("dual", "regional"):
-            s += self.seconds["encode_r"]
-        if ablation in ("dual", "global"):
-            s += self.seconds["encode_g"]
-        return s
+        """Wall time a run of ``ablation`` alone would spend before scoring: image loading + views +
+        the trunk passes it needs. The encoded views share one backend call of equal-sized halves,
+        so a single-view ablation is charged ``encode * (views it needs) / (views encoded)``."""
+        from ..core.pipeline import VIEWS_FOR_ABLATION
+
+        need = VIEWS_FOR_ABLATION[ablation]
+        share = len(need) / max(1, len(self.views))
+        return self.seconds["load"] + self.seconds["views"] + self.seconds["encode"] * share
 
 
-def encode_dataset(encoder, view_maker, dataset, min_box_size: float = 2.0, views=("regional", "global"),
-                   progress: bool = True, desc: str = "encoding", max_batch: Optional[int] = None) -> EncodedBoxes:
-    """Run the visual trunk once over every box of ``dataset``.
+def encode_boxes(pipeline, dataset, views=None, progress: bool = True, desc: str = "encoding") -> EncodedBoxes:
+    """``pipeline.encode`` (an ``OodScorer``) over every frame of ``dataset``, boxes in xywh.
 
-    Per frame: read the image, :func:`sanitize_boxes` (xywh -> xyxy, status), ``ViewMaker.make``
-    for the OK boxes, one ``visual_features`` call for the regional views and one for the global
-    views (timed separately, so per-ablation throughput can be reported). A frame whose image
-    cannot be read marks its boxes ``NOT_SCORED``; a backend exception marks them
-    ``BACKEND_ERROR``; neither stops the loop (both are logged and listed in ``image_errors``).
+    ``views``: as for ``OodScorer.encode`` (None = what ``pipeline.ablation`` needs; both to score
+    every ablation). A frame whose image cannot be read marks its boxes ``NOT_SCORED``; a backend
+    failure marks them ``BACKEND_ERROR`` (``OodScorer.encode``); neither stops the loop (both are
+    logged and listed in ``image_errors``).
     """
     from tqdm import tqdm
 
-    from ..core.boxes import BoxStatus, sanitize_boxes
+    from ..core.boxes import BoxStatus
+    from ..core.pipeline import BoxFeatures
 
-    want_r, want_g = "regional" in views, "global" in views
-    width = encoder.width
+    views = pipeline.resolve_views(views)
+    width = pipeline.encoder.width
     B = dataset.n_boxes
-    f_r = np.full((B, width), np.nan, np.float32) if want_r else None
-    f_g = np.full((B, width), np.nan, np.float32) if want_g else None
-    status = np.full(B, BoxStatus.NOT_SCORED, np.uint8)
     image_id, ann_id, category = [], [], []
     is_id = np.zeros(B, bool)
     frame_idx = np.zeros(B, np.int64)
-    secs = {"load": 0.0, "views": 0.0, "encode_r": 0.0, "encode_g": 0.0}
+    secs = {"load": 0.0, "views": 0.0, "encode": 0.0}
     errors = []
+    parts = []
     size_mismatch = 0
-    pos = 0
+    pos = n_ok = 0
     bar = tqdm(dataset.frames, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
     for fi, fr in enumerate(bar):
         n = len(fr)
@@ -383,42 +390,32 @@ def encode_dataset(encoder, view_maker, dataset, min_box_size: float = 2.0, view
             errors.append((str(fr.path), str(exc)))
             LOG.warning("skipping %d boxes of %s: %s", n, fr.path, exc)
             secs["load"] += time.perf_counter() - t0
+            parts.append(BoxFeatures.unscored(n, width, views, error=f"{fr.path}: {exc}"))
             continue
+        secs["load"] += time.perf_counter() - t0
         H, W = img.shape[:2]
         if (W, H) != (fr.width, fr.height):
             size_mismatch += 1
             LOG.warning("%s is %dx%d but annotated as %dx%d; boxes used as annotated", fr.path, W, H, fr.width,
                         fr.height)
-        xyxy, st = sanitize_boxes(fr.boxes, W, H, fmt="xywh", min_size=min_box_size)
-        t1 = time.perf_counter()
-        secs["load"] += t1 - t0
-        ok = np.flatnonzero(st == BoxStatus.OK)
-        if ok.size:
-            regional, global_ = view_maker.make(img, xyxy[ok])
-            t2 = time.perf_counter()
-            secs["views"] += t2 - t1
-            rows = np.arange(sl.start, sl.stop)[ok]
-            try:
-                if want_r:
-                    ta = time.perf_counter()
-                    f_r[rows] = encoder.visual_features(regional, max_batch=max_batch).numpy()
-                    secs["encode_r"] += time.perf_counter() - ta
-                if want_g:
-                    ta = time.perf_counter()
-                    f_g[rows] = encoder.visual_features(global_, max_batch=max_batch).numpy()
-                    secs["encode_g"] += time.perf_counter() - ta
-            except Exception as exc:  # backend failure: flag the boxes, keep going
-                errors.append((str(fr.path), f"backend: {type(exc).__name__}: {exc}"))
-                LOG.error("backend %s failed on %s: %s", encoder.backend_name, fr.path, exc)
-                st[ok] = BoxStatus.BACKEND_ERROR
-        status[sl] = st
-        done = max(1e-9, sum(secs.values()))
+        feat = pipeline.encode(img, fr.boxes, box_format="xywh", views=views)
+        t = feat.timings
+        secs["views"] += t["views"] / 1e3
+        secs["encode"] += t["encode"] / 1e3
+        secs["load"] += max(0.0, t["total"] - t["views"] - t["encode"]) / 1e3  # sanitising, cap
+        if feat.error:
+            errors.append((str(fr.path), feat.error))
+        parts.append(feat)
+        n_ok += int((feat.status == BoxStatus.OK).sum())
         if progress:
-            bar.set_postfix(boxes_s=f"{int((status[:pos] == BoxStatus.OK).sum()) / done:.1f}")
+            bar.set_postfix(boxes_s=f"{n_ok / max(1e-9, sum(secs.values())):.1f}")
     bar.close()
     if size_mismatch:
         errors.append(("*", f"{size_mismatch} image(s) differ in size from their annotation"))
-    return EncodedBoxes(image_id, ann_id, category, is_id, frame_idx, status, f_r, f_g, secs, dataset.n_images,
+    features = BoxFeatures.concat(parts) if parts else BoxFeatures.unscored(0, width, views)
+    # frames without boxes are skipped above, so the joined features hold exactly the B boxes
+    assert len(features) == B, (len(features), B)
+    return EncodedBoxes(image_id, ann_id, category, is_id, frame_idx, features, pipeline, secs, dataset.n_images,
                         errors)
 
 
@@ -432,61 +429,67 @@ class ScoredBoxes:
     similarity: np.ndarray  # float32
     status: np.ndarray  # uint8 (OK boxes with non-finite embeddings become BACKEND_ERROR)
     seconds: float  # fuse + similarity + score wall time
+    result: Any = None  # the FrameResult over all B boxes (threshold, is_ood, ...)
 
 
 def effective_lam(ablation: str, lam: float) -> float:
-    """The fusion weight an ablation uses: lam (dual), 1 (regional), 0 (global)."""
-    return {"dual": float(lam), "regional": 1.0, "global": 0.0}[ablation]
+    """The fusion weight an ablation uses (``core.pipeline.effective_lam``)."""
+    from ..core.pipeline import effective_lam as _effective_lam
+
+    return _effective_lam(ablation, lam)
+
+
+def score_boxes(enc: EncodedBoxes, scorer: Optional[str] = None, ablation: Optional[str] = None,
+                lam: Optional[float] = None, temperature: Optional[float] = None,
+                regional_projection=None) -> ScoredBoxes:
+    """Score every encoded box with ``enc.pipeline.score_features`` (one call for the dataset).
+
+    ``scorer`` / ``ablation`` / ``lam`` / ``temperature``: None = the pipeline's own settings.
+    ``regional_projection``: optional ``[width, D]`` to use as ``P_r`` for this call only (the
+    encoder's own is restored afterwards), e.g. ``finetune``'s before/after comparison.
+    """
+    pipe = enc.pipeline
+    encoder = pipe.encoder
+    saved = encoder.proj_regional
+    try:
+        if regional_projection is not None:
+            encoder.set_regional_projection(regional_projection)
+        res = pipe.score_features(enc.features, scorer=scorer, ablation=ablation, lam=lam, temperature=temperature)
+    finally:
+        encoder.proj_regional = saved
+    return ScoredBoxes(res.uncertainty, res.label_idx, list(res.label), res.similarity, res.status,
+                       res.timings["score"] / 1e3, res)
+
+
+def encode_dataset(encoder, view_maker, dataset, min_box_size: float = 2.0, views=("regional", "global"),
+                   progress: bool = True, desc: str = "encoding", max_batch: Optional[int] = None) -> EncodedBoxes:
+    """Compatibility form of :func:`encode_boxes` for callers holding an encoder and a view maker
+    (``tools.finetune``): builds an ``OodScorer`` over ``dataset.label_set`` with these settings."""
+    from ..core.pipeline import OodScorer
+
+    pipe = OodScorer(encoder, dataset.label_set, min_box_size=min_box_size, view_maker=view_maker,
+                     max_batch=max_batch)
+    return encode_boxes(pipe, dataset, views=views, progress=progress, desc=desc)
 
 
 def score_encoded(encoder, enc: EncodedBoxes, text_emb, label_names: Sequence[str], scorer: str = "runa",
                   ablation: str = "dual", lam: float = 0.5, temperature: float = 1.0,
                   regional_projection=None) -> ScoredBoxes:
-    """Uncertainties of every OK box from precomputed features (same steps as ``OodScorer.score``).
+    """Compatibility form of :func:`score_boxes` (``tools.finetune``).
 
-    ``regional_projection``: optional ``[width, D]`` to use instead of the encoder's current
-    ``P_r`` (the encoder is restored afterwards), used by ``finetune`` for before/after scores.
+    ``encoder``, ``text_emb`` and ``label_names`` must be those of ``enc.pipeline`` (the OodScorer
+    holds them); anything else raises ``ValueError`` rather than scoring against other labels.
     """
     import torch
 
-    from ..core import scoring
-    from ..core.boxes import BoxStatus
-
-    t0 = time.perf_counter()
-    B = len(enc)
-    unc = np.full(B, np.nan, np.float32)
-    lab = np.full(B, -1, np.int64)
-    sim = np.full(B, np.nan, np.float32)
-    status = enc.status.copy()
-    idx = np.flatnonzero(status == BoxStatus.OK)
-    if idx.size:
-        lam_e = effective_lam(ablation, lam)
-        if (lam_e > 0 and enc.f_r is None) or (lam_e < 1 and enc.f_g is None):
-            raise ValueError(f"ablation {ablation!r} needs features that were not encoded")
-        fr = torch.from_numpy(enc.f_r[idx]) if lam_e > 0 else None
-        fg = torch.from_numpy(enc.f_g[idx]) if lam_e < 1 else None
-        saved = encoder.proj_regional
-        try:
-            if regional_projection is not None:
-                encoder.set_regional_projection(regional_projection)
-            emb = encoder.fuse(fr, fg, lam_e)
-        finally:
-            encoder.proj_regional = saved
-        finite = torch.isfinite(emb).all(dim=1).numpy()
-        status[idx[~finite]] = BoxStatus.BACKEND_ERROR
-        good = idx[finite]
-        if good.size:
-            sims = scoring.cosine_similarities(emb[torch.from_numpy(finite)], text_emb)
-            out = scoring.score(sims, method=scorer, temperature=temperature)
-            u = np.asarray(out.uncertainty, np.float32)
-            bad = ~np.isfinite(u) | (out.label_idx < 0)
-            status[good[bad]] = BoxStatus.BACKEND_ERROR
-            g = good[~bad]
-            unc[g] = u[~bad]
-            lab[g] = out.label_idx[~bad]
-            sim[g] = out.similarity[~bad]
-    labels = [label_names[k] if k >= 0 else "" for k in lab]
-    return ScoredBoxes(unc, lab, labels, sim, status, time.perf_counter() - t0)
+    pipe = enc.pipeline
+    if encoder is not pipe.encoder:
+        raise ValueError("score_encoded: encoder differs from the one that encoded the boxes")
+    if list(label_names) != list(pipe.label_set.labels) or not torch.equal(
+            torch.as_tensor(text_emb, dtype=pipe.text_emb.dtype), pipe.text_emb):
+        raise ValueError("score_encoded: text embeddings / labels differ from the encoding OodScorer's label set")
+    return score_boxes(enc, scorer=scorer, ablation=ablation, lam=lam, temperature=temperature,
+                       regional_projection=regional_projection)
 
 
 class Records(list):
@@ -512,6 +515,7 @@ class Records(list):
 
 
 def make_records(enc: EncodedBoxes, scored: ScoredBoxes, seconds: float) -> Records:
+    """:class:`Records` of one scored run (``seconds``: its wall time, for ``boxes_per_s``)."""
     from ..core.boxes import BoxStatus
 
     def f(v):
@@ -535,17 +539,14 @@ def make_records(enc: EncodedBoxes, scored: ScoredBoxes, seconds: float) -> Reco
 
 
 def score_dataset(scorer, dataset, progress: bool = True) -> Records:
-    """Score every box of ``dataset`` with an ``OodScorer``'s encoder, views and settings.
+    """Score every box of ``dataset`` with an ``OodScorer`` (its encoder, views and settings).
 
     Only the views the scorer's ablation needs are encoded. Returns :class:`Records` (per box:
     image_id, category, is_id, uncertainty, label, similarity, status; plus ``boxes_per_s``).
     Thresholds are not applied here (tools compare uncertainties against them explicitly).
     """
-    views = {"dual": ("regional", "global"), "regional": ("regional",), "global": ("global",)}[scorer.ablation]
-    enc = encode_dataset(scorer.encoder, scorer.view_maker, dataset, min_box_size=scorer.min_box_size, views=views,
-                         progress=progress, max_batch=getattr(scorer, "max_batch", None))
-    scored = score_encoded(scorer.encoder, enc, scorer.text_emb, scorer.label_set.labels, scorer=scorer.scorer,
-                           ablation=scorer.ablation, lam=scorer.lam, temperature=scorer.temperature)
+    enc = encode_boxes(scorer, dataset, views=None, progress=progress)
+    scored = score_boxes(enc)
     return make_records(enc, scored, enc.seconds_for(scorer.ablation) + scored.seconds)
 
 

@@ -5,12 +5,14 @@ is scored; ID boxes are the positive class. For each scorer x ablation the table
 AUROC, AUPR-In, AUPR-Out (fractions, ``core.metrics``), the number of ID / OOD boxes used and the
 throughput in boxes per second.
 
-Features are computed **once**: per frame, the regional and global views of every box go through
-the visual trunk once each (``DualEncoder.visual_features``), then every ablation fuses them
-(``DualEncoder.fuse`` with lam, 1 or 0) and every scorer scores the same similarities (see
-``tools.common``). ``boxes/s`` of a row is (OK boxes) / (image reading + view making + the trunk
-passes that ablation needs + its fusion and scoring), i.e. what a run of that configuration
-alone would take, measured within the shared pass.
+Features are computed **once**: per frame, ``OodScorer.encode(..., views=...)`` sends the
+regional and global views of every box (only those the requested ablations need) through the
+visual trunk in one backend call; then every scorer x ablation is scored from those features with
+``OodScorer.score_features`` (fusion with lam, 1 or 0, similarities, scorer; see ``tools.common``).
+``boxes/s`` of a row is (OK boxes) / (image reading + view making + the share of the trunk pass
+that ablation needs + its fusion and scoring), i.e. what a run of that configuration alone would
+take, measured within the shared pass (a single-view ablation is charged the fraction of the
+shared pass that its views make up, e.g. half when both views were encoded).
 
 Outputs in ``--out`` (default ``out/evaluate``): ``report.json`` (``random_weights`` flag, model,
 dataset counts, per-run metrics and box status counts), ``roc.png`` (one line per run),
@@ -135,20 +137,20 @@ def _run_dataset(args) -> int:
              dataset.n_images, dataset.n_boxes, dataset.n_id, dataset.n_ood, dataset.label_set.name, scorers,
              ablations)
 
+    from ..core.pipeline import VIEWS_FOR_ABLATION
+
+    # one pipeline: its encode() runs once per frame, its score_features() once per scorer x ablation
     ref = common.build_scorer(args, encoder, dataset.label_set, scorer=scorers[0], ablation=ablations[0])
-    views = set()
-    for ab in ablations:
-        views |= {"dual": {"regional", "global"}, "regional": {"regional"}, "global": {"global"}}[ab]
+    views = {v for ab in ablations for v in VIEWS_FOR_ABLATION[ab]}
     t0 = time.perf_counter()
-    enc = common.encode_dataset(encoder, ref.view_maker, dataset, min_box_size=args.min_box_size,
-                                views=tuple(sorted(views)), progress=not args.no_progress, desc="encoding boxes")
-    LOG.info("encoded %d boxes of %d images in %.1f s", len(enc), enc.n_images, time.perf_counter() - t0)
+    enc = common.encode_boxes(ref, dataset, views=tuple(views), progress=not args.no_progress, desc="encoding boxes")
+    LOG.info("encoded %d boxes of %d images (%s views) in %.1f s", len(enc), enc.n_images, "+".join(enc.views),
+             time.perf_counter() - t0)
 
     rows, curves, all_records = [], {}, {}
     for ab in ablations:
         for sc in scorers:
-            scored = common.score_encoded(encoder, enc, ref.text_emb, dataset.label_set.labels, scorer=sc,
-                                          ablation=ab, lam=args.lam, temperature=args.temperature)
+            scored = common.score_boxes(enc, scorer=sc, ablation=ab)
             ok = scored.status == BoxStatus.OK
             id_s = scored.uncertainty[ok & enc.is_id]
             ood_s = scored.uncertainty[ok & ~enc.is_id]
@@ -187,8 +189,10 @@ def _run_dataset(args) -> int:
         "config": common.tool_config(args, encoder),
         "dataset": dataset.describe(),
         "encoding": {"seconds": enc.seconds, "image_errors": enc.image_errors, "boxes": len(enc),
-                     "note": "features computed once per box (regional and global trunk passes), shared by all "
-                             "scorers and ablations; fusion via DualEncoder.fuse, scores via core.scoring"},
+                     "views": list(enc.views),
+                     "note": "features computed once per box (OodScorer.encode: one trunk pass per frame over "
+                             "the views listed), shared by all scorers and ablations; each run scored with "
+                             "OodScorer.score_features"},
         "tpr": args.tpr,
         "runs": rows,
         "plots": {"roc": roc.name},
