@@ -1,0 +1,360 @@
+"""TensorRT engine builder and runtime for the visual trunk (TensorRT 10.x and 11.x).
+
+TensorRT is imported lazily: importing this module never needs it. Engines are built offline with
+``runa-ood build-engine`` (minutes), never at node start-up; the node loads a cached engine and
+falls back to another backend when none fits (see :func:`base.make_backend`).
+
+Precision
+    * ``fp32``: built from the fp32 ONNX; TF32 disabled so results match PyTorch fp32.
+    * ``fp16``, mode ``"strongly-typed"`` (default; the only mode on TensorRT 11, which removed
+      ``BuilderFlag.FP16``): built from the fp16 ONNX export (float32 I/O) as a strongly typed
+      network, so every tensor keeps the type the graph declares and the fused LayerNormalization
+      (opset 17) computes its statistics in fp32 accumulators.
+    * ``fp16``, mode ``"builder-flag"`` (TensorRT 10.x only): fp32 ONNX + ``BuilderFlag.FP16``
+      with normalisation, softmax, reduce and pow/sqrt layers pinned to fp32
+      (``OBEY_PRECISION_CONSTRAINTS``). A naive FP16 flag without pinning lets LayerNorm run in
+      fp16 and CLIP embeddings collapse.
+
+Runtime
+    ``set_input_shape`` per call, ``set_tensor_address`` with torch CUDA tensors, and
+    ``execute_async_v3`` on torch's current CUDA stream, so no extra synchronisation or host copy
+    is needed; batches larger than the profile's max are split (:func:`engine_cache.split_batches`).
+    CPU inputs are copied to the GPU and the output returned on the CPU; CUDA inputs stay on the GPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import threading
+import time
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .base import BackendUnavailableError, ModelInfo, VisualBackend, cuda_available, default_cache_dir, describe_model
+from .engine_cache import (INPUT_NAME, OUTPUT_NAME, EngineMeta, EngineMismatchError, Profile, check_engine_compat,
+                           engine_cache_key, engine_path_for, file_sha256, normalize_compute_capability,
+                           trt_dtype_to_torch)
+
+LOG = logging.getLogger(__name__)
+
+FP16_MODES = ("strongly-typed", "builder-flag")
+DEFAULT_PROFILE = Profile(1, 16, 64)
+
+
+def _import_trt():
+    try:
+        import tensorrt as trt  # type: ignore
+    except Exception as exc:  # ImportError, or the PyPI stub failing to find libnvinfer
+        raise BackendUnavailableError(
+            f"TensorRT not installed ({type(exc).__name__}: {exc}); install NVIDIA's tensorrt wheel "
+            "(JetPack ships it) or use the onnxruntime/torch backend") from exc
+    if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
+        raise BackendUnavailableError("TensorRT not installed: the 'tensorrt' module found is only a stub "
+                                      "without the TensorRT libraries")
+    return trt
+
+
+def tensorrt_available() -> Tuple[bool, str]:
+    """``(True, "")`` when TensorRT and a CUDA GPU are usable, else ``(False, reason)``."""
+    try:
+        trt = _import_trt()
+    except BackendUnavailableError as exc:
+        return False, str(exc)
+    if not cuda_available():
+        return False, f"TensorRT {trt.__version__} found but no CUDA device is available to torch"
+    return True, ""
+
+
+def trt_major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def gpu_compute_capability(device: Union[str, torch.device] = "cuda") -> str:
+    """``"major.minor"`` of the CUDA device."""
+    return normalize_compute_capability(torch.cuda.get_device_capability(torch.device(device)))
+
+
+class _TrtLogger:
+    """Route TensorRT's log into Python logging (created lazily: needs tensorrt)."""
+
+    _instance = None
+
+    @classmethod
+    def get(cls, trt):
+        if cls._instance is None:
+            class Logger(trt.ILogger):
+                def __init__(self):
+                    trt.ILogger.__init__(self)
+
+                def log(self, severity, msg):
+                    level = {trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
+                             trt.ILogger.Severity.ERROR: logging.ERROR,
+                             trt.ILogger.Severity.WARNING: logging.WARNING,
+                             trt.ILogger.Severity.INFO: logging.DEBUG}.get(severity, logging.DEBUG)
+                    LOG.log(level, "TensorRT: %s", msg)
+
+            cls._instance = Logger()
+        return cls._instance
+
+
+# ---------------------------------------------------------------------- builder
+def _pin_fp32_layers(trt, network) -> int:
+    """Force precision-sensitive layers to fp32 for ``builder-flag`` fp16 builds; returns the count."""
+    sensitive = {getattr(trt.LayerType, n) for n in ("NORMALIZATION", "SOFTMAX", "REDUCE") if hasattr(trt.LayerType, n)}
+    pow_ops = {getattr(trt.ElementWiseOperation, n) for n in ("POW",) if hasattr(trt.ElementWiseOperation, n)}
+    unary_ops = {getattr(trt.UnaryOperation, n) for n in ("SQRT", "EXP") if hasattr(trt.UnaryOperation, n)}
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        pin = layer.type in sensitive
+        if not pin and layer.type == trt.LayerType.ELEMENTWISE:
+            try:
+                layer.__class__ = trt.IElementWiseLayer
+                pin = layer.op in pow_ops
+            except Exception:
+                pin = False
+        if not pin and layer.type == trt.LayerType.UNARY:
+            try:
+                layer.__class__ = trt.IUnaryLayer
+                pin = layer.op in unary_ops
+            except Exception:
+                pin = False
+        if pin:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                if layer.get_output(j).dtype in (trt.float32, trt.float16):
+                    layer.set_output_type(j, trt.float32)
+            pinned += 1
+    return pinned
+
+
+def build_engine(model: Any, *, precision: str = "fp16", profile: Union[Profile, Sequence[int]] = DEFAULT_PROFILE,
+                 fp16_mode: str = "strongly-typed", cache_dir=None, engine_path=None, onnx_path=None,
+                 workspace_mib: int = 4096, force: bool = False, device: str = "cuda") -> Tuple[pathlib.Path, EngineMeta]:
+    """Export the ONNX (cached) and build (or reuse) the TensorRT engine for ``model``.
+
+    Args:
+        model: a ``DualEncoder``, its ``visual_trunk`` or a :class:`base.ModelInfo`.
+        precision: ``"fp32"`` or ``"fp16"``; fp16_mode: see the module docstring.
+        profile: ``(min, opt, max)`` views per call; ``max`` bounds the runtime batch.
+        engine_path: explicit output (default: the cache path from :func:`engine_cache.engine_path_for`).
+        onnx_path: use this ONNX instead of exporting (must match ``precision``/``fp16_mode``).
+        force: rebuild even when a matching engine exists.
+
+    Returns:
+        ``(engine_path, meta)``; the metadata sidecar is written next to the engine.
+
+    Raises:
+        BackendUnavailableError: TensorRT or CUDA missing, or fp16 builder-flag mode on TensorRT >= 11.
+        RuntimeError: the ONNX parser or the builder failed (their messages are included).
+    """
+    trt = _import_trt()
+    if not cuda_available():
+        raise BackendUnavailableError("building a TensorRT engine needs a CUDA GPU")
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"TensorRT precision must be fp32 or fp16, got {precision!r}")
+    if fp16_mode not in FP16_MODES:
+        raise ValueError(f"fp16_mode must be one of {FP16_MODES}, got {fp16_mode!r}")
+    major = trt_major(trt.__version__)
+    if precision == "fp16" and fp16_mode == "builder-flag" and not hasattr(trt.BuilderFlag, "FP16"):
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} has no BuilderFlag.FP16 (removed in 11); "
+                                      "use fp16_mode='strongly-typed'")
+    info = model if isinstance(model, ModelInfo) else describe_model(model)
+    prof = Profile.coerce(profile)
+    strongly_typed = precision == "fp16" and fp16_mode == "strongly-typed"
+    if onnx_path is None:
+        from .onnx_export import export_onnx
+
+        onnx_path = export_onnx(info, precision="fp16" if strongly_typed else "fp32", cache_dir=cache_dir)
+    onnx_path = pathlib.Path(onnx_path)
+    cc = gpu_compute_capability(device)
+    model_hash = file_sha256(onnx_path)
+    key = engine_cache_key(model_hash, trt.__version__, cc, precision, prof)
+    out = pathlib.Path(engine_path) if engine_path else engine_path_for(info.model_id, precision, prof, key,
+                                                                        default_cache_dir(cache_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    side = out.with_suffix(".json")
+    if not force and out.is_file() and side.is_file():
+        try:
+            meta = EngineMeta.load(side)
+            if meta.key == key:
+                LOG.info("TensorRT engine cache hit: %s", out)
+                return out, meta
+        except EngineMismatchError:
+            pass
+
+    logger = _TrtLogger.get(trt)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and major < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    S = info.input_size
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(INPUT_NAME, (prof.min, 3, S, S), (prof.opt, 3, S, S), (prof.max, 3, S, S))
+    config.add_optimization_profile(opt_profile)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    build_mode = "fp32"
+    if precision == "fp16":
+        if strongly_typed:
+            build_mode = "strongly-typed"
+        else:
+            build_mode = "builder-flag"
+            config.set_flag(trt.BuilderFlag.FP16)
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            pinned = _pin_fp32_layers(trt, network)
+            LOG.info("fp16 builder-flag build: %d precision-sensitive layers pinned to fp32", pinned)
+    t0 = time.perf_counter()
+    LOG.info("building TensorRT %s engine (%s) for %s, profile %s; this takes minutes", precision, build_mode,
+             info.model_name, prof.as_tuple())
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT build_serialized_network failed (see the TensorRT log above)")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(bytes(serialized))
+    os.replace(tmp, out)
+    meta = EngineMeta(key=key, model_id=info.model_id, model_hash=model_hash, trt_version=trt.__version__,
+                      compute_capability=cc, precision=precision, profile=prof.as_tuple(), input_size=S,
+                      width=info.width, build_mode=build_mode, onnx_path=str(onnx_path),
+                      weights_hash=info.weights_hash())
+    meta.save(side)
+    LOG.info("TensorRT engine written to %s in %.1f s", out, time.perf_counter() - t0)
+    return out, meta
+
+
+def find_cached_engines(model_id: str, precision: str, cache_dir=None,
+                        weights_hash: Optional[str] = None) -> List[Tuple[pathlib.Path, EngineMeta]]:
+    """Engines in the cache for this model (by ``model_id`` or trunk ``weights_hash``) and precision,
+    newest first, compatible with this machine or not."""
+    d = default_cache_dir(cache_dir) / "engines"
+    found = []
+    ids = {model_id} | ({weights_hash} if weights_hash else set())
+    for side in sorted(d.glob(f"*-{precision}-*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        eng = side.with_suffix(".engine")
+        if not eng.is_file():
+            continue
+        try:
+            meta = EngineMeta.load(side)
+        except EngineMismatchError:
+            continue
+        if meta.precision == precision and ids & {meta.model_id, meta.weights_hash}:
+            found.append((eng, meta))
+    return found
+
+
+# ---------------------------------------------------------------------- runtime
+class TensorRTBackend(VisualBackend):
+    """Run a serialized TensorRT engine of the visual trunk.
+
+    Args:
+        engine_path: ``.engine`` file with its ``.json`` sidecar (:class:`engine_cache.EngineMeta`).
+        device: ``"cuda[:N]"``.
+        max_batch: optional cap, at most the profile's max batch (default: that max).
+        expect_model_id, expect_precision: checked against the sidecar when given.
+
+    Raises:
+        BackendUnavailableError: TensorRT/CUDA missing.
+        EngineMismatchError: the engine was built for another TensorRT version, GPU, model or precision.
+    """
+
+    def __init__(self, engine_path: Union[str, os.PathLike], device: str = "cuda", max_batch: Optional[int] = None,
+                 expect_model_id: Optional[str] = None, expect_precision: Optional[str] = None):
+        trt = _import_trt()
+        if not cuda_available():
+            raise BackendUnavailableError("TensorRT backend needs a CUDA device")
+        self.engine_path = pathlib.Path(engine_path)
+        if not self.engine_path.is_file():
+            raise BackendUnavailableError(f"TensorRT engine {self.engine_path} does not exist; build it with "
+                                          "`runa-ood build-engine`")
+        self.meta = EngineMeta.load(self.engine_path.with_suffix(".json"))
+        self._device = torch.device(device)
+        if self._device.index is None:
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        check_engine_compat(self.meta, trt.__version__, gpu_compute_capability(self._device),
+                            model_id=expect_model_id, precision=expect_precision)
+        with torch.cuda.device(self._device):
+            runtime = trt.Runtime(_TrtLogger.get(trt))
+            self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+            if self.engine is None:
+                raise EngineMismatchError(f"TensorRT could not deserialize {self.engine_path} (corrupt, or built by "
+                                          "another TensorRT); rebuild it with `runa-ood build-engine`")
+            self.context = self.engine.create_execution_context()
+        self._runtime = runtime
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
+            raise EngineMismatchError(f"engine I/O tensors are {names}, expected {INPUT_NAME!r} and {OUTPUT_NAME!r}")
+        self._in_dtype = trt_dtype_to_torch(self.engine.get_tensor_dtype(INPUT_NAME))
+        self._out_dtype = trt_dtype_to_torch(self.engine.get_tensor_dtype(OUTPUT_NAME))
+        pmin, _, pmax = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self._min_batch, profile_max = int(pmin[0]), int(pmax[0])
+        self.max_batch = profile_max if not max_batch else min(int(max_batch), profile_max)
+        self.input_size = int(self.meta.input_size)
+        self.width = int(self.meta.width)
+        self.device = str(self._device)
+        self.precision = self.meta.precision
+        self.name = f"tensorrt-{self.meta.precision}"
+        self._lock = threading.Lock()  # one execution context: one inference at a time
+
+    @classmethod
+    def from_cache(cls, model: Any, *, device: str = "cuda", precision: str = "fp16", engine_path=None,
+                   cache_dir=None, max_batch: Optional[int] = None) -> "TensorRTBackend":
+        """Load ``engine_path`` or the newest compatible cached engine for ``model``/``precision``."""
+        info = model if isinstance(model, ModelInfo) else describe_model(model)
+        if engine_path is not None:
+            return cls(engine_path, device=device, max_batch=max_batch, expect_model_id=info.model_id,
+                       expect_precision=precision)
+        candidates = find_cached_engines(info.model_id, precision, cache_dir,
+                                         weights_hash=info._weights_hash)
+        if not candidates:
+            raise BackendUnavailableError(
+                f"no TensorRT {precision} engine cached for model {info.model_name} (model_id {info.model_id}) in "
+                f"{default_cache_dir(cache_dir) / 'engines'}; build one with `runa-ood build-engine --model "
+                f"{info.model_name} --precision {precision}` (engines are never built at start-up)")
+        problems = []
+        for path, _meta in candidates:
+            try:
+                return cls(path, device=device, max_batch=max_batch, expect_model_id=info.model_id,
+                           expect_precision=precision)
+            except EngineMismatchError as exc:
+                problems.append(f"{path.name}: {exc}")
+        raise BackendUnavailableError("no cached TensorRT engine fits this machine: " + " | ".join(problems))
+
+    def _run(self, views: torch.Tensor) -> torch.Tensor:
+        x = views.to(self._device, self._in_dtype, non_blocking=True).contiguous()
+        b = int(x.shape[0])
+        pad = max(0, self._min_batch - b)
+        if pad:  # profiles with min > 1: pad with zeros, drop the padded rows afterwards
+            x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))], 0)
+        out = torch.empty((x.shape[0], self.width), dtype=self._out_dtype, device=self._device)
+        with self._lock, torch.cuda.device(self._device):
+            if not self.context.set_input_shape(INPUT_NAME, tuple(x.shape)):
+                raise RuntimeError(f"TensorRT rejected input shape {tuple(x.shape)} (profile batch "
+                                   f"{self._min_batch}..{self.max_batch})")
+            self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+            self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+            stream = torch.cuda.current_stream(self._device)
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        return out[:b].float()
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update({"engine": str(self.engine_path), "trt_version": self.meta.trt_version,
+                  "compute_capability": self.meta.compute_capability, "profile": list(self.meta.profile),
+                  "build_mode": self.meta.build_mode})
+        return d

@@ -1,0 +1,359 @@
+"""`runa-ood bench`: per-frame latency of every available visual backend vs the naive per-box loop.
+
+What is timed (one "frame" = one real 640x480 photograph with N boxes, N in ``--boxes``):
+
+* ``naive``: the obvious implementation, per box: :meth:`ViewMaker.make_naive` (resize + blur the
+  frame again for this box), two separate batch-1 forward passes of the PyTorch trunk (crop, then
+  global view), fuse, cosine to the text embeddings, score.
+* ``batched/<backend>``: :meth:`OodScorer.score` (views for all boxes made with one frame resize and
+  one blur, ONE backend call over the 2N views, vectorised scoring) with the encoder's trunk
+  replaced through ``encoder.set_backend`` by each available backend: torch fp32, ONNX Runtime
+  fp32, ONNX Runtime int8 (dynamic), and on a CUDA machine torch CUDA fp32/fp16, ONNX Runtime CUDA
+  and TensorRT (when an engine was built with ``runa-ood build-engine``).
+
+Variants run interleaved (round robin over variants inside every round, ``--rounds`` rounds of
+``--repeats`` frames each) so the machine's slow bursts hit every variant alike; p50/p95 are over
+all frames of a variant. Weights are random by default: latency does not depend on the weight
+values, and the output says so. Embedding fidelity of int8 (and ORT fp32) against torch fp32 is
+measured on the same photograph's real box crops.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+LOG = logging.getLogger("runa_ood_node.tools.bench")
+DEFAULT_BENCH_MODEL = "ViT-B-32"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_BENCH_MODEL, help="open_clip ViT (default %(default)s)")
+    parser.add_argument("--pretrained", default="none",
+                        help="weights tag/path; default 'none' = seeded RANDOM weights (latency is the same)")
+    parser.add_argument("--boxes", default="1,10,50", help="box counts per frame (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="frames per variant per box count per round "
+                                                                "(default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed frames per variant first (default %(default)s)")
+    parser.add_argument("--variants", default="all",
+                        help="comma list among naive,torch,onnxruntime,onnxruntime-int8,torch-cuda,torch-cuda-fp16,"
+                             "onnxruntime-cuda,tensorrt, or 'all' = every one available here (default %(default)s)")
+    parser.add_argument("--ort-threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--image", default=None, help="photograph to use (default: a 640x480 one from the ood pack)")
+    parser.add_argument("--annotations", default=None, help="ood pack annotations.json (default: the shared pack)")
+    parser.add_argument("--labels", default="voc", help="ID label set (default %(default)s)")
+    parser.add_argument("--cache-dir", default=None, help="cache root for ONNX exports (default $RUNA_OOD_CACHE_DIR)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write all figures to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+# ---------------------------------------------------------------------- inputs
+def load_photo(image: Optional[str] = None, annotations: Optional[str] = None
+               ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+    """A real RGB photograph (640x480 preferred) and its annotated boxes as xyxy float32 ``[K,4]``.
+
+    Order: ``image`` if given (boxes: a fixed grid); else the first 640x480 image with >= 3 boxes in
+    the ood pack; else ``skimage.data.astronaut()`` resized to 640x480 with hand-placed boxes.
+    """
+    import cv2
+
+    if image:
+        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"cannot read image {image}")
+        rgb = bgr[:, :, ::-1].copy()
+        return rgb, _grid_boxes(rgb.shape[1], rgb.shape[0]), {"source": str(image), "boxes_from": "grid"}
+    from .common import DEFAULT_ANNOTATIONS
+
+    ann_path = pathlib.Path(annotations) if annotations else DEFAULT_ANNOTATIONS
+    if ann_path.is_file():
+        import json
+
+        ann = json.loads(ann_path.read_text())
+        for img in ann["images"]:
+            if img["width"] == 640 and img["height"] == 480:
+                boxes = [a["bbox"] for a in ann["annotations"] if a["image_id"] == img["id"]]
+                if len(boxes) >= 3:
+                    bgr = cv2.imread(str(ann_path.parent / img["file_name"]), cv2.IMREAD_COLOR)
+                    if bgr is None:
+                        continue
+                    b = np.asarray(boxes, np.float32)
+                    b[:, 2:] += b[:, :2]
+                    return bgr[:, :, ::-1].copy(), b, {"source": str(ann_path.parent / img["file_name"]),
+                                                       "boxes_from": "annotations", "annotated_boxes": len(boxes)}
+    from skimage import data
+
+    rgb = cv2.resize(data.astronaut(), (640, 480), interpolation=cv2.INTER_AREA)
+    b = np.array([[150, 20, 470, 300], [60, 250, 330, 480], [400, 300, 600, 470], [10, 10, 120, 150]], np.float32)
+    return rgb, b, {"source": "skimage.data.astronaut (resized 640x480)", "boxes_from": "hand-placed"}
+
+
+def _grid_boxes(W: int, H: int) -> np.ndarray:
+    xs = np.linspace(0, W, 5)
+    ys = np.linspace(0, H, 4)
+    return np.array([[xs[i], ys[j], xs[i + 1], ys[j + 1]] for j in range(3) for i in range(4)], np.float32)
+
+
+def cycle_boxes(boxes: np.ndarray, n: int) -> np.ndarray:
+    """``n`` boxes taken from ``boxes`` in order, cycling; the c-th cycle is shifted by c px (x and y)
+    so repeated boxes are distinct (the pipeline clips any overflow to the image)."""
+    k = boxes.shape[0]
+    out = np.stack([boxes[i % k] + float(i // k) for i in range(n)])
+    return out.astype(np.float32)
+
+
+def percentiles(ms: Sequence[float]) -> Dict[str, float]:
+    a = np.asarray(ms, np.float64)
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "mean_ms": float(a.mean()),
+            "min_ms": float(a.min()), "n": int(a.size)}
+
+
+# ---------------------------------------------------------------------- variants
+def naive_frame(encoder, view_maker, text_emb, image: np.ndarray, boxes: np.ndarray, lam: float = 0.5):
+    """The naive per-box loop (see module docstring); returns the uncertainties ``[N]``."""
+    from ..core import scoring
+    from ..core.boxes import sanitize_boxes
+
+    H, W = image.shape[:2]
+    xyxy, status = sanitize_boxes(boxes, W, H)
+    unc = np.full(len(xyxy), np.nan, np.float32)
+    for i in np.flatnonzero(status == 0):
+        r, g = view_maker.make_naive(image, xyxy[i])
+        f_r = encoder.visual_features(r)
+        f_g = encoder.visual_features(g)
+        emb = encoder.fuse(f_r, f_g, lam)
+        out = scoring.score(scoring.cosine_similarities(emb, text_emb), method="runa")
+        unc[i] = float(np.asarray(out.uncertainty).reshape(-1)[0])
+    return unc
+
+
+def available_variants(requested: str, cuda: bool) -> List[str]:
+    cpu_all = ["naive", "torch", "onnxruntime", "onnxruntime-int8"]
+    gpu_all = ["torch-cuda", "torch-cuda-fp16", "onnxruntime-cuda", "tensorrt"]
+    if requested == "all":
+        return cpu_all + (gpu_all if cuda else [])
+    names = [v.strip() for v in requested.split(",") if v.strip()]
+    unknown = set(names) - set(cpu_all + gpu_all)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose among {cpu_all + gpu_all}")
+    if "naive" not in names:
+        names = ["naive"] + names  # ratios are relative to it
+    return names
+
+
+def build_backend(variant: str, encoder, args):
+    """The VisualBackend of a batched variant (None for plain torch CPU = the encoder's own trunk)."""
+    from ..backends.base import make_backend
+
+    spec = {
+        "torch": ("torch", "cpu", "fp32", False),
+        "onnxruntime": ("onnxruntime", "cpu", "fp32", False),
+        "onnxruntime-int8": ("onnxruntime", "cpu", "fp32", True),
+        "torch-cuda": ("torch", "cuda", "fp32", False),
+        "torch-cuda-fp16": ("torch", "cuda", "fp16", False),
+        "onnxruntime-cuda": ("onnxruntime", "cuda", "fp32", False),
+        "tensorrt": ("tensorrt", "cuda", "fp16", False),
+    }[variant]
+    kind, device, precision, int8 = spec
+    return make_backend(kind, encoder, device=device, precision=precision, int8=int8, cache_dir=args.cache_dir,
+                        ort_threads=args.ort_threads)
+
+
+# ---------------------------------------------------------------------- main
+def run(args) -> int:
+    from .common import _pretrained_arg, banner, setup_logging, write_json
+
+    setup_logging(args)
+    import torch
+
+    from ..backends.base import cuda_available
+    from ..backends.ort_backend import embedding_fidelity
+    from ..core.encoder import DualEncoder, WeightsUnavailableError
+    from ..core.pipeline import OodScorer
+    from ..core.views import ViewMaker
+
+    try:
+        box_counts = [int(b) for b in str(args.boxes).split(",") if b.strip()]
+        if not box_counts or min(box_counts) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --boxes must be positive integers, got {args.boxes!r}", file=sys.stderr)
+        return 2
+    if args.rounds < 1 or args.repeats < 1 or args.warmup < 0:
+        print("error: --rounds and --repeats must be >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    cuda = cuda_available()
+    try:
+        variants = available_variants(args.variants, cuda)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    pretrained = _pretrained_arg(args.pretrained)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            encoder = DualEncoder.load(args.model, pretrained=pretrained, device="cpu", allow_random=pretrained is None)
+    except (WeightsUnavailableError, ValueError) as exc:
+        print(f"error: cannot load {args.model!r}: {exc}", file=sys.stderr)
+        return 2
+    if encoder.random_weights:
+        banner([f"{args.model}: RANDOM weights. Latency and throughput do not depend on weight values;",
+                "scores and embeddings' meaning do: this run measures speed only."])
+
+    image, ann_boxes, photo = load_photo(args.image, args.annotations)
+    H, W = image.shape[:2]
+    scorer = OodScorer(encoder, args.labels)
+    view_maker = ViewMaker(encoder.input_size, encoder.mean, encoder.std, 1.0)
+
+    backends: Dict[str, Any] = {}
+    skipped: Dict[str, str] = {}
+    for v in variants:
+        if v == "naive":
+            continue
+        try:
+            t0 = time.perf_counter()
+            backends[v] = build_backend(v, encoder, args)
+            LOG.info("variant %s ready in %.1f s (%s)", v, time.perf_counter() - t0, backends[v].describe())
+        except Exception as exc:
+            skipped[v] = f"{type(exc).__name__}: {exc}"
+            LOG.warning("variant %s skipped: %s", v, skipped[v])
+    variants = [v for v in variants if v == "naive" or v in backends]
+
+    def run_frame(v: str, boxes: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        if v == "naive":
+            encoder.set_backend(None)
+            naive_frame(encoder, view_maker, scorer.text_emb, image, boxes)
+        else:
+            encoder.set_backend(backends[v], v)
+            res = scorer.score(image, boxes)
+            if res.error:
+                raise RuntimeError(res.error)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    # fidelity on real crops of this photograph (before timing, also a correctness check)
+    fid_boxes = cycle_boxes(ann_boxes, max(len(ann_boxes), 8))
+    reg, glo = view_maker.make(image, fid_boxes)
+    fid_views = torch.cat([reg, glo], 0)
+    encoder.set_backend(None)
+    from ..backends.torch_backend import TorchBackend
+    from ..backends.base import describe_model
+
+    torch_ref = TorchBackend(describe_model(encoder))
+    fidelity = {}
+    for v, be in backends.items():
+        if v == "torch":
+            continue
+        try:
+            fidelity[f"{v}_vs_torch_fp32"] = embedding_fidelity(torch_ref, be, fid_views, encoder.proj_global)
+        except Exception as exc:
+            fidelity[f"{v}_vs_torch_fp32"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if "onnxruntime" in backends and "onnxruntime-int8" in backends:
+        fidelity["onnxruntime-int8_vs_onnxruntime_fp32"] = embedding_fidelity(
+            backends["onnxruntime"], backends["onnxruntime-int8"], fid_views, encoder.proj_global)
+
+    samples: Dict[str, Dict[int, List[float]]] = {v: {n: [] for n in box_counts} for v in variants}
+    frames = {n: cycle_boxes(ann_boxes, n) for n in box_counts}
+    for v in variants:  # warm-up: first-call allocations, ORT/TensorRT lazy init
+        for _ in range(args.warmup):
+            run_frame(v, frames[min(box_counts)])
+    total = args.rounds * len(box_counts) * len(variants) * args.repeats
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="bench frames", disable=args.no_progress, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = None
+    for r in range(args.rounds):
+        for n in box_counts:
+            order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate who goes first
+            for v in order:
+                for _ in range(args.repeats):
+                    samples[v][n].append(run_frame(v, frames[n]))
+                    if bar is not None:
+                        bar.update(1)
+    if bar is not None:
+        bar.close()
+    encoder.set_backend(None)
+
+    results: Dict[str, Dict[str, Any]] = {}
+    for v in variants:
+        results[v] = {}
+        for n in box_counts:
+            st = percentiles(samples[v][n])
+            st["boxes_per_s"] = n / (st["p50_ms"] / 1e3)
+            results[v][str(n)] = st
+    for v in variants:
+        for n in box_counts:
+            results[v][str(n)]["speedup_vs_naive_p50"] = (results["naive"][str(n)]["p50_ms"]
+                                                          / results[v][str(n)]["p50_ms"])
+    ref_n = 10 if 10 in box_counts else box_counts[len(box_counts) // 2]
+    batched = [v for v in variants if v != "naive"]
+    best = min(batched, key=lambda v: results[v][str(ref_n)]["p50_ms"]) if batched else None
+    int8_cos = fidelity.get("onnxruntime-int8_vs_onnxruntime_fp32", {}).get("embedding_cos_min")
+    report = {
+        "model": args.model,
+        "random_weights": bool(encoder.random_weights),
+        "note": ("RANDOM weights: speed only, the same cost as real weights" if encoder.random_weights else ""),
+        "photo": {**photo, "width": W, "height": H},
+        "box_counts": box_counts, "rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup,
+        "variants": variants,
+        "backends": {v: be.describe() for v, be in backends.items()},
+        "skipped": skipped,
+        "results": results,
+        "fidelity": fidelity,
+        "best": {"box_count": ref_n, "variant": best,
+                 "speedup_vs_naive_p50": results[best][str(ref_n)]["speedup_vs_naive_p50"] if best else None},
+        "goals": {"best_speedup_at_10_boxes_ge_3x": (None if best is None or ref_n != 10
+                                                     else results[best]["10"]["speedup_vs_naive_p50"] >= 3.0),
+                  "int8_embedding_cos_min_ge_0.99": None if int8_cos is None else int8_cos >= 0.99},
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": cuda,
+                    "gpu": torch.cuda.get_device_name(0) if cuda else None, "python": platform.python_version(),
+                    "torch": torch.__version__},
+    }
+    _print_table(report)
+    if args.json_path:
+        path = write_json(args.json_path, report)
+        print(f"wrote {path}")
+    return 0
+
+
+def _print_table(report: Dict[str, Any]) -> None:
+    res = report["results"]
+    ns = report["box_counts"]
+    head = f"{'variant':<20}" + "".join(f"| {n:>3} boxes: p50 / p95 ms   box/s   x naive " for n in ns)
+    print()
+    print(f"model {report['model']}{'  [RANDOM WEIGHTS: speed only]' if report['random_weights'] else ''}; "
+          f"photo {report['photo']['source']} ({report['photo']['width']}x{report['photo']['height']}); "
+          f"{report['rounds']} rounds x {report['repeats']} frames, interleaved")
+    print(head)
+    print("-" * len(head))
+    for v in report["variants"]:
+        row = f"{v:<20}"
+        for n in ns:
+            r = res[v][str(n)]
+            row += f"| {r['p50_ms']:>9.1f} / {r['p95_ms']:>8.1f} {r['boxes_per_s']:>8.1f} {r['speedup_vs_naive_p50']:>7.2f}x "
+        print(row)
+    for k, f in report["fidelity"].items():
+        if "error" in f:
+            print(f"fidelity {k}: {f['error']}")
+        else:
+            print(f"fidelity {k}: feature cos min {f['feature_cos_min']:.6f}, embedding cos min "
+                  f"{f.get('embedding_cos_min', float('nan')):.6f} (n={f['n']} real crops)")
+    for k, why in report["skipped"].items():
+        print(f"skipped {k}: {why}")
+    b = report["best"]
+    if b["variant"]:
+        print(f"best at {b['box_count']} boxes: {b['variant']} = {b['speedup_vs_naive_p50']:.2f}x naive (p50)")

@@ -1,0 +1,116 @@
+"""`runa-ood build-engine`: export the visual trunk to ONNX and build its TensorRT engine.
+
+Run this once per model, precision, TensorRT version and GPU (engines are not portable), before
+starting the node: the node loads the cached engine (``backend: auto`` / ``tensorrt``) and never
+builds one at start-up. Files land in the cache (``$RUNA_OOD_CACHE_DIR``, default
+``~/.cache/runa_ood_node``)::
+
+    onnx/<model_id>-<opset>-<precision>.onnx (+ .json)     engines/<...>.engine (+ .json)
+
+``--onnx-only`` exports (and checks) the ONNX graph without TensorRT, e.g. to build the engine with
+``trtexec`` on the vehicle, or on machines without TensorRT. Exit status: 0 ok, 2 bad arguments or
+weights, 3 TensorRT/CUDA unavailable, 1 build failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+LOG = logging.getLogger("runa_ood_node.tools.build_engine")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .common import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip ViT architecture (default %(default)s)")
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                        help="open_clip tag or checkpoint path; 'none' with --allow-random-weights for a random "
+                             "model (default %(default)s)")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="use a seeded RANDOM model when the weights cannot be loaded (plumbing tests only)")
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16"), help="engine precision (default %(default)s)")
+    parser.add_argument("--fp16-mode", default="strongly-typed", choices=("strongly-typed", "builder-flag"),
+                        help="strongly-typed: from the fp16 ONNX (TensorRT 10 and 11); builder-flag: fp32 ONNX + "
+                             "BuilderFlag.FP16 with LayerNorm/softmax pinned to fp32 (TensorRT 10 only) "
+                             "(default %(default)s)")
+    parser.add_argument("--profile", default="1,16,64",
+                        help="min,opt,max views per engine call (a frame with N boxes sends 2N views) "
+                             "(default %(default)s)")
+    parser.add_argument("--workspace-mib", type=int, default=4096, help="builder workspace in MiB (default %(default)s)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default %(default)s)")
+    parser.add_argument("--device", default="cuda", help="CUDA device to build for (default %(default)s)")
+    parser.add_argument("--cache-dir", default=None, help="cache root (default $RUNA_OOD_CACHE_DIR or ~/.cache/runa_ood_node)")
+    parser.add_argument("--engine-path", default=None, help="write the engine here instead of the cache")
+    parser.add_argument("--onnx-only", action="store_true", help="export and check the ONNX graph(s) only")
+    parser.add_argument("--force", action="store_true", help="re-export / rebuild even when cached")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _parse_profile(text: str):
+    from ..backends.engine_cache import Profile
+
+    try:
+        parts = [int(p) for p in str(text).split(",")]
+        return Profile.coerce(parts)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--profile must be 'min,opt,max' integers with 1 <= min <= opt <= max, got {text!r} ({exc})")
+
+
+def run(args) -> int:
+    from .common import fail, load_encoder_or_exit, setup_logging
+
+    setup_logging(args)
+    try:
+        profile = _parse_profile(args.profile)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.opset < 17:
+        print("error: --opset must be >= 17", file=sys.stderr)
+        return 2
+
+    enc_args = argparse.Namespace(model=args.model, pretrained=args.pretrained, device="cpu", backend="torch",
+                                  allow_random_weights=args.allow_random_weights, projection=None)
+    try:
+        encoder = load_encoder_or_exit(enc_args)
+    except SystemExit as exc:
+        return int(exc.code or 2)
+
+    from ..backends.onnx_export import export_onnx
+
+    strongly = args.precision == "fp16" and args.fp16_mode == "strongly-typed"
+    onnx_precisions = ["fp32"] + (["fp16"] if strongly else [])
+    summary = {"model": encoder.model_name, "model_id": encoder.model_id, "random_weights": encoder.random_weights,
+               "onnx": {}}
+    for prec in onnx_precisions:
+        path = export_onnx(encoder, opset=args.opset, precision=prec, cache_dir=args.cache_dir, force=args.force)
+        summary["onnx"][prec] = str(path)
+        print(f"ONNX ({prec}): {path}")
+    if args.onnx_only:
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    from ..backends.base import BackendUnavailableError
+    from ..backends.tensorrt_backend import build_engine
+
+    try:
+        engine, meta = build_engine(encoder, precision=args.precision, profile=profile, fp16_mode=args.fp16_mode,
+                                    cache_dir=args.cache_dir, engine_path=args.engine_path,
+                                    onnx_path=summary["onnx"]["fp16" if strongly else "fp32"],
+                                    workspace_mib=args.workspace_mib, force=args.force, device=args.device)
+    except BackendUnavailableError as exc:
+        lines = [f"cannot build a TensorRT engine: {exc}",
+                     "The ONNX graph above is ready; build it where TensorRT exists, e.g.",
+                     f"  runa-ood build-engine --model {args.model} --precision {args.precision}",
+                     "or use --onnx-only here. The node falls back to ONNX Runtime / PyTorch without an engine."]
+        fail(lines)
+        return 3
+    except RuntimeError as exc:
+        fail([f"TensorRT build failed: {exc}"])
+        return 1
+    summary["engine"] = str(engine)
+    summary["meta"] = meta.to_dict()
+    print(json.dumps(summary, indent=2))
+    return 0
