@@ -598,7 +598,7 @@ class OodScorer:
             ``thresholds`` [None] thresholds file (name or path, via ``Thresholds.load``);
             ``scorer`` ["runa"]; ``lam`` [0.5]; ``blur_radius`` [1.0]; ``ablation`` ["dual"];
             ``max_boxes`` [None]; ``min_box_size`` [2.0]; ``temperature`` [1.0];
-            ``max_batch`` [None]; ``views`` ["cpu"] or "gpu" (``backends.gpu_preprocess.GpuViewMaker``
+            ``max_batch`` [None]; ``views`` ["gpu" when ``device`` is CUDA, else "cpu"] or "gpu" (``backends.gpu_preprocess.GpuViewMaker``
             on ``device``; falls back to the CPU views with a warning when it cannot be built);
             ``backend`` ["torch"]: other kinds go through
             ``backends.base.make_backend(kind, encoder, device=device, **backend_options)``
@@ -649,7 +649,8 @@ class OodScorer:
 
             thresholds = Thresholds.load(resolve_calibration_file(thresholds, (".json", ".yaml", ".yml")))
         blur_radius = float(opt("blur_radius", 1.0))
-        views = opt("views", "cpu")
+        # on CUDA, crops / blur / composite run on the GPU by default (no per-box host round trips)
+        views = opt("views", "gpu" if str(opt("device", "cpu")).startswith("cuda") else "cpu")
         if views not in ("cpu", "gpu"):
             raise ValueError(f"views must be 'cpu' or 'gpu', got {views!r}")
         view_maker = None
