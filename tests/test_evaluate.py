@@ -152,7 +152,3 @@ def test_one_encoding_scores_every_configuration_like_score_dataset(ood_pack, ti
         assert [r["status"] for r in got] == [r["status"] for r in want]
         np.testing.assert_allclose(got.arrays()[1], want.arrays()[1], rtol=1e-5, atol=1e-6, equal_nan=True)
         assert got.arrays()[2] == want.arrays()[2]
-    # the compatibility form refuses to score against another label set
-    bdd = OodScorer(tiny_encoder, "bdd")
-    with pytest.raises(ValueError, match="label"):
-        common.score_encoded(tiny_encoder, enc, bdd.text_emb, bdd.label_set.labels)

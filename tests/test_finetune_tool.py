@@ -75,6 +75,39 @@ def test_training_improves_the_shots_independently(finetuned, ood_pack):
     assert bool((after > before).all()), (before, after)
 
 
+def test_held_out_before_after_matches_independent_scoring(finetuned, ood_pack):
+    """The report's held-out metrics equal a separate ``score_dataset`` run of the plain and of the
+    fine-tuned model (``--projection``) on the same images: the tool encodes once and scores with
+    P_r swapped, which must give what a tool run with each projection gives."""
+    import warnings
+
+    from runa_ood_node.core import metrics
+    from runa_ood_node.core.dataset import load_dataset
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.tools.common import score_dataset
+
+    rep = json.loads((finetuned / "finetune_report.json").read_text())
+    ds = load_dataset(ood_pack / "annotations.json", "voc").subset(40)
+    shots = ds.sample_shots(2, seed=3)
+    held = ds.without_frames(set(shots.frame_idx.tolist())).subset(4)
+    assert held.n_images == rep["held_out"]["images"] == 4
+    unc = {}
+    for name, projection in (("before", None), ("after", str(finetuned))):
+        recs = score_dataset(OodScorer(_tool_encoder(projection), held.label_set), held, progress=False)
+        is_id, u, _ = recs.arrays()
+        ok = np.isfinite(u)
+        unc[name] = u
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", metrics.MetricsWarning)
+            want = metrics.summary(u[ok & is_id], u[ok & ~is_id])
+        got = rep["held_out"][name]
+        assert got["n_id"] == want["n_id"] > 0 and got["n_ood"] == want["n_ood"] > 0
+        for key in ("fpr95", "auroc", "aupr_in", "aupr_out"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (name, key)
+    # the fine-tuned P_r really changed the held-out scores (dual ablation uses P_r)
+    assert np.nanmax(np.abs(unc["after"] - unc["before"])) > 1e-4
+
+
 def test_projection_reloads_and_changes_pipeline_scores(finetuned, real_photo):
     from runa_ood_node.core.pipeline import OodScorer
 

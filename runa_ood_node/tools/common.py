@@ -4,9 +4,9 @@ The dataset loop holds no method code: :func:`encode_boxes` calls ``OodScorer.en
 frame (sanitising, views, visual trunk -> per-box pre-projection features) and :func:`score_boxes`
 calls ``OodScorer.score_features`` (fusion, similarities, scorer) once per scorer x ablation on
 the features of the whole dataset; :func:`score_dataset` chains the two for one configuration.
-The split exists so ``evaluate`` can compare several scorers and ablations on one encoding.
-:func:`encode_dataset` / :func:`score_encoded` are the same two steps with the older signatures
-(used by ``finetune``).
+The split exists so ``evaluate`` can compare several scorers and ablations on one encoding, and
+``finetune`` the regional projection before and after training (``score_boxes(...,
+regional_projection=...)``).
 
 Weights policy: a tool never silently falls back to random weights. When the requested weights
 cannot be loaded it prints what failed and how to provide weights, and exits with status 2.
@@ -459,37 +459,6 @@ def score_boxes(enc: EncodedBoxes, scorer: Optional[str] = None, ablation: Optio
         encoder.proj_regional = saved
     return ScoredBoxes(res.uncertainty, res.label_idx, list(res.label), res.similarity, res.status,
                        res.timings["score"] / 1e3, res)
-
-
-def encode_dataset(encoder, view_maker, dataset, min_box_size: float = 2.0, views=("regional", "global"),
-                   progress: bool = True, desc: str = "encoding", max_batch: Optional[int] = None) -> EncodedBoxes:
-    """Compatibility form of :func:`encode_boxes` for callers holding an encoder and a view maker
-    (``tools.finetune``): builds an ``OodScorer`` over ``dataset.label_set`` with these settings."""
-    from ..core.pipeline import OodScorer
-
-    pipe = OodScorer(encoder, dataset.label_set, min_box_size=min_box_size, view_maker=view_maker,
-                     max_batch=max_batch)
-    return encode_boxes(pipe, dataset, views=views, progress=progress, desc=desc)
-
-
-def score_encoded(encoder, enc: EncodedBoxes, text_emb, label_names: Sequence[str], scorer: str = "runa",
-                  ablation: str = "dual", lam: float = 0.5, temperature: float = 1.0,
-                  regional_projection=None) -> ScoredBoxes:
-    """Compatibility form of :func:`score_boxes` (``tools.finetune``).
-
-    ``encoder``, ``text_emb`` and ``label_names`` must be those of ``enc.pipeline`` (the OodScorer
-    holds them); anything else raises ``ValueError`` rather than scoring against other labels.
-    """
-    import torch
-
-    pipe = enc.pipeline
-    if encoder is not pipe.encoder:
-        raise ValueError("score_encoded: encoder differs from the one that encoded the boxes")
-    if list(label_names) != list(pipe.label_set.labels) or not torch.equal(
-            torch.as_tensor(text_emb, dtype=pipe.text_emb.dtype), pipe.text_emb):
-        raise ValueError("score_encoded: text embeddings / labels differ from the encoding OodScorer's label set")
-    return score_boxes(enc, scorer=scorer, ablation=ablation, lam=lam, temperature=temperature,
-                       regional_projection=regional_projection)
 
 
 class Records(list):

@@ -22,6 +22,7 @@ import json
 import logging
 import pathlib
 import time
+import warnings
 
 from . import common
 
@@ -68,12 +69,19 @@ def _feature_cache_key(encoder, dataset, shots, min_box_size: float) -> str:
 
 
 def shot_features(encoder, view_maker, dataset, shots, min_box_size: float = 2.0, use_cache: bool = True,
-                  progress: bool = True):
-    """Pre-projection features of the shots' regional crops.
+                  progress: bool = True, max_batch=None):
+    """Pre-projection features (after ``ln_post``, before any projection) of the shots' regional crops.
+
+    Computed once per run through the encoder's public API: ``view_maker.make`` (pass the
+    pipeline's, ``OodScorer.view_maker``, so training sees the same crops as scoring) builds the
+    regional views of one frame's shots, and a single ``encoder.visual_features(regional,
+    max_batch)`` call per frame encodes them (the global views are not encoded: only ``P_r`` is
+    trained). Boxes are ``xywh`` in original pixels, sanitised with ``min_box_size`` (px).
 
     Returns ``(features float32 [S', width] torch, keep bool [S])``: shots whose box is not
-    encodable (outside the image, unreadable image, backend failure) are dropped (``keep`` False,
-    logged). Cached on disk by model id, annotation file and shot boxes.
+    encodable (outside the image, unreadable image, backend failure, non-finite features) are
+    dropped (``keep`` False, logged). Cached on disk (``cache_dir()/features``) by model id,
+    annotation file, shot boxes, input size and ``min_box_size``.
     """
     import numpy as np
     import torch
@@ -114,7 +122,7 @@ def shot_features(encoder, view_maker, dataset, shots, min_box_size: float = 2.0
             continue
         regional, _ = view_maker.make(img, xyxy[ok])
         try:
-            f = encoder.visual_features(regional)
+            f = encoder.visual_features(regional, max_batch=max_batch)
         except Exception as exc:
             LOG.error("backend failed on shots of %s: %s", fr.path, exc)
             continue
@@ -167,7 +175,8 @@ def _run(args) -> int:
 
     t0 = time.perf_counter()
     feats, keep = shot_features(encoder, scorer.view_maker, dataset, shots, args.min_box_size,
-                                use_cache=not args.no_feature_cache, progress=not args.no_progress)
+                                use_cache=not args.no_feature_cache, progress=not args.no_progress,
+                                max_batch=scorer.max_batch)
     y = torch.from_numpy(shots.label_idx[keep])
     if feats.shape[0] == 0:
         raise common.fail(["no shot could be encoded (see the warnings above)"])
@@ -218,17 +227,14 @@ def _run(args) -> int:
         if held.n_boxes == 0:
             LOG.warning("no held-out boxes left for the before/after evaluation")
         else:
-            views = {"dual": ("regional", "global"), "regional": ("regional",), "global": ("global",)}[args.ablation]
-            enc = common.encode_dataset(encoder, scorer.view_maker, held, min_box_size=args.min_box_size, views=views,
-                                        progress=not args.no_progress, desc="held-out")
+            # encode the held-out boxes once (the views args.ablation needs, with the scorer's view
+            # maker and min box size), then score them with P_r = init and P_r = proj
+            enc = common.encode_boxes(scorer, held, views=None, progress=not args.no_progress, desc="held-out")
             res = {}
             for name, p in (("before", init), ("after", proj)):
-                sc = common.score_encoded(encoder, enc, text_emb, label_set.labels, scorer=args.scorer,
-                                          ablation=args.ablation, lam=args.lam, temperature=args.temperature,
-                                          regional_projection=p)
+                sc = common.score_boxes(enc, scorer=args.scorer, ablation=args.ablation, lam=args.lam,
+                                        temperature=args.temperature, regional_projection=p)
                 ok = sc.status == BoxStatus.OK
-                import warnings
-
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", metrics.MetricsWarning)
                     res[name] = metrics.summary(sc.uncertainty[ok & enc.is_id], sc.uncertainty[ok & ~enc.is_id])
