@@ -1,0 +1,731 @@
+"""``runa_ood_node``: RUNA out-of-distribution scoring of detector boxes, as a ROS 2 lifecycle node.
+
+Inputs (relative names: they follow the namespace and remappings)
+    ``image`` (sensor_msgs/Image; ``image/compressed`` CompressedImage with
+    ``image_transport=compressed``) and ``detections`` (vision_msgs/Detection2DArray stamped with the
+    stamp of the image the detector ran on), paired by header stamp (:mod:`.pairing`).
+
+Outputs (every header is a copy of the **source image's header**: stamp and frame_id)
+    ``ood/detections``      runa_ood_msgs/OodDetectionArray, one per scored frame, every input box in
+                            input order with uncertainty, threshold, is_ood, nearest ID label, status
+    ``ood/ood_only``        vision_msgs/Detection2DArray with the input detections flagged OOD
+    ``ood/driver_alert``    runa_ood_msgs/DriverAlert (source OOD_OBJECT), published when the level
+                            changes; transient local depth 1, so late subscribers get the current level
+    ``ood/monitor_health``  DriverAlert (source MONITOR_HEALTH): CAUTION with the reasons when the
+                            pipeline is degraded (no frame for ``health.frame_timeout_s`` of wall time,
+                            backend failing, p95 processing time over budget), CLEAR when recovered;
+                            transient local depth 1
+    ``ood/annotated_image`` sensor_msgs/Image rgb8 and ``ood/markers`` (MarkerArray); with ``lazy`` only
+                            drawn while someone subscribes
+    ``ood/label_info``      vision_msgs/LabelInfo (transient local) at activation: the ID label set;
+                            ``threshold`` carries the global OOD threshold in uncertainty units (not a
+                            [0, 1] confidence)
+    ``/diagnostics``        diagnostic_msgs/DiagnosticArray at 1 Hz: latency p50/p95, frames scored,
+                            drops by reason, boxes by status, backend, model, random_weights
+
+Lifecycle
+    configure: validate parameters, load model / projection / thresholds (``OodScorer.from_config``),
+    create publishers. A load failure is logged as an error and configure returns FAILURE (``main``
+    exits with status 1). activate: subscriptions, timers, latched LabelInfo and initial alerts.
+    deactivate: subscriptions and timers go; waiting messages are counted as dropped. cleanup /
+    shutdown: release the model. Parameter ``autostart`` (default true) makes ``main`` configure and
+    activate by itself, so the node runs without a lifecycle manager.
+
+Accounting (diagnostics and :meth:`RunaOodNode.accounting`)
+    every received message is scored (as part of a pair), counted as dropped with a reason, or still
+    pending. Pairer reasons count messages (``image_without_detections``, ``detections_without_image``,
+    ``buffer_overflow``, ``out_of_order``, ``duplicate_stamp``); frame reasons count pairs
+    (``image_<conversion reason>`` such as ``image_unsupported_encoding``, ``image_truncated``;
+    ``bad_detections``, ``processing_overload``, ``deactivated``, ``internal_error``). A callback never
+    raises: unexpected errors are logged and counted as ``internal_error``.
+
+Threading (why not a MultiThreadedExecutor)
+    ROS callbacks (subscriptions, timers) run in a SingleThreadedExecutor and only do cheap work:
+    pairing and queueing. Conversion, scoring and publishing run in one dedicated worker thread fed
+    by a bounded queue (``processing_queue_size``; when full the *oldest* frame is dropped and
+    counted, so outputs stay fresh). This keeps the health and diagnostics timers running while the
+    model is busy or stuck - exactly when health must be reported - gives a per-reason account of
+    overload instead of silent DDS queue drops, and processes frames strictly in stamp order (the
+    alert logic needs it), which a multi-threaded executor would not guarantee. Torch releases the
+    GIL while it computes, so the executor thread keeps up.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+import numpy as np
+import rclpy
+from rclpy.clock import Clock, ClockType
+from rclpy.lifecycle import LifecycleState, Node as LifecycleNode, TransitionCallbackReturn
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from rcl_interfaces.msg import SetParametersResult
+
+from ..core.boxes import BoxStatus
+from .pairing import REASONS as PAIRER_REASONS, StampPairer
+from .params import (LIVE_PARAMETERS, NodeSettings, ParameterValidationError, declare_parameters,
+                     read_parameters, validate)
+
+NODE_NAME = "runa_ood"
+#: frame-level drop reasons (besides ``image_<ImageConversionError.reason>``)
+FRAME_REASONS = ("bad_detections", "processing_overload", "deactivated", "internal_error")
+
+_SUCCESS = TransitionCallbackReturn.SUCCESS
+_FAILURE = TransitionCallbackReturn.FAILURE
+
+
+@dataclass
+class FrameRecord:
+    """What the node did with one frame (for benchmarks and tests; see ``RunaOodNode.frame_observer``)."""
+
+    stamp_ns: int
+    n_boxes: int
+    pipeline_ms: float  # FrameResult.timings["total"]: the core pipeline alone
+    node_ms: float  # pair formed -> every output published (queue wait + conversion + scoring + publishing)
+    error: Optional[str]
+    stages_ms: Optional[Dict[str, float]] = None  # wait, convert, score, publish, secondary
+    t_pair: float = math.nan  # time.perf_counter() when the pair was formed (s)
+    t_published: float = math.nan  # time.perf_counter() after ood/detections + ood/ood_only were published (s)
+
+
+def _reliable(depth: int, latched: bool = False) -> QoSProfile:
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+
+
+def _input_qos(name: str, depth: int) -> QoSProfile:
+    if name == "sensor_data":
+        q = QoSProfile(**{k: getattr(qos_profile_sensor_data, k) for k in ("history", "reliability", "durability")},
+                       depth=depth)
+        return q
+    return _reliable(depth)
+
+
+def _percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else math.nan
+
+
+class RunaOodNode(LifecycleNode):
+    """The OOD lifecycle node (see the module docstring). Construct, then configure + activate
+    (``autostart()`` does both)."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs):
+        super().__init__(node_name, **kwargs)
+        declare_parameters(self)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.settings: Optional[NodeSettings] = None
+        self.scorer = None
+        self.last_error: Optional[str] = None  # last configure failure (also logged)
+        #: optional callable(FrameRecord) called from the worker thread after each scored frame
+        self.frame_observer: Optional[Callable[[FrameRecord], None]] = None
+        self._lock = threading.RLock()  # pairer, counters, queue
+        self._cv = threading.Condition(self._lock)
+        self._queue: Deque = collections.deque()
+        self._in_flight = 0
+        self._active = False
+        self._worker: Optional[threading.Thread] = None
+        self._stop_worker = False
+        self._pubs: Dict[str, Any] = {}
+        self._subs: List[Any] = []
+        self._timers: List[Any] = []
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self._reset_stats()
+
+    # ================================================================== lifecycle
+    def autostart(self) -> bool:
+        """configure + activate; False (errors logged) when either fails."""
+        if self.trigger_configure() != _SUCCESS:
+            return False
+        return self.trigger_activate() == _SUCCESS
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        log = self.get_logger()
+        try:
+            settings = validate(read_parameters(self))
+        except ParameterValidationError as exc:
+            return self._fail(f"configure failed: {exc}")
+        try:
+            from ..core.encoder import WeightsUnavailableError
+            from ..core.pipeline import OodScorer
+
+            cfg = settings.scorer_config()
+            cfg["thresholds"] = settings.thresholds()
+            t0 = time.perf_counter()
+            scorer = OodScorer.from_config(cfg)
+            load_s = time.perf_counter() - t0
+        except WeightsUnavailableError as exc:
+            return self._fail(f"configure failed: model weights unavailable for model={settings.model!r} "
+                              f"pretrained={settings.pretrained!r}: {exc}")
+        except Exception as exc:  # any load failure must fail start-up loudly, not crash the process
+            return self._fail(f"configure failed: cannot build the OOD scorer ({type(exc).__name__}: {exc})")
+
+        self.settings, self.scorer = settings, scorer
+        enc = scorer.encoder
+        self.model_name = settings.model
+        self.backend_name = str(getattr(enc, "backend_name", settings.backend))
+        self.random_weights = bool(getattr(enc, "random_weights", False))
+        self._pairer = StampPairer(slop_ns=int(round(settings.pairing_slop_s * 1e9)),
+                                   max_buffer=settings.pairing_buffer,
+                                   max_age_ns=int(round(settings.pairing_max_age_s * 1e9)))
+        from ..core.alerts import AlertMonitor, HealthMonitor
+
+        self._alerts = AlertMonitor(settings.alert.to_alert_config())
+        self._health = HealthMonitor(settings.health_frame_timeout_s, settings.health_latency_budget_ms)
+        self._reset_stats()
+        self._create_publishers()
+        self._stop_worker = False
+        self._worker = threading.Thread(target=self._worker_loop, name="runa_ood_worker", daemon=True)
+        self._worker.start()
+        thr = "thresholds " + (settings.thresholds_file if settings.thresholds_file else
+                               f"default_threshold={settings.default_threshold} (UNCALIBRATED)")
+        log.info(f"configured in {load_s:.2f} s: model {settings.model} ({settings.pretrained or 'no weights'}), "
+                 f"backend {self.backend_name} on {settings.device}, label set {scorer.label_set.name} "
+                 f"({len(scorer.label_set)} labels), scorer {settings.scorer}, lam {settings.lam}, "
+                 f"blur {settings.blur_radius} px, {thr}")
+        if not settings.thresholds_file:
+            log.warning("no thresholds_file: every label uses default_threshold="
+                        f"{settings.default_threshold}; calibrate with `runa-ood calibrate` for real use")
+        if self.random_weights:
+            log.warning("RANDOM WEIGHTS (allow_random_weights=true): scores are meaningless; every output is "
+                        "marked random_weights=true. Demos and tests only.")
+        return _SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            s = self.settings
+            ret = super().on_activate(state)  # enables the lifecycle publishers
+            if ret != _SUCCESS:
+                return ret
+            self._create_subscriptions()
+            self._health = type(self._health)(s.health_frame_timeout_s, s.health_latency_budget_ms)
+            period = min(0.25, max(0.02, s.health_frame_timeout_s / 4.0))
+            self._timers.append(self.create_timer(period, self._safe(self._on_health_timer), clock=self._steady))
+            self._timers.append(self.create_timer(1.0, self._safe(self._publish_diagnostics), clock=self._steady))
+            self._publish_label_info()
+            self._publish_alert({"level": 0, "reason": "CLEAR: node activated, no OOD object seen yet",
+                                 "object_indices": []}, None, None, None, health=False)
+            self._health_key = None
+            self._publish_alert({"level": 0, "reason": "CLEAR: node activated, waiting for frames",
+                                 "object_indices": []}, None, None, None, health=True)
+            with self._lock:
+                self._active = True
+            self.get_logger().info(
+                f"active: image '{self.resolve_topic_name(s.image_topic_resolved)}' ({s.image_transport}, "
+                f"{s.image_qos} QoS) + detections '{self.resolve_topic_name(s.detections_topic)}' "
+                f"({s.detections_qos} QoS), pairing {'exact' if s.pairing_slop_s == 0 else f'slop {s.pairing_slop_s} s'}")
+            return _SUCCESS
+        except Exception as exc:
+            self._destroy_inputs()
+            return self._fail(f"activate failed: {type(exc).__name__}: {exc}")
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._destroy_inputs()
+        with self._lock:
+            self._active = False
+            self._account_pairer(self._pairer.flush())
+            while self._queue:
+                self._queue.popleft()
+                self._frame_drops["deactivated"] += 1
+        self._publish_diagnostics()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return _SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._destroy_inputs()
+        self._release()
+        return _SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f"lifecycle error from state {state.label}; releasing resources")
+        self._destroy_inputs()
+        self._release()
+        return _SUCCESS
+
+    def _fail(self, msg: str) -> TransitionCallbackReturn:
+        self.last_error = msg
+        self.get_logger().error(msg)
+        return _FAILURE
+
+    def _release(self) -> None:
+        with self._cv:
+            self._active = False
+            self._stop_worker = True
+            self._queue.clear()
+            self._cv.notify_all()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout=30.0)
+        self._worker = None
+        for pub in self._pubs.values():
+            try:
+                self.destroy_lifecycle_publisher(pub)
+            except Exception:  # already destroyed with the node
+                pass
+        self._pubs = {}
+        self.scorer = None
+
+    def _destroy_inputs(self) -> None:
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        for t in self._timers:
+            self.destroy_timer(t)
+        self._subs, self._timers = [], []
+
+    # ================================================================== entities
+    def _create_publishers(self) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from runa_ood_msgs.msg import DriverAlert, OodDetectionArray
+        from sensor_msgs.msg import Image
+        from vision_msgs.msg import Detection2DArray, LabelInfo
+        from visualization_msgs.msg import MarkerArray
+
+        p = self.create_lifecycle_publisher
+        self._pubs = {
+            "detections": p(OodDetectionArray, "ood/detections", _reliable(10)),
+            "ood_only": p(Detection2DArray, "ood/ood_only", _reliable(10)),
+            "alert": p(DriverAlert, "ood/driver_alert", _reliable(1, latched=True)),
+            "health": p(DriverAlert, "ood/monitor_health", _reliable(1, latched=True)),
+            "annotated": p(Image, "ood/annotated_image", _reliable(2)),
+            "markers": p(MarkerArray, "ood/markers", _reliable(5)),
+            "label_info": p(LabelInfo, "ood/label_info", _reliable(1, latched=True)),
+            "diagnostics": p(DiagnosticArray, "/diagnostics", _reliable(10)),
+        }
+
+    def _create_subscriptions(self) -> None:
+        from rclpy.event_handler import SubscriptionEventCallbacks
+        from sensor_msgs.msg import CompressedImage, Image
+        from vision_msgs.msg import Detection2DArray
+
+        s = self.settings
+        img_type = CompressedImage if s.image_transport == "compressed" else Image
+
+        def incompatible(topic, param):
+            def cb(event):
+                with self._lock:
+                    self._counters["qos_incompatible"] += 1
+                self.get_logger().warning(
+                    f"a publisher on '{topic}' offers QoS incompatible with ours ({param}="
+                    f"{getattr(s, param)}; policy {getattr(event, 'last_policy_kind', '?')}): its messages are "
+                    f"NOT delivered. Set {param} to match the publisher (sensor_data accepts best effort).",
+                    throttle_duration_sec=10.0)
+            return SubscriptionEventCallbacks(incompatible_qos=cb)
+
+        self._subs = [
+            self.create_subscription(img_type, s.image_topic_resolved, self._safe(self._on_image, "image"),
+                                     _input_qos(s.image_qos, s.image_queue_size),
+                                     event_callbacks=incompatible(s.image_topic_resolved, "image_qos")),
+            self.create_subscription(Detection2DArray, s.detections_topic, self._safe(self._on_detections, "detections"),
+                                     _input_qos(s.detections_qos, s.detections_queue_size),
+                                     event_callbacks=incompatible(s.detections_topic, "detections_qos")),
+        ]
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        """Validate new values (refuse bad ones); apply the live ones (publish_annotated, lazy)."""
+        current = read_parameters(self)
+        ours = [prm for prm in params if prm.name in current]  # e.g. use_sim_time is not ours to judge
+        if not ours:
+            return SetParametersResult(successful=True)
+        for prm in ours:
+            current[prm.name] = list(prm.value) if prm.name == "alert.roi" and prm.value is not None else prm.value
+        try:
+            new = validate(current)
+        except ParameterValidationError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        if self.settings is not None:
+            import dataclasses
+
+            live = {k: getattr(new, k) for k in LIVE_PARAMETERS}
+            self.settings = dataclasses.replace(self.settings, **live)
+        return SetParametersResult(successful=True)
+
+    # ================================================================== callbacks (executor thread)
+    def _safe(self, fn: Callable, stream: Optional[str] = None) -> Callable:
+        """Wrap a callback: an unexpected exception is logged and counted, never raised.
+
+        ``stream`` ("image" / "detections") marks subscription callbacks: the message is counted as
+        received first, and as an ``internal_error`` input drop if the callback fails."""
+
+        def wrapped(*args):
+            if stream is not None:
+                with self._lock:
+                    self._received[stream] += 1
+            try:
+                fn(*args)
+            except Exception as exc:
+                with self._lock:
+                    if stream is not None:
+                        self._input_drops["internal_error"] += 1
+                    else:
+                        self._counters["timer_internal_error"] += 1
+                self.get_logger().error(f"internal error in {fn.__name__}: {type(exc).__name__}: {exc}\n"
+                                        f"{traceback.format_exc(limit=4)}", throttle_duration_sec=5.0)
+
+        wrapped.__name__ = getattr(fn, "__name__", "callback")
+        return wrapped
+
+    def _on_image(self, msg) -> None:
+        from .convert import stamp_to_ns
+
+        with self._cv:
+            if not self._active:
+                self._input_drops["inactive"] += 1
+                return
+            out = self._pairer.add_image(stamp_to_ns(msg.header.stamp), msg)
+            self._handle_pairer_output(out)
+
+    def _on_detections(self, msg) -> None:
+        from .convert import stamp_to_ns
+
+        with self._cv:
+            if not self._active:
+                self._input_drops["inactive"] += 1
+                return
+            out = self._pairer.add_detections(stamp_to_ns(msg.header.stamp), msg)
+            self._handle_pairer_output(out)
+
+    def _handle_pairer_output(self, out) -> None:  # holds the lock
+        self._account_pairer(out.drops)
+        now = time.perf_counter()
+        for pair in out.pairs:
+            if len(self._queue) >= self.settings.processing_queue_size:
+                old = self._queue.popleft()
+                self._frame_drops["processing_overload"] += 1
+                self.get_logger().warning(
+                    f"scoring is slower than the input: dropped the frame stamped {old[0].image_stamp_ns * 1e-9:.3f} s "
+                    f"(processing_queue_size={self.settings.processing_queue_size})", throttle_duration_sec=5.0)
+            self._queue.append((pair, now))
+        if out.pairs:
+            self._cv.notify()
+
+    def _account_pairer(self, drops) -> None:  # holds the lock
+        for d in drops:
+            if d.reason in ("out_of_order", "duplicate_stamp", "buffer_overflow"):
+                self.get_logger().warning(
+                    f"dropped {d.kind} stamped {d.stamp_ns * 1e-9:.3f} s: {d.reason}", throttle_duration_sec=5.0)
+
+    # ================================================================== worker thread
+    def _worker_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop_worker:
+                    self._cv.wait(timeout=0.5)
+                if self._stop_worker:
+                    return
+                pair, t_pair = self._queue.popleft()
+                self._in_flight = 1
+            try:
+                self._process(pair, t_pair)
+            except Exception as exc:  # never let the worker die
+                with self._lock:
+                    self._frame_drops["internal_error"] += 1
+                self.get_logger().error(f"internal error while scoring the frame stamped "
+                                        f"{pair.image_stamp_ns * 1e-9:.3f} s: {type(exc).__name__}: {exc}\n"
+                                        f"{traceback.format_exc(limit=6)}", throttle_duration_sec=5.0)
+            finally:
+                with self._lock:
+                    self._in_flight = 0
+
+    def _process(self, pair, t_pair: float) -> None:
+        from . import convert
+
+        s, scorer = self.settings, self.scorer
+        if scorer is None:
+            return
+        img_msg, det_msg = pair.image, pair.detections
+        header = img_msg.header
+        log = self.get_logger()
+        t_start = time.perf_counter()
+        # ---- convert
+        try:
+            if s.image_transport == "compressed":
+                rgb = convert.compressed_to_rgb(img_msg)
+            else:
+                rgb = convert.image_to_rgb(img_msg)
+        except convert.ImageConversionError as exc:
+            with self._lock:
+                self._frame_drops[f"image_{exc.reason}"] += 1
+            log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: cannot convert image "
+                        f"(encoding {getattr(img_msg, 'encoding', getattr(img_msg, 'format', '?'))!r}): {exc}",
+                        throttle_duration_sec=5.0)
+            return
+        try:
+            boxes, scores, _class_ids, _ids = convert.detections_to_arrays(det_msg)
+        except Exception as exc:
+            with self._lock:
+                self._frame_drops["bad_detections"] += 1
+            log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: unreadable detections: "
+                        f"{type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
+            return
+        if det_msg.header.frame_id != header.frame_id:
+            with self._lock:
+                self._counters["frame_id_mismatch"] += 1
+            log.warning(f"detections frame_id {det_msg.header.frame_id!r} differs from the image's "
+                        f"{header.frame_id!r}; outputs use the image's", throttle_duration_sec=10.0)
+        # ---- score
+        t_conv = time.perf_counter()
+        res = scorer.score(rgb, boxes, box_format="cxcywh", detector_scores=scores)
+        t_score = time.perf_counter()
+        h, w = rgb.shape[:2]
+        # ---- publish (every header is the source image's)
+        pubs = self._pubs
+        pubs["detections"].publish(convert.to_ood_array(header, det_msg, res, s.model, self.backend_name, s.scorer,
+                                                        self.random_weights))
+        pubs["ood_only"].publish(convert.to_ood_only(header, det_msg, res))
+        t_pub = time.perf_counter()
+        node_ms = (t_pub - t_pair) * 1e3
+        pipeline_ms = float(res.timings.get("total", math.nan))
+        with self._lock:  # the frame is scored and its results are out: account for it now
+            self._frames_scored += 1
+            self._boxes_total += len(res)
+            for code, n in zip(*np.unique(res.status, return_counts=True)):
+                self._box_status[int(code)] += int(n)
+            self._boxes_ood += int(np.count_nonzero(res.is_ood))
+            self._lat_node.append(node_ms)
+            self._lat_pipeline.append(pipeline_ms)
+            if res.error:
+                self._counters["backend_error_frames"] += 1
+                self._health.backend_error(res.error)
+            else:
+                self._health.frame(time.monotonic(), node_ms)
+        # ---- secondary outputs: a failure here is logged and counted, the frame stays scored
+        try:
+            alert = self._alerts.update(pair.image_stamp_ns * 1e-9, res, w, h)
+            if alert.changed:
+                self._publish_alert(alert, header, det_msg, res, health=False)
+                lvl = ("CLEAR", "CAUTION", "TAKE_OVER")[int(alert.level)]
+                if int(alert.level):
+                    log.warning(f"driver alert -> {lvl}: {alert.reason}")
+                else:
+                    log.info(f"driver alert -> {lvl}: {alert.reason}")
+            if s.publish_annotated:
+                want_img = not s.lazy or pubs["annotated"].get_subscription_count() > 0
+                want_mk = not s.lazy or pubs["markers"].get_subscription_count() > 0
+                if want_img or want_mk:
+                    from . import draw
+
+                    if want_img:
+                        pubs["annotated"].publish(
+                            convert.rgb_to_image(draw.annotate(rgb, res, self.random_weights), header))
+                    if want_mk:
+                        pubs["markers"].publish(draw.make_markers(header, res, w, h))
+                    with self._lock:
+                        self._counters["annotated_frames"] += int(want_img)
+                        self._counters["marker_frames"] += int(want_mk)
+        except Exception as exc:
+            with self._lock:
+                self._counters["secondary_output_errors"] += 1
+            log.error(f"internal error in alerts/drawing for the frame stamped {pair.image_stamp_ns * 1e-9:.3f} s "
+                      f"(scores were published): {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}",
+                      throttle_duration_sec=5.0)
+        if self.frame_observer is not None:
+            stages = {"wait": (t_start - t_pair) * 1e3, "convert": (t_conv - t_start) * 1e3,
+                      "score": (t_score - t_conv) * 1e3, "publish": (t_pub - t_score) * 1e3,
+                      "secondary": (time.perf_counter() - t_pub) * 1e3}
+            self.frame_observer(FrameRecord(pair.image_stamp_ns, len(res), pipeline_ms, node_ms, res.error, stages,
+                                            t_pair, t_pub))
+
+    # ================================================================== alerts, health, diagnostics
+    def _publish_alert(self, alert, header, det_msg, res, health: bool) -> None:
+        from runa_ood_msgs.msg import DriverAlert
+
+        from . import convert
+
+        if header is None:
+            header = convert.copy_header(None)
+            header.stamp = self.get_clock().now().to_msg()
+        src = DriverAlert.SOURCE_MONITOR_HEALTH if health else DriverAlert.SOURCE_OOD_OBJECT
+        self._pubs["health" if health else "alert"].publish(convert.to_alert(header, alert, det_msg, res, src))
+
+    def _on_health_timer(self) -> None:
+        with self._lock:
+            reasons = self._health.check(time.monotonic())
+        # publish when the *kind* of problem changes, not when a number in the text does
+        key = tuple(sorted(" ".join(r.split()[:2]) for r in reasons))
+        if key == self._health_key:
+            return
+        first = self._health_key is None
+        self._health_key = key
+        if reasons:
+            text = "CAUTION: OOD monitor degraded: " + "; ".join(reasons)
+            self.get_logger().warning(text)
+            self._publish_alert({"level": 1, "reason": text, "object_indices": []}, None, None, None, health=True)
+        elif not first:
+            self.get_logger().info("OOD monitor healthy again")
+            self._publish_alert({"level": 0, "reason": "CLEAR: OOD monitor healthy", "object_indices": []},
+                                None, None, None, health=True)
+
+    def _publish_label_info(self) -> None:
+        from . import convert
+
+        header = convert.copy_header(None)
+        header.stamp = self.get_clock().now().to_msg()
+        thr = getattr(self.scorer.thresholds, "global_threshold", float("nan")) if self.scorer.thresholds else math.nan
+        self._pubs["label_info"].publish(convert.to_label_info(header, list(self.scorer.label_set.labels), thr))
+
+    def _reset_stats(self) -> None:
+        self._frames_scored = 0
+        self._boxes_total = 0
+        self._boxes_ood = 0
+        self._box_status: Dict[int, int] = collections.Counter()
+        self._frame_drops: Dict[str, int] = collections.Counter()
+        self._counters: Dict[str, int] = collections.Counter()
+        self._received: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
+        self._input_drops: Dict[str, int] = collections.Counter()
+        self._lat_node: Deque[float] = collections.deque(maxlen=200)
+        self._lat_pipeline: Deque[float] = collections.deque(maxlen=200)
+        self._health_key = None
+
+    def accounting(self) -> Dict[str, Any]:
+        """Snapshot of what happened to every message (thread-safe).
+
+        Keys: ``pairer`` (StampPairer counters), ``frames_scored``, ``frame_drops`` {reason: n},
+        ``queued``, ``in_flight``, ``boxes_by_status`` {name: n}, ``boxes_ood``, ``counters``
+        (``qos_incompatible``, ``frame_id_mismatch``, ``backend_error_frames``), and ``balanced``: True
+        when images received == paired + image-side drops + pending (same for detections) and
+        pairs == frames scored + frame drops + queued + in flight.
+        """
+        with self._lock:
+            has = hasattr(self, "_pairer")
+            pc = dict(self._pairer.counters) if has else {}
+            frame_drops = dict(self._frame_drops)
+            input_drops = dict(self._input_drops)
+            queued, in_flight = len(self._queue), self._in_flight
+            inputs_ok = (self._received["image"] + self._received["detections"]
+                         == pc.get("images_received", 0) + pc.get("detections_received", 0) + sum(input_drops.values()))
+            pairer_ok = self._pairer.check_accounting() if has else True
+            frames_ok = pc.get("pairs", 0) == self._frames_scored + sum(frame_drops.values()) + queued + in_flight
+            return {
+                "received": dict(self._received),
+                "input_drops": input_drops,
+                "pairer": pc,
+                "pairer_by_stream": self._pairer.dropped_by_stream() if hasattr(self, "_pairer") else {},
+                "frames_scored": self._frames_scored,
+                "frame_drops": frame_drops,
+                "queued": queued,
+                "in_flight": in_flight,
+                "boxes_total": self._boxes_total,
+                "boxes_by_status": {BoxStatus(c).name if c in BoxStatus._value2member_map_ else str(c): n
+                                    for c, n in sorted(self._box_status.items())},
+                "boxes_ood": self._boxes_ood,
+                "counters": dict(self._counters),
+                "balanced": bool(inputs_ok and pairer_ok and frames_ok),
+            }
+
+    def _publish_diagnostics(self) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+        if not self._pubs or self.settings is None:
+            return
+        acc = self.accounting()
+        with self._lock:
+            lat_node, lat_pipe = list(self._lat_node), list(self._lat_pipeline)
+            health = list(self._health.reasons)
+        s = self.settings
+        kv: Dict[str, Any] = {
+            "model": s.model,
+            "pretrained": s.pretrained or "(none)",
+            "random_weights": self.random_weights,
+            "backend": self.backend_name,
+            "device": s.device,
+            "scorer": s.scorer,
+            "label_set": s.label_set,
+            "thresholds": s.thresholds_file or f"default_threshold {s.default_threshold} (uncalibrated)",
+            "frames_scored": acc["frames_scored"],
+            "images_received": acc["pairer"].get("images_received", 0),
+            "detections_received": acc["pairer"].get("detections_received", 0),
+            "frames_paired": acc["pairer"].get("pairs", 0),
+            "images_pending": acc["pairer"].get("images_pending", 0),
+            "detections_pending": acc["pairer"].get("detections_pending", 0),
+            "frames_queued": acc["queued"] + acc["in_flight"],
+            "latency_p50_ms": _percentile(lat_node, 50),
+            "latency_p95_ms": _percentile(lat_node, 95),
+            "pipeline_p50_ms": _percentile(lat_pipe, 50),
+            "pipeline_p95_ms": _percentile(lat_pipe, 95),
+            "boxes_total": acc["boxes_total"],
+            "boxes_ood": acc["boxes_ood"],
+            "alert_level": ("CLEAR", "CAUTION", "TAKE_OVER")[int(self._alerts.level)],
+            "accounting_balanced": acc["balanced"],
+        }
+        for r in PAIRER_REASONS:
+            kv[f"drops.{r}"] = acc["pairer"].get(r, 0)
+        for r in FRAME_REASONS:
+            kv[f"drops.{r}"] = acc["frame_drops"].get(r, 0)
+        for r, n in acc["frame_drops"].items():
+            kv.setdefault(f"drops.{r}", n)
+        for r, n in acc["input_drops"].items():
+            kv[f"drops.input_{r}"] = n
+        for b in BoxStatus:
+            kv[f"boxes.{b.name}"] = acc["boxes_by_status"].get(b.name, 0)
+        for k, n in acc["counters"].items():
+            kv[k] = n
+        st = DiagnosticStatus()
+        st.name = f"{self.get_fully_qualified_name()}: OOD monitor"
+        st.hardware_id = f"{self.backend_name}@{s.device}"
+        if health:
+            st.level, st.message = DiagnosticStatus.WARN, "degraded: " + "; ".join(health)
+        elif self.random_weights:
+            st.level, st.message = DiagnosticStatus.WARN, "RANDOM WEIGHTS: scores are meaningless (demo/test)"
+        else:
+            st.level, st.message = DiagnosticStatus.OK, f"{acc['frames_scored']} frames scored"
+        st.values = [KeyValue(key=k, value=(f"{v:.2f}" if isinstance(v, float) else str(v).lower()
+                                             if isinstance(v, bool) else str(v))) for k, v in kv.items()]
+        arr = DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        arr.status = [st]
+        self._pubs["diagnostics"].publish(arr)
+
+
+# ====================================================================== entry point
+def main(args: Optional[List[str]] = None) -> int:
+    """Console script ``runa_ood_node``: run the node until Ctrl-C.
+
+    With ``autostart:=true`` (default) the node configures and activates itself; if that fails (e.g.
+    the model weights are missing) the error is logged and the process exits with status 1. With
+    ``autostart:=false`` it waits, unconfigured, for a lifecycle manager.
+    """
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    try:
+        rclpy.init(args=args)
+    except Exception as exc:  # e.g. a malformed --ros-args rule: say so without a traceback
+        print(f"runa_ood_node: cannot initialise ROS 2: {exc}", file=sys.stderr)
+        return 2
+    node = RunaOodNode()
+    code = 0
+    try:
+        if node.get_parameter("autostart").value and not node.autostart():
+            node.get_logger().fatal("start-up failed (see the error above); exiting")
+            code = 1
+        else:
+            executor = SingleThreadedExecutor()
+            executor.add_node(node)
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if rclpy.ok():  # after Ctrl-C the context is already shut down: no lifecycle transition then
+            try:
+                node.trigger_shutdown()
+            except Exception:
+                pass
+        try:
+            node._destroy_inputs()
+            node._release()  # idempotent: stops the worker thread, releases the model
+        except Exception:
+            pass
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

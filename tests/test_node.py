@@ -1,0 +1,523 @@
+"""The runa_ood lifecycle node over real DDS (loopback, one process, one shared node).
+
+The node runs the tiny random model ("runa-tiny-vit", allow_random_weights) with
+``default_threshold = -10``: every scored box is OOD (runa uncertainties lie in [-1, 1]), so frames
+with boxes are "OOD frames" and frames with empty detections are "clear frames". That scripts the
+driver-alert sequence frame by frame, deterministically, with message stamps (never wall time).
+Only behaviour is asserted; nothing here is timed (waits are generous timeouts).
+"""
+from __future__ import annotations
+
+import array
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("runa_ood_msgs.msg", reason="interface packages not built (bash scripts/setup.sh)")
+pytest.importorskip("vision_msgs.msg", reason="interface packages not built (bash scripts/setup.sh)")
+
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+
+from runa_ood_node.ros import convert  # noqa: E402
+
+TIMEOUT = 30.0  # s; generous: the machine is shared and slow
+W, H = 640, 480
+SMALL = [300.0, 100.0, 340.0, 140.0]  # 0.5 % of the image, bottom at 29 %: CAUTION only
+BIG = [100.0, 200.0, 500.0, 470.0]  # 35 % of the image, bottom at 98 %: TAKE_OVER
+
+NODE_PARAMS = {
+    "model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True, "backend": "torch",
+    "default_threshold": -10.0, "max_boxes": 50, "image_qos": "reliable", "image_queue_size": 50,
+    "detections_queue_size": 50, "processing_queue_size": 50, "pairing_buffer": 50,
+    "alert.k": 2, "alert.n": 3, "alert.hold_s": 0.25, "alert.clear_s": 0.45,
+    "health.frame_timeout_s": 0.6, "health.latency_budget_ms": 1e5,
+}
+
+
+def wait_for(pred, timeout=TIMEOUT, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Rig:
+    """The node under test + a tester node publishing inputs and recording every output."""
+
+    def __init__(self, ctx, photos):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.node import Node
+        from runa_ood_msgs.msg import DriverAlert, OodDetectionArray
+        from sensor_msgs.msg import Image
+        from vision_msgs.msg import Detection2DArray, LabelInfo
+        from visualization_msgs.msg import MarkerArray
+
+        from runa_ood_node.ros.node import RunaOodNode
+
+        self.ctx = ctx
+        self.photos = photos
+        self.node = RunaOodNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in NODE_PARAMS.items()])
+        assert self.node.autostart(), self.node.last_error
+        self.t = Node("runa_ood_tester", context=ctx)
+        self.lock = threading.Lock()
+        self.got = {k: [] for k in ("det", "ood_only", "alert", "health", "diag", "annotated", "markers", "label")}
+        reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.pub_img = self.t.create_publisher(Image, "image", reliable)
+        self.pub_det = self.t.create_publisher(Detection2DArray, "detections", reliable)
+        for key, typ, topic, qos in (("det", OodDetectionArray, "ood/detections", reliable),
+                                     ("ood_only", Detection2DArray, "ood/ood_only", reliable),
+                                     ("alert", DriverAlert, "ood/driver_alert", latched),
+                                     ("health", DriverAlert, "ood/monitor_health", latched),
+                                     ("diag", DiagnosticArray, "/diagnostics", reliable),
+                                     ("annotated", Image, "ood/annotated_image", reliable),
+                                     ("markers", MarkerArray, "ood/markers", reliable),
+                                     ("label", LabelInfo, "ood/label_info", latched)):
+            self.t.create_subscription(typ, topic, self._recorder(key), qos)
+        self.ex = SingleThreadedExecutor(context=ctx)
+        self.ex.add_node(self.node)
+        self.ex.add_node(self.t)
+        self.thread = threading.Thread(target=self.ex.spin, daemon=True)
+        self.thread.start()
+        self.stamp_s = 1000.0  # stamps only increase across the whole module
+        self.wait_connected()
+
+    def wait_connected(self):
+        wait_for(lambda: self.pub_img.get_subscription_count() > 0 and self.pub_det.get_subscription_count() > 0,
+                 what="the node's subscriptions")
+        wait_for(lambda: all(self.node._pubs[k].get_subscription_count() > 0 for k in ("detections", "ood_only", "alert", "health")),
+                 what="the tester's subscriptions")
+
+    def _recorder(self, key):
+        def cb(msg):
+            with self.lock:
+                self.got[key].append(msg)
+        return cb
+
+    def n(self, key):
+        with self.lock:
+            return len(self.got[key])
+
+    def since(self, key, start):
+        with self.lock:
+            return list(self.got[key][start:])
+
+    def next_stamp(self, step=0.1):
+        self.stamp_s = round(self.stamp_s + step, 3)
+        return int(round(self.stamp_s * 1e9))
+
+    @staticmethod
+    def header(stamp_ns, frame_id="camera"):
+        h = convert.copy_header(None)
+        h.stamp = convert.ns_to_stamp(stamp_ns)
+        h.frame_id = frame_id
+        return h
+
+    def publish(self, stamp_ns, image=None, boxes=None, dets=None, rgb=None, frame_id="camera"):
+        """Publish an image (msg, or rgb array) and detections (msg, or xyxy boxes) with one stamp."""
+        h = self.header(stamp_ns, frame_id)
+        if image is None and rgb is not None:
+            image = convert.rgb_to_image(rgb, h)
+        if dets is None and boxes is not None:
+            dets = convert.boxes_to_detections(h, np.asarray(boxes, np.float64).reshape(-1, 4),
+                                               scores=[0.9] * len(boxes))
+        if image is not None:
+            self.pub_img.publish(image)
+        if dets is not None:
+            self.pub_det.publish(dets)
+        return h
+
+    def gray(self):
+        return np.full((H, W, 3), 127, np.uint8)
+
+    def idle(self):
+        """Wait until every message sent so far has been received and processed."""
+        def done():
+            a = self.node.accounting()
+            return a["queued"] == 0 and a["in_flight"] == 0
+
+        time.sleep(0.05)
+        wait_for(done, what="the node to finish its queue")
+        return self.node.accounting()
+
+    def wait_received(self, n_images, n_dets):
+        wait_for(lambda: self.node.accounting()["received"]["image"] >= n_images
+                 and self.node.accounting()["received"]["detections"] >= n_dets, what="inputs to arrive")
+        return self.idle()
+
+    def close(self):
+        self.ex.shutdown()
+        self.node.trigger_shutdown()
+        self.node.destroy_node()
+        self.t.destroy_node()
+
+
+@pytest.fixture(scope="module")
+def rig(ood_pack, ood_pack_annotations):
+    import cv2
+
+    photos = []  # (rgb, boxes_xyxy) of real photographs of several sizes
+    for img in ood_pack_annotations["images"]:
+        boxes = [a["bbox"] for a in ood_pack_annotations["annotations"] if a["image_id"] == img["id"]]
+        if 2 <= len(boxes) <= 12 and (not photos or img["width"] != photos[-1][0].shape[1]):
+            bgr = cv2.imread(str(ood_pack / img["file_name"]), cv2.IMREAD_COLOR)
+            xywh = np.asarray(boxes, np.float64)
+            photos.append((bgr[:, :, ::-1].copy(), np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)))
+        if len(photos) == 3:
+            break
+    assert len(photos) == 3
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    r = Rig(ctx, photos)
+    yield r
+    r.close()
+    rclpy.shutdown(context=ctx)
+
+
+def _by_stamp(msgs):
+    return {convert.stamp_to_ns(m.header.stamp): m for m in msgs}
+
+
+# ---------------------------------------------------------------------------------------- tests
+def test_real_photographs_every_box_scored_headers_copied(rig):
+    a0 = rig.idle()
+    start = {k: rig.n(k) for k in rig.got}
+    sent = []
+    for i, (rgb, boxes) in enumerate(rig.photos):
+        stamp = rig.next_stamp()
+        if i == 1:  # a camera with padded rows in bgr8: the node must honour step and channel order
+            h = rig.header(stamp, f"cam{i}")
+            image = convert.array_to_image(rgb[:, :, ::-1].copy(), "bgr8", h, step=rgb.shape[1] * 3 + 64)
+            rig.publish(stamp, image=image, boxes=boxes, frame_id=f"cam{i}")
+        else:
+            rig.publish(stamp, rgb=rgb, boxes=boxes, frame_id=f"cam{i}")
+        sent.append((stamp, f"cam{i}", rgb, boxes))
+    wait_for(lambda: rig.n("det") >= start["det"] + 3 and rig.n("ood_only") >= start["ood_only"] + 3
+             and rig.n("annotated") >= start["annotated"] + 3, what="3 scored frames")
+    dets, only, ann = (_by_stamp(rig.since(k, start[k])) for k in ("det", "ood_only", "annotated"))
+    for stamp, frame_id, rgb, boxes in sent:
+        out = dets[stamp]
+        assert out.header.frame_id == frame_id and convert.stamp_to_ns(out.header.stamp) == stamp
+        assert len(out.detections) == len(boxes)
+        assert out.model == "runa-tiny-vit" and out.backend == "torch" and out.scorer == "runa"
+        assert out.random_weights is True
+        for d, b in zip(out.detections, boxes):
+            assert d.status == 0, d.status_text  # every real box inside the photo is scored
+            assert math.isfinite(d.uncertainty) and -1.0 <= d.uncertainty <= 1.0
+            assert d.is_ood == (d.uncertainty > d.threshold) and d.threshold == pytest.approx(-10.0)
+            assert d.nearest_label and math.isfinite(d.similarity)
+            assert d.detection.bbox.center.position.x == pytest.approx((b[0] + b[2]) / 2)
+        flagged = [d.detection.id for d in out.detections if d.is_ood]
+        assert [d.id for d in only[stamp].detections] == flagged
+        assert only[stamp].header.frame_id == frame_id
+        assert ann[stamp].header.frame_id == frame_id and (ann[stamp].width, ann[stamp].height) == (rgb.shape[1], rgb.shape[0])
+        assert ann[stamp].encoding == "rgb8"
+    label = rig.since("label", 0)
+    assert label and [c.class_name for c in label[-1].class_map][:3] == ["airplane", "bicycle", "bird"]
+    assert label[-1].threshold == pytest.approx(-10.0)
+    a1 = rig.idle()
+    assert a1["frames_scored"] - a0["frames_scored"] == 3 and a1["balanced"]
+    assert "internal_error" not in a1["frame_drops"] and not a1["counters"].get("secondary_output_errors")
+
+
+def test_alert_raise_hold_clear_and_take_over(rig):
+    from runa_ood_msgs.msg import DriverAlert
+
+    # bring the (stamp-driven) alert monitor to CLEAR whatever earlier tests left: 3 clear frames 1 s apart
+    for _ in range(3):
+        rig.publish(rig.next_stamp(1.0), rgb=rig.gray(), boxes=[])
+    rig.idle()
+    wait_for(lambda: rig.n("alert") and rig.since("alert", 0)[-1].level == DriverAlert.LEVEL_CLEAR, what="CLEAR")
+    start = rig.n("alert")
+    script = [SMALL, SMALL, None, None, None, None, None, None, BIG, BIG]  # None = no boxes
+    stamps = []
+    for boxes in script:
+        stamps.append(rig.next_stamp(0.1))
+        rig.publish(stamps[-1], rgb=rig.gray(), boxes=[] if boxes is None else [boxes])
+    rig.idle()
+    wait_for(lambda: rig.n("alert") >= start + 3, what="3 alert changes")
+    time.sleep(0.2)
+    alerts = rig.since("alert", start)
+    got = [(a.level, convert.stamp_to_ns(a.header.stamp)) for a in alerts]
+    # f1: OOD in 2 of 3 -> CAUTION. f3 held (raised 0.2 s < hold 0.25 s), f4-f6 held (condition
+    # absent < clear 0.45 s), f7 clears. f9: big box near the bottom in 2 of 3 -> TAKE_OVER.
+    assert got == [(DriverAlert.LEVEL_CAUTION, stamps[1]), (DriverAlert.LEVEL_CLEAR, stamps[7]),
+                   (DriverAlert.LEVEL_TAKE_OVER, stamps[9])]
+    assert all(a.source == DriverAlert.SOURCE_OOD_OBJECT and a.header.frame_id == "camera" for a in alerts)
+    caution, clear, take = alerts
+    assert len(caution.objects) == 1 and caution.objects[0].is_ood
+    assert caution.objects[0].detection.bbox.size_x == pytest.approx(40.0)
+    assert clear.objects == [] and "CLEAR" in clear.reason
+    assert len(take.objects) == 1 and take.objects[0].detection.bbox.size_x == pytest.approx(400.0)
+    assert "TAKE_OVER" in take.reason
+
+
+def test_monitor_health_when_frames_stop_and_when_backend_fails(rig):
+    from runa_ood_msgs.msg import DriverAlert
+
+    def health_after(start, level, needle):
+        def ok():
+            return any(m.level == level and needle in m.reason for m in rig.since("health", start))
+        return ok
+
+    # frames flowing -> healthy; then no frames for > 0.6 s -> CAUTION "no frame processed"
+    start = rig.n("health")
+    for _ in range(3):
+        rig.publish(rig.next_stamp(), rgb=rig.gray(), boxes=[SMALL])
+        time.sleep(0.05)
+    rig.idle()
+    wait_for(lambda: any(m.level == DriverAlert.LEVEL_CAUTION and "no frame processed" in m.reason
+                         for m in rig.since("health", start)), what="health CAUTION after frames stop")
+    msgs = rig.since("health", start)
+    assert all(m.source == DriverAlert.SOURCE_MONITOR_HEALTH for m in msgs)
+    # recovery: a frame clears it
+    start = rig.n("health")
+    rig.publish(rig.next_stamp(), rgb=rig.gray(), boxes=[SMALL])
+    wait_for(health_after(start, DriverAlert.LEVEL_CLEAR, "healthy"), what="health CLEAR after a frame")
+
+    # a failing backend: boxes come back BACKEND_ERROR and health reports it
+    enc = rig.node.scorer.encoder
+
+    def broken(views):
+        raise RuntimeError("simulated GPU failure")
+
+    enc.set_backend(broken, "broken")
+    try:
+        start_h, start_d = rig.n("health"), rig.n("det")
+        stamp = rig.next_stamp()
+        rig.publish(stamp, rgb=rig.gray(), boxes=[SMALL, BIG])
+        wait_for(lambda: stamp in _by_stamp(rig.since("det", start_d)), what="the frame with a broken backend")
+        out = _by_stamp(rig.since("det", start_d))[stamp]
+        assert [d.status for d in out.detections] == [7, 7] and not any(d.is_ood for d in out.detections)
+        assert "simulated GPU failure" in out.detections[0].status_text
+        wait_for(health_after(start_h, DriverAlert.LEVEL_CAUTION, "backend failing"), what="backend health alert")
+    finally:
+        enc.set_backend(None)
+    assert rig.idle()["counters"].get("backend_error_frames", 0) >= 1
+
+
+def _raw_image(stamp_ns, encoding="rgb8", width=W, height=H, step=None, nbytes=None):
+    from sensor_msgs.msg import Image
+
+    m = Image()
+    m.header = Rig.header(stamp_ns)
+    m.width, m.height, m.encoding = width, height, encoding
+    m.step = width * 3 if step is None else step
+    n = m.step * height if nbytes is None else nbytes
+    m.data = array.array("B", bytes(n))
+    return m
+
+
+def test_bad_input_is_counted_and_never_kills_the_node(rig):
+    a0 = rig.idle()
+    start_det = rig.n("det")
+    n_img = a0["received"]["image"]
+    n_det = a0["received"]["detections"]
+    s = [rig.next_stamp() for _ in range(9)]
+    rig.publish(s[0], image=_raw_image(s[0], encoding="yuv_weird"), boxes=[SMALL])  # unknown encoding
+    rig.publish(s[1], image=_raw_image(s[1], step=W * 3 - 3), boxes=[SMALL])  # step < width * 3
+    rig.publish(s[2], image=_raw_image(s[2], nbytes=1000), boxes=[SMALL])  # truncated data
+    rig.publish(s[3], rgb=rig.gray(), boxes=[])  # empty detections: scored, nothing to flag
+    # NaN box, box outside the image, one good box
+    h = rig.header(s[4])
+    dets = convert.boxes_to_detections(h, np.array([SMALL, [700, 500, 800, 600], SMALL], np.float64))
+    dets.detections[0].bbox.center.position.x = float("nan")
+    rig.publish(s[4], rgb=rig.gray(), dets=dets)
+    rig.publish(s[5], dets=convert.boxes_to_detections(rig.header(s[5]), np.array([SMALL])))  # detections, no image
+    rig.publish(s[6], rgb=rig.gray(), boxes=[SMALL])  # a good frame (drops s[5]'s detections)
+    rig.publish(s[6], rgb=rig.gray())  # the same image stamp again: duplicate
+    rig.publish(s[6] - 5 * 10**9, rgb=rig.gray(), boxes=[SMALL])  # 5 s back in time: out of order (x2)
+    rng = np.random.default_rng(0)  # 1,000 boxes in one frame; max_boxes = 50
+    xy = rng.uniform((0, 0), (W - 40, H - 40), (1000, 2))
+    many = np.concatenate([xy, xy + rng.uniform(10, 40, (1000, 2))], 1).clip(0, [W, H, W, H])
+    big_dets = convert.boxes_to_detections(rig.header(s[7]), many, scores=list(rng.uniform(0, 1, 1000)))
+    rig.publish(s[7], rgb=rig.gray(), dets=big_dets)
+    rig.publish(s[8], rgb=rig.gray(), boxes=[SMALL])  # the node is still alive and scoring
+
+    wait_for(lambda: s[8] in _by_stamp(rig.since("det", start_det)), what="the last good frame")
+    a1 = rig.wait_received(n_img + 10, n_det + 10)
+    out = _by_stamp(rig.since("det", start_det))
+    d = lambda key: a1["frame_drops"].get(key, 0) - a0["frame_drops"].get(key, 0)  # noqa: E731
+    p = lambda key: a1["pairer"][key] - a0["pairer"][key]  # noqa: E731
+    assert d("image_unsupported_encoding") == 1 and d("image_bad_step") == 1 and d("image_truncated") == 1
+    assert set(out) == {s[3], s[4], s[6], s[7], s[8]}  # bad images published nothing
+    assert out[s[3]].detections == []
+    assert [x.status for x in out[s[4]].detections] == [1, 5, 0]  # NAN, OUTSIDE_IMAGE, OK
+    assert math.isnan(out[s[4]].detections[0].uncertainty) and not out[s[4]].detections[0].is_ood
+    assert p("detections_without_image") == 1 and p("duplicate_stamp") == 1 and p("out_of_order") == 2
+    st = [x.status for x in out[s[7]].detections]
+    assert len(st) == 1000 and st.count(0) == 50 and st.count(6) == 950
+    kept = [x.detection.results[0].hypothesis.score for x in out[s[7]].detections if x.status == 0]
+    cut = [x.detection.results[0].hypothesis.score for x in out[s[7]].detections if x.status == 6]
+    assert min(kept) >= max(cut)  # highest detector scores first
+    assert a1["frames_scored"] - a0["frames_scored"] == 5
+    assert a1["balanced"], json.dumps(a1, indent=1)
+    assert "internal_error" not in a1["frame_drops"] and not a1["input_drops"]
+    assert not a1["counters"].get("secondary_output_errors")
+    assert a1["received"]["image"] - n_img == 10 and a1["received"]["detections"] - n_det == 10
+
+    # /diagnostics reports each case
+    start = rig.n("diag")
+    wait_for(lambda: rig.n("diag") > start + 1, what="/diagnostics")
+    status = [st for m in rig.since("diag", start) for st in m.status if "runa_ood" in st.name][-1]
+    kv = {v.key: v.value for v in status.values}
+    for key in ("drops.image_unsupported_encoding", "drops.image_bad_step", "drops.image_truncated",
+                "drops.detections_without_image", "drops.out_of_order", "drops.duplicate_stamp"):
+        assert int(kv[key]) >= 1, key
+    assert int(kv["boxes.NOT_SCORED"]) >= 950 and int(kv["boxes.NAN"]) >= 1 and int(kv["boxes.OUTSIDE_IMAGE"]) >= 1
+    assert kv["random_weights"] == "true" and kv["backend"] == "torch" and kv["model"] == "runa-tiny-vit"
+    assert kv["accounting_balanced"] == "true"
+    assert math.isfinite(float(kv["latency_p95_ms"])) and float(kv["latency_p50_ms"]) > 0
+    assert status.level == b"\x01"  # WARN: random weights
+    assert int(kv["frames_scored"]) == rig.node.accounting()["frames_scored"]
+
+
+def test_parameters_validated_at_run_time(rig):
+    res = rig.node.set_parameters([Parameter("lam", value=1.5)])
+    assert not res[0].successful and "lam" in res[0].reason
+    res = rig.node.set_parameters([Parameter("scorer", value="maxlogit")])
+    assert not res[0].successful and "scorer" in res[0].reason
+    res = rig.node.set_parameters([Parameter("model", value="ViT-L-14")])  # read-only
+    assert not res[0].successful
+    assert rig.node.set_parameters([Parameter("use_sim_time", value=False)])[0].successful  # not ours
+    d = rig.node.describe_parameter("lam")
+    assert d.description and d.floating_point_range[0].to_value == 1.0 and not d.read_only
+    assert rig.node.describe_parameter("backend").read_only
+    res = rig.node.set_parameters([Parameter("publish_annotated", value=False)])  # live
+    assert res[0].successful and rig.node.settings.publish_annotated is False
+    rig.node.set_parameters([Parameter("publish_annotated", value=True)])
+
+
+def test_incompatible_qos_publisher_is_reported(rig):
+    """A best-effort detector on the reliable detections subscription delivers nothing: the node
+    must say so (counted + warned) rather than stay silent."""
+    from vision_msgs.msg import Detection2DArray
+
+    before = rig.node.accounting()["counters"].get("qos_incompatible", 0)
+    pub = rig.t.create_publisher(Detection2DArray, "detections",
+                                 QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    try:
+        wait_for(lambda: rig.node.accounting()["counters"].get("qos_incompatible", 0) > before,
+                 what="the incompatible-QoS event")
+    finally:
+        rig.t.destroy_publisher(pub)
+
+
+def test_reconfigure_with_high_threshold_flags_nothing(rig):
+    """deactivate -> cleanup -> new default_threshold -> configure -> activate (model reloaded)."""
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+
+    node = rig.node
+    assert node.trigger_deactivate() == R.SUCCESS and node.trigger_cleanup() == R.SUCCESS
+    assert node.scorer is None
+    assert node.set_parameters([Parameter("default_threshold", value=10.0)])[0].successful
+    assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
+    rig.wait_connected()
+    start = rig.n("det"), rig.n("ood_only")
+    rgb, boxes = rig.photos[0]
+    stamp = rig.next_stamp()
+    rig.publish(stamp, rgb=rgb, boxes=boxes)
+    wait_for(lambda: rig.n("det") > start[0] and rig.n("ood_only") > start[1], what="a frame after reconfigure")
+    out = _by_stamp(rig.since("det", start[0]))[stamp]
+    assert len(out.detections) == len(boxes) and not any(d.is_ood for d in out.detections)
+    assert all(d.threshold == pytest.approx(10.0) for d in out.detections)
+    assert _by_stamp(rig.since("ood_only", start[1]))[stamp].detections == []
+
+
+def test_startup_fails_loudly_without_weights(rig):
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+
+    from runa_ood_node.ros.node import RunaOodNode
+
+    bad = RunaOodNode("runa_ood_bad", context=rig.ctx, parameter_overrides=[
+        Parameter("model", value="runa-tiny-vit"), Parameter("pretrained", value="/nonexistent.pt"),
+        Parameter("allow_random_weights", value=False)])
+    try:
+        assert bad.trigger_configure() == R.FAILURE
+        assert "/nonexistent.pt" in bad.last_error and "weights" in bad.last_error
+        assert bad.scorer is None
+    finally:
+        bad.destroy_node()
+
+
+def test_main_exits_nonzero_when_start_up_fails(tmp_path):
+    env = dict(os.environ, ROS_LOG_DIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "runa_ood_node.ros.node", "--ros-args", "-p", "model:=runa-tiny-vit",
+         "-p", "pretrained:=/nonexistent.pt", "-r", "__node:=runa_ood_main_test"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "/nonexistent.pt" in proc.stderr and "start-up failed" in proc.stderr
+
+
+def test_compressed_transport_in_a_namespace_and_lazy_drawing(rig):
+    """A second node: namespace 'cmp', image_transport=compressed (subscribes 'cmp/image/compressed').
+    Nobody listens to its annotated image or markers, so with lazy=true it never draws them."""
+    from rclpy.node import Node
+    from runa_ood_msgs.msg import OodDetectionArray
+    from sensor_msgs.msg import CompressedImage
+    from vision_msgs.msg import Detection2DArray
+
+    from runa_ood_node.ros.node import RunaOodNode
+
+    params = dict(NODE_PARAMS, image_transport="compressed", image_qos="sensor_data", lazy=True)
+    node = RunaOodNode(namespace="cmp", context=rig.ctx, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    client = Node("cmp_client", namespace="cmp", context=rig.ctx)
+    got = []
+    try:
+        assert node.autostart(), node.last_error
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        pub_img = client.create_publisher(CompressedImage, "image/compressed", qos)
+        pub_det = client.create_publisher(Detection2DArray, "detections", qos)
+        client.create_subscription(OodDetectionArray, "ood/detections", got.append, qos)
+        rig.ex.add_node(node)
+        rig.ex.add_node(client)
+        wait_for(lambda: pub_img.get_subscription_count() > 0 and pub_det.get_subscription_count() > 0
+                 and node._pubs["detections"].get_subscription_count() > 0, what="discovery in namespace cmp")
+        rgb, boxes = rig.photos[0]
+        h = Rig.header(rig.next_stamp(), "cam_cmp")
+        pub_img.publish(convert.rgb_to_compressed(rgb, h, fmt="jpeg"))
+        pub_det.publish(convert.boxes_to_detections(h, boxes))
+        wait_for(lambda: len(got) == 1, what="a result from the compressed-image node")
+        out = got[0]
+        assert out.header.frame_id == "cam_cmp" and out.header.stamp == h.stamp
+        assert len(out.detections) == len(boxes) and all(d.status == 0 for d in out.detections)
+        acc = node.accounting()
+        assert acc["frames_scored"] == 1 and acc["balanced"]
+        assert acc["counters"].get("annotated_frames", 0) == 0 and acc["counters"].get("marker_frames", 0) == 0
+    finally:
+        rig.ex.remove_node(node)
+        rig.ex.remove_node(client)
+        node.trigger_shutdown()
+        node.destroy_node()
+        client.destroy_node()
+
+
+def test_bench_node_tool_runs_and_reports(tmp_path, ood_pack):
+    """`runa-ood bench-node` on 3 frames: the report has every figure (no speed asserted)."""
+    import argparse
+
+    from runa_ood_node.tools import bench_node
+
+    parser = argparse.ArgumentParser()
+    bench_node.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--frames", "3", "--warmup", "1", "--boxes", "4", "--json", str(out)])
+    assert bench_node.run(args) == 0
+    res = json.loads(out.read_text())
+    assert res["frames"] == 3 and res["lost"] == 0 and res["random_weights"] is True and res["accounting_balanced"]
+    for key in ("e2e_ms", "pipeline_ms", "overhead_ms", "node_processing_ms"):
+        assert res[key]["n"] == 3 and math.isfinite(res[key]["p50"])
+    assert res["e2e_ms"]["p50"] >= res["pipeline_ms"]["p50"] > 0

@@ -1,0 +1,123 @@
+"""Node parameters: validation errors, settings, descriptors, the shipped YAML file."""
+import math
+import pathlib
+
+import pytest
+import yaml
+
+from runa_ood_node.ros import params as P
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_defaults_validate_and_map_to_scorer_config():
+    s = P.validate({})
+    assert s.lam == 0.5 and s.scorer == "runa" and s.backend == "auto" and s.label_set == "voc"
+    assert s.image_topic_resolved == "image"
+    cfg = s.scorer_config()
+    assert cfg["model"] == "ViT-B-16" and cfg["pretrained"] == "openai" and cfg["allow_random"] is False
+    assert cfg["label_set"] == "voc" and cfg["backend"] == "auto" and cfg["backend_options"] == {"device": "cpu"}
+    assert "backend_options" not in P.validate({"backend": "torch"}).scorer_config()
+    th = s.thresholds()
+    assert th.for_label("car") == pytest.approx(P.UNCALIBRATED_DEFAULT_THRESHOLD)
+
+
+@pytest.mark.parametrize("name,value,needle", [
+    ("scorer", "maxlogit", "scorer"),
+    ("lam", 1.5, "lam"),
+    ("lam", -0.1, "lam"),
+    ("blur_radius", -1.0, "blur_radius"),
+    ("backend", "tensorflow", "backend"),
+    ("label_set", "imagenet_not_a_set", "label_set"),
+    ("thresholds_file", "/nonexistent/thresholds.yaml", "thresholds_file"),
+    ("image_qos", "best_effort_please", "image_qos"),
+    ("detections_qos", "", "detections_qos"),
+    ("image_transport", "theora", "image_transport"),
+    ("device", "tpu", "device"),
+    ("alert.k", 9, "alert.k"),
+    ("alert.roi", [0.5, 0.5, 0.2, 0.9], "alert.roi"),
+    ("alert.roi", [0.1, 0.2, 0.3], "alert.roi"),
+    ("alert.roi", [0.0, 0.0, 2.0, 0.5, 0.5, 1.0], "alert.roi"),
+    ("max_boxes", 2.5, "max_boxes"),
+    ("temperature", math.nan, "temperature"),
+    ("publish_annotated", "yes", "publish_annotated"),
+    ("pretrained", "", "allow_random_weights"),
+    ("pairing_max_age_s", 0.1, "pairing_max_age_s"),
+    ("no_such_parameter", 1, "unknown parameter"),
+])
+def test_invalid_values_give_clear_errors(name, value, needle):
+    values = {name: value}
+    if name == "pairing_max_age_s":
+        values["pairing_slop_s"] = 0.5
+    with pytest.raises(P.ParameterValidationError) as err:
+        P.validate(values)
+    msg = str(err.value)
+    assert needle in msg and all(p.split(":")[0] for p in err.value.problems)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(P.ParameterValidationError) as err:
+        P.validate({"lam": 2.0, "scorer": "nope", "blur_radius": -3.0})
+    names = sorted(p.split(":")[0] for p in err.value.problems)
+    assert names == ["blur_radius", "lam", "scorer"]
+
+
+def test_alert_settings_and_roi(tmp_path):
+    s = P.validate({"alert.roi": [0.25, 0.5, 0.75, 1.0], "alert.takeover_min_area_frac": -1.0,
+                    "alert.k": 2, "alert.n": 4})
+    assert s.alert.roi == ((0.25, 0.5), (0.75, 0.5), (0.75, 1.0), (0.25, 1.0))
+    assert s.alert.takeover_min_area_frac is None and s.alert.k == 2
+    cfg = s.alert.to_alert_config()
+    assert cfg.k == 2 and cfg.n == 4 and cfg.takeover_min_area_frac is None
+    poly = P.validate({"alert.roi": [0.1, 0.9, 0.5, 0.4, 0.9, 0.9]}).alert.roi
+    assert len(poly) == 3
+
+
+def test_random_weights_and_thresholds_file(tmp_path):
+    from runa_ood_node.core.thresholds import Thresholds
+
+    f = Thresholds(global_threshold=-0.3, per_class={"car": -0.28}).save(tmp_path / "th.yaml")
+    s = P.validate({"pretrained": "", "allow_random_weights": True, "thresholds_file": str(f),
+                    "image_transport": "compressed", "engine_path": ""})
+    assert s.scorer_config()["pretrained"] is None and s.scorer_config()["allow_random"] is True
+    assert s.thresholds().for_label("car") == pytest.approx(-0.28)
+    assert s.image_topic_resolved == "image/compressed"
+    with pytest.raises(P.ParameterValidationError, match="engine_path"):
+        P.validate({"engine_path": str(tmp_path / "missing.engine")})
+
+
+def test_shipped_yaml_matches_declared_parameters():
+    data = yaml.safe_load((REPO / "config" / "runa_ood.yaml").read_text())
+    params = data["/**"]["ros__parameters"]
+
+    def flatten(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flatten(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    flat = dict(flatten(params))
+    declared = {p.name for p in P.PARAMETERS}
+    assert set(flat) <= declared, set(flat) - declared
+    # everything but the optional ROI is in the file, with the declared default
+    assert declared - set(flat) == {"alert.roi"}
+    for name, value in flat.items():
+        assert value == P.defaults()[name], name
+    P.validate(flat)
+
+
+def test_descriptors_have_descriptions_ranges_and_read_only():
+    pytest.importorskip("rcl_interfaces")
+    from rcl_interfaces.msg import ParameterType
+
+    for spec in P.PARAMETERS:
+        d = P._descriptor(spec)
+        assert d.description, spec.name
+        if isinstance(spec.default, float) and spec.lo is not None:
+            assert d.floating_point_range[0].from_value == spec.lo
+        if isinstance(spec.default, int) and not isinstance(spec.default, bool) and spec.lo is not None:
+            assert d.integer_range[0].to_value == int(spec.hi)
+    assert P._descriptor(P._BY_NAME["model"]).read_only
+    assert not P._descriptor(P._BY_NAME["lam"]).read_only
+    assert P._descriptor(P._BY_NAME["alert.roi"]).type == ParameterType.PARAMETER_DOUBLE_ARRAY
