@@ -514,3 +514,44 @@ def test_encode_contains_backend_failure(tiny_encoder, photo):
     for ab in ("dual", "global"):
         r = s.score_features(feats, ablation=ab)
         assert (r.status == BoxStatus.BACKEND_ERROR).all() and "engine lost" in r.error and not r.is_ood.any()
+
+
+def test_detector_labels_are_carried_through_and_checked(scorer, photo):
+    image, boxes = photo
+    names = [f"det{i}" for i in range(len(boxes))]
+    r = scorer.score(image, boxes, box_format="xywh", detector_labels=names)
+    assert r.detector_labels == names
+    assert [rec["detector_label"] for rec in r.to_records()] == names
+    assert scorer.score(image, boxes, box_format="xywh").detector_labels is None
+    with pytest.raises(ValueError, match="detector_labels"):
+        scorer.score(image, boxes, box_format="xywh", detector_labels=names[:-1])
+
+
+def test_from_config_never_downloads_when_told_not_to(monkeypatch):
+    """A vehicle passes allow_download=False: an uncached tag fails at once, without network."""
+    import open_clip
+
+    from runa_ood_node.core.encoder import WeightsUnavailableError
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("must not try to download")
+
+    monkeypatch.setattr(open_clip, "create_model", no_network)
+    tag = open_clip.list_pretrained_tags_by_model("ViT-B-32")[0]
+    with pytest.raises(WeightsUnavailableError, match="not in the local cache"):
+        OodScorer.from_config({"model": "ViT-B-32", "pretrained": tag, "allow_download": False})
+
+
+def test_from_config_passes_device_and_precision_to_the_backend(monkeypatch):
+    import runa_ood_node.backends.base as base
+
+    seen = {}
+
+    def fake_make_backend(kind, encoder, **options):
+        seen.update(options, kind=kind)
+        return lambda views: encoder.visual_trunk(views)
+
+    monkeypatch.setattr(base, "make_backend", fake_make_backend)
+    OodScorer.from_config({"model": TINY, "allow_random": True, "backend": "auto", "precision": "fp32",
+                           "backend_options": {"engine_path": "/x.engine"}})
+    assert seen == {"kind": "auto", "device": "cpu", "precision": "fp32", "engine_path": "/x.engine"}

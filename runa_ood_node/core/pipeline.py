@@ -84,6 +84,8 @@ class FrameResult:
         timings: milliseconds for ``views``, ``encode``, ``score`` and ``total``.
         error: None, or the message of a backend failure that affected this frame.
         detector_scores: float32 ``[N]`` detector confidences if given (NaN otherwise).
+        detector_labels: the detector's N class names if given (carried through for tables,
+            logs and consumers comparing them with ``label``; RUNA itself does not use them).
     """
 
     boxes_xyxy: np.ndarray
@@ -97,6 +99,7 @@ class FrameResult:
     timings: Dict[str, float]
     error: Optional[str] = None
     detector_scores: Optional[np.ndarray] = None
+    detector_labels: Optional[List[str]] = None
 
     def __len__(self) -> int:
         return int(self.status.shape[0])
@@ -134,6 +137,7 @@ class FrameResult:
                 "threshold": f(self.threshold[i]),
                 "is_ood": bool(self.is_ood[i]),
                 "detector_score": None if self.detector_scores is None else f(self.detector_scores[i]),
+                "detector_label": None if self.detector_labels is None else self.detector_labels[i],
             })
         return recs
 
@@ -557,7 +561,8 @@ class OodScorer:
                        "score": t_score, "total": float(ft.get("total", 0.0)) + t_score}
         return res
 
-    def score(self, image_rgb: np.ndarray, boxes, box_format: str = "xyxy", detector_scores=None) -> FrameResult:
+    def score(self, image_rgb: np.ndarray, boxes, box_format: str = "xyxy", detector_scores=None,
+              detector_labels: Optional[Sequence[str]] = None) -> FrameResult:
         """Score every box of one frame: ``score_features(encode(...))`` with this scorer's settings.
 
         Args:
@@ -565,16 +570,26 @@ class OodScorer:
             boxes: ``[N,4]`` boxes in ``box_format`` (original image pixels); list/array/tensor.
             box_format: ``"xyxy"``, ``"xywh"`` or ``"cxcywh"``.
             detector_scores: optional ``[N]`` detector confidences, used by the ``max_boxes`` cap.
+            detector_labels: optional N detector class names, carried into the result.
 
         Returns:
             :class:`FrameResult` with N entries, in input order.
 
         Raises:
             ValueError: the image is not HxWx3 uint8, boxes are not ``[N,4]``-shaped, or
-                ``detector_scores`` has the wrong length. Per-box and backend problems do not raise.
+                ``detector_scores`` / ``detector_labels`` have the wrong length. Per-box and backend
+                problems do not raise.
         """
-        return self.score_features(self.encode(image_rgb, boxes, box_format=box_format,
-                                               detector_scores=detector_scores))
+        labels = None
+        if detector_labels is not None:
+            labels = [str(x) for x in detector_labels]
+        res = self.score_features(self.encode(image_rgb, boxes, box_format=box_format,
+                                              detector_scores=detector_scores))
+        if labels is not None:
+            if len(labels) != len(res):
+                raise ValueError(f"detector_labels has {len(labels)} names for {len(res)} boxes")
+            res.detector_labels = labels
+        return res
 
     def warmup(self, width: int = 640, height: int = 480, num_boxes: int = 2) -> FrameResult:
         """Score one synthetic grey frame so lazy initialisation (allocators, kernels, engines)
@@ -592,7 +607,9 @@ class OodScorer:
 
         Keys (all optional except ``model``; defaults in brackets):
             ``model`` open_clip model name; ``pretrained`` [None] tag or checkpoint path;
-            ``device`` ["cpu"]; ``precision`` ["fp32"]; ``allow_random`` [False];
+            ``device`` ["cpu"]; ``precision`` ["fp32"] (torch trunk and backend); ``allow_random`` [False];
+            ``allow_download`` [None: allowed unless RUNA_OOD_OFFLINE / HF_HUB_OFFLINE] may an
+            open_clip tag missing from the local cache be downloaded (a vehicle passes False);
             ``labels`` ["voc"] built-in name or YAML path/name; ``projection`` [None] fine-tuned
             projection (name in calibration/ or path, via ``finetune.load_projection``);
             ``thresholds`` [None] thresholds file (name or path, via ``Thresholds.load``);
@@ -608,7 +625,7 @@ class OodScorer:
 
         Unknown keys raise ValueError (typos in parameter files should not pass silently).
         """
-        allowed = {"model", "pretrained", "device", "precision", "allow_random", "labels", "label_set", "projection",
+        allowed = {"model", "pretrained", "device", "precision", "allow_random", "allow_download", "labels", "label_set", "projection",
                    "thresholds", "scorer", "lam", "blur_radius", "ablation", "max_boxes", "min_box_size",
                    "temperature", "max_batch", "backend", "backend_options", "views"}
         cfg = dict(config)
@@ -624,12 +641,14 @@ class OodScorer:
 
         encoder = DualEncoder.load(cfg["model"], pretrained=opt("pretrained"), device=opt("device", "cpu"),
                                    allow_random=bool(cfg.get("allow_random", False)),
-                                   precision=opt("precision", "fp32"))
+                                   precision=opt("precision", "fp32"),
+                                   allow_download=cfg.get("allow_download"))
         backend_kind = opt("backend", "torch")
         if backend_kind != "torch":
             from ..backends.base import make_backend  # lazy: optional runtimes
 
-            options = {"device": opt("device", "cpu"), **dict(cfg.get("backend_options") or {})}
+            options = {"device": opt("device", "cpu"), "precision": opt("precision", "fp32"),
+                       **dict(cfg.get("backend_options") or {})}
             backend = make_backend(backend_kind, encoder, **options)
             encoder.set_backend(backend, getattr(backend, "name", backend_kind))
         projection = opt("projection")
