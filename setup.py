@@ -1,3 +1,4 @@
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
@@ -14,7 +15,11 @@ setup(
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
         ("share/" + package_name + "/config", glob("config/*")),
-        ("share/" + package_name + "/calibration", glob("calibration/*.yaml")),
+    ]
+    # calibration/: label sets at the top, one folder per domain (thresholds, fine-tuned projections)
+    + [
+        ("share/" + package_name + "/" + d, [f for f in glob(d + "/*") if os.path.isfile(f)])
+        for d in sorted({x.rstrip("/") for x in glob("calibration/**/", recursive=True)})
     ],
     install_requires=["setuptools"],
     zip_safe=False,

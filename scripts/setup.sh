@@ -64,7 +64,8 @@ fi
 # 3. Interface packages (runa_ood_msgs, vision_msgs) with colcon
 WS="$ROOT/ros2_ws"
 if [ -d "$WS/src" ] && [ -n "$(ls -A "$WS/src" 2>/dev/null)" ]; then
-  WS_HASH=$(find "$WS/src" -type f | sort | xargs cat | sha256sum | cut -c1-16)
+  WS_HASH=$( { find "$WS/src" -type f | sort | xargs cat; echo "system_vision_msgs=${RUNA_SYSTEM_VISION_MSGS:-}"; } \
+            | sha256sum | cut -c1-16)
   if [ "$(cat "$WS/.runa_built" 2>/dev/null)" != "$WS_HASH" ] || [ ! -f "$WS/install/setup.bash" ]; then
     log "building interface packages in ros2_ws (colcon)"
     (

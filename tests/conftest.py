@@ -12,7 +12,30 @@ import tempfile
 import pytest
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
+
+
+def _claim_domain_id() -> int:
+    """A ROS_DOMAIN_ID no other test run on this machine holds: an exclusive lock per id, kept for
+    the whole session (two runs at once - a developer's and CI's - never see each other's nodes)."""
+    import fcntl
+
+    ids = list(range(1, 101))
+    random.SystemRandom().shuffle(ids)
+    for domain in ids:
+        fd = os.open(os.path.join(tempfile.gettempdir(), f"runa_ood_domain_{domain}.lock"), os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _DOMAIN_LOCKS.append(fd)  # held until the process exits
+        return domain
+    raise RuntimeError("no free ROS_DOMAIN_ID in 1..100 for this test run")
+
+
+_DOMAIN_LOCKS: list = []
+if "ROS_DOMAIN_ID" not in os.environ:
+    os.environ["ROS_DOMAIN_ID"] = str(_claim_domain_id())
 _TMP = pathlib.Path(tempfile.mkdtemp(prefix="runa_ood_tests_"))
 os.environ.setdefault("ROS_LOG_DIR", str(_TMP / "ros_log"))
 os.environ.setdefault("RUNA_OOD_CACHE_DIR", str(_TMP / "cache"))
@@ -20,6 +43,19 @@ os.environ.setdefault("RUNA_OOD_CACHE_DIR", str(_TMP / "cache"))
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OOD_PACK = (REPO.parent / "shared" / "data" / "ood_pack").resolve()
 TINY_MODEL = "runa-tiny-vit"
+
+
+def pytest_sessionstart(session):
+    """Under scripts/test.sh (and so in CI) the ROS parts must be there: a missing interface build
+    fails the run instead of silently skipping the node, bag and type-hash tests."""
+    if os.environ.get("RUNA_OOD_REQUIRE_ROS"):
+        try:
+            import rclpy  # noqa: F401
+            import runa_ood_msgs.msg  # noqa: F401
+            import vision_msgs.msg  # noqa: F401
+        except ImportError as exc:
+            pytest.exit(f"RUNA_OOD_REQUIRE_ROS is set but the ROS interfaces do not import ({exc}); "
+                        "run scripts/setup.sh and source scripts/env.sh", returncode=3)
 
 
 @pytest.fixture(scope="session")
