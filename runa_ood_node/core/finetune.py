@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from .plain import to_plain
+
 __all__ = [
     "eq7_loss",
     "own_class_cosine",
@@ -247,22 +249,6 @@ def sample_shots(labels: Sequence[int], shots: int, seed: int = 0) -> np.ndarray
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (pathlib.PurePath, _dt.datetime, _dt.date)):
-        return str(obj)
-    return obj
-
-
 def save_projection(out_dir: Union[str, os.PathLike], proj: torch.Tensor, meta: Optional[Dict] = None) -> pathlib.Path:
     """Write ``out_dir/projection.pt`` and ``out_dir/projection.yaml``; return the ``.pt`` path.
 
@@ -289,7 +275,7 @@ def save_projection(out_dir: Union[str, os.PathLike], proj: torch.Tensor, meta: 
     tmp.replace(pt)
     ymeta = out / META_FILE
     tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(yaml.safe_dump(_plain(m), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(to_plain(m), sort_keys=False))
     tmp.replace(ymeta)
     return pt
 

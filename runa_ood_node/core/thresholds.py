@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 
 from .metrics import threshold_at_tpr
+from .plain import to_plain
 
 __all__ = [
     "Thresholds",
@@ -90,21 +91,6 @@ def min_samples_for_tpr(tpr: float) -> int:
     if not (0.0 < t < 1.0):
         raise ValueError(f"tpr must be in (0, 1) to calibrate, got {tpr!r}")
     return int(math.ceil(1.0 / (1.0 - t) - 1e-9))
-
-
-def _plain(obj):
-    """Convert numpy scalars/arrays, tuples and paths to YAML-safe plain Python values."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (pathlib.PurePath, _dt.datetime, _dt.date)):
-        return str(obj)
-    return obj
 
 
 def _utc_now() -> str:
@@ -173,7 +159,7 @@ class Thresholds:
             meta.setdefault(key, None)
         if meta["created"] is None:
             meta["created"] = _utc_now()
-        return _plain(
+        return to_plain(
             {
                 "format_version": FORMAT_VERSION,
                 "tpr": self.tpr,
