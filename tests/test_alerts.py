@@ -31,9 +31,9 @@ NONE = frame()
 OOD = frame(SMALL)
 
 
-def run(monitor, frames, t0=0.0):
-    """Feed frames at DT spacing; return the list of alerts."""
-    return [monitor.update(t0 + i * DT, f, W, H) for i, f in enumerate(frames)]
+def run(monitor, frames, t0=0.0, ids=None):
+    """Feed frames at DT spacing (``ids``: object_ids for every frame); return the list of alerts."""
+    return [monitor.update(t0 + i * DT, f, W, H, object_ids=ids) for i, f in enumerate(frames)]
 
 
 def levels(alerts):
@@ -154,15 +154,18 @@ def test_takeover_by_roi(roi, expected):
 
 
 def test_takeover_k_of_n_and_step_down_to_caution():
+    """One object (same tracking id) that is sometimes large: take-over needs the rule in 2 of its last 4."""
     cfg = AlertConfig(k=2, n=4, hold_s=0.0, clear_s=1.0, takeover_min_area_frac=0.05, takeover_min_bottom_frac=None)
     m = AlertMonitor(cfg)
     big = frame(BIG)
+    ids = ["a"]
     # one big frame among small ones is a caution only (take-over rule needs 2 of 4)
-    assert levels(run(m, [OOD, big, OOD, OOD])) == [CLEAR, CAUTION, CAUTION, CAUTION]
-    a = m.update(1.0, big, W, H)
+    assert levels(run(m, [OOD, big, OOD, OOD], ids=ids)) == [CLEAR, CAUTION, CAUTION, CAUTION]
+    a = m.update(1.0, big, W, H, object_ids=ids)
     assert a.level == TAKE_OVER and a.changed  # 2 big frames in the last 4
+    assert "object 'a'" in a.reason and a.object_indices == [0]
     # big box leaves, small OOD stays: take-over condition last held at 1.0 ... 1.5 (window)
-    out = [(t, m.update(t, OOD, W, H)) for t in np.arange(1.25, 4.0, DT)]
+    out = [(t, m.update(t, OOD, W, H, object_ids=ids)) for t in np.arange(1.25, 4.0, DT)]
     drops = [(t, a.level) for t, a in out if a.changed]
     assert len(drops) == 1 and drops[0][1] == CAUTION
     assert all(a.level == CAUTION for t, a in out if t >= drops[0][0])
@@ -240,6 +243,181 @@ def test_update_argument_validation():
         m.update(0.0, OOD, 0, H)
     with pytest.raises(ValueError, match="stamp"):
         m.update(float("nan"), OOD, W, H)
+
+
+# ------------------------------------------------------------------------ per-object persistence
+
+
+def shifted(box, dx=0.0, dy=0.0):
+    return [box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy]
+
+
+def iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+MID = [200, 150, 260, 210]  # 60x60 px = 1.2 % of the image, bottom at 44 %: CAUTION only
+
+
+def test_k_distinct_one_frame_boxes_do_not_raise():
+    """The review's false-positive case: an OOD box in every frame, but never the same object."""
+    m = AlertMonitor(AlertConfig(k=3, n=5))
+    places = [[40 + 100 * i, 60, 80 + 100 * i, 100] for i in range(6)]  # disjoint 40x40 boxes
+    alerts = run(m, [frame(b) for b in places] * 3)
+    assert set(levels(alerts)) == {CLEAR}
+    assert "not persistent yet" in alerts[-1].reason
+    assert m.n_tracks <= 5  # one-frame tracks expire after n frames unseen
+
+
+def test_same_object_moving_slightly_raises():
+    boxes = [shifted(MID, dx=8 * i, dy=2 * i) for i in range(3)]
+    assert all(iou(boxes[i], boxes[i + 1]) >= 0.3 for i in range(2))
+    m = AlertMonitor(AlertConfig(k=3, n=5))
+    alerts = run(m, [frame(b) for b in boxes])
+    assert levels(alerts) == [CLEAR, CLEAR, CAUTION]
+    assert "track #1 (box 0, nearest ID label 'car', uncertainty -0.100)" in alerts[-1].reason
+    assert alerts[-1].object_indices == [0]
+
+
+def test_iou_below_match_threshold_is_a_new_object():
+    jump = shifted(MID, dx=40)  # 20 px overlap of 60: IoU 0.2
+    assert iou(MID, jump) < 0.3
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    assert levels(run(m, [frame(MID), frame(jump), frame(MID)])) == [CLEAR, CLEAR, CAUTION]  # #1 twice
+    m2 = AlertMonitor(AlertConfig(k=2, n=3))
+    assert levels(run(m2, [frame(MID), frame(jump)])) == [CLEAR, CLEAR]
+    m3 = AlertMonitor(AlertConfig(k=2, n=3, match_iou=0.15))  # looser matching: the same object
+    assert levels(run(m3, [frame(MID), frame(jump)])) == [CLEAR, CAUTION]
+
+
+def test_object_among_id_boxes_keeps_its_index():
+    """Only the persistent object's box is reported, at its index in the current frame."""
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    f1 = frame([10, 10, 30, 30], MID)
+    f2 = frame(shifted(MID, dx=4), [500, 10, 520, 30], ood=[True, False])
+    f3 = frame([400, 300, 420, 320], [10, 10, 30, 30], shifted(MID, dx=6), ood=[False, False, True])
+    alerts = run(m, [f1, f2, f3])
+    assert levels(alerts) == [CLEAR, CAUTION, CAUTION]
+    assert alerts[1].object_indices == [0] and alerts[2].object_indices == [2]
+    assert "box 2" in alerts[2].reason
+
+
+def test_object_ids_override_iou():
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    # same place, a different tracking id every frame: three different objects -> no caution
+    assert levels(run(m, [OOD] * 3))[-1] == CAUTION  # without ids, IoU makes it one object
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    alerts = [m.update(i * DT, OOD, W, H, object_ids=[f"obj{i}"]) for i in range(3)]
+    assert set(levels(alerts)) == {CLEAR}
+    # the same id far apart (IoU 0): one object -> caution, named by its id
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    alerts = [m.update(i * DT, frame(b), W, H, object_ids=["ped-7"])
+              for i, b in enumerate([[10, 10, 40, 40], [500, 150, 530, 180]])]
+    assert levels(alerts) == [CLEAR, CAUTION] and "object 'ped-7'" in alerts[-1].reason
+    # "" means no id: that box falls back to IoU matching; wrong-length ids are ignored and counted
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    assert m.update(0.0, OOD, W, H, object_ids=[""]).level == CLEAR
+    assert m.update(0.25, OOD, W, H, object_ids=["x", "y"]).level == CAUTION and m.n_bad_object_ids == 1
+
+
+def test_vanished_track_expires():
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    run(m, [frame(MID)])
+    assert m.n_tracks == 1
+    # absent for n=3 frames: the track is gone, so MID coming back starts afresh (no raise on 1 frame)
+    alerts = run(m, [NONE, NONE, NONE, frame(MID)], t0=0.25)
+    assert m.n_tracks == 1 and levels(alerts) == [CLEAR] * 4
+    assert "track #2" in m.update(1.5, frame(MID), W, H).reason  # a new track, raised now
+    # absent for only n-1 = 2 frames: still the same track, and its old OOD frame still counts
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    alerts = run(m, [frame(MID), NONE, frame(MID)])
+    assert levels(alerts) == [CLEAR, CLEAR, CAUTION] and "track #1" in alerts[-1].reason
+
+
+def test_backend_error_frames_hold_caution_and_do_not_advance_clearing():
+    cfg = AlertConfig(k=1, n=1, hold_s=0.0, clear_s=1.0)
+    m = AlertMonitor(cfg)
+    assert m.update(0.0, OOD, W, H).level == CAUTION
+    failed = frame(SMALL, BIG, ood=[False, False], status=[7, 7])
+    failed.error = "encoder failed: simulated GPU failure"
+    for t in np.arange(0.25, 2.01, DT):  # 2 s of failing backend: no evidence of "no OOD"
+        a = m.update(t, failed, W, H)
+        assert a.level == CAUTION and not a.changed and a.object_indices == []
+        assert a.reason.endswith("(frame not scored: backend error: encoder failed: simulated GPU failure "
+                                 "— level held)")
+    assert m.n_unscored_frames == 8
+    # scored again, nothing there: clear_s counts from the last scored frame, not from t=0
+    got = [(t, m.update(t, NONE, W, H).level) for t in (2.25, 2.5, 2.75, 3.0)]
+    assert got == [(2.25, CAUTION), (2.5, CAUTION), (2.75, CAUTION), (3.0, CLEAR)]
+
+
+def test_unscored_frames_are_skipped_in_the_k_of_n_window():
+    m = AlertMonitor(AlertConfig(k=2, n=2))
+    notscored = frame(SMALL, status=[6])  # over the max_boxes cap: NOT_SCORED
+    errored = frame(SMALL, ood=[False])
+    errored.error = "fusion failed"
+    alerts = run(m, [OOD, notscored, errored, OOD])
+    assert levels(alerts) == [CLEAR, CLEAR, CLEAR, CAUTION]  # window of the object: [OOD, OOD]
+    assert "none of the 1 boxes was scored" in alerts[1].reason and "level held" in alerts[2].reason
+    # a frame without any box is evidence (nothing there), unlike a failed one
+    m = AlertMonitor(AlertConfig(k=2, n=2))
+    assert levels(run(m, [OOD, NONE, OOD])) == [CLEAR, CLEAR, CLEAR]
+
+
+def test_partially_scored_frame_keeps_the_unscored_track():
+    """A persistent object whose box falls over the max_boxes cap keeps its track and caution."""
+    m = AlertMonitor(AlertConfig(k=2, n=2, hold_s=0.0, clear_s=0.0))
+    run(m, [OOD, OOD])
+    assert m.level == CAUTION
+    partial = frame(SMALL, BIG, ood=[False, False], status=[6, 0])  # the OOD object is not scored
+    a = m.update(0.5, partial, W, H)
+    assert a.level == CAUTION and a.object_indices == [0]  # its window is still [OOD, OOD]
+    assert m.update(0.75, NONE, W, H).level == CLEAR  # scored and gone: [OOD, not seen]
+
+
+def test_takeover_only_from_a_persistent_object():
+    cfg = AlertConfig(k=2, n=3, takeover_min_area_frac=0.05, takeover_min_bottom_frac=None)
+    # a big OOD box appearing once, while a small object persists: CAUTION, never TAKE_OVER
+    m = AlertMonitor(cfg)
+    alerts = run(m, [OOD, frame(SMALL, BIG), OOD, OOD])
+    assert levels(alerts) == [CLEAR, CAUTION, CAUTION, CAUTION]
+    assert alerts[1].object_indices == [0]
+    # big OOD boxes every frame at different places (never the same object): no alert at all
+    m = AlertMonitor(cfg)
+    bigs = [[0, 0, 200, 200], [220, 0, 420, 200], [440, 0, 640, 200], [0, 250, 200, 450]]
+    assert set(levels(run(m, [frame(b) for b in bigs]))) == {CLEAR}
+    # the same big object twice: TAKE_OVER naming it
+    m = AlertMonitor(cfg)
+    alerts = run(m, [frame(BIG), frame(shifted(BIG, dx=10))])
+    assert levels(alerts) == [CLEAR, TAKE_OVER] and "track #1 (box 0" in alerts[-1].reason
+    assert "area 13.0% >= 5.0%" in alerts[-1].reason
+
+
+def test_takeover_rule_must_hold_for_the_persistent_object_itself():
+    """Object A persists (small), object B is big but seen once per position: CAUTION only."""
+    cfg = AlertConfig(k=2, n=3, takeover_min_area_frac=0.05, takeover_min_bottom_frac=None)
+    m = AlertMonitor(cfg)
+    frames = [frame(SMALL, [0, 250, 200, 450]), frame(SMALL, [420, 250, 620, 450])]
+    assert levels(run(m, frames)) == [CLEAR, CAUTION]
+
+
+def test_match_iou_validation():
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="match_iou"):
+            AlertConfig(match_iou=bad)
+    assert AlertConfig().match_iou == 0.3
+
+
+def test_box_count_mismatch_rejected():
+    m = AlertMonitor()
+    with pytest.raises(ValueError, match="boxes_xyxy"):
+        m.update(0.0, {"is_ood": [True, False], "boxes_xyxy": [SMALL]}, W, H)
+    with pytest.raises(ValueError, match="no boxes_xyxy"):
+        m.update(0.25, {"is_ood": [True]}, W, H)
 
 
 # --------------------------------------------------------------------------------- health
