@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from runa_ood_node.backends import BackendUnavailableError, make_backend  # noqa: E402
+from runa_ood_node.backends.onnx_export import EXPORT_STATS, export_onnx  # noqa: E402
 from runa_ood_node.backends.ort_backend import QUANT_STATS, cosine_rows, embedding_fidelity  # noqa: E402
 from runa_ood_node.backends.tensorrt_backend import tensorrt_available  # noqa: E402
 
@@ -121,8 +122,12 @@ def test_int8_fidelity_reported_and_cached(tiny_encoder, cache, ort_be, real_vie
     assert QUANT_STATS["quantizations"] == n  # cached
 
 
-@pytest.mark.skipif(tensorrt_available()[0], reason="TensorRT + CUDA present: auto would pick TensorRT")
+no_trt = pytest.mark.skipif(tensorrt_available()[0], reason="TensorRT + CUDA present: auto would pick TensorRT")
+
+
+@no_trt
 def test_auto_falls_back_from_tensorrt_to_ort_and_logs_why(tiny_encoder, cache, caplog):
+    export_onnx(tiny_encoder, cache_dir=cache)  # pre-exported, as `runa-ood build-engine --onnx-only` does
     with caplog.at_level(logging.INFO, logger="runa_ood_node.backends"):
         be = make_backend("auto", tiny_encoder, cache_dir=cache)
     assert be.name.startswith("onnxruntime-cpu")
@@ -132,6 +137,65 @@ def test_auto_falls_back_from_tensorrt_to_ort_and_logs_why(tiny_encoder, cache, 
     warn = [r for r in caplog.records if r.levelno == logging.WARNING and "tensorrt unavailable" in r.getMessage()]
     assert warn, "the TensorRT fallback must be logged with its reason"
     assert any("using onnxruntime-cpu-fp32" in r.getMessage() for r in caplog.records)
+
+
+@no_trt
+def test_auto_never_exports_at_startup_and_uses_ort_once_pre_exported(tiny_encoder, tmp_path, caplog, capsys):
+    """A vehicle without TensorRT and without a cached export starts at once on the torch trunk
+    (saying how to pre-export); after `runa-ood build-engine --onnx-only` auto picks ONNX Runtime."""
+    import argparse
+
+    from runa_ood_node.tools import build_engine as tool
+
+    cache = tmp_path / "cache"
+    before, q0 = dict(EXPORT_STATS), QUANT_STATS["quantizations"]
+    with caplog.at_level(logging.WARNING, logger="runa_ood_node.backends"):
+        be = make_backend("auto", tiny_encoder, cache_dir=cache)
+    assert be.name == "torch-cpu-fp32"
+    assert EXPORT_STATS == before  # nothing exported
+    assert not list(cache.rglob("*.onnx"))
+    why = dict(be.fallback_reasons)["onnxruntime"]
+    assert f"no exported ONNX for model {tiny_encoder.model_name}" in why
+    assert "runa-ood build-engine" in why and "--onnx-only" in why
+    assert any("onnxruntime unavailable" in r.getMessage() and "--onnx-only" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+    # int8 in auto: no quantised graph cached either -> torch fp32, not an error
+    be8 = make_backend("auto", tiny_encoder, cache_dir=cache, int8=True)
+    assert be8.name == "torch-cpu-fp32" and "--int8" in dict(be8.fallback_reasons)["onnxruntime"]
+    assert EXPORT_STATS == before and QUANT_STATS["quantizations"] == q0
+
+    p = argparse.ArgumentParser()
+    tool.add_arguments(p)
+    args = p.parse_args(["--model", tiny_encoder.model_name, "--pretrained", "none", "--allow-random-weights",
+                         "--cache-dir", str(cache), "--onnx-only", "--int8"])
+    assert tool.run(args) == 0
+    capsys.readouterr()
+    n = EXPORT_STATS["exports"] + EXPORT_STATS["fp16_conversions"]
+    assert make_backend("auto", tiny_encoder, cache_dir=cache).name == "onnxruntime-cpu-fp32"
+    assert make_backend("auto", tiny_encoder, cache_dir=cache, int8=True).name == "onnxruntime-cpu-int8"
+    assert EXPORT_STATS["exports"] + EXPORT_STATS["fp16_conversions"] == n  # loaded, not re-exported
+
+
+@no_trt
+def test_auto_uses_an_explicit_onnx_path(tiny_encoder, cache, tmp_path):
+    path = export_onnx(tiny_encoder, path=tmp_path / "given.onnx")
+    be = make_backend("auto", tiny_encoder, cache_dir=tmp_path / "empty_cache", onnx_path=path)
+    assert be.name == "onnxruntime-cpu-fp32" and be.onnx_path == path
+
+
+def test_explicit_onnxruntime_exports_with_a_warning(tiny_encoder, tmp_path, caplog):
+    n = EXPORT_STATS["exports"]
+    with caplog.at_level(logging.WARNING, logger="runa_ood_node.backends"):
+        be = make_backend("onnxruntime", tiny_encoder, cache_dir=tmp_path)
+    assert be.name == "onnxruntime-cpu-fp32"
+    assert EXPORT_STATS["exports"] == n + 1
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("exporting it now" in w and "30-60 s" in w and "--onnx-only" in w for w in warn), warn
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runa_ood_node.backends"):
+        make_backend("onnxruntime", tiny_encoder, cache_dir=tmp_path)
+    assert EXPORT_STATS["exports"] == n + 1
+    assert not [r for r in caplog.records if "exporting it now" in r.getMessage()]  # cached: silent
 
 
 def test_auto_falls_back_to_torch_without_onnxruntime(tiny_encoder, cache, caplog, monkeypatch):
@@ -303,3 +367,12 @@ def test_vit_b32_ort_matches_torch(photos, tmp_path):
     ref = make_backend("torch", enc)(views)
     out = make_backend("onnxruntime", enc, cache_dir=tmp_path)(views)
     assert float(cosine_rows(ref @ enc.proj_global, out @ enc.proj_global).min()) >= 0.9999
+    # the fp16 graph TensorRT's strongly typed build uses: LayerNorm/Softmax islands in fp32
+    import onnx
+
+    be16 = make_backend("onnxruntime", enc, precision="fp16", cache_dir=tmp_path)
+    ops = [n.op_type for n in onnx.load(str(be16.onnx_path), load_external_data=False).graph.node]
+    assert ops.count("LayerNormalization") == 2 * 12 + 2 and ops.count("Softmax") == 12
+    c16 = cosine_rows(ref @ enc.proj_global, be16(views) @ enc.proj_global)
+    print(f"\nViT-B-32 fp16 ONNX (fp32 islands) on ORT CPU vs torch fp32: embedding cos min {c16.min():.6f}")
+    assert float(c16.min()) >= 0.999

@@ -1,12 +1,11 @@
-"""Pure engine-cache logic: keys, paths, compatibility checks, batch splitting, dtype maps."""
+"""Pure engine-cache logic: keys, paths, compatibility checks, batch splitting, engine I/O dtypes."""
 import json
 
 import pytest
 
 from runa_ood_node.backends.engine_cache import (EngineMeta, EngineMismatchError, Profile, check_engine_compat,
-                                                 engine_cache_key, engine_path_for, file_sha256,
-                                                 normalize_compute_capability, split_batches, torch_dtype_to_trt_name,
-                                                 trt_dtype_to_numpy, trt_dtype_to_torch)
+                                                 engine_cache_key, engine_io_dtypes, engine_path_for, file_sha256,
+                                                 normalize_compute_capability, split_batches, trt_dtype_to_torch)
 
 BASE = dict(model_hash="a" * 64, trt_version="10.3.0", compute_capability=(8, 7), precision="fp16",
             profile=(1, 16, 64))
@@ -136,23 +135,34 @@ def test_split_batches_rejects_negative():
         split_batches(-1, 4)
 
 
+class FakeTrtDtype:
+    """What a ``tensorrt.DataType`` member looks like to the helpers (``.name``)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
 def test_dtype_maps():
     torch = pytest.importorskip("torch")
-    import numpy as np
 
-    class FakeTrtDtype:  # what tensorrt.DataType.HALF looks like to the helpers
-        name = "HALF"
-
-    assert trt_dtype_to_torch(FakeTrtDtype()) is torch.float16
+    assert trt_dtype_to_torch(FakeTrtDtype("HALF")) is torch.float16
     assert trt_dtype_to_torch("FLOAT") is torch.float32
     assert trt_dtype_to_torch("DataType.INT32") is torch.int32
-    assert trt_dtype_to_numpy("HALF") == np.float16
-    assert torch_dtype_to_trt_name(torch.float32) == "FLOAT"
-    assert torch_dtype_to_trt_name(torch.bfloat16) == "BF16"
-    with pytest.raises(TypeError):
-        trt_dtype_to_numpy("BF16")
     with pytest.raises(TypeError):
         trt_dtype_to_torch("NOPE")
+
+
+def test_engine_io_dtypes_as_the_tensorrt_backend_uses_them():
+    """TensorRTBackend casts views to the first dtype and allocates its output with the second."""
+    torch = pytest.importorskip("torch")
+
+    assert engine_io_dtypes(FakeTrtDtype("FLOAT"), FakeTrtDtype("FLOAT")) == (torch.float32, torch.float32)
+    assert engine_io_dtypes(FakeTrtDtype("HALF"), "DataType.FLOAT") == (torch.float16, torch.float32)
+    assert engine_io_dtypes("FLOAT", "HALF") == (torch.float32, torch.float16)
+    with pytest.raises(EngineMismatchError, match="input 'views' has TensorRT type INT8.*build-engine"):
+        engine_io_dtypes(FakeTrtDtype("INT8"), FakeTrtDtype("FLOAT"))
+    with pytest.raises(EngineMismatchError, match="output 'features' has TensorRT type BF16"):
+        engine_io_dtypes("FLOAT", "BF16")
 
 
 def test_file_sha256(tmp_path):

@@ -16,8 +16,11 @@ Contract of :class:`VisualBackend`:
 
 :func:`make_backend` picks and builds a backend. ``kind="auto"`` tries TensorRT (needs the
 ``tensorrt`` module, CUDA and an engine already built by ``runa-ood build-engine``), then ONNX
-Runtime, then PyTorch, and logs every fallback with its reason. An explicit kind never falls back:
-it raises :class:`BackendUnavailableError` with a message saying what is missing.
+Runtime (needs the ONNX export already in the cache, made by ``runa-ood build-engine --onnx-only``,
+or ``onnx_path``), then PyTorch, and logs every fallback with its reason: ``auto`` never spends
+start-up time building an engine or exporting a graph. An explicit kind never falls back: it raises
+:class:`BackendUnavailableError` with a message saying what is missing; explicit ``onnxruntime``
+exports into the cache when needed (logged as a WARNING: 30-60 s for a ViT-B on a small CPU).
 """
 from __future__ import annotations
 
@@ -180,14 +183,17 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
     """Build a visual backend for ``encoder`` (a ``DualEncoder`` or its ``visual_trunk``).
 
     Args:
-        kind: ``"auto"`` (TensorRT -> ONNX Runtime -> PyTorch, each fallback logged with its reason),
-            ``"tensorrt"``, ``"onnxruntime"`` or ``"torch"`` (no fallback: raise if unavailable).
+        kind: ``"auto"`` (TensorRT with a cached engine -> ONNX Runtime with a cached export ->
+            PyTorch, each fallback logged with its reason), ``"tensorrt"``, ``"onnxruntime"`` or
+            ``"torch"`` (no fallback: raise if unavailable).
         device: ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
-        precision: ``"fp32"`` or ``"fp16"`` (fp16 needs CUDA; for ONNX Runtime it uses an fp16 ONNX).
+        precision: ``"fp32"`` or ``"fp16"`` (torch: autocast, needs CUDA; ONNX Runtime: the fp16
+            ONNX; TensorRT: an fp16 engine).
         engine_path: a TensorRT engine file (its ``.json`` sidecar must sit next to it); default:
             the cached engine for this model/precision/GPU/TensorRT version, built beforehand with
             ``runa-ood build-engine``. Engines are never built here (minutes of start-up).
-        onnx_path: an existing ONNX export of the trunk; default: export once into the cache.
+        onnx_path: an existing ONNX export of the trunk; default: the cached export (explicit
+            ``onnxruntime`` exports it when missing, ``auto`` skips ONNX Runtime instead).
         cache_dir: cache root (default ``core.paths.cache_dir()``).
         ort_threads: ONNX Runtime intra-op threads (None = ORT's default, all cores).
         int8: ONNX Runtime only, CPU only: dynamically quantised int8 weights (per channel).
@@ -209,12 +215,17 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
     info = describe_model(encoder)
     common = dict(device=device, precision=precision, cache_dir=cache_dir, max_batch=max_batch)
 
+    auto = kind == "auto"
     builders = {
         "tensorrt": lambda: _make_tensorrt(info, engine_path=engine_path, int8=int8, **common),
-        "onnxruntime": lambda: _make_ort(info, onnx_path=onnx_path, threads=ort_threads, int8=int8, **common),
-        "torch": lambda: _make_torch(info, int8=int8, **common),
+        # auto never exports at start-up (30-60 s for a ViT-B): it uses ONNX Runtime only when the
+        # export is already cached (or onnx_path is given) and otherwise falls back to torch
+        "onnxruntime": lambda: _make_ort(info, onnx_path=onnx_path, threads=ort_threads, int8=int8,
+                                         allow_export=not auto, logger=log, **common),
+        # int8 is an ONNX Runtime option: auto's last resort runs the torch trunk in fp32 instead
+        "torch": lambda: _make_torch(info, int8=int8 and not auto, **common),
     }
-    if kind != "auto":
+    if not auto:
         backend = builders[kind]()
         log.info("visual backend: %s (%s)", backend.name, backend.describe())
         return backend
@@ -247,7 +258,8 @@ def _make_torch(info: ModelInfo, *, device, precision, cache_dir, max_batch, int
     return TorchBackend(info, device=device, precision=precision, max_batch=max_batch)
 
 
-def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_path, threads, int8) -> VisualBackend:
+def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_path, threads, int8,
+              allow_export, logger) -> VisualBackend:
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
@@ -255,7 +267,8 @@ def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_
     from .ort_backend import OrtBackend
 
     return OrtBackend.from_model(info, device=device, precision=precision, onnx_path=onnx_path,
-                                 cache_dir=cache_dir, threads=threads, int8=int8, max_batch=max_batch)
+                                 cache_dir=cache_dir, threads=threads, int8=int8, max_batch=max_batch,
+                                 allow_export=allow_export, logger=logger)
 
 
 def _make_tensorrt(info: ModelInfo, *, device, precision, cache_dir, max_batch, engine_path, int8) -> VisualBackend:

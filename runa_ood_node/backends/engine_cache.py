@@ -235,8 +235,8 @@ _TRT_TO_TORCH = {
     "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
     "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8_e4m3fn",
 }
-_TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
-                 "BOOL": "bool", "UINT8": "uint8"}
+#: I/O types a visual-trunk engine may have: float32 (our exports keep float32 I/O) or float16
+ENGINE_IO_TYPES = ("FLOAT", "HALF")
 
 
 def _trt_name(dtype: Any) -> str:
@@ -255,20 +255,26 @@ def trt_dtype_to_torch(dtype: Any):
     return getattr(torch, _TRT_TO_TORCH[name])
 
 
-def trt_dtype_to_numpy(dtype: Any):
-    """``tensorrt.DataType`` (or its name) -> ``numpy.dtype``; TypeError if unsupported (e.g. BF16)."""
-    import numpy as np
+def engine_io_dtypes(input_dtype: Any, output_dtype: Any) -> Tuple[Any, Any]:
+    """torch dtypes of an engine's ``views`` input and ``features`` output tensors.
 
-    name = _trt_name(dtype)
-    if name not in _TRT_TO_NUMPY:
-        raise TypeError(f"TensorRT dtype {name} has no numpy equivalent")
-    return np.dtype(_TRT_TO_NUMPY[name])
+    Args:
+        input_dtype, output_dtype: ``engine.get_tensor_dtype(name)`` (``tensorrt.DataType``) or
+            their member names (``"FLOAT"``, ``"HALF"``).
 
+    Returns:
+        ``(torch input dtype, torch output dtype)``: :class:`TensorRTBackend` casts the views to the
+        first and allocates the output buffer with the second.
 
-def torch_dtype_to_trt_name(dtype) -> str:
-    """``torch.float16`` -> ``"HALF"`` (the ``tensorrt.DataType`` member name)."""
-    s = str(dtype).replace("torch.", "")
-    for k, v in _TRT_TO_TORCH.items():
-        if v == s:
-            return k
-    raise TypeError(f"torch dtype {dtype} has no TensorRT equivalent")
+    Raises:
+        EngineMismatchError: an I/O tensor is not float32/float16 (an int8-I/O or foreign engine:
+            feeding it float views would be silently wrong).
+    """
+    out = []
+    for role, dt in (("input 'views'", input_dtype), ("output 'features'", output_dtype)):
+        name = _trt_name(dt)
+        if name not in ENGINE_IO_TYPES:
+            raise EngineMismatchError(f"engine {role} has TensorRT type {name}; a visual-trunk engine needs "
+                                      f"{' or '.join(ENGINE_IO_TYPES)} I/O. Rebuild it with `runa-ood build-engine`.")
+        out.append(trt_dtype_to_torch(name))
+    return out[0], out[1]

@@ -15,9 +15,15 @@ A file is reused when its sidecar holds the same key (model_id, opset, precision
 width, format version); otherwise it is exported again. Writes go to a temporary file and are
 renamed into place, so a crash never leaves a half-written model behind.
 
-fp16 (for strongly typed TensorRT builds): the fp32 export converted with onnxconverter-common,
-``keep_io_types=True`` (inputs/outputs stay float32). ONNX
-Runtime must open it with ``ORT_ENABLE_EXTENDED`` (``ORT_ENABLE_ALL`` crashed on such graphs).
+fp16 (the graph strongly typed TensorRT builds are made from): the fp32 export converted with
+onnxconverter-common (``keep_io_types=True``: input and output stay float32), then every
+``LayerNormalization`` and ``Softmax`` node (and ``ReduceMean``/``Pow``, the pieces of a decomposed
+layer norm, should an exporter emit one) is turned back into an fp32 island: ``Cast(to=FLOAT)`` on
+its fp16 inputs, its scale/bias initializers restored to their original fp32 values, and
+``Cast(to=FLOAT16)`` on its outputs (:func:`keep_ops_fp32`). In a strongly typed TensorRT network
+those layers therefore run in fp32 (a naive all-fp16 CLIP engine loses LayerNorm precision and the
+embeddings collapse); matmuls, convolutions and GELU run in fp16. ONNX Runtime must open the file
+with ``ORT_ENABLE_EXTENDED`` (``ORT_ENABLE_ALL`` crashed on fp16 graphs with ORT 1.32).
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 FORMAT_VERSION = 1
+#: identifies how fp16 graphs are made (bump when :func:`_convert_fp16` changes)
+FP16_RECIPE = "onnxconverter-common keep_io_types + fp32 LayerNormalization/Softmax islands v1"
 #: counts real exports/conversions in this process (tests check that cache hits do not export)
 EXPORT_STATS: Dict[str, int] = {"exports": 0, "fp16_conversions": 0}
 
@@ -55,8 +63,11 @@ def _sidecar(path: pathlib.Path) -> pathlib.Path:
 
 
 def _key(info: ModelInfo, opset: int, precision: str) -> Dict[str, Any]:
-    return {"model_id": info.model_id, "opset": int(opset), "precision": precision, "input_size": info.input_size,
-            "width": info.width, "input": INPUT_NAME, "output": OUTPUT_NAME, "format": FORMAT_VERSION}
+    key = {"model_id": info.model_id, "opset": int(opset), "precision": precision, "input_size": info.input_size,
+           "width": info.width, "input": INPUT_NAME, "output": OUTPUT_NAME, "format": FORMAT_VERSION}
+    if precision == "fp16":  # fp16 files made by an older recipe (everything fp16) are re-converted
+        key["fp16_recipe"] = FP16_RECIPE
+    return key
 
 
 def cached_onnx_valid(path: Union[str, os.PathLike], key: Dict[str, Any]) -> bool:
@@ -69,6 +80,18 @@ def cached_onnx_valid(path: Union[str, os.PathLike], key: Dict[str, Any]) -> boo
     except (OSError, ValueError):
         return False
     return meta.get("key") == key
+
+
+def find_cached_onnx(model: Any, *, opset: int = DEFAULT_OPSET, precision: str = "fp32",
+                     cache_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[pathlib.Path]:
+    """The cached export of ``model`` at ``opset``/``precision`` when a valid one exists, else None.
+
+    Never exports (cheap: reads one small JSON sidecar). ``backend: auto`` uses it so that a
+    vehicle never spends its start-up exporting a graph (30-60 s for a ViT-B on a small CPU).
+    """
+    info = model if isinstance(model, ModelInfo) else describe_model(model)
+    path = onnx_cache_path(info.model_id, opset, precision, cache_dir)
+    return path if cached_onnx_valid(path, _key(info, opset, precision)) else None
 
 
 def _write_sidecar(path: pathlib.Path, key: Dict[str, Any], extra: Dict[str, Any]) -> None:
@@ -165,16 +188,23 @@ def _export_fp32(info: ModelInfo, out: pathlib.Path, opset: int) -> None:
 
 
 def _convert_fp16(src: pathlib.Path, out: pathlib.Path) -> None:
+    """fp32 ONNX ``src`` -> fp16 ONNX ``out`` with float32 I/O and fp32 islands (see :func:`keep_ops_fp32`)."""
     import onnx
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
-    # Blocking LayerNormalization (op_block_list) crashes onnxconverter-common 1.16 in
-    # remove_unnecessary_cast_node; the fused fp16 LayerNormalization is accurate enough (cosine to
-    # fp32 >= 0.9999 in tests) because TensorRT and ORT accumulate its statistics in fp32.
+    fp32_weights = {i.name: copy.deepcopy(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    # The converter's own op_block_list would be the natural way to keep LayerNormalization/Softmax
+    # in fp32, but onnxconverter-common 1.16 crashes with it (AttributeError in
+    # remove_unnecessary_cast_node), so everything is converted and the islands are cut afterwards.
     model16 = float16.convert_float_to_float16(model, keep_io_types=True)
     fixed = _fix_cast_targets(model16)
     LOG.debug("fp16 conversion: retargeted %d Cast nodes to FLOAT16", fixed)
+    counts = keep_ops_fp32(model16, fp32_weights=fp32_weights)
+    LOG.info("fp16 conversion: kept in fp32 %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing")
+    if "LayerNormalization" not in counts:
+        LOG.warning("fp16 conversion of %s: no fused LayerNormalization found; a decomposed layer norm "
+                    "(ReduceMean/Pow/Sqrt) is only partly protected in fp16", src.name)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         onnx.save(model16, str(tmp))
@@ -183,6 +213,144 @@ def _convert_fp16(src: pathlib.Path, out: pathlib.Path) -> None:
         if tmp.exists():
             tmp.unlink()
 
+
+#: ops computed in fp32 inside the fp16 graph. LayerNormalization and Softmax are what CLIP's
+#: accuracy hinges on (an fp16 LayerNorm overflows/loses its variance on CLIP's large residual
+#: activations and the embeddings collapse in TensorRT). ReduceMean and Pow are the statistics of a
+#: decomposed layer norm, should an exporter ever emit one instead of the fused op (the legacy
+#: exporter at opset >= 17 does not: see tests/test_onnx_export.py).
+FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow")
+
+
+def keep_ops_fp32(model, op_types=FP32_OPS, fp32_weights: Optional[Dict[str, Any]] = None) -> Dict[str, int]:
+    """Make the ``op_types`` nodes of an fp16 ONNX model compute in fp32, in place.
+
+    For each such node: every FLOAT16 activation input is fed through a new ``Cast(to=FLOAT)``;
+    every FLOAT16 initializer input (LayerNorm scale/bias, a Pow exponent) is replaced by a float32
+    initializer ``<name>_fp32`` (shared by all wrapped nodes) holding the original fp32 values from
+    ``fp32_weights`` (``{name: TensorProto}`` of the model before conversion; the converter keeps
+    initializer names), else the fp16 values widened; the node writes
+    float32 outputs (``<out>_fp32``) and a new ``Cast(to=FLOAT16)`` writes the original output name,
+    so every consumer still sees fp16 tensors. Nodes whose inputs are not fp16 are left alone.
+    A strongly typed TensorRT build then runs exactly these layers in fp32.
+
+    Returns:
+        ``{op_type: number of nodes wrapped}``.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types: Dict[str, int] = {}
+    shapes: Dict[str, Any] = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[v.name] = v.type.tensor_type.elem_type
+        shapes[v.name] = v.type.tensor_type.shape
+    inits = {i.name: i for i in graph.initializer}
+    for name, init in inits.items():
+        types[name] = init.data_type
+    const_fp16 = {n.output[0]: n for n in graph.node if n.op_type == "Constant"
+                  and any(a.name == "value" and a.t.data_type == TensorProto.FLOAT16 for a in n.attribute)}
+
+    identity_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+
+    def weight_source(name: str):
+        """(initializer name, TensorProto) behind ``name``, following Identity chains (the
+        exporter shares equal weights through Identity nodes); (name, None) for an activation."""
+        seen = set()
+        while name not in seen:
+            seen.add(name)
+            if name in inits:
+                return name, inits[name]
+            if name in const_fp16:
+                return name, next(a.t for a in const_fp16[name].attribute if a.name == "value")
+            if name not in identity_of:
+                break
+            name = identity_of[name]
+        return name, None
+
+    used = {o for n in graph.node for o in n.output} | set(inits) | {i.name for i in graph.input}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        return name
+
+    fp32_copies: Dict[str, str] = {}
+    new_inits = []
+    new_vi = []
+    out_nodes = []
+    counts: Dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type not in op_types or not any(types.get(i) == TensorProto.FLOAT16 for i in node.input if i):
+            out_nodes.append(node)
+            continue
+        prefix = node.name or f"{node.op_type}_{len(out_nodes)}"
+        for j, name in enumerate(node.input):
+            if not name or types.get(name) != TensorProto.FLOAT16:
+                continue
+            src_name, src = weight_source(name)
+            if src is not None:  # a weight: restore its fp32 values
+                if src_name not in fp32_copies:
+                    orig = (fp32_weights or {}).get(src_name)
+                    arr = numpy_helper.to_array(src).astype(np.float32)
+                    if orig is not None and tuple(orig.dims) == arr.shape:
+                        arr = numpy_helper.to_array(orig).astype(np.float32)
+                    fp32_copies[src_name] = fresh(f"{src_name}_fp32")
+                    new_inits.append(numpy_helper.from_array(arr, fp32_copies[src_name]))
+                node.input[j] = fp32_copies[src_name]
+            else:
+                cast_out = fresh(f"{name}_fp32")
+                out_nodes.append(helper.make_node("Cast", [name], [cast_out], name=fresh(f"{prefix}/cast_in{j}_fp32"),
+                                                  to=TensorProto.FLOAT))
+                if name in shapes:
+                    new_vi.append(helper.make_tensor_value_info(cast_out, TensorProto.FLOAT, None))
+                    new_vi[-1].type.tensor_type.shape.CopyFrom(shapes[name])
+                node.input[j] = cast_out
+        casts_back = []
+        for j, name in enumerate(node.output):
+            if not name or types.get(name) != TensorProto.FLOAT16:
+                continue
+            inner = fresh(f"{name}_fp32")
+            node.output[j] = inner
+            if name in shapes:
+                new_vi.append(helper.make_tensor_value_info(inner, TensorProto.FLOAT, None))
+                new_vi[-1].type.tensor_type.shape.CopyFrom(shapes[name])
+            casts_back.append(helper.make_node("Cast", [inner], [name], name=fresh(f"{prefix}/cast_out{j}_fp16"),
+                                               to=TensorProto.FLOAT16))
+        out_nodes.append(node)
+        out_nodes.extend(casts_back)
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if not counts:
+        return counts
+    del graph.node[:]
+    graph.node.extend(out_nodes)
+    graph.initializer.extend(new_inits)
+    graph.value_info.extend(new_vi)
+    _prune_dead(graph)
+    return counts
+
+
+def _prune_dead(graph) -> None:
+    """Drop nodes and initializers no graph output depends on (the fp16 copies of weights that
+    only the fp32 islands used, and the Identity nodes that shared them)."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    if len(keep) != len(graph.node):
+        keep.reverse()
+        del graph.node[:]
+        graph.node.extend(keep)
+    dead = [i for i in graph.initializer if i.name not in needed]
+    for i in dead:
+        graph.initializer.remove(i)
 
 
 def _fix_cast_targets(model) -> int:

@@ -17,12 +17,13 @@ import json
 import logging
 import os
 import pathlib
+import time
 from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
 
-from .base import BackendUnavailableError, ModelInfo, VisualBackend, describe_model
+from .base import BackendUnavailableError, ModelInfo, VisualBackend, default_cache_dir, describe_model
 from .engine_cache import INPUT_NAME, OUTPUT_NAME
 
 LOG = logging.getLogger(__name__)
@@ -35,6 +36,26 @@ def int8_path_for(fp32_path: Union[str, os.PathLike]) -> pathlib.Path:
     return p.with_name(p.stem + "-int8dyn.onnx")
 
 
+def _int8_key(src: pathlib.Path) -> Dict[str, object]:
+    from .engine_cache import file_sha256
+
+    return {"source_sha256": file_sha256(src), "per_channel": True, "weight_type": "QInt8",
+            "method": "quantize_dynamic"}
+
+
+def int8_cached(fp32_path: Union[str, os.PathLike], out_path: Optional[Union[str, os.PathLike]] = None) -> bool:
+    """True when the int8 graph of ``fp32_path`` exists and was quantised from the current fp32 file
+    (its sidecar records the fp32 file's sha256; hashing a ViT-B export takes about a second)."""
+    src = pathlib.Path(fp32_path)
+    out = pathlib.Path(out_path) if out_path is not None else int8_path_for(src)
+    if not out.is_file() or not src.is_file():
+        return False
+    try:
+        return json.loads(out.with_suffix(".json").read_text()).get("key") == _int8_key(src)
+    except (OSError, ValueError):
+        return False
+
+
 def quantize_int8(fp32_path: Union[str, os.PathLike], out_path: Optional[Union[str, os.PathLike]] = None,
                   force: bool = False) -> pathlib.Path:
     """Dynamic int8 quantisation (per channel, QInt8 weights) of an fp32 ONNX, cached.
@@ -43,19 +64,12 @@ def quantize_int8(fp32_path: Union[str, os.PathLike], out_path: Optional[Union[s
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .engine_cache import file_sha256
-
     src = pathlib.Path(fp32_path)
     out = pathlib.Path(out_path) if out_path is not None else int8_path_for(src)
     side = out.with_suffix(".json")
-    src_hash = file_sha256(src)
-    key = {"source_sha256": src_hash, "per_channel": True, "weight_type": "QInt8", "method": "quantize_dynamic"}
-    if not force and out.is_file():
-        try:
-            if json.loads(side.read_text()).get("key") == key:
-                return out
-        except (OSError, ValueError):
-            pass
+    if not force and int8_cached(src, out):
+        return out
+    key = _int8_key(src)
     tmp = out.with_name(out.stem + f".tmp{os.getpid()}.onnx")
     try:
         quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8)
@@ -141,21 +155,52 @@ class OrtBackend(VisualBackend):
     @classmethod
     def from_model(cls, model, *, device: str = "cpu", precision: str = "fp32",
                    onnx_path: Optional[Union[str, os.PathLike]] = None, cache_dir=None,
-                   threads: Optional[int] = None, int8: bool = False, max_batch: Optional[int] = None) -> "OrtBackend":
-        """Export (cached) / quantise (cached) as needed and open a session for ``model``.
+                   threads: Optional[int] = None, int8: bool = False, max_batch: Optional[int] = None,
+                   allow_export: bool = True, logger: Optional[logging.Logger] = None) -> "OrtBackend":
+        """Open a session for ``model``, exporting / quantising into the cache when allowed.
 
-        ``model``: a ``DualEncoder``, its ``visual_trunk`` or a :class:`base.ModelInfo`.
+        Args:
+            model: a ``DualEncoder``, its ``visual_trunk`` or a :class:`base.ModelInfo`.
+            onnx_path: an existing graph to run as is (no export, no cache look-up).
+            allow_export: when no valid cached export (and, with ``int8``, quantised graph) exists:
+                True exports it now, logging a WARNING first (30-60 s for a ViT-B on a small CPU);
+                False raises :class:`BackendUnavailableError` naming the command that pre-exports it
+                (``backend: auto`` passes False: a vehicle must not stall at start-up).
+            logger: where the export warning goes (default this module's logger).
         """
+        log = logger or LOG
         info = model if isinstance(model, ModelInfo) else describe_model(model)
         if int8 and precision != "fp32":
             raise BackendUnavailableError("int8 quantisation starts from the fp32 graph; use precision='fp32' with int8")
         if int8 and device.startswith("cuda"):
             raise BackendUnavailableError("dynamic int8 ONNX graphs run on the CPU provider only; use TensorRT fp16 on GPU")
-        if onnx_path is None:
-            from .onnx_export import export_onnx
-
-            onnx_path = export_onnx(info, precision=precision, cache_dir=cache_dir)
         label = precision
+        if onnx_path is None:
+            from .onnx_export import export_onnx, find_cached_onnx
+
+            hint = (f"`runa-ood build-engine --model {info.model_name} --onnx-only{' --int8' if int8 else ''}` "
+                    f"(with the node's --pretrained weights and cache dir)")
+            cached = find_cached_onnx(info, precision=precision, cache_dir=cache_dir)
+            if cached is None:
+                where = default_cache_dir(cache_dir) / "onnx"
+                if not allow_export:
+                    raise BackendUnavailableError(
+                        f"no exported ONNX for model {info.model_name} (model_id {info.model_id}, {precision}) in "
+                        f"{where}; run {hint} beforehand")
+                log.warning("no exported %s ONNX for model %s (model_id %s) in %s: exporting it now, which takes "
+                            "30-60 s for a ViT-B on a small CPU; run %s beforehand to start without this delay",
+                            precision, info.model_name, info.model_id, where, hint)
+                t0 = time.perf_counter()
+                cached = export_onnx(info, precision=precision, cache_dir=cache_dir)
+                log.warning("exported %s in %.1f s", cached.name, time.perf_counter() - t0)
+            onnx_path = cached
+            if int8 and not int8_cached(onnx_path):
+                if not allow_export:
+                    raise BackendUnavailableError(
+                        f"no int8-quantised ONNX for model {info.model_name} (model_id {info.model_id}) next to "
+                        f"{pathlib.Path(onnx_path).name}; run {hint} beforehand")
+                log.warning("quantising %s to int8 now (seconds to a minute); run %s beforehand to skip this",
+                            pathlib.Path(onnx_path).name, hint)
         if int8:
             onnx_path = quantize_int8(onnx_path)
             label = "int8"

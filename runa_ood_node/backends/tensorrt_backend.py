@@ -8,8 +8,10 @@ Precision
     * ``fp32``: built from the fp32 ONNX; TF32 disabled so results match PyTorch fp32.
     * ``fp16``, mode ``"strongly-typed"`` (default; the only mode on TensorRT 11, which removed
       ``BuilderFlag.FP16``): built from the fp16 ONNX export (float32 I/O) as a strongly typed
-      network, so every tensor keeps the type the graph declares and the fused LayerNormalization
-      (opset 17) computes its statistics in fp32 accumulators.
+      network, so every tensor keeps the type the graph declares. That export keeps every
+      LayerNormalization and Softmax in fp32 (Cast islands with fp32 scale/bias, see
+      :func:`onnx_export.keep_ops_fp32`), so those layers run in fp32 and matmuls/convolutions in
+      fp16.
     * ``fp16``, mode ``"builder-flag"`` (TensorRT 10.x only): fp32 ONNX + ``BuilderFlag.FP16``
       with normalisation, softmax, reduce and pow/sqrt layers pinned to fp32
       (``OBEY_PRECISION_CONSTRAINTS``). A naive FP16 flag without pinning lets LayerNorm run in
@@ -34,8 +36,8 @@ import torch
 
 from .base import BackendUnavailableError, ModelInfo, VisualBackend, cuda_available, default_cache_dir, describe_model
 from .engine_cache import (INPUT_NAME, OUTPUT_NAME, EngineMeta, EngineMismatchError, Profile, check_engine_compat,
-                           engine_cache_key, engine_path_for, file_sha256, normalize_compute_capability,
-                           trt_dtype_to_torch)
+                           engine_cache_key, engine_io_dtypes, engine_path_for, file_sha256,
+                           normalize_compute_capability)
 
 LOG = logging.getLogger(__name__)
 
@@ -298,8 +300,8 @@ class TensorRTBackend(VisualBackend):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
             raise EngineMismatchError(f"engine I/O tensors are {names}, expected {INPUT_NAME!r} and {OUTPUT_NAME!r}")
-        self._in_dtype = trt_dtype_to_torch(self.engine.get_tensor_dtype(INPUT_NAME))
-        self._out_dtype = trt_dtype_to_torch(self.engine.get_tensor_dtype(OUTPUT_NAME))
+        self._in_dtype, self._out_dtype = engine_io_dtypes(self.engine.get_tensor_dtype(INPUT_NAME),
+                                                           self.engine.get_tensor_dtype(OUTPUT_NAME))
         pmin, _, pmax = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
         self._min_batch, profile_max = int(pmin[0]), int(pmax[0])
         self.max_batch = profile_max if not max_batch else min(int(max_batch), profile_max)

@@ -35,9 +35,12 @@ DEFAULT_BENCH_MODEL = "ViT-B-32"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_BENCH_MODEL, help="open_clip ViT (default %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_BENCH_MODEL,
+                        help="open_clip ViT, or a comma list run one after the other in this process with one "
+                             "JSON section and one table each, e.g. ViT-B-32,ViT-B-16 (default %(default)s)")
     parser.add_argument("--pretrained", default="none",
-                        help="weights tag/path; default 'none' = seeded RANDOM weights (latency is the same)")
+                        help="weights tag/path for every model, or a comma list with one per model; default 'none' "
+                             "= seeded RANDOM weights (latency is the same)")
     parser.add_argument("--boxes", default="1,10,50", help="box counts per frame (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="frames per variant per box count per round "
@@ -169,17 +172,34 @@ def build_backend(variant: str, encoder, args):
 
 
 # ---------------------------------------------------------------------- main
+def parse_models(model_arg: str, pretrained_arg: str) -> List[Tuple[str, Optional[str]]]:
+    """``--model A,B`` and ``--pretrained`` (one value for every model, or one per model) ->
+    ``[(model, pretrained or None), ...]`` in order, duplicates removed. ValueError on bad lists."""
+    from .common import _pretrained_arg
+
+    models: List[str] = []
+    for m in str(model_arg).split(","):
+        m = m.strip()
+        if m and m not in models:
+            models.append(m)
+    if not models:
+        raise ValueError(f"--model needs at least one model name, got {model_arg!r}")
+    tags = [t.strip() for t in str(pretrained_arg).split(",")]
+    if len(tags) == 1:
+        tags = tags * len(models)
+    if len(tags) != len(models):
+        raise ValueError(f"--pretrained has {len(tags)} values for {len(models)} models; give one, or one per model")
+    return [(m, _pretrained_arg(t)) for m, t in zip(models, tags)]
+
+
 def run(args) -> int:
-    from .common import _pretrained_arg, banner, setup_logging, write_json
+    from .common import banner, setup_logging, write_json
 
     setup_logging(args)
     import torch
 
     from ..backends.base import cuda_available
-    from ..backends.ort_backend import embedding_fidelity
     from ..core.encoder import DualEncoder, WeightsUnavailableError
-    from ..core.pipeline import OodScorer
-    from ..core.views import ViewMaker
 
     try:
         box_counts = [int(b) for b in str(args.boxes).split(",") if b.strip()]
@@ -194,24 +214,73 @@ def run(args) -> int:
     cuda = cuda_available()
     try:
         variants = available_variants(args.variants, cuda)
+        models = parse_models(args.model, args.pretrained)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    pretrained = _pretrained_arg(args.pretrained)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            encoder = DualEncoder.load(args.model, pretrained=pretrained, device="cpu", allow_random=pretrained is None)
-    except (WeightsUnavailableError, ValueError) as exc:
-        print(f"error: cannot load {args.model!r}: {exc}", file=sys.stderr)
-        return 2
-    if encoder.random_weights:
-        banner([f"{args.model}: RANDOM weights. Latency and throughput do not depend on weight values;",
-                "scores and embeddings' meaning do: this run measures speed only."])
+    # load every model first: a typo in the second name must not cost the first model's run
+    encoders = {}
+    for name, pretrained in models:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                encoders[name] = DualEncoder.load(name, pretrained=pretrained, device="cpu",
+                                                  allow_random=pretrained is None)
+        except (WeightsUnavailableError, ValueError, RuntimeError) as exc:
+            print(f"error: cannot load {name!r}: {exc}", file=sys.stderr)
+            return 2
+    random_models = [n for n, e in encoders.items() if e.random_weights]
+    if random_models:
+        banner([f"{', '.join(random_models)}: RANDOM weights. Latency and throughput do not depend on weight "
+                "values; scores and embeddings' meaning do: this run measures speed only."])
 
     image, ann_boxes, photo = load_photo(args.image, args.annotations)
     H, W = image.shape[:2]
+    sections: Dict[str, Dict[str, Any]] = {}
+    for name, _ in models:
+        sections[name] = bench_model(encoders.pop(name), variants, box_counts, image, ann_boxes, args, cuda)
+    ref_n = 10 if 10 in box_counts else box_counts[len(box_counts) // 2]
+    report = {
+        "models": [m for m, _ in models],
+        "random_weights": bool(random_models),
+        "note": ("RANDOM weights: speed only, the same cost as real weights" if random_models else ""),
+        "photo": {**photo, "width": W, "height": H},
+        "box_counts": box_counts, "rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup,
+        "ratio_box_count": ref_n,
+        "per_model": sections,
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": cuda,
+                    "gpu": torch.cuda.get_device_name(0) if cuda else None, "python": platform.python_version(),
+                    "torch": torch.__version__},
+    }
+    for name in report["models"]:
+        _print_table(report, name)
+    _print_summary(report)
+    if args.json_path:
+        path = write_json(args.json_path, report)
+        print(f"wrote {path}")
+    return 0
+
+
+def bench_model(encoder, variants: Sequence[str], box_counts: Sequence[int], image: np.ndarray,
+                ann_boxes: np.ndarray, args, cuda: bool) -> Dict[str, Any]:
+    """Benchmark one model's variants on one photograph; returns its report section.
+
+    Section keys: ``model``, ``random_weights``, ``variants`` (those that ran, ``naive`` first),
+    ``backends`` (describe() of each), ``skipped`` ({variant: reason}), ``results``
+    ({variant: {box count: percentiles, boxes_per_s, speedup_vs_naive_p50}}), ``fidelity``,
+    ``ratio_vs_naive`` ({variant: naive p50 / variant p50} at ``ratio_box_count``), ``best`` and
+    ``goals``.
+    """
+    import torch
+
+    from ..backends.base import describe_model
+    from ..backends.ort_backend import embedding_fidelity
+    from ..backends.torch_backend import TorchBackend
+    from ..core.pipeline import OodScorer
+    from ..core.views import ViewMaker
+
+    model = encoder.model_name
     scorer = OodScorer(encoder, args.labels)
     view_maker = ViewMaker(encoder.input_size, encoder.mean, encoder.std, 1.0)
 
@@ -223,10 +292,10 @@ def run(args) -> int:
         try:
             t0 = time.perf_counter()
             backends[v] = build_backend(v, encoder, args)
-            LOG.info("variant %s ready in %.1f s (%s)", v, time.perf_counter() - t0, backends[v].describe())
+            LOG.info("%s: variant %s ready in %.1f s (%s)", model, v, time.perf_counter() - t0, backends[v].describe())
         except Exception as exc:
             skipped[v] = f"{type(exc).__name__}: {exc}"
-            LOG.warning("variant %s skipped: %s", v, skipped[v])
+            LOG.warning("%s: variant %s skipped: %s", model, v, skipped[v])
     variants = [v for v in variants if v == "naive" or v in backends]
 
     def run_frame(v: str, boxes: np.ndarray) -> float:
@@ -248,9 +317,6 @@ def run(args) -> int:
     reg, glo = view_maker.make(image, fid_boxes)
     fid_views = torch.cat([reg, glo], 0)
     encoder.set_backend(None)
-    from ..backends.torch_backend import TorchBackend
-    from ..backends.base import describe_model
-
     torch_ref = TorchBackend(describe_model(encoder))
     fidelity = {}
     for v, be in backends.items():
@@ -273,7 +339,7 @@ def run(args) -> int:
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="bench frames", disable=args.no_progress, file=sys.stderr)
+        bar = tqdm(total=total, desc=f"bench {model}", disable=args.no_progress, file=sys.stderr)
     except ImportError:  # pragma: no cover
         bar = None
     for r in range(args.rounds):
@@ -303,57 +369,70 @@ def run(args) -> int:
     batched = [v for v in variants if v != "naive"]
     best = min(batched, key=lambda v: results[v][str(ref_n)]["p50_ms"]) if batched else None
     int8_cos = fidelity.get("onnxruntime-int8_vs_onnxruntime_fp32", {}).get("embedding_cos_min")
-    report = {
-        "model": args.model,
+    return {
+        "model": model,
         "random_weights": bool(encoder.random_weights),
-        "note": ("RANDOM weights: speed only, the same cost as real weights" if encoder.random_weights else ""),
-        "photo": {**photo, "width": W, "height": H},
-        "box_counts": box_counts, "rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup,
         "variants": variants,
         "backends": {v: be.describe() for v, be in backends.items()},
         "skipped": skipped,
         "results": results,
         "fidelity": fidelity,
+        "ratio_vs_naive": {v: results[v][str(ref_n)]["speedup_vs_naive_p50"] for v in batched},
         "best": {"box_count": ref_n, "variant": best,
                  "speedup_vs_naive_p50": results[best][str(ref_n)]["speedup_vs_naive_p50"] if best else None},
         "goals": {"best_speedup_at_10_boxes_ge_3x": (None if best is None or ref_n != 10
                                                      else results[best]["10"]["speedup_vs_naive_p50"] >= 3.0),
                   "int8_embedding_cos_min_ge_0.99": None if int8_cos is None else int8_cos >= 0.99},
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": cuda,
-                    "gpu": torch.cuda.get_device_name(0) if cuda else None, "python": platform.python_version(),
-                    "torch": torch.__version__},
     }
-    _print_table(report)
-    if args.json_path:
-        path = write_json(args.json_path, report)
-        print(f"wrote {path}")
-    return 0
 
 
-def _print_table(report: Dict[str, Any]) -> None:
-    res = report["results"]
+def _print_table(report: Dict[str, Any], model: str) -> None:
+    sec = report["per_model"][model]
+    res = sec["results"]
     ns = report["box_counts"]
     head = f"{'variant':<20}" + "".join(f"| {n:>3} boxes: p50 / p95 ms   box/s   x naive " for n in ns)
     print()
-    print(f"model {report['model']}{'  [RANDOM WEIGHTS: speed only]' if report['random_weights'] else ''}; "
+    print(f"model {model}{'  [RANDOM WEIGHTS: speed only]' if sec['random_weights'] else ''}; "
           f"photo {report['photo']['source']} ({report['photo']['width']}x{report['photo']['height']}); "
           f"{report['rounds']} rounds x {report['repeats']} frames, interleaved")
     print(head)
     print("-" * len(head))
-    for v in report["variants"]:
+    for v in sec["variants"]:
         row = f"{v:<20}"
         for n in ns:
             r = res[v][str(n)]
             row += f"| {r['p50_ms']:>9.1f} / {r['p95_ms']:>8.1f} {r['boxes_per_s']:>8.1f} {r['speedup_vs_naive_p50']:>7.2f}x "
         print(row)
-    for k, f in report["fidelity"].items():
+    for k, f in sec["fidelity"].items():
         if "error" in f:
             print(f"fidelity {k}: {f['error']}")
         else:
             print(f"fidelity {k}: feature cos min {f['feature_cos_min']:.6f}, embedding cos min "
                   f"{f.get('embedding_cos_min', float('nan')):.6f} (n={f['n']} real crops)")
-    for k, why in report["skipped"].items():
+    for k, why in sec["skipped"].items():
         print(f"skipped {k}: {why}")
-    b = report["best"]
-    if b["variant"]:
-        print(f"best at {b['box_count']} boxes: {b['variant']} = {b['speedup_vs_naive_p50']:.2f}x naive (p50)")
+
+
+def _print_summary(report: Dict[str, Any]) -> None:
+    """Side by side: naive p50 / batched p50 at the ratio box count, every model and variant."""
+    n = report["ratio_box_count"]
+    models = report["models"]
+    variants: List[str] = []
+    for m in models:
+        variants += [v for v in report["per_model"][m]["variants"] if v != "naive" and v not in variants]
+    print()
+    print(f"speed-up of the batched pipeline over the naive per-box loop at {n} boxes (naive p50 / variant p50):")
+    w = {m: max(14, len(m)) for m in models}
+    print(f"{'variant':<20}" + "".join(f"| {m:>{w[m]}} " for m in models))
+    print(f"{'naive p50 ms':<20}" + "".join(
+        f"| {report['per_model'][m]['results']['naive'][str(n)]['p50_ms']:>{w[m]}.1f} " for m in models))
+    for v in variants:
+        cells = []
+        for m in models:
+            r = report["per_model"][m]["ratio_vs_naive"].get(v)
+            cells.append(f"| {'-' if r is None else f'{r:.2f}x':>{w[m]}} ")
+        print(f"{v:<20}" + "".join(cells))
+    for m in models:
+        b = report["per_model"][m]["best"]
+        if b["variant"]:
+            print(f"{m}: best at {b['box_count']} boxes: {b['variant']} = {b['speedup_vs_naive_p50']:.2f}x naive (p50)")

@@ -7,9 +7,13 @@ builds one at start-up. Files land in the cache (``$RUNA_OOD_CACHE_DIR``, defaul
 
     onnx/<model_id>-<opset>-<precision>.onnx (+ .json)     engines/<...>.engine (+ .json)
 
-``--onnx-only`` exports (and checks) the ONNX graph without TensorRT, e.g. to build the engine with
-``trtexec`` on the vehicle, or on machines without TensorRT. Exit status: 0 ok, 2 bad arguments or
-weights, 3 TensorRT/CUDA unavailable, 1 build failure.
+``--onnx-only`` exports (and checks) the ONNX graphs without TensorRT: on machines without
+TensorRT this is the step that lets ``backend: auto`` use ONNX Runtime (auto never exports at
+start-up; without a cached export it runs the torch trunk), and the fp16 graph (LayerNorm and
+Softmax kept in fp32) can be built with ``trtexec --stronglyTyped`` elsewhere. ``--int8`` also
+writes the dynamically quantised graph for ONNX Runtime's ``int8`` option.
+
+Exit status: 0 ok, 2 bad arguments or weights, 3 TensorRT/CUDA unavailable, 1 build failure.
 """
 from __future__ import annotations
 
@@ -43,7 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", help="CUDA device to build for (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="cache root (default $RUNA_OOD_CACHE_DIR or ~/.cache/runa_ood_node)")
     parser.add_argument("--engine-path", default=None, help="write the engine here instead of the cache")
-    parser.add_argument("--onnx-only", action="store_true", help="export and check the ONNX graph(s) only")
+    parser.add_argument("--onnx-only", action="store_true",
+                        help="export and check the ONNX graph(s) only: fp32, plus fp16 with the default "
+                             "--precision fp16 (what `backend: auto` / onnxruntime load without exporting)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also quantise the fp32 graph to dynamic int8 for ONNX Runtime on CPU "
+                             "(backend_options int8: true)")
     parser.add_argument("--force", action="store_true", help="re-export / rebuild even when cached")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -88,6 +97,12 @@ def run(args) -> int:
         path = export_onnx(encoder, opset=args.opset, precision=prec, cache_dir=args.cache_dir, force=args.force)
         summary["onnx"][prec] = str(path)
         print(f"ONNX ({prec}): {path}")
+    if args.int8:
+        from ..backends.ort_backend import quantize_int8
+
+        path = quantize_int8(summary["onnx"]["fp32"], force=args.force)
+        summary["onnx"]["int8"] = str(path)
+        print(f"ONNX (int8, dynamic): {path}")
     if args.onnx_only:
         print(json.dumps(summary, indent=2))
         return 0
