@@ -31,6 +31,7 @@ def test_evaluate_slice_writes_labelled_report_and_plots(ood_pack, tmp_path, cap
     rep = json.loads((out / "report.json").read_text())
     assert rep["random_weights"] is True and rep["warning"] == RANDOM_LABEL
     assert rep["config"]["model"]["model_name"] == "runa-tiny-vit"
+    assert (rep["config"]["device"], rep["config"]["precision"], rep["config"]["backend"]) == ("cpu", "fp32", "torch")
     assert rep["dataset"]["images"] == 6
     n_id, n_ood = rep["dataset"]["id_boxes"], rep["dataset"]["ood_boxes"]
     assert n_id > 0 and n_ood > 0
@@ -152,3 +153,134 @@ def test_one_encoding_scores_every_configuration_like_score_dataset(ood_pack, ti
         assert [r["status"] for r in got] == [r["status"] for r in want]
         np.testing.assert_allclose(got.arrays()[1], want.arrays()[1], rtol=1e-5, atol=1e-6, equal_nan=True)
         assert got.arrays()[2] == want.arrays()[2]
+
+
+def _model_ns(**kw):
+    import argparse
+
+    base = dict(model="runa-tiny-vit", pretrained="none", device="cpu", precision="auto", backend="torch",
+                allow_random_weights=True, projection=None, offline=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_precision_argument_resolves_per_device():
+    import argparse
+
+    from runa_ood_node.tools import common
+
+    assert common.resolve_precision("auto", "cpu") == "fp32"
+    assert common.resolve_precision("auto", "cuda") == "fp16" and common.resolve_precision("auto", "cuda:1") == "fp16"
+    assert common.resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        common.resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="unknown precision"):
+        common.resolve_precision("int4", "cuda")
+    parser = argparse.ArgumentParser()
+    common.add_model_arguments(parser)
+    a = parser.parse_args([])
+    assert a.precision == "auto" and a.offline is False
+    assert parser.parse_args(["--precision", "fp16", "--offline"]).offline is True
+    # the CUDA configuration the node would get: device and precision reach from_config
+    cfg = common.pipeline_config(_model_ns(device="cuda", backend="tensorrt"), "voc")
+    assert (cfg["device"], cfg["precision"], cfg["backend"]) == ("cuda", "fp16", "tensorrt")
+
+
+def test_fp16_on_cpu_exits_2(ood_pack, tmp_path, capsys):
+    rc = main(["evaluate", *TINY, "--pretrained", "none", "--allow-random-weights", "--precision", "fp16",
+               "--annotations", str(ood_pack / "annotations.json"), "--max-images", "1", "--out", str(tmp_path)])
+    assert rc == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_tools_build_the_backend_like_the_node(monkeypatch):
+    """The shared loader goes through OodScorer.from_config: make_backend gets the encoder (not its
+    trunk), the device and the precision, and the backend becomes the encoder's trunk."""
+    import runa_ood_node.backends.base as base
+    from runa_ood_node.core.encoder import DualEncoder
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.tools import common
+
+    calls = []
+
+    class Spy:
+        name = "spy-onnxruntime"
+
+        def __init__(self, encoder):
+            self.encoder = encoder
+
+        def __call__(self, views):
+            return self.encoder._torch_trunk(views)
+
+    def fake_make_backend(kind, encoder, **kwargs):
+        calls.append((kind, encoder, kwargs))
+        return Spy(encoder)
+
+    monkeypatch.setattr(base, "make_backend", fake_make_backend)
+    pipe = common.load_pipeline_or_exit(_model_ns(backend="onnxruntime"), "voc", scorer="mcm")
+    assert len(calls) == 1
+    kind, enc, kwargs = calls[0]
+    assert kind == "onnxruntime" and isinstance(enc, DualEncoder) and enc is pipe.encoder
+    assert kwargs["device"] == "cpu" and kwargs["precision"] == "fp32"
+    assert pipe.encoder.backend_name == "spy-onnxruntime" and pipe.scorer == "mcm"
+    assert pipe.encoder.precision == "fp32" and pipe.encoder.random_weights
+    # same pipeline as the node's path on the same settings
+    node = OodScorer.from_config({"model": "runa-tiny-vit", "allow_random": True, "labels": "voc", "scorer": "mcm"})
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    boxes = [[5, 5, 40, 30], [20, 10, 70, 55]]
+    np.testing.assert_allclose(pipe.score(img, boxes).uncertainty, node.score(img, boxes).uncertainty, atol=1e-6)
+
+
+def test_cuda_requested_without_cuda_exits_2(capsys):
+    import torch
+
+    from runa_ood_node.tools import common
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as exc:
+        common.load_pipeline_or_exit(_model_ns(device="cuda"), "voc")
+    assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_offline_flag_fails_fast_on_an_uncached_tag(ood_pack, tmp_path, monkeypatch, capsys):
+    """--offline: an uncached tag fails at once (exit 2, no download attempt) instead of retrying."""
+    import runa_ood_node.core.encoder as encoder_mod
+    from runa_ood_node.tools import common
+
+    for var in ("RUNA_OOD_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(encoder_mod, "find_cached_tag_weights", lambda arch, tag: None)  # nothing cached
+
+    def no_create(*a, **k):
+        raise AssertionError("open_clip.create_model must not be reached (it would try to download)")
+
+    import open_clip
+
+    monkeypatch.setattr(open_clip, "create_model", no_create)
+    assert common.allow_download(_model_ns()) is True
+    assert common.allow_download(_model_ns(offline=True)) is False
+    monkeypatch.setenv("RUNA_OOD_OFFLINE", "1")
+    assert common.allow_download(_model_ns()) is False
+    monkeypatch.delenv("RUNA_OOD_OFFLINE")
+
+    rc = main(["evaluate", "--model", "ViT-B-32", "--pretrained", "openai", "--offline", "--no-progress",
+               "--annotations", str(ood_pack / "annotations.json"), "--max-images", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot load weights" in err and "downloading is disabled" in err
+
+
+def test_write_json_makes_plain_json(tmp_path):
+    """Reports: numpy / torch / paths become JSON values, NaN and inf become null (valid JSON)."""
+    import pathlib
+
+    import torch
+
+    from runa_ood_node.tools.common import write_json
+
+    obj = {"a": np.float32(np.nan), "b": [np.int64(3), float("inf"), -float("inf")], 4: np.arange(2),
+           "p": pathlib.Path("/x/y"), "t": torch.tensor([0.5, float("nan")]), "ok": np.bool_(True), "s": "NaN"}
+    text = write_json(tmp_path / "r" / "x.json", obj).read_text()
+    assert "NaN" not in text.replace('"NaN"', "") and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [3, None, None], "4": [0, 1], "p": "/x/y", "t": [0.5, None],
+                                "ok": True, "s": "NaN"}

@@ -38,15 +38,16 @@ def small_bag(tmp_path_factory):
     return path
 
 
-def _subscribe_all(node, topics, best_effort_images=False):
+def _subscribe_all(node, topics, reliability=None):
+    """Raw subscriptions on ``topics`` (name -> type); reliable unless ``reliability`` maps a
+    topic to another ``ReliabilityPolicy``. Returns ``(got: name -> [bytes], lock, subs)``."""
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
     got = {t: [] for t in topics}
     lock = threading.Lock()
     subs = []
     for t, msgtype in topics.items():
-        rel = ReliabilityPolicy.BEST_EFFORT if (best_effort_images and t == bagio.IMAGE_TOPIC) \
-            else ReliabilityPolicy.RELIABLE
+        rel = (reliability or {}).get(t, ReliabilityPolicy.RELIABLE)
         qos = QoSProfile(depth=100, reliability=rel)
 
         def cb(raw, t=t):
@@ -56,46 +57,109 @@ def _subscribe_all(node, topics, best_effort_images=False):
     return got, lock, subs
 
 
-def test_replay_cli_delivers_every_message(small_bag):
-    """The CLI in a child process (child env as the tools build it) -> a subscriber here; the
-    image subscription is best effort (sensor-data style) and still matches the reliable replay."""
+def _is_subsequence(part, whole) -> bool:
+    it = iter(whole)
+    return all(any(x == y for y in it) for x in part)
+
+
+@pytest.fixture
+def ros_node():
+    """A node spun by a background executor in its own context; torn down after the test."""
     from rclpy.executors import SingleThreadedExecutor
 
-    from runa_ood_node.tools.bag_eval import child_env
-
-    info = bagio.bag_info(small_bag)
-    expected = {t: [] for t in info.topics}
-    for m in bagio.read_bag(small_bag):
-        expected[m.topic].append(m.rawdata)
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     node = rclpy.create_node("test_replay_sink", context=ctx)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
-    got, lock, _subs = _subscribe_all(node, info.topics, best_effort_images=True)
     th = threading.Thread(target=ex.spin, daemon=True)
     th.start()
     try:
-        env = child_env()
-        proc = subprocess.run([sys.executable, "-m", "runa_ood_node.tools.cli", "replay", str(small_bag),
-                               "--wait-subscribers", "1", "--wait-timeout", "30", "--rate", "1"],
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert f"published {3 * N_FRAMES} messages" in proc.stdout
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with lock:
-                if all(len(got[t]) >= len(v) for t, v in expected.items()):
-                    break
-            time.sleep(0.05)
-        with lock:
-            for t, v in expected.items():
-                assert got[t] == v, f"{t}: {len(got[t])} of {len(v)} messages, in order and byte-identical"
+        yield node
     finally:
         ex.shutdown(timeout_sec=2)
         th.join(timeout=5)
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
+
+
+def _expected(bag):
+    out = {t: [] for t in bagio.bag_info(bag).topics}
+    for m in bagio.read_bag(bag):
+        out[m.topic].append(m.rawdata)
+    return out
+
+
+def _wait_for(lock, got, expected, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with lock:
+            if all(len(got[t]) >= len(v) for t, v in expected.items()):
+                return
+        time.sleep(0.05)
+
+
+def test_replay_cli_delivers_every_message(small_bag, ros_node):
+    """The CLI in a child process (child env as the tools build it) -> reliable subscribers here.
+
+    ``--wait-subscribers 1`` waits for a subscriber on every topic it publishes (ground truth
+    included), and the replay waits for every message to be acknowledged, so each reliable
+    subscription gets every message, in order and byte-identical."""
+    from runa_ood_node.tools.bag_eval import child_env
+
+    expected = _expected(small_bag)
+    got, lock, _subs = _subscribe_all(ros_node, bagio.bag_info(small_bag).topics)
+    proc = subprocess.run([sys.executable, "-m", "runa_ood_node.tools.cli", "replay", str(small_bag),
+                           "--wait-subscribers", "1", "--wait-timeout", "30", "--rate", "1"],
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "subscriber(s) after" not in proc.stderr, proc.stderr  # every topic had its subscriber
+    assert f"published {3 * N_FRAMES} messages" in proc.stdout and "all acknowledged: True" in proc.stdout
+    _wait_for(lock, got, expected)
+    with lock:
+        for t, v in expected.items():
+            assert got[t] == v, f"{t}: {len(got[t])} of {len(v)} messages, in order and byte-identical"
+
+
+def test_wait_for_subscribers_covers_every_topic_and_warns_per_topic(small_bag, ros_node, caplog):
+    """Ground truth is waited for like any topic: without a subscriber there the wait fails and
+    the warning names that topic (and only it)."""
+    import logging
+
+    player = replay.BagPlayer(ros_node, small_bag)
+    assert set(player.topics) == {bagio.IMAGE_TOPIC, bagio.DETECTIONS_TOPIC, bagio.GROUND_TRUTH_TOPIC}
+    _subscribe_all(ros_node, {bagio.IMAGE_TOPIC: bagio.IMAGE_TYPE, bagio.DETECTIONS_TOPIC: bagio.DETECTIONS_TYPE})
+    assert player.wait_for_subscribers(1, 15.0, topics=[bagio.IMAGE_TOPIC, bagio.DETECTIONS_TOPIC])
+    with caplog.at_level(logging.WARNING, logger=replay.LOG.name):
+        assert not player.wait_for_subscribers(1, 0.5)
+    warned = [r.getMessage() for r in caplog.records if r.name == replay.LOG.name]
+    assert len(warned) == 1 and bagio.GROUND_TRUTH_TOPIC in warned[0] and "0 of the 1" in warned[0]
+    counts = player.subscription_counts()
+    assert counts[bagio.GROUND_TRUTH_TOPIC] == 0 and counts[bagio.IMAGE_TOPIC] >= 1
+    with pytest.raises(ValueError, match="not published"):
+        player.wait_for_subscribers(1, 1.0, topics=["/nope"])
+
+
+def test_reliable_replay_matches_best_effort_subscribers(small_bag, ros_node):
+    """A reliable publisher matches sensor-data (best-effort) subscriptions too: both kinds are
+    counted before the replay starts. Only the reliable one is asserted lossless; best effort may
+    drop, so it must receive an in-order, byte-identical subsequence."""
+    from rclpy.qos import ReliabilityPolicy
+
+    expected = _expected(small_bag)[bagio.IMAGE_TOPIC]
+    player = replay.BagPlayer(ros_node, small_bag, topics=[bagio.IMAGE_TOPIC],
+                              remap={bagio.IMAGE_TOPIC: "/be/image"})
+    rel, rlock, _a = _subscribe_all(ros_node, {"/be/image": bagio.IMAGE_TYPE})
+    be, block, _b = _subscribe_all(ros_node, {"/be/image": bagio.IMAGE_TYPE},
+                                   reliability={"/be/image": ReliabilityPolicy.BEST_EFFORT})
+    assert player.wait_for_subscribers(2, 15.0)  # the best-effort subscription matched as well
+    player.play(rate=0.0, progress=False)
+    assert player.wait_acked(10.0)
+    _wait_for(rlock, rel, {"/be/image": expected})
+    with rlock:
+        assert rel["/be/image"] == expected
+    with block:
+        assert _is_subsequence(be["/be/image"], expected)
 
 
 def test_player_in_process_counts_remaps_and_offsets(small_bag):

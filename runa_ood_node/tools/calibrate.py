@@ -102,9 +102,9 @@ def _run(args) -> int:
                            f"boxes, at least ceil(1/(1-tpr)) = {need} are needed.",
                            "Use more images (--max-images / a larger annotation file), a larger --split or a "
                            "lower --tpr."])
-    encoder = common.load_encoder_or_exit(args)
+    scorer = common.load_pipeline_or_exit(args, dataset.label_set)
+    encoder = scorer.encoder
     rw = bool(encoder.random_weights)
-    scorer = common.build_scorer(args, encoder, dataset.label_set)
     progress = not args.no_progress
     rec_cal = common.score_dataset(scorer, cal, progress=progress)
     is_id, unc, labels = rec_cal.arrays()

@@ -8,10 +8,18 @@ The split exists so ``evaluate`` can compare several scorers and ablations on on
 ``finetune`` the regional projection before and after training (``score_boxes(...,
 regional_projection=...)``).
 
+Model loading: every tool builds its ``OodScorer`` with :func:`load_pipeline_or_exit`, which goes
+through ``OodScorer.from_config`` like the ROS node: the same encoder precision, the backend built
+with ``make_backend(kind, encoder, device=..., precision=...)`` (so ``--device cuda --backend
+tensorrt|auto`` can pick TensorRT), GPU views on CUDA, the fine-tuned projection.
+
 Weights policy: a tool never silently falls back to random weights. When the requested weights
 cannot be loaded it prints what failed and how to provide weights, and exits with status 2.
-``--allow-random-weights`` builds a randomly initialised model instead (seeded, so separate tool
-runs share the same random model); every output is then labelled :data:`RANDOM_LABEL`.
+``--allow-random-weights`` builds a randomly initialised model instead (``DualEncoder.load`` seeds
+it with ``core.encoder.RANDOM_WEIGHTS_SEED``, so separate tool runs and the node share the same
+random model); every output is then labelled :data:`RANDOM_LABEL`. ``--offline`` (or
+``RUNA_OOD_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``) makes an uncached pretrained tag fail at once
+instead of open_clip retrying a download for about a minute.
 """
 from __future__ import annotations
 
@@ -34,8 +42,8 @@ DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 SCORERS = ("runa", "mcm", "energy", "sum")
 ABLATIONS = ("dual", "regional", "global")
-#: torch seed used to build random weights, so every tool run gets the same random model
-RANDOM_WEIGHTS_SEED = 0
+#: ``--precision`` choices; ``auto`` = fp16 on CUDA, fp32 on the CPU
+PRECISIONS = ("auto", "fp32", "fp16")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_ANNOTATIONS = (REPO_ROOT.parent / "shared" / "data" / "ood_pack" / "annotations.json")
@@ -43,7 +51,7 @@ DEFAULT_ANNOTATIONS = (REPO_ROOT.parent / "shared" / "data" / "ood_pack" / "anno
 
 # ---------------------------------------------------------------------------------------------- arguments
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model --pretrained --device --backend --allow-random-weights --projection``."""
+    """``--model --pretrained --device --precision --backend --offline --allow-random-weights --projection``."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="open_clip ViT architecture, e.g. ViT-B-16 (paper), ViT-B-32, ViT-L-14 (default %(default)s)")
@@ -51,8 +59,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="open_clip pretrained tag (cached locally) or a checkpoint path; 'none' for no weights "
                         "(needs --allow-random-weights) (default %(default)s, as in the paper)")
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:0 or auto (default %(default)s)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="trunk precision of the model and the backend: auto = fp16 on CUDA, fp32 on the CPU; "
+                        "fp16 needs CUDA (default %(default)s)")
     g.add_argument("--backend", default="torch", choices=("torch", "auto", "onnxruntime", "tensorrt"),
-                   help="visual trunk backend (default %(default)s)")
+                   help="visual trunk backend; auto tries TensorRT -> ONNX Runtime -> torch (default %(default)s)")
+    g.add_argument("--offline", action="store_true",
+                   help="never download weights: a pretrained tag that is not in the local cache fails at once "
+                        "(as with RUNA_OOD_OFFLINE=1 or HF_HUB_OFFLINE=1) instead of about a minute of retries")
     g.add_argument("--allow-random-weights", action="store_true",
                    help="if the weights cannot be loaded, use a RANDOM model instead of failing "
                         "(plumbing tests only; every number and plot is labelled as meaningless)")
@@ -140,6 +154,8 @@ def _pretrained_arg(value) -> Optional[str]:
 
 
 def _resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; other values unchanged."""
+    device = str(device or "cpu")
     if device == "auto":
         import torch
 
@@ -147,39 +163,135 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def load_encoder_or_exit(args):
-    """Load the :class:`DualEncoder` named by ``args`` (model, pretrained, device, backend, projection).
+def resolve_precision(precision: Optional[str], device: str) -> str:
+    """``--precision`` for ``device``: ``auto`` -> ``fp16`` on CUDA, ``fp32`` on the CPU.
+
+    Raises:
+        ValueError: unknown precision, or ``fp16`` on a non-CUDA device (CPU fp16 is not supported
+            by the backends and is slower than fp32 in PyTorch).
+    """
+    p = str(precision or "auto").strip().lower()
+    cuda = str(device).startswith("cuda")
+    if p == "auto":
+        return "fp16" if cuda else "fp32"
+    if p not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if p == "fp16" and not cuda:
+        raise ValueError(f"--precision fp16 needs a CUDA device (--device cuda), got --device {device}")
+    return p
+
+
+def allow_download(args) -> bool:
+    """May open_clip download uncached tag weights? False with ``--offline`` or when
+    ``RUNA_OOD_OFFLINE`` / ``HF_HUB_OFFLINE`` is set (``core.encoder`` reads the same variables)."""
+    from ..core.encoder import _env_offline
+
+    return not (bool(getattr(args, "offline", False)) or _env_offline())
+
+
+def pipeline_config(args, label_set: Any = "voc", scorer: Optional[str] = None, ablation: Optional[str] = None,
+                    thresholds=None, random_weights: bool = False) -> Dict[str, Any]:
+    """The ``OodScorer.from_config`` dict of the shared CLI arguments (the node's construction path).
+
+    ``label_set``: a ``LabelSet`` or a name / YAML path; ``scorer`` / ``ablation`` override
+    ``args``; ``thresholds``: a ``Thresholds`` object or None; ``random_weights``: build the
+    seeded random model of ``args.model`` instead of loading ``args.pretrained``;
+    ``allow_download``: :func:`allow_download`. Arguments a namespace lacks take the CLI defaults
+    (other tools build small namespaces).
+
+    Raises:
+        ValueError: a bad ``--precision`` for the device.
+    """
+    device = _resolve_device(getattr(args, "device", "cpu"))
+    cfg: Dict[str, Any] = {
+        "model": args.model,
+        "pretrained": None if random_weights else _pretrained_arg(getattr(args, "pretrained", None)),
+        "device": device,
+        "precision": resolve_precision(getattr(args, "precision", "auto"), device),
+        "allow_random": bool(random_weights),
+        "labels": label_set,
+        "projection": getattr(args, "projection", None) or None,
+        "thresholds": thresholds,
+        "scorer": scorer or _single(getattr(args, "scorer", "runa"), "runa"),
+        "ablation": ablation or _single(getattr(args, "ablation", "dual"), "dual"),
+        "lam": float(getattr(args, "lam", 0.5)),
+        "blur_radius": float(getattr(args, "blur_radius", 1.0)),
+        "temperature": float(getattr(args, "temperature", 1.0)),
+        "min_box_size": float(getattr(args, "min_box_size", 2.0)),
+        "backend": getattr(args, "backend", "torch") or "torch",
+        "allow_download": allow_download(args),
+    }
+    return cfg
+
+
+def _single(value: Optional[str], default: str) -> str:
+    return default if value in (None, "", "all") else value
+
+
+def _log_weights_source(model: str, pretrained: str, download: bool) -> None:
+    """Say where the weights come from before a possibly long load (paths: DualEncoder reports)."""
+    path = pathlib.Path(pretrained).expanduser()
+    if path.exists() or "/" in pretrained or path.suffix:
+        LOG.info("loading %s weights from file %s", model, pretrained)
+        return
+    try:
+        from ..core.encoder import find_cached_tag_weights, register_model_configs
+
+        register_model_configs()
+        cached = find_cached_tag_weights(model.replace("/", "-"), pretrained)
+    except Exception:  # unknown tag etc.: DualEncoder.load says why
+        cached = None
+    if cached:
+        LOG.info("loading %s weights %r from the local cache (%s)", model, pretrained, cached)
+    elif download:
+        LOG.info("%s weights %r are not cached: open_clip will try to download them (without network this "
+                 "takes about a minute to fail; --offline fails at once)", model, pretrained)
+
+
+def load_pipeline_or_exit(args, label_set: Any = "voc", scorer: Optional[str] = None,
+                          ablation: Optional[str] = None, thresholds=None):
+    """The ``OodScorer`` of the shared CLI arguments, built by ``OodScorer.from_config`` like the node.
+
+    Model, weights, device, precision (``--precision``, auto = fp16 on CUDA), backend (built by
+    ``make_backend(kind, encoder, device=, precision=)``; ``auto`` falls back TensorRT -> ONNX
+    Runtime -> torch), GPU views on CUDA and the fine-tuned ``--projection`` all come from there.
+    ``label_set`` / ``scorer`` / ``ablation`` / ``thresholds``: as :func:`pipeline_config`.
 
     Raises:
         SystemExit(2): the weights cannot be loaded and ``--allow-random-weights`` is not set
-            (after printing what failed and how to provide weights), or the model name, the
-            projection or the backend is invalid.
+            (after printing what failed and how to provide weights), CUDA was asked for but is not
+            available, or the model name, precision, projection, label set or an explicitly named
+            backend is invalid / unavailable.
     """
-    import torch
-
-    from ..core.encoder import DualEncoder, WeightsUnavailableError
+    from ..core.encoder import RANDOM_WEIGHTS_SEED, WeightsUnavailableError
+    from ..core.pipeline import OodScorer
 
     model = args.model
-    pretrained = _pretrained_arg(args.pretrained)
     device = _resolve_device(getattr(args, "device", "cpu"))
-    allow = bool(getattr(args, "allow_random_weights", False))
-    encoder = None
-    reason = None
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise fail([f"--device {device}: CUDA is not available here; use --device cpu or --device auto"])
     try:
-        if pretrained is None:
-            raise WeightsUnavailableError(f"no pretrained weights requested for {model!r} (--pretrained none)")
-        if not pathlib.Path(pretrained).expanduser().exists():
-            LOG.info("loading %s weights %r (open_clip cache or download; offline, set HF_HUB_OFFLINE=1 to fail "
-                     "fast instead of retrying)", model, pretrained)
-        encoder = DualEncoder.load(model, pretrained=pretrained, device=device, allow_random=False)
-    except WeightsUnavailableError as exc:
-        reason = str(exc)
-    except ValueError as exc:  # unknown model name, non-ViT tower
-        raise fail([f"cannot build model {model!r}: {exc}"])
-    if encoder is None:
-        if not allow:
+        cfg = pipeline_config(args, label_set, scorer, ablation, thresholds)
+    except ValueError as exc:
+        raise fail([str(exc)])
+    allow_random = bool(getattr(args, "allow_random_weights", False))
+    reason = None
+    pipe = None
+    if cfg["pretrained"] is None:
+        reason = f"no pretrained weights requested for {model!r} (--pretrained {getattr(args, 'pretrained', None)})"
+    else:
+        _log_weights_source(model, cfg["pretrained"], cfg["allow_download"])
+        try:
+            pipe = _from_config(OodScorer, cfg)
+        except WeightsUnavailableError as exc:
+            reason = str(exc)
+    if pipe is None:
+        if not allow_random:
             raise fail([
-                f"cannot load weights for model {model!r} (--pretrained {args.pretrained}):",
+                f"cannot load weights for model {model!r} (--pretrained {getattr(args, 'pretrained', None)}):",
                 *_wrap(reason),
                 "",
                 "How to provide weights:",
@@ -188,34 +300,44 @@ def load_encoder_or_exit(args):
                 "    the tag (HF_HOME / ~/.cache/huggingface), then reuse or copy that cache here.",
                 "  * plumbing tests only: --allow-random-weights (numbers then say nothing about quality).",
             ])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            encoder = DualEncoder.load(model, pretrained=None, device=device, allow_random=True)
+        try:
+            pipe = _from_config(OodScorer, pipeline_config(args, label_set, scorer, ablation, thresholds,
+                                                           random_weights=True))
+        except WeightsUnavailableError as exc:  # cannot happen with allow_random; be explicit anyway
+            raise fail([f"cannot build a random {model!r}: {exc}"])
         banner([RANDOM_LABEL, f"model {model!r} runs with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}) because:",
                 *_wrap(reason), "Use this run to test plumbing only."])
-    backend = getattr(args, "backend", "torch") or "torch"
-    if backend != "torch":
-        try:
-            from ..backends.base import make_backend  # lazy: optional runtimes
+    enc = pipe.encoder
+    LOG.info("pipeline: %s on %s, %s, backend %s, %s views%s", enc.model_name, enc.device, enc.precision,
+             enc.backend_name, type(pipe.view_maker).__name__,
+             f", projection {cfg['projection']}" if cfg["projection"] else "")
+    return pipe
 
-            be = make_backend(backend, encoder.visual_trunk)
-            encoder.set_backend(be, getattr(be, "name", backend))
-        except Exception as exc:  # missing runtime, engine build failure: the torch trunk still works
-            LOG.warning("backend %r unavailable (%s: %s); using the torch trunk", backend, type(exc).__name__, exc)
-    if getattr(args, "projection", None):
-        try:
-            from ..core.finetune import load_projection
 
-            proj, meta = load_projection(args.projection)
-            mid = meta.get("model_id") if isinstance(meta, dict) else None
-            if mid and mid != encoder.model_id:
-                LOG.warning("projection %s was trained for model_id %s; the loaded model is %s", args.projection,
-                            mid, encoder.model_id)
-            encoder.set_regional_projection(proj)
-            LOG.info("regional projection loaded from %s", args.projection)
-        except (OSError, ValueError, KeyError, ImportError) as exc:
-            raise fail([f"cannot use projection {args.projection!r}: {type(exc).__name__}: {exc}"])
-    return encoder
+def _from_config(cls, cfg: Dict[str, Any]):
+    """``cls.from_config(cfg)``; every failure but missing weights becomes ``fail`` (exit 2)."""
+    from ..core.encoder import WeightsUnavailableError
+
+    try:
+        return cls.from_config(cfg)
+    except WeightsUnavailableError:
+        raise
+    except Exception as exc:
+        name = type(exc).__name__
+        if name == "BackendUnavailableError":
+            raise fail([f"backend {cfg['backend']!r} is not available: {exc}",
+                        "use --backend auto (falls back TensorRT -> ONNX Runtime -> torch) or --backend torch"])
+        if cfg.get("projection") and isinstance(exc, (OSError, ValueError, KeyError)) and "projection" in str(exc):
+            raise fail([f"cannot use projection {cfg['projection']!r}: {name}: {exc}"])
+        if isinstance(exc, (OSError, ValueError, KeyError, ImportError, RuntimeError)):
+            raise fail([f"cannot build the pipeline for model {cfg['model']!r}: {name}: {exc}"])
+        raise
+
+
+def load_encoder_or_exit(args, label_set: Any = "voc"):
+    """The :class:`DualEncoder` of the shared CLI arguments (model, pretrained, device, precision,
+    backend, projection): :func:`load_pipeline_or_exit` ``.encoder``. Exits 2 as it does."""
+    return load_pipeline_or_exit(args, label_set).encoder
 
 
 def _wrap(text: Optional[str], width: int = 100) -> List[str]:
@@ -259,31 +381,21 @@ def load_dataset_or_exit(args, id_set=None):
 
 
 def tool_config(args, encoder) -> Dict[str, Any]:
-    """Model / method settings for report files."""
+    """Model / method settings for report files (device, precision and backend as actually used)."""
     return {"model": encoder.describe(), "random_weights": bool(encoder.random_weights),
+            "device": str(encoder.device), "precision": encoder.precision, "backend": encoder.backend_name,
             "projection": getattr(args, "projection", None), "lam": args.lam, "blur_radius": args.blur_radius,
             "temperature": args.temperature, "min_box_size": args.min_box_size, "id_set": args.id_set}
 
 
-def maybe_random_title(title: str, random_weights: bool) -> str:
-    return f"{title}\n[{RANDOM_LABEL}]" if random_weights else title
-
-
 # ---------------------------------------------------------------------------------------------- JSON
 def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, pathlib.PurePath):
-        return str(obj)
-    return obj
+    """Plain JSON values: ``core.plain.to_plain`` (numpy / torch / paths / dates -> Python), then
+    non-finite floats -> None (JSON has no NaN / inf)."""
+    from ..core.plain import to_plain
+
+    text = json.dumps(to_plain(obj), allow_nan=True)  # NaN / Infinity tokens, mapped to null below
+    return json.loads(text, parse_constant=lambda _token: None)
 
 
 def write_json(path, obj) -> pathlib.Path:
@@ -517,16 +629,6 @@ def score_dataset(scorer, dataset, progress: bool = True) -> Records:
     enc = encode_boxes(scorer, dataset, views=None, progress=progress)
     scored = score_boxes(enc)
     return make_records(enc, scored, enc.seconds_for(scorer.ablation) + scored.seconds)
-
-
-def build_scorer(args, encoder, label_set, scorer: Optional[str] = None, ablation: Optional[str] = None,
-                 thresholds=None):
-    """An ``OodScorer`` from the shared CLI arguments (``scorer``/``ablation`` override ``args``)."""
-    from ..core.pipeline import OodScorer
-
-    return OodScorer(encoder, label_set, scorer=scorer or args.scorer, lam=args.lam, blur_radius=args.blur_radius,
-                     ablation=ablation or args.ablation, thresholds=thresholds, min_box_size=args.min_box_size,
-                     temperature=args.temperature)
 
 
 def expand_choice(value: str, choices: Iterable[str]) -> List[str]:

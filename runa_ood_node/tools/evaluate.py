@@ -123,8 +123,11 @@ def _run_dataset(args) -> int:
         dataset = dataset.subset(args.max_images)
     if dataset.n_boxes == 0:
         raise common.fail([f"no labelled boxes in {dataset.annotation_path} for ID set {args.id_set!r}"])
-    encoder = common.load_encoder_or_exit(args)
     thresholds = common.load_thresholds_or_exit(args)
+    # one pipeline (built like the node's, OodScorer.from_config): its encode() runs once per frame,
+    # its score_features() once per scorer x ablation; thresholds are applied per run below
+    ref = common.load_pipeline_or_exit(args, dataset.label_set, scorer=scorers[0], ablation=ablations[0])
+    encoder = ref.encoder
     if thresholds is not None:
         try:
             thresholds.check_compatible(model_id=encoder.model_id)
@@ -139,8 +142,6 @@ def _run_dataset(args) -> int:
 
     from ..core.pipeline import VIEWS_FOR_ABLATION
 
-    # one pipeline: its encode() runs once per frame, its score_features() once per scorer x ablation
-    ref = common.build_scorer(args, encoder, dataset.label_set, scorer=scorers[0], ablation=ablations[0])
     views = {v for ab in ablations for v in VIEWS_FOR_ABLATION[ab]}
     t0 = time.perf_counter()
     enc = common.encode_boxes(ref, dataset, views=tuple(views), progress=not args.no_progress, desc="encoding boxes")

@@ -63,8 +63,11 @@ def _feature_cache_key(encoder, dataset, shots, min_box_size: float) -> str:
     st = dataset.annotation_path.stat()
     boxes = [[str(dataset.frames[f].path), int(b), [float(v) for v in dataset.frames[f].boxes[b]]]
              for f, b in zip(shots.frame_idx, shots.box_idx)]
+    # the trunk's precision and backend change the features slightly: part of the key
     blob = json.dumps({"model_id": encoder.model_id, "ann": [str(dataset.annotation_path), st.st_size, st.st_mtime_ns],
-                       "boxes": boxes, "S": encoder.input_size, "min": min_box_size}, sort_keys=True)
+                       "boxes": boxes, "S": encoder.input_size, "min": min_box_size,
+                       "precision": str(getattr(encoder, "precision", "fp32")),
+                       "backend": str(getattr(encoder, "backend_name", "torch"))}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -81,7 +84,7 @@ def shot_features(encoder, view_maker, dataset, shots, min_box_size: float = 2.0
     Returns ``(features float32 [S', width] torch, keep bool [S])``: shots whose box is not
     encodable (outside the image, unreadable image, backend failure, non-finite features) are
     dropped (``keep`` False, logged). Cached on disk (``cache_dir()/features``) by model id,
-    annotation file, shot boxes, input size and ``min_box_size``.
+    annotation file, shot boxes, input size, ``min_box_size``, trunk precision and backend.
     """
     import numpy as np
     import torch
@@ -165,10 +168,10 @@ def _run(args) -> int:
         shots = dataset.sample_shots(args.shots, seed=args.seed, min_size=args.min_box_size)
     except ValueError as exc:
         raise common.fail([f"cannot draw shots: {exc}"])
-    encoder = common.load_encoder_or_exit(args)
-    rw = bool(encoder.random_weights)
     label_set = dataset.label_set
-    scorer = common.build_scorer(args, encoder, label_set)
+    scorer = common.load_pipeline_or_exit(args, label_set)
+    encoder = scorer.encoder
+    rw = bool(encoder.random_weights)
     text_emb = scorer.text_emb
     LOG.info("%d shots over %d classes (%d per class requested; short: %s)", len(shots), len(label_set),
              args.shots, shots.report["short_classes"] or "none")

@@ -106,24 +106,38 @@ class BagPlayer:
 
     def wait_for_subscribers(self, count: int = 1, timeout_s: float = 20.0, topics: Optional[Iterable[str]] = None,
                              spin: Optional[Callable[[float], None]] = None) -> bool:
-        """Block until every publisher of ``topics`` (default: all but ground truth) has at least
-        ``count`` matched subscriptions; False (logged) after ``timeout_s``."""
+        """Block until the publisher of **every** topic in ``topics`` (default: every topic this
+        player publishes, ground truth included) has at least ``count`` matched subscriptions.
+
+        ``timeout_s`` (seconds) bounds the whole wait. On timeout one warning per topic still short
+        of ``count`` is logged (published name, subscriptions matched so far) and False is
+        returned; the caller decides whether to play anyway. ``spin(seconds)`` replaces
+        ``time.sleep`` between checks (to spin a node's executor from the same thread).
+
+        Raises:
+            ValueError: a topic of ``topics`` is not published by this player.
+        """
         if count <= 0:
             return True
-        names = [t for t in (topics or self.topics) if t in self.publishers]
-        if topics is None:
-            names = [t for t in names if "ground_truth" not in t] or names
-        deadline = time.monotonic() + timeout_s
+        names = list(self.topics if topics is None else topics)
+        unknown = [t for t in names if t not in self.publishers]
+        if unknown:
+            raise ValueError(f"not published by this player: {unknown}; it publishes {self.topics}")
+        deadline = time.monotonic() + float(timeout_s)
         while True:
-            missing = {t: self.publishers[t].get_subscription_count() for t in names
-                       if self.publishers[t].get_subscription_count() < count}
+            missing = {t: n for t in names if (n := self.publishers[t].get_subscription_count()) < count}
             if not missing:
                 return True
             if time.monotonic() > deadline:
-                LOG.warning("after %.1f s still waiting for %d subscriber(s) on %s", timeout_s, count,
-                            {self.out_topic(t): n for t, n in missing.items()})
+                for t, n in sorted(missing.items()):
+                    LOG.warning("after %.1f s, %s has %d of the %d subscriber(s) waited for", timeout_s,
+                                self.out_topic(t), n, count)
                 return False
             (spin or time.sleep)(0.05)
+
+    def subscription_counts(self) -> Dict[str, int]:
+        """Published topic name -> matched subscriptions now."""
+        return {self.out_topic(t): self.publishers[t].get_subscription_count() for t in self.topics}
 
     def play(self, rate: float = 1.0, start_offset_s: float = 0.0, loop: int = 1, progress: bool = True,
              should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, int]:
@@ -187,7 +201,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="publisher reliability (reliable also matches sensor-data subscribers)")
     p.add_argument("--depth", type=int, default=100, help="publisher keep-last depth")
     p.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
-                   help="before playing, wait until every topic (but ground truth) has N subscribers")
+                   help="before playing, wait until every published topic has N subscribers "
+                        "(up to --wait-timeout; then a warning per topic short of N, and the replay starts anyway)")
     p.add_argument("--wait-timeout", type=float, default=20.0, help="seconds to wait for subscribers")
     p.add_argument("--ack-timeout", type=float, default=10.0, help="seconds to wait for the tail to be acknowledged")
     p.add_argument("--node-name", default="runa_ood_replay")
@@ -206,7 +221,11 @@ def run(args) -> int:
         player = BagPlayer(node, args.bag, args.topics, parse_remaps(args.remap), args.qos, args.depth)
         print(f"replaying {args.bag}: {player.info.counts} over {player.info.duration_s:.2f} s at rate {args.rate}")
         if args.wait_subscribers and not player.wait_for_subscribers(args.wait_subscribers, args.wait_timeout):
-            print("warning: not every topic has its subscribers; playing anyway", file=sys.stderr)
+            short = {t: n for t, n in player.subscription_counts().items() if n < args.wait_subscribers}
+            for t, n in sorted(short.items()):
+                print(f"warning: {t} has {n} of {args.wait_subscribers} subscriber(s) after {args.wait_timeout:g} s; "
+                      "its messages may reach nobody", file=sys.stderr)
+            print("warning: playing anyway", file=sys.stderr)
         counts = player.play(args.rate, args.start_offset, 0 if args.loop else 1)
         acked = player.wait_acked(args.ack_timeout) if args.qos == "reliable" else None
         print(f"published {sum(counts.values())} messages {counts}; errors {player.errors}; "
