@@ -73,7 +73,8 @@ def _how_to_provide(model_name: str) -> str:
     )
 
 
-def _env_offline() -> bool:
+def env_offline() -> bool:
+    """True when RUNA_OOD_OFFLINE or HF_HUB_OFFLINE is set: never try to download weights."""
     return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
                for k in ("RUNA_OOD_OFFLINE", "HF_HUB_OFFLINE"))
 
@@ -324,7 +325,7 @@ class DualEncoder:
                     LOG.info("loading %s/%s from cached file %s", arch, tag, cached)
                 else:
                     if allow_download is None:
-                        allow_download = not _env_offline()
+                        allow_download = not env_offline()
                     if not allow_download:
                         raise WeightsUnavailableError(
                             f"weights for {model_name!r} tag {tag!r} are not in the local cache and downloading is "

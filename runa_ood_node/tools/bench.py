@@ -223,10 +223,8 @@ def run(args) -> int:
     encoders = {}
     for name, pretrained in models:
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                encoders[name] = DualEncoder.load(name, pretrained=pretrained, device="cpu",
-                                                  allow_random=pretrained is None)
+            encoders[name] = DualEncoder.load(name, pretrained=pretrained, device="cpu",
+                                              allow_random=pretrained is None)  # random = seeded
         except (WeightsUnavailableError, ValueError, RuntimeError) as exc:
             print(f"error: cannot load {name!r}: {exc}", file=sys.stderr)
             return 2

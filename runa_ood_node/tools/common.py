@@ -184,9 +184,9 @@ def resolve_precision(precision: Optional[str], device: str) -> str:
 def allow_download(args) -> bool:
     """May open_clip download uncached tag weights? False with ``--offline`` or when
     ``RUNA_OOD_OFFLINE`` / ``HF_HUB_OFFLINE`` is set (``core.encoder`` reads the same variables)."""
-    from ..core.encoder import _env_offline
+    from ..core.encoder import env_offline
 
-    return not (bool(getattr(args, "offline", False)) or _env_offline())
+    return not (bool(getattr(args, "offline", False)) or env_offline())
 
 
 def pipeline_config(args, label_set: Any = "voc", scorer: Optional[str] = None, ablation: Optional[str] = None,
