@@ -56,6 +56,6 @@ def generate_launch_description():
                 ("image/compressed", PythonExpression(["'", image_topic, "' + '/compressed'"])),
                 ("detections", detections_topic),
             ],
-            arguments=["--ros-args", "--log-level", log_level],
+            ros_arguments=["--log-level", log_level],  # launch_ros (>= Humble) adds the --ros-args
         ),
     ])

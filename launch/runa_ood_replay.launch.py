@@ -52,7 +52,7 @@ def generate_launch_description():
             ("image/compressed", PythonExpression(["'", image_topic, "' + '/compressed'"])),
             ("detections", detections_topic),
         ],
-        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
+        ros_arguments=["--log-level", LaunchConfiguration("log_level")],  # launch_ros (>= Humble) adds the --ros-args
     )
     # give the node time to load the model and subscribe before the bag starts
     play = TimerAction(period=5.0, actions=[ExecuteProcess(

@@ -4,7 +4,9 @@ The node runs the tiny random model ("runa-tiny-vit", allow_random_weights) with
 ``default_threshold = -10``: every scored box is OOD (runa uncertainties lie in [-1, 1]), so frames
 with boxes are "OOD frames" and frames with empty detections are "clear frames". That scripts the
 driver-alert sequence frame by frame, deterministically, with message stamps (never wall time).
-Only behaviour is asserted; nothing here is timed (waits are generous timeouts).
+The real-photograph test reconfigures a threshold between the boxes' uncertainties, so that some
+boxes are flagged and others not. Only behaviour is asserted; nothing here is timed (waits are
+generous timeouts).
 """
 from __future__ import annotations
 
@@ -190,11 +192,25 @@ def _by_stamp(msgs):
     return {convert.stamp_to_ns(m.header.stamp): m for m in msgs}
 
 
-# ---------------------------------------------------------------------------------------- tests
-def test_real_photographs_every_box_scored_headers_copied(rig):
-    a0 = rig.idle()
+def reconfigure(rig, **params):
+    """deactivate -> cleanup -> set parameters -> configure -> activate (reloads the model)."""
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+
+    node = rig.node
+    assert node.trigger_deactivate() == R.SUCCESS and node.trigger_cleanup() == R.SUCCESS
+    assert node.scorer is None
+    res = node.set_parameters([Parameter(k, value=v) for k, v in params.items()])
+    assert all(r.successful for r in res), [r.reason for r in res]
+    assert node.trigger_configure() == R.SUCCESS, node.last_error
+    assert node.trigger_activate() == R.SUCCESS
+    rig.wait_connected()
+
+
+def send_photos(rig):
+    """Publish the three photographs (the second as padded bgr8) and return {stamp: (frame_id, rgb,
+    boxes)} once each has its ood/detections, ood/ood_only and annotated image, with those outputs."""
     start = {k: rig.n(k) for k in rig.got}
-    sent = []
+    sent = {}
     for i, (rgb, boxes) in enumerate(rig.photos):
         stamp = rig.next_stamp()
         if i == 1:  # a camera with padded rows in bgr8: the node must honour step and channel order
@@ -203,33 +219,62 @@ def test_real_photographs_every_box_scored_headers_copied(rig):
             rig.publish(stamp, image=image, boxes=boxes, frame_id=f"cam{i}")
         else:
             rig.publish(stamp, rgb=rgb, boxes=boxes, frame_id=f"cam{i}")
-        sent.append((stamp, f"cam{i}", rgb, boxes))
+        sent[stamp] = (f"cam{i}", rgb, boxes)
     wait_for(lambda: rig.n("det") >= start["det"] + 3 and rig.n("ood_only") >= start["ood_only"] + 3
              and rig.n("annotated") >= start["annotated"] + 3, what="3 scored frames")
-    dets, only, ann = (_by_stamp(rig.since(k, start[k])) for k in ("det", "ood_only", "annotated"))
-    for stamp, frame_id, rgb, boxes in sent:
-        out = dets[stamp]
-        assert out.header.frame_id == frame_id and convert.stamp_to_ns(out.header.stamp) == stamp
-        assert len(out.detections) == len(boxes)
-        assert out.model == "runa-tiny-vit" and out.backend == "torch" and out.scorer == "runa"
-        assert out.random_weights is True
-        for d, b in zip(out.detections, boxes):
-            assert d.status == 0, d.status_text  # every real box inside the photo is scored
-            assert math.isfinite(d.uncertainty) and -1.0 <= d.uncertainty <= 1.0
-            assert d.is_ood == (d.uncertainty > d.threshold) and d.threshold == pytest.approx(-10.0)
-            assert d.nearest_label and math.isfinite(d.similarity)
-            assert d.detection.bbox.center.position.x == pytest.approx((b[0] + b[2]) / 2)
-        flagged = [d.detection.id for d in out.detections if d.is_ood]
-        assert [d.id for d in only[stamp].detections] == flagged
-        assert only[stamp].header.frame_id == frame_id
-        assert ann[stamp].header.frame_id == frame_id and (ann[stamp].width, ann[stamp].height) == (rgb.shape[1], rgb.shape[0])
-        assert ann[stamp].encoding == "rgb8"
-    label = rig.since("label", 0)
-    assert label and [c.class_name for c in label[-1].class_map][:3] == ["airplane", "bicycle", "bird"]
-    assert label[-1].threshold == pytest.approx(-10.0)
-    a1 = rig.idle()
-    assert a1["frames_scored"] - a0["frames_scored"] == 3 and a1["balanced"]
-    assert "internal_error" not in a1["frame_drops"] and not a1["counters"].get("secondary_output_errors")
+    return sent, tuple(_by_stamp(rig.since(k, start[k])) for k in ("det", "ood_only", "annotated"))
+
+
+# ---------------------------------------------------------------------------------------- tests
+def test_real_photographs_every_box_scored_headers_copied(rig):
+    a0 = rig.idle()
+    # pass 1 (threshold -10: every box OOD) gives the uncertainties of the real boxes; pass 2 puts
+    # the threshold between two of them, so some boxes are flagged and others not, and ood_only
+    # must carry exactly the flagged ones (a filtering bug cannot hide behind "all" or "none")
+    sent, (dets, _, _) = send_photos(rig)
+    unc = sorted(d.uncertainty for st in sent for d in dets[st].detections)
+    assert len(unc) >= 4 and all(math.isfinite(u) and -1.0 <= u <= 1.0 for u in unc)
+    mid = len(unc) // 2
+    assert unc[mid] - unc[mid - 1] > 1e-5, "need two distinct uncertainties around the median"
+    thr = float((unc[mid - 1] + unc[mid]) / 2)
+    reconfigure(rig, default_threshold=thr)
+    try:
+        a1 = rig.idle()
+        sent, (dets, only, ann) = send_photos(rig)
+        n_ood = n_id = 0
+        for stamp, (frame_id, rgb, boxes) in sent.items():
+            out = dets[stamp]
+            assert out.header.frame_id == frame_id and convert.stamp_to_ns(out.header.stamp) == stamp
+            assert len(out.detections) == len(boxes)
+            assert out.model == "runa-tiny-vit" and out.backend == "torch" and out.scorer == "runa"
+            assert out.random_weights is True
+            for d, b in zip(out.detections, boxes):
+                assert d.status == 0, d.status_text  # every real box inside the photo is scored
+                assert math.isfinite(d.uncertainty) and -1.0 <= d.uncertainty <= 1.0
+                assert d.threshold == pytest.approx(thr, abs=1e-6)
+                assert d.is_ood == (d.uncertainty > d.threshold)
+                assert d.nearest_label and math.isfinite(d.similarity)
+                assert d.detection.bbox.center.position.x == pytest.approx((b[0] + b[2]) / 2)
+                n_ood, n_id = n_ood + d.is_ood, n_id + (not d.is_ood)
+            flagged = [d.detection.id for d in out.detections if d.is_ood]
+            flagged_x = [d.detection.bbox.center.position.x for d in out.detections if d.is_ood]
+            assert [d.id for d in only[stamp].detections] == flagged  # same boxes, same order
+            assert [d.bbox.center.position.x for d in only[stamp].detections] == flagged_x
+            assert only[stamp].header.frame_id == frame_id
+            assert ann[stamp].header.frame_id == frame_id
+            assert (ann[stamp].width, ann[stamp].height) == (rgb.shape[1], rgb.shape[0])
+            assert ann[stamp].encoding == "rgb8"
+        # the same deterministic random model scores the same boxes again: half on each side
+        assert n_ood == len(unc) - mid and n_id == mid
+        label = rig.since("label", 0)
+        assert label and [c.class_name for c in label[-1].class_map][:3] == ["airplane", "bicycle", "bird"]
+        assert label[-1].threshold == pytest.approx(thr, abs=1e-6)
+        a2 = rig.idle()
+        assert a2["frames_scored"] - a1["frames_scored"] == 3 and a2["balanced"]
+        assert "internal_error" not in a2["frame_drops"] and not a2["counters"].get("secondary_output_errors")
+    finally:
+        reconfigure(rig, default_threshold=NODE_PARAMS["default_threshold"])
+    assert a0["balanced"]
 
 
 def test_alert_raise_hold_clear_and_take_over(rig):
@@ -282,10 +327,15 @@ def test_monitor_health_when_frames_stop_and_when_backend_fails(rig):
                          for m in rig.since("health", start)), what="health CAUTION after frames stop")
     msgs = rig.since("health", start)
     assert all(m.source == DriverAlert.SOURCE_MONITOR_HEALTH for m in msgs)
-    # recovery: a frame clears it
+    # recovery: frames flowing again clear it. Keep publishing until CLEAR arrives (on a loaded
+    # machine one frame may take longer than frame_timeout_s to be scored, re-raising the timeout)
     start = rig.n("health")
-    rig.publish(rig.next_stamp(), rgb=rig.gray(), boxes=[SMALL])
-    wait_for(health_after(start, DriverAlert.LEVEL_CLEAR, "healthy"), what="health CLEAR after a frame")
+    recovered = health_after(start, DriverAlert.LEVEL_CLEAR, "healthy")
+    end = time.monotonic() + 15.0
+    while not recovered() and time.monotonic() < end:
+        rig.publish(rig.next_stamp(), rgb=rig.gray(), boxes=[SMALL])
+        time.sleep(0.1)
+    wait_for(recovered, timeout=1.0, what="health CLEAR while frames flow again")
 
     # a failing backend: boxes come back BACKEND_ERROR and health reports it
     enc = rig.node.scorer.encoder
@@ -306,6 +356,51 @@ def test_monitor_health_when_frames_stop_and_when_backend_fails(rig):
     finally:
         enc.set_backend(None)
     assert rig.idle()["counters"].get("backend_error_frames", 0) >= 1
+
+
+def test_backend_failure_does_not_clear_a_raised_caution(rig):
+    """A failing backend scores nothing (every box BACKEND_ERROR, none OOD); those frames must hold
+    the driver alert where it is instead of stepping it down to CLEAR."""
+    from runa_ood_msgs.msg import DriverAlert
+
+    for _ in range(3):  # start from CLEAR (stamps 1 s apart: past hold and clear times)
+        rig.publish(rig.next_stamp(1.0), rgb=rig.gray(), boxes=[])
+    rig.idle()
+    wait_for(lambda: rig.n("alert") and rig.since("alert", 0)[-1].level == DriverAlert.LEVEL_CLEAR, what="CLEAR")
+    start = rig.n("alert")
+    for _ in range(2):  # OOD in 2 of 3 -> CAUTION
+        rig.publish(rig.next_stamp(0.1), rgb=rig.gray(), boxes=[SMALL])
+    wait_for(lambda: rig.n("alert") > start, what="CAUTION")
+    assert [a.level for a in rig.since("alert", start)] == [DriverAlert.LEVEL_CAUTION]
+
+    enc = rig.node.scorer.encoder
+
+    def broken(views):
+        raise RuntimeError("simulated GPU failure")
+
+    enc.set_backend(broken, "broken")
+    try:
+        start_d = rig.n("det")
+        stamps = [rig.next_stamp(1.0) for _ in range(3)]  # each 1 s later: a healthy CLEAR would come
+        for st in stamps:
+            rig.publish(st, rgb=rig.gray(), boxes=[SMALL])
+        wait_for(lambda: set(stamps) <= set(_by_stamp(rig.since("det", start_d))), what="the failed frames")
+        for st in stamps:
+            out = _by_stamp(rig.since("det", start_d))[st]
+            assert [d.status for d in out.detections] == [7] and not out.detections[0].is_ood
+        rig.idle()
+    finally:
+        enc.set_backend(None)
+    # nothing published after the CAUTION: the level is held through the failure
+    assert [a.level for a in rig.since("alert", start)] == [DriverAlert.LEVEL_CAUTION]
+    assert int(rig.node._alerts.level) == DriverAlert.LEVEL_CAUTION
+    # with the backend back, clear frames do lower it
+    end = time.monotonic() + TIMEOUT
+    while rig.since("alert", start)[-1].level != DriverAlert.LEVEL_CLEAR and time.monotonic() < end:
+        rig.publish(rig.next_stamp(1.0), rgb=rig.gray(), boxes=[])
+        rig.idle()
+    assert rig.since("alert", start)[-1].level == DriverAlert.LEVEL_CLEAR
+    assert rig.node._alerts.n_bad_object_ids == 0  # the detections' ids were passed, one per box
 
 
 def _raw_image(stamp_ns, encoding="rgb8", width=W, height=H, step=None, nbytes=None):
@@ -417,14 +512,7 @@ def test_incompatible_qos_publisher_is_reported(rig):
 
 def test_reconfigure_with_high_threshold_flags_nothing(rig):
     """deactivate -> cleanup -> new default_threshold -> configure -> activate (model reloaded)."""
-    from rclpy.lifecycle import TransitionCallbackReturn as R
-
-    node = rig.node
-    assert node.trigger_deactivate() == R.SUCCESS and node.trigger_cleanup() == R.SUCCESS
-    assert node.scorer is None
-    assert node.set_parameters([Parameter("default_threshold", value=10.0)])[0].successful
-    assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
-    rig.wait_connected()
+    reconfigure(rig, default_threshold=10.0)
     start = rig.n("det"), rig.n("ood_only")
     rgb, boxes = rig.photos[0]
     stamp = rig.next_stamp()
@@ -513,11 +601,34 @@ def test_bench_node_tool_runs_and_reports(tmp_path, ood_pack):
 
     parser = argparse.ArgumentParser()
     bench_node.add_arguments(parser)
+    from runa_ood_node.ros import node as node_mod
+
     out = tmp_path / "bench.json"
-    args = parser.parse_args(["--frames", "3", "--warmup", "1", "--boxes", "4", "--json", str(out)])
+    saved = (node_mod.HANDOFF_YIELD_S, node_mod.ZERO_COPY_RGB8)
+    # --ab 1: one run with the latency optimisations off, one with them on (both through _run_once)
+    args = parser.parse_args(["--frames", "3", "--warmup", "1", "--boxes", "4", "--ab", "1", "--json", str(out)])
     assert bench_node.run(args) == 0
-    res = json.loads(out.read_text())
-    assert res["frames"] == 3 and res["lost"] == 0 and res["random_weights"] is True and res["accounting_balanced"]
-    for key in ("e2e_ms", "pipeline_ms", "overhead_ms", "node_processing_ms"):
-        assert res[key]["n"] == 3 and math.isfinite(res[key]["p50"])
-    assert res["e2e_ms"]["p50"] >= res["pipeline_ms"]["p50"] > 0
+    assert (node_mod.HANDOFF_YIELD_S, node_mod.ZERO_COPY_RGB8) == saved  # restored
+    rows = json.loads(out.read_text())
+    assert len(rows["off"]) == len(rows["on"]) == 1
+    for res in rows["off"] + rows["on"]:
+        assert res["frames"] == 3 and res["lost"] == 0 and res["random_weights"] is True
+        assert res["accounting_balanced"]
+        for key in ("e2e_ms", "pipeline_ms", "overhead_ms", "node_processing_ms"):
+            assert res[key]["n"] == 3 and math.isfinite(res[key]["p50"])
+        assert res["e2e_ms"]["p50"] >= res["pipeline_ms"]["p50"] > 0
+
+
+def test_rgb8_zero_copy_view_only_for_unpadded_rgb8():
+    from runa_ood_node.ros.node import _rgb8_view
+
+    rgb = np.random.default_rng(1).integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    msg = convert.rgb_to_image(rgb)
+    view = _rgb8_view(msg)
+    assert view is not None and np.array_equal(view, rgb) and not view.flags.writeable
+    assert np.shares_memory(view, np.frombuffer(msg.data, np.uint8))  # no copy
+    padded = convert.array_to_image(rgb, "rgb8", step=8 * 3 + 4)
+    assert _rgb8_view(padded) is None and np.array_equal(convert.image_to_rgb(padded), rgb)
+    assert _rgb8_view(convert.array_to_image(rgb[:, :, ::-1].copy(), "bgr8")) is None
+    msg.data = msg.data[:-3]  # truncated: left to convert, which reports the reason
+    assert _rgb8_view(msg) is None

@@ -44,6 +44,13 @@ def test_defaults_validate_and_map_to_scorer_config():
     ("pretrained", "", "allow_random_weights"),
     ("pairing_max_age_s", 0.1, "pairing_max_age_s"),
     ("no_such_parameter", 1, "unknown parameter"),
+    ("precision", "fp8", "precision"),
+    ("precision", "fp16", "fp16 needs device=cuda"),  # device defaults to cpu
+    ("allow_download", "no", "allow_download"),
+    ("scorer", "mcm", "calibrated for it"),  # no thresholds_file: default_threshold is in runa units
+    ("scorer", "energy", "thresholds_file"),
+    ("alert.takeover_k", 9, "alert.takeover_k"),
+    ("alert.takeover_k", -1, "alert.takeover_k"),
 ])
 def test_invalid_values_give_clear_errors(name, value, needle):
     values = {name: value}
@@ -121,3 +128,62 @@ def test_descriptors_have_descriptions_ranges_and_read_only():
     assert P._descriptor(P._BY_NAME["model"]).read_only
     assert not P._descriptor(P._BY_NAME["lam"]).read_only
     assert P._descriptor(P._BY_NAME["alert.roi"]).type == ParameterType.PARAMETER_DOUBLE_ARRAY
+
+
+def test_precision_resolved_and_passed_to_the_scorer_not_the_backend_options():
+    cpu = P.validate({})
+    assert cpu.precision == "auto" and cpu.resolved_precision == "fp32"
+    cfg = cpu.scorer_config()
+    assert cfg["precision"] == "fp32" and "precision" not in cfg["backend_options"]
+    gpu = P.validate({"device": "cuda"})  # auto on a CUDA device: the fp16 engine of build-engine
+    assert gpu.resolved_precision == "fp16" and gpu.scorer_config()["precision"] == "fp16"
+    assert gpu.scorer_config()["backend_options"] == {"device": "cuda"}
+    assert P.validate({"device": "cuda", "precision": "fp32"}).scorer_config()["precision"] == "fp32"
+    assert P.validate({"device": "cuda", "precision": "FP16"}).scorer_config()["precision"] == "fp16"
+    assert P.validate({"precision": "fp32"}).scorer_config()["precision"] == "fp32"
+    assert P.resolve_precision("auto", "cuda") == "fp16" and P.resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_allow_download_off_by_default_read_only_and_passed_through():
+    assert P.validate({}).allow_download is False
+    assert P.validate({}).scorer_config()["allow_download"] is False
+    assert P.validate({"allow_download": True}).scorer_config()["allow_download"] is True
+    assert P._BY_NAME["allow_download"].read_only and P._BY_NAME["precision"].read_only
+    assert "local cache" in P._BY_NAME["allow_download"].describe()
+
+
+def test_non_runa_scorer_needs_a_calibrated_thresholds_file(tmp_path):
+    from runa_ood_node.core.thresholds import Thresholds
+
+    with pytest.raises(P.ParameterValidationError) as err:
+        P.validate({"scorer": "sum", "default_threshold": 3.0})  # even an explicit default is refused
+    assert [p.split(":")[0] for p in err.value.problems] == ["thresholds_file"]
+    assert "runa-ood calibrate --scorer sum" in str(err.value)
+    f = Thresholds(global_threshold=-5.0, meta={"scorer": "energy"}).save(tmp_path / "energy.yaml")
+    s = P.validate({"scorer": "energy", "thresholds_file": str(f)})
+    assert s.scorer_config()["scorer"] == "energy" and s.thresholds().global_threshold == pytest.approx(-5.0)
+    assert P.validate({"scorer": "runa"}).thresholds_file == ""  # runa keeps its default_threshold
+
+
+def test_alert_defaults_come_from_alert_config():
+    from runa_ood_node.core.alerts import AlertConfig
+
+    ref = AlertConfig()
+    cfg = P.validate({}).alert.to_alert_config()
+    for name in ("k", "n", "hold_s", "clear_s", "takeover_min_area_frac", "takeover_min_bottom_frac", "roi",
+                 "takeover_k", "match_iou"):
+        assert getattr(cfg, name) == getattr(ref, name), name
+        assert getattr(P.AlertSettings(), name) == getattr(ref, name), name
+    assert P.defaults()["alert.k"] == ref.k and P.defaults()["alert.hold_s"] == ref.hold_s
+    assert P.defaults()["alert.takeover_k"] == 0  # 0 = same as k (AlertConfig: None)
+    s = P.validate({"alert.takeover_k": 2, "alert.k": 3, "alert.n": 4})
+    assert s.alert.takeover_k == 2 and s.alert.to_alert_config().effective_takeover_k == 2
+
+
+def test_detection_ids_are_opt_in_and_match_iou_is_passed_through():
+    s = P.validate({})
+    assert s.alert.use_detection_ids is False  # per-frame box numbers must not merge objects by default
+    s = P.validate({"alert.use_detection_ids": True, "alert.match_iou": 0.5})
+    assert s.alert.use_detection_ids is True and s.alert.to_alert_config().match_iou == 0.5
+    with pytest.raises(P.ParameterValidationError, match="alert.match_iou"):
+        P.validate({"alert.match_iou": 0.0})

@@ -8,9 +8,13 @@ Inputs (relative names: they follow the namespace and remappings)
 Outputs (every header is a copy of the **source image's header**: stamp and frame_id)
     ``ood/detections``      runa_ood_msgs/OodDetectionArray, one per scored frame, every input box in
                             input order with uncertainty, threshold, is_ood, nearest ID label, status
-    ``ood/ood_only``        vision_msgs/Detection2DArray with the input detections flagged OOD
+    ``ood/ood_only``        vision_msgs/Detection2DArray with the input detections flagged OOD (built
+                            and published only while someone subscribes)
     ``ood/driver_alert``    runa_ood_msgs/DriverAlert (source OOD_OBJECT), published when the level
-                            changes; transient local depth 1, so late subscribers get the current level
+                            changes; transient local depth 1, so late subscribers get the current level.
+                            A frame the backend failed to score holds the level (it is no evidence of
+                            "no OOD object"); the detections' ``id`` fields go to the alert monitor as
+                            object identities
     ``ood/monitor_health``  DriverAlert (source MONITOR_HEALTH): CAUTION with the reasons when the
                             pipeline is degraded (no frame for ``health.frame_timeout_s`` of wall time,
                             backend failing, p95 processing time over budget), CLEAR when recovered;
@@ -24,12 +28,14 @@ Outputs (every header is a copy of the **source image's header**: stamp and fram
                             drops by reason, boxes by status, backend, model, random_weights
 
 Lifecycle
-    configure: validate parameters, load model / projection / thresholds (``OodScorer.from_config``),
-    create publishers. A load failure is logged as an error and configure returns FAILURE (``main``
-    exits with status 1). activate: subscriptions, timers, latched LabelInfo and initial alerts.
-    deactivate: subscriptions and timers go; waiting messages are counted as dropped. cleanup /
-    shutdown: release the model. Parameter ``autostart`` (default true) makes ``main`` configure and
-    activate by itself, so the node runs without a lifecycle manager.
+    configure: validate parameters, load model / projection / thresholds (``OodScorer.from_config``,
+    with ``precision`` resolved for the device and ``allow_download``: by default a pretrained tag
+    must already be in the local cache), create publishers. A load failure is logged as an error
+    and configure returns FAILURE (``main`` exits with status 1). activate: subscriptions, timers,
+    latched LabelInfo and initial alerts. deactivate: subscriptions and timers go; waiting messages
+    are counted as dropped. cleanup / shutdown: release the model. Parameter ``autostart`` (default
+    true) makes ``main`` configure and activate by itself, so the node runs without a lifecycle
+    manager.
 
 Accounting (diagnostics and :meth:`RunaOodNode.accounting`)
     every received message is scored (as part of a pair), counted as dropped with a reason, or still
@@ -48,6 +54,14 @@ Threading (why not a MultiThreadedExecutor)
     overload instead of silent DDS queue drops, and processes frames strictly in stamp order (the
     alert logic needs it), which a multi-threaded executor would not guarantee. Torch releases the
     GIL while it computes, so the executor thread keeps up.
+
+Latency (``runa-ood bench-node``; ``--ab`` compares with the optimisations below switched off)
+    an unpadded ``rgb8`` image is scored through a read-only view of the message buffer (no copy);
+    after a hand-off the executor thread sleeps ``HANDOFF_YIELD_S`` (0.2 ms) so the woken worker
+    gets the GIL at once rather than after the executor's own per-spin bookkeeping; ood/ood_only,
+    the annotated image and the markers are only built while someone subscribes; alerts,
+    drawing and accounting run after ood/detections is out. What remains of the per-frame overhead
+    is mostly rclpy's executor and (de)serialisation (see the "rclpy floor" line of the benchmark).
 """
 from __future__ import annotations
 
@@ -69,6 +83,8 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
 from rcl_interfaces.msg import SetParametersResult
 
 from ..core.boxes import BoxStatus
+from . import convert
+from .convert import stamp_to_ns
 from .pairing import REASONS as PAIRER_REASONS, StampPairer
 from .params import (LIVE_PARAMETERS, NodeSettings, ParameterValidationError, declare_parameters,
                      read_parameters, validate)
@@ -76,6 +92,14 @@ from .params import (LIVE_PARAMETERS, NodeSettings, ParameterValidationError, de
 NODE_NAME = "runa_ood"
 #: frame-level drop reasons (besides ``image_<ImageConversionError.reason>``)
 FRAME_REASONS = ("bad_detections", "processing_overload", "deactivated", "internal_error")
+
+#: After handing a pair to the worker, the executor thread sleeps this long (s) so that the woken
+#: worker takes the GIL at once instead of waiting for the executor's own per-spin bookkeeping
+#: (`runa-ood bench-node --ab`: hand-off wait ~0.8 -> ~0.2 ms at p50). The bookkeeping then runs
+#: while the model computes with the GIL released. None = no yield.
+HANDOFF_YIELD_S: Optional[float] = 2e-4
+#: Score unpadded rgb8 images through a read-only view of the message buffer (no copy).
+ZERO_COPY_RGB8 = True
 
 _SUCCESS = TransitionCallbackReturn.SUCCESS
 _FAILURE = TransitionCallbackReturn.FAILURE
@@ -106,6 +130,30 @@ def _input_qos(name: str, depth: int) -> QoSProfile:
                        depth=depth)
         return q
     return _reliable(depth)
+
+
+def _rgb8_view(msg) -> Optional[np.ndarray]:
+    """Zero-copy ``HxWx3`` read-only view of an unpadded ``rgb8`` ``sensor_msgs/Image`` (the common
+    camera case), or None when the message needs :func:`convert.image_to_rgb` (other encodings,
+    padded rows, wrong sizes: that path validates and reports the reason).
+
+    The view keeps ``msg.data`` alive; the pipeline only reads it (views, crops) and
+    ``draw.annotate`` draws on a copy."""
+    if msg.encoding != "rgb8":
+        return None
+    h, w = int(msg.height), int(msg.width)
+    n = h * w * 3
+    if h <= 0 or w <= 0 or int(msg.step) != w * 3:
+        return None
+    try:
+        buf = np.frombuffer(msg.data, dtype=np.uint8)
+    except (TypeError, ValueError, BufferError):
+        return None
+    if buf.size < n:
+        return None  # truncated: let convert report it
+    view = buf[:n].reshape(h, w, 3)
+    view.flags.writeable = False
+    return view
 
 
 def _percentile(values, q: float) -> float:
@@ -160,9 +208,9 @@ class RunaOodNode(LifecycleNode):
             t0 = time.perf_counter()
             scorer = OodScorer.from_config(cfg)
             load_s = time.perf_counter() - t0
-        except WeightsUnavailableError as exc:
+        except WeightsUnavailableError as exc:  # with allow_download=false: at once, no network retries
             return self._fail(f"configure failed: model weights unavailable for model={settings.model!r} "
-                              f"pretrained={settings.pretrained!r}: {exc}")
+                              f"pretrained={settings.pretrained!r} (allow_download={settings.allow_download}): {exc}")
         except Exception as exc:  # any load failure must fail start-up loudly, not crash the process
             return self._fail(f"configure failed: cannot build the OOD scorer ({type(exc).__name__}: {exc})")
 
@@ -177,6 +225,7 @@ class RunaOodNode(LifecycleNode):
         from ..core.alerts import AlertMonitor, HealthMonitor
 
         self._alerts = AlertMonitor(settings.alert.to_alert_config())
+        self._alert_use_ids = bool(settings.alert.use_detection_ids)
         self._health = HealthMonitor(settings.health_frame_timeout_s, settings.health_latency_budget_ms)
         self._reset_stats()
         self._create_publishers()
@@ -186,9 +235,9 @@ class RunaOodNode(LifecycleNode):
         thr = "thresholds " + (settings.thresholds_file if settings.thresholds_file else
                                f"default_threshold={settings.default_threshold} (UNCALIBRATED)")
         log.info(f"configured in {load_s:.2f} s: model {settings.model} ({settings.pretrained or 'no weights'}), "
-                 f"backend {self.backend_name} on {settings.device}, label set {scorer.label_set.name} "
-                 f"({len(scorer.label_set)} labels), scorer {settings.scorer}, lam {settings.lam}, "
-                 f"blur {settings.blur_radius} px, {thr}")
+                 f"backend {self.backend_name} on {settings.device} ({settings.resolved_precision}), "
+                 f"label set {scorer.label_set.name} ({len(scorer.label_set)} labels), scorer {settings.scorer}, "
+                 f"lam {settings.lam}, blur {settings.blur_radius} px, {thr}")
         if not settings.thresholds_file:
             log.warning("no thresholds_file: every label uses default_threshold="
                         f"{settings.default_threshold}; calibrate with `runa-ood calibrate` for real use")
@@ -373,24 +422,24 @@ class RunaOodNode(LifecycleNode):
         return wrapped
 
     def _on_image(self, msg) -> None:
-        from .convert import stamp_to_ns
-
         with self._cv:
             if not self._active:
                 self._input_drops["inactive"] += 1
                 return
             out = self._pairer.add_image(stamp_to_ns(msg.header.stamp), msg)
             self._handle_pairer_output(out)
+        if out.pairs and HANDOFF_YIELD_S is not None:
+            time.sleep(HANDOFF_YIELD_S)  # outside the lock: let the worker start (see HANDOFF_YIELD_S)
 
     def _on_detections(self, msg) -> None:
-        from .convert import stamp_to_ns
-
         with self._cv:
             if not self._active:
                 self._input_drops["inactive"] += 1
                 return
             out = self._pairer.add_detections(stamp_to_ns(msg.header.stamp), msg)
             self._handle_pairer_output(out)
+        if out.pairs and HANDOFF_YIELD_S is not None:
+            time.sleep(HANDOFF_YIELD_S)  # outside the lock: let the worker start (see HANDOFF_YIELD_S)
 
     def _handle_pairer_output(self, out) -> None:  # holds the lock
         self._account_pairer(out.drops)
@@ -435,8 +484,6 @@ class RunaOodNode(LifecycleNode):
                     self._in_flight = 0
 
     def _process(self, pair, t_pair: float) -> None:
-        from . import convert
-
         s, scorer = self.settings, self.scorer
         if scorer is None:
             return
@@ -449,7 +496,9 @@ class RunaOodNode(LifecycleNode):
             if s.image_transport == "compressed":
                 rgb = convert.compressed_to_rgb(img_msg)
             else:
-                rgb = convert.image_to_rgb(img_msg)
+                rgb = _rgb8_view(img_msg) if ZERO_COPY_RGB8 else None
+                if rgb is None:  # any other encoding or padded rows: validated conversion (one copy)
+                    rgb = convert.image_to_rgb(img_msg)
         except convert.ImageConversionError as exc:
             with self._lock:
                 self._frame_drops[f"image_{exc.reason}"] += 1
@@ -458,7 +507,7 @@ class RunaOodNode(LifecycleNode):
                         throttle_duration_sec=5.0)
             return
         try:
-            boxes, scores, _class_ids, _ids = convert.detections_to_arrays(det_msg)
+            boxes, scores, _class_ids, ids = convert.detections_to_arrays(det_msg)
         except Exception as exc:
             with self._lock:
                 self._frame_drops["bad_detections"] += 1
@@ -479,15 +528,18 @@ class RunaOodNode(LifecycleNode):
         pubs = self._pubs
         pubs["detections"].publish(convert.to_ood_array(header, det_msg, res, s.model, self.backend_name, s.scorer,
                                                         self.random_weights))
-        pubs["ood_only"].publish(convert.to_ood_only(header, det_msg, res))
+        if pubs["ood_only"].get_subscription_count() > 0:  # volatile topic: nobody listening = nobody misses it
+            pubs["ood_only"].publish(convert.to_ood_only(header, det_msg, res))
         t_pub = time.perf_counter()
         node_ms = (t_pub - t_pair) * 1e3
         pipeline_ms = float(res.timings.get("total", math.nan))
         with self._lock:  # the frame is scored and its results are out: account for it now
             self._frames_scored += 1
             self._boxes_total += len(res)
-            for code, n in zip(*np.unique(res.status, return_counts=True)):
-                self._box_status[int(code)] += int(n)
+            if len(res):
+                for code, n in enumerate(np.bincount(np.asarray(res.status, np.intp)).tolist()):
+                    if n:
+                        self._box_status[code] += n
             self._boxes_ood += int(np.count_nonzero(res.is_ood))
             self._lat_node.append(node_ms)
             self._lat_pipeline.append(pipeline_ms)
@@ -498,7 +550,10 @@ class RunaOodNode(LifecycleNode):
                 self._health.frame(time.monotonic(), node_ms)
         # ---- secondary outputs: a failure here is logged and counted, the frame stays scored
         try:
-            alert = self._alerts.update(pair.image_stamp_ns * 1e-9, res, w, h)
+            # a frame whose backend failed (res.error) holds the current level (AlertMonitor): a
+            # failing model must never look like "no OOD object" to the driver
+            alert = self._alerts.update(pair.image_stamp_ns * 1e-9, res, w, h,
+                                        object_ids=ids if self._alert_use_ids else None)
             if alert.changed:
                 self._publish_alert(alert, header, det_msg, res, health=False)
                 lvl = ("CLEAR", "CAUTION", "TAKE_OVER")[int(alert.level)]
@@ -537,8 +592,6 @@ class RunaOodNode(LifecycleNode):
     def _publish_alert(self, alert, header, det_msg, res, health: bool) -> None:
         from runa_ood_msgs.msg import DriverAlert
 
-        from . import convert
-
         if header is None:
             header = convert.copy_header(None)
             header.stamp = self.get_clock().now().to_msg()
@@ -564,8 +617,6 @@ class RunaOodNode(LifecycleNode):
                                 None, None, None, health=True)
 
     def _publish_label_info(self) -> None:
-        from . import convert
-
         header = convert.copy_header(None)
         header.stamp = self.get_clock().now().to_msg()
         thr = getattr(self.scorer.thresholds, "global_threshold", float("nan")) if self.scorer.thresholds else math.nan

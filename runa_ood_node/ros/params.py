@@ -7,8 +7,9 @@ The validation is plain Python (no rclpy), so it is unit-tested without DDS and 
 
 When parameters take effect:
 
-* ``read_only`` parameters (topics, QoS, transport, model, weights, backend, device, engine) can
-  only be set at start-up (launch / YAML / ``--ros-args -p``): changing them needs a new process.
+* ``read_only`` parameters (topics, QoS, transport, model, weights, allow_download, backend, device,
+  precision, engine) can only be set at start-up (launch / YAML / ``--ros-args -p``): changing them
+  needs a new process.
 * the others are read at every lifecycle **configure**: set them, then ``cleanup`` + ``configure``
   (a lifecycle manager does this). New values are validated when set; bad values are refused.
 * ``publish_annotated`` and ``lazy`` also apply immediately while active.
@@ -17,7 +18,13 @@ Units: seconds (``*_s``), milliseconds (``*_ms``), pixels (``blur_radius`` at th
 resolution, ``min_box_size`` in original image pixels), fractions in [0, 1] (``alert.*_frac``,
 ``alert.roi`` in normalised image coordinates). Uncertainty thresholds are in the units of the
 chosen scorer (``runa``: ``-max cosine``, higher = more OOD; a box is OOD when
-``uncertainty > threshold``).
+``uncertainty > threshold``). ``default_threshold`` is in ``runa`` units only: any other scorer
+needs a ``thresholds_file`` calibrated for it (``runa-ood calibrate --scorer <name>``), else
+validation fails.
+
+Vehicle start-up never downloads: with ``allow_download=false`` (default) an open_clip tag in
+``pretrained`` must already be in the local open_clip / Hugging Face cache (or be a local file),
+otherwise configure fails at once with a message saying how to provide the weights.
 """
 from __future__ import annotations
 
@@ -26,10 +33,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..core.alerts import AlertConfig
+
 __all__ = [
     "ParamSpec", "PARAMETERS", "NodeSettings", "AlertSettings", "ParameterValidationError", "validate",
     "defaults", "declare_parameters", "read_parameters", "SCORERS", "BACKENDS", "DEVICES", "QOS_CHOICES",
-    "TRANSPORTS", "LIVE_PARAMETERS",
+    "TRANSPORTS", "LIVE_PARAMETERS", "PRECISIONS", "resolve_precision",
 ]
 
 SCORERS = ("runa", "mcm", "energy", "sum")
@@ -37,6 +46,7 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 DEVICES = ("cpu", "cuda")
 QOS_CHOICES = ("sensor_data", "reliable")
 TRANSPORTS = ("raw", "compressed")
+PRECISIONS = ("auto", "fp32", "fp16")
 #: parameters applied immediately while the node is active (the rest at the next configure)
 LIVE_PARAMETERS = ("publish_annotated", "lazy")
 
@@ -44,6 +54,21 @@ LIVE_PARAMETERS = ("publish_annotated", "lazy")
 #: ViT-B/16 OpenAI weights, where ID boxes typically reach cosine 0.26-0.33 to their prompt.
 #: Calibrate (``runa-ood calibrate``) and set ``thresholds_file`` for real use.
 UNCALIBRATED_DEFAULT_THRESHOLD = -0.24
+
+#: the single source of the driver-alert defaults (``core.alerts.AlertConfig``)
+_ALERT_DEFAULTS = AlertConfig()
+
+
+def _neg_if_none(v: Optional[float]) -> float:
+    """A take-over fraction as a ROS parameter: None (rule disabled) -> -1.0."""
+    return -1.0 if v is None else float(v)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> ``fp16`` on a CUDA device, ``fp32`` on the CPU; other values unchanged."""
+    if precision == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    return precision
 
 
 class ParameterValidationError(ValueError):
@@ -113,8 +138,16 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     _P("backend", "auto", "Visual backend. auto tries tensorrt, then onnxruntime, then torch (logged).",
        read_only=True, choices=BACKENDS),
     _P("device", "cpu", "Torch device for the model.", read_only=True, choices=DEVICES),
+    _P("precision", "auto", "Numeric precision of the visual backend (and of the torch model): auto = fp16 "
+       "on a CUDA device (the default of `runa-ood build-engine`), fp32 on the CPU. fp16 needs "
+       "device=cuda. An engine_path must have been built with the same precision.", read_only=True,
+       choices=PRECISIONS),
     _P("engine_path", "", "TensorRT engine file (built beforehand with `runa-ood build-engine`); empty = "
        "the engine cache.", read_only=True),
+    _P("allow_download", False, "Let open_clip download the weights of a pretrained tag that is not in the "
+       "local cache. false (vehicles): the tag must already be cached on this machine (or pretrained is a "
+       "local file), else configure fails at once with a message saying how to provide the weights.",
+       read_only=True),
     # ---- method
     _P("lam", 0.5, "Fusion weight of the regional view: I = lam*regional + (1-lam)*global (paper: 0.5).",
        0.0, 1.0),
@@ -125,24 +158,35 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     _P("label_set", "voc", "In-distribution label set: built-in voc, bdd, coco, or a YAML file (path or "
        "name in calibration/)."),
     _P("thresholds_file", "", "Calibrated thresholds YAML (`runa-ood calibrate`), path or name in "
-       "calibration/. Empty = use default_threshold for every label."),
-    _P("default_threshold", UNCALIBRATED_DEFAULT_THRESHOLD, "Uncertainty threshold (scorer units; runa: "
-       "-max cosine) used for every label when thresholds_file is empty; a box is OOD when "
-       "uncertainty > threshold. The default -0.24 is an uncalibrated guess for ViT-B/16 OpenAI weights "
-       "with the runa scorer: calibrate for real use.", -1e6, 1e6),
+       "calibration/. Empty = use default_threshold for every label (scorer runa only: the other "
+       "scorers need a thresholds file calibrated for them)."),
+    _P("default_threshold", UNCALIBRATED_DEFAULT_THRESHOLD, "Uncertainty threshold in runa units (-max "
+       "cosine) used for every label when thresholds_file is empty; a box is OOD when "
+       "uncertainty > threshold. Only valid with scorer=runa. The default -0.24 is an uncalibrated guess "
+       "for ViT-B/16 OpenAI weights: calibrate for real use.", -1e6, 1e6),
     _P("max_boxes", 100, "Score at most this many boxes per frame, highest detector score first; the rest "
        "get status NOT_SCORED. 0 = no cap.", 0, 100000),
     _P("min_box_size", 2.0, "Boxes narrower or shorter than this (original image px, after clipping) get "
        "status TOO_SMALL.", 0.0, 10000.0),
     # ---- alerts (message stamps, not wall time)
-    _P("alert.k", 3, "CAUTION when an OOD box is present in >= k of the last n frames.", 1, 1000),
-    _P("alert.n", 5, "Window (frames) of the k-of-n rule.", 1, 1000),
-    _P("alert.hold_s", 1.0, "Minimum time (s of stamp time) a raised alert level is kept.", 0.0, 3600.0),
-    _P("alert.clear_s", 2.0, "Time (s) the condition must be absent before the level is lowered.", 0.0, 3600.0),
-    _P("alert.takeover_min_area_frac", 0.05, "TAKE_OVER when an OOD box covers at least this fraction of "
-       "the image area; negative disables.", -1.0, 1.0),
-    _P("alert.takeover_min_bottom_frac", 0.8, "TAKE_OVER when an OOD box's bottom edge is at or below this "
-       "fraction of the image height (close to the vehicle); negative disables.", -1.0, 1.0),
+    _P("alert.k", _ALERT_DEFAULTS.k, "CAUTION when an OOD box is present in >= k of the last n frames.", 1, 1000),
+    _P("alert.n", _ALERT_DEFAULTS.n, "Window (frames) of the k-of-n rule.", 1, 1000),
+    _P("alert.takeover_k", _ALERT_DEFAULTS.takeover_k or 0, "TAKE_OVER when the take-over rule holds in >= "
+       "takeover_k of the last n frames; 0 = same as alert.k.", 0, 1000),
+    _P("alert.hold_s", float(_ALERT_DEFAULTS.hold_s), "Minimum time (s of stamp time) a raised alert level is "
+       "kept.", 0.0, 3600.0),
+    _P("alert.clear_s", float(_ALERT_DEFAULTS.clear_s), "Time (s) the condition must be absent before the "
+       "level is lowered.", 0.0, 3600.0),
+    _P("alert.takeover_min_area_frac", _neg_if_none(_ALERT_DEFAULTS.takeover_min_area_frac), "TAKE_OVER when "
+       "an OOD box covers at least this fraction of the image area; negative disables.", -1.0, 1.0),
+    _P("alert.takeover_min_bottom_frac", _neg_if_none(_ALERT_DEFAULTS.takeover_min_bottom_frac), "TAKE_OVER "
+       "when an OOD box's bottom edge is at or below this fraction of the image height (close to the "
+       "vehicle); negative disables.", -1.0, 1.0),
+    _P("alert.match_iou", float(_ALERT_DEFAULTS.match_iou), "Boxes of consecutive frames with IoU >= this "
+       "are the same object for the k-of-n persistence rule.", 0.01, 1.0),
+    _P("alert.use_detection_ids", False, "Associate objects across frames by Detection2D.id instead of IoU. "
+       "Only for detectors that publish stable tracking ids; ids that merely number the boxes of a frame "
+       "would merge different objects."),
     _P("alert.roi", None, "TAKE_OVER when an OOD box's centre lies in this region, normalised image "
        "coordinates: [x1, y1, x2, y2] rectangle or [x1, y1, x2, y2, x3, y3, ...] polygon (>= 3 points). "
        "Unset = no ROI.", type_name="double_array"),
@@ -168,23 +212,28 @@ def defaults() -> Dict[str, Any]:
 
 @dataclass(frozen=True)
 class AlertSettings:
-    """Arguments of ``core.alerts.AlertConfig`` (``None`` disables a take-over rule)."""
+    """Arguments of ``core.alerts.AlertConfig``, whose defaults they take (single source).
 
-    k: int = 3
-    n: int = 5
-    hold_s: float = 1.0
-    clear_s: float = 2.0
-    takeover_min_area_frac: Optional[float] = 0.05
-    takeover_min_bottom_frac: Optional[float] = 0.8
+    ``None`` disables a take-over rule; ``takeover_k`` None means "same as k"; ``roi`` is a polygon
+    of normalised (x, y) points or None."""
+
+    k: int = _ALERT_DEFAULTS.k
+    n: int = _ALERT_DEFAULTS.n
+    hold_s: float = _ALERT_DEFAULTS.hold_s
+    clear_s: float = _ALERT_DEFAULTS.clear_s
+    takeover_min_area_frac: Optional[float] = _ALERT_DEFAULTS.takeover_min_area_frac
+    takeover_min_bottom_frac: Optional[float] = _ALERT_DEFAULTS.takeover_min_bottom_frac
     roi: Optional[Tuple[Tuple[float, float], ...]] = None  # polygon, or None
+    takeover_k: Optional[int] = _ALERT_DEFAULTS.takeover_k
+    match_iou: float = _ALERT_DEFAULTS.match_iou
+    use_detection_ids: bool = False  # node-side: pass Detection2D.id as tracking ids
 
-    def to_alert_config(self):
-        from ..core.alerts import AlertConfig
-
+    def to_alert_config(self) -> AlertConfig:
         return AlertConfig(k=self.k, n=self.n, hold_s=self.hold_s, clear_s=self.clear_s,
                            takeover_min_area_frac=self.takeover_min_area_frac,
                            takeover_min_bottom_frac=self.takeover_min_bottom_frac,
-                           roi=None if self.roi is None else [list(p) for p in self.roi])
+                           roi=None if self.roi is None else [list(p) for p in self.roi],
+                           takeover_k=self.takeover_k, match_iou=self.match_iou)
 
 
 @dataclass(frozen=True)
@@ -208,7 +257,9 @@ class NodeSettings:
     projection: str = ""
     backend: str = "auto"
     device: str = "cpu"
+    precision: str = "auto"
     engine_path: str = ""
+    allow_download: bool = False
     lam: float = 0.5
     blur_radius: float = 1.0
     scorer: str = "runa"
@@ -226,6 +277,11 @@ class NodeSettings:
     autostart: bool = True
 
     @property
+    def resolved_precision(self) -> str:
+        """``precision`` with ``auto`` resolved for ``device`` (fp16 on CUDA, fp32 on the CPU)."""
+        return resolve_precision(self.precision, self.device)
+
+    @property
     def image_topic_resolved(self) -> str:
         """The topic actually subscribed (``<image_topic>/compressed`` for compressed transport)."""
         return self.image_topic + "/compressed" if self.image_transport == "compressed" else self.image_topic
@@ -237,7 +293,9 @@ class NodeSettings:
             "model": self.model,
             "pretrained": self.pretrained or None,
             "device": self.device,
+            "precision": self.resolved_precision,
             "allow_random": self.allow_random_weights,
+            "allow_download": self.allow_download,
             "label_set": self.label_set,
             "projection": self.projection or None,
             "scorer": self.scorer,
@@ -363,7 +421,8 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         processing_queue_size=number("processing_queue_size", True), model=text("model"),
         pretrained=text("pretrained"), allow_random_weights=flag("allow_random_weights"),
         projection=text("projection"), backend=choice("backend"), device=choice("device"),
-        engine_path=text("engine_path"), lam=number("lam"), blur_radius=number("blur_radius"),
+        precision=choice("precision"), engine_path=text("engine_path"), allow_download=flag("allow_download"),
+        lam=number("lam"), blur_radius=number("blur_radius"),
         scorer=choice("scorer"), temperature=number("temperature"), label_set=text("label_set"),
         thresholds_file=text("thresholds_file"), default_threshold=number("default_threshold"),
         max_boxes=number("max_boxes", True), min_box_size=number("min_box_size"),
@@ -377,14 +436,26 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         problems.append("pretrained: empty (no weights) requires allow_random_weights=true, which is for "
                         "demos and tests only; give an open_clip tag or a local checkpoint path")
 
+    if s["precision"] == "fp16" and s["device"] != "cuda":
+        problems.append("precision: fp16 needs device=cuda (CPU inference runs in fp32); use precision auto or fp32")
+    if s["scorer"] != "runa" and not s["thresholds_file"]:
+        problems.append(f"thresholds_file: scorer {s['scorer']!r} needs a thresholds file calibrated for it "
+                        f"(`runa-ood calibrate --scorer {s['scorer']}`); default_threshold is in runa units "
+                        "(-max cosine) and means nothing for other scorers")
+
     k, n = number("alert.k", True), number("alert.n", True)
+    tk = number("alert.takeover_k", True)
     if isinstance(k, int) and isinstance(n, int) and k > n:
         problems.append(f"alert.k: {k} must be <= alert.n ({n})")
+    if isinstance(tk, int) and isinstance(n, int) and tk > n:
+        problems.append(f"alert.takeover_k: {tk} must be <= alert.n ({n}) (0 = same as alert.k)")
     area, bottom = number("alert.takeover_min_area_frac"), number("alert.takeover_min_bottom_frac")
     s["alert"] = AlertSettings(
         k=k, n=n, hold_s=number("alert.hold_s"), clear_s=number("alert.clear_s"),
         takeover_min_area_frac=None if area < 0 else area, takeover_min_bottom_frac=None if bottom < 0 else bottom,
-        roi=_parse_roi(raw["alert.roi"], problems) if raw["alert.roi"] is not None else None)
+        roi=_parse_roi(raw["alert.roi"], problems) if raw["alert.roi"] is not None else None,
+        takeover_k=tk if tk else None, match_iou=number("alert.match_iou"),
+        use_detection_ids=flag("alert.use_detection_ids"))
 
     if check_files:
         _check_files(s, problems)
