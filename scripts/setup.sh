@@ -14,9 +14,11 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "ROS 2 kilted wheels are cp311: need Python 3.11, got %s" % sys.version' \
   || { echo "[setup] Python 3.11 is required (set RUNA_PYTHON=/path/to/python3.11)" >&2; exit 2; }
 
-if [ ! -x "$VENV/bin/python" ]; then
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  # missing, or half-created by an earlier failed run (e.g. without python3.11-venv): start over
   log "creating virtual environment $VENV"
-  "$PY" -m venv "$VENV"
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV" || { echo "[setup] cannot create a venv: on Debian, apt-get install python3.11-venv" >&2; exit 2; }
 fi
 VPY="$VENV/bin/python"
 
@@ -29,7 +31,7 @@ if [ "$(cat "$VENV/.runa_requirements" 2>/dev/null)" != "$REQ_HASH" ]; then
     "$VPY" -m pip install -q -c requirements/constraints.txt \
       -r requirements/base.txt -r requirements/test.txt 2>&1 \
       | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-  rm -f "$VENV/.runa_cmake_fixed"
+  rm -f "$VENV/.runa_cmake_fixed" "$ROOT/ros2_ws/.runa_built"  # new ROS wheels: rebuild interfaces
   echo "$REQ_HASH" > "$VENV/.runa_requirements"
 else
   log "Python packages up to date"
@@ -95,4 +97,13 @@ if [ ! -f "$VENV/.runa_editable" ] || [ setup.py -nt "$VENV/.runa_editable" ]; t
   "$VPY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
   touch "$VENV/.runa_editable"
 fi
+# An editable pip install skips setup.py's data_files: register the package in the ament index
+# and link its share folder (launch/, config/, calibration/, package.xml) like colcon would, so
+# get_package_share_directory('runa_ood_node') works and always sees the checkout's files.
+SHARE="$VENV/share/runa_ood_node"
+mkdir -p "$VENV/share/ament_index/resource_index/packages" "$SHARE"
+touch "$VENV/share/ament_index/resource_index/packages/runa_ood_node"
+for item in launch config calibration package.xml; do
+  ln -sfn "$ROOT/$item" "$SHARE/$item"
+done
 log "ready: source scripts/env.sh (or use scripts/demo.sh / scripts/test.sh)"

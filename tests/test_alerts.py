@@ -358,7 +358,7 @@ def test_backend_error_frames_hold_caution_and_do_not_advance_clearing():
 def test_unscored_frames_are_skipped_in_the_k_of_n_window():
     m = AlertMonitor(AlertConfig(k=2, n=2))
     notscored = frame(SMALL, status=[6])  # over the max_boxes cap: NOT_SCORED
-    errored = frame(SMALL, ood=[False])
+    errored = frame(SMALL, ood=[False], status=[7])  # the pipeline marks every box of a failed batch
     errored.error = "fusion failed"
     alerts = run(m, [OOD, notscored, errored, OOD])
     assert levels(alerts) == [CLEAR, CLEAR, CLEAR, CAUTION]  # window of the object: [OOD, OOD]
@@ -472,3 +472,19 @@ def test_health_one_slow_frame_in_window_is_tolerated():
     for i in range(50):
         h.frame(i * 0.1, 1000.0 if i == 10 else 80.0)
     assert h.check(5.0) == []
+
+
+def test_partly_failed_frames_are_still_evidence_for_their_scored_boxes():
+    """One crop with NaN features (error set, that box BACKEND_ERROR) must not hide the OOD object
+    scored beside it: the alert still rises."""
+    from types import SimpleNamespace
+
+    mon = AlertMonitor(AlertConfig(k=2, n=3, takeover_min_area_frac=None, takeover_min_bottom_frac=None))
+    levels = []
+    for t in range(4):
+        fr = SimpleNamespace(is_ood=np.array([True, False]), status=np.array([0, 7], np.uint8),
+                             boxes_xyxy=np.array([[10, 10, 50, 50], [100, 100, 140, 140]], np.float32),
+                             uncertainty=np.array([0.3, np.nan], np.float32), label=["car", ""],
+                             error="non-finite features for 1 of 2 boxes")
+        levels.append(int(mon.update(float(t), fr, 640, 480).level))
+    assert levels[-1] == int(AlertLevel.CAUTION) and mon.n_unscored_frames == 0

@@ -249,3 +249,14 @@ def test_uncached_tag_fails_fast_when_downloads_are_off(tmp_path, monkeypatch):
     monkeypatch.setenv("RUNA_OOD_OFFLINE", "1")
     with pytest.raises(WeightsUnavailableError, match="not in the local cache"):
         DualEncoder.load(TINY, pretrained="fake")
+
+
+def test_hf_hub_models_are_refused_without_downloads(monkeypatch):
+    import open_clip
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("must not touch the network")
+
+    monkeypatch.setattr(open_clip, "create_model", no_network)
+    with pytest.raises(WeightsUnavailableError, match="local-dir"):
+        DualEncoder.load("hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K", allow_download=False)

@@ -433,7 +433,9 @@ def test_bad_input_is_counted_and_never_kills_the_node(rig):
     rig.publish(s[5], dets=convert.boxes_to_detections(rig.header(s[5]), np.array([SMALL])))  # detections, no image
     rig.publish(s[6], rgb=rig.gray(), boxes=[SMALL])  # a good frame (drops s[5]'s detections)
     rig.publish(s[6], rgb=rig.gray())  # the same image stamp again: duplicate
-    rig.publish(s[6] - 5 * 10**9, rgb=rig.gray(), boxes=[SMALL])  # 5 s back in time: out of order (x2)
+    # 1 s back in time (within pairing_max_age_s = 2 s): out of order (x2). A jump of more than
+    # pairing_max_age_s restarts the pairer instead (looped bag; tests/test_pairing.py)
+    rig.publish(s[6] - 1 * 10**9, rgb=rig.gray(), boxes=[SMALL])
     rng = np.random.default_rng(0)  # 1,000 boxes in one frame; max_boxes = 50
     xy = rng.uniform((0, 0), (W - 40, H - 40), (1000, 2))
     many = np.concatenate([xy, xy + rng.uniform(10, 40, (1000, 2))], 1).clip(0, [W, H, W, H])

@@ -168,3 +168,23 @@ def test_random_streams_account_for_every_message(slop_ms):
     assert c["images_received"] + c["detections_received"] == len(events)
     assert set(reasons) <= set(REASONS)
     assert c["pairs"] * 2 + sum(c[r] for r in REASONS) + c["images_pending"] + c["detections_pending"] == len(events)
+
+
+def test_looped_bag_restarts_the_pairer_instead_of_rejecting_everything():
+    p = StampPairer(slop_ns=0, max_buffer=10, max_age_ns=2_000_000_000)
+    sec = 1_000_000_000
+    for t in (1, 2, 3):
+        p.add_image(t * sec, f"i{t}")
+        assert len(p.add_detections(t * sec, f"d{t}").pairs) == 1
+    p.add_image(4 * sec, "i4")  # waits for its detections when the bag loops
+    out = p.add_image(1 * sec, "i1-again")  # 3 s behind the newest image (> max_age): a new pass
+    assert out.restarted and p.counters["restarts"] == 1
+    assert [d.reason for d in out.drops] == ["time_jump_back"]  # i4 could never be paired any more
+    pairs = [p.add_detections(t * sec, f"d{t}-again").pairs for t in (1,)]
+    assert len(pairs[0]) == 1 and pairs[0][0].image == "i1-again"
+    for t in (2, 3):
+        p.add_image(t * sec, "i")
+        assert len(p.add_detections(t * sec, "d").pairs) == 1
+    assert p.check_accounting()
+    # a small step back (within max_age) is still an ordinary out-of-order message
+    assert not p.add_image(int(2.5 * sec), "late").restarted

@@ -326,7 +326,11 @@ class AlertMonitor:
 
     @staticmethod
     def _unscored_reason(f: _Frame) -> Optional[str]:
-        """Why this frame is no evidence at all (None: it is evidence)."""
+        """Why this frame is no evidence at all (None: it is evidence). A frame in which some boxes
+        were scored is evidence, even if the backend failed on others (e.g. NaN features for one
+        crop): its scored boxes may be the OOD object the driver must hear about."""
+        if any(s == _STATUS_OK for s in f.status):
+            return None
         if f.error:
             msg = f.error if len(f.error) <= _MAX_ERROR_CHARS else f.error[: _MAX_ERROR_CHARS - 3] + "..."
             return f"backend error: {msg}"

@@ -285,6 +285,14 @@ class DualEncoder:
 
         random_weights = False
         if has_schema:
+            if allow_download is None:
+                allow_download = not env_offline()
+            if model_name.startswith("hf-hub:") and not allow_download:
+                # open_clip fetches hf-hub models over the network (even to check its cache)
+                raise WeightsUnavailableError(
+                    f"{model_name!r} is a Hugging Face hub model and downloading is disabled "
+                    "(allow_download=False or RUNA_OOD_OFFLINE/HF_HUB_OFFLINE set); download it once into a "
+                    "folder and use 'local-dir:<folder>' instead. " + _how_to_provide(model_name))
             weights_id = f"schema:{model_name}"
             kwargs = {}
         elif pretrained is None:

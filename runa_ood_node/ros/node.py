@@ -226,6 +226,7 @@ class RunaOodNode(LifecycleNode):
 
         self._alerts = AlertMonitor(settings.alert.to_alert_config())
         self._alert_use_ids = bool(settings.alert.use_detection_ids)
+        self._last_alert_stamp = None
         self._health = HealthMonitor(settings.health_frame_timeout_s, settings.health_latency_budget_ms)
         self._reset_stats()
         self._create_publishers()
@@ -258,6 +259,8 @@ class RunaOodNode(LifecycleNode):
             self._timers.append(self.create_timer(period, self._safe(self._on_health_timer), clock=self._steady))
             self._timers.append(self.create_timer(1.0, self._safe(self._publish_diagnostics), clock=self._steady))
             self._publish_label_info()
+            self._alerts.reset()  # the latched CLEAR below must match the monitor's state
+            self._last_alert_stamp = None
             self._publish_alert({"level": 0, "reason": "CLEAR: node activated, no OOD object seen yet",
                                  "object_indices": []}, None, None, None, health=False)
             self._health_key = None
@@ -507,7 +510,7 @@ class RunaOodNode(LifecycleNode):
                         throttle_duration_sec=5.0)
             return
         try:
-            boxes, scores, _class_ids, ids = convert.detections_to_arrays(det_msg)
+            boxes, scores, class_ids, ids = convert.detections_to_arrays(det_msg)
         except Exception as exc:
             with self._lock:
                 self._frame_drops["bad_detections"] += 1
@@ -521,7 +524,7 @@ class RunaOodNode(LifecycleNode):
                         f"{header.frame_id!r}; outputs use the image's", throttle_duration_sec=10.0)
         # ---- score
         t_conv = time.perf_counter()
-        res = scorer.score(rgb, boxes, box_format="cxcywh", detector_scores=scores)
+        res = scorer.score(rgb, boxes, box_format="cxcywh", detector_scores=scores, detector_labels=class_ids)
         t_score = time.perf_counter()
         h, w = rgb.shape[:2]
         # ---- publish (every header is the source image's)
@@ -545,14 +548,22 @@ class RunaOodNode(LifecycleNode):
             self._lat_pipeline.append(pipeline_ms)
             if res.error:
                 self._counters["backend_error_frames"] += 1
+            if res.error and not np.any(res.status == 0):  # nothing scored: the backend is failing
                 self._health.backend_error(res.error)
-            else:
+            else:  # frames are being scored (a partial failure is counted above, not "down")
                 self._health.frame(time.monotonic(), node_ms)
         # ---- secondary outputs: a failure here is logged and counted, the frame stays scored
         try:
             # a frame whose backend failed (res.error) holds the current level (AlertMonitor): a
             # failing model must never look like "no OOD object" to the driver
-            alert = self._alerts.update(pair.image_stamp_ns * 1e-9, res, w, h,
+            stamp_s = pair.image_stamp_ns * 1e-9
+            if self._last_alert_stamp is not None and stamp_s < self._last_alert_stamp - s.pairing_max_age_s:
+                # looped bag / restarted source / clock jump: the alert history belongs to another time
+                log.warning(f"image stamps jumped back from {self._last_alert_stamp:.3f} s to {stamp_s:.3f} s; "
+                            "alert history reset")
+                self._alerts.reset()
+            self._last_alert_stamp = stamp_s
+            alert = self._alerts.update(stamp_s, res, w, h,
                                         object_ids=ids if self._alert_use_ids else None)
             if alert.changed:
                 self._publish_alert(alert, header, det_msg, res, health=False)

@@ -26,6 +26,10 @@ Every message that leaves without being paired is counted with a reason (``REASO
 ``out_of_order``
     a message stamped before the last pair emitted on its stream (it can no longer be paired
     without going back in time), e.g. a bag looped or a clock jumped back.
+``time_jump_back``
+    a message still waiting when a stamp more than ``max_age_ns`` older than its stream's newest
+    arrived: the bag was looped or restarted, or the clock jumped back. The pairer then starts
+    afresh (both buffers emptied, ``restarts`` counted) instead of rejecting everything from then on.
 ``duplicate_stamp``
     a second message with the stamp of a message already buffered or already paired on the same
     stream (the first one wins).
@@ -50,9 +54,10 @@ DETECTIONS_WITHOUT_IMAGE = "detections_without_image"
 BUFFER_OVERFLOW = "buffer_overflow"
 OUT_OF_ORDER = "out_of_order"
 DUPLICATE_STAMP = "duplicate_stamp"
+TIME_JUMP_BACK = "time_jump_back"
 #: Every reason a message can leave the pairer unpaired.
 REASONS: Tuple[str, ...] = (IMAGE_WITHOUT_DETECTIONS, DETECTIONS_WITHOUT_IMAGE, BUFFER_OVERFLOW, OUT_OF_ORDER,
-                            DUPLICATE_STAMP)
+                            DUPLICATE_STAMP, TIME_JUMP_BACK)
 
 _NOT_PAIRED = {IMAGE: IMAGE_WITHOUT_DETECTIONS, DETECTIONS: DETECTIONS_WITHOUT_IMAGE}
 _OTHER = {IMAGE: DETECTIONS, DETECTIONS: IMAGE}
@@ -84,6 +89,7 @@ class PairerOutput:
 
     pairs: List[Pair] = field(default_factory=list)
     drops: List[Drop] = field(default_factory=list)
+    restarted: bool = False  # this message's stamp jumped back by > max_age_ns: the pairer started afresh
 
 
 class _Stream:
@@ -132,6 +138,7 @@ class StampPairer:
         self.slop_ns = slop_ns
         self.max_buffer = max_buffer
         self.max_age_ns = max_age_ns
+        self.restarts = 0  # times a stamp jumped back by more than max_age_ns (looped bag, clock jump)
         self._streams = {IMAGE: _Stream(IMAGE), DETECTIONS: _Stream(DETECTIONS)}
 
     # ------------------------------------------------------------------ public API
@@ -159,6 +166,7 @@ class StampPairer:
         im, de = self._streams[IMAGE], self._streams[DETECTIONS]
         c = {
             "pairs": im.paired,
+            "restarts": self.restarts,
             "images_received": im.received,
             "detections_received": de.received,
             "images_pending": len(im),
@@ -194,6 +202,16 @@ class StampPairer:
         out = PairerOutput()
         me, other = self._streams[kind], self._streams[_OTHER[kind]]
         me.received += 1
+
+        # 0. a stamp far behind this stream's newest: looped bag / restarted source / clock jump.
+        #    Start afresh rather than reject every later message as out of order.
+        if me.newest is not None and stamp < me.newest - self.max_age_ns:
+            for s in (me, other):
+                while len(s):
+                    self._drop(s, 0, TIME_JUMP_BACK, out)
+                s.newest = s.last_paired = None
+            self.restarts += 1
+            out.restarted = True
 
         # 1. can this message still be emitted without going back in time?
         if me.last_paired is not None:
