@@ -395,3 +395,22 @@ def test_label_info_and_stamps():
     assert C.stamp_to_ns(_hdr().stamp) == 1700000000123456789
     for ns in (0, 1, 1700000000123456789, -1):
         assert C.stamp_to_ns(C.ns_to_stamp(ns)) == ns
+
+
+def test_rgb8_zero_copy_view_only_for_unpadded_rgb8():
+    rgb = np.random.default_rng(1).integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    msg = C.rgb_to_image(rgb)
+    view = C.image_to_rgb(msg, copy=False)
+    assert np.array_equal(view, rgb) and not view.flags.writeable
+    assert np.shares_memory(view, np.frombuffer(msg.data, np.uint8))  # no copy
+    assert not np.shares_memory(C.image_to_rgb(msg), np.frombuffer(msg.data, np.uint8))  # default copies
+    padded = C.array_to_image(rgb, "rgb8", step=8 * 3 + 4)
+    out = C.image_to_rgb(padded, copy=False)
+    assert np.array_equal(out, rgb) and not np.shares_memory(out, np.frombuffer(padded.data, np.uint8))
+    bgr = C.array_to_image(rgb[:, :, ::-1].copy(), "bgr8")
+    out = C.image_to_rgb(bgr, copy=False)
+    assert np.array_equal(out, rgb) and not np.shares_memory(out, np.frombuffer(bgr.data, np.uint8))
+    msg.data = msg.data[:-3]  # truncated: reported with its reason, as with copy=True
+    with pytest.raises(C.ImageConversionError) as err:
+        C.image_to_rgb(msg, copy=False)
+    assert err.value.reason == "truncated"

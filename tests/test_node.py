@@ -619,18 +619,3 @@ def test_bench_node_tool_runs_and_reports(tmp_path, ood_pack):
         for key in ("e2e_ms", "pipeline_ms", "overhead_ms", "node_processing_ms"):
             assert res[key]["n"] == 3 and math.isfinite(res[key]["p50"])
         assert res["e2e_ms"]["p50"] >= res["pipeline_ms"]["p50"] > 0
-
-
-def test_rgb8_zero_copy_view_only_for_unpadded_rgb8():
-    from runa_ood_node.ros.node import _rgb8_view
-
-    rgb = np.random.default_rng(1).integers(0, 255, (6, 8, 3), dtype=np.uint8)
-    msg = convert.rgb_to_image(rgb)
-    view = _rgb8_view(msg)
-    assert view is not None and np.array_equal(view, rgb) and not view.flags.writeable
-    assert np.shares_memory(view, np.frombuffer(msg.data, np.uint8))  # no copy
-    padded = convert.array_to_image(rgb, "rgb8", step=8 * 3 + 4)
-    assert _rgb8_view(padded) is None and np.array_equal(convert.image_to_rgb(padded), rgb)
-    assert _rgb8_view(convert.array_to_image(rgb[:, :, ::-1].copy(), "bgr8")) is None
-    msg.data = msg.data[:-3]  # truncated: left to convert, which reports the reason
-    assert _rgb8_view(msg) is None

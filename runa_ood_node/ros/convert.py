@@ -133,12 +133,15 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def image_to_rgb(msg, mono16_scale: str = "max") -> np.ndarray:
-    """``sensor_msgs/Image`` -> new ``HxWx3 uint8 RGB`` array (never a view of ``msg.data``).
+def image_to_rgb(msg, mono16_scale: str = "max", copy: bool = True) -> np.ndarray:
+    """``sensor_msgs/Image`` -> ``HxWx3 uint8 RGB`` array.
 
     Args:
         msg: the image message (rclpy or rosbags).
         mono16_scale: ``"max"`` or ``"shift"``, 16-bit -> 8-bit mapping (module docstring).
+        copy: True (default): always a new array, never a view of ``msg.data``. False: an
+            unpadded ``rgb8`` image (the common camera case) comes back as a zero-copy,
+            read-only view that keeps ``msg.data`` alive; every other case still copies.
 
     Raises:
         ImageConversionError: reason ``empty``, ``unsupported_encoding``, ``bad_step``,
@@ -161,7 +164,7 @@ def image_to_rgb(msg, mono16_scale: str = "max") -> np.ndarray:
             "truncated", f"{buf.size} data bytes < {need} for {w}x{h} {enc.name}, step {step}")
 
     # rows without padding: a (h, row_bytes) view with stride `step` (no copy yet); every branch
-    # below makes exactly one new array, so the result never aliases the message's buffer.
+    # below makes exactly one new array (unless copy=False allows the read-only rgb8 view).
     rows = np.lib.stride_tricks.as_strided(buf, shape=(h, row_bytes), strides=(step, 1),
                                            writeable=False)
     if enc.itemsize == 2:
@@ -170,7 +173,7 @@ def image_to_rgb(msg, mono16_scale: str = "max") -> np.ndarray:
         return _gray_to_rgb(_to8(gray16, mono16_scale))
     px = rows.reshape(h, w, enc.channels)
     if enc.kind == "rgb":
-        return np.array(px)
+        return px if (not copy and step == row_bytes) else np.array(px)
     if enc.kind == "bgr":
         return np.ascontiguousarray(px[:, :, ::-1])
     if enc.kind == "rgba":

@@ -132,30 +132,6 @@ def _input_qos(name: str, depth: int) -> QoSProfile:
     return _reliable(depth)
 
 
-def _rgb8_view(msg) -> Optional[np.ndarray]:
-    """Zero-copy ``HxWx3`` read-only view of an unpadded ``rgb8`` ``sensor_msgs/Image`` (the common
-    camera case), or None when the message needs :func:`convert.image_to_rgb` (other encodings,
-    padded rows, wrong sizes: that path validates and reports the reason).
-
-    The view keeps ``msg.data`` alive; the pipeline only reads it (views, crops) and
-    ``draw.annotate`` draws on a copy."""
-    if msg.encoding != "rgb8":
-        return None
-    h, w = int(msg.height), int(msg.width)
-    n = h * w * 3
-    if h <= 0 or w <= 0 or int(msg.step) != w * 3:
-        return None
-    try:
-        buf = np.frombuffer(msg.data, dtype=np.uint8)
-    except (TypeError, ValueError, BufferError):
-        return None
-    if buf.size < n:
-        return None  # truncated: let convert report it
-    view = buf[:n].reshape(h, w, 3)
-    view.flags.writeable = False
-    return view
-
-
 def _percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else math.nan
 
@@ -425,21 +401,18 @@ class RunaOodNode(LifecycleNode):
         return wrapped
 
     def _on_image(self, msg) -> None:
-        with self._cv:
-            if not self._active:
-                self._input_drops["inactive"] += 1
-                return
-            out = self._pairer.add_image(stamp_to_ns(msg.header.stamp), msg)
-            self._handle_pairer_output(out)
-        if out.pairs and HANDOFF_YIELD_S is not None:
-            time.sleep(HANDOFF_YIELD_S)  # outside the lock: let the worker start (see HANDOFF_YIELD_S)
+        self._on_input(msg, image=True)
 
     def _on_detections(self, msg) -> None:
+        self._on_input(msg, image=False)
+
+    def _on_input(self, msg, image: bool) -> None:
         with self._cv:
             if not self._active:
                 self._input_drops["inactive"] += 1
                 return
-            out = self._pairer.add_detections(stamp_to_ns(msg.header.stamp), msg)
+            add = self._pairer.add_image if image else self._pairer.add_detections
+            out = add(stamp_to_ns(msg.header.stamp), msg)
             self._handle_pairer_output(out)
         if out.pairs and HANDOFF_YIELD_S is not None:
             time.sleep(HANDOFF_YIELD_S)  # outside the lock: let the worker start (see HANDOFF_YIELD_S)
@@ -499,9 +472,8 @@ class RunaOodNode(LifecycleNode):
             if s.image_transport == "compressed":
                 rgb = convert.compressed_to_rgb(img_msg)
             else:
-                rgb = _rgb8_view(img_msg) if ZERO_COPY_RGB8 else None
-                if rgb is None:  # any other encoding or padded rows: validated conversion (one copy)
-                    rgb = convert.image_to_rgb(img_msg)
+                # unpadded rgb8: a read-only view of the message buffer; anything else: one copy
+                rgb = convert.image_to_rgb(img_msg, copy=not ZERO_COPY_RGB8)
         except convert.ImageConversionError as exc:
             with self._lock:
                 self._frame_drops[f"image_{exc.reason}"] += 1
