@@ -17,6 +17,8 @@ rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("vision_msgs.msg")
 pytest.importorskip("runa_ood_msgs.msg")
 
+from runa_ood_node.ros.spin import spinning_node  # noqa: E402
+
 N_FRAMES = 6
 
 
@@ -65,22 +67,8 @@ def _is_subsequence(part, whole) -> bool:
 @pytest.fixture
 def ros_node():
     """A node spun by a background executor in its own context; torn down after the test."""
-    from rclpy.executors import SingleThreadedExecutor
-
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = rclpy.create_node("test_replay_sink", context=ctx)
-    ex = SingleThreadedExecutor(context=ctx)
-    ex.add_node(node)
-    th = threading.Thread(target=ex.spin, daemon=True)
-    th.start()
-    try:
+    with spinning_node("test_replay_sink") as node:
         yield node
-    finally:
-        ex.shutdown(timeout_sec=2)
-        th.join(timeout=5)
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def _expected(bag):
@@ -163,16 +151,7 @@ def test_reliable_replay_matches_best_effort_subscribers(small_bag, ros_node):
 
 
 def test_player_in_process_counts_remaps_and_offsets(small_bag):
-    from rclpy.executors import SingleThreadedExecutor
-
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = rclpy.create_node("test_player", context=ctx)
-    ex = SingleThreadedExecutor(context=ctx)
-    ex.add_node(node)
-    th = threading.Thread(target=ex.spin, daemon=True)
-    th.start()
-    try:
+    with spinning_node("test_player") as node:
         player = replay.BagPlayer(node, small_bag, topics=[bagio.DETECTIONS_TOPIC],
                                   remap={bagio.DETECTIONS_TOPIC: "/remapped/detections"})
         got, lock, _ = _subscribe_all(node, {"/remapped/detections": bagio.DETECTIONS_TYPE})
@@ -190,11 +169,6 @@ def test_player_in_process_counts_remaps_and_offsets(small_bag):
         assert [t for t, _, _ in player.publish_log] == [bagio.DETECTIONS_TOPIC] * 6
         with pytest.raises(ValueError, match="no topic"):
             replay.BagPlayer(node, small_bag, topics=["/nope"])
-    finally:
-        ex.shutdown(timeout_sec=2)
-        th.join(timeout=5)
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_message_class_and_remap_parsing():

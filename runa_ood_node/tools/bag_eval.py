@@ -424,9 +424,7 @@ def run_live(bag, params: Dict[str, Any], out_dir, out_bag=None, rate: float = 1
     "received": {topic: count}, "diagnostics": last DiagnosticArray or None, "node_log": path,
     "node_returncode": int}`` (messages are type-store objects). Raises :class:`NodeStartError`.
     """
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-
+    from ..ros.spin import spinning_node
     from .replay import BagPlayer, message_class
 
     out_dir = pathlib.Path(out_dir)
@@ -437,15 +435,8 @@ def run_live(bag, params: Dict[str, Any], out_dir, out_bag=None, rate: float = 1
     log_path = out_dir / "node.log"
     lock = threading.Lock()
     got: Dict[str, List[Tuple[int, bytes]]] = {t: [] for t in OUTPUT_TOPICS}
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("runa_ood_bag_eval", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
     result: Dict[str, Any] = {"node_log": str(log_path)}
-    try:
+    with spinning_node("runa_ood_bag_eval") as node:
         with NodeProcess(params, log_path) as proc:
             # 1) the node is up when its main output exists (model loaded, configured)
             deadline = time.monotonic() + node_timeout_s
@@ -496,11 +487,6 @@ def run_live(bag, params: Dict[str, Any], out_dir, out_bag=None, rate: float = 1
                 LOG.error("node exited early (%s); log %s:\n%s", proc.proc.returncode, log_path, proc.log_tail())
         result["node_returncode"] = proc.proc.returncode
         publish_wall = {st: wall for topic, st, wall in player.publish_log if topic == image_topic}
-    finally:
-        executor.shutdown(timeout_sec=2.0)
-        spinner.join(timeout=5.0)  # never leave a thread inside rclpy when the context goes away
-        node.destroy_node()
-        rclpy.try_shutdown(context=context)
 
     with lock:
         snapshot = {t: list(v) for t, v in got.items()}
