@@ -133,7 +133,7 @@ def load_scorer(args, base_params: Dict[str, Any]):
         params = dict(base_params, model=args.model, pretrained=pretrained, allow_random_weights=False)
         try:
             print(f"loading {args.model} with pretrained weights {pretrained!r} ...", flush=True)
-            return bag_eval.scorer_from_params(params), params, False, f"{args.model} / {pretrained}"
+            return _scorer(params), params, False, f"{args.model} / {pretrained}"
         except (WeightsUnavailableError, FileNotFoundError, RuntimeError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
     else:
@@ -146,7 +146,14 @@ def load_scorer(args, base_params: Dict[str, Any]):
              f"Random model: {model} (seeded). Every table and image below is marked; no quality figure",
              "(FPR95 / AUROC) is printed, because with random weights it would mean nothing."], char="!")
     params = dict(base_params, model=model, pretrained="", allow_random_weights=True)
-    return bag_eval.scorer_from_params(params), params, True, reason
+    return _scorer(params), params, True, reason
+
+
+def _scorer(params: Dict[str, Any]):
+    """The scorer the node builds from ``params`` (``factory.build_node_scorer``)."""
+    from runa_ood_node.factory import build_node_scorer
+
+    return build_node_scorer(bag_eval.node_settings(params))
 
 
 # =========================================================================== output helpers
