@@ -328,15 +328,6 @@ def compressed_to_rgb(msg, mono16_scale: str = "max",
     return np.ascontiguousarray(img[:, :, 2::-1])
 
 
-def message_to_rgb(msg, mono16_scale: str = "max", copy: bool = True,
-                   max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """An ``Image`` or a ``CompressedImage`` (told apart by its ``format`` field) -> ``HxWx3 uint8
-    RGB``: :func:`compressed_to_rgb` or :func:`image_to_rgb` with the same arguments."""
-    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
-        return compressed_to_rgb(msg, mono16_scale=mono16_scale, max_pixels=max_pixels)
-    return image_to_rgb(msg, mono16_scale=mono16_scale, copy=copy, max_pixels=max_pixels)
-
-
 # --------------------------------------------------------------------------------------------
 # message classes (lazy: the readers above work without ROS)
 
@@ -703,7 +694,7 @@ def to_label_info(header, labels: Sequence[str], threshold: float = float("nan")
 
 __all__ = [
     "ENCODINGS", "REASONS", "MONO16_SCALINGS", "DEFAULT_MAX_IMAGE_PIXELS", "ImageConversionError",
-    "image_to_rgb", "compressed_to_rgb", "compressed_image_size", "message_to_rgb", "array_to_image", "rgb_to_image", "rgb_to_compressed", "copy_header",
+    "image_to_rgb", "compressed_to_rgb", "compressed_image_size", "array_to_image", "rgb_to_image", "rgb_to_compressed", "copy_header",
     "stamp_to_ns", "ns_to_stamp", "detections_to_arrays", "boxes_to_detections", "ood_detection",
     "to_ood_array", "to_ood_only", "to_alert", "to_label_info",
 ]
