@@ -315,6 +315,7 @@ def compressed_to_rgb(msg, mono16_scale: str = "max",
         raise ImageConversionError("decode_failed", str(exc).strip().splitlines()[-1]) from exc
     if img is None or img.size == 0:
         raise ImageConversionError("decode_failed", f"{buf.size} bytes, format {fmt!r}")
+    _check_pixels(img.shape[1], img.shape[0], max_pixels, f"decoded {kind}")  # a header that lied
     if img.dtype == np.uint16:
         img = _to8(img, mono16_scale)
     elif img.dtype != np.uint8:
