@@ -54,11 +54,7 @@ from .views import ViewMaker
 
 LOG = logging.getLogger(__name__)
 
-ABLATIONS = ("dual", "regional", "global")
-VIEWS = ("regional", "global")
-#: views (pre-projection features) each ablation needs
-VIEWS_FOR_ABLATION: Dict[str, Tuple[str, ...]] = {"dual": ("regional", "global"), "regional": ("regional",),
-                                                  "global": ("global",)}
+from .registry import ABLATIONS, VIEWS, VIEWS_FOR_ABLATION  # noqa: E402 (one definition, re-exported)
 
 
 def effective_lam(ablation: str, lam: float) -> float:

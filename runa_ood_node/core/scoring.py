@@ -47,8 +47,9 @@ except ImportError:  # pragma: no cover - torch is a hard dependency of the pack
 
 __all__ = ["METHODS", "ScoreOutput", "cosine_similarities", "score"]
 
-METHODS = ("runa", "mcm", "energy", "sum")
-"""Valid values of ``score(..., method=...)``; ``runa`` is the paper's method (Eq. 6)."""
+from .registry import SCORERS as METHODS  # noqa: E402
+
+#: Valid values of ``score(..., method=...)`` (``core.registry.SCORERS``); ``runa`` is the paper's (Eq. 6).
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]
 
