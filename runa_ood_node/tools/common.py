@@ -40,10 +40,8 @@ LOG = logging.getLogger("runa_ood_node.tools")
 RANDOM_LABEL = "RANDOM WEIGHTS — numbers say nothing about detection quality"
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
-SCORERS = ("runa", "mcm", "energy", "sum")
-ABLATIONS = ("dual", "regional", "global")
-#: ``--precision`` choices; ``auto`` = fp16 on CUDA, fp32 on the CPU
-PRECISIONS = ("auto", "fp32", "fp16")
+from ..core.registry import (ABLATIONS, BACKENDS, PRECISIONS, SCORERS, resolve_device as _resolve_device,  # noqa: E402
+                             resolve_precision)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_ANNOTATIONS = (REPO_ROOT.parent / "shared" / "data" / "ood_pack" / "annotations.json")
@@ -62,7 +60,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="trunk precision of the model and the backend: auto = fp16 on CUDA, fp32 on the CPU; "
                         "fp16 needs CUDA (default %(default)s)")
-    g.add_argument("--backend", default="torch", choices=("torch", "auto", "onnxruntime", "tensorrt"),
+    g.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="visual trunk backend; auto tries TensorRT -> ONNX Runtime -> torch (default %(default)s)")
     g.add_argument("--offline", action="store_true",
                    help="never download weights: a pretrained tag that is not in the local cache fails at once "
@@ -95,7 +93,11 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, allow_all: bool = Fal
     g.add_argument("--min-box-size", type=float, default=2.0,
                    help="boxes narrower/shorter than this (px) are not scored (default %(default)s)")
     g.add_argument("--thresholds", default=None,
-                   help="thresholds file (name in calibration/ or path) from `runa-ood calibrate`")
+                   help="thresholds file (name in calibration/ or path) from `runa-ood calibrate`; refused when "
+                        "it was fitted for another model, weights, scorer, ablation, lam, blur, label set or projection")
+    g.add_argument("--allow-threshold-mismatch", action="store_true",
+                   help="use --thresholds even when fitted for another configuration (or an older file that "
+                        "records none): warns, and the report lists the mismatches")
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,34 +153,6 @@ def _pretrained_arg(value) -> Optional[str]:
         return None
     text = str(value).strip()
     return None if text.lower() in ("", "none", "null", "random") else text
-
-
-def _resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; other values unchanged."""
-    device = str(device or "cpu")
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_precision(precision: Optional[str], device: str) -> str:
-    """``--precision`` for ``device``: ``auto`` -> ``fp16`` on CUDA, ``fp32`` on the CPU.
-
-    Raises:
-        ValueError: unknown precision, or ``fp16`` on a non-CUDA device (CPU fp16 is not supported
-            by the backends and is slower than fp32 in PyTorch).
-    """
-    p = str(precision or "auto").strip().lower()
-    cuda = str(device).startswith("cuda")
-    if p == "auto":
-        return "fp16" if cuda else "fp32"
-    if p not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
-    if p == "fp16" and not cuda:
-        raise ValueError(f"--precision fp16 needs a CUDA device (--device cuda), got --device {device}")
-    return p
 
 
 def allow_download(args) -> bool:
@@ -357,6 +331,25 @@ def load_thresholds_or_exit(args):
         return Thresholds.load(resolve_calibration_file(args.thresholds, (".yaml", ".yml", ".json")))
     except (OSError, ValueError) as exc:
         raise fail([f"cannot load thresholds {args.thresholds!r}: {exc}"])
+
+
+def check_thresholds_or_exit(thresholds, scorer, args) -> List[str]:
+    """``core.thresholds.check_fit`` of ``thresholds`` for ``scorer`` (an ``OodScorer``): exit 2 naming
+    each mismatch, unless ``--allow-threshold-mismatch``; then the mismatches are logged and returned
+    for the report. None thresholds: []."""
+    if thresholds is None:
+        return []
+    from ..core.thresholds import ThresholdsMismatchError, check_fit
+
+    try:
+        wrong = check_fit(thresholds, scorer, allow_mismatch=bool(getattr(args, "allow_threshold_mismatch", False)),
+                          source=str(getattr(args, "thresholds", "") or ""))
+    except ThresholdsMismatchError as exc:
+        raise fail(str(exc).splitlines())
+    if wrong:
+        LOG.warning("--allow-threshold-mismatch: applying thresholds fitted for another configuration: %s",
+                    "; ".join(wrong))
+    return wrong
 
 
 def annotations_path_or_exit(args) -> pathlib.Path:
