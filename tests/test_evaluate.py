@@ -12,12 +12,16 @@ TINY = ["--model", "runa-tiny-vit", "--no-progress"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_slice_writes_labelled_report_and_plots(ood_pack, tmp_path, capsys):
+def test_evaluate_slice_writes_labelled_report_and_plots(ood_pack, tmp_path, capsys):  # noqa: C901
     from runa_ood_node.core.thresholds import Thresholds
 
     out = tmp_path / "eval"
-    thr_file = Thresholds(0.0, {}, 0.95, {"scorer": "runa", "ablation": "dual", "label_set": "voc"}).save(
-        tmp_path / "thr.yaml")
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.core.thresholds import fit_identity
+
+    # fitted for runa/dual on the seeded random tiny model the tool builds too
+    ident = fit_identity(OodScorer.from_config({"model": "runa-tiny-vit", "allow_random": True, "labels": "voc"}))
+    thr_file = Thresholds(0.0, {}, 0.95, {"fitted_for": ident}).save(tmp_path / "thr.yaml")
     rc = main(["evaluate", *TINY, "--pretrained", "none", "--allow-random-weights",
                "--annotations", str(ood_pack / "annotations.json"), "--id-set", "voc", "--max-images", "6",
                "--scorer", "all", "--ablation", "all", "--out", str(out), "--thresholds", str(thr_file),
