@@ -235,3 +235,22 @@ def test_detection_ids_are_opt_in_and_match_iou_is_passed_through():
     assert s.alert.use_detection_ids is True and s.alert.to_alert_config().match_iou == 0.5
     with pytest.raises(P.ParameterValidationError, match="alert.match_iou"):
         P.validate({"alert.match_iou": 0.0})
+
+
+@pytest.mark.parametrize("roi, polygon", [
+    (None, None), ([], None), ((), None),
+    ([0.25, 0.5, 0.75, 1.0], [(0.25, 0.5), (0.75, 0.5), (0.75, 1.0), (0.25, 1.0)]),
+    ([0.1, 0.9, 0.5, 0.4, 0.9, 0.9], [(0.1, 0.9), (0.5, 0.4), (0.9, 0.9)]),
+    ([[0.1, 0.9], [0.5, 0.4], [0.9, 0.9]], [(0.1, 0.9), (0.5, 0.4), (0.9, 0.9)]),
+])
+def test_one_roi_parser_for_the_parameter_and_the_alert_config(roi, polygon):
+    """The node parameter (flat double array) and AlertConfig (pairs too) go through core.roi."""
+    from runa_ood_node.core.alerts import AlertConfig
+    from runa_ood_node.core.roi import parse_roi
+
+    assert parse_roi(roi) == polygon
+    if roi is not None and (not roi or not isinstance(roi[0], list)):
+        s = P.validate({"alert.roi": list(roi)})
+        assert s.alert.roi == (None if polygon is None else tuple(polygon))
+        assert s.alert.to_alert_config()._roi_poly == polygon
+    assert AlertConfig(roi=roi)._roi_poly == polygon

@@ -202,14 +202,6 @@ def _builtin(name: str) -> LabelSet:
 BUILTIN_SETS: Tuple[str, ...] = ("voc", "bdd", "coco")
 
 
-def builtin_label_set(name: str) -> LabelSet:
-    """One of :data:`BUILTIN_SETS` (case-insensitive)."""
-    key = name.strip().lower()
-    if key not in BUILTIN_SETS:
-        raise LabelSetError(f"unknown built-in label set {name!r}; built-ins are {list(BUILTIN_SETS)}")
-    return _builtin(key)
-
-
 def label_set_from_dict(data: Mapping, source: str = "<dict>") -> LabelSet:
     """Build a :class:`LabelSet` from the YAML schema in the module docstring."""
     if not isinstance(data, Mapping):

@@ -20,12 +20,14 @@ from typing import Dict, Optional, Tuple
 from .alerts import AlertLevel
 from .boxes import STATUS_TEXT, BoxStatus
 
-__all__ = ["SCORERS", "ABLATIONS", "VIEWS", "VIEWS_FOR_ABLATION", "BACKENDS", "PRECISIONS", "DEVICES",
+__all__ = ["SCORERS", "TEMPERATURE_SCORERS", "ABLATIONS", "VIEWS", "VIEWS_FOR_ABLATION", "BACKENDS", "PRECISIONS", "DEVICES",
            "BoxStatus", "STATUS_TEXT", "BOX_STATUSES", "AlertLevel", "ALERT_LEVELS", "resolve_device",
            "resolve_precision"]
 
 #: uncertainty scores (``core.scoring.score(method=...)``); ``runa`` is the paper's (Eq. 6)
 SCORERS: Tuple[str, ...] = ("runa", "mcm", "energy", "sum")
+#: the scorers that use ``temperature`` (``runa`` and ``sum`` ignore it)
+TEMPERATURE_SCORERS: Tuple[str, ...] = ("mcm", "energy")
 #: which views a box embedding fuses: dual (RUNA, lam), regional (crop only), global (blurred frame only)
 ABLATIONS: Tuple[str, ...] = ("dual", "regional", "global")
 VIEWS: Tuple[str, ...] = ("regional", "global")

@@ -101,6 +101,7 @@ def fit_identity(scorer, scorer_name: Optional[str] = None, ablation: Optional[s
     ``scorer_name`` / ``ablation``: the identity of ``scorer.score_features(scorer=..., ablation=...)``
     (tools that score several configurations from one encoding)."""
     from .pipeline import effective_lam
+    from .registry import TEMPERATURE_SCORERS
 
     enc = scorer.encoder
     name = scorer_name or scorer.scorer
@@ -114,7 +115,7 @@ def fit_identity(scorer, scorer_name: Optional[str] = None, ablation: Optional[s
         "ablation": str(ablation),
         "lam": effective_lam(ablation, scorer.lam),
         "blur_radius": None if ablation == "regional" else float(scorer.blur_radius),
-        "temperature": float(scorer.temperature) if name in ("mcm", "energy") else None,
+        "temperature": float(scorer.temperature) if name in TEMPERATURE_SCORERS else None,
         "label_set": str(scorer.label_set.name),
         "label_set_hash": scorer.label_set.content_hash(),
         "projection": OFF_THE_SHELF if same else "sha256:" + _tensor_hash(proj_r),

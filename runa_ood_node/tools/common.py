@@ -333,25 +333,6 @@ def load_thresholds_or_exit(args):
         raise fail([f"cannot load thresholds {args.thresholds!r}: {exc}"])
 
 
-def check_thresholds_or_exit(thresholds, scorer, args) -> List[str]:
-    """``core.thresholds.check_fit`` of ``thresholds`` for ``scorer`` (an ``OodScorer``): exit 2 naming
-    each mismatch, unless ``--allow-threshold-mismatch``; then the mismatches are logged and returned
-    for the report. None thresholds: []."""
-    if thresholds is None:
-        return []
-    from ..core.thresholds import ThresholdsMismatchError, check_fit
-
-    try:
-        wrong = check_fit(thresholds, scorer, allow_mismatch=bool(getattr(args, "allow_threshold_mismatch", False)),
-                          source=str(getattr(args, "thresholds", "") or ""))
-    except ThresholdsMismatchError as exc:
-        raise fail(str(exc).splitlines())
-    if wrong:
-        LOG.warning("--allow-threshold-mismatch: applying thresholds fitted for another configuration: %s",
-                    "; ".join(wrong))
-    return wrong
-
-
 def annotations_path_or_exit(args) -> pathlib.Path:
     """``--annotations`` or the default shared pack; exit 2 if neither exists."""
     path = pathlib.Path(args.annotations).expanduser() if args.annotations else DEFAULT_ANNOTATIONS
