@@ -38,8 +38,12 @@ import numpy as np
 LOG = logging.getLogger("runa_ood_node.tools")
 
 RANDOM_LABEL = "RANDOM WEIGHTS — numbers say nothing about detection quality"
-DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "openai"
+from ..ros.params import defaults as _node_defaults  # noqa: E402 (plain Python: no rclpy at import)
+
+#: the tools' method defaults are the node's (one table: ros.params.PARAMETERS)
+NODE_DEFAULTS = _node_defaults()
+DEFAULT_MODEL = NODE_DEFAULTS["model"]
+DEFAULT_PRETRAINED = NODE_DEFAULTS["pretrained"]
 from ..core.registry import (ABLATIONS, BACKENDS, PRECISIONS, SCORERS, resolve_device as _resolve_device,  # noqa: E402
                              resolve_precision)
 
@@ -76,21 +80,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_scoring_arguments(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
     """``--id-set --scorer --ablation --lam --blur-radius --temperature --thresholds --min-box-size``."""
     g = parser.add_argument_group("scoring")
-    g.add_argument("--id-set", default="voc",
+    g.add_argument("--id-set", default=NODE_DEFAULTS["label_set"],
                    help="ID label set: voc | bdd (pack flags decide ID/OOD), coco, or a label-set YAML path "
                         "(then ID = category in the set) (default %(default)s)")
     extra = " or all" if allow_all else ""
-    g.add_argument("--scorer", default="runa", choices=SCORERS + (("all",) if allow_all else ()),
+    g.add_argument("--scorer", default=NODE_DEFAULTS["scorer"], choices=SCORERS + (("all",) if allow_all else ()),
                    help=f"uncertainty score: runa (paper Eq. 6), mcm, energy, sum{extra} (default %(default)s)")
     g.add_argument("--ablation", default="dual", choices=ABLATIONS + (("all",) if allow_all else ()),
                    help=f"views: dual (RUNA), regional (crop only), global (blurred frame only){extra} "
                         "(default %(default)s)")
-    g.add_argument("--lam", type=float, default=0.5, help="fusion weight of the regional view (default %(default)s)")
-    g.add_argument("--blur-radius", type=float, default=1.0,
+    g.add_argument("--lam", type=float, default=NODE_DEFAULTS["lam"], help="fusion weight of the regional view (default %(default)s)")
+    g.add_argument("--blur-radius", type=float, default=NODE_DEFAULTS["blur_radius"],
                    help="Gaussian sigma in px at the encoder input size for the global view (default %(default)s)")
-    g.add_argument("--temperature", type=float, default=1.0,
+    g.add_argument("--temperature", type=float, default=NODE_DEFAULTS["temperature"],
                    help="temperature of the mcm / energy scorers (default %(default)s)")
-    g.add_argument("--min-box-size", type=float, default=2.0,
+    g.add_argument("--min-box-size", type=float, default=NODE_DEFAULTS["min_box_size"],
                    help="boxes narrower/shorter than this (px) are not scored (default %(default)s)")
     g.add_argument("--thresholds", default=None,
                    help="thresholds file (name in calibration/ or path) from `runa-ood calibrate`; refused when "
