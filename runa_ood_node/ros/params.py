@@ -5,6 +5,13 @@ from the single table :data:`PARAMETERS`; :func:`validate` turns the raw values 
 :class:`NodeSettings` or raises :class:`ParameterValidationError` listing *every* problem at once.
 The validation is plain Python (no rclpy), so it is unit-tested without DDS and shared with tools.
 
+The table is the only place a parameter's name, type, default, range, choices and description are
+written: ``NodeSettings`` gets one attribute per row (``alert.*`` rows form ``NodeSettings.alert``),
+and ``config/runa_ood.yaml``, ``config/runa_ood.schema.json`` and the README's parameter table are
+generated from it by ``runa-ood params --write`` (``tests/test_params.py`` fails while they are stale).
+Adding a parameter = one ``_P(...)`` row in its section, then ``runa-ood params --write``; read it in
+the node as ``settings.<name with dots as underscores>``. Cross-parameter rules live in :func:`validate`.
+
 When parameters take effect:
 
 * ``read_only`` parameters (topics, QoS, transport, model, weights, allow_download, backend, device,
