@@ -28,7 +28,11 @@ def test_thresholds_file_loads_with_provenance(calibrated):
     assert thr.tpr == 0.95 and np.isfinite(thr.global_threshold)
     assert thr.meta["scorer"] == "runa" and thr.meta["label_set"] == "voc" and thr.meta["random_weights"] is True
     assert thr.meta["n"] >= 20
-    thr.check_compatible(scorer="runa", label_set="voc", model_id=thr.meta["model_id"])
+    fitted = thr.fitted_for
+    assert (fitted["model"], fitted["scorer"], fitted["ablation"], fitted["lam"], fitted["blur_radius"]) == \
+        ("runa-tiny-vit", "runa", "dual", 0.5, 1.0)
+    assert fitted["weights"].startswith("random-seed:") and fitted["projection"] == "off-the-shelf"
+    assert fitted["label_set"] == "voc" and len(fitted["label_set_hash"]) == 16
     for lab, v in thr.per_class.items():
         assert thr.meta["n_per_class"][lab] >= 20  # max(min_per_class, ceil(1/(1-tpr)))
     rep = json.loads((calibrated.parent / "calibration_report.json").read_text())
@@ -53,6 +57,9 @@ def test_held_out_tpr_matches_independent_recount(calibrated, ood_pack):
     ds = load_dataset(ood_pack / "annotations.json", "voc").subset(16)
     _, held = ds.split(0.75, seed=1)
     scorer = OodScorer(enc, ds.label_set, thresholds=thr)
+    from runa_ood_node.core.thresholds import check_fit
+
+    assert check_fit(thr, scorer) == []  # the same configuration accepts its own thresholds
     accepted = total = 0
     for fr in held.frames:
         res = scorer.score(held.load_image(fr), fr.boxes, box_format="xywh")
@@ -71,3 +78,28 @@ def test_refuses_too_small_set(ood_pack, tmp_path, capsys):
     assert rc == 2
     assert "too few ID boxes" in capsys.readouterr().err
     assert not out.exists()
+
+
+EVAL = ["evaluate", "--model", "runa-tiny-vit", "--pretrained", "none", "--allow-random-weights", "--no-progress",
+        "--id-set", "voc", "--max-images", "4"]
+
+
+def test_evaluate_applies_the_file_at_its_lam_refuses_it_at_another_and_marks_the_override(
+        calibrated, ood_pack, tmp_path, capsys):
+    ann = ["--annotations", str(ood_pack / "annotations.json"), "--thresholds", str(calibrated)]
+    assert main([*EVAL, *ann, "--lam", "0.5", "--out", str(tmp_path / "same")]) == 0
+    rep = json.loads((tmp_path / "same" / "report.json").read_text())
+    assert rep["runs"][0]["at_thresholds"]["mismatch"] == [] and rep["thresholds"]["applied_to"] == ["runa/dual"]
+    capsys.readouterr()
+
+    assert main([*EVAL, *ann, "--lam", "0.7", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "lam: fitted for 0.5, in use is 0.7" in err and "--allow-threshold-mismatch" in err
+    assert not (tmp_path / "other" / "report.json").exists()
+
+    assert main([*EVAL, *ann, "--lam", "0.7", "--allow-threshold-mismatch", "--out", str(tmp_path / "forced")]) == 0
+    out = capsys.readouterr().out
+    rep = json.loads((tmp_path / "forced" / "report.json").read_text())
+    assert rep["thresholds"]["mismatch"] == {"runa/dual": ["lam: fitted for 0.5, in use is 0.7"]}
+    assert rep["runs"][0]["at_thresholds"]["mismatch"] == ["lam: fitted for 0.5, in use is 0.7"]
+    assert "MISMATCHED thresholds" in out

@@ -12,12 +12,16 @@ TINY = ["--model", "runa-tiny-vit", "--no-progress"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_slice_writes_labelled_report_and_plots(ood_pack, tmp_path, capsys):
+def test_evaluate_slice_writes_labelled_report_and_plots(ood_pack, tmp_path, capsys):  # noqa: C901
     from runa_ood_node.core.thresholds import Thresholds
 
     out = tmp_path / "eval"
-    thr_file = Thresholds(0.0, {}, 0.95, {"scorer": "runa", "ablation": "dual", "label_set": "voc"}).save(
-        tmp_path / "thr.yaml")
+    from runa_ood_node.core.thresholds import fit_identity
+    from runa_ood_node.factory import build_scorer
+
+    # fitted for runa/dual on the seeded random tiny model the tool builds too
+    ident = fit_identity(build_scorer({"model": "runa-tiny-vit", "allow_random": True, "labels": "voc"}))
+    thr_file = Thresholds(0.0, {}, 0.95, {"fitted_for": ident}).save(tmp_path / "thr.yaml")
     rc = main(["evaluate", *TINY, "--pretrained", "none", "--allow-random-weights",
                "--annotations", str(ood_pack / "annotations.json"), "--id-set", "voc", "--max-images", "6",
                "--scorer", "all", "--ablation", "all", "--out", str(out), "--thresholds", str(thr_file),
@@ -192,43 +196,28 @@ def test_fp16_on_cpu_exits_2(ood_pack, tmp_path, capsys):
     assert rc == 2 and "needs a CUDA device" in capsys.readouterr().err
 
 
-def test_tools_build_the_backend_like_the_node(monkeypatch):
-    """The shared loader goes through factory.build_scorer: make_backend gets the encoder (not its
-    trunk), the device and the precision, and the backend becomes the encoder's trunk."""
-    import runa_ood_node.backends.base as base
-    from runa_ood_node.core.encoder import DualEncoder
+def test_tools_build_the_backend_the_node_builds():
+    """--backend onnxruntime in a tool and backend:=onnxruntime on the node give the same ONNX Runtime
+    trunk (exported once, cached) and the same scores, which match the torch trunk's."""
+    pytest.importorskip("onnxruntime")
     from runa_ood_node.factory import build_scorer
+    from runa_ood_node.ros.params import validate
     from runa_ood_node.tools import common
 
-    calls = []
-
-    class Spy:
-        name = "spy-onnxruntime"
-
-        def __init__(self, encoder):
-            self.encoder = encoder
-
-        def __call__(self, views):
-            return self.encoder._torch_trunk(views)
-
-    def fake_make_backend(kind, encoder, **kwargs):
-        calls.append((kind, encoder, kwargs))
-        return Spy(encoder)
-
-    monkeypatch.setattr(base, "make_backend", fake_make_backend)
-    pipe = common.load_pipeline_or_exit(_model_ns(backend="onnxruntime"), "voc", scorer="mcm")
-    assert len(calls) == 1
-    kind, enc, kwargs = calls[0]
-    assert kind == "onnxruntime" and isinstance(enc, DualEncoder) and enc is pipe.encoder
-    assert kwargs["device"] == "cpu" and kwargs["precision"] == "fp32"
-    assert pipe.encoder.backend_name == "spy-onnxruntime" and pipe.scorer == "mcm"
-    assert pipe.encoder.precision == "fp32" and pipe.encoder.random_weights
-    # same pipeline as the node's path on the same settings
-    node = build_scorer({"model": "runa-tiny-vit", "allow_random": True, "labels": "voc", "scorer": "mcm"})
+    tool = common.load_pipeline_or_exit(_model_ns(backend="onnxruntime"), "voc")
+    settings = validate({"model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True,
+                         "backend": "onnxruntime"})
+    node = build_scorer(settings.scorer_config())
+    torch_pipe = common.load_pipeline_or_exit(_model_ns(backend="torch"), "voc")
+    assert tool.encoder.backend_name == node.encoder.backend_name == "onnxruntime-cpu-fp32"
+    assert torch_pipe.encoder.backend_name == "torch"
+    assert tool.encoder.precision == node.encoder.precision == "fp32"
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
     boxes = [[5, 5, 40, 30], [20, 10, 70, 55]]
-    np.testing.assert_allclose(pipe.score(img, boxes).uncertainty, node.score(img, boxes).uncertainty, atol=1e-6)
+    u_tool, u_node = tool.score(img, boxes).uncertainty, node.score(img, boxes).uncertainty
+    np.testing.assert_allclose(u_tool, u_node, atol=1e-6)
+    np.testing.assert_allclose(u_tool, torch_pipe.score(img, boxes).uncertainty, atol=1e-4)
 
 
 def test_cuda_requested_without_cuda_exits_2(capsys):

@@ -36,10 +36,6 @@ def _installed_hashes(package):
     return out
 
 
-def test_upstream_constant_matches_environment_doc():
-    assert msgdefs.UPSTREAM_TYPE_HASHES["vision_msgs/msg/Detection2DArray"] == UPSTREAM_DETECTION2DARRAY
-
-
 def test_rosidl_hashes_equal_upstream():
     hashes = _installed_hashes("vision_msgs")
     for name, want in msgdefs.UPSTREAM_TYPE_HASHES.items():
@@ -78,12 +74,42 @@ def test_rosbags_hashes_equal_rosidl_for_every_type(store):
     assert store.hash_rihs01("vision_msgs/msg/Detection2DArray") == UPSTREAM_DETECTION2DARRAY
 
 
-def test_status_constants_mirror_core_boxstatus():
-    for member in BoxStatus:
-        assert getattr(runa_msg.OodDetection, f"STATUS_{member.name}") == int(member)
-    assert (runa_msg.DriverAlert.LEVEL_CLEAR, runa_msg.DriverAlert.LEVEL_CAUTION,
-            runa_msg.DriverAlert.LEVEL_TAKE_OVER) == (0, 1, 2)
-    assert (runa_msg.DriverAlert.SOURCE_OOD_OBJECT, runa_msg.DriverAlert.SOURCE_MONITOR_HEALTH) == (0, 1)
+def _constant_names(msg_type, prefix):
+    return {getattr(msg_type, n): n[len(prefix):] for n in dir(msg_type) if n.startswith(prefix)}
+
+
+def test_a_consumer_decodes_the_core_verdict_from_the_message(tiny_encoder):
+    """Real boxes through the real pipeline and converter, serialised and read back: a consumer that
+    decodes ``status`` with the message's STATUS_* constants gets core's status for every box, and
+    one decoding ``level`` with LEVEL_* gets core's alert level."""
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    from runa_ood_node.core.alerts import AlertLevel
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.ros import convert
+
+    scorer = OodScorer(tiny_encoder, "voc", max_boxes=1, thresholds=None)
+    boxes = [[10, 10, 60, 50], [20, 20, 70, 60], [np.nan, 1, 5, 5], [0, 0, np.inf, 5], [40, 40, 30, 50],
+             [5, 5, 6, 6], [200, 200, 220, 220]]
+    want = ["OK", "NOT_SCORED", "NAN", "INFINITE", "ZERO_AREA", "TOO_SMALL", "OUTSIDE_IMAGE"]
+    res = scorer.score(np.full((80, 100, 3), 128, np.uint8), boxes)
+    assert [BoxStatus(int(s)).name for s in res.status] == want
+    det_msg = vision_msg.Detection2DArray(detections=[_detection(did=str(i)) for i in range(len(boxes))])
+    arr = convert.to_ood_array(det_msg.header, det_msg, res, "m", "torch", "runa", True)
+    back = deserialize_message(serialize_message(arr), runa_msg.OodDetectionArray)
+    names = _constant_names(runa_msg.OodDetection, "STATUS_")
+    assert set(names.values()) == {s.name for s in BoxStatus}
+    assert [names[d.status] for d in back.detections] == want
+    for d, st in zip(back.detections, res.status):
+        assert d.status_text == BoxStatus(int(st)).text
+        if d.status != runa_msg.OodDetection.STATUS_OK:
+            assert not d.is_ood and d.nearest_label == "" and math.isnan(d.uncertainty)
+
+    levels = _constant_names(runa_msg.DriverAlert, "LEVEL_")
+    for level in AlertLevel:
+        msg = convert.to_alert(det_msg.header, {"level": level, "reason": level.name, "object_indices": []},
+                               det_msg, res, runa_msg.DriverAlert.SOURCE_OOD_OBJECT)
+        assert levels[deserialize_message(serialize_message(msg), runa_msg.DriverAlert).level] == level.name
 
 
 def _detection(cx=10.5, cy=20.25, w=30.0, h=40.0, cls="car", score=0.875, did="7"):

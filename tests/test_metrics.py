@@ -1,4 +1,5 @@
 """core.metrics against sklearn.metrics (a test-only reference) and hand-computed cases."""
+import math
 import warnings
 
 import numpy as np
@@ -142,3 +143,17 @@ def test_min_count_for_rate_exact():
 def test_bad_tpr():
     with pytest.raises(ValueError, match="tpr"):
         M.fpr_at_tpr([1.0], [2.0], tpr=0.0)
+
+
+def test_percentile_and_latency_summary_drop_non_finite_values():
+    from runa_ood_node.core.metrics import latency_summary, percentile
+
+    vals = [3.0, 1.0, float("nan"), 2.0, None, float("inf"), 10.0]
+    clean = np.array([3.0, 1.0, 2.0, 10.0])
+    for q in (0, 50, 95, 100):
+        assert percentile(vals, q) == pytest.approx(np.percentile(clean, q))
+    assert math.isnan(percentile([], 50)) and math.isnan(percentile([float("nan")], 50))
+    s = latency_summary(vals)
+    assert s["n"] == 4 and s["max"] == 10.0 and s["mean"] == 4.0 and s["p50"] == pytest.approx(2.5)
+    assert latency_summary([]) == {"n": 0, "mean": None, "p50": None, "p90": None, "p95": None, "p99": None,
+                                   "max": None}

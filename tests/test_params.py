@@ -45,7 +45,7 @@ def test_defaults_validate_and_map_to_scorer_config():
     ("pairing_max_age_s", 0.1, "pairing_max_age_s"),
     ("no_such_parameter", 1, "unknown parameter"),
     ("precision", "fp8", "precision"),
-    ("precision", "fp16", "fp16 needs device=cuda"),  # device defaults to cpu
+    ("precision", "fp16", "fp16 needs a CUDA device"),  # device defaults to cpu
     ("allow_download", "no", "allow_download"),
     ("scorer", "mcm", "calibrated for it"),  # no thresholds_file: default_threshold is in runa units
     ("scorer", "energy", "thresholds_file"),
@@ -93,25 +93,74 @@ def test_random_weights_and_thresholds_file(tmp_path):
         P.validate({"engine_path": str(tmp_path / "missing.engine")})
 
 
-def test_shipped_yaml_matches_declared_parameters():
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_generated_files_are_in_sync_with_the_table():
+    """config/runa_ood.yaml, its schema and the README table are what `runa-ood params --write` makes."""
+    from runa_ood_node.tools import params as gen
+
+    assert gen.stale(REPO) == [], "run `runa-ood params --write`"
+
+
+def test_generator_detects_every_stale_file_and_rewrites_them(tmp_path, monkeypatch, capsys):
+    from runa_ood_node.tools import params as gen
+    from runa_ood_node.tools.cli import main
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "README.md").write_text("# x\n\n<!-- params:begin -->\nold table\n<!-- params:end -->\ntail\n")
+    (tmp_path / "config" / "runa_ood.yaml").write_text(gen.render_yaml())
+    assert main(["params", "--check", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "runa_ood.schema.json" in err and "README.md" in err and "runa_ood.yaml" not in err
+    # a new row in the table (what another branch adds) makes every generated file stale
+    row = P.ParamSpec("max_image_pixels", 4096 * 4096, "Largest image accepted (pixels).", 1, 1e9, section="inputs")
+    monkeypatch.setattr(gen, "PARAMETERS", P.PARAMETERS + (row,))
+    assert main(["params", "--write", "--root", str(tmp_path)]) == 0
+    assert gen.stale(tmp_path) == []
+    text = (tmp_path / "README.md").read_text()
+    assert "old table" not in text and "`max_image_pixels`" in text and text.endswith("<!-- params:end -->\ntail\n")
+    flat = dict(_flatten(yaml.safe_load((tmp_path / "config" / "runa_ood.yaml").read_text())["/**"]["ros__parameters"]))
+    assert flat["max_image_pixels"] == 4096 * 4096
+
+
+def test_shipped_yaml_holds_every_parameter_at_its_default_and_validates():
     data = yaml.safe_load((REPO / "config" / "runa_ood.yaml").read_text())
+    flat = dict(_flatten(data["/**"]["ros__parameters"]))
+    assert list(flat) == [p.name for p in P.PARAMETERS]  # every one, in table order
+    assert flat == P.defaults()
+    s = P.validate(flat)
+    assert s == P.NodeSettings()  # the settings' defaults are the table's
+    assert s.alert.roi is None  # alert.roi: [] = no ROI
+
+
+def test_yaml_validates_against_the_schema_and_the_schema_refuses_bad_files():
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+
+    schema = json.loads((REPO / "config" / "runa_ood.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    data = yaml.safe_load((REPO / "config" / "runa_ood.yaml").read_text())
+    jsonschema.validate(data, schema)
     params = data["/**"]["ros__parameters"]
+    for change in ({"lam": 1.5}, {"scorer": "maxlogit"}, {"no_such": 1}, {"max_boxes": 2.5}, {"model": ""},
+                   {"alert": {**params["alert"], "roi": ["x"]}}, {"alert": {**params["alert"], "k": 0}}):
+        bad = {"/**": {"ros__parameters": {**params, **change}}}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
 
-    def flatten(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flatten(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
 
-    flat = dict(flatten(params))
-    declared = {p.name for p in P.PARAMETERS}
-    assert set(flat) <= declared, set(flat) - declared
-    # everything but the optional ROI is in the file, with the declared default
-    assert declared - set(flat) == {"alert.roi"}
-    for name, value in flat.items():
-        assert value == P.defaults()[name], name
-    P.validate(flat)
+def test_a_split_prefix_group_is_refused_by_the_generator():
+    from runa_ood_node.tools import params as gen
+
+    split = P.PARAMETERS + (P.ParamSpec("alert.extra", 1, "x"),)
+    with pytest.raises(ValueError, match="contiguous"):
+        gen.render_yaml(split)
 
 
 def test_descriptors_have_descriptions_ranges_and_read_only():
@@ -128,6 +177,7 @@ def test_descriptors_have_descriptions_ranges_and_read_only():
     assert P._descriptor(P._BY_NAME["model"]).read_only
     assert not P._descriptor(P._BY_NAME["lam"]).read_only
     assert P._descriptor(P._BY_NAME["alert.roi"]).type == ParameterType.PARAMETER_DOUBLE_ARRAY
+    assert P._descriptor(P._BY_NAME["max_boxes"]).type == ParameterType.PARAMETER_INTEGER
 
 
 def test_precision_resolved_and_passed_to_the_scorer_not_the_backend_options():
@@ -141,7 +191,6 @@ def test_precision_resolved_and_passed_to_the_scorer_not_the_backend_options():
     assert P.validate({"device": "cuda", "precision": "fp32"}).scorer_config()["precision"] == "fp32"
     assert P.validate({"device": "cuda", "precision": "FP16"}).scorer_config()["precision"] == "fp16"
     assert P.validate({"precision": "fp32"}).scorer_config()["precision"] == "fp32"
-    assert P.resolve_precision("auto", "cuda") == "fp16" and P.resolve_precision("auto", "cpu") == "fp32"
 
 
 def test_allow_download_off_by_default_read_only_and_passed_through():
@@ -173,7 +222,6 @@ def test_alert_defaults_come_from_alert_config():
     for name in ("k", "n", "hold_s", "clear_s", "takeover_min_area_frac", "takeover_min_bottom_frac", "roi",
                  "takeover_k", "match_iou"):
         assert getattr(cfg, name) == getattr(ref, name), name
-        assert getattr(P.AlertSettings(), name) == getattr(ref, name), name
     assert P.defaults()["alert.k"] == ref.k and P.defaults()["alert.hold_s"] == ref.hold_s
     assert P.defaults()["alert.takeover_k"] == 0  # 0 = same as k (AlertConfig: None)
     s = P.validate({"alert.takeover_k": 2, "alert.k": 3, "alert.n": 4})
@@ -187,3 +235,22 @@ def test_detection_ids_are_opt_in_and_match_iou_is_passed_through():
     assert s.alert.use_detection_ids is True and s.alert.to_alert_config().match_iou == 0.5
     with pytest.raises(P.ParameterValidationError, match="alert.match_iou"):
         P.validate({"alert.match_iou": 0.0})
+
+
+@pytest.mark.parametrize("roi, polygon", [
+    (None, None), ([], None), ((), None),
+    ([0.25, 0.5, 0.75, 1.0], [(0.25, 0.5), (0.75, 0.5), (0.75, 1.0), (0.25, 1.0)]),
+    ([0.1, 0.9, 0.5, 0.4, 0.9, 0.9], [(0.1, 0.9), (0.5, 0.4), (0.9, 0.9)]),
+    ([[0.1, 0.9], [0.5, 0.4], [0.9, 0.9]], [(0.1, 0.9), (0.5, 0.4), (0.9, 0.9)]),
+])
+def test_one_roi_parser_for_the_parameter_and_the_alert_config(roi, polygon):
+    """The node parameter (flat double array) and AlertConfig (pairs too) go through core.roi."""
+    from runa_ood_node.core.alerts import AlertConfig
+    from runa_ood_node.core.roi import parse_roi
+
+    assert parse_roi(roi) == polygon
+    if roi is not None and (not roi or not isinstance(roi[0], list)):
+        s = P.validate({"alert.roi": list(roi)})
+        assert s.alert.roi == (None if polygon is None else tuple(polygon))
+        assert s.alert.to_alert_config()._roi_poly == polygon
+    assert AlertConfig(roi=roi)._roi_poly == polygon

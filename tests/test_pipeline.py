@@ -258,9 +258,10 @@ def test_real_thresholds_and_compatibility_check(tiny_encoder, photo, tmp_path):
     th = thresholds.Thresholds(global_threshold=-10.0, meta={"model_id": tiny_encoder.model_id, "scorer": "runa"})
     r = OodScorer(tiny_encoder, "voc", thresholds=th).score(image, boxes, box_format="xywh")
     assert r.is_ood.all()
-    wrong = thresholds.Thresholds(global_threshold=0.0, meta={"model_id": "another-model"})
-    with pytest.raises(ValueError, match="model_id"):
-        OodScorer(tiny_encoder, "voc", thresholds=wrong)
+    # whether thresholds fit is checked where they are loaded (node, tools): core.thresholds.check_fit
+    wrong = thresholds.Thresholds(global_threshold=0.0, meta={"fitted_for": {"model": "another-model"}})
+    with pytest.raises(thresholds.ThresholdsMismatchError, match="model: fitted for 'another-model'"):
+        thresholds.check_fit(wrong, OodScorer(tiny_encoder, "voc", thresholds=wrong))
 
 
 def test_other_scorers_run(tiny_encoder, photo):

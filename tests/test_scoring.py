@@ -13,8 +13,21 @@ def _basis(k, d):
     return np.eye(d)[:k]
 
 
-def test_methods_tuple():
-    assert METHODS == ("runa", "mcm", "energy", "sum")
+def test_every_registered_scorer_is_implemented_distinct_and_offered_by_the_tools():
+    """The registry's names are what score() implements (each a different function of the
+    similarities) and exactly what the tools' --scorer accepts."""
+    import argparse
+
+    from runa_ood_node.core.registry import SCORERS
+    from runa_ood_node.tools.common import add_scoring_arguments
+
+    outs = {m: tuple(np.round(score(SIMS, m, temperature=0.5).uncertainty, 6)) for m in SCORERS}
+    assert len(set(outs.values())) == len(SCORERS) == len(METHODS)
+    parser = argparse.ArgumentParser()
+    add_scoring_arguments(parser)
+    assert [parser.parse_args(["--scorer", m]).scorer for m in SCORERS] == list(SCORERS)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--scorer", "maxlogit"])
 
 
 def test_cosine_orthonormal_known_values_numpy():

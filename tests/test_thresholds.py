@@ -140,9 +140,9 @@ def test_save_load_round_trip(tmp_path):
     assert back.global_threshold == thr.global_threshold
     assert back.per_class == thr.per_class and back.tpr == thr.tpr
     assert back.meta["n_per_class"] == {"bus": 3, "car": 100}
-    back.check_compatible(model_id="ViT-B-16/openai", scorer="runa")
-    with pytest.raises(ValueError, match="scorer"):
-        back.check_compatible(scorer="mcm")
+    # an old-style file (no fit identity): every check reports that nothing vouches for its units
+    wrong = back.check_compatible({"scorer": "runa"})
+    assert len(wrong) == 1 and "no fit identity" in wrong[0]
 
 
 def test_save_fills_missing_meta_keys(tmp_path):
@@ -234,3 +234,123 @@ def test_thresholds_validation():
     with pytest.raises(ValueError):
         Thresholds(0.1, tpr=0.0)
     assert math.isinf(Thresholds(float("inf")).global_threshold)
+
+
+# ------------------------------------------------------------------ what the thresholds were fitted for
+def _fitted_file(tmp_path, tiny_encoder, **scorer_kw):
+    """A thresholds file fitted (calibrate) on the scores of an OodScorer built with ``scorer_kw``."""
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.core.thresholds import fit_identity
+
+    sc = OodScorer(tiny_encoder, "voc", **scorer_kw)
+    rng = np.random.default_rng(0)
+    thr, _ = calibrate(rng.normal(-0.3, 0.02, 40), ["car"] * 40, meta={"fitted_for": fit_identity(sc)})
+    return thr.save(tmp_path / "thr.yaml")
+
+
+def test_identity_names_every_setting_the_units_depend_on(tiny_encoder):
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.core.thresholds import IDENTITY_KEYS, fit_identity
+
+    base = fit_identity(OodScorer(tiny_encoder, "voc"))
+    assert tuple(base) == IDENTITY_KEYS
+    assert base["weights"] == tiny_encoder.weights_id and base["projection"] == "off-the-shelf"
+    changed = {
+        "lam": fit_identity(OodScorer(tiny_encoder, "voc", lam=0.7)),
+        "blur_radius": fit_identity(OodScorer(tiny_encoder, "voc", blur_radius=2.0)),
+        "scorer": fit_identity(OodScorer(tiny_encoder, "voc", scorer="energy")),
+        "label_set": fit_identity(OodScorer(tiny_encoder, "coco")),
+    }
+    for key, ident in changed.items():
+        assert ident[key] != base[key], key
+    # same names, other prompts: the label set's content hash differs
+    from runa_ood_node.core.labels import LabelSet, load_label_set
+
+    voc = load_label_set("voc")
+    other = LabelSet("voc", voc.labels, templates=("a picture of a {label}",))
+    assert fit_identity(OodScorer(tiny_encoder, other))["label_set_hash"] != base["label_set_hash"]
+    # single-view ablations: lam is what they use (1 / 0), blur does not matter for the crop alone
+    reg = fit_identity(OodScorer(tiny_encoder, "voc", ablation="regional", lam=0.3, blur_radius=5.0))
+    assert reg["lam"] == 1.0 and reg["blur_radius"] is None
+    assert reg == fit_identity(OodScorer(tiny_encoder, "voc", ablation="regional"))
+
+
+def test_fine_tuned_projection_changes_the_identity(tiny_encoder):
+    import torch
+
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.core.thresholds import fit_identity
+
+    saved = tiny_encoder.proj_regional
+    try:
+        tiny_encoder.set_regional_projection(saved + 0.01 * torch.ones_like(saved))
+        ident = fit_identity(OodScorer(tiny_encoder, "voc"))
+    finally:
+        tiny_encoder.proj_regional = saved
+    assert ident["projection"].startswith("sha256:")
+
+
+def test_file_fitted_at_lam_05_is_refused_at_07_and_the_override_reports_it(tmp_path, tiny_encoder):
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.core.thresholds import ThresholdsMismatchError, check_fit, fit_identity
+
+    thr = Thresholds.load(_fitted_file(tmp_path, tiny_encoder, lam=0.5))
+    assert check_fit(thr, OodScorer(tiny_encoder, "voc", lam=0.5)) == []
+    at07 = OodScorer(tiny_encoder, "voc", lam=0.7)
+    with pytest.raises(ThresholdsMismatchError) as err:
+        check_fit(thr, at07, source="thr.yaml")
+    assert err.value.mismatches == ["lam: fitted for 0.5, in use is 0.7"]
+    assert "thr.yaml" in str(err.value) and "runa-ood calibrate" in str(err.value)
+    assert check_fit(thr, at07, allow_mismatch=True) == ["lam: fitted for 0.5, in use is 0.7"]
+    # several differences are all named
+    other = OodScorer(tiny_encoder, "coco", lam=0.7, scorer="mcm")
+    keys = {w.split(":")[0] for w in thr.check_compatible(fit_identity(other))}
+    assert keys == {"lam", "scorer", "temperature", "label_set", "label_set_hash"}
+
+
+def test_old_file_without_identity_is_refused_unless_overridden(tmp_path, tiny_encoder):
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.core.thresholds import ThresholdsMismatchError, check_fit
+
+    old = Thresholds(-0.3, {}, 0.95, {"scorer": "runa", "label_set": "voc"})
+    sc = OodScorer(tiny_encoder, "voc")
+    with pytest.raises(ThresholdsMismatchError, match="Re-calibrate"):
+        check_fit(old, sc)
+    assert check_fit(old, sc, allow_mismatch=True)
+
+
+def test_node_configure_refuses_a_mismatch_and_the_override_marks_it(tmp_path, tiny_encoder):
+    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("runa_ood_msgs.msg")
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+    from rclpy.parameter import Parameter
+
+    from runa_ood_node.ros.node import RunaOodNode
+
+    path = _fitted_file(tmp_path, tiny_encoder, lam=0.5)
+    base = {"model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True, "backend": "torch",
+            "thresholds_file": str(path), "autostart": False}
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    nodes = []
+    try:
+        def node(name, **kw):
+            n = RunaOodNode(name, context=ctx, parameter_overrides=[
+                Parameter(k, value=v) for k, v in {**base, **kw}.items()])
+            nodes.append(n)
+            return n
+
+        ok = node("thr_ok", lam=0.5)
+        assert ok.trigger_configure() == R.SUCCESS, ok.last_error
+        assert ok.thresholds_mismatch == []
+        bad = node("thr_bad", lam=0.7)
+        assert bad.trigger_configure() == R.FAILURE
+        assert "lam: fitted for 0.5, in use is 0.7" in bad.last_error and bad.scorer is None
+        forced = node("thr_forced", lam=0.7, thresholds_allow_mismatch=True)
+        assert forced.trigger_configure() == R.SUCCESS, forced.last_error
+        assert forced.thresholds_mismatch == ["lam: fitted for 0.5, in use is 0.7"]
+        assert forced.scorer.thresholds.for_label("car") == pytest.approx(Thresholds.load(path).for_label("car"))
+    finally:
+        for n in nodes:
+            n.destroy_node()
+        rclpy.shutdown(context=ctx)

@@ -58,12 +58,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .boxes import BoxStatus  # numpy only: this module stays free of the model stack
+from .metrics import percentile as _percentile
+from .roi import parse_roi as _parse_roi
+
 __all__ = ["AlertLevel", "AlertConfig", "Alert", "AlertMonitor", "HealthMonitor"]
 
-# core.boxes.BoxStatus codes (not imported: this module stays free of the model stack)
-_STATUS_OK = 0
-_STATUS_NOT_SCORED = 6
-_STATUS_BACKEND_ERROR = 7
+_STATUS_OK = BoxStatus.OK
+_STATUS_NOT_SCORED = BoxStatus.NOT_SCORED
+_STATUS_BACKEND_ERROR = BoxStatus.BACKEND_ERROR
 _UNSCORED = (_STATUS_NOT_SCORED, _STATUS_BACKEND_ERROR)  # valid boxes the backend did not score
 _TIME_TOL_S = 1e-6  # stamps are sec + nanosec * 1e-9 floats: compare durations to within 1 us
 _MAX_TRACKS = 1024  # bound on the track table (tracks also expire after n frames unseen)
@@ -86,33 +89,6 @@ def _finite_number(value, name: str, lo: float = 0.0, hi: float = math.inf) -> f
     if not (math.isfinite(v) and lo <= v <= hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
     return v
-
-
-def _parse_roi(roi) -> Optional[List[Tuple[float, float]]]:
-    """ROI as a polygon (list of (x, y) in 0..1); a rectangle becomes its four corners."""
-    if roi is None:
-        return None
-    pts = list(roi)
-    if len(pts) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pts):
-        x1, y1, x2, y2 = (float(v) for v in pts)
-        if not (x2 > x1 and y2 > y1):
-            raise ValueError(f"roi rectangle must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {roi!r}")
-        pts = [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
-    else:
-        try:
-            ok = all(len(p) == 2 for p in pts)
-            pts = [(float(p[0]), float(p[1])) for p in pts] if ok else []
-        except (TypeError, ValueError):
-            pts = []
-        if len(pts) < 3:
-            raise ValueError(
-                "roi must be None, a rectangle [x1, y1, x2, y2] or a polygon [[x, y], ...] with >= 3 points, "
-                f"got {roi!r}"
-            )
-    for x, y in pts:
-        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
-            raise ValueError(f"roi coordinates are normalised to the image and must be in [0, 1], got {roi!r}")
-    return pts
 
 
 def _point_in_polygon(x: float, y: float, poly: Sequence[Tuple[float, float]]) -> bool:
@@ -586,17 +562,6 @@ class AlertMonitor:
 
 # ---------------------------------------------------------------------------------------------
 # health
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default method), q in [0, 100]."""
-    s = sorted(values)
-    if not s:
-        return math.nan
-    pos = (len(s) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 class HealthMonitor:

@@ -170,6 +170,16 @@ class LabelSet:
         """
         return [[tpl.format(label=name) for name in self.names_for(lab) for tpl in self.templates] for lab in self.labels]
 
+    def content_hash(self) -> str:
+        """16 hex digits of sha256 over what the text embeddings depend on: the labels in order, the
+        templates and the aliases (not the name or the source). Recorded by thresholds files."""
+        import hashlib
+        import json
+
+        body = json.dumps({"labels": list(self.labels), "templates": list(self.templates),
+                           "aliases": {k: list(v) for k, v in sorted(self.aliases.items())}}, sort_keys=True)
+        return hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
+
     def to_dict(self) -> dict:
         """YAML/JSON-friendly representation (round-trips through :func:`label_set_from_dict`)."""
         out: dict = {"name": self.name, "templates": list(self.templates), "labels": list(self.labels)}
@@ -190,14 +200,6 @@ def _builtin(name: str) -> LabelSet:
 
 #: The built-in set names, usable anywhere a label-set name or path is accepted.
 BUILTIN_SETS: Tuple[str, ...] = ("voc", "bdd", "coco")
-
-
-def builtin_label_set(name: str) -> LabelSet:
-    """One of :data:`BUILTIN_SETS` (case-insensitive)."""
-    key = name.strip().lower()
-    if key not in BUILTIN_SETS:
-        raise LabelSetError(f"unknown built-in label set {name!r}; built-ins are {list(BUILTIN_SETS)}")
-    return _builtin(key)
 
 
 def label_set_from_dict(data: Mapping, source: str = "<dict>") -> LabelSet:

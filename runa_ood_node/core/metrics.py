@@ -38,6 +38,9 @@ __all__ = [
     "aupr_out",
     "fpr_at_tpr",
     "summary",
+    "percentile",
+    "latency_summary",
+    "LATENCY_PERCENTILES",
 ]
 
 
@@ -232,3 +235,33 @@ def summary(id_scores, ood_scores, tpr: float = 0.95) -> dict:
         tpr=float(tpr),
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# percentiles of timings (the one implementation: node diagnostics, health, bag evaluation, benches)
+
+#: the percentiles :func:`latency_summary` reports
+LATENCY_PERCENTILES = (50, 90, 95, 99)
+
+
+def _finite(values) -> np.ndarray:
+    a = np.asarray([v for v in values if v is not None], np.float64).ravel()
+    return a[np.isfinite(a)]
+
+
+def percentile(values, q: float) -> float:
+    """The ``q``-th percentile (0..100, linear interpolation, numpy's default method) of the finite
+    ``values`` (None / NaN / inf dropped); NaN when none is left."""
+    a = _finite(values)
+    return float(np.percentile(a, float(q))) if a.size else math.nan
+
+
+def latency_summary(values_ms, percentiles=LATENCY_PERCENTILES, ndigits: int = 3) -> dict:
+    """``{"n", "mean", "p50", "p90", "p95", "p99", "max"}`` of the finite ``values_ms``, rounded to
+    ``ndigits``; every statistic None (JSON null) when there is no value."""
+    a = _finite(values_ms)
+    keys = ["mean", *(f"p{p:g}" for p in percentiles), "max"]
+    if a.size == 0:
+        return {"n": 0, **{k: None for k in keys}}
+    vals = [a.mean(), *(np.percentile(a, float(p)) for p in percentiles), a.max()]
+    return {"n": int(a.size), **{k: round(float(v), ndigits) for k, v in zip(keys, vals)}}

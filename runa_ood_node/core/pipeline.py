@@ -55,11 +55,7 @@ from .views import ViewMaker
 
 LOG = logging.getLogger(__name__)
 
-ABLATIONS = ("dual", "regional", "global")
-VIEWS = ("regional", "global")
-#: views (pre-projection features) each ablation needs
-VIEWS_FOR_ABLATION: Dict[str, Tuple[str, ...]] = {"dual": ("regional", "global"), "regional": ("regional",),
-                                                  "global": ("global",)}
+from .registry import ABLATIONS, VIEWS, VIEWS_FOR_ABLATION  # noqa: E402 (one definition, re-exported)
 
 
 def effective_lam(ablation: str, lam: float) -> float:
@@ -252,9 +248,8 @@ class OodScorer:
         blur_radius: Gaussian sigma of the global view in px at the encoder input size (paper: 1).
         ablation: ``"dual"`` (RUNA), ``"regional"`` (crop only, lam=1) or ``"global"`` (blurred
             global view only, lam=0). Single-view ablations encode only the views they use.
-        thresholds: optional ``thresholds.Thresholds`` (``for_label(label) -> float``); if it has
-            ``check_compatible`` it is called with this scorer's model_id, scorer and label set
-            name, so thresholds fitted for another configuration raise ``ValueError``.
+        thresholds: optional ``thresholds.Thresholds`` (``for_label(label) -> float``), applied as
+            given: check them with ``core.thresholds.check_fit`` before (the node and tools do).
         max_boxes: score at most this many valid boxes per frame (highest detector score first;
             input order when no detector scores); None or 0 = no cap (the node parameter's meaning).
         min_box_size: minimum box width/height in px after clipping (smaller -> TOO_SMALL).
@@ -311,14 +306,17 @@ class OodScorer:
     def _resolve_thresholds(self, scorer: Optional[str] = None) -> np.ndarray:
         """float32 ``[K]`` per-label thresholds for ``scorer`` (default: this scorer's).
 
-        Raises ValueError (``check_compatible``) when the thresholds were fitted for another
-        model_id, scorer or label set."""
+        Raises ValueError when ``scorer`` is not this scorer's and the thresholds do not record
+        being fitted for it (another score's units). Whether they fit this scorer's configuration is
+        checked where they are loaded (``core.thresholds.check_fit``: node and tools)."""
         K = len(self.label_set)
         if self.thresholds is None:
             return np.full(K, np.nan, np.float32)
         check = getattr(self.thresholds, "check_compatible", None)
-        if callable(check):  # thresholds fitted for another model/scorer/label set are meaningless
-            check(model_id=self.encoder.model_id, scorer=scorer or self.scorer, label_set=self.label_set.name)
+        if scorer not in (None, self.scorer) and callable(check):
+            wrong = check({"scorer": scorer})
+            if wrong:
+                raise ValueError("; ".join(wrong))
         out = np.empty(K, np.float32)
         for k, lab in enumerate(self.label_set.labels):
             try:

@@ -47,8 +47,9 @@ except ImportError:  # pragma: no cover - torch is a hard dependency of the pack
 
 __all__ = ["METHODS", "ScoreOutput", "cosine_similarities", "score"]
 
-METHODS = ("runa", "mcm", "energy", "sum")
-"""Valid values of ``score(..., method=...)``; ``runa`` is the paper's method (Eq. 6)."""
+from .registry import SCORERS as METHODS, TEMPERATURE_SCORERS  # noqa: E402
+
+#: Valid values of ``score(..., method=...)`` (``core.registry.SCORERS``); ``runa`` is the paper's (Eq. 6).
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]
 
@@ -158,7 +159,7 @@ def score(sims: ArrayLike, method: str = "runa", temperature: float = 1.0) -> Sc
     if method not in METHODS:
         raise ValueError(f"unknown scoring method {method!r}; valid methods: {', '.join(METHODS)}")
     t = float(temperature)
-    if method in ("mcm", "energy") and not (np.isfinite(t) and t > 0.0):
+    if method in TEMPERATURE_SCORERS and not (np.isfinite(t) and t > 0.0):
         raise ValueError(f"temperature must be a finite number > 0 for {method!r}, got {temperature!r}")
 
     s = _to_numpy64(sims)

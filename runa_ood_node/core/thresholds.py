@@ -14,10 +14,18 @@ Thresholds file (YAML, written by :meth:`Thresholds.save`)::
     global: -0.2413           # uncertainty units of the scorer (e.g. -max cosine for "runa")
     per_class: {car: -0.25, person: -0.23}
     meta: {n: 1200, n_per_class: {...}, model_id: ..., scorer: runa, label_set: bdd,
-           created: 2026-01-01T00:00:00+00:00, ...}
+           created: 2026-01-01T00:00:00+00:00, ...,
+           fitted_for: {model: ViT-B-16, weights: "tag:openai|quickgelu", scorer: runa,
+                        ablation: dual, lam: 0.5, blur_radius: 1.0, temperature: null,
+                        label_set: bdd, label_set_hash: 3f..., projection: off-the-shelf}}
 
-A threshold only makes sense with the model, projection, scorer and label set it was fitted with;
-:meth:`Thresholds.check_compatible` compares those ``meta`` entries.
+A threshold is in the units of the scores it was fitted on, so it only means something for the same
+model and weights, scorer, ablation, fusion weight, blur, label set (and prompts) and regional
+projection. ``calibrate`` records them (:func:`fit_identity` of the ``OodScorer`` it used) under
+``meta.fitted_for``; :meth:`Thresholds.check_compatible` lists every difference from the scorer that
+is about to apply them, and :func:`check_fit` is the one check the node and every tool run (refuse,
+or with an explicit override warn and report). Files without ``fitted_for`` (older ones) are refused
+unless overridden: re-calibrate them.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import pathlib
 import statistics
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
@@ -37,6 +45,9 @@ from .plain import to_plain
 
 __all__ = [
     "Thresholds",
+    "ThresholdsMismatchError",
+    "fit_identity",
+    "check_fit",
     "ThresholdsFileError",
     "fit_threshold",
     "min_samples_for_tpr",
@@ -50,6 +61,71 @@ _META_KEYS = ("n", "n_per_class", "model_id", "scorer", "label_set", "created")
 
 class ThresholdsFileError(ValueError):
     """A thresholds YAML file is missing keys, has wrong types or invalid values."""
+
+
+class ThresholdsMismatchError(ValueError):
+    """Thresholds fitted for another configuration than the one applying them; ``mismatches`` lists
+    each difference."""
+
+    def __init__(self, source: str, mismatches: Sequence[str]):
+        self.mismatches = list(mismatches)
+        super().__init__(
+            f"thresholds {source or '(in memory)'} do not fit this configuration:\n  - "
+            + "\n  - ".join(self.mismatches)
+            + "\nRe-calibrate for it (`runa-ood calibrate` with the same --model, --pretrained, --projection, "
+              "--id-set, --scorer, --ablation, --lam, --blur-radius, --temperature), or override with "
+              "thresholds_allow_mismatch:=true / --allow-threshold-mismatch (outputs are then marked).")
+
+
+#: what a threshold's units depend on (``meta.fitted_for`` keys, :func:`fit_identity`)
+IDENTITY_KEYS = ("model", "weights", "scorer", "ablation", "lam", "blur_radius", "temperature", "label_set",
+                 "label_set_hash", "projection")
+OFF_THE_SHELF = "off-the-shelf"
+
+
+def _tensor_hash(t) -> str:
+    import hashlib
+
+    a = t.detach().to("cpu").float().contiguous().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
+    return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()[:16]
+
+
+def fit_identity(scorer, scorer_name: Optional[str] = None, ablation: Optional[str] = None) -> dict:
+    """What thresholds fitted on (or applied to) the scores of ``scorer`` (a ``core.pipeline.OodScorer``)
+    depend on: model name, weights identity (``DualEncoder.weights_id``: the pretrained tag, the
+    checkpoint's sha256, or the seeded random model's hash), scorer, ablation, the fusion weight actually
+    used (1 for regional, 0 for global), blur radius (None for the regional ablation, which has no
+    global view), temperature (mcm / energy only, else None), label set name and content hash, and the
+    regional projection (``off-the-shelf`` or the sha256 of the fine-tuned one).
+
+    ``scorer_name`` / ``ablation``: the identity of ``scorer.score_features(scorer=..., ablation=...)``
+    (tools that score several configurations from one encoding)."""
+    from .pipeline import effective_lam
+    from .registry import TEMPERATURE_SCORERS
+
+    enc = scorer.encoder
+    name = scorer_name or scorer.scorer
+    ablation = ablation or scorer.ablation
+    proj_r, proj_g = enc.proj_regional, enc.proj_global
+    same = tuple(proj_r.shape) == tuple(proj_g.shape) and bool((proj_r == proj_g).all())
+    return {
+        "model": str(enc.model_name),
+        "weights": str(enc.weights_id),
+        "scorer": str(name),
+        "ablation": str(ablation),
+        "lam": effective_lam(ablation, scorer.lam),
+        "blur_radius": None if ablation == "regional" else float(scorer.blur_radius),
+        "temperature": float(scorer.temperature) if name in TEMPERATURE_SCORERS else None,
+        "label_set": str(scorer.label_set.name),
+        "label_set_hash": scorer.label_set.content_hash(),
+        "projection": OFF_THE_SHELF if same else "sha256:" + _tensor_hash(proj_r),
+    }
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
 
 
 def _as_clean_scores(id_scores, what: str = "id_scores") -> np.ndarray:
@@ -140,18 +216,29 @@ class Thresholds:
         """Vectorised :meth:`for_label`: float32 ``[N]``."""
         return np.asarray([self.for_label(lbl) for lbl in labels], dtype=np.float32).reshape(-1)
 
-    def check_compatible(self, *, model_id=None, scorer=None, label_set=None) -> None:
-        """Raise ``ValueError`` if a given value differs from the one recorded in ``meta``.
+    @property
+    def fitted_for(self) -> Optional[dict]:
+        """``meta.fitted_for`` (:func:`fit_identity` of the scorer they were fitted with), None in older files."""
+        f = self.meta.get("fitted_for")
+        return dict(f) if isinstance(f, dict) else None
 
-        Arguments left ``None`` and entries missing from ``meta`` are not checked.
-        """
+    def check_compatible(self, expected: Mapping) -> List[str]:
+        """Every difference between what these thresholds were fitted for and ``expected`` (a
+        :func:`fit_identity` dict, or any subset of its keys), one readable line each; empty = compatible.
+
+        A file that records no ``fitted_for`` (written before it existed) yields one line saying so:
+        nothing vouches for its units."""
+        fitted = self.fitted_for
+        if fitted is None:
+            return ["the file records no fit identity (written by an older `runa-ood calibrate`): nothing says "
+                    "which model, scorer, lam, blur, label set or projection its thresholds belong to"]
         wrong = []
-        for key, want in (("model_id", model_id), ("scorer", scorer), ("label_set", label_set)):
-            have = self.meta.get(key)
-            if want is not None and have is not None and str(want) != str(have):
-                wrong.append(f"{key}: thresholds were fitted with {have!r}, in use is {want!r}")
-        if wrong:
-            raise ValueError("thresholds do not match the running configuration (recalibrate): " + "; ".join(wrong))
+        for key, want in expected.items():
+            if key not in fitted:
+                wrong.append(f"{key}: not recorded in the file, in use is {want!r}")
+            elif not _same(fitted[key], want):
+                wrong.append(f"{key}: fitted for {fitted[key]!r}, in use is {want!r}")
+        return wrong
 
     def to_dict(self) -> dict:
         meta = dict(self.meta)
@@ -228,6 +315,22 @@ class Thresholds:
         except yaml.YAMLError as exc:
             raise ThresholdsFileError(f"invalid thresholds file {path}: not valid YAML ({exc})") from exc
         return cls.from_dict(data, source=str(path))
+
+
+def check_fit(thresholds, scorer, allow_mismatch: bool = False, source: str = "") -> List[str]:
+    """THE check before ``thresholds`` are applied to the scores of ``scorer`` (node and tools).
+
+    Returns the mismatches (``Thresholds.check_compatible(fit_identity(scorer))``): empty when they
+    fit; non-empty only with ``allow_mismatch``, for the caller to log and to mark its outputs with.
+
+    Raises:
+        ThresholdsMismatchError: a mismatch (or a file without fit identity) and no ``allow_mismatch``;
+            the message names each difference and how to re-calibrate.
+    """
+    wrong = thresholds.check_compatible(fit_identity(scorer))
+    if wrong and not allow_mismatch:
+        raise ThresholdsMismatchError(source, wrong)
+    return wrong
 
 
 def calibrate(

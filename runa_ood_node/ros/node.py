@@ -82,7 +82,8 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
                        qos_profile_sensor_data)
 from rcl_interfaces.msg import SetParametersResult
 
-from ..core.boxes import BoxStatus
+from ..core.metrics import percentile as _percentile
+from ..core.registry import AlertLevel, BoxStatus
 from . import convert
 from .convert import stamp_to_ns
 from .pairing import REASONS as PAIRER_REASONS, StampPairer
@@ -130,10 +131,6 @@ def _input_qos(name: str, depth: int) -> QoSProfile:
                        depth=depth)
         return q
     return _reliable(depth)
-
-
-def _percentile(values, q: float) -> float:
-    return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else math.nan
 
 
 class RunaOodNode(LifecycleNode):
@@ -191,6 +188,13 @@ class RunaOodNode(LifecycleNode):
                               f"pretrained={settings.pretrained!r} (allow_download={settings.allow_download}): {exc}")
         except Exception as exc:  # any load failure must fail start-up loudly, not crash the process
             return self._fail(f"configure failed: cannot build the OOD scorer ({type(exc).__name__}: {exc})")
+        try:  # thresholds fitted for another model / scorer / lam / label set / ... are meaningless here
+            self.thresholds_mismatch = settings.check_thresholds(scorer)
+        except ValueError as exc:
+            return self._fail(f"configure failed: {exc}")
+        if self.thresholds_mismatch:
+            log.warning("thresholds_allow_mismatch=true: using thresholds fitted for another configuration: "
+                        + "; ".join(self.thresholds_mismatch))
 
         self.settings, self.scorer = settings, scorer
         enc = scorer.encoder
@@ -541,7 +545,7 @@ class RunaOodNode(LifecycleNode):
                                         object_ids=ids if self._alert_use_ids else None)
             if alert.changed:
                 self._publish_alert(alert, header, det_msg, res, health=False)
-                lvl = ("CLEAR", "CAUTION", "TAKE_OVER")[int(alert.level)]
+                lvl = AlertLevel(int(alert.level)).name
                 if int(alert.level):
                     log.warning(f"driver alert -> {lvl}: {alert.reason}")
                 else:
@@ -688,7 +692,8 @@ class RunaOodNode(LifecycleNode):
             "pipeline_p95_ms": _percentile(lat_pipe, 95),
             "boxes_total": acc["boxes_total"],
             "boxes_ood": acc["boxes_ood"],
-            "alert_level": ("CLEAR", "CAUTION", "TAKE_OVER")[int(self._alerts.level)],
+            "alert_level": AlertLevel(int(self._alerts.level)).name,
+            "thresholds_mismatch": "; ".join(getattr(self, "thresholds_mismatch", [])) or "none",
             "accounting_balanced": acc["balanced"],
         }
         for r in PAIRER_REASONS:

@@ -61,7 +61,7 @@ OUTPUT_TOPICS: Dict[str, str] = {
     "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
 }
 NODE_EXECUTABLE = "runa_ood_node"
-LATENCY_PERCENTILES = (50, 90, 95, 99)
+from ..core.metrics import LATENCY_PERCENTILES  # noqa: E402
 
 
 # =========================================================================== CLI
@@ -139,6 +139,8 @@ def node_parameters(args, random_weights: bool, model: str, image_topic: str, n_
         from .common import allow_download
 
         p["allow_download"] = allow_download(args)
+    if "thresholds_allow_mismatch" in declared:
+        p["thresholds_allow_mismatch"] = bool(getattr(args, "allow_threshold_mismatch", False))
     p.update(parse_node_params(getattr(args, "node_params", None)))
     return p
 
@@ -196,12 +198,9 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 # =========================================================================== results
 def percentiles(values_ms: Sequence[float]) -> Dict[str, Optional[float]]:
     """``{"n", "mean", "p50", "p90", "p95", "p99", "max"}`` in ms (None when empty)."""
-    v = np.asarray([x for x in values_ms if x is not None and math.isfinite(x)], np.float64)
-    if v.size == 0:
-        return {"n": 0, "mean": None, **{f"p{p}": None for p in LATENCY_PERCENTILES}, "max": None}
-    return {"n": int(v.size), "mean": round(float(v.mean()), 3),
-            **{f"p{p}": round(float(np.percentile(v, p)), 3) for p in LATENCY_PERCENTILES},
-            "max": round(float(v.max()), 3)}
+    from ..core.metrics import latency_summary
+
+    return latency_summary(values_ms, LATENCY_PERCENTILES)
 
 
 def _f(v) -> Optional[float]:
@@ -493,7 +492,9 @@ def live_records(live: Dict[str, Any], gt: Dict[Tuple[int, str], Tuple[bool, str
 
 def alert_timeline(alerts) -> List[Dict[str, Any]]:
     """[{stamp_ns, level (name), source (name), reason, n_objects}] from DriverAlert messages."""
-    levels = {0: "CLEAR", 1: "CAUTION", 2: "TAKE_OVER"}
+    from ..core.registry import AlertLevel
+
+    levels = {int(lv): lv.name for lv in AlertLevel}
     sources = {0: "OOD_OBJECT", 1: "MONITOR_HEALTH"}
     return [{"stamp_ns": bagio.stamp_ns_of(a.header), "level": levels.get(int(a.level), str(a.level)),
              "source": sources.get(int(a.source), str(a.source)), "reason": str(a.reason),
@@ -560,6 +561,10 @@ def run_bag(args) -> int:
             scorer = build_node_scorer(node_settings(params), encoder=encoder)
         except (OSError, ValueError) as exc:  # ParameterValidationError is a ValueError
             raise common.fail([f"cannot build the offline scorer from the node parameters: {exc}"])
+        try:  # the node's thresholds check (core.thresholds.check_fit), refused or marked as the node does
+            report["thresholds_mismatch"] = node_settings(params).check_thresholds(scorer)
+        except ValueError as exc:
+            raise common.fail(str(exc).splitlines())
         off = evaluate_offline(bag, scorer, image_topic, progress, params)
         records = off["records"]
         report.update(latency_ms=off["latency_ms"], latency_definition="OodScorer.score wall time per frame",

@@ -83,7 +83,7 @@ def _run(args) -> int:
     import numpy as np
 
     from ..core.boxes import BoxStatus
-    from ..core.thresholds import calibrate, min_samples_for_tpr
+    from ..core.thresholds import calibrate, fit_identity, min_samples_for_tpr
 
     common.setup_logging(args)
     if not 0.0 < args.tpr < 1.0:
@@ -115,7 +115,8 @@ def _run(args) -> int:
             "ablation": scorer.ablation, "lam": scorer.lam, "blur_radius": scorer.blur_radius,
             "temperature": scorer.temperature, "projection": args.projection,
             "annotations": str(dataset.annotation_path), "split": args.split, "seed": args.seed,
-            "label_source": "predicted nearest ID label"}
+            "label_source": "predicted nearest ID label",
+            "fitted_for": fit_identity(scorer)}  # what the node and the tools check before applying them
     if rw:
         meta["warning"] = common.RANDOM_LABEL
     try:

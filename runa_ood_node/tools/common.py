@@ -38,12 +38,14 @@ import numpy as np
 LOG = logging.getLogger("runa_ood_node.tools")
 
 RANDOM_LABEL = "RANDOM WEIGHTS — numbers say nothing about detection quality"
-DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "openai"
-SCORERS = ("runa", "mcm", "energy", "sum")
-ABLATIONS = ("dual", "regional", "global")
-#: ``--precision`` choices; ``auto`` = fp16 on CUDA, fp32 on the CPU
-PRECISIONS = ("auto", "fp32", "fp16")
+from ..ros.params import defaults as _node_defaults  # noqa: E402 (plain Python: no rclpy at import)
+
+#: the tools' method defaults are the node's (one table: ros.params.PARAMETERS)
+NODE_DEFAULTS = _node_defaults()
+DEFAULT_MODEL = NODE_DEFAULTS["model"]
+DEFAULT_PRETRAINED = NODE_DEFAULTS["pretrained"]
+from ..core.registry import (ABLATIONS, BACKENDS, PRECISIONS, SCORERS, resolve_device as _resolve_device,  # noqa: E402
+                             resolve_precision)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_ANNOTATIONS = (REPO_ROOT.parent / "shared" / "data" / "ood_pack" / "annotations.json")
@@ -62,7 +64,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="trunk precision of the model and the backend: auto = fp16 on CUDA, fp32 on the CPU; "
                         "fp16 needs CUDA (default %(default)s)")
-    g.add_argument("--backend", default="torch", choices=("torch", "auto", "onnxruntime", "tensorrt"),
+    g.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="visual trunk backend; auto tries TensorRT -> ONNX Runtime -> torch (default %(default)s)")
     g.add_argument("--offline", action="store_true",
                    help="never download weights: a pretrained tag that is not in the local cache fails at once "
@@ -78,24 +80,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_scoring_arguments(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
     """``--id-set --scorer --ablation --lam --blur-radius --temperature --thresholds --min-box-size``."""
     g = parser.add_argument_group("scoring")
-    g.add_argument("--id-set", default="voc",
+    g.add_argument("--id-set", default=NODE_DEFAULTS["label_set"],
                    help="ID label set: voc | bdd (pack flags decide ID/OOD), coco, or a label-set YAML path "
                         "(then ID = category in the set) (default %(default)s)")
     extra = " or all" if allow_all else ""
-    g.add_argument("--scorer", default="runa", choices=SCORERS + (("all",) if allow_all else ()),
+    g.add_argument("--scorer", default=NODE_DEFAULTS["scorer"], choices=SCORERS + (("all",) if allow_all else ()),
                    help=f"uncertainty score: runa (paper Eq. 6), mcm, energy, sum{extra} (default %(default)s)")
     g.add_argument("--ablation", default="dual", choices=ABLATIONS + (("all",) if allow_all else ()),
                    help=f"views: dual (RUNA), regional (crop only), global (blurred frame only){extra} "
                         "(default %(default)s)")
-    g.add_argument("--lam", type=float, default=0.5, help="fusion weight of the regional view (default %(default)s)")
-    g.add_argument("--blur-radius", type=float, default=1.0,
+    g.add_argument("--lam", type=float, default=NODE_DEFAULTS["lam"], help="fusion weight of the regional view (default %(default)s)")
+    g.add_argument("--blur-radius", type=float, default=NODE_DEFAULTS["blur_radius"],
                    help="Gaussian sigma in px at the encoder input size for the global view (default %(default)s)")
-    g.add_argument("--temperature", type=float, default=1.0,
+    g.add_argument("--temperature", type=float, default=NODE_DEFAULTS["temperature"],
                    help="temperature of the mcm / energy scorers (default %(default)s)")
-    g.add_argument("--min-box-size", type=float, default=2.0,
+    g.add_argument("--min-box-size", type=float, default=NODE_DEFAULTS["min_box_size"],
                    help="boxes narrower/shorter than this (px) are not scored (default %(default)s)")
     g.add_argument("--thresholds", default=None,
-                   help="thresholds file (name in calibration/ or path) from `runa-ood calibrate`")
+                   help="thresholds file (name in calibration/ or path) from `runa-ood calibrate`; refused when "
+                        "it was fitted for another model, weights, scorer, ablation, lam, blur, label set or projection")
+    g.add_argument("--allow-threshold-mismatch", action="store_true",
+                   help="use --thresholds even when fitted for another configuration (or an older file that "
+                        "records none): warns, and the report lists the mismatches")
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,34 +157,6 @@ def _pretrained_arg(value) -> Optional[str]:
         return None
     text = str(value).strip()
     return None if text.lower() in ("", "none", "null", "random") else text
-
-
-def _resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; other values unchanged."""
-    device = str(device or "cpu")
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_precision(precision: Optional[str], device: str) -> str:
-    """``--precision`` for ``device``: ``auto`` -> ``fp16`` on CUDA, ``fp32`` on the CPU.
-
-    Raises:
-        ValueError: unknown precision, or ``fp16`` on a non-CUDA device (CPU fp16 is not supported
-            by the backends and is slower than fp32 in PyTorch).
-    """
-    p = str(precision or "auto").strip().lower()
-    cuda = str(device).startswith("cuda")
-    if p == "auto":
-        return "fp16" if cuda else "fp32"
-    if p not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
-    if p == "fp16" and not cuda:
-        raise ValueError(f"--precision fp16 needs a CUDA device (--device cuda), got --device {device}")
-    return p
 
 
 def allow_download(args) -> bool:

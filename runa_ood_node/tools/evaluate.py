@@ -79,7 +79,8 @@ def _format_table(rows, random_weights: bool) -> str:
             t = "n/a" if op["tpr"] is None else f"{op['tpr']:.4f}"
             f_ = "n/a" if op["fpr"] is None else f"{op['fpr']:.4f}"
             lines.append(f"at thresholds ({r['scorer']}/{r['ablation']}, target TPR {op['target_tpr']}): "
-                         f"TPR {t}, FPR {f_}")
+                         f"TPR {t}, FPR {f_}" + (" [MISMATCHED thresholds: fitted for another configuration]"
+                                                 if op.get("mismatch") else ""))
     if random_weights:
         lines.insert(0, f"*** {common.RANDOM_LABEL} ***")
         lines.append(f"*** {common.RANDOM_LABEL} ***")
@@ -128,11 +129,7 @@ def _run_dataset(args) -> int:
     # its score_features() once per scorer x ablation; thresholds are applied per run below
     ref = common.load_pipeline_or_exit(args, dataset.label_set, scorer=scorers[0], ablation=ablations[0])
     encoder = ref.encoder
-    if thresholds is not None:
-        try:
-            thresholds.check_compatible(model_id=encoder.model_id)
-        except ValueError as exc:
-            LOG.warning("%s", exc)
+    th_report, th_wrong = _check_thresholds(args, thresholds, ref, scorers, ablations)
     rw = bool(encoder.random_weights)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,8 +164,10 @@ def _run_dataset(args) -> int:
                    "status_counts": {BoxStatus(int(s)).name: int(c) for s, c in zip(names, counts)},
                    "nearest_label_accuracy_on_id": _label_accuracy(enc, scored, dataset.label_set)}
             gthr = None
-            if thresholds is not None and _thresholds_apply(thresholds, sc, ab, dataset.label_set.name):
+            wrong = th_wrong.get((sc, ab))
+            if wrong is not None and (not wrong or args.allow_threshold_mismatch):
                 row["at_thresholds"] = _operating_point(thresholds, scored, ok, enc.is_id)
+                row["at_thresholds"]["mismatch"] = wrong
                 gthr = thresholds.global_threshold
             rows.append(row)
             name = f"{sc}/{ab}"
@@ -195,6 +194,7 @@ def _run_dataset(args) -> int:
                              "the views listed), shared by all scorers and ablations; each run scored with "
                              "OodScorer.score_features"},
         "tpr": args.tpr,
+        "thresholds": th_report,
         "runs": rows,
         "plots": {"roc": roc.name},
         "table": table,
@@ -210,14 +210,29 @@ def _run_dataset(args) -> int:
     return 0
 
 
-def _thresholds_apply(thresholds, scorer: str, ablation: str, label_set: str) -> bool:
-    """Thresholds are in the units of the scorer/ablation/label set they were fitted with."""
-    meta = thresholds.meta or {}
-    for key, have in (("scorer", scorer), ("ablation", ablation), ("label_set", label_set)):
-        want = meta.get(key)
-        if want is not None and str(want) != have:
-            return False
-    return True
+def _check_thresholds(args, thresholds, ref, scorers, ablations):
+    """``--thresholds`` against every scorer x ablation run (``core.thresholds``' one check).
+
+    Returns ``(report entry, {(scorer, ablation): mismatches})``; the thresholds apply to the runs
+    without mismatches (all runs with ``--allow-threshold-mismatch``, marked). Exit 2 when they fit
+    no run and the override is not given."""
+    if thresholds is None:
+        return None, {}
+    from ..core.thresholds import ThresholdsMismatchError, fit_identity
+
+    wrong = {(sc, ab): thresholds.check_compatible(fit_identity(ref, scorer_name=sc, ablation=ab))
+             for ab in ablations for sc in scorers}
+    allow = bool(args.allow_threshold_mismatch)
+    if all(wrong.values()):
+        first = wrong[(scorers[0], ablations[0])]
+        if not allow:
+            raise common.fail(str(ThresholdsMismatchError(args.thresholds, first)).splitlines())
+        LOG.warning("--allow-threshold-mismatch: thresholds %s fit no run (%s); applied anyway, reported as "
+                    "mismatched", args.thresholds, "; ".join(first))
+    applied = [f"{sc}/{ab}" for (sc, ab), w in wrong.items() if allow or not w]
+    return ({"file": args.thresholds, "allow_mismatch": allow, "applied_to": applied,
+             "mismatch": {f"{sc}/{ab}": w for (sc, ab), w in wrong.items() if w},
+             "fitted_for": thresholds.fitted_for}, wrong)
 
 
 def _operating_point(thresholds, scored, ok, is_id) -> dict:

@@ -1,0 +1,73 @@
+"""The names the rooms share, each defined once (ROS-free, no torch).
+
+Everything that lists scorers, ablations, backends, precisions, box statuses or alert levels
+(node parameters, tool arguments, the alert monitor, message conversion, drawing, reports) imports
+them from here instead of writing its own copy:
+
+* :data:`SCORERS` (``core.scoring`` implements them), :data:`ABLATIONS` and
+  :data:`VIEWS_FOR_ABLATION` (``core.pipeline``), :data:`BACKENDS`, :data:`PRECISIONS`,
+  :data:`DEVICES`;
+* :class:`BoxStatus` (defined in ``core.boxes``) and :class:`AlertLevel` (``core.alerts``), re-exported
+  with their names as tuples (:data:`BOX_STATUSES`, :data:`ALERT_LEVELS`). The message constants
+  (``OodDetection.STATUS_*``, ``DriverAlert.LEVEL_*``) mirror these codes;
+* :func:`resolve_device` and :func:`resolve_precision`: how ``auto`` becomes a concrete device /
+  precision, for the node and the tools alike.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+from .alerts import AlertLevel
+from .boxes import STATUS_TEXT, BoxStatus
+
+__all__ = ["SCORERS", "TEMPERATURE_SCORERS", "ABLATIONS", "VIEWS", "VIEWS_FOR_ABLATION", "BACKENDS", "PRECISIONS", "DEVICES",
+           "BoxStatus", "STATUS_TEXT", "BOX_STATUSES", "AlertLevel", "ALERT_LEVELS", "resolve_device",
+           "resolve_precision"]
+
+#: uncertainty scores (``core.scoring.score(method=...)``); ``runa`` is the paper's (Eq. 6)
+SCORERS: Tuple[str, ...] = ("runa", "mcm", "energy", "sum")
+#: the scorers that use ``temperature`` (``runa`` and ``sum`` ignore it)
+TEMPERATURE_SCORERS: Tuple[str, ...] = ("mcm", "energy")
+#: which views a box embedding fuses: dual (RUNA, lam), regional (crop only), global (blurred frame only)
+ABLATIONS: Tuple[str, ...] = ("dual", "regional", "global")
+VIEWS: Tuple[str, ...] = ("regional", "global")
+#: views (pre-projection features) each ablation needs
+VIEWS_FOR_ABLATION: Dict[str, Tuple[str, ...]] = {"dual": ("regional", "global"), "regional": ("regional",),
+                                                  "global": ("global",)}
+#: visual backends; ``auto`` tries tensorrt, then onnxruntime, then torch
+BACKENDS: Tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
+#: numeric precision of the visual trunk; ``auto`` = fp16 on CUDA, fp32 on the CPU
+PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "fp16")
+#: device kinds (tools also accept ``cuda:N`` and ``auto``)
+DEVICES: Tuple[str, ...] = ("cpu", "cuda")
+BOX_STATUSES: Tuple[str, ...] = tuple(s.name for s in BoxStatus)
+ALERT_LEVELS: Tuple[str, ...] = tuple(level.name for level in AlertLevel)
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; other values unchanged (None -> cpu)."""
+    device = str(device or "cpu").strip()
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_precision(precision: Optional[str], device: str) -> str:
+    """``precision`` for ``device``: ``auto`` -> ``fp16`` on CUDA (``cuda``, ``cuda:N``), ``fp32`` otherwise.
+
+    Raises:
+        ValueError: unknown precision, or ``fp16`` on a non-CUDA device (CPU inference runs in fp32:
+            the backends have no CPU fp16 path and PyTorch is slower in it).
+    """
+    p = str(precision or "auto").strip().lower()
+    cuda = str(device).startswith("cuda")
+    if p == "auto":
+        return "fp16" if cuda else "fp32"
+    if p not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    if p == "fp16" and not cuda:
+        raise ValueError(f"precision fp16 needs a CUDA device (device cuda), got device {device}; "
+                         "CPU inference runs in fp32: use precision auto or fp32")
+    return p
