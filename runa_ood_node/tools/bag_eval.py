@@ -101,11 +101,11 @@ def node_parameters(args, random_weights: bool, model: str, image_topic: str, n_
     and ``allow_download`` (``--offline`` / the offline environment variables) are passed when the
     node declares them, so the node loads the model as the offline path does."""
     compressed = image_topic.endswith("/compressed")
-    device = getattr(args, "device", "cpu") or "cpu"
-    if device == "auto" or device.startswith("cuda"):
-        import torch
+    from ..core.registry import resolve_device
+    from .common import allow_download
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(getattr(args, "device", "cpu"))  # the node's choices: cpu | cuda
+    device = "cuda" if device.startswith("cuda") else device
     p: Dict[str, Any] = {
         "image_topic": image_topic[: -len("/compressed")] if compressed else image_topic,
         "detections_topic": bagio.DETECTIONS_TOPIC,
@@ -131,26 +131,18 @@ def node_parameters(args, random_weights: bool, model: str, image_topic: str, n_
         "max_boxes": 0,
         "min_box_size": float(args.min_box_size),
         "autostart": True,
+        "precision": str(getattr(args, "precision", None) or "auto"),
+        "allow_download": allow_download(args),
+        "thresholds_allow_mismatch": bool(getattr(args, "allow_threshold_mismatch", False)),
     }
-    declared = _declared_parameters()
-    if "precision" in declared:
-        p["precision"] = str(getattr(args, "precision", None) or "auto")
-    if "allow_download" in declared:
-        from .common import allow_download
-
-        p["allow_download"] = allow_download(args)
-    if "thresholds_allow_mismatch" in declared:
-        p["thresholds_allow_mismatch"] = bool(getattr(args, "allow_threshold_mismatch", False))
     p.update(parse_node_params(getattr(args, "node_params", None)))
     return p
 
 
 def _declared_parameters() -> Dict[str, Any]:
-    """Name -> default of the node's declared parameters ({} when ``ros.params`` cannot be imported)."""
-    try:
-        from ..ros.params import PARAMETERS
-    except ImportError:
-        return {}
+    """Name -> default of the node's declared parameters (types for ``ros_args``)."""
+    from ..ros.params import PARAMETERS
+
     return {p.name: p.default for p in PARAMETERS}
 
 
