@@ -195,6 +195,12 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
        "this long (s, wall time).", 0.01, 3600.0),
     _P("health.latency_budget_ms", 200.0, "ood/monitor_health goes to CAUTION when the p95 of the "
        "per-frame processing time (ms) exceeds this.", 0.1, 1e6),
+    _P("health.liveliness_lease_s", 1.0, "Liveliness lease (s) of ood/driver_alert and ood/monitor_health "
+       "(AUTOMATIC liveliness; ood/monitor_health also offers this deadline): subscribers asking for the "
+       "same lease / deadline learn within it that the node died, was stopped or hangs. Set at configure.",
+       0.05, 3600.0),
+    _P("health.heartbeat_period_s", 0.25, "ood/monitor_health is re-published (current level, fresh stamp) "
+       "at least this often (s, wall time); must be < health.liveliness_lease_s.", 0.01, 600.0),
     # ---- outputs
     _P("publish_annotated", True, "Publish ood/annotated_image and ood/markers."),
     _P("lazy", True, "Only draw the annotated image / markers while someone subscribes to them."),
@@ -272,6 +278,8 @@ class NodeSettings:
     alert: AlertSettings = field(default_factory=AlertSettings)
     health_frame_timeout_s: float = 1.0
     health_latency_budget_ms: float = 200.0
+    health_liveliness_lease_s: float = 1.0
+    health_heartbeat_period_s: float = 0.25
     publish_annotated: bool = True
     lazy: bool = True
     autostart: bool = True
@@ -428,10 +436,15 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         max_boxes=number("max_boxes", True), min_box_size=number("min_box_size"),
         health_frame_timeout_s=number("health.frame_timeout_s"),
         health_latency_budget_ms=number("health.latency_budget_ms"),
+        health_liveliness_lease_s=number("health.liveliness_lease_s"),
+        health_heartbeat_period_s=number("health.heartbeat_period_s"),
         publish_annotated=flag("publish_annotated"), lazy=flag("lazy"), autostart=flag("autostart"),
     )
     if s["pairing_max_age_s"] < s["pairing_slop_s"]:
         problems.append(f"pairing_max_age_s: {s['pairing_max_age_s']} must be >= pairing_slop_s ({s['pairing_slop_s']})")
+    if s["health_heartbeat_period_s"] >= s["health_liveliness_lease_s"]:
+        problems.append(f"health.heartbeat_period_s: {s['health_heartbeat_period_s']} must be < "
+                        f"health.liveliness_lease_s ({s['health_liveliness_lease_s']})")
     if not s["pretrained"] and not s["allow_random_weights"]:
         problems.append("pretrained: empty (no weights) requires allow_random_weights=true, which is for "
                         "demos and tests only; give an open_clip tag or a local checkpoint path")
