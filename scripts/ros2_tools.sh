@@ -57,6 +57,20 @@ S="$TOOLS/src"
   -c "$ROOT/requirements/constraints.txt" osrf-pycommon psutil 2>&1 \
   | { grep -v -E "is ignored: it is neither a file nor a directory|WARNING: Target directory" || true; }
 [ -x "$TOOLS/site/bin/ros2" ] || { echo "[setup] pip did not install the ros2 script into $TOOLS/site/bin" >&2; exit 1; }
+# launch_testing's pytest plugins (pytest11 entry points) are written for pytest < 8 (a `path`
+# hook argument) and stop pytest 9 from starting at all: drop those entry points (launch_testing
+# stays importable, and `launch_test` runs launch tests with its own runner).
+"$VPY" - "$TOOLS/site" <<'PYEOF'
+import configparser, pathlib, sys
+for ep in pathlib.Path(sys.argv[1]).glob("*.dist-info/entry_points.txt"):
+    cp = configparser.ConfigParser(delimiters=("=",))
+    cp.optionxform = str
+    cp.read(ep)
+    if cp.remove_section("pytest11"):
+        with open(ep, "w") as f:
+            cp.write(f)
+        print(f"[setup] removed the pytest11 entry point of {ep.parent.name} (incompatible with pytest 9)")
+PYEOF
 
 # composition_interfaces: an interface package, built like ros2_ws (same CMake fixes, no tests)
 ln -s "$S/composition_interfaces/composition_interfaces" "$TOOLS/ws/src/composition_interfaces"
