@@ -198,10 +198,17 @@ def test_param_set_live_and_read_only(vehicle, ros2_cli):
 
 def test_lifecycle_set_round_trip(vehicle, ros2_cli):
     def state():
-        return ros2_cli.run("lifecycle", "get", NODE, *LIFECYCLE_ARGS, check=True).stdout.split()[0]
+        for _ in range(3):
+            res = ros2_cli.run("lifecycle", "get", NODE, *LIFECYCLE_ARGS)
+            if res.returncode == 0:
+                return res.stdout.split()[0]
+        raise AssertionError(res.stderr)
 
     for transition in ("deactivate", "cleanup", "configure", "activate"):
-        res = ros2_cli.run("lifecycle", "set", NODE, transition, *LIFECYCLE_ARGS, timeout=START_TIMEOUT)
+        for _ in range(3):  # `ros2 lifecycle` waits a fixed --spin-time for discovery: retry if that was short
+            res = ros2_cli.run("lifecycle", "set", NODE, transition, *LIFECYCLE_ARGS, timeout=START_TIMEOUT)
+            if "Node not found" not in res.stderr:
+                break
         assert "Transitioning successful" in res.stdout, (transition, res.stdout, res.stderr, vehicle.log[-2000:])
     assert state() == "active"
     assert vehicle.proc.poll() is None
