@@ -274,6 +274,11 @@ def test_replay_launch_matches_offline_evaluation(ros2_cli, probe, tmp_path):
     from runa_ood_node.tools import bagio
 
     n_frames = bagio.bag_info(bag).counts[bagio.IMAGE_TOPIC]
+    out = tmp_path / "offline"  # the offline evaluation runs meanwhile
+    offline_proc = subprocess.Popen(
+        [sys.executable, "-m", "runa_ood_node.tools.cli", "evaluate", "--bag", str(bag), "--model",
+         TINY_NODE_PARAMS["model"], "--pretrained", "none", "--allow-random-weights", "--no-progress", "--out", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     got, lock = {}, threading.Lock()
 
     def on_msg(m):
@@ -295,16 +300,18 @@ def test_replay_launch_matches_offline_evaluation(ros2_cli, probe, tmp_path):
         assert len(got) == n_frames, log[-3000:]
         # playback began after (and because) the node reported "active"
         assert log.index("active: image") < log.index("bag_player"), log[-3000:]
+    except BaseException:
+        offline_proc.kill()
+        offline_proc.wait(timeout=30)
+        raise
     finally:
         rc = _end(proc)
         probe.destroy_subscription(sub)
     log = _log(log_path)
     assert rc == 0 and "[ERROR]" not in log, log[-3000:]
 
-    out = tmp_path / "offline"
-    subprocess.run([sys.executable, "-m", "runa_ood_node.tools.cli", "evaluate", "--bag", str(bag), "--model",
-                    TINY_NODE_PARAMS["model"], "--pretrained", "none", "--allow-random-weights", "--no-progress",
-                    "--out", str(out)], env=env, check=True, capture_output=True, text=True, timeout=300)
+    _, err = offline_proc.communicate(timeout=300)
+    assert offline_proc.returncode == 0, err[-3000:]
     records = json.loads((out / "bag_report_offline.json").read_text())["records"]
     offline = {(r["stamp_ns"], r["id"]): r for r in records}
     live = {(st, str(d.detection.id)): d for st, m in got.items() for d in m.detections}
