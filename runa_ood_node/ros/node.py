@@ -125,6 +125,19 @@ def _reliable(depth: int, latched: bool = False) -> QoSProfile:
                       durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
 
 
+def _monitored(qos: QoSProfile, lease_s: float, deadline: bool = False) -> QoSProfile:
+    """``qos`` with AUTOMATIC liveliness and a lease of ``lease_s`` (and that deadline when
+    ``deadline``): a subscriber asking for the same learns within ``lease_s`` that the node is gone."""
+    from rclpy.duration import Duration
+    from rclpy.qos import LivelinessPolicy
+
+    qos.liveliness = LivelinessPolicy.AUTOMATIC
+    qos.liveliness_lease_duration = Duration(seconds=lease_s)
+    if deadline:
+        qos.deadline = Duration(seconds=lease_s)
+    return qos
+
+
 def _input_qos(name: str, depth: int) -> QoSProfile:
     if name == "sensor_data":
         q = QoSProfile(**{k: getattr(qos_profile_sensor_data, k) for k in ("history", "reliability", "durability")},
@@ -240,6 +253,8 @@ class RunaOodNode(LifecycleNode):
             period = min(0.25, max(0.02, s.health_frame_timeout_s / 4.0))
             self._timers.append(self.create_timer(period, self._safe(self._on_health_timer), clock=self._steady))
             self._timers.append(self.create_timer(1.0, self._safe(self._publish_diagnostics), clock=self._steady))
+            self._timers.append(self.create_timer(s.health_heartbeat_period_s, self._safe(self._on_heartbeat),
+                                                  clock=self._steady))
             self._publish_label_info()
             self._alerts.reset()  # the latched CLEAR below must match the monitor's state
             self._last_alert_stamp = None
@@ -323,11 +338,13 @@ class RunaOodNode(LifecycleNode):
         from visualization_msgs.msg import MarkerArray
 
         p = self.create_lifecycle_publisher
+        lease = self.settings.health_liveliness_lease_s
         self._pubs = {
             "detections": p(OodDetectionArray, "ood/detections", _reliable(10)),
             "ood_only": p(Detection2DArray, "ood/ood_only", _reliable(10)),
-            "alert": p(DriverAlert, "ood/driver_alert", _reliable(1, latched=True)),
-            "health": p(DriverAlert, "ood/monitor_health", _reliable(1, latched=True)),
+            # silence is an alarm: liveliness lease on both, deadline + heartbeat on monitor_health
+            "alert": p(DriverAlert, "ood/driver_alert", _monitored(_reliable(1, latched=True), lease)),
+            "health": p(DriverAlert, "ood/monitor_health", _monitored(_reliable(1, latched=True), lease, True)),
             "annotated": p(Image, "ood/annotated_image", _reliable(2)),
             "markers": p(MarkerArray, "ood/markers", _reliable(5)),
             "label_info": p(LabelInfo, "ood/label_info", _reliable(1, latched=True)),
@@ -585,7 +602,17 @@ class RunaOodNode(LifecycleNode):
             header = convert.copy_header(None)
             header.stamp = self.get_clock().now().to_msg()
         src = DriverAlert.SOURCE_MONITOR_HEALTH if health else DriverAlert.SOURCE_OOD_OBJECT
-        self._pubs["health" if health else "alert"].publish(convert.to_alert(header, alert, det_msg, res, src))
+        msg = convert.to_alert(header, alert, det_msg, res, src)
+        if health:
+            self._last_health_msg = msg  # re-published by the heartbeat
+        self._pubs["health" if health else "alert"].publish(msg)
+
+    def _on_heartbeat(self) -> None:
+        """Re-publish the current ood/monitor_health message with a fresh stamp (the topic's deadline)."""
+        msg = getattr(self, "_last_health_msg", None)
+        if msg is not None and "health" in self._pubs:
+            msg.header.stamp = self.get_clock().now().to_msg()
+            self._pubs["health"].publish(msg)
 
     def _on_health_timer(self) -> None:
         with self._lock:
@@ -726,23 +753,40 @@ class RunaOodNode(LifecycleNode):
 
 
 # ====================================================================== entry point
-def main(args: Optional[List[str]] = None) -> int:
+def main(args: Optional[List[str]] = None, exit_process: bool = True) -> int:
     """Console script ``runa_ood_node``: run the node until Ctrl-C.
 
     With ``autostart:=true`` (default) the node configures and activates itself; if that fails (e.g.
-    the model weights are missing) the error is logged and the process exits with status 1. With
-    ``autostart:=false`` it waits, unconfigured, for a lifecycle manager.
+    the model weights are missing) the error is logged and the process exits with status 1 (under
+    ``ros2 launch`` the package's launch files then end the launch with an error and a non-zero
+    exit). With ``autostart:=false`` it waits, unconfigured, for a lifecycle manager.
+
+    Python ``logging`` (this package, open_clip, the backends, ...) goes to the node's ROS logger
+    and ``/rosout`` at the node's log level (:mod:`.rosout_logging`). Ctrl-C / SIGINT or SIGTERM end
+    it with status 0; a second SIGINT during the clean-up (a terminal signals the whole process
+    group and ``ros2 launch`` forwards SIGINT again) is ignored instead of killing the process.
+
+    With ``exit_process`` (the console script) the process ends with ``os._exit(status)`` once the
+    node, its threads and the ROS context are shut down: the interpreter's own teardown of torch and
+    open_clip takes 2-7 s on a busy CPU, longer than ``ros2 launch`` waits after SIGINT before it
+    escalates to SIGTERM (5 s) and logs an error.
     """
+    import signal
+
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    from . import rosout_logging
 
     try:
         rclpy.init(args=args)
     except Exception as exc:  # e.g. a malformed --ros-args rule: say so without a traceback
         print(f"runa_ood_node: cannot initialise ROS 2: {exc}", file=sys.stderr)
         return 2
-    node = RunaOodNode()
+    node = None
     code = 0
     try:
+        node = RunaOodNode()
+        rosout_logging.install(node.get_logger())
         if node.get_parameter("autostart").value and not node.autostart():
             node.get_logger().fatal("start-up failed (see the error above); exiting")
             code = 1
@@ -753,18 +797,30 @@ def main(args: Optional[List[str]] = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if rclpy.ok():  # after Ctrl-C the context is already shut down: no lifecycle transition then
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up runs to its end
+        if node is not None:
+            if rclpy.ok():  # after Ctrl-C the context is already shut down: no lifecycle transition then
+                try:
+                    node.trigger_shutdown()
+                except Exception:
+                    pass
             try:
-                node.trigger_shutdown()
+                node._destroy_inputs()
+                node._release()  # idempotent: stops the worker thread, releases the model
             except Exception:
                 pass
-        try:
-            node._destroy_inputs()
-            node._release()  # idempotent: stops the worker thread, releases the model
-        except Exception:
-            pass
-        node.destroy_node()
+            rosout_logging.uninstall()
+            node.destroy_node()
         rclpy.try_shutdown()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rclpy restored the handler it had replaced
+    if exit_process:
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

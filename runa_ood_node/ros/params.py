@@ -245,6 +245,12 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
            "this long (s, wall time).", 0.01, 3600.0),
         _P("health.latency_budget_ms", 200.0, "ood/monitor_health goes to CAUTION when the p95 of the "
            "per-frame processing time (ms) exceeds this.", 0.1, 1e6),
+        _P("health.liveliness_lease_s", 1.0, "Liveliness lease (s) of ood/driver_alert and ood/monitor_health "
+           "(AUTOMATIC liveliness; ood/monitor_health also offers this deadline): subscribers asking for the "
+           "same lease / deadline learn within it that the node died, was stopped or hangs. Set at configure.",
+           0.05, 3600.0),
+        _P("health.heartbeat_period_s", 0.25, "ood/monitor_health is re-published (current level, fresh stamp) "
+           "at least this often (s, wall time); must be < health.liveliness_lease_s.", 0.01, 600.0),
     ),
     *_section(
         "outputs",
@@ -395,6 +401,9 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
 
     if v["pairing_max_age_s"] < v["pairing_slop_s"]:
         problems.append(f"pairing_max_age_s: {v['pairing_max_age_s']} must be >= pairing_slop_s ({v['pairing_slop_s']})")
+    if v["health.heartbeat_period_s"] >= v["health.liveliness_lease_s"]:
+        problems.append(f"health.heartbeat_period_s: {v['health.heartbeat_period_s']} must be < "
+                        f"health.liveliness_lease_s ({v['health.liveliness_lease_s']})")
     if not v["pretrained"] and not v["allow_random_weights"]:
         problems.append("pretrained: empty (no weights) requires allow_random_weights=true, which is for "
                         "demos and tests only; give an open_clip tag or a local checkpoint path")

@@ -203,6 +203,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
                    help="before playing, wait until every published topic has N subscribers "
                         "(up to --wait-timeout; then a warning per topic short of N, and the replay starts anyway)")
+    p.add_argument("--wait-topics", nargs="*", default=None, metavar="TOPIC",
+                   help="with --wait-subscribers: wait only for these bag topics (names the bag lacks are ignored)")
     p.add_argument("--wait-timeout", type=float, default=20.0, help="seconds to wait for subscribers")
     p.add_argument("--ack-timeout", type=float, default=10.0, help="seconds to wait for the tail to be acknowledged")
     p.add_argument("--node-name", default="runa_ood_replay")
@@ -220,8 +222,11 @@ def run(args) -> int:
     try:
         player = BagPlayer(node, args.bag, args.topics, parse_remaps(args.remap), args.qos, args.depth)
         print(f"replaying {args.bag}: {player.info.counts} over {player.info.duration_s:.2f} s at rate {args.rate}")
-        if args.wait_subscribers and not player.wait_for_subscribers(args.wait_subscribers, args.wait_timeout):
-            short = {t: n for t, n in player.subscription_counts().items() if n < args.wait_subscribers}
+        wait_topics = None if args.wait_topics is None else [t for t in args.wait_topics if t in player.publishers]
+        if args.wait_subscribers and not player.wait_for_subscribers(args.wait_subscribers, args.wait_timeout,
+                                                                     wait_topics):
+            short = {t: n for t, n in player.subscription_counts().items() if n < args.wait_subscribers
+                     and (wait_topics is None or t in wait_topics)}
             for t, n in sorted(short.items()):
                 print(f"warning: {t} has {n} of {args.wait_subscribers} subscriber(s) after {args.wait_timeout:g} s; "
                       "its messages may reach nobody", file=sys.stderr)
