@@ -125,7 +125,8 @@ def test_offline_counts_unusable_frames(tiny_encoder, tmp_path):
                                backend="torch", device="cpu", node_params=[])
     scorer = bag_eval.scorer_from_params(bag_eval.node_parameters(ns, True, TINY, bagio.IMAGE_TOPIC), tiny_encoder)
     res = bag_eval.evaluate_offline(path, scorer, progress=False)
-    assert res["skipped"] == {"bad_image": 1, "no_detections": 1}
+    # the node's own drop reasons: a conversion failure and an image the pairer gave up
+    assert res["skipped"] == {"image_unsupported_encoding": 1, "image_without_detections": 1}
     assert [r["status"] for r in res["records"]] == ["OK", "NAN"]
     assert res["records"][0]["gt_is_ood"] is None  # no ground-truth topic in this bag
     m = bag_eval.metrics_from_records(res["records"])
@@ -161,7 +162,7 @@ def test_live_compressed_transport_matches_offline(tiny_encoder, tmp_path):
     params = bag_eval.node_parameters(ns, True, TINY, bagio.COMPRESSED_TOPIC, 2)
     off = bag_eval.evaluate_offline(path, bag_eval.scorer_from_params(params, tiny_encoder), progress=False)
     live = bag_eval.run_live(path, params, tmp_path, progress=False)
-    recs = bag_eval.live_records(live, bag_eval.ground_truth_map(bagio.frames_by_stamp(path)))
+    recs = bag_eval.live_records(live, bag_eval.ground_truth_map(path))
     a = {(r["stamp_ns"], r["id"]): r["uncertainty"] for r in off["records"]}
     b = {(r["stamp_ns"], r["id"]): r["uncertainty"] for r in recs}
     assert set(a) == set(b) and len(a) == 3

@@ -118,7 +118,8 @@ def sanitize_boxes(boxes, width: int, height: int, fmt: str = "xyxy", min_size: 
 
     Returns:
         ``(xyxy, status)``: float32 ``[N,4]`` and uint8 ``[N]`` (:class:`BoxStatus` codes).
-        Checks in order, first failing wins: ``NAN`` (any coordinate NaN), ``INFINITE``,
+        Checks in order, first failing wins: ``NAN`` (any given value NaN), ``INFINITE`` (any
+        given value infinite, or a format conversion that overflows),
         ``ZERO_AREA`` (width or height <= 0 before clipping, including reversed corners),
         ``OUTSIDE_IMAGE`` (no overlap of positive area with the image), ``TOO_SMALL``.
         Every returned row is finite and inside the image: rows with NaN/inf are zeros, all
@@ -133,14 +134,17 @@ def sanitize_boxes(boxes, width: int, height: int, fmt: str = "xyxy", min_size: 
         raise ValueError(f"image size must be positive, got width={width}, height={height}")
     if not np.isfinite(min_size) or min_size < 0:
         raise ValueError(f"min_size must be a finite number >= 0, got {min_size}")
-    xyxy = to_xyxy(boxes, fmt)
+    raw = _as_n4(boxes)
+    xyxy = to_xyxy(raw, fmt)
     n = xyxy.shape[0]
     status = np.full(n, BoxStatus.OK, dtype=np.uint8)
     if n == 0:
         return np.zeros((0, 4), np.float32), status
 
     W, H = float(width), float(height)
-    isnan = np.isnan(xyxy).any(axis=1)
+    # judged on the input as given: NaN only when a given value is NaN; an infinite value, or a
+    # conversion that overflows (inf - inf = NaN included), is INFINITE
+    isnan = np.isnan(raw).any(axis=1)
     isinf = ~isnan & ~np.isfinite(xyxy).all(axis=1)
     bad = isnan | isinf
     safe = np.where(bad[:, None], 0.0, xyxy)

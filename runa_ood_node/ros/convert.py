@@ -21,9 +21,20 @@ Supported ``sensor_msgs/Image`` encodings (:data:`ENCODINGS`)::
   mapping changes from frame to frame with the frame's maximum.
 * ``"shift"``: ``v >> 8``, a fixed mapping of the full 0..65535 range (dark for < 16-bit sensors).
 
-Both readers accept rclpy messages and rosbags messages alike (``data`` may be ``array.array``,
-``bytes`` or a NumPy ``uint8`` array). Trailing bytes beyond ``height * step`` are ignored; the last
-row may omit its padding (only ``(height-1)*step + width*bytes_per_pixel`` bytes are required).
+**One reader.** These functions are the only code in the package that turns image and detection
+messages into arrays: the node, offline bag evaluation (``tools.bagio.iter_frames``), the demo and
+every batch tool call them. They are duck-typed: rclpy messages and ``rosbags`` deserialized
+messages alike (``data`` may be ``array.array``, ``bytes`` or a NumPy ``uint8`` array; only the
+field names matter). Trailing bytes beyond ``height * step`` are ignored; the last row may omit its
+padding (only ``(height-1)*step + width*bytes_per_pixel`` bytes are required).
+
+**Pixel cap (decompression bombs).** Both readers refuse an image larger than ``max_pixels``
+(default :data:`DEFAULT_MAX_IMAGE_PIXELS` = 4096 x 4096, the node's ``max_image_pixels``) with reason
+``too_large`` **before** allocating or decoding anything: a raw ``Image`` from its declared
+``height x width``; a ``CompressedImage`` from its JPEG (SOFn marker) or PNG (IHDR) header, parsed
+here without decoding (:func:`compressed_image_size`; OpenCV has no header-only API). Compressed
+payloads that are neither JPEG nor PNG are refused (``unsupported_encoding``): their size cannot be
+checked before decoding.
 
 Detections and outputs
 ----------------------
@@ -55,7 +66,12 @@ REASONS = (
     "bad_size",              # size impossible for the encoding (e.g. odd width for yuv422)
     "decode_failed",         # JPEG/PNG payload could not be decoded
     "bad_array",             # (writers) array shape/dtype does not fit the encoding
+    "too_large",             # more pixels than the cap (declared size or compressed header)
 )
+
+#: Default pixel cap of the readers (the node's ``max_image_pixels``): 4096 x 4096 = 16.8 MP,
+#: above the 8-12 MP of automotive cameras, far below what a hostile header can declare.
+DEFAULT_MAX_IMAGE_PIXELS = 16_777_216
 
 MONO16_SCALINGS = ("max", "shift")
 
@@ -108,6 +124,14 @@ def _encoding(name: str) -> _Enc:
     return enc
 
 
+def _check_pixels(width: int, height: int, max_pixels: Optional[int], what: str) -> None:
+    """Raise ``too_large`` when ``width * height`` exceeds ``max_pixels`` (None = no cap)."""
+    if max_pixels is not None and int(width) * int(height) > int(max_pixels):
+        raise ImageConversionError(
+            "too_large", f"{what} declares {width}x{height} = {int(width) * int(height)} pixels > "
+                         f"max_image_pixels {int(max_pixels)}")
+
+
 def _bytes_of(data) -> np.ndarray:
     """``data`` (array.array / bytes / memoryview / ndarray / list) as a flat uint8 array."""
     try:
@@ -133,23 +157,27 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def image_to_rgb(msg, mono16_scale: str = "max", copy: bool = True) -> np.ndarray:
+def image_to_rgb(msg, mono16_scale: str = "max", copy: bool = True,
+                 max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """``sensor_msgs/Image`` -> ``HxWx3 uint8 RGB`` array.
 
     Args:
-        msg: the image message (rclpy or rosbags).
+        msg: the image message (rclpy or rosbags; duck-typed).
         mono16_scale: ``"max"`` or ``"shift"``, 16-bit -> 8-bit mapping (module docstring).
         copy: True (default): always a new array, never a view of ``msg.data``. False: an
             unpadded ``rgb8`` image (the common camera case) comes back as a zero-copy,
             read-only view that keeps ``msg.data`` alive; every other case still copies.
+        max_pixels: refuse images whose declared ``height * width`` exceeds this, before any
+            allocation (None = no cap).
 
     Raises:
-        ImageConversionError: reason ``empty``, ``unsupported_encoding``, ``bad_step``,
-            ``truncated`` or ``bad_size``.
+        ImageConversionError: reason ``empty``, ``too_large``, ``unsupported_encoding``,
+            ``bad_step``, ``truncated`` or ``bad_size``.
     """
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if h <= 0 or w <= 0:
         raise ImageConversionError("empty", f"image is {w}x{h}")
+    _check_pixels(w, h, max_pixels, "image")
     enc = _encoding(msg.encoding)
     row_bytes = w * enc.bytes_per_pixel
     if step < row_bytes:
@@ -188,17 +216,86 @@ def image_to_rgb(msg, mono16_scale: str = "max", copy: bool = True) -> np.ndarra
     return cv2.cvtColor(np.ascontiguousarray(px), code)
 
 
-def compressed_to_rgb(msg, mono16_scale: str = "max") -> np.ndarray:
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: JPEG start-of-frame markers (SOF0..SOF15 except DHT C4, JPG C8, DAC CC): they carry the size
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def compressed_image_size(data) -> Tuple[str, int, int]:
+    """``(kind, width, height)`` of a JPEG or PNG payload, read from its header without decoding.
+
+    PNG: the IHDR chunk that must follow the signature. JPEG: the segments after SOI are walked
+    by their lengths (APPn / EXIF thumbnails are skipped whole) up to the first start-of-scan;
+    every SOFn frame header on the way is read and the largest size is returned.
+
+    Raises:
+        ImageConversionError: ``unsupported_encoding`` (neither a JPEG nor a PNG signature) or
+            ``decode_failed`` (a truncated or malformed header, or a JPEG without a frame header
+            or with height 0, whose real size only a full decode would tell).
+    """
+    buf = _bytes_of(data)
+    head = bytes(buf[:8])
+    if head == _PNG_SIGNATURE:
+        if buf.size < 24 or bytes(buf[12:16]) != b"IHDR":
+            raise ImageConversionError("decode_failed", "PNG without an IHDR chunk")
+        w = int.from_bytes(bytes(buf[16:20]), "big")
+        h = int.from_bytes(bytes(buf[20:24]), "big")
+        if w <= 0 or h <= 0:
+            raise ImageConversionError("decode_failed", f"PNG header declares {w}x{h}")
+        return "png", w, h
+    if head[:2] != b"\xff\xd8":
+        raise ImageConversionError("unsupported_encoding",
+                                   "payload is neither JPEG nor PNG (its size cannot be checked before decoding)")
+    b = buf.tobytes()  # one copy of the payload: bytes.find walks it at C speed
+    n, i = len(b), 2
+    best: Optional[Tuple[int, int]] = None
+    while True:
+        i = b.find(b"\xff", i)  # skips garbage between segments (libjpeg tolerates it too)
+        if i < 0:
+            break
+        while i < n and b[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = b[i]
+        i += 1
+        if marker == 0xD8 or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # SOI, TEM, RSTn: no length
+            continue
+        if marker in (0xD9, 0xDA):  # EOI, SOS: no frame header after this point
+            break
+        if marker == 0x00 or i + 2 > n:  # a stuffed byte outside a scan: malformed; or truncated
+            break
+        length = (b[i] << 8) | b[i + 1]
+        if length < 2:
+            raise ImageConversionError("decode_failed", f"JPEG segment 0x{marker:02X} has length {length}")
+        if marker in _JPEG_SOF:
+            if i + 7 > n:
+                break
+            h = (b[i + 3] << 8) | b[i + 4]
+            w = (b[i + 5] << 8) | b[i + 6]
+            if h == 0 or w == 0:
+                raise ImageConversionError("decode_failed", f"JPEG frame header declares {w}x{h}")
+            if best is None or w * h > best[0] * best[1]:
+                best = (w, h)
+        i += length
+    if best is None:
+        raise ImageConversionError("decode_failed", "JPEG without a frame header (SOFn) before its scan data")
+    return "jpeg", best[0], best[1]
+
+
+def compressed_to_rgb(msg, mono16_scale: str = "max",
+                      max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """``sensor_msgs/CompressedImage`` (JPEG or PNG) -> new ``HxWx3 uint8 RGB`` array.
 
     ``format`` follows image_transport: ``"jpeg"``, ``"png"``, ``"rgb8; jpeg compressed bgr8"``,
     ``"16UC1; compressedDepth png"`` (its 12-byte depth header is skipped), or empty (the payload
     is sniffed). Decoded colour payloads are BGR(A), as image_transport writes them; grey and
-    16-bit payloads are handled like mono8 / mono16.
+    16-bit payloads are handled like mono8 / mono16. The size in the payload's header is checked
+    against ``max_pixels`` (None = no cap) before decoding.
 
     Raises:
-        ImageConversionError: reason ``empty``, ``unsupported_encoding`` (e.g. ``h264``) or
-            ``decode_failed``.
+        ImageConversionError: reason ``empty``, ``unsupported_encoding`` (e.g. ``h264``, or a
+            payload that is neither JPEG nor PNG), ``too_large`` or ``decode_failed``.
     """
     import cv2
 
@@ -210,8 +307,10 @@ def compressed_to_rgb(msg, mono16_scale: str = "max") -> np.ndarray:
         buf = buf[12:]  # compressed_depth_image_transport ConfigHeader (format + 2 float32)
     elif fmt and not any(tok in fmt for tok in ("jpeg", "jpg", "png")):
         raise ImageConversionError("unsupported_encoding", f"compressed format {fmt!r}")
+    kind, w, h = compressed_image_size(buf)
+    _check_pixels(w, h, max_pixels, f"{kind} header")
     try:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
         raise ImageConversionError("decode_failed", str(exc).strip().splitlines()[-1]) from exc
     if img is None or img.size == 0:
@@ -227,6 +326,15 @@ def compressed_to_rgb(msg, mono16_scale: str = "max") -> np.ndarray:
     if img.shape[2] == 3:
         return np.ascontiguousarray(img[:, :, ::-1])
     return np.ascontiguousarray(img[:, :, 2::-1])
+
+
+def message_to_rgb(msg, mono16_scale: str = "max", copy: bool = True,
+                   max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An ``Image`` or a ``CompressedImage`` (told apart by its ``format`` field) -> ``HxWx3 uint8
+    RGB``: :func:`compressed_to_rgb` or :func:`image_to_rgb` with the same arguments."""
+    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
+        return compressed_to_rgb(msg, mono16_scale=mono16_scale, max_pixels=max_pixels)
+    return image_to_rgb(msg, mono16_scale=mono16_scale, copy=copy, max_pixels=max_pixels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,7 +514,8 @@ def detections_to_arrays(msg) -> Tuple[np.ndarray, np.ndarray, List[str], List[s
         boxes_cxcywh: float32 ``[N,4]`` centre x, centre y, width, height in image pixels. A box
             rotated by ``theta`` (radians) becomes its axis-aligned envelope
             ``w' = |w cos t| + |h sin t|``, ``h' = |w sin t| + |h cos t|``. Non-finite values are
-            passed through (core flags them).
+            passed through (core flags them); values beyond the float32 range (|v| > 3.4e38)
+            become +-inf silently (no RuntimeWarning), so core flags them ``INFINITE``.
         scores: float32 ``[N]``, the highest hypothesis score; NaN when a detection has none.
         class_ids: ``class_id`` of that best hypothesis ("" when none).
         ids: ``Detection2D.id`` (may be "").
@@ -414,7 +523,7 @@ def detections_to_arrays(msg) -> Tuple[np.ndarray, np.ndarray, List[str], List[s
     dets = list(msg.detections)
     n = len(dets)
     boxes = np.empty((n, 4), np.float64)
-    scores = np.full(n, np.nan, np.float32)
+    scores = np.full(n, np.nan, np.float64)
     class_ids: List[str] = []
     ids: List[str] = []
     for i, d in enumerate(dets):
@@ -435,7 +544,8 @@ def detections_to_arrays(msg) -> Tuple[np.ndarray, np.ndarray, List[str], List[s
         scores[i] = best
         class_ids.append(best_id)
         ids.append(str(d.id))
-    return boxes.astype(np.float32), scores, class_ids, ids
+    with np.errstate(over="ignore"):  # float64 beyond float32's range -> +-inf, flagged INFINITE by core
+        return boxes.astype(np.float32), scores.astype(np.float32), class_ids, ids
 
 
 def boxes_to_detections(header, boxes_xyxy, class_ids: Optional[Sequence[str]] = None,
@@ -592,8 +702,8 @@ def to_label_info(header, labels: Sequence[str], threshold: float = float("nan")
 
 
 __all__ = [
-    "ENCODINGS", "REASONS", "MONO16_SCALINGS", "ImageConversionError", "image_to_rgb",
-    "compressed_to_rgb", "array_to_image", "rgb_to_image", "rgb_to_compressed", "copy_header",
+    "ENCODINGS", "REASONS", "MONO16_SCALINGS", "DEFAULT_MAX_IMAGE_PIXELS", "ImageConversionError",
+    "image_to_rgb", "compressed_to_rgb", "compressed_image_size", "message_to_rgb", "array_to_image", "rgb_to_image", "rgb_to_compressed", "copy_header",
     "stamp_to_ns", "ns_to_stamp", "detections_to_arrays", "boxes_to_detections", "ood_detection",
     "to_ood_array", "to_ood_only", "to_alert", "to_label_info",
 ]

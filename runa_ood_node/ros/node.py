@@ -470,10 +470,10 @@ class RunaOodNode(LifecycleNode):
         # ---- convert
         try:
             if s.image_transport == "compressed":
-                rgb = convert.compressed_to_rgb(img_msg)
+                rgb = convert.compressed_to_rgb(img_msg, max_pixels=s.max_image_pixels)
             else:
                 # unpadded rgb8: a read-only view of the message buffer; anything else: one copy
-                rgb = convert.image_to_rgb(img_msg, copy=not ZERO_COPY_RGB8)
+                rgb = convert.image_to_rgb(img_msg, copy=not ZERO_COPY_RGB8, max_pixels=s.max_image_pixels)
         except convert.ImageConversionError as exc:
             with self._lock:
                 self._frame_drops[f"image_{exc.reason}"] += 1

@@ -126,6 +126,9 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     _P("pairing_buffer", 30, "Messages buffered per stream while waiting for their partner.", 1, 1000),
     _P("processing_queue_size", 2, "Paired frames waiting to be scored; when full the oldest is dropped "
        "(counted as processing_overload) so the output stays fresh.", 1, 100),
+    _P("max_image_pixels", 16_777_216, "Images with more pixels (raw: declared height x width; compressed: "
+       "the JPEG/PNG header) are refused before any allocation or decoding, counted as image_too_large. "
+       "Default 4096 x 4096.", 1, 1_073_741_824),
     # ---- model
     _P("model", "ViT-B-16", "open_clip ViT architecture (ViT-B-16, ViT-B-32, ViT-L-14, ...).", read_only=True),
     _P("pretrained", "openai", "open_clip pretrained tag (e.g. openai) or a local checkpoint path. "
@@ -251,6 +254,7 @@ class NodeSettings:
     pairing_max_age_s: float = 2.0
     pairing_buffer: int = 30
     processing_queue_size: int = 2
+    max_image_pixels: int = 16_777_216
     model: str = "ViT-B-16"
     pretrained: str = "openai"
     allow_random_weights: bool = False
@@ -419,6 +423,7 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         detections_queue_size=number("detections_queue_size", True), pairing_slop_s=number("pairing_slop_s"),
         pairing_max_age_s=number("pairing_max_age_s"), pairing_buffer=number("pairing_buffer", True),
         processing_queue_size=number("processing_queue_size", True), model=text("model"),
+        max_image_pixels=number("max_image_pixels", True),
         pretrained=text("pretrained"), allow_random_weights=flag("allow_random_weights"),
         projection=text("projection"), backend=choice("backend"), device=choice("device"),
         precision=choice("precision"), engine_path=text("engine_path"), allow_download=flag("allow_download"),

@@ -3,8 +3,9 @@
 A bag made by ``runa-ood make-bag`` (or recorded on a vehicle with a ground-truth topic) holds an
 image topic, ``/detections`` and ``/ood/ground_truth``, all stamped alike.
 
-Offline mode (default, in-process, deterministic): the frames are paired by header stamp (exact
-match), decoded, and scored by the **same** ``core.pipeline.OodScorer`` the node builds, with the
+Offline mode (default, in-process, deterministic): the frames are paired, decoded and read by the
+node's own code (:func:`bagio.iter_frames`: ``ros.pairing.StampPairer`` with the node's pairing
+settings, the ``ros.convert`` readers with its pixel cap), and scored by the **same** ``core.pipeline.OodScorer`` the node builds, with the
 settings the node would get (:func:`node_parameters`; thresholds: ``--thresholds`` or the node's
 ``default_threshold``). Reported: ``core.metrics.summary`` over the boxes with ground truth
 (ID = positive class), per-frame processing time percentiles (ms), box status counts.
@@ -276,16 +277,9 @@ def _f(v) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
-def ground_truth_map(frames: Sequence[Dict]) -> Dict[Tuple[int, str], Tuple[bool, str]]:
+def ground_truth_map(bag) -> Dict[Tuple[int, str], Tuple[bool, str]]:
     """(stamp_ns, detection id) -> (is_ood, category) from the bag's GroundTruth messages."""
-    gt = {}
-    for fr in frames:
-        g = fr.get("ground_truth")
-        if g is None:
-            continue
-        for did, ood, cat in zip(g.detection_ids, g.is_ood, g.category):
-            gt[(fr["stamp_ns"], str(did))] = (bool(ood), str(cat))
-    return gt
+    return {(st, did): v for st, by_id in bagio.read_ground_truth(bag).items() for did, v in by_id.items()}
 
 
 def metrics_from_records(records: Sequence[Dict], tpr: float = 0.95) -> Dict[str, Any]:
@@ -302,43 +296,42 @@ def metrics_from_records(records: Sequence[Dict], tpr: float = 0.95) -> Dict[str
 
 
 # =========================================================================== offline
-def evaluate_offline(bag, scorer, image_topic: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
-    """Score every frame of ``bag`` with ``scorer`` in this process.
+def evaluate_offline(bag, scorer, image_topic: Optional[str] = None, progress: bool = True,
+                     params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Score every frame of ``bag`` with ``scorer`` in this process, as the node would.
+
+    Frames come from :func:`bagio.iter_frames` (the node's pairing rules with the pairing settings
+    and ``max_image_pixels`` of ``params``, the node's readers) and are scored with the node's
+    call: ``scorer.score(rgb, boxes, box_format="cxcywh", detector_scores=..., detector_labels=...)``.
 
     Returns ``{"frames": [{"stamp_ns", "n_boxes", "timings", "error"}], "records": [per box],
-    "latency_ms": percentiles of FrameResult.timings["total"], "skipped": {reason: count}}``;
-    a record: ``stamp_ns, id, category, gt_is_ood (None without GT), status, uncertainty,
-    threshold, is_ood, label, similarity``.
+    "latency_ms": percentiles of FrameResult.timings["total"], "skipped": {reason: messages}}``;
+    ``skipped`` counts what the node would count as drops (pairer reasons per message,
+    ``image_<reason>`` / ``bad_detections`` per frame); a record: ``stamp_ns, id, category,
+    gt_is_ood (None without GT), status, uncertainty, threshold, is_ood, label, similarity``.
     """
     from tqdm import tqdm
 
     from ..core.boxes import BoxStatus
 
-    frames = bagio.frames_by_stamp(bag, image_topic)
-    gt = ground_truth_map(frames)
     records, out_frames, totals = [], [], []
     skipped = collections.Counter()
-    for fr in tqdm(frames, desc="offline scoring", unit="frame", disable=not progress, leave=False):
-        if fr["image"] is None or fr["detections"] is None:
-            skipped["no_image" if fr["image"] is None else "no_detections"] += 1
+    for fr in tqdm(bagio.iter_frames(bag, image_topic, params=params), desc="offline scoring", unit="frame",
+                   disable=not progress, leave=False):
+        if not fr.ok:
+            skipped[fr.reason] += 1
+            LOG.warning("%s stamped %d not scored: %s", fr.kind, fr.stamp_ns, fr.detail or fr.reason)
             continue
-        try:
-            rgb = bagio.image_from_msg(fr["image"], fr["image_type"])
-        except ValueError as exc:
-            skipped["bad_image"] += 1
-            LOG.warning("frame %d: %s", fr["stamp_ns"], exc)
-            continue
-        boxes, _cls, det_scores, ids = bagio.detections_from_msg(fr["detections"])
-        xyxy = boxes.copy()
-        xyxy[:, 2:] += xyxy[:, :2]
-        res = scorer.score(rgb, xyxy, box_format="xyxy", detector_scores=det_scores)
+        res = scorer.score(fr.rgb, fr.boxes_cxcywh, box_format="cxcywh", detector_scores=fr.scores,
+                           detector_labels=fr.class_ids)
         totals.append(res.timings.get("total", float("nan")))
-        out_frames.append({"stamp_ns": fr["stamp_ns"], "n_boxes": len(res), "timings": dict(res.timings),
+        out_frames.append({"stamp_ns": fr.stamp_ns, "n_boxes": len(res), "timings": dict(res.timings),
                            "error": res.error})
+        gt = fr.ground_truth or {}
         for i in range(len(res)):
-            g = gt.get((fr["stamp_ns"], ids[i]))
+            g = gt.get(fr.ids[i])
             st = int(res.status[i])
-            records.append({"stamp_ns": fr["stamp_ns"], "id": ids[i], "category": g[1] if g else _cls[i],
+            records.append({"stamp_ns": fr.stamp_ns, "id": fr.ids[i], "category": g[1] if g else fr.class_ids[i],
                             "gt_is_ood": None if g is None else g[0],
                             "status": BoxStatus(st).name if st in BoxStatus._value2member_map_ else str(st),
                             "uncertainty": _f(res.uncertainty[i]), "threshold": _f(res.threshold[i]),
@@ -429,7 +422,7 @@ def run_live(bag, params: Dict[str, Any], out_dir, out_bag=None, rate: float = 1
 
     out_dir = pathlib.Path(out_dir)
     info = bagio.bag_info(bag)
-    image_topic = next((t for t in (bagio.IMAGE_TOPIC, bagio.COMPRESSED_TOPIC) if t in info.topics), None)
+    image_topic = bagio.pick_image_topic(info.topics)
     if image_topic is None:
         raise bagio.BagError(f"{bag}: no image topic")
     log_path = out_dir / "node.log"
@@ -593,7 +586,7 @@ def run_bag(args) -> int:
         info = bagio.bag_info(bag)
     except bagio.BagError as exc:
         raise common.fail([str(exc)])
-    image_topic = next((t for t in (bagio.IMAGE_TOPIC, bagio.COMPRESSED_TOPIC) if t in info.topics), None)
+    image_topic = bagio.pick_image_topic(info.topics)
     if image_topic is None or bagio.DETECTIONS_TOPIC not in info.topics:
         raise common.fail([f"{bag} needs {bagio.IMAGE_TOPIC} (or /compressed) and {bagio.DETECTIONS_TOPIC}; "
                            f"it has {sorted(info.topics)}"])
@@ -618,7 +611,7 @@ def run_bag(args) -> int:
             live = run_live(bag, params, out, args.out_bag, args.bag_rate, args.node_timeout, progress=progress)
         except NodeStartError as exc:
             raise common.fail([str(exc)])
-        gt = ground_truth_map(bagio.frames_by_stamp(bag, image_topic))
+        gt = ground_truth_map(bag)
         records = live_records(live, gt)
         received = {bagio.stamp_ns_of(m.header) for _, m in live["arrays"]}
         dropped = [s for s in live["published_frames"] if s not in received]
@@ -633,7 +626,7 @@ def run_bag(args) -> int:
             scorer = scorer_from_params(params, encoder)
         except (OSError, ValueError) as exc:  # ParameterValidationError is a ValueError
             raise common.fail([f"cannot build the offline scorer from the node parameters: {exc}"])
-        off = evaluate_offline(bag, scorer, image_topic, progress)
+        off = evaluate_offline(bag, scorer, image_topic, progress, params)
         records = off["records"]
         report.update(latency_ms=off["latency_ms"], latency_definition="OodScorer.score wall time per frame",
                       frames_scored=len(off["frames"]), skipped=off["skipped"])

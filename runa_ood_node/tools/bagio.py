@@ -18,9 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import pathlib
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,7 +38,6 @@ DETECTIONS_TYPE = "vision_msgs/msg/Detection2DArray"
 GROUND_TRUTH_TYPE = "runa_ood_msgs/msg/GroundTruth"
 
 STORAGES = ("mcap", "sqlite3")
-_REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 class BagError(RuntimeError):
@@ -56,42 +54,12 @@ class BagMessage(NamedTuple):
 
 
 # --------------------------------------------------------------------------- type store
-def _msg_dirs() -> List[pathlib.Path]:
-    """Folders holding the .msg files of vision_msgs and runa_ood_msgs: the source tree first,
-    then every ``share/<pkg>/msg`` of the ament prefixes (installed packages)."""
-    dirs = sorted((_REPO / "ros2_ws" / "src").glob("*/msg"))
-    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
-        for pkg in ("vision_msgs", "runa_ood_msgs"):
-            d = pathlib.Path(prefix) / "share" / pkg / "msg"
-            if prefix and d.is_dir() and not any(x.parent.name == pkg for x in dirs):
-                dirs.append(d)
-    return dirs
-
-
-def _build_typestore():
-    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-
-    store = get_typestore(Stores.ROS2_KILTED)
-    types: Dict = {}
-    for d in _msg_dirs():
-        pkg = d.parent.name
-        for f in sorted(d.glob("*.msg")):
-            types.update(get_types_from_msg(f.read_text(), f"{pkg}/msg/{f.stem}"))
-    if not types:
-        raise BagError(f"no .msg definitions found for vision_msgs / runa_ood_msgs (looked in {_msg_dirs()})")
-    store.register(types)
-    return store
-
-
 @functools.lru_cache(maxsize=1)
 def typestore():
     """The type store for every topic of the project's bags (ROS 2 kilted + vision_msgs +
-    runa_ood_msgs). Prefers ``runa_ood_node.ros.msgdefs.typestore()`` (one definition for the whole
-    package) and builds the same thing from ``ros2_ws/src/*/msg`` when that module is absent."""
-    try:
-        from runa_ood_node.ros.msgdefs import typestore as _shared
-    except ImportError:
-        return _build_typestore()
+    runa_ood_msgs): ``runa_ood_node.ros.msgdefs.typestore()``, the package's one definition."""
+    from runa_ood_node.ros.msgdefs import typestore as _shared
+
     return _shared()
 
 
@@ -187,55 +155,6 @@ def ground_truth_msg(hdr, detection_ids: Sequence[str], is_ood: Sequence[bool], 
         raise ValueError("detection_ids, is_ood and category must have the same length")
     return msg_class(GROUND_TRUTH_TYPE)(header=hdr, detection_ids=[str(i) for i in detection_ids],
                                         is_ood=np.asarray(is_ood, bool), category=[str(c) for c in category])
-
-
-# --------------------------------------------------------------------------- decoding
-def image_from_msg(msg, msgtype: str) -> np.ndarray:
-    """HxWx3 uint8 RGB from a type-store Image (rgb8, bgr8, rgba8, bgra8, mono8; any row ``step``)
-    or CompressedImage. Raises ValueError for other encodings or inconsistent sizes."""
-    if msgtype == COMPRESSED_TYPE:
-        import cv2
-
-        bgr = cv2.imdecode(np.frombuffer(bytes(msg.data), np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"cannot decode compressed image (format {msg.format!r}, {len(msg.data)} bytes)")
-        return np.ascontiguousarray(bgr[:, :, ::-1])
-    channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
-    enc = str(msg.encoding).lower()
-    if enc not in channels:
-        raise ValueError(f"unsupported image encoding {msg.encoding!r}")
-    c, h, w, step = channels[enc], int(msg.height), int(msg.width), int(msg.step)
-    buf = np.frombuffer(bytes(msg.data), np.uint8)
-    if step < w * c or buf.size < step * h:
-        raise ValueError(f"image {w}x{h} {enc}: step {step}, {buf.size} bytes is inconsistent")
-    arr = buf[: step * h].reshape(h, step)[:, : w * c].reshape(h, w, c)
-    if enc == "mono8":
-        arr = np.repeat(arr, 3, axis=2)
-    elif enc.startswith("bgr"):
-        arr = arr[:, :, 2::-1]
-    else:
-        arr = arr[:, :, :3]
-    return np.ascontiguousarray(arr)
-
-
-def detections_from_msg(msg):
-    """(boxes xywh float32 [N,4], class_ids list[str], scores float32 [N] (NaN: no hypothesis),
-    ids list[str]) from a type-store Detection2DArray."""
-    n = len(msg.detections)
-    boxes = np.zeros((n, 4), np.float32)
-    scores = np.full(n, np.nan, np.float32)
-    cls, ids = [], []
-    for i, d in enumerate(msg.detections):
-        cx, cy = d.bbox.center.position.x, d.bbox.center.position.y
-        boxes[i] = (cx - d.bbox.size_x / 2, cy - d.bbox.size_y / 2, d.bbox.size_x, d.bbox.size_y)
-        if d.results:
-            best = max(d.results, key=lambda r: r.hypothesis.score)
-            cls.append(best.hypothesis.class_id)
-            scores[i] = best.hypothesis.score
-        else:
-            cls.append("")
-        ids.append(d.id)
-    return boxes, cls, scores, ids
 
 
 # --------------------------------------------------------------------------- writing
@@ -365,30 +284,185 @@ def bag_info(path) -> BagInfo:
         return BagInfo(str(path), topics, counts, int(reader.start_time), int(reader.end_time), storage)
 
 
-def frames_by_stamp(path, image_topic: Optional[str] = None, detections_topic: str = DETECTIONS_TOPIC,
-                    ground_truth_topic: str = GROUND_TRUTH_TOPIC) -> List[Dict]:
-    """Group a bag's image, detections and ground truth by header stamp (exact match, ns).
+@dataclasses.dataclass
+class BagFrame:
+    """One record of :func:`iter_frames`: a paired frame, or a message that did not pair.
 
-    Returns one dict per image stamp, in stamp order: ``stamp_ns``, ``image`` (type-store message),
-    ``image_type``, ``detections`` (message or None), ``ground_truth`` (message or None).
-    ``image_topic`` None picks ``/camera/image_raw`` or else ``/camera/image_raw/compressed``.
+    Attributes:
+        kind: ``"pair"`` (an image and its detections, paired by the node's rules), ``"image"``
+            or ``"detections"`` (a message the pairer gave up; ``reason`` says why).
+        stamp_ns: the image's header stamp (pairs, images) or the detections' (detections), ns.
+        frame_id: that header's ``frame_id``.
+        header: that header (type-store ``std_msgs/Header``).
+        reason: None when the frame is ready to score. Otherwise the reason the node would count
+            for it: a pairer reason (``ros.pairing.REASONS``: ``image_without_detections``,
+            ``detections_without_image``, ``buffer_overflow``, ``out_of_order``,
+            ``duplicate_stamp``, ``time_jump_back``), ``image_<ImageConversionError.reason>``
+            (e.g. ``image_too_large``, ``image_unsupported_encoding``) or ``bad_detections``.
+        detail: human-readable detail of ``reason`` ("" when None).
+        rgb: ``HxWx3 uint8 RGB`` (``ros.convert`` readers), None unless ``reason`` is None and
+            decoding was asked for.
+        image_type: the image's message type (``sensor_msgs/msg/Image`` / ``CompressedImage``),
+            "" for detections-only records.
+        boxes_cxcywh: float32 ``[N,4]`` (``convert.detections_to_arrays``: centre, size, rotated
+            boxes as their axis-aligned envelope); ``scores`` float32 ``[N]`` (best hypothesis,
+            NaN without one), ``class_ids`` and ``ids`` (``Detection2D.id``) lists of N str.
+            Empty for records without detections.
+        detections_stamp_ns: stamp of the paired detections (differs from ``stamp_ns`` only
+            with a pairing slop), None without detections.
+        ground_truth: ``{detection id: (is_ood, category)}`` from the ground-truth message stamped
+            like the image, None when there is none.
+        image_msg / detections_msg: the deserialized messages (type-store objects) or None.
     """
+
+    kind: str
+    stamp_ns: int
+    frame_id: str
+    header: Any
+    reason: Optional[str] = None
+    detail: str = ""
+    rgb: Optional[np.ndarray] = None
+    image_type: str = ""
+    boxes_cxcywh: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    class_ids: List[str] = dataclasses.field(default_factory=list)
+    ids: List[str] = dataclasses.field(default_factory=list)
+    detections_stamp_ns: Optional[int] = None
+    ground_truth: Optional[Dict[str, Tuple[bool, str]]] = None
+    image_msg: Any = None
+    detections_msg: Any = None
+
+    @property
+    def ok(self) -> bool:
+        """A paired frame that decoded: ready for ``OodScorer.score``."""
+        return self.kind == "pair" and self.reason is None
+
+
+def pick_image_topic(topics: Iterable[str]) -> Optional[str]:
+    """The bag's image topic: ``/camera/image_raw``, else ``/camera/image_raw/compressed``, else None."""
+    topics = set(topics)
+    return next((t for t in (IMAGE_TOPIC, COMPRESSED_TOPIC) if t in topics), None)
+
+
+def read_ground_truth(path, topic: str = GROUND_TRUTH_TOPIC) -> Dict[int, Dict[str, Tuple[bool, str]]]:
+    """``{stamp_ns: {detection id: (is_ood, category)}}`` from the bag's GroundTruth messages
+    (empty when the bag has no such topic)."""
+    out: Dict[int, Dict[str, Tuple[bool, str]]] = {}
+    if topic not in bag_info(path).topics:
+        return out
+    for m in read_bag(path, [topic]):
+        g = deserialize(m.rawdata, m.msgtype)
+        out.setdefault(stamp_ns_of(g.header), {}).update(
+            {str(d): (bool(o), str(c)) for d, o, c in zip(g.detection_ids, g.is_ood, g.category)})
+    return out
+
+
+def _node_default(name: str):
+    from runa_ood_node.ros.params import defaults
+
+    return defaults()[name]
+
+
+def iter_frames(path, image_topic: Optional[str] = None, detections_topic: str = DETECTIONS_TOPIC,
+                gt_topic: Optional[str] = GROUND_TRUTH_TOPIC, max_image_pixels: Optional[int] = None,
+                params: Optional[Dict[str, Any]] = None, decode: bool = True) -> Iterator[BagFrame]:
+    """Read a bag as the node would receive it: the ONE frame iterator of the offline tools.
+
+    The image and detections messages are offered, in the bag's log-time order, to the node's own
+    ``ros.pairing.StampPairer`` with the node's pairing settings (``pairing_slop_s``,
+    ``pairing_max_age_s``, ``pairing_buffer`` from ``params``, else the node's defaults); every
+    pair is decoded with the node's readers (``ros.convert.image_to_rgb`` /
+    ``compressed_to_rgb`` with the pixel cap, ``detections_to_arrays``). At the end of the bag the
+    messages still waiting are given up (``pairer.flush()``), so every image and detections message
+    of the bag ends in exactly one record: a ``"pair"`` record stands for one image and one
+    detections message, an ``"image"`` / ``"detections"`` record for one message that did not pair.
+
+    Args:
+        path: bag folder (MCAP or sqlite3).
+        image_topic: None picks ``/camera/image_raw``, else ``/camera/image_raw/compressed``.
+        detections_topic, gt_topic: the detections and ground-truth topics (``gt_topic`` None or
+            absent from the bag: no ground truth).
+        max_image_pixels: the reader's pixel cap; None = ``params["max_image_pixels"]``, else the
+            node's default (``convert.DEFAULT_MAX_IMAGE_PIXELS``).
+        params: node parameter values (name -> value, e.g. ``tools.bag_eval.node_parameters``);
+            the pairing settings and ``max_image_pixels`` are read from it, missing ones take the
+            node's defaults.
+        decode: False skips image decoding (``rgb`` stays None, no ``image_*`` reasons): for
+            callers that need only boxes, stamps and ground truth.
+
+    Yields:
+        :class:`BagFrame` records in the order the pairer decides them (pairs in stamp order).
+
+    Raises:
+        BagError: the bag cannot be read or has no image topic.
+    """
+    from runa_ood_node.ros import convert
+    from runa_ood_node.ros.pairing import StampPairer
+
+    params = dict(params or {})
+
+    def setting(name):
+        return params[name] if name in params else _node_default(name)
+
+    if max_image_pixels is None:
+        max_image_pixels = params.get("max_image_pixels", convert.DEFAULT_MAX_IMAGE_PIXELS)
+    pairer = StampPairer(slop_ns=int(round(float(setting("pairing_slop_s")) * 1e9)),
+                         max_buffer=int(setting("pairing_buffer")),
+                         max_age_ns=int(round(float(setting("pairing_max_age_s")) * 1e9)))
     info = bag_info(path)
-    if image_topic is None:
-        image_topic = next((t for t in (IMAGE_TOPIC, COMPRESSED_TOPIC) if t in info.topics), None)
-        if image_topic is None:
-            raise BagError(f"{path}: no image topic ({IMAGE_TOPIC} or {COMPRESSED_TOPIC}); "
-                           f"topics {sorted(info.topics)}")
-    frames: Dict[int, Dict] = {}
-    for m in read_bag(path, [image_topic, detections_topic, ground_truth_topic]):
+    image_topic = image_topic or pick_image_topic(info.topics)
+    if image_topic is None or image_topic not in info.topics:
+        raise BagError(f"{path}: no image topic {image_topic or (IMAGE_TOPIC + ' / ' + COMPRESSED_TOPIC)}; "
+                       f"topics {sorted(info.topics)}")
+    image_type = info.topics[image_topic]
+    gt = read_ground_truth(path, gt_topic) if gt_topic else {}
+
+    def header_of(msg):
+        h = msg.header
+        return h, stamp_ns_of(h), str(h.frame_id)
+
+    def unpaired(d) -> BagFrame:
+        msg = d.message
+        hdr, _, fid = header_of(msg)
+        is_image = d.kind == "image"
+        return BagFrame(kind=d.kind, stamp_ns=int(d.stamp_ns), frame_id=fid, header=hdr, reason=d.reason,
+                        detail=f"{d.kind} stamped {d.stamp_ns * 1e-9:.9f} s: {d.reason}",
+                        image_type=image_type if is_image else "",
+                        ground_truth=gt.get(int(d.stamp_ns)) if is_image else None,
+                        image_msg=msg if is_image else None, detections_msg=None if is_image else msg)
+
+    def paired(pair) -> BagFrame:
+        img, det = pair.image, pair.detections
+        hdr, st, fid = header_of(img)
+        fr = BagFrame(kind="pair", stamp_ns=st, frame_id=fid, header=hdr, image_type=image_type,
+                      detections_stamp_ns=int(pair.detections_stamp_ns), ground_truth=gt.get(st),
+                      image_msg=img, detections_msg=det)
+        try:
+            boxes, scores, class_ids, ids = convert.detections_to_arrays(det)
+        except Exception as exc:  # as the node: unreadable detections drop the frame
+            fr.reason, fr.detail = "bad_detections", f"{type(exc).__name__}: {exc}"
+            return fr
+        fr.boxes_cxcywh, fr.scores, fr.class_ids, fr.ids = boxes, scores, class_ids, ids
+        if decode:
+            try:
+                if image_type == COMPRESSED_TYPE:
+                    fr.rgb = convert.compressed_to_rgb(img, max_pixels=max_image_pixels)
+                else:
+                    fr.rgb = convert.image_to_rgb(img, max_pixels=max_image_pixels)
+            except convert.ImageConversionError as exc:
+                fr.reason, fr.detail = f"image_{exc.reason}", str(exc)
+        return fr
+
+    def emit(out) -> Iterator[BagFrame]:
+        for pair in out.pairs:
+            yield paired(pair)
+        for d in out.drops:
+            yield unpaired(d)
+
+    for m in read_bag(path, [image_topic, detections_topic]):
         msg = deserialize(m.rawdata, m.msgtype)
         st = stamp_ns_of(msg.header)
-        slot = frames.setdefault(st, {"stamp_ns": st, "image": None, "image_type": None,
-                                      "detections": None, "ground_truth": None})
-        if m.topic == image_topic:
-            slot["image"], slot["image_type"] = msg, m.msgtype
-        elif m.topic == detections_topic:
-            slot["detections"] = msg
-        else:
-            slot["ground_truth"] = msg
-    return [frames[k] for k in sorted(frames)]
+        out = pairer.add_image(st, msg) if m.topic == image_topic else pairer.add_detections(st, msg)
+        yield from emit(out)
+    for d in pairer.flush():
+        yield unpaired(d)

@@ -282,7 +282,7 @@ def run(args) -> int:
     print(f"demo bag from {source_note}")
     bag_path = out / "demo_bag"
     bag_summary = make_bag.write_bag(frames, bag_path, fps=5.0, storage="mcap", overwrite=True, progress=progress)
-    bag_frames = bagio.frames_by_stamp(bag_path)
+    bag_frames = [f for f in bagio.iter_frames(bag_path) if f.ok]
 
     # 2) weights (real, else random + prominent notice)
     ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set=args.id_set,
@@ -293,11 +293,9 @@ def run(args) -> int:
 
     # 3) threshold
     first = bag_frames[0]
-    boxes, _c, det_scores, _ids = bagio.detections_from_msg(first["detections"])
-    xyxy = boxes.copy()
-    xyxy[:, 2:] += xyxy[:, :2]
-    first_res = scorer.score(bagio.image_from_msg(first["image"], first["image_type"]), xyxy,
-                             detector_scores=det_scores)
+    _ids = first.ids
+    first_res = scorer.score(first.rgb, first.boxes_cxcywh, box_format="cxcywh", detector_scores=first.scores,
+                             detector_labels=first.class_ids)
     first_unc = first_res.uncertainty[np.isfinite(first_res.uncertainty)]
     if args.threshold is not None:
         params["default_threshold"] = float(args.threshold)
@@ -329,9 +327,9 @@ def run(args) -> int:
         return 1
 
     # 5) tables
-    gt = bag_eval.ground_truth_map(bag_frames)
+    gt = bag_eval.ground_truth_map(bag_path)
     records = bag_eval.live_records(live, gt)
-    stamps = [f["stamp_ns"] for f in bag_frames]
+    stamps = [f.stamp_ns for f in bag_frames]
     index = {s: i for i, s in enumerate(stamps)}
     rows = [dict(r, frame=index.get(r["stamp_ns"], -1), t_s=(r["stamp_ns"] - stamps[0]) / 1e9) for r in records]
     rows.sort(key=lambda r: (r["frame"], str(r["id"])))
@@ -351,8 +349,8 @@ def run(args) -> int:
     tiles, caps, pngs = [], [], []
     by_stamp = {bagio.stamp_ns_of(m.header): m for _, m in live["arrays"]}
     for i, fr in enumerate(bag_frames):
-        rgb = bagio.image_from_msg(fr["image"], fr["image_type"])
-        msg = by_stamp.get(fr["stamp_ns"])
+        rgb = fr.rgb
+        msg = by_stamp.get(fr.stamp_ns)
         if msg is None:
             ann = rgb.copy()
             cv2.putText(ann, "NO OUTPUT (dropped)", (10, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 0, 0), 2)
@@ -361,9 +359,9 @@ def run(args) -> int:
             res = frame_result_from_msg(msg, rgb.shape[1], rgb.shape[0])
             ann = draw.annotate(rgb, res, random_weights=bool(msg.random_weights) or rw)
             n_flag = int(res.is_ood.sum())
-        g = fr["ground_truth"]
-        n_gt_ood = int(np.sum(g.is_ood)) if g is not None else 0
-        n_gt_id = (len(g.is_ood) - n_gt_ood) if g is not None else 0
+        g = fr.ground_truth or {}
+        n_gt_ood = sum(1 for is_ood, _cat in g.values() if is_ood)
+        n_gt_id = len(g) - n_gt_ood
         p = frames_dir / f"frame_{i:02d}.png"
         cv2.imwrite(str(p), np.ascontiguousarray(ann[:, :, ::-1]))
         pngs.append(str(p))
