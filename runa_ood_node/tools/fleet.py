@@ -279,74 +279,52 @@ def _read_schema():
                       ("info", pa.string())])
 
 
-@dataclasses.dataclass
-class Frame:
-    """One paired frame as the node sees it: decoded RGB, detections (xyxy px), ground truth."""
+def bag_node_parameters(args_ns, random_weights: bool, path, image_topic: Optional[str]) -> Dict[str, Any]:
+    """The node parameters ``evaluate --bag`` uses for this bag (``bag_eval.node_parameters`` with
+    the bag's image topic and image count: the pairing buffer follows it)."""
+    from . import bag_eval
 
-    frame_index: int
-    stamp_ns: int
-    rgb: np.ndarray
-    boxes_xyxy: np.ndarray
-    det_labels: List[str]
-    det_scores: np.ndarray
-    det_ids: List[str]
-    gt_is_ood: List[Optional[bool]]
-    gt_category: List[Optional[str]]
+    info = bagio.bag_info(path)
+    topic = image_topic or bagio.pick_image_topic(info.topics) or bagio.IMAGE_TOPIC
+    return bag_eval.node_parameters(args_ns, random_weights, args_ns.model, topic, info.counts.get(topic, 0))
 
 
 def iter_bag_frames(path, image_topic: Optional[str], detections_topic: str, gt_topic: Optional[str],
-                    drops: collections.Counter, counts: Dict[str, int]) -> Iterator[Frame]:
-    """The frames of one local bag, paired and decoded as ``evaluate --bag`` does; frames that
-    cannot be scored are counted in ``drops`` by reason, ``counts["images"]`` = images read. Raises ``bagio.BagError`` (and whatever
-    the storage layer raises on a corrupt file) for a bag that cannot be read."""
+                    params: Dict[str, Any], drops: collections.Counter,
+                    counts: Dict[str, int]) -> Iterator[Tuple[int, "bagio.BagFrame"]]:
+    """``(frame_index, frame)`` for every paired, decoded frame of one local bag, read by the one
+    reader (``bagio.iter_frames``: the node's pairer with ``params``' pairing settings, the node's
+    decoders) exactly as ``evaluate --bag`` reads it. ``frame_index`` numbers the bag's images in
+    the order the reader gives them; everything not scorable is counted in ``drops`` by the
+    reader's reason, ``counts["images"]`` = images read.
+
+    Raises:
+        bagio.BagError: no image or detections topic, or the bag cannot be read; the storage layer's
+            own errors for a truncated or corrupt file.
+    """
     info = bagio.bag_info(path)
-    if image_topic is None:
-        image_topic = next((t for t in (bagio.IMAGE_TOPIC, bagio.COMPRESSED_TOPIC) if t in info.topics), None)
-    if image_topic is None or image_topic not in info.topics:
-        raise bagio.BagError(f"no image topic ({image_topic or bagio.IMAGE_TOPIC + ' / ' + bagio.COMPRESSED_TOPIC}); "
+    topic = image_topic or bagio.pick_image_topic(info.topics)
+    if topic is None or topic not in info.topics:
+        raise bagio.BagError(f"no image topic ({topic or bagio.IMAGE_TOPIC + ' / ' + bagio.COMPRESSED_TOPIC}); "
                              f"topics {sorted(info.topics)}")
     if detections_topic not in info.topics:
         raise bagio.BagError(f"no detections topic {detections_topic}; topics {sorted(info.topics)}")
-    frames = bagio.frames_by_stamp(path, image_topic, detections_topic, gt_topic or "/__none__")
-    index = 0
     counts["images"] = 0
-    for fr in frames:
-        if fr["image"] is None:
-            drops["detections_without_image"] += 1
+    for fr in bagio.iter_frames(path, topic, detections_topic, gt_topic, params=params):
+        k = counts["images"]
+        if fr.kind in ("pair", "image"):
+            counts["images"] += 1
+        if not fr.ok:
+            drops[fr.reason] += 1
             continue
-        k = index
-        index += 1
-        counts["images"] = index
-        if fr["detections"] is None:
-            drops["image_without_detections"] += 1
-            continue
-        try:
-            rgb = bagio.image_from_msg(fr["image"], fr["image_type"])
-        except ValueError as exc:
-            drops["bad_image"] += 1
-            LOG.warning("%s frame %d: %s", path, fr["stamp_ns"], exc)
-            continue
-        boxes, cls, scores, ids = bagio.detections_from_msg(fr["detections"])
-        xyxy = boxes.copy()
-        xyxy[:, 2:] += xyxy[:, :2]
-        gt = {}
-        g = fr.get("ground_truth")
-        if g is not None:
-            gt = {str(d): (bool(o), str(c)) for d, o, c in zip(g.detection_ids, g.is_ood, g.category)}
-        yield Frame(k, int(fr["stamp_ns"]), rgb, xyxy.astype(np.float32), [str(c) for c in cls],
-                    np.asarray(scores, np.float32), [str(i) for i in ids],
-                    [gt[i][0] if i in gt else None for i in ids], [gt[i][1] if i in gt else None for i in ids])
-    yield from ()
+        yield k, fr
 
 
 def _image_topic_of(path, wanted: Optional[str]) -> Optional[str]:
     try:
-        topics = bagio.bag_info(path).topics
+        return wanted or bagio.pick_image_topic(bagio.bag_info(path).topics)
     except Exception:
         return wanted
-    if wanted:
-        return wanted
-    return next((t for t in (bagio.IMAGE_TOPIC, bagio.COMPRESSED_TOPIC) if t in topics), None)
 
 
 def _localise(uri: str, local: bool, tmp: str) -> str:
@@ -372,8 +350,9 @@ class ReadBags:
     reason, error) so the driver knows when the bag is complete and why frames were lost."""
 
     def __init__(self, image_topic: Optional[str], detections_topic: str, gt_topic: Optional[str],
-                 frames_per_block: int = 8):
+                 args_ns, random_weights: bool, frames_per_block: int = 8):
         self.image_topic, self.detections_topic, self.gt_topic = image_topic, detections_topic, gt_topic
+        self.args_ns, self.random_weights = args_ns, bool(random_weights)
         self.frames_per_block = max(1, int(frames_per_block))
 
     def __call__(self, batch) -> Iterator[Any]:
@@ -393,15 +372,18 @@ class ReadBags:
         try:
             path = _localise(row["bag"], row["local"], tmp)
             topic = _image_topic_of(path, self.image_topic)
-            for fr in iter_bag_frames(path, self.image_topic, self.detections_topic, self.gt_topic, drops, counts):
-                meta = {"det_labels": fr.det_labels, "det_ids": fr.det_ids, "gt_is_ood": fr.gt_is_ood,
-                        "gt_category": fr.gt_category}
+            params = bag_node_parameters(self.args_ns, self.random_weights, path, topic)
+            for k, fr in iter_bag_frames(path, topic, self.detections_topic, self.gt_topic, params, drops, counts):
+                gt = fr.ground_truth or {}
+                meta = {"det_labels": list(fr.class_ids), "det_ids": list(fr.ids),
+                        "gt_is_ood": [gt[i][0] if i in gt else None for i in fr.ids],
+                        "gt_category": [gt[i][1] if i in gt else None for i in fr.ids]}
                 pending.append({"kind": "frame", "bag_key": row["bag_key"], "bag": row["bag"], "image_topic": topic,
-                                "frame_index": fr.frame_index, "stamp_ns": fr.stamp_ns,
+                                "frame_index": k, "stamp_ns": int(fr.stamp_ns),
                                 "height": int(fr.rgb.shape[0]), "width": int(fr.rgb.shape[1]),
                                 "image": np.ascontiguousarray(fr.rgb).tobytes(),
-                                "boxes": fr.boxes_xyxy.astype(np.float32).tobytes(),
-                                "det_scores": fr.det_scores.astype(np.float32).tobytes(),
+                                "boxes": np.asarray(fr.boxes_cxcywh, np.float32).tobytes(),
+                                "det_scores": np.asarray(fr.scores, np.float32).tobytes(),
                                 "meta": json.dumps(meta), "info": None})
                 sent += 1
                 if len(pending) >= self.frames_per_block:
@@ -528,7 +510,8 @@ class ScoreFrames:
             boxes = np.frombuffer(row["boxes"], np.float32).reshape(-1, 4)
             det = np.frombuffer(row["det_scores"], np.float32)
             try:
-                res = self.scorer.score(rgb, boxes, box_format="xyxy", detector_scores=det)
+                res = self.scorer.score(rgb, boxes, box_format="cxcywh", detector_scores=det,
+                                        detector_labels=meta["det_labels"])
             except Exception as exc:  # a frame the scorer refuses: counted, never fatal
                 out.append({**base, "kind": "frame", "box_index": -1,
                             "info": json.dumps({"error": f"{type(exc).__name__}: {exc}"})})
@@ -940,8 +923,9 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
         perf["ray_start_s"] = round(time.perf_counter() - t0, 3)
         items = [{"bag": ref.uri, "local": ref.local, "bag_key": key} for ref, key in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
+        args_ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
         ds = ds.map_batches(ReadBags(args.image_topic, args.detections_topic, args.gt_topic or None,
-                                     args.batch_frames),
+                                     args_ns, identity["random_weights"], args.batch_frames),
                             batch_size=1, batch_format="pyarrow", num_cpus=read_cpus)
         ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"params": params, "threads": 0 if n_gpus else threads,
                                                                 "top_k": args.top_k},
