@@ -96,21 +96,26 @@ def _records(out, bag):
 
 def test_fleet_equals_evaluate_reports_bad_bags_and_resumes(bags, tmp_path):
     out = tmp_path / "out"
-    rep, log = _fleet([bags / "bags"], out)
+    extra = "file://" + str(bags / "extra" / "c")  # through pyarrow's filesystem layer, as an object store
+    inputs = [bags / "bags", extra]
+    rep, log = _fleet(inputs, out)
     by_bag = {pathlib.Path(s["bag"]).name: s for s in rep["bags"]}
-    assert set(by_bag) == {"a", "b", "trunc", "notopic"}
+    assert set(by_bag) == {"a", "b", "c", "trunc", "notopic"}
     assert by_bag["trunc"]["status"] == "failed" and by_bag["trunc"]["error"]
     assert by_bag["notopic"]["status"] == "failed" and "no image topic" in by_bag["notopic"]["error"]
     assert "FAILED" in log and "RANDOM WEIGHTS" in log
     assert rep["random_weights"] is True and rep["identity"]["weights"] == "RANDOM"
-    assert rep["totals"]["bags_done"] == 2 and rep["totals"]["bags_failed"] == 2
+    assert rep["totals"]["bags_done"] == 3 and rep["totals"]["bags_failed"] == 2
+    assert rep["performance"]["bags_scored"] == 5 and rep["performance"]["boxes_per_s"] > 0
 
     # per-box results equal `runa-ood evaluate --bag` on the same bags
-    for name in ("a", "b"):
+    paths = {"a": bags / "bags" / "a", "b": bags / "bags" / "b", "c": bags / "extra" / "c"}
+    for name, path in paths.items():
         s = by_bag[name]
-        assert s["status"] == "done" and s["frames"] == 3 and s["frames_scored"] == 3
-        ref = _evaluate_bag(bags / "bags" / name, tmp_path / f"eval_{name}")["records"]
-        got = _records(out, bags / "bags" / name)
+        n = 2 if name == "c" else 3
+        assert s["status"] == "done" and s["frames"] == n and s["frames_scored"] == n
+        ref = _evaluate_bag(path, tmp_path / f"eval_{name}")["records"]
+        got = _records(out, extra if name == "c" else path)
         assert len(got) == len(ref) == s["boxes"] > 0
         a = {(r["stamp_ns"], r["id"]): r for r in ref}
         b = {(r["stamp_ns"], r["det_id"]): r for r in got}
@@ -125,14 +130,15 @@ def test_fleet_equals_evaluate_reports_bad_bags_and_resumes(bags, tmp_path):
 
     # outputs: summary CSV, metrics (evaluate's table, overall and per bag), top-K sheet + COCO export
     csv_text = (out / "summary.csv").read_text()
-    assert csv_text.count("\n") == 5 and "failed" in csv_text and "True" in csv_text
+    assert csv_text.count("\n") == 6 and "failed" in csv_text and "True" in csv_text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["random_weights"] is True
-    assert set(metrics["per_bag"]) == {str(bags / "bags" / "a"), str(bags / "bags" / "b")}
-    assert metrics["overall"]["n_id"] + metrics["overall"]["n_ood"] == by_bag["a"]["boxes"] + by_bag["b"]["boxes"]
+    assert set(metrics["per_bag"]) == {str(paths["a"]), str(paths["b"]), extra}
+    n_boxes = sum(by_bag[k]["boxes"] for k in paths)
+    assert metrics["overall"]["n_id"] + metrics["overall"]["n_ood"] == n_boxes == rep["totals"]["boxes"]
     coco = json.loads((out / "top_ood" / "coco.json").read_text())
     assert "RANDOM WEIGHTS" in coco["info"]["description"]
-    n_top = min(50, by_bag["a"]["boxes"] + by_bag["b"]["boxes"])
+    n_top = min(50, n_boxes)
     assert len(coco["images"]) == len(coco["annotations"]) == n_top
     unc = [a["uncertainty"] for a in coco["annotations"]]
     assert unc == sorted(unc, reverse=True)
@@ -142,21 +148,35 @@ def test_fleet_equals_evaluate_reports_bad_bags_and_resumes(bags, tmp_path):
     sheet = cv2.imread(str(out / "top_ood" / "contact_sheet.png"))
     assert sheet is not None and sheet.shape[0] > 200
 
-    # resumption: a second run over the same folder plus a new bag (by file:// URI) redoes only that bag
+    # resumption: a second run over the same inputs finds every bag done and starts no Ray at all
     parts = {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.parquet")}
-    extra = "file://" + str(bags / "extra" / "c")
-    rep2, _ = _fleet([bags / "bags", extra], out)
-    assert rep2["performance"]["bags_scored"] == 1
-    by2 = {pathlib.Path(s["bag"]).name: s for s in rep2["bags"]}
-    assert set(by2) == {"a", "b", "c", "trunc", "notopic"}
-    assert by2["a"]["resumed"] and by2["b"]["resumed"] and by2["trunc"]["resumed"]
-    assert by2["c"]["status"] == "done" and not by2["c"]["resumed"] and by2["c"]["frames"] == 2
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.parquet") if p.name in parts} == parts
-    ref_c = _evaluate_bag(bags / "extra" / "c", tmp_path / "eval_c")["records"]
-    got_c = _records(out, extra)
-    assert len(got_c) == len(ref_c) == by2["c"]["boxes"]
-    assert rep2["totals"]["boxes"] == by_bag["a"]["boxes"] + by_bag["b"]["boxes"] + len(ref_c)
-    assert len(json.loads((out / "top_ood" / "coco.json").read_text())["images"]) == min(50, rep2["totals"]["boxes"])
+    rep2, log2 = _fleet(inputs, out)
+    assert rep2["performance"] == {"bags_scored": 0, "wall_s": rep2["performance"]["wall_s"]}
+    assert "Running Dataset" not in log2
+    assert all(s["resumed"] for s in rep2["bags"]) and len(rep2["bags"]) == 5
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.parquet")} == parts
+    assert rep2["totals"] == {**rep["totals"], "bags_resumed": 5}
+    assert rep2["metrics"] == rep["metrics"]
+    assert json.loads((out / "top_ood" / "coco.json").read_text())["annotations"] == coco["annotations"]
+
+
+def test_interrupted_bag_is_redone(tmp_path):
+    """A bag counts as done only once its state file and its records file are both there: a run
+    killed between the two writes (or before) scores the bag again."""
+    import pyarrow.parquet as pq
+
+    ref = fleet.BagRef("/x/bag", True, 10, 20)
+    st = fleet.BagState(ref, ref.key("cfg"))
+    st.end = {"frames_sent": 0, "images": 0, "drops": {}, "error": None}
+    ident = {"model": TINY, "weights": "RANDOM", "model_id": "m", "random_weights": True}
+    summary = fleet.commit_bag(tmp_path, st, ident, top_k=5)
+    assert summary["status"] == "done" and summary["boxes"] == 0
+    assert fleet.load_done(tmp_path, st.key)["status"] == "done"
+    assert pq.read_table(tmp_path / summary["records"]).num_rows == 0
+    (tmp_path / summary["records"]).unlink()
+    assert fleet.load_done(tmp_path, st.key) is None
+    assert fleet.load_done(tmp_path, "another") is None
+    assert not list(tmp_path.rglob(".*.tmp*")), "no temporary files left behind"
 
 
 def test_bag_key_follows_file_and_model_config(bags):
