@@ -903,23 +903,27 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
     import torch
     from tqdm import tqdm
 
-    n_gpus = torch.cuda.device_count() if str(device).startswith("cuda") else 0
-    n_cpus = os.cpu_count() or 1
-    workers = args.workers or (n_gpus if n_gpus else max(1, n_cpus // 4))
-    threads = args.threads_per_worker or max(1, n_cpus // workers)
+    cuda = str(device).startswith("cuda")
+    n_cpus, n_gpus = os.cpu_count() or 1, (torch.cuda.device_count() if cuda else 0)
     t0 = time.perf_counter()
     ray = _ray_init(args, n_cpus, n_gpus)
-    perf: Dict[str, Any] = {"workers": workers, "threads_per_worker": threads if not n_gpus else None,
-                            "gpus_per_worker": 1 if n_gpus else 0, "batch_frames": args.batch_frames}
     try:
         import ray.data
 
+        res = ray.cluster_resources()  # the local Ray, or the whole cluster with --address
+        total_cpus = float(res.get("CPU", n_cpus))
+        n_gpus = int(res.get("GPU", 0)) if cuda else 0
+        workers = args.workers or (n_gpus if n_gpus else max(1, int(total_cpus) // 4))
+        threads = args.threads_per_worker or max(1, int(total_cpus) // workers)
+        if args.address and not args.threads_per_worker:
+            threads = 4  # the CPUs of one cluster node are not known here: a sane default
+        perf: Dict[str, Any] = {"workers": workers, "threads_per_worker": None if n_gpus else threads,
+                                "gpus_per_worker": 1 if n_gpus else 0, "batch_frames": args.batch_frames}
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ctx.verbose_progress = False
-        total_cpus = float(ray.cluster_resources().get("CPU", n_cpus))
         read_cpus = 0.25
-        actor_cpus = max(0.1, min(float(threads), (total_cpus - read_cpus) / workers)) if not n_gpus else 1.0
+        actor_cpus = 1.0 if n_gpus else max(0.1, min(float(threads), (total_cpus - read_cpus) / workers))
         perf["ray_start_s"] = round(time.perf_counter() - t0, 3)
         items = [{"bag": ref.uri, "local": ref.local, "bag_key": key} for ref, key in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -935,12 +939,14 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
         worker_rss: Dict[int, float] = {}
         n_boxes = 0
         t1 = time.perf_counter()
-        t_first = None
+        t_first, t_last, n_first = None, None, 0
         bar = tqdm(total=len(todo), desc="fleet bags", unit="bag", disable=not progress)
         try:
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if t_first is None:
                     t_first = time.perf_counter()
+                    n_first = sum(1 for k in table.column("kind").to_pylist() if k == "box")
+                t_last = time.perf_counter()
                 for pid, rss in zip(table.column("worker_pid").to_pylist(), table.column("worker_rss_mb").to_pylist()):
                     if pid is not None:
                         worker_rss[pid] = max(worker_rss.get(pid, 0.0), rss or 0.0)
@@ -974,6 +980,8 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
         dt = time.perf_counter() - t1
         perf.update(pipeline_s=round(dt, 3), boxes=n_boxes, boxes_per_s=round(n_boxes / dt, 3) if dt > 0 else None,
                     first_result_s=None if t_first is None else round(t_first - t1, 3),
+                    steady_boxes_per_s=(round((n_boxes - n_first) / (t_last - t_first), 3)
+                                        if t_first is not None and t_last > t_first else None),
                     worker_peak_rss_mb={str(k): round(v, 1) for k, v in sorted(worker_rss.items())},
                     ray=("cluster " + str(args.address)) if args.address else f"local, {n_cpus} CPUs, {n_gpus} GPUs")
     finally:
@@ -995,9 +1003,11 @@ def _print(rep: Dict[str, Any], out: pathlib.Path) -> None:
             lines.append(f"  FAILED {s['bag']}: {s.get('error')}")
     p = rep["performance"]
     if p.get("boxes_per_s") is not None:
+        steady = p.get("steady_boxes_per_s")
         lines.append(f"throughput {p['boxes_per_s']:.1f} boxes/s ({p['boxes']} boxes in {p['pipeline_s']:.1f} s, "
-                     f"{p['workers']} workers; Ray start {p['ray_start_s']:.1f} s); worker peak RSS MB "
-                     f"{p['worker_peak_rss_mb']}")
+                     f"{p['workers']} workers; Ray start {p['ray_start_s']:.1f} s, first result after "
+                     f"{p['first_result_s']:.1f} s, then {'n/a' if steady is None else f'{steady:.2f}'} boxes/s); "
+                     f"worker peak RSS MB {p['worker_peak_rss_mb']}")
     m = rep["metrics"].get("overall") if rep["metrics"] else None
     if m:
         f = lambda v: "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"  # noqa
