@@ -220,3 +220,12 @@ def test_namespace_has_only_loopback():
                              "from runa_ood_node.tools.fleet import non_loopback_interfaces as f; print(f())"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_remote_bag_is_copied_for_reading(bags, tmp_path):
+    """A bag on a non-local filesystem is copied to a temporary folder for the reader (exercised
+    with pyarrow's local filesystem standing in for an object store)."""
+    src = bags / "bags" / "a"
+    path = fleet._localise("file://" + str(src), False, str(tmp_path))
+    assert pathlib.Path(path) != src and (pathlib.Path(path) / "metadata.yaml").is_file()
+    assert bagio.bag_info(path).counts == bagio.bag_info(src).counts

@@ -337,6 +337,7 @@ def _localise(uri: str, local: bool, tmp: str) -> str:
     dst = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
+        os.makedirs(dst, exist_ok=True)
         pafs.copy_files(path, dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     else:
         with fs.open_input_stream(path) as src, open(dst, "wb") as out:
