@@ -255,7 +255,7 @@ def test_backend_contract(kind, tiny_encoder, cache, real_views):
 
 
 def test_bare_trunk_and_encoder_set_backend(tiny_encoder, cache, real_views, restore_backend):
-    be = make_backend("onnxruntime", tiny_encoder.visual_trunk, cache_dir=cache)  # as pipeline.from_config passes it
+    be = make_backend("onnxruntime", tiny_encoder.visual_trunk, cache_dir=cache)  # as factory.build_scorer passes it
     enc = restore_backend
     ref = enc.visual_features(real_views)
     enc.set_backend(be)

@@ -9,10 +9,16 @@ import types
 import numpy as np
 import pytest
 
+from runa_ood_node.factory import build_node_scorer
 from runa_ood_node.tools import bag_eval, bagio, make_bag
 
 TINY = "runa-tiny-vit"
 STAMP0 = 1_700_000_000_000_000_000
+
+
+def _node_scorer(params, encoder=None):
+    """What ``evaluate --bag`` scores with offline: the node's factory path around ``encoder``."""
+    return build_node_scorer(bag_eval.node_settings(params), encoder=encoder)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +101,7 @@ def test_node_params_are_mirrored_offline(tiny_encoder, photo_bag):
         assert params["precision"] == "auto"
         assert bag_eval.node_parameters(types.SimpleNamespace(**vars(ns), precision="fp32"), True, TINY,
                                         bagio.IMAGE_TOPIC, 4)["precision"] == "fp32"
-    scorer = bag_eval.scorer_from_params(params, tiny_encoder)
+    scorer = _node_scorer(params, tiny_encoder)
     assert scorer.lam == 0.25 and scorer.max_boxes == 1
     res = bag_eval.evaluate_offline(photo_bag, scorer, progress=False)
     statuses = [r["status"] for r in res["records"] if r["stamp_ns"] == STAMP0]
@@ -123,7 +129,7 @@ def test_offline_counts_unusable_frames(tiny_encoder, tmp_path):
     ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set="voc",
                                thresholds=None, min_box_size=2.0, pretrained="none", projection=None,
                                backend="torch", device="cpu", node_params=[])
-    scorer = bag_eval.scorer_from_params(bag_eval.node_parameters(ns, True, TINY, bagio.IMAGE_TOPIC), tiny_encoder)
+    scorer = _node_scorer(bag_eval.node_parameters(ns, True, TINY, bagio.IMAGE_TOPIC), tiny_encoder)
     res = bag_eval.evaluate_offline(path, scorer, progress=False)
     # the node's own drop reasons: a conversion failure and an image the pairer gave up
     assert res["skipped"] == {"image_unsupported_encoding": 1, "image_without_detections": 1}
@@ -160,7 +166,7 @@ def test_live_compressed_transport_matches_offline(tiny_encoder, tmp_path):
                                thresholds=None, min_box_size=2.0, pretrained="none", projection=None,
                                backend="torch", device="cpu", node_params=[])
     params = bag_eval.node_parameters(ns, True, TINY, bagio.COMPRESSED_TOPIC, 2)
-    off = bag_eval.evaluate_offline(path, bag_eval.scorer_from_params(params, tiny_encoder), progress=False)
+    off = bag_eval.evaluate_offline(path, _node_scorer(params, tiny_encoder), progress=False)
     live = bag_eval.run_live(path, params, tmp_path, progress=False)
     recs = bag_eval.live_records(live, bag_eval.ground_truth_map(path))
     a = {(r["stamp_ns"], r["id"]): r["uncertainty"] for r in off["records"]}
@@ -168,37 +174,3 @@ def test_live_compressed_transport_matches_offline(tiny_encoder, tmp_path):
     assert set(a) == set(b) and len(a) == 3
     assert all(b[k] == pytest.approx(a[k], abs=1e-5) for k in a)
     assert live["image_topic"] == bagio.COMPRESSED_TOPIC and len(live["latency_ms"]) == 2
-
-
-def test_offline_applies_the_projection_parameter_like_the_node(photo_bag, tmp_path):
-    """With a reused encoder, the node's ``projection`` parameter must change offline scores exactly
-    as it changes the node's scorer (``OodScorer.from_config``); an empty parameter restores P_g."""
-    import torch
-
-    from runa_ood_node.core.encoder import DualEncoder
-    from runa_ood_node.core.finetune import save_projection
-
-    encoder = DualEncoder.load(TINY, pretrained=None, device="cpu", allow_random=True)  # mutated below
-    gen = torch.Generator().manual_seed(3)
-    proj = torch.randn(encoder.width, encoder.embed_dim, generator=gen)
-    save_projection(tmp_path / "proj", proj, {"model_id": encoder.model_id})
-    ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set="voc",
-                               thresholds=None, min_box_size=2.0, pretrained="none", projection=str(tmp_path / "proj"),
-                               backend="torch", device="cpu", node_params=[])
-    params = bag_eval.node_parameters(ns, True, TINY, bagio.IMAGE_TOPIC, 4)
-    assert params["projection"] == str(tmp_path / "proj")
-
-    def scores(scorer):
-        recs = bag_eval.evaluate_offline(photo_bag, scorer, progress=False)["records"]
-        return np.asarray([r["uncertainty"] for r in recs], np.float64)
-
-    reused = bag_eval.scorer_from_params(params, encoder)
-    assert torch.equal(encoder.proj_regional, proj)
-    offline = scores(reused)
-    node_path = scores(bag_eval.scorer_from_params(params))  # the node's construction: from_config
-    assert offline.shape == (10,) and np.allclose(offline, node_path, atol=1e-5)
-
-    plain = scores(bag_eval.scorer_from_params(dict(params, projection=""), encoder))
-    assert torch.equal(encoder.proj_regional, encoder.proj_global)
-    assert not np.allclose(plain, offline, atol=1e-4)  # the projection changed the scores
-    assert np.allclose(plain, scores(bag_eval.scorer_from_params(dict(params, projection=""))), atol=1e-5)

@@ -414,3 +414,150 @@ def test_rgb8_zero_copy_view_only_for_unpadded_rgb8():
     with pytest.raises(C.ImageConversionError) as err:
         C.image_to_rgb(msg, copy=False)
     assert err.value.reason == "truncated"
+
+
+# ------------------------------------------------------------------- hostile sizes (issue 9 item 2)
+
+
+def _peak_rss_kb():
+    import re
+
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _bomb_jpeg(width=20000, height=20000) -> bytes:
+    """A tiny real JPEG whose frame header (SOF0) is patched to declare width x height."""
+    ok, buf = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    b = bytearray(buf.tobytes())
+    i = b.find(b"\xff\xc0")
+    b[i + 5:i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(b)
+
+
+def _bomb_png(width=20000, height=20000) -> bytes:
+    import struct
+    import zlib
+
+    ok, buf = cv2.imencode(".png", np.zeros((8, 8), np.uint8))
+    b = bytearray(buf.tobytes())
+    b[16:24] = struct.pack(">II", width, height)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))  # keep the IHDR CRC valid
+    return bytes(b)
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png"])
+def test_decompression_bomb_is_refused_from_its_header_without_allocating(kind):
+    """A ~630-byte JPEG (or PNG) declaring 20000x20000 used to be decoded in full (3.2 GB RSS).
+    It is refused from its header: too_large, and neither Python nor the process allocates."""
+    import tracemalloc
+
+    data = _bomb_jpeg() if kind == "jpeg" else _bomb_png()
+    assert len(data) < 1000
+    assert C.compressed_image_size(data) == (kind, 20000, 20000)
+    m = CompressedImage(format=kind)
+    m.data = data
+    can_measure = _reset_peak_rss()
+    rss0 = _peak_rss_kb()
+    tracemalloc.start()
+    try:
+        with pytest.raises(C.ImageConversionError) as ei:
+            C.compressed_to_rgb(m)
+        _, py_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ei.value.reason == "too_large" and "20000x20000" in str(ei.value)
+    assert py_peak < 1_000_000  # bytes: no image buffer was allocated
+    if can_measure:
+        assert _peak_rss_kb() - rss0 < 50_000  # kB: cv2 did not decode either (1.2 GB if it had)
+    # the cap is the caller's: a 20000x20000 header passes a cap that allows it (only checked here,
+    # not decoded), and a real small image passes the default cap
+    assert C.compressed_image_size(data)[1:] == (20000, 20000)
+    small = C.rgb_to_compressed(np.zeros((8, 8, 3), np.uint8), fmt=kind)
+    assert C.compressed_to_rgb(small).shape == (8, 8, 3)
+
+
+def test_raw_image_declaring_a_huge_size_is_refused_before_reading_data():
+    """100000 x 100000 declared with a few bytes of data: too_large (checked first), not truncated;
+    and the cap is a parameter (max_pixels), None = no cap."""
+    import tracemalloc
+
+    m = Image(height=100000, width=100000, encoding="rgb8", step=300000)
+    m.data = bytes(16)
+    tracemalloc.start()
+    try:
+        with pytest.raises(C.ImageConversionError) as ei:
+            C.image_to_rgb(m)
+        _, py_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ei.value.reason == "too_large" and py_peak < 1_000_000
+    with pytest.raises(C.ImageConversionError) as ei:
+        C.image_to_rgb(m, max_pixels=None)  # without a cap: the inconsistent data size is what fails
+    assert ei.value.reason == "truncated"
+    ok = C.rgb_to_image(np.zeros((10, 20, 3), np.uint8))
+    with pytest.raises(C.ImageConversionError) as ei:
+        C.image_to_rgb(ok, max_pixels=199)
+    assert ei.value.reason == "too_large"
+    assert C.image_to_rgb(ok, max_pixels=200).shape == (10, 20, 3)
+    assert C.DEFAULT_MAX_IMAGE_PIXELS == 4096 * 4096
+
+
+def test_compressed_header_parser_skips_segments_and_refuses_unknown_payloads():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    jpg = cv2.imencode(".jpg", img)[1].tobytes()
+    assert C.compressed_image_size(jpg) == ("jpeg", 53, 37)
+    assert C.compressed_image_size(cv2.imencode(".png", img)[1].tobytes()) == ("png", 53, 37)
+    # an APP1 segment whose payload looks like a huge frame header is skipped by its length
+    fake_sof = b"\xff\xc0\x00\x11\x08\x4e\x20\x4e\x20" + bytes(8)
+    app1 = b"\xff\xe1" + (2 + len(fake_sof)).to_bytes(2, "big") + fake_sof
+    assert C.compressed_image_size(jpg[:2] + app1 + jpg[2:]) == ("jpeg", 53, 37)
+    m = CompressedImage(format="")
+    m.data = jpg[:2] + app1 + jpg[2:]
+    assert C.compressed_to_rgb(m).shape == (37, 53, 3)
+    # BMP (cv2 would decode it) has no header we check: refused rather than decoded blind
+    bmp = CompressedImage(format="")
+    bmp.data = cv2.imencode(".bmp", img)[1].tobytes()
+    with pytest.raises(C.ImageConversionError) as ei:
+        C.compressed_to_rgb(bmp)
+    assert ei.value.reason == "unsupported_encoding"
+    for bad in (b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8", jpg[:20]):  # scan before frame, truncated
+        with pytest.raises(C.ImageConversionError) as ei:
+            C.compressed_image_size(bad)
+        assert ei.value.reason == "decode_failed"
+
+
+# ---------------------------------------------------------- float32 overflow (issue 9 item 7)
+
+
+def test_coordinates_beyond_float32_are_infinite_silently(tiny_encoder):
+    """Coordinates beyond +-3.4e38 used to print 'RuntimeWarning: overflow encountered in cast'.
+    They are INFINITE boxes now, with no warning (warnings are errors in this test)."""
+    import warnings
+
+    from runa_ood_node.core.pipeline import OodScorer
+
+    arr = C.boxes_to_detections(_hdr(), [[10, 10, 50, 50], [10, 10, 50, 50], [10, 10, 50, 50], [10, 10, 50, 50]],
+                                scores=[0.9, 1e39, 0.5, 0.5])
+    arr.detections[1].bbox.center.position.x = 1e39
+    arr.detections[2].bbox.size_x = -1e300
+    arr.detections[3].bbox.center.position.y = -3.5e38
+    arr.detections[3].bbox.size_y = 1e308
+    arr.detections[3].bbox.center.theta = 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        boxes, scores, _, _ = C.detections_to_arrays(arr)
+        res = OodScorer(tiny_encoder, "voc").score(np.zeros((64, 64, 3), np.uint8), boxes, box_format="cxcywh",
+                                                   detector_scores=scores)
+    assert res.status.tolist() == [BoxStatus.OK] + [BoxStatus.INFINITE] * 3
+    assert np.isinf(scores[1]) and np.isfinite(res.boxes_xyxy).all()

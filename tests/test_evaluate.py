@@ -181,7 +181,7 @@ def test_precision_argument_resolves_per_device():
     a = parser.parse_args([])
     assert a.precision == "auto" and a.offline is False
     assert parser.parse_args(["--precision", "fp16", "--offline"]).offline is True
-    # the CUDA configuration the node would get: device and precision reach from_config
+    # the CUDA configuration the node would get: device and precision reach build_scorer
     cfg = common.pipeline_config(_model_ns(device="cuda", backend="tensorrt"), "voc")
     assert (cfg["device"], cfg["precision"], cfg["backend"]) == ("cuda", "fp16", "tensorrt")
 
@@ -193,11 +193,11 @@ def test_fp16_on_cpu_exits_2(ood_pack, tmp_path, capsys):
 
 
 def test_tools_build_the_backend_like_the_node(monkeypatch):
-    """The shared loader goes through OodScorer.from_config: make_backend gets the encoder (not its
+    """The shared loader goes through factory.build_scorer: make_backend gets the encoder (not its
     trunk), the device and the precision, and the backend becomes the encoder's trunk."""
     import runa_ood_node.backends.base as base
     from runa_ood_node.core.encoder import DualEncoder
-    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.factory import build_scorer
     from runa_ood_node.tools import common
 
     calls = []
@@ -224,7 +224,7 @@ def test_tools_build_the_backend_like_the_node(monkeypatch):
     assert pipe.encoder.backend_name == "spy-onnxruntime" and pipe.scorer == "mcm"
     assert pipe.encoder.precision == "fp32" and pipe.encoder.random_weights
     # same pipeline as the node's path on the same settings
-    node = OodScorer.from_config({"model": "runa-tiny-vit", "allow_random": True, "labels": "voc", "scorer": "mcm"})
+    node = build_scorer({"model": "runa-tiny-vit", "allow_random": True, "labels": "voc", "scorer": "mcm"})
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
     boxes = [[5, 5, 40, 30], [20, 10, 70, 55]]

@@ -54,7 +54,7 @@ def test_training_improves_the_shots_independently(finetuned, ood_pack):
     """Recompute the shots' features and check loss and per-shot cosines with both projections."""
     from runa_ood_node.core.dataset import load_dataset
     from runa_ood_node.core.finetune import eq7_loss, load_projection, own_class_cosine
-    from runa_ood_node.core.views import ViewMaker
+    from runa_ood_node.factory import build_scorer
     from runa_ood_node.tools.finetune import shot_features
 
     enc = _tool_encoder()
@@ -64,8 +64,8 @@ def test_training_improves_the_shots_independently(finetuned, ood_pack):
     shots = ds.sample_shots(2, seed=3)
     assert [s["ann_id"] for s in meta["shot_list"]] == [ds.frames[f].ann_ids[b] for f, b in
                                                         zip(shots.frame_idx, shots.box_idx)]
-    vm = ViewMaker(enc.input_size, enc.mean, enc.std, 1.0)
-    feats, keep = shot_features(enc, vm, ds, shots, use_cache=False, progress=False)
+    feats, keep = shot_features(build_scorer({"labels": ds.label_set}, encoder=enc), ds, shots, use_cache=False,
+                                progress=False)
     assert keep.all()
     y = torch.from_numpy(shots.label_idx)
     txt = enc.text_embeddings(ds.label_set)

@@ -479,12 +479,6 @@ class DualEncoder:
         emb = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
-    def encode_boxes(self, regional: torch.Tensor, global_: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
-        """Convenience: features of both view batches in one backend call, then :meth:`fuse`."""
-        M = regional.shape[0]
-        feats = self.visual_features(torch.cat([regional, global_], 0))
-        return self.fuse(feats[:M], feats[M:], lam)
-
     # ------------------------------------------------------------------ text side
     def _text_key(self, prompts: Sequence[Sequence[str]]) -> str:
         blob = json.dumps({"model_id": self.model_id, "prompts": [list(p) for p in prompts]}, sort_keys=True)

@@ -1,7 +1,8 @@
 """``OodScorer``: one RGB frame + N detector boxes -> per-box RUNA OOD results.
 
 This is the single implementation of the method that the ROS node, the evaluation tool and the
-benchmark all call. :meth:`OodScorer.score` is ``score_features(encode(...))``, two public steps:
+benchmark all call; they build it with ``runa_ood_node.factory.build_scorer`` (outside core: it
+needs the optional backends). :meth:`OodScorer.score` is ``score_features(encode(...))``, two public steps:
 
 :meth:`OodScorer.encode` (image -> :class:`BoxFeatures`, the expensive part):
 
@@ -41,7 +42,7 @@ import logging
 import math
 import numbers
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -255,7 +256,7 @@ class OodScorer:
             ``check_compatible`` it is called with this scorer's model_id, scorer and label set
             name, so thresholds fitted for another configuration raise ``ValueError``.
         max_boxes: score at most this many valid boxes per frame (highest detector score first;
-            input order when no detector scores); None = all.
+            input order when no detector scores); None or 0 = no cap (the node parameter's meaning).
         min_box_size: minimum box width/height in px after clipping (smaller -> TOO_SMALL).
         temperature: temperature of the ``mcm`` / ``energy`` scorers.
         max_batch: optional cap on views per backend call (memory bound); None = one call.
@@ -287,7 +288,7 @@ class OodScorer:
         self.lam = float(lam)
         self.ablation = ablation
         self.thresholds = thresholds
-        self.max_boxes = None if max_boxes is None else int(max_boxes)
+        self.max_boxes = None if not max_boxes else int(max_boxes)  # 0 = no cap, as the node parameter
         self.min_box_size = float(min_box_size)
         self.temperature = float(temperature)
         self.max_batch = max_batch
@@ -328,15 +329,6 @@ class OodScorer:
             out[k] = v
         return out
 
-    def set_thresholds(self, thresholds) -> None:
-        """Swap the thresholds (e.g. after calibration) without rebuilding the scorer.
-
-        Raises ValueError (from ``Thresholds.check_compatible``) when the thresholds' metadata
-        names another model_id, scorer or label set."""
-        self.thresholds = thresholds
-        self._label_thresholds = self._resolve_thresholds()
-        self._other_thresholds = {}
-
     def _thresholds_for(self, scorer: str) -> np.ndarray:
         """Per-label thresholds used when scoring with ``scorer``: this scorer's own for its own
         method; for another method the thresholds only if their metadata does not name a
@@ -350,18 +342,6 @@ class OodScorer:
                 LOG.info("thresholds not applied to scorer %r (%s); is_ood stays False for it", scorer, exc)
                 self._other_thresholds[scorer] = np.full(len(self.label_set), np.nan, np.float32)
         return self._other_thresholds[scorer]
-
-    @property
-    def label_thresholds(self) -> np.ndarray:
-        """float32 ``[K]`` threshold per ID label (NaN where none)."""
-        return self._label_thresholds.copy()
-
-    def describe(self) -> Dict[str, Any]:
-        """Configuration summary for logs, diagnostics and result files."""
-        return {"encoder": self.encoder.describe(), "label_set": self.label_set.name, "num_labels": len(self.label_set),
-                "scorer": self.scorer, "lam": self.lam, "ablation": self.ablation, "blur_radius": self.blur_radius,
-                "max_boxes": self.max_boxes, "min_box_size": self.min_box_size, "temperature": self.temperature,
-                "thresholds": None if self.thresholds is None else getattr(self.thresholds, "global_threshold", "custom")}
 
     # ------------------------------------------------------------------ scoring
     def _cap(self, status: np.ndarray, det: Optional[np.ndarray]) -> None:
@@ -599,94 +579,3 @@ class OodScorer:
         w, h = width / (n + 1), height / 2
         boxes = [[i * w, h / 2, (i + 1) * w, 1.5 * h] for i in range(n)]
         return self.score(image, boxes)
-
-    # ------------------------------------------------------------------ factory
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "OodScorer":
-        """Build encoder, label set, projection, thresholds and scorer from a flat dict.
-
-        Keys (all optional except ``model``; defaults in brackets):
-            ``model`` open_clip model name; ``pretrained`` [None] tag or checkpoint path;
-            ``device`` ["cpu"]; ``precision`` ["fp32"] (torch trunk and backend); ``allow_random`` [False];
-            ``allow_download`` [None: allowed unless RUNA_OOD_OFFLINE / HF_HUB_OFFLINE] may an
-            open_clip tag missing from the local cache be downloaded (a vehicle passes False);
-            ``labels`` ["voc"] built-in name or YAML path/name; ``projection`` [None] fine-tuned
-            projection (name in calibration/ or path, via ``finetune.load_projection``);
-            ``thresholds`` [None] thresholds file (name or path, via ``Thresholds.load``);
-            ``scorer`` ["runa"]; ``lam`` [0.5]; ``blur_radius`` [1.0]; ``ablation`` ["dual"];
-            ``max_boxes`` [None]; ``min_box_size`` [2.0]; ``temperature`` [1.0];
-            ``max_batch`` [None]; ``views`` ["gpu" when ``device`` is CUDA, else "cpu"] or "gpu" (``backends.gpu_preprocess.GpuViewMaker``
-            on ``device``; falls back to the CPU views with a warning when it cannot be built);
-            ``backend`` ["torch"]: other kinds go through
-            ``backends.base.make_backend(kind, encoder, device=device, **backend_options)``
-            (``"auto"`` falls back TensorRT -> ONNX Runtime -> torch, logged there);
-            ``backend_options`` [{}] extra keyword arguments for ``make_backend`` (precision,
-            engine_path, onnx_path, ort_threads, int8, max_batch...).
-
-        Unknown keys raise ValueError (typos in parameter files should not pass silently).
-        """
-        allowed = {"model", "pretrained", "device", "precision", "allow_random", "allow_download", "labels", "label_set", "projection",
-                   "thresholds", "scorer", "lam", "blur_radius", "ablation", "max_boxes", "min_box_size",
-                   "temperature", "max_batch", "backend", "backend_options", "views"}
-        cfg = dict(config)
-        unknown = set(cfg) - allowed
-        if unknown:
-            raise ValueError(f"unknown OodScorer config keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-        if not cfg.get("model"):
-            raise ValueError("OodScorer config needs 'model' (an open_clip model name, e.g. 'ViT-B-16')")
-
-        def opt(key, default=None):
-            v = cfg.get(key, default)
-            return default if v in ("", None) else v
-
-        encoder = DualEncoder.load(cfg["model"], pretrained=opt("pretrained"), device=opt("device", "cpu"),
-                                   allow_random=bool(cfg.get("allow_random", False)),
-                                   precision=opt("precision", "fp32"),
-                                   allow_download=cfg.get("allow_download"))
-        backend_kind = opt("backend", "torch")
-        if backend_kind != "torch":
-            from ..backends.base import make_backend  # lazy: optional runtimes
-
-            options = {"device": opt("device", "cpu"), "precision": opt("precision", "fp32"),
-                       **dict(cfg.get("backend_options") or {})}
-            backend = make_backend(backend_kind, encoder, **options)
-            encoder.set_backend(backend, getattr(backend, "name", backend_kind))
-        projection = opt("projection")
-        if projection is not None:
-            from .finetune import load_projection
-
-            proj, meta = load_projection(projection)
-            mid = (meta or {}).get("model_id") if isinstance(meta, Mapping) else None
-            if mid and mid != encoder.model_id:
-                LOG.warning("projection %s was trained for model_id %s, loaded model is %s", projection, mid,
-                            encoder.model_id)
-            encoder.set_regional_projection(proj)
-        thresholds = opt("thresholds")
-        if thresholds is not None and not hasattr(thresholds, "for_label"):
-            from .paths import resolve_calibration_file
-            from .thresholds import Thresholds
-
-            thresholds = Thresholds.load(resolve_calibration_file(thresholds, (".json", ".yaml", ".yml")))
-        blur_radius = float(opt("blur_radius", 1.0))
-        # on CUDA, crops / blur / composite run on the GPU by default (no per-box host round trips)
-        views = opt("views", "gpu" if str(opt("device", "cpu")).startswith("cuda") else "cpu")
-        if views not in ("cpu", "gpu"):
-            raise ValueError(f"views must be 'cpu' or 'gpu', got {views!r}")
-        view_maker = None
-        if views == "gpu":
-            try:
-                from ..backends.gpu_preprocess import GpuViewMaker  # lazy: needs torchvision
-
-                view_maker = GpuViewMaker(encoder.input_size, encoder.mean, encoder.std, blur_radius,
-                                          device=opt("device", "cpu"))
-            except Exception as exc:  # missing torchvision ops / CUDA: the CPU path always works
-                LOG.warning("GPU view maker unavailable (%s: %s); using CPU views", type(exc).__name__, exc)
-        max_boxes = opt("max_boxes")
-        if max_boxes is not None and int(max_boxes) <= 0:
-            max_boxes = None  # 0 / negative in a parameter file means "no cap"
-        return cls(encoder, opt("labels", None) or opt("label_set", "voc"), scorer=opt("scorer", "runa"),
-                   lam=float(opt("lam", 0.5)), blur_radius=blur_radius,
-                   ablation=opt("ablation", "dual"), thresholds=thresholds,
-                   max_boxes=None if max_boxes is None else int(max_boxes),
-                   min_box_size=float(opt("min_box_size", 2.0)), temperature=float(opt("temperature", 1.0)),
-                   max_batch=opt("max_batch"), view_maker=view_maker)

@@ -315,6 +315,7 @@ def compressed_to_rgb(msg, mono16_scale: str = "max",
         raise ImageConversionError("decode_failed", str(exc).strip().splitlines()[-1]) from exc
     if img is None or img.size == 0:
         raise ImageConversionError("decode_failed", f"{buf.size} bytes, format {fmt!r}")
+    _check_pixels(img.shape[1], img.shape[0], max_pixels, f"decoded {kind}")  # a header that lied
     if img.dtype == np.uint16:
         img = _to8(img, mono16_scale)
     elif img.dtype != np.uint8:
@@ -326,15 +327,6 @@ def compressed_to_rgb(msg, mono16_scale: str = "max",
     if img.shape[2] == 3:
         return np.ascontiguousarray(img[:, :, ::-1])
     return np.ascontiguousarray(img[:, :, 2::-1])
-
-
-def message_to_rgb(msg, mono16_scale: str = "max", copy: bool = True,
-                   max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """An ``Image`` or a ``CompressedImage`` (told apart by its ``format`` field) -> ``HxWx3 uint8
-    RGB``: :func:`compressed_to_rgb` or :func:`image_to_rgb` with the same arguments."""
-    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
-        return compressed_to_rgb(msg, mono16_scale=mono16_scale, max_pixels=max_pixels)
-    return image_to_rgb(msg, mono16_scale=mono16_scale, copy=copy, max_pixels=max_pixels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,7 +695,7 @@ def to_label_info(header, labels: Sequence[str], threshold: float = float("nan")
 
 __all__ = [
     "ENCODINGS", "REASONS", "MONO16_SCALINGS", "DEFAULT_MAX_IMAGE_PIXELS", "ImageConversionError",
-    "image_to_rgb", "compressed_to_rgb", "compressed_image_size", "message_to_rgb", "array_to_image", "rgb_to_image", "rgb_to_compressed", "copy_header",
+    "image_to_rgb", "compressed_to_rgb", "compressed_image_size", "array_to_image", "rgb_to_image", "rgb_to_compressed", "copy_header",
     "stamp_to_ns", "ns_to_stamp", "detections_to_arrays", "boxes_to_detections", "ood_detection",
     "to_ood_array", "to_ood_only", "to_alert", "to_label_info",
 ]

@@ -28,7 +28,7 @@ Outputs (every header is a copy of the **source image's header**: stamp and fram
                             drops by reason, boxes by status, backend, model, random_weights
 
 Lifecycle
-    configure: validate parameters, load model / projection / thresholds (``OodScorer.from_config``,
+    configure: validate parameters, load model / projection / thresholds (``factory.build_node_scorer``,
     with ``precision`` resolved for the device and ``allow_download``: by default a pretrained tag
     must already be in the local cache), create publishers. A load failure is logged as an error
     and configure returns FAILURE (``main`` exits with status 1). activate: subscriptions, timers,
@@ -177,13 +177,15 @@ class RunaOodNode(LifecycleNode):
             return self._fail(f"configure failed: {exc}")
         try:
             from ..core.encoder import WeightsUnavailableError
-            from ..core.pipeline import OodScorer
+            from ..factory import build_node_scorer
 
-            cfg = settings.scorer_config()
-            cfg["thresholds"] = settings.thresholds()
             t0 = time.perf_counter()
-            scorer = OodScorer.from_config(cfg)
+            scorer = build_node_scorer(settings)
             load_s = time.perf_counter() - t0
+            warm = scorer.warmup()  # lazy start-up (allocators, kernels, engines) now, not on the first frame
+            warmup_s = time.perf_counter() - t0 - load_s
+            if warm.error:
+                return self._fail(f"configure failed: the model cannot score a frame: {warm.error}")
         except WeightsUnavailableError as exc:  # with allow_download=false: at once, no network retries
             return self._fail(f"configure failed: model weights unavailable for model={settings.model!r} "
                               f"pretrained={settings.pretrained!r} (allow_download={settings.allow_download}): {exc}")
@@ -211,7 +213,7 @@ class RunaOodNode(LifecycleNode):
         self._worker.start()
         thr = "thresholds " + (settings.thresholds_file if settings.thresholds_file else
                                f"default_threshold={settings.default_threshold} (UNCALIBRATED)")
-        log.info(f"configured in {load_s:.2f} s: model {settings.model} ({settings.pretrained or 'no weights'}), "
+        log.info(f"configured in {load_s:.2f} s + warm-up {warmup_s:.2f} s: model {settings.model} ({settings.pretrained or 'no weights'}), "
                  f"backend {self.backend_name} on {settings.device} ({settings.resolved_precision}), "
                  f"label set {scorer.label_set.name} ({len(scorer.label_set)} labels), scorer {settings.scorer}, "
                  f"lam {settings.lam}, blur {settings.blur_radius} px, {thr}")

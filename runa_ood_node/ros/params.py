@@ -291,7 +291,7 @@ class NodeSettings:
         return self.image_topic + "/compressed" if self.image_transport == "compressed" else self.image_topic
 
     def scorer_config(self) -> Dict[str, Any]:
-        """The dict for ``core.pipeline.OodScorer.from_config`` (thresholds excluded: see
+        """The dict for ``runa_ood_node.factory.build_scorer`` (thresholds excluded: see
         :meth:`thresholds`)."""
         cfg: Dict[str, Any] = {
             "model": self.model,

@@ -160,74 +160,6 @@ def node_settings(params: Dict[str, Any]):
     return validate(params)
 
 
-def scorer_from_params(params: Dict[str, Any], encoder=None):
-    """The ``OodScorer`` the node builds from ``params``.
-
-    Without ``encoder``: the node's own path (``validate`` -> ``NodeSettings.scorer_config()`` +
-    ``thresholds()`` -> ``OodScorer.from_config``); random weights are always drawn with
-    ``core.encoder.RANDOM_WEIGHTS_SEED``, so they equal the node's. With an already loaded ``encoder`` (same model and
-    weights): the scorer is built around it with the node's method settings and thresholds
-    (``thresholds_file``, else ``default_threshold`` for every label), saving a second model load;
-    the ``projection`` parameter is applied to that encoder as ``from_config`` applies it
-    (``finetune.load_projection`` -> ``set_regional_projection``; an empty parameter restores
-    ``P_r = P_g``), so **the encoder's regional projection is replaced**.
-
-    Raises:
-        ParameterValidationError: invalid parameters (the node's validation).
-        FileNotFoundError / ValueError: the projection or thresholds file cannot be used.
-    """
-    from ..core.pipeline import OodScorer
-
-    settings = node_settings(params)
-    if encoder is not None:
-        apply_projection(encoder, settings.projection)
-        return OodScorer(encoder, settings.label_set, scorer=settings.scorer, lam=settings.lam,
-                         blur_radius=settings.blur_radius, thresholds=settings.thresholds(),
-                         max_boxes=(settings.max_boxes or None), min_box_size=settings.min_box_size,
-                         temperature=settings.temperature,
-                         view_maker=_node_view_maker(encoder, settings.device, settings.blur_radius))
-    cfg = settings.scorer_config()
-    if settings.backend != "torch":
-        cfg.setdefault("backend_options", {})["device"] = settings.device
-    cfg["thresholds"] = settings.thresholds()
-    return OodScorer.from_config(cfg)
-
-
-def _node_view_maker(encoder, device: str, blur_radius: float):
-    """The view maker ``OodScorer.from_config`` gives the node: GPU views (``GpuViewMaker``) on a
-    CUDA device, None (the CPU ``ViewMaker``) otherwise or when the GPU one cannot be built."""
-    if not str(device).startswith("cuda"):
-        return None
-    try:
-        from ..backends.gpu_preprocess import GpuViewMaker
-
-        return GpuViewMaker(encoder.input_size, encoder.mean, encoder.std, blur_radius, device=device)
-    except Exception as exc:  # as from_config: the CPU views always work
-        LOG.warning("GPU view maker unavailable (%s: %s); using CPU views", type(exc).__name__, exc)
-        return None
-
-
-def apply_projection(encoder, projection: Optional[str]) -> None:
-    """Set ``encoder``'s regional projection as the node's ``projection`` parameter does
-    (``OodScorer.from_config``): a name / path -> ``finetune.load_projection`` (a warning when its
-    ``model_id`` differs from the encoder's); empty / None -> ``P_r = P_g`` (off the shelf).
-
-    Raises:
-        FileNotFoundError: no such projection; ValueError: unreadable or wrong shape.
-    """
-    if not projection:
-        encoder.set_regional_projection(None)
-        return
-    from ..core.finetune import load_projection
-
-    proj, meta = load_projection(projection)
-    mid = meta.get("model_id") if isinstance(meta, dict) else None
-    if mid and mid != encoder.model_id:
-        LOG.warning("projection %s was trained for model_id %s, loaded model is %s", projection, mid,
-                    encoder.model_id)
-    encoder.set_regional_projection(proj)
-
-
 def ros_args(params: Dict[str, Any]) -> List[str]:
     """``--ros-args -p name:=value ...`` with values typed as the node declares them (floats keep a
     decimal point, strings are YAML-quoted so ``true`` / ``1.0`` / ``''`` stay strings)."""
@@ -622,8 +554,10 @@ def run_bag(args) -> int:
                       alerts=alert_timeline(live["alerts"]), node_diagnostics=diagnostics_summary(live["diagnostics"]),
                       node_log=live["node_log"], out_bag=live.get("out_bag"))
     else:
-        try:
-            scorer = scorer_from_params(params, encoder)
+        from ..factory import build_node_scorer
+
+        try:  # the node's construction (factory.build_node_scorer) around the encoder already loaded
+            scorer = build_node_scorer(node_settings(params), encoder=encoder)
         except (OSError, ValueError) as exc:  # ParameterValidationError is a ValueError
             raise common.fail([f"cannot build the offline scorer from the node parameters: {exc}"])
         off = evaluate_offline(bag, scorer, image_topic, progress, params)

@@ -12,6 +12,12 @@ Conventions:
       (top-left corner + size) unless stated otherwise; ``vision_msgs/BoundingBox2D`` stores the
       box **centre** and size;
     * message objects are the type store's dataclasses (same field names as the ROS messages).
+
+Reading frames: :func:`iter_frames` is the one way offline tools (``evaluate --bag``, the demo,
+batch tools) get frames out of a bag. It pairs images and detections with the node's own
+``ros.pairing.StampPairer`` and decodes them with the node's own readers (``ros.convert``), so an
+offline tool sees exactly the arrays, pairs and drop reasons the node would. Nothing here converts
+messages to arrays by itself.
 """
 from __future__ import annotations
 

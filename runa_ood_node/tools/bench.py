@@ -275,11 +275,11 @@ def bench_model(encoder, variants: Sequence[str], box_counts: Sequence[int], ima
     from ..backends.base import describe_model
     from ..backends.ort_backend import embedding_fidelity
     from ..backends.torch_backend import TorchBackend
-    from ..core.pipeline import OodScorer
     from ..core.views import ViewMaker
+    from ..factory import build_scorer
 
     model = encoder.model_name
-    scorer = OodScorer(encoder, args.labels)
+    scorer = build_scorer({"labels": args.labels, "views": "cpu"}, encoder=encoder)
     view_maker = ViewMaker(encoder.input_size, encoder.mean, encoder.std, 1.0)
 
     backends: Dict[str, Any] = {}

@@ -9,7 +9,7 @@ The split exists so ``evaluate`` can compare several scorers and ablations on on
 regional_projection=...)``).
 
 Model loading: every tool builds its ``OodScorer`` with :func:`load_pipeline_or_exit`, which goes
-through ``OodScorer.from_config`` like the ROS node: the same encoder precision, the backend built
+through ``factory.build_scorer`` like the ROS node: the same encoder precision, the backend built
 with ``make_backend(kind, encoder, device=..., precision=...)`` (so ``--device cuda --backend
 tensorrt|auto`` can pick TensorRT), GPU views on CUDA, the fine-tuned projection.
 
@@ -191,7 +191,7 @@ def allow_download(args) -> bool:
 
 def pipeline_config(args, label_set: Any = "voc", scorer: Optional[str] = None, ablation: Optional[str] = None,
                     thresholds=None, random_weights: bool = False) -> Dict[str, Any]:
-    """The ``OodScorer.from_config`` dict of the shared CLI arguments (the node's construction path).
+    """The ``factory.build_scorer`` dict of the shared CLI arguments (the node's construction path).
 
     ``label_set``: a ``LabelSet`` or a name / YAML path; ``scorer`` / ``ablation`` override
     ``args``; ``thresholds``: a ``Thresholds`` object or None; ``random_weights``: build the
@@ -250,7 +250,7 @@ def _log_weights_source(model: str, pretrained: str, download: bool) -> None:
 
 def load_pipeline_or_exit(args, label_set: Any = "voc", scorer: Optional[str] = None,
                           ablation: Optional[str] = None, thresholds=None):
-    """The ``OodScorer`` of the shared CLI arguments, built by ``OodScorer.from_config`` like the node.
+    """The ``OodScorer`` of the shared CLI arguments, built by ``factory.build_scorer`` like the node.
 
     Model, weights, device, precision (``--precision``, auto = fp16 on CUDA), backend (built by
     ``make_backend(kind, encoder, device=, precision=)``; ``auto`` falls back TensorRT -> ONNX
@@ -264,7 +264,6 @@ def load_pipeline_or_exit(args, label_set: Any = "voc", scorer: Optional[str] = 
             backend is invalid / unavailable.
     """
     from ..core.encoder import RANDOM_WEIGHTS_SEED, WeightsUnavailableError
-    from ..core.pipeline import OodScorer
 
     model = args.model
     device = _resolve_device(getattr(args, "device", "cpu"))
@@ -285,7 +284,7 @@ def load_pipeline_or_exit(args, label_set: Any = "voc", scorer: Optional[str] = 
     else:
         _log_weights_source(model, cfg["pretrained"], cfg["allow_download"])
         try:
-            pipe = _from_config(OodScorer, cfg)
+            pipe = _from_config(cfg)
         except WeightsUnavailableError as exc:
             reason = str(exc)
     if pipe is None:
@@ -301,7 +300,7 @@ def load_pipeline_or_exit(args, label_set: Any = "voc", scorer: Optional[str] = 
                 "  * plumbing tests only: --allow-random-weights (numbers then say nothing about quality).",
             ])
         try:
-            pipe = _from_config(OodScorer, pipeline_config(args, label_set, scorer, ablation, thresholds,
+            pipe = _from_config(pipeline_config(args, label_set, scorer, ablation, thresholds,
                                                            random_weights=True))
         except WeightsUnavailableError as exc:  # cannot happen with allow_random; be explicit anyway
             raise fail([f"cannot build a random {model!r}: {exc}"])
@@ -314,12 +313,14 @@ def load_pipeline_or_exit(args, label_set: Any = "voc", scorer: Optional[str] = 
     return pipe
 
 
-def _from_config(cls, cfg: Dict[str, Any]):
-    """``cls.from_config(cfg)``; every failure but missing weights becomes ``fail`` (exit 2)."""
+def _from_config(cfg: Dict[str, Any]):
+    """``factory.build_scorer(cfg)``; every failure but missing weights becomes ``fail`` (exit 2)."""
     from ..core.encoder import WeightsUnavailableError
 
+    from ..factory import build_scorer
+
     try:
-        return cls.from_config(cfg)
+        return build_scorer(cfg)
     except WeightsUnavailableError:
         raise
     except Exception as exc:

@@ -133,7 +133,7 @@ def load_scorer(args, base_params: Dict[str, Any]):
         params = dict(base_params, model=args.model, pretrained=pretrained, allow_random_weights=False)
         try:
             print(f"loading {args.model} with pretrained weights {pretrained!r} ...", flush=True)
-            return bag_eval.scorer_from_params(params), params, False, f"{args.model} / {pretrained}"
+            return _scorer(params), params, False, f"{args.model} / {pretrained}"
         except (WeightsUnavailableError, FileNotFoundError, RuntimeError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
     else:
@@ -146,23 +146,27 @@ def load_scorer(args, base_params: Dict[str, Any]):
              f"Random model: {model} (seeded). Every table and image below is marked; no quality figure",
              "(FPR95 / AUROC) is printed, because with random weights it would mean nothing."], char="!")
     params = dict(base_params, model=model, pretrained="", allow_random_weights=True)
-    return bag_eval.scorer_from_params(params), params, True, reason
+    return _scorer(params), params, True, reason
+
+
+def _scorer(params: Dict[str, Any]):
+    """The scorer the node builds from ``params`` (``factory.build_node_scorer``)."""
+    from runa_ood_node.factory import build_node_scorer
+
+    return build_node_scorer(bag_eval.node_settings(params))
 
 
 # =========================================================================== output helpers
 def frame_result_from_msg(msg, width: int, height: int):
-    """A ``core.pipeline.FrameResult`` rebuilt from an ``OodDetectionArray`` (for drawing)."""
-    from runa_ood_node.core.boxes import BoxStatus
+    """A ``core.pipeline.FrameResult`` rebuilt from an ``OodDetectionArray`` (for drawing): the
+    boxes read by the node's reader (``convert.detections_to_arrays``) and clipped by core's
+    ``sanitize_boxes``, as the node's own result holds them."""
+    from runa_ood_node.core.boxes import BoxStatus, sanitize_boxes
     from runa_ood_node.core.pipeline import FrameResult
+    from runa_ood_node.ros.convert import detections_to_arrays
 
-    n = len(msg.detections)
-    xyxy = np.zeros((n, 4), np.float32)
-    for i, d in enumerate(msg.detections):
-        b = d.detection.bbox
-        cx, cy = b.center.position.x, b.center.position.y
-        xyxy[i] = (cx - b.size_x / 2, cy - b.size_y / 2, cx + b.size_x / 2, cy + b.size_y / 2)
-    xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, width)
-    xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, height)
+    cxcywh = detections_to_arrays(types.SimpleNamespace(detections=[d.detection for d in msg.detections]))[0]
+    xyxy, _ = sanitize_boxes(cxcywh, width, height, fmt="cxcywh", min_size=0.0)
     status = np.asarray([int(d.status) for d in msg.detections], np.uint8)
     ok = status == BoxStatus.OK
     unc = np.asarray([d.uncertainty for d in msg.detections], np.float32)

@@ -124,7 +124,7 @@ def _run_dataset(args) -> int:
     if dataset.n_boxes == 0:
         raise common.fail([f"no labelled boxes in {dataset.annotation_path} for ID set {args.id_set!r}"])
     thresholds = common.load_thresholds_or_exit(args)
-    # one pipeline (built like the node's, OodScorer.from_config): its encode() runs once per frame,
+    # one pipeline (built like the node's, factory.build_scorer): its encode() runs once per frame,
     # its score_features() once per scorer x ablation; thresholds are applied per run below
     ref = common.load_pipeline_or_exit(args, dataset.label_set, scorer=scorers[0], ablation=ablations[0])
     encoder = ref.encoder

@@ -71,31 +71,32 @@ def _feature_cache_key(encoder, dataset, shots, min_box_size: float) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def shot_features(encoder, view_maker, dataset, shots, min_box_size: float = 2.0, use_cache: bool = True,
-                  progress: bool = True, max_batch=None):
+def shot_features(scorer, dataset, shots, use_cache: bool = True, progress: bool = True):
     """Pre-projection features (after ``ln_post``, before any projection) of the shots' regional crops.
 
-    Computed once per run through the encoder's public API: ``view_maker.make`` (pass the
-    pipeline's, ``OodScorer.view_maker``, so training sees the same crops as scoring) builds the
-    regional views of one frame's shots, and a single ``encoder.visual_features(regional,
-    max_batch)`` call per frame encodes them (the global views are not encoded: only ``P_r`` is
-    trained). Boxes are ``xywh`` in original pixels, sanitised with ``min_box_size`` (px).
+    Computed once per run by the pipeline itself: ``scorer.encode(image, shot boxes,
+    box_format="xywh", views=("regional",))`` per frame (the scorer's sanitising with its
+    ``min_box_size``, its view maker and backend: training sees the crops scoring sees; the global
+    views are not built, only ``P_r`` is trained). Boxes are ``xywh`` in original pixels.
 
     Returns ``(features float32 [S', width] torch, keep bool [S])``: shots whose box is not
-    encodable (outside the image, unreadable image, backend failure, non-finite features) are
-    dropped (``keep`` False, logged). Cached on disk (``cache_dir()/features``) by model id,
-    annotation file, shot boxes, input size, ``min_box_size``, trunk precision and backend.
+    encodable (status other than OK: outside the image, too small, backend failure; non-finite
+    features; unreadable image) are dropped (``keep`` False, logged). Cached on disk
+    (``cache_dir()/features``) by model id, annotation file, shot boxes, input size,
+    ``min_box_size``, trunk precision and backend.
     """
     import numpy as np
     import torch
     from tqdm import tqdm
 
-    from ..core.boxes import BoxStatus, sanitize_boxes
+    from ..core.boxes import BoxStatus
     from ..core.paths import cache_dir
 
+    encoder = scorer.encoder
     path = None
     if use_cache:
-        path = cache_dir() / "features" / f"shots_{_feature_cache_key(encoder, dataset, shots, min_box_size)}.pt"
+        key = _feature_cache_key(encoder, dataset, shots, scorer.min_box_size)
+        path = cache_dir() / "features" / f"shots_{key}.pt"
         if path.is_file():
             try:
                 blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -116,23 +117,15 @@ def shot_features(encoder, view_maker, dataset, shots, min_box_size: float = 2.0
         except Exception as exc:
             LOG.warning("dropping %d shot(s) of %s: %s", len(positions), fr.path, exc)
             continue
-        H, W = img.shape[:2]
-        xyxy, st = sanitize_boxes(fr.boxes[shots.box_idx[positions]], W, H, fmt="xywh", min_size=min_box_size)
-        ok = np.flatnonzero(st == BoxStatus.OK)
-        if ok.size < len(positions):
-            LOG.warning("dropping %d unencodable shot box(es) of %s", len(positions) - ok.size, fr.path)
-        if not ok.size:
-            continue
-        regional, _ = view_maker.make(img, xyxy[ok])
-        try:
-            f = encoder.visual_features(regional, max_batch=max_batch)
-        except Exception as exc:
-            LOG.error("backend failed on shots of %s: %s", fr.path, exc)
-            continue
-        pos = np.asarray(positions)[ok]
-        good = torch.isfinite(f).all(dim=1).numpy()
-        feats[pos[good]] = f[torch.from_numpy(good)]
-        keep[pos[good]] = True
+        enc = scorer.encode(img, fr.boxes[shots.box_idx[positions]], box_format="xywh", views=("regional",))
+        if enc.error:
+            LOG.error("shots of %s: %s", fr.path, enc.error)
+        good = (enc.status == BoxStatus.OK) & torch.isfinite(enc.f_r).all(dim=1).numpy()
+        if not good.all():
+            LOG.warning("dropping %d unencodable shot box(es) of %s", int((~good).sum()), fr.path)
+        pos = np.asarray(positions)[good]
+        feats[pos] = enc.f_r[torch.from_numpy(good)]
+        keep[pos] = True
     feats = feats[torch.from_numpy(keep)].contiguous()
     if path is not None:
         try:
@@ -177,9 +170,8 @@ def _run(args) -> int:
              args.shots, shots.report["short_classes"] or "none")
 
     t0 = time.perf_counter()
-    feats, keep = shot_features(encoder, scorer.view_maker, dataset, shots, args.min_box_size,
-                                use_cache=not args.no_feature_cache, progress=not args.no_progress,
-                                max_batch=scorer.max_batch)
+    feats, keep = shot_features(scorer, dataset, shots, use_cache=not args.no_feature_cache,
+                                progress=not args.no_progress)
     y = torch.from_numpy(shots.label_idx[keep])
     if feats.shape[0] == 0:
         raise common.fail(["no shot could be encoded (see the warnings above)"])

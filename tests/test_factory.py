@@ -1,0 +1,148 @@
+"""``runa_ood_node.factory``: the one way the node and every tool build an ``OodScorer``.
+
+Behaviour on the tiny random ViT (no downloads): what a configuration builds scores the way the
+configuration says (projection, thresholds, cap, views, backend), an encoder passed in is reused
+with the same result as a fresh load, and nothing is downloaded when told not to.
+"""
+import numpy as np
+import pytest
+import torch
+
+from runa_ood_node.core.boxes import BoxStatus
+from runa_ood_node.core.encoder import DualEncoder, WeightsUnavailableError
+from runa_ood_node.factory import build_node_scorer, build_scorer
+
+TINY = "runa-tiny-vit"
+BOXES = [[10, 10, 60, 60], [50, 20, 150, 100], [0, 0, 160, 120], [30, 40, 90, 110]]
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def projection_dir(tmp_path_factory):
+    """A fine-tuned projection file as `runa-ood finetune` writes it (random values)."""
+    from runa_ood_node.core.finetune import save_projection
+
+    enc = DualEncoder.load(TINY, pretrained=None, allow_random=True)
+    proj = torch.randn(enc.width, enc.embed_dim, generator=torch.Generator().manual_seed(3))
+    out = tmp_path_factory.mktemp("proj") / "tuned"
+    save_projection(out, proj, {"model_id": enc.model_id})
+    return out, proj
+
+
+def _cfg(**kw):
+    return {"model": TINY, "allow_random": True, "labels": "voc", **kw}
+
+
+def test_builds_what_the_config_says(image, tmp_path):
+    from runa_ood_node.core.thresholds import Thresholds
+
+    th = Thresholds(global_threshold=-2.0, per_class={"cat": 5.0}).save(tmp_path / "th.yaml")
+    s = build_scorer(_cfg(labels="bdd", max_boxes=0, thresholds=str(th), scorer="runa", lam=0.25))
+    assert s.label_set.name == "bdd" and s.max_boxes is None and s.lam == 0.25 and s.encoder.random_weights
+    r = s.score(image, BOXES)
+    assert (r.status == BoxStatus.OK).all()  # max_boxes 0 = no cap
+    assert (r.threshold == -2.0).all() and r.is_ood.all()  # every runa uncertainty (-cos) is > -2
+    assert build_scorer(_cfg(max_boxes=2)).score(image, BOXES).status.tolist().count(BoxStatus.NOT_SCORED) == 2
+    with pytest.raises(ValueError, match="unknown scorer config keys"):
+        build_scorer(_cfg(lamda=0.3))
+    with pytest.raises(ValueError, match="views"):
+        build_scorer(_cfg(views="tpu"))
+    with pytest.raises(WeightsUnavailableError):
+        build_scorer({"model": TINY})  # no weights and random ones not allowed
+
+
+def test_projection_becomes_the_regional_projection(image, projection_dir):
+    path, proj = projection_dir
+    tuned = build_scorer(_cfg(projection=str(path)))
+    plain = build_scorer(_cfg())
+    assert torch.equal(tuned.encoder.proj_regional, proj)
+    assert torch.equal(tuned.encoder.proj_global, plain.encoder.proj_global)  # P_g stays off the shelf
+    a, b = tuned.score(image, BOXES).uncertainty, plain.score(image, BOXES).uncertainty
+    assert np.abs(a - b).max() > 1e-4  # the dual score uses P_r
+    g_t = build_scorer(_cfg(projection=str(path), ablation="global")).score(image, BOXES).uncertainty
+    g_p = build_scorer(_cfg(ablation="global")).score(image, BOXES).uncertainty
+    np.testing.assert_allclose(g_t, g_p, atol=1e-6)  # the global ablation does not
+
+
+def test_reused_encoder_scores_like_a_fresh_load(image, projection_dir):
+    """A tool that already holds the model passes it in: same scores as the node's own load; a
+    ``projection`` key replaces the encoder's P_r ("" restores P_g), no key leaves it alone."""
+    path, proj = projection_dir
+    enc = DualEncoder.load(TINY, pretrained=None, allow_random=True)
+    reused = build_scorer(_cfg(projection=str(path)), encoder=enc)
+    assert reused.encoder is enc and torch.equal(enc.proj_regional, proj)
+    fresh = build_scorer(_cfg(projection=str(path)))
+    np.testing.assert_allclose(reused.score(image, BOXES).uncertainty, fresh.score(image, BOXES).uncertainty,
+                               atol=1e-6)
+    build_scorer({"labels": "voc"}, encoder=enc)  # no projection key: the encoder keeps its P_r
+    assert torch.equal(enc.proj_regional, proj)
+    build_scorer(_cfg(projection=""), encoder=enc)  # the node's empty parameter: off the shelf
+    assert torch.equal(enc.proj_regional, enc.proj_global)
+    with pytest.raises(ValueError, match="model"):
+        build_scorer({"model": "ViT-B-32"}, encoder=enc)
+
+
+def test_node_settings_path_matches_a_plain_config(image):
+    """build_node_scorer (node on_configure, evaluate --bag) = build_scorer with the same values;
+    the node's default_threshold applies to every label and max_boxes 0 is no cap."""
+    from runa_ood_node.ros.params import validate
+
+    settings = validate({"model": TINY, "pretrained": "", "allow_random_weights": True, "backend": "torch",
+                         "max_boxes": 0, "default_threshold": -0.5, "lam": 0.3})
+    node = build_node_scorer(settings)
+    r = node.score(image, BOXES)
+    assert (r.status == BoxStatus.OK).all() and (r.threshold == -0.5).all()
+    plain = build_scorer(_cfg(lam=0.3)).score(image, BOXES)
+    np.testing.assert_allclose(r.uncertainty, plain.uncertainty, atol=1e-6)
+
+
+def test_gpu_views_work_or_fall_back(image):
+    """views='gpu' builds GpuViewMaker when it can, else the CPU views; either way frames score."""
+    s = build_scorer(_cfg(views="gpu"))
+    assert type(s.view_maker).__name__ in ("GpuViewMaker", "ViewMaker")
+    r = s.score(image, BOXES)
+    assert (r.status == BoxStatus.OK).all() and np.isfinite(r.uncertainty).all()
+    assert type(build_scorer(_cfg()).view_maker).__name__ == "ViewMaker"  # CPU device: CPU views by default
+
+
+def test_auto_backend_without_exports_runs_torch_and_scores_alike(image, tmp_path, monkeypatch):
+    """backend auto on a machine without an engine or an ONNX export falls back to torch (never
+    exports at start-up) and scores exactly like the torch backend."""
+    monkeypatch.setenv("RUNA_OOD_CACHE_DIR", str(tmp_path / "empty_cache"))
+    auto = build_scorer(_cfg(backend="auto", precision="fp32"))
+    assert auto.encoder.backend_name.startswith("torch")
+    assert not any((tmp_path / "empty_cache").rglob("*.onnx"))
+    np.testing.assert_allclose(auto.score(image, BOXES).uncertainty,
+                               build_scorer(_cfg()).score(image, BOXES).uncertainty, atol=1e-6)
+
+
+def test_never_downloads_when_told_not_to(monkeypatch):
+    """A vehicle passes allow_download=False: an uncached tag fails at once, without network."""
+    import open_clip
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("must not try to download")
+
+    monkeypatch.setattr(open_clip, "create_model", no_network)
+    tag = open_clip.list_pretrained_tags_by_model("ViT-B-32")[0]
+    with pytest.raises(WeightsUnavailableError, match="not in the local cache"):
+        build_scorer({"model": "ViT-B-32", "pretrained": tag, "allow_download": False})
+
+
+def test_core_pipeline_does_not_import_backends():
+    """core/ stays free of the optional runtimes: the factory, not the pipeline, imports backends."""
+    import ast
+    import pathlib
+
+    import runa_ood_node.core as core
+
+    for f in pathlib.Path(core.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "backends" not in (node.module or ""), f"{f.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any("backends" in a.name for a in node.names), f.name
