@@ -32,8 +32,9 @@ pixels, except a few thumbnails of top-K candidates), so writing them from the d
 
 Same method as ``runa-ood evaluate --bag``: the node parameters are built by
 ``bag_eval.node_parameters`` from the same command-line arguments, every actor builds its scorer
-with ``bag_eval.scorer_from_params`` (the node's factory path), frames come from the same bag
-reader with the same pairing and decoding, so per-box results equal ``evaluate --bag`` (tested).
+with ``factory.build_node_scorer`` from those parameters (the node's own construction), frames
+come from the same bag reader with the same pairing and decoding, so per-box results equal
+``evaluate --bag`` (tested).
 
 Networking: Ray never binds to loopback by itself; it registers the machine's own address and
 talks over it. On machines where traffic must stay local, run the command inside a network
@@ -467,7 +468,8 @@ def crop_and_context(rgb: np.ndarray, box, crop_px: int = 160, context_w: int = 
 
 class ScoreFrames:
     """``map_batches`` callable class of the score stage: one scorer (one model) per actor, built
-    by ``bag_eval.scorer_from_params`` exactly as ``evaluate --bag`` builds it. A batch holds frames
+    by ``factory.build_node_scorer(bag_eval.node_settings(params))``: the node's construction, as
+    ``evaluate --bag`` builds it (there around an encoder it already loaded). A batch holds frames
     of one or several bags; every frame is scored with ``OodScorer.score`` (the node's call) and
     becomes one row per box (a ``frame`` row when it has no box). Boxes in the top ``top_k`` of
     their bag within the batch carry a crop and a context thumbnail: the union of those is a
@@ -476,12 +478,13 @@ class ScoreFrames:
     def __init__(self, params: Dict[str, Any], threads: int = 0, top_k: int = 50):
         import torch
 
+        from ..factory import build_node_scorer
         from . import bag_eval
 
         if threads > 0:
             torch.set_num_threads(int(threads))
         logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] %(name)s: %(message)s")
-        self.scorer = bag_eval.scorer_from_params(params)
+        self.scorer = build_node_scorer(bag_eval.node_settings(params))
         self.model_id = str(self.scorer.encoder.model_id)
         self.top_k = int(top_k)
         self.pid = os.getpid()
