@@ -90,7 +90,7 @@ def _evaluate_bag(bag, out):
 def _records(out, bag):
     import pyarrow.dataset as pads
 
-    t = pads.dataset(str(out / "records"), format="parquet").to_table()
+    t = pads.dataset(str(out / "records"), format="parquet", partitioning="hive").to_table()
     return [r for r in t.to_pylist() if r["bag"] == str(bag)]
 
 
@@ -106,7 +106,10 @@ def test_fleet_equals_evaluate_reports_bad_bags_and_resumes(bags, tmp_path):
     assert "FAILED" in log and "RANDOM WEIGHTS" in log
     assert rep["random_weights"] is True and rep["identity"]["weights"] == "RANDOM"
     assert rep["totals"]["bags_done"] == 3 and rep["totals"]["bags_failed"] == 2
-    assert rep["performance"]["bags_scored"] == 5 and rep["performance"]["boxes_per_s"] > 0
+    perf = rep["performance"]
+    assert perf["bags_scored"] == 5 and perf["boxes_per_s"] > 0 and perf["scoring_boxes_per_s"] > 0
+    assert sum(perf["worker_boxes"].values()) == perf["boxes"] == rep["totals"]["boxes"]
+    assert all(v > 0 for v in perf["worker_peak_rss_mb"].values())
 
     # per-box results equal `runa-ood evaluate --bag` on the same bags
     paths = {"a": bags / "bags" / "a", "b": bags / "bags" / "b", "c": bags / "extra" / "c"}
@@ -149,12 +152,12 @@ def test_fleet_equals_evaluate_reports_bad_bags_and_resumes(bags, tmp_path):
     assert sheet is not None and sheet.shape[0] > 200
 
     # resumption: a second run over the same inputs finds every bag done and starts no Ray at all
-    parts = {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.parquet")}
+    parts = {p.name: p.stat().st_mtime_ns for p in (out / "records").rglob("*.parquet")}
     rep2, log2 = _fleet(inputs, out)
     assert rep2["performance"] == {"bags_scored": 0, "wall_s": rep2["performance"]["wall_s"]}
     assert "Running Dataset" not in log2
     assert all(s["resumed"] for s in rep2["bags"]) and len(rep2["bags"]) == 5
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.parquet")} == parts
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").rglob("*.parquet")} == parts
     assert rep2["totals"] == {**rep["totals"], "bags_resumed": 5}
     assert rep2["metrics"] == rep["metrics"]
     assert json.loads((out / "top_ood" / "coco.json").read_text())["annotations"] == coco["annotations"]

@@ -421,7 +421,8 @@ def _out_schema():
         ("threshold", pa.float64()), ("is_ood", pa.bool_()), ("status", pa.string()),
         ("gt_is_ood", pa.bool_()), ("gt_category", pa.string()), ("model_id", pa.string()),
         ("thumb", pa.binary()), ("context", pa.binary()), ("info", pa.string()),
-        ("worker_pid", pa.int32()), ("worker_rss_mb", pa.float32())])
+        ("worker_pid", pa.int32()), ("worker_rss_mb", pa.float32()), ("worker_busy_s", pa.float64()),
+        ("worker_boxes", pa.int64())])
 
 
 OUT_NULLS = {"stamp_ns": 0, "frame_index": -1, "box_index": -1}
@@ -488,6 +489,7 @@ class ScoreFrames:
         self.model_id = str(self.scorer.encoder.model_id)
         self.top_k = int(top_k)
         self.pid = os.getpid()
+        self.busy_s, self.boxes = 0.0, 0  # time spent in __call__ and boxes scored by this actor
 
     @staticmethod
     def _rss_mb() -> float:
@@ -500,6 +502,7 @@ class ScoreFrames:
 
         from ..core.boxes import BoxStatus
 
+        t0 = time.perf_counter()
         out: List[Dict[str, Any]] = []
         frames: Dict[int, np.ndarray] = {}
         for row in batch.to_pylist():
@@ -545,8 +548,10 @@ class ScoreFrames:
                 r = out[j]
                 r["thumb"], r["context"] = crop_and_context(frames[j], (r["x1"], r["y1"], r["x2"], r["y2"]))
         rss = self._rss_mb()
+        self.boxes += sum(1 for r in out if r.get("kind") == "box")
+        self.busy_s += time.perf_counter() - t0
         for r in out:
-            r["worker_rss_mb"] = rss
+            r["worker_rss_mb"], r["worker_busy_s"], r["worker_boxes"] = rss, self.busy_s, self.boxes
         return pa.Table.from_pylist(out, schema=_out_schema())
 
 
@@ -586,7 +591,8 @@ def _json_default(o):
     return str(o)
 
 
-RECORD_DROP = ("kind", "thumb", "context", "info", "worker_pid", "worker_rss_mb")
+WORKER_COLUMNS = ("worker_pid", "worker_rss_mb", "worker_busy_s", "worker_boxes")
+RECORD_DROP = ("kind", "thumb", "context", "info") + WORKER_COLUMNS
 
 
 class BagState:
@@ -638,10 +644,11 @@ def _records_table(tables: List[Any], identity: Dict[str, Any]):
         typ = pa.bool_() if isinstance(value, bool) else pa.string()
         boxes = boxes.append_column(name, pa.array([value if isinstance(value, bool) else
                                                     ("" if value is None else str(value))] * n, typ))
-    return boxes, candidates.drop_columns(["kind", "info", "worker_pid", "worker_rss_mb"])
+    return boxes, candidates.drop_columns(["kind", "info", *WORKER_COLUMNS])
 
 
-def commit_bag(out: pathlib.Path, st: BagState, identity: Dict[str, Any], top_k: int) -> Dict[str, Any]:
+def commit_bag(out: pathlib.Path, st: BagState, identity: Dict[str, Any], top_k: int,
+               config_hash: str = "default") -> Dict[str, Any]:
     """Write one bag's outputs (records Parquet, top-K candidates, then its state file; each
     atomically) and return its summary row. A failed bag writes only its state file."""
     import pyarrow.compute as pc
@@ -660,7 +667,7 @@ def commit_bag(out: pathlib.Path, st: BagState, identity: Dict[str, Any], top_k:
         _atomic_write_json(out / "state" / f"{st.key}.json", summary)
         return summary
     boxes, cand = _records_table(st.tables, identity)
-    part = out / "records" / f"{st.key}.parquet"
+    part = out / "records" / f"config={config_hash}" / f"{st.key}.parquet"  # hive partition per model config
     _atomic_write_parquet(part, boxes, {"runa_ood.identity": json.dumps(identity, default=str)})
     if cand.num_rows:
         cand = cand.take(pc.sort_indices(cand, sort_keys=[("uncertainty", "descending")])[:top_k])
@@ -880,7 +887,7 @@ def run(args) -> int:
     t_run = time.perf_counter()
     perf: Dict[str, Any] = {"bags_scored": len(todo)}
     if todo:
-        perf.update(_run_pipeline(args, todo, params, identity, device, out, summaries, progress))
+        perf.update(_run_pipeline(args, todo, params, identity, device, out, summaries, progress, config_hash))
     perf["wall_s"] = round(time.perf_counter() - t_run, 3)
 
     summaries.sort(key=lambda s: s["bag"])
@@ -894,8 +901,12 @@ def run(args) -> int:
               "boxes": sum(s.get("boxes", 0) for s in done), "ood_boxes": sum(s.get("ood_boxes", 0) for s in done)}
     report = {"random_weights": rw, "random_label": common.RANDOM_LABEL if rw else None, "identity": identity,
               "node_parameters": params, "config_hash": config_hash, "totals": totals, "performance": perf,
-              "metrics": metrics, "top_ood": top, "bags": summaries, "records": "records/ (Parquet dataset)"}
+              "metrics": metrics, "top_ood": top, "bags": summaries,
+              "records": f"records/config={config_hash}/ (Parquet dataset; records/ holds one partition per model "
+                         "configuration ever run into this folder)"}
     _atomic_write_json(out / "summary.json", report)
+    if not metrics and (out / "metrics.json").exists():
+        (out / "metrics.json").unlink()  # a metrics file of an earlier run would be taken for this one's
     if metrics:
         _atomic_write_json(out / "metrics.json", {"random_weights": rw, "random_label": report["random_label"],
                                                    "tpr": args.tpr, **metrics})
@@ -903,7 +914,7 @@ def run(args) -> int:
     return 0
 
 
-def _run_pipeline(args, todo, params, identity, device, out, summaries, progress) -> Dict[str, Any]:
+def _run_pipeline(args, todo, params, identity, device, out, summaries, progress, config_hash) -> Dict[str, Any]:
     import torch
     from tqdm import tqdm
 
@@ -926,6 +937,9 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ctx.verbose_progress = False
+        # blocks of about one read batch (each yield of the read task), so that frames spread over
+        # every actor and results stream back per batch instead of per bag
+        ctx.target_max_block_size = 1 << 20
         read_cpus = 0.25
         actor_cpus = 1.0 if n_gpus else max(0.1, min(float(threads), (total_cpus - read_cpus) / workers))
         perf["ray_start_s"] = round(time.perf_counter() - t0, 3)
@@ -940,20 +954,20 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
                             batch_size=args.batch_frames, batch_format="pyarrow", concurrency=workers,
                             num_cpus=actor_cpus, num_gpus=1 if n_gpus else None)
         states = {key: BagState(ref, key) for ref, key in todo}
-        worker_rss: Dict[int, float] = {}
         n_boxes = 0
         t1 = time.perf_counter()
-        t_first, t_last, n_first = None, None, 0
+        t_first = None
+        workers_seen: Dict[int, Dict[str, float]] = {}
         bar = tqdm(total=len(todo), desc="fleet bags", unit="bag", disable=not progress)
         try:
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if t_first is None:
                     t_first = time.perf_counter()
-                    n_first = sum(1 for k in table.column("kind").to_pylist() if k == "box")
-                t_last = time.perf_counter()
-                for pid, rss in zip(table.column("worker_pid").to_pylist(), table.column("worker_rss_mb").to_pylist()):
+                for pid, rss, busy, nb in zip(*(table.column(c).to_pylist() for c in WORKER_COLUMNS)):
                     if pid is not None:
-                        worker_rss[pid] = max(worker_rss.get(pid, 0.0), rss or 0.0)
+                        w = workers_seen.setdefault(pid, {"rss_mb": 0.0, "busy_s": 0.0, "boxes": 0})
+                        w["rss_mb"] = max(w["rss_mb"], rss or 0.0)
+                        w["busy_s"], w["boxes"] = max(w["busy_s"], busy or 0.0), max(w["boxes"], nb or 0)
                 keys = table.column("bag_key").to_pylist()
                 n_boxes += sum(1 for k in table.column("kind").to_pylist() if k == "box")
                 for key in sorted(set(keys)):
@@ -964,7 +978,7 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
 
                     st.add(table.filter(pc.equal(table.column("bag_key"), key)))
                     if st.complete:
-                        summaries.append(commit_bag(out, st, identity, args.top_k))
+                        summaries.append(commit_bag(out, st, identity, args.top_k, config_hash))
                         del states[key]
                         bar.update(1)
                         bar.set_postfix(boxes=n_boxes)
@@ -984,9 +998,11 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
         dt = time.perf_counter() - t1
         perf.update(pipeline_s=round(dt, 3), boxes=n_boxes, boxes_per_s=round(n_boxes / dt, 3) if dt > 0 else None,
                     first_result_s=None if t_first is None else round(t_first - t1, 3),
-                    steady_boxes_per_s=(round((n_boxes - n_first) / (t_last - t_first), 3)
-                                        if t_first is not None and t_last > t_first else None),
-                    worker_peak_rss_mb={str(k): round(v, 1) for k, v in sorted(worker_rss.items())},
+                    scoring_boxes_per_s=round(sum(w["boxes"] / w["busy_s"] for w in workers_seen.values()
+                                                  if w["busy_s"] > 0), 3),
+                    workers_used=len(workers_seen),
+                    worker_peak_rss_mb={str(k): round(v["rss_mb"], 1) for k, v in sorted(workers_seen.items())},
+                    worker_boxes={str(k): int(v["boxes"]) for k, v in sorted(workers_seen.items())},
                     ray=("cluster " + str(args.address)) if args.address else f"local, {n_cpus} CPUs, {n_gpus} GPUs")
     finally:
         ray.shutdown()
@@ -1007,17 +1023,17 @@ def _print(rep: Dict[str, Any], out: pathlib.Path) -> None:
             lines.append(f"  FAILED {s['bag']}: {s.get('error')}")
     p = rep["performance"]
     if p.get("boxes_per_s") is not None:
-        steady = p.get("steady_boxes_per_s")
-        lines.append(f"throughput {p['boxes_per_s']:.1f} boxes/s ({p['boxes']} boxes in {p['pipeline_s']:.1f} s, "
-                     f"{p['workers']} workers; Ray start {p['ray_start_s']:.1f} s, first result after "
-                     f"{p['first_result_s']:.1f} s, then {'n/a' if steady is None else f'{steady:.2f}'} boxes/s); "
-                     f"worker peak RSS MB {p['worker_peak_rss_mb']}")
+        lines.append(f"throughput {p['boxes_per_s']:.2f} boxes/s end to end ({p['boxes']} boxes in "
+                     f"{p['pipeline_s']:.1f} s after a {p['ray_start_s']:.1f} s Ray start, {p['workers']} workers, "
+                     f"actor start-up included), {p['scoring_boxes_per_s']:.2f} boxes/s while scoring (sum over "
+                     f"workers of boxes / busy time); boxes per worker {p['worker_boxes']}, worker peak RSS MB "
+                     f"{p['worker_peak_rss_mb']}")
     m = rep["metrics"].get("overall") if rep["metrics"] else None
     if m:
         f = lambda v: "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"  # noqa
         lines.append(f"overall: {m['n_id']} ID / {m['n_ood']} OOD boxes  FPR95 {f(m['fpr95'])}  AUROC "
                      f"{f(m['auroc'])}  AUPR-In {f(m['aupr_in'])}  AUPR-Out {f(m['aupr_out'])}")
-    lines.append(f"outputs: {out}/records (Parquet), summary.json, summary.csv, top_ood/ (contact sheet, coco.json)"
+    lines.append(f"outputs: {out}/records/config={rep['config_hash']} (Parquet), summary.json, summary.csv, top_ood/ (contact sheet, coco.json)"
                  + (", metrics.json" if rep["metrics"] else ""))
     if rep["random_weights"]:
         lines.append(f"*** {RANDOM_LABEL} ***")
