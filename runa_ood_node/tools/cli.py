@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-node": ("bench_node", "end-to-end latency through the running node vs the core pipeline"),
     "build-engine": ("build_engine", "export ONNX and build the TensorRT engine (never at start-up)"),
     "params": ("params", "regenerate / check config/runa_ood.yaml, its schema and the README table from the parameter table"),
+    "fleet": ("fleet", "score, mine and evaluate many bags on Ray Data (Parquet, summary, top-K OOD, metrics)"),
 }
 
 
