@@ -482,3 +482,53 @@ def test_max_boxes_zero_means_no_cap(tiny_encoder):
     assert (r.status == BoxStatus.OK).all() and np.isfinite(r.uncertainty).all()
     capped = OodScorer(tiny_encoder, "voc", max_boxes=1).score(image, boxes)
     assert capped.status.tolist() == [BoxStatus.OK, BoxStatus.NOT_SCORED, BoxStatus.NOT_SCORED]
+
+
+def test_score_frames_makes_one_backend_call_and_equals_scoring_each_frame(tiny_encoder, photo):
+    """Several frames scored together (fleet actors) give each frame's own result, through ONE
+    backend call carrying every view of every frame; frames without valid boxes add no views."""
+    from runa_ood_node.core.pipeline import FrameInput
+
+    image, boxes = photo
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    frames = [FrameInput(image, boxes, "xywh", None, [f"d{i}" for i in range(len(boxes))]),
+              FrameInput(flipped, boxes[:2], "xywh"),
+              FrameInput(image, [[np.nan] * 4], "xyxy"),
+              FrameInput(flipped, np.zeros((0, 4), np.float32))]
+    s = OodScorer(tiny_encoder, "voc")
+    calls = []
+
+    def counting(views):
+        calls.append(int(views.shape[0]))
+        return tiny_encoder._torch_trunk(views)
+
+    tiny_encoder.set_backend(counting, name="counting")
+    try:
+        together = s.score_frames(frames)
+    finally:
+        tiny_encoder.set_backend(None)
+    assert calls == [2 * (len(boxes) + 2)]
+    alone = [s.score(f.image_rgb, f.boxes, box_format=f.box_format, detector_labels=f.detector_labels)
+             for f in frames]
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a.status, b.status)
+        np.testing.assert_allclose(a.uncertainty, b.uncertainty, atol=1e-5, equal_nan=True)
+        assert a.label == b.label and a.detector_labels == b.detector_labels
+    assert together[2].status.tolist() == [BoxStatus.NAN] and len(together[3]) == 0
+
+
+def test_score_frames_backend_failure_marks_every_frame(tiny_encoder, photo):
+    from runa_ood_node.core.pipeline import FrameInput
+
+    image, boxes = photo
+
+    def broken(v):
+        raise RuntimeError("CUDA error: device lost")
+
+    s = OodScorer(tiny_encoder, "voc")
+    tiny_encoder.set_backend(broken, name="broken")
+    try:
+        res = s.score_frames([FrameInput(image, boxes, "xywh"), FrameInput(image, boxes[:1], "xywh")])
+    finally:
+        tiny_encoder.set_backend(None)
+    assert all((r.status == BoxStatus.BACKEND_ERROR).all() and "device lost" in r.error for r in res)

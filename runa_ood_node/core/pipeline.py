@@ -42,7 +42,7 @@ import logging
 import math
 import numbers
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -237,6 +237,16 @@ class BoxFeatures:
                    timings=timings, error="; ".join(errors) if errors else None, detector_scores=det)
 
 
+class FrameInput(NamedTuple):
+    """One frame for :meth:`OodScorer.encode_frames` / :meth:`OodScorer.score_frames`."""
+
+    image_rgb: np.ndarray
+    boxes: Any
+    box_format: str = "xyxy"
+    detector_scores: Any = None
+    detector_labels: Optional[Sequence[str]] = None
+
+
 class OodScorer:
     """RUNA OOD scoring of detector boxes (see module docstring).
 
@@ -393,59 +403,84 @@ class OodScorer:
                 ``detector_scores`` has the wrong length, or ``views`` is invalid. View-maker and
                 backend failures do not raise: the boxes get ``BACKEND_ERROR`` and ``error`` is set.
         """
-        t0 = time.perf_counter()
-        views = self.resolve_views(views)
-        ViewMaker.check_image(image_rgb)
-        H, W = image_rgb.shape[:2]
-        xyxy, status = sanitize_boxes(boxes, W, H, fmt=box_format, min_size=self.min_box_size)
-        n = status.shape[0]
-        det = None
-        if detector_scores is not None:
-            det = np.asarray(_to_numpy(detector_scores), dtype=np.float32).reshape(-1)
-            if det.shape[0] != n:
-                raise ValueError(f"detector_scores has {det.shape[0]} values for {n} boxes")
-        self._cap(status, det)
-        width = int(self.encoder.width)
-        f_r = torch.full((n, width), float("nan"), dtype=torch.float32) if "regional" in views else None
-        f_g = torch.full((n, width), float("nan"), dtype=torch.float32) if "global" in views else None
-        idx = np.flatnonzero(status == BoxStatus.OK)
-        timings = {"views": 0.0, "encode": 0.0}
-        error = None
+        return self.encode_frames([FrameInput(image_rgb, boxes, box_format, detector_scores)], views=views)[0]
 
-        if idx.size:
-            t1 = t2 = time.perf_counter()
-            stage = "view maker"
-            rows = torch.from_numpy(idx)
-            M = idx.size
+    def encode_frames(self, frames: Sequence["FrameInput"], views: Optional[Sequence[str]] = None) -> List[BoxFeatures]:
+        """:meth:`encode` for several frames with **one** backend call for all their views (batch
+        tools such as ``runa-ood fleet``; a GPU is used best with large batches). Each frame's
+        features equal what :meth:`encode` gives for it alone. A view-maker failure marks only its
+        frame; a backend failure marks every frame's boxes ``BACKEND_ERROR``. Timings: ``views`` is
+        the frame's own, ``encode`` the shared backend call, ``total`` the frame's own work plus
+        the shared call; ``batch_frames`` is the number of frames in the call.
+
+        Raises:
+            ValueError: as :meth:`encode`, for the first malformed frame.
+        """
+        views = self.resolve_views(views)
+        width = int(self.encoder.width)
+        prepared, parts = [], []
+        for fr in frames:
+            t0 = time.perf_counter()
+            ViewMaker.check_image(fr.image_rgb)
+            H, W = fr.image_rgb.shape[:2]
+            xyxy, status = sanitize_boxes(fr.boxes, W, H, fmt=fr.box_format, min_size=self.min_box_size)
+            n = status.shape[0]
+            det = None
+            if fr.detector_scores is not None:
+                det = np.asarray(_to_numpy(fr.detector_scores), dtype=np.float32).reshape(-1)
+                if det.shape[0] != n:
+                    raise ValueError(f"detector_scores has {det.shape[0]} values for {n} boxes")
+            self._cap(status, det)
+            feats = {v: torch.full((n, width), float("nan"), dtype=torch.float32) for v in views}
+            idx = np.flatnonzero(status == BoxStatus.OK)
+            error, n_views, views_ms = None, 0, 0.0
+            if idx.size:
+                tv = time.perf_counter()
+                try:  # a GPU view maker can fail like a backend: only this frame's boxes are lost
+                    made = dict(zip(("regional", "global"), self.view_maker.make(fr.image_rgb, xyxy[idx])))
+                    parts.extend(made[v] for v in VIEWS if v in views)
+                    n_views = idx.size * len(views)
+                except Exception as exc:
+                    msg = f"{type(exc).__name__}: {exc}"
+                    who = f"view maker {type(self.view_maker).__name__}"
+                    LOG.error("%s failed on %d boxes: %s", who, idx.size, msg)
+                    error = f"{who} failed: {msg}"
+                    status[idx] = BoxStatus.BACKEND_ERROR
+                views_ms = (time.perf_counter() - tv) * 1e3
+            prepared.append(dict(xyxy=xyxy, status=status, det=det, idx=idx, feats=feats, error=error,
+                                 n_views=n_views, views_ms=views_ms, own_ms=(time.perf_counter() - t0) * 1e3))
+        encode_ms, out = 0.0, None
+        if parts:
+            t1 = time.perf_counter()
             try:
-                # Views are inside the guarded block too: a GPU view maker can fail like a backend.
-                regional, global_ = self.view_maker.make(image_rgb, xyxy[idx])
-                parts = [v for name, v in (("regional", regional), ("global", global_)) if name in views]
-                batch = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-                t2 = time.perf_counter()
-                timings["views"] = (t2 - t1) * 1e3
-                stage = "backend"
-                feats = self.encoder.visual_features(batch, max_batch=self.max_batch)
-                off = 0
-                if f_r is not None:
-                    f_r[rows] = feats[:M]
-                    off = M
-                if f_g is not None:
-                    f_g[rows] = feats[off:off + M]
-            except Exception as exc:  # backend failure: keep the frame, flag the boxes
+                out = self.encoder.visual_features(parts[0] if len(parts) == 1 else torch.cat(parts, 0),
+                                                   max_batch=self.max_batch)
+            except Exception as exc:  # backend failure: keep the frames, flag their boxes
                 msg = f"{type(exc).__name__}: {exc}"
-                who = f"backend {self.encoder.backend_name!r}" if stage == "backend" else \
-                    f"view maker {type(self.view_maker).__name__}"
-                LOG.error("%s failed on %d boxes: %s", who, M, msg)
-                error = f"{who} failed: {msg}"
-                status[idx] = BoxStatus.BACKEND_ERROR
-                for f in (f_r, f_g):
-                    if f is not None:
-                        f[rows] = float("nan")
-            timings["encode"] = (time.perf_counter() - t2) * 1e3
-        timings["total"] = (time.perf_counter() - t0) * 1e3
-        return BoxFeatures(boxes_xyxy=xyxy, status=status, f_r=f_r, f_g=f_g, timings=timings, error=error,
-                           detector_scores=det)
+                who = f"backend {self.encoder.backend_name!r}"
+                LOG.error("%s failed on %d views of %d frames: %s", who, sum(p["n_views"] for p in prepared),
+                          len(prepared), msg)
+                for p in prepared:
+                    if p["n_views"]:
+                        p["status"][p["idx"]] = BoxStatus.BACKEND_ERROR
+                        p["error"] = f"{who} failed: {msg}"
+            encode_ms = (time.perf_counter() - t1) * 1e3
+        results, off = [], 0
+        for p in prepared:
+            if out is not None and p["n_views"]:
+                rows, M = torch.from_numpy(p["idx"]), p["idx"].size
+                for v in VIEWS:  # regional first, as the parts were appended
+                    if v in p["feats"]:
+                        p["feats"][v][rows] = out[off:off + M]
+                        off += M
+            timings = {"views": p["views_ms"], "encode": encode_ms if p["n_views"] else 0.0,
+                       "total": p["own_ms"] + (encode_ms if p["n_views"] else 0.0)}
+            if len(prepared) > 1:
+                timings["batch_frames"] = float(len(prepared))
+            results.append(BoxFeatures(boxes_xyxy=p["xyxy"], status=p["status"], f_r=p["feats"].get("regional"),
+                                       f_g=p["feats"].get("global"), timings=timings, error=p["error"],
+                                       detector_scores=p["det"]))
+        return results
 
     def score_features(self, features: BoxFeatures, scorer: Optional[str] = None, ablation: Optional[str] = None,
                        lam: Optional[float] = None, temperature: Optional[float] = None) -> FrameResult:
@@ -558,16 +593,24 @@ class OodScorer:
                 ``detector_scores`` / ``detector_labels`` have the wrong length. Per-box and backend
                 problems do not raise.
         """
-        labels = None
-        if detector_labels is not None:
-            labels = [str(x) for x in detector_labels]
-        res = self.score_features(self.encode(image_rgb, boxes, box_format=box_format,
-                                              detector_scores=detector_scores))
-        if labels is not None:
-            if len(labels) != len(res):
-                raise ValueError(f"detector_labels has {len(labels)} names for {len(res)} boxes")
-            res.detector_labels = labels
-        return res
+        return self.score_frames([FrameInput(image_rgb, boxes, box_format, detector_scores, detector_labels)])[0]
+
+    def score_frames(self, frames: Sequence[FrameInput]) -> List[FrameResult]:
+        """:meth:`score` for several frames, encoded with one backend call (:meth:`encode_frames`).
+
+        Raises:
+            ValueError: as :meth:`score`, for the first malformed frame.
+        """
+        results = []
+        for fr, feats in zip(frames, self.encode_frames(frames)):
+            res = self.score_features(feats)
+            if fr.detector_labels is not None:
+                labels = [str(x) for x in fr.detector_labels]
+                if len(labels) != len(res):
+                    raise ValueError(f"detector_labels has {len(labels)} names for {len(res)} boxes")
+                res.detector_labels = labels
+            results.append(res)
+        return results
 
     def warmup(self, width: int = 640, height: int = 480, num_boxes: int = 2) -> FrameResult:
         """Score one synthetic grey frame so lazy initialisation (allocators, kernels, engines)

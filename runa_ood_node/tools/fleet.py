@@ -505,6 +505,9 @@ class ScoreFrames:
         t0 = time.perf_counter()
         out: List[Dict[str, Any]] = []
         frames: Dict[int, np.ndarray] = {}
+        from ..core.pipeline import FrameInput
+
+        todo = []  # (base, meta, rgb, det, FrameInput) of the batch's frames, scored together below
         for row in batch.to_pylist():
             base = {"bag_key": row["bag_key"], "bag": row["bag"], "topic": row["image_topic"],
                     "model_id": self.model_id, "worker_pid": self.pid}
@@ -516,12 +519,20 @@ class ScoreFrames:
             rgb = np.frombuffer(row["image"], np.uint8).reshape(row["height"], row["width"], 3)
             boxes = np.frombuffer(row["boxes"], np.float32).reshape(-1, 4)
             det = np.frombuffer(row["det_scores"], np.float32)
-            try:
-                res = self.scorer.score(rgb, boxes, box_format="cxcywh", detector_scores=det,
-                                        detector_labels=meta["det_labels"])
-            except Exception as exc:  # a frame the scorer refuses: counted, never fatal
+            todo.append((base, meta, rgb, det, FrameInput(rgb, boxes, "cxcywh", det, meta["det_labels"])))
+        try:  # one backend call for every frame of the batch (OodScorer.score_frames)
+            results = self.scorer.score_frames([t[-1] for t in todo])
+        except Exception:  # a frame the scorer refuses: score one by one so only that frame is lost
+            results = []
+            for t in todo:
+                try:
+                    results.append(self.scorer.score_frames([t[-1]])[0])
+                except Exception as exc:
+                    results.append(exc)
+        for (base, meta, rgb, det, _), res in zip(todo, results):
+            if isinstance(res, Exception):  # counted, never fatal
                 out.append({**base, "kind": "frame", "box_index": -1,
-                            "info": json.dumps({"error": f"{type(exc).__name__}: {exc}"})})
+                            "info": json.dumps({"error": f"{type(res).__name__}: {res}"})})
                 continue
             if len(res) == 0 or res.error:
                 out.append({**base, "kind": "frame", "box_index": -1,
