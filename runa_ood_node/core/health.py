@@ -20,7 +20,9 @@ import enum
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional
+
+import numpy as np
 
 from .boxes import BoxStatus
 
@@ -94,17 +96,6 @@ class HealthProblem:
         return self.text
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default method), q in [0, 100]."""
-    s = sorted(values)
-    if not s:
-        return math.nan
-    pos = (len(s) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 class HealthMonitor:
     """Is the OOD pipeline delivering? Wall-clock based (a stalled pipeline has no stamps).
 
@@ -156,7 +147,7 @@ class HealthMonitor:
 
     def latency_p95_ms(self) -> float:
         """p95 of the recent per-frame processing times (ms), NaN without samples."""
-        return _percentile(list(self._lat), 95.0)
+        return float(np.percentile(np.asarray(self._lat, np.float64), 95.0)) if self._lat else math.nan
 
     def check(self, now_wall_s: float) -> List[HealthProblem]:
         """Problems at wall time ``now_wall_s`` (s); empty when healthy."""

@@ -123,6 +123,7 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
        "within this many seconds.", 0.0, 1.0),
     _P("pairing_max_age_s", 2.0, "Give up an image (or detections) still waiting for its partner after "
        "this much stamp time (s); must be >= pairing_slop_s.", 0.01, 60.0),
+    _P("pairing_max_future_s", 1.0, "A message stamped more than this (s) after its stream's newest accepted stamp is dropped (stamp_in_future) without moving the stream's clock; 3 such messages in a row are a real clock jump and restart the pairing.", 0.01, 3600.0),
     _P("pairing_buffer", 30, "Messages buffered per stream while waiting for their partner.", 1, 1000),
     _P("processing_queue_size", 2, "Paired frames waiting to be scored; when full the oldest is dropped "
        "(counted as processing_overload) so the output stays fresh.", 1, 100),
@@ -249,6 +250,7 @@ class NodeSettings:
     detections_queue_size: int = 10
     pairing_slop_s: float = 0.0
     pairing_max_age_s: float = 2.0
+    pairing_max_future_s: float = 1.0
     pairing_buffer: int = 30
     processing_queue_size: int = 2
     model: str = "ViT-B-16"
@@ -417,7 +419,8 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         image_transport=choice("image_transport"), image_qos=choice("image_qos"),
         detections_qos=choice("detections_qos"), image_queue_size=number("image_queue_size", True),
         detections_queue_size=number("detections_queue_size", True), pairing_slop_s=number("pairing_slop_s"),
-        pairing_max_age_s=number("pairing_max_age_s"), pairing_buffer=number("pairing_buffer", True),
+        pairing_max_age_s=number("pairing_max_age_s"), pairing_max_future_s=number("pairing_max_future_s"),
+        pairing_buffer=number("pairing_buffer", True),
         processing_queue_size=number("processing_queue_size", True), model=text("model"),
         pretrained=text("pretrained"), allow_random_weights=flag("allow_random_weights"),
         projection=text("projection"), backend=choice("backend"), device=choice("device"),
