@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "latency of every available backend vs the naive per-box loop"),
     "bench-node": ("bench_node", "end-to-end latency through the running node vs the core pipeline"),
     "build-engine": ("build_engine", "export ONNX and build the TensorRT engine (never at start-up)"),
+    "fuzz": ("fuzz", "hostile input against the node over DDS, every message accounted for (--soak: RSS curve)"),
 }
 
 
