@@ -290,3 +290,22 @@ def test_hostile_stamps_random_no_stamp_answered_twice_and_good_pairs_survive():
     assert len(answered) == len(set(answered))  # no stamp answered twice
     assert p.counters["restarts"] == 0
     assert good_answered == set(good_sent)  # no hostile message cost a good pair
+
+
+def test_slow_detector_is_never_in_the_future():
+    """A detector that runs on one frame in 45 (1.5 s apart, 1.2 s late): its detections are far
+    ahead of their own stream's previous stamp but never ahead of the images, so every one pairs."""
+    p = StampPairer(max_buffer=100)
+    events = []
+    for k in range(300):
+        t = 100 * SEC + k * FRAME
+        events.append((t, "image", t))
+        if k % 45 == 0:
+            events.append((t + int(1.2 * SEC), "detections", t))
+    events.sort()
+    pairs = []
+    for _, kind, t in events:
+        pairs += _pairs(p.add_image(t, t) if kind == "image" else p.add_detections(t, t))
+    assert len(pairs) == len([e for e in events if e[1] == "detections"])
+    c = p.counters
+    assert c["restarts"] == 0 and c["stamp_in_future"] == 0 and p.check_accounting()

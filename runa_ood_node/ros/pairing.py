@@ -16,12 +16,14 @@ streams and emits ``(image, detections)`` pairs:
 * buffers are **bounded**: ``max_buffer`` messages per stream and ``max_age_ns`` of stamp time
   relative to the newest stamp seen on the same stream.
 
-**The stamp rule (far stamps).** Each stream has a clock: the newest stamp *accepted* on it (a
-stream that has accepted nothing yet since the start or the last restart uses the other stream's
-clock; the very first message sets it). A message stamped more than ``max_future_ns`` after that
-clock (default 1 s) is dropped as ``stamp_in_future``, one stamped more than ``max_age_ns`` before
-it (default 2 s) as ``stamp_too_old``; neither moves any clock, so a single glitched stamp - a
-camera clock hiccup, a corrupted header - costs that one message and nothing else. A *real* clock
+**The stamp rule (far stamps).** Each stream has a clock: the newest stamp *accepted* on it (the
+very first message sets it). A message stamped more than ``max_future_ns`` (default 1 s) after the
+newer of the two clocks is dropped as ``stamp_in_future`` (the newer clock, so that a slow
+detector, whose detections lag the images and arrive seconds apart, is never "in the future"); one
+stamped more than ``max_age_ns`` (default 2 s) before its own stream's clock (the other stream's
+while its own has none, e.g. just after a restart) as ``stamp_too_old``. Neither moves any clock,
+so a single glitched stamp - a camera clock hiccup, a corrupted header - costs that one message
+and nothing else. ``max_future_ns`` must therefore exceed the camera's frame period. A *real* clock
 jump (a looped or restarted bag, a camera clock step, a source restarted after a pause) shows up as
 ``jump_confirm`` (default 3) consecutive far messages on one stream in the same direction that
 continue one another (increasing, each within ``max_age_ns`` of the previous): the last of them
@@ -247,12 +249,13 @@ class StampPairer:
 
         # 0. the stamp rule: a far stamp is dropped without moving any clock, unless it is the
         #    jump_confirm-th far message in a row of a real clock jump (then start afresh)
-        ref = me.newest if me.newest is not None else other.newest
+        clocks = [t for t in (me.newest, other.newest) if t is not None]
+        past_ref = me.newest if me.newest is not None else other.newest
         direction = 0
-        if ref is not None:
-            if stamp > ref + self.max_future_ns:
+        if clocks:
+            if stamp > max(clocks) + self.max_future_ns:  # ahead of both streams (detections lag)
                 direction = 1
-            elif stamp < ref - self.max_age_ns:
+            elif stamp < past_ref - self.max_age_ns:
                 direction = -1
         if direction == 0:
             me.jump = None

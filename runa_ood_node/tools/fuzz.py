@@ -452,6 +452,7 @@ def run_phases(transports, duration_s: float, rng: random.Random, workdir: pathl
 
     from ..ros.spin import spinning_node
 
+    t_launch = time.monotonic()
     with contextlib.ExitStack() as stack:
         procs = {t: stack.enter_context(node_process(f"fuzz_{t}_{os.getpid()}", t, workdir)) for t in transports}
         node = stack.enter_context(spinning_node("runa_ood_fuzzer"))
@@ -467,6 +468,7 @@ def run_phases(transports, duration_s: float, rng: random.Random, workdir: pathl
             while not fz.answers and time.monotonic() < end:
                 fz.good()
                 time.sleep(0.5)
+        startup_s = time.monotonic() - t_launch
         rss_start = {t: _rss_kb(p.pid) for t, p in procs.items()}
         curves: Dict[str, List[tuple]] = {t: [] for t in transports}
         cases = Counter()
@@ -522,6 +524,7 @@ def run_phases(transports, duration_s: float, rng: random.Random, workdir: pathl
             results.append({
                 "transport": t,
                 "duration_s": duration_s,
+                "startup_s": round(startup_s, 1),
                 "hostile_cases": cases[t],
                 "published": dict(fz.published),
                 "messages_by_category": dict(fz.by_category),
@@ -610,6 +613,7 @@ def run(args) -> int:
         _plot(curve, out / "rss.png", f"runa_ood node memory under hostile input ({duration / 60:.0f} min)")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     for ph in phases:
+        print(f"[{ph['transport']}] node start-up {ph['startup_s']} s, then {ph['duration_s']:.0f} s of fuzzing")
         print(f"[{ph['transport']}] {sum(ph['messages_by_category'].values())} messages "
               f"({ph['hostile_cases']} hostile cases) by category: {ph['messages_by_category']}")
         print(f"[{ph['transport']}] published {ph['published']}, received {ph['received']}, lost in transport "
