@@ -585,8 +585,13 @@ def test_compressed_transport_in_a_namespace_and_lazy_drawing(rig):
         pub_img = client.create_publisher(CompressedImage, "image/compressed", qos)
         pub_det = client.create_publisher(Detection2DArray, "detections", qos)
         client.create_subscription(OodDetectionArray, "ood/detections", got.append, qos)
-        rig.ex.add_node(node)
-        rig.ex.add_node(client)
+        # an executor of their own: removing nodes from the shared, spinning one and destroying them
+        # at once killed its thread (InvalidHandle), silencing every later test of this module
+        ex2 = SingleThreadedExecutor(context=rig.ctx)
+        ex2.add_node(node)
+        ex2.add_node(client)
+        spin2 = threading.Thread(target=ex2.spin, daemon=True)
+        spin2.start()
         wait_for(lambda: pub_img.get_subscription_count() > 0 and pub_det.get_subscription_count() > 0
                  and node._pubs["detections"].get_subscription_count() > 0, what="discovery in namespace cmp")
         rgb, boxes = rig.photos[0]
@@ -601,8 +606,9 @@ def test_compressed_transport_in_a_namespace_and_lazy_drawing(rig):
         assert acc["frames_scored"] == 1 and acc["balanced"]
         assert acc["counters"].get("annotated_frames", 0) == 0 and acc["counters"].get("marker_frames", 0) == 0
     finally:
-        rig.ex.remove_node(node)
-        rig.ex.remove_node(client)
+        if "ex2" in locals():
+            ex2.shutdown(timeout_sec=2.0)
+            spin2.join(timeout=5.0)
         node.trigger_shutdown()
         node.destroy_node()
         client.destroy_node()
