@@ -71,7 +71,6 @@ def test_watermark_only_with_random_weights(image):
     assert yellow.sum() > 200  # the banner text
     assert (strip.max(axis=2) < GREY_BG).sum() > 1000  # darkened band behind it
     np.testing.assert_array_equal(marked[:100], plain[:100])  # the rest is unchanged
-    assert "RANDOM WEIGHTS" in draw.WATERMARK and "NOT A QUALITY RESULT" in draw.WATERMARK
 
 
 def test_watermark_on_empty_result_and_tiny_image():
