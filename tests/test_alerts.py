@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from runa_ood_node.core.alerts import Alert, AlertConfig, AlertLevel, AlertMonitor, HealthMonitor
+from runa_ood_node.core.alerts import Alert, AlertConfig, AlertLevel, AlertMonitor
+from runa_ood_node.core.health import HealthCode, HealthMonitor
 
 W, H = 640, 480
 DT = 0.25  # 4 Hz: stamps are exact binary fractions, so interval arithmetic is exact
@@ -40,9 +41,15 @@ def levels(alerts):
     return [a.level for a in alerts]
 
 
-def test_level_ordering_and_values():
-    assert (int(CLEAR), int(CAUTION), int(TAKE_OVER)) == (0, 1, 2)
-    assert CLEAR < CAUTION < TAKE_OVER
+def test_take_over_outranks_caution_when_both_objects_persist():
+    """A small persistent OOD object and a big one: the level is the more severe one, and the alert
+    names the object behind it (not the small one)."""
+    m = AlertMonitor(AlertConfig(k=2, n=3, takeover_min_area_frac=0.05, takeover_min_bottom_frac=None))
+    alerts = run(m, [frame(SMALL, BIG)] * 2)
+    assert levels(alerts) == [CLEAR, TAKE_OVER] and alerts[-1].object_indices == [1]
+    alerts = run(AlertMonitor(AlertConfig(k=2, n=3, takeover_min_area_frac=0.05, takeover_min_bottom_frac=None)),
+                 [frame(SMALL)] * 2)
+    assert levels(alerts) == [CLEAR, CAUTION] and alerts[-1].object_indices == [0]
 
 
 def test_caution_needs_k_of_last_n_frames():
@@ -369,14 +376,19 @@ def test_unscored_frames_are_skipped_in_the_k_of_n_window():
 
 
 def test_partially_scored_frame_keeps_the_unscored_track():
-    """A persistent object whose box falls over the max_boxes cap keeps its track and caution."""
+    """A persistent object whose box falls over the max_boxes cap is not tracked in that frame (no
+    verdict), but its track and caution stand: in a partial frame an unmatched track is unknown,
+    neither OOD nor gone, and it does not age."""
     m = AlertMonitor(AlertConfig(k=2, n=2, hold_s=0.0, clear_s=0.0))
     run(m, [OOD, OOD])
     assert m.level == CAUTION
     partial = frame(SMALL, BIG, ood=[False, False], status=[6, 0])  # the OOD object is not scored
-    a = m.update(0.5, partial, W, H)
-    assert a.level == CAUTION and a.object_indices == [0]  # its window is still [OOD, OOD]
-    assert m.update(0.75, NONE, W, H).level == CLEAR  # scored and gone: [OOD, not seen]
+    for t in (0.5, 0.75, 1.0):  # longer than n frames: a complete frame would have expired it
+        a = m.update(t, partial, W, H)
+        assert a.level == CAUTION and a.object_indices == []  # its window is still [OOD, OOD]
+        assert "track #1 (not in this frame)" in a.reason
+    assert m.n_tracks == 2  # the OOD object and the scored BIG box, none for the unscored box
+    assert m.update(1.25, NONE, W, H).level == CLEAR  # a complete frame, object gone: [OOD, not seen]
 
 
 def test_takeover_only_from_a_persistent_object():
@@ -409,7 +421,6 @@ def test_match_iou_validation():
     for bad in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="match_iou"):
             AlertConfig(match_iou=bad)
-    assert AlertConfig().match_iou == 0.3
 
 
 def test_box_count_mismatch_rejected():
@@ -427,27 +438,55 @@ def test_health_frame_timeout_and_recovery():
     h = HealthMonitor(frame_timeout_s=1.0, latency_budget_ms=200.0)
     assert h.check(100.0) == [] and not h.degraded  # first check starts the clock
     r = h.check(101.5)
-    assert len(r) == 1 and "no frame processed yet" in r[0] and h.degraded
+    assert [p.code for p in r] == [HealthCode.NO_FRAMES] and "no frame processed yet" in r[0].text and h.degraded
     h.frame(101.6, 50.0)
     assert h.check(102.0) == [] and not h.degraded
     assert h.check(102.6) == []  # exactly 1.0 s: not yet over the timeout
     r = h.check(102.7)
-    assert len(r) == 1 and "no frame processed for 1.10 s" in r[0]
+    assert h.codes == {HealthCode.NO_FRAMES} and "no frame processed for 1.10 s" in str(r[0])
     h.frame(102.8, 50.0)
     assert h.check(102.9) == []
 
 
-def test_health_backend_error_until_next_frame():
+def _result(status, error=None):
+    return SimpleNamespace(status=np.asarray(status, np.uint8), error=error)
+
+
+def test_health_not_scoring_until_a_frame_is_scored_again():
     h = HealthMonitor()
-    h.frame(0.0, 10.0)
-    h.backend_error("TensorRT engine failed to load")
-    r = h.check(0.1)
-    assert r == ["backend failing: TensorRT engine failed to load"] and h.degraded
-    h.frame(0.2, 10.0)
-    assert h.check(0.3) == [] and h.n_backend_errors == 1
+    h.frame(0.0, 10.0, _result([0, 0]))
+    assert h.check(0.05) == []
+    h.frame(0.1, 10.0, _result([7, 7], error="TensorRT engine failed to load"))
+    r = h.check(0.15)
+    assert [p.code for p in r] == [HealthCode.NOT_SCORING] and h.degraded
+    assert r[0].text == "backend failing: backend error: TensorRT engine failed to load"
+    h.frame(0.2, 10.0, _result([6, 6, 6]))  # every box over the cap, no error: still nothing scored
+    assert [p.code for p in h.check(0.25)] == [HealthCode.NOT_SCORING]
+    h.frame(0.3, 10.0, _result([0, 7], error="non-finite features for 1 of 2 boxes"))  # partly scored
+    assert h.check(0.35) == [] and h.n_unscored_frames == 2
+    h.frame(0.4, 10.0, _result([]))  # nothing to score: evidence, healthy
+    h.frame(0.5, 10.0, None)
+    assert h.check(0.55) == []
 
 
-def test_health_latency_p95_over_budget_and_recovery():
+def test_one_definition_of_evidence_for_alerts_and_health():
+    """The alert monitor holds its level exactly on the frames the health monitor calls not
+    scoring, and on no other frame."""
+    cases = [_result([0]), _result([7], "boom"), _result([6, 6]), _result([0, 7], "partial"), _result([]),
+             _result([1, 5]), _result([6, 0]), None]
+    for case in cases:
+        h = HealthMonitor()
+        h.frame(0.0, 1.0, case)
+        unhealthy = HealthCode.NOT_SCORING in {p.code for p in h.check(0.0)}
+        m = AlertMonitor(AlertConfig(k=1, n=1))
+        fr = None if case is None else SimpleNamespace(
+            status=case.status, error=case.error, is_ood=np.ones(len(case.status), bool),
+            boxes_xyxy=np.tile(np.asarray(SMALL, np.float32), (len(case.status), 1)))
+        m.update(0.0, fr, W, H)
+        assert (m.n_unscored_frames == 1) == unhealthy, case
+
+
+def test_health_latency_budget_trips_and_recovers():
     h = HealthMonitor(frame_timeout_s=10.0, latency_budget_ms=200.0, latency_window=20, min_latency_samples=5)
     t = 0.0
     for _ in range(4):  # too few samples for a verdict, even if slow
@@ -460,7 +499,7 @@ def test_health_latency_p95_over_budget_and_recovery():
     # 20 samples: 4 x 500 ms, 16 x 100 ms -> p95 interpolates between 500 and 500 -> over budget
     assert h.latency_p95_ms() == pytest.approx(np.percentile([500.0] * 4 + [100.0] * 16, 95))
     r = h.check(t)
-    assert len(r) == 1 and "latency p95" in r[0]
+    assert [p.code for p in r] == [HealthCode.LATENCY] and "latency p95 500.0 ms over budget 200.0" in r[0].text
     for _ in range(20):  # slow frames leave the window
         t += 0.1
         h.frame(t, 100.0)
@@ -488,3 +527,82 @@ def test_partly_failed_frames_are_still_evidence_for_their_scored_boxes():
                              error="non-finite features for 1 of 2 boxes")
         levels.append(int(mon.update(float(t), fr, 640, 480).level))
     assert levels[-1] == int(AlertLevel.CAUTION) and mon.n_unscored_frames == 0
+
+
+# ------------------------------------------------------------------- stamp jumps, heavy frames
+
+
+def test_stamps_jumping_back_reset_the_history_and_report_the_drop():
+    """A looped bag: the alert history of the first pass must not decide the second one. The reset
+    lives in the monitor (it holds the stamp); a raised level going back to CLEAR is a change."""
+    m = AlertMonitor(AlertConfig(k=2, n=3, hold_s=0.0, clear_s=0.0, jump_back_reset_s=2.0))
+    assert levels(run(m, [OOD, OOD], t0=100.0)) == [CLEAR, CAUTION]
+    small_step = m.update(99.0, OOD, W, H)  # 1.25 s back: an ordinary late frame, ignored
+    assert small_step.level == CAUTION and "ignored" in small_step.reason and m.n_out_of_order == 1
+    a = m.update(10.0, NONE, W, H)  # 90 s back: another pass of the bag
+    assert a.level == CLEAR and a.changed and "alert history reset" in a.reason and m.n_jump_resets == 1
+    assert m.n_tracks == 0 and m.n_out_of_order == 1  # counters survive the reset
+    assert levels(run(m, [OOD, OOD], t0=10.25)) == [CLEAR, CAUTION]  # the new pass raises on its own
+    # without jump_back_reset_s such frames are only ignored (the level stays)
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    run(m, [OOD, OOD], t0=100.0)
+    assert m.update(10.0, NONE, W, H).level == CAUTION and m.n_out_of_order == 1 and m.n_jump_resets == 0
+
+
+def test_not_scored_boxes_are_never_tracked():
+    """1,000 boxes of which 50 were scored (the node's max_boxes cap): only the 50 are tracked."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform((0, 0), (W - 40, H - 40), (1000, 2))
+    boxes = np.concatenate([xy, xy + 30.0], 1)
+    status = np.full(1000, 6, np.uint8)
+    status[:50] = 0
+    m = AlertMonitor(AlertConfig(k=2, n=3))
+    m.update(0.0, frame(*boxes, status=status), W, H)
+    assert m.n_tracks <= 50 and m.last_work["boxes_tracked"] == 50
+
+
+def test_heavy_frame_work_is_bounded_and_does_not_burden_the_next_frame():
+    """A 1,000-box frame (all scored, e.g. max_boxes=0) then a normal 3-box frame: the tracker
+    tracks at most max_tracked_boxes boxes of the heavy frame (OOD ones first; the rest counted), so
+    the IoU work of both frames is bounded by the cap, not by the box count."""
+    rng = np.random.default_rng(1)
+    xy = rng.uniform((0, 0), (W - 40, H - 40), (1000, 2))
+    heavy = np.concatenate([xy, xy + rng.uniform(5, 40, (1000, 2))], 1)
+    ood = np.zeros(1000, bool)
+    ood[[3, 500, 999]] = True
+    cap = 64
+    m = AlertMonitor(AlertConfig(k=2, n=3, max_tracked_boxes=cap, takeover_min_area_frac=None,
+                                 takeover_min_bottom_frac=None))
+    m.update(0.0, frame(*heavy, ood=ood), W, H)
+    m.update(0.25, frame(*heavy, ood=ood), W, H)  # the same boxes again: matched against <= cap tracks
+    w = m.last_work
+    assert w["boxes_tracked"] == cap and w["boxes_untracked"] == 1000 - cap
+    assert w["iou_pairs"] <= cap * cap and m.n_tracks <= cap
+    assert m.n_track_cap_frames == 2 and m.n_boxes_untracked == 2 * (1000 - cap)
+    assert m.level == CAUTION  # the three OOD boxes were tracked first: persistent, raised
+    a = m.update(0.5, frame(heavy[3], heavy[500], heavy[999]), W, H)
+    assert m.last_work["boxes_tracked"] == 3 and m.last_work["iou_pairs"] <= 3 * cap
+    assert a.level == CAUTION and a.object_indices == [0, 1, 2]
+
+
+def _greedy_reference(iou, thr):
+    """The specification: pairs in order (-IoU, row, column), each taken when both are free."""
+    order = sorted((-iou[a, b], a, b) for a, b in np.argwhere(iou >= thr))
+    rows, cols, pairs = set(), set(), set()
+    for _, a, b in order:
+        if a not in rows and b not in cols:
+            rows.add(a)
+            cols.add(b)
+            pairs.add((int(a), int(b)))
+    return pairs
+
+
+def test_vectorised_matching_equals_sorted_greedy():
+    from runa_ood_node.core.alerts import _greedy_match
+
+    rng = np.random.default_rng(2)
+    for trial in range(300):
+        p, c = rng.integers(0, 12, 2)
+        iou = rng.choice([0.0, 0.2, 0.3, 0.5, 0.7, 1.0], size=(p, c)) if trial % 2 else rng.uniform(0, 1, (p, c))
+        rows, cols, _ = _greedy_match(iou, 0.3)
+        assert set(zip(rows.tolist(), cols.tolist())) == _greedy_reference(iou, 0.3), (trial, iou)

@@ -71,7 +71,6 @@ def test_watermark_only_with_random_weights(image):
     assert yellow.sum() > 200  # the banner text
     assert (strip.max(axis=2) < GREY_BG).sum() > 1000  # darkened band behind it
     np.testing.assert_array_equal(marked[:100], plain[:100])  # the rest is unchanged
-    assert "RANDOM WEIGHTS" in draw.WATERMARK and "NOT A QUALITY RESULT" in draw.WATERMARK
 
 
 def test_watermark_on_empty_result_and_tiny_image():
@@ -144,3 +143,45 @@ def test_markers_without_result_only_clear():
 
     arr = draw.make_markers(Header(frame_id="cam"), None, W, H)
     assert len(arr.markers) == 1 and arr.markers[0].action == vm.Marker.DELETEALL
+
+
+def _heavy(n=1000, scored=50, ood=(0, 7, 30)):
+    """n boxes: the first ``scored`` scored (some OOD), the rest NOT_SCORED (over the max_boxes cap)."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform((0, 0), (W - 30, H - 30), (n, 2))
+    status = np.full(n, BoxStatus.NOT_SCORED, np.uint8)
+    status[:scored] = BoxStatus.OK
+    is_ood = np.zeros(n, bool)
+    is_ood[list(ood)] = True
+    unc = np.where(status == 0, -0.2, np.nan).astype(np.float32)
+    return types.SimpleNamespace(boxes_xyxy=np.concatenate([xy, xy + 20], 1).astype(np.float32), status=status,
+                                 uncertainty=unc, label=["car"] * n, is_ood=is_ood)
+
+
+def test_heavy_frame_draws_and_marks_a_bounded_meaningful_subset():
+    """1,000 boxes of which 50 were scored once gave 2,001 markers; now every OOD and ID box is
+    marked, at most MAX_DRAWN_NOT_SCORED not-scored ones, and the rest is counted."""
+    vm = pytest.importorskip("visualization_msgs.msg")
+    from std_msgs.msg import Header
+
+    fr = _heavy()
+    idx, omitted = draw.select_boxes(fr)
+    assert set(idx[-3:].tolist()) == {0, 7, 30}  # OOD drawn last (on top)
+    assert {i for i in idx.tolist() if fr.status[i] == 0} == set(range(50))
+    assert sum(fr.status[i] != 0 for i in idx) == draw.MAX_DRAWN_NOT_SCORED
+    assert omitted == 1000 - 50 - draw.MAX_DRAWN_NOT_SCORED
+    ms = draw.make_markers(Header(frame_id="cam"), fr, W, H).markers
+    assert len(ms) == 1 + 2 * (50 + draw.MAX_DRAWN_NOT_SCORED)
+    assert sum(m.type == vm.Marker.LINE_STRIP and m.color.r > 0.8 for m in ms) == 3  # the OOD boxes
+    # a flood of scored boxes is capped too, OOD ones first
+    many = _heavy(n=5000, scored=5000, ood=(4999,))
+    idx, omitted = draw.select_boxes(many)
+    assert idx.size == draw.MAX_DRAWN_BOXES and idx[-1] == 4999 and omitted == 5000 - draw.MAX_DRAWN_BOXES
+
+
+def test_annotated_image_says_how_many_boxes_were_not_drawn():
+    img = np.full((H, W, 3), GREY_BG, np.uint8)
+    out = draw.annotate(img, _heavy())
+    corner = out[:12, :60]
+    assert (np.all(corner == draw.NOT_SCORED_RGB, axis=2)).sum() > 50  # the "+930 boxes not drawn" tag
+    assert not np.any(np.all(draw.annotate(img, _fr())[:3, :3] == draw.NOT_SCORED_RGB, axis=2))

@@ -148,7 +148,7 @@ class Rig:
         """Wait until every message sent so far has been received and processed."""
         def done():
             a = self.node.accounting()
-            return a["queued"] == 0 and a["in_flight"] == 0
+            return a["queued"] == 0 and a["in_flight"] == 0 and not a["worker_busy"]
 
         time.sleep(0.05)
         wait_for(done, what="the node to finish its queue")
@@ -443,6 +443,7 @@ def test_bad_input_is_counted_and_never_kills_the_node(rig):
     rig.publish(s[7], rgb=rig.gray(), dets=big_dets)
     rig.publish(s[8], rgb=rig.gray(), boxes=[SMALL])  # the node is still alive and scoring
 
+    start_mk = rig.n("markers")
     wait_for(lambda: s[8] in _by_stamp(rig.since("det", start_det)), what="the last good frame")
     a1 = rig.wait_received(n_img + 10, n_det + 10)
     out = _by_stamp(rig.since("det", start_det))
@@ -464,6 +465,17 @@ def test_bad_input_is_counted_and_never_kills_the_node(rig):
     assert "internal_error" not in a1["frame_drops"] and not a1["input_drops"]
     assert not a1["counters"].get("secondary_output_errors")
     assert a1["received"]["image"] - n_img == 10 and a1["received"]["detections"] - n_det == 10
+    # the 1,000-box frame: markers only for what means something (50 scored + a few not scored; it
+    # used to be 2,001), the rest counted; the alert tracker saw only the 50 scored boxes
+    from runa_ood_node.ros import draw
+
+    def markers_of(stamp):
+        return [m for m in rig.since("markers", start_mk) if convert.stamp_to_ns(m.markers[0].header.stamp) == stamp]
+
+    wait_for(lambda: markers_of(s[7]), what="the heavy frame's markers")
+    heavy_markers = markers_of(s[7])[0].markers
+    assert len(heavy_markers) == 1 + 2 * (50 + draw.MAX_DRAWN_NOT_SCORED)
+    assert a1["counters"]["boxes_not_drawn"] - a0["counters"].get("boxes_not_drawn", 0) == 950 - draw.MAX_DRAWN_NOT_SCORED
 
     # /diagnostics reports each case
     start = rig.n("diag")
@@ -477,6 +489,7 @@ def test_bad_input_is_counted_and_never_kills_the_node(rig):
     assert kv["random_weights"] == "true" and kv["backend"] == "torch" and kv["model"] == "runa-tiny-vit"
     assert kv["accounting_balanced"] == "true"
     assert math.isfinite(float(kv["latency_p95_ms"])) and float(kv["latency_p50_ms"]) > 0
+    assert float(kv["frame_time_p95_ms"]) >= float(kv["latency_p50_ms"]) > 0
     assert status.level == b"\x01"  # WARN: random weights
     assert int(kv["frames_scored"]) == rig.node.accounting()["frames_scored"]
 
@@ -572,8 +585,13 @@ def test_compressed_transport_in_a_namespace_and_lazy_drawing(rig):
         pub_img = client.create_publisher(CompressedImage, "image/compressed", qos)
         pub_det = client.create_publisher(Detection2DArray, "detections", qos)
         client.create_subscription(OodDetectionArray, "ood/detections", got.append, qos)
-        rig.ex.add_node(node)
-        rig.ex.add_node(client)
+        # an executor of their own: removing nodes from the shared, spinning one and destroying them
+        # at once killed its thread (InvalidHandle), silencing every later test of this module
+        ex2 = SingleThreadedExecutor(context=rig.ctx)
+        ex2.add_node(node)
+        ex2.add_node(client)
+        spin2 = threading.Thread(target=ex2.spin, daemon=True)
+        spin2.start()
         wait_for(lambda: pub_img.get_subscription_count() > 0 and pub_det.get_subscription_count() > 0
                  and node._pubs["detections"].get_subscription_count() > 0, what="discovery in namespace cmp")
         rgb, boxes = rig.photos[0]
@@ -588,8 +606,9 @@ def test_compressed_transport_in_a_namespace_and_lazy_drawing(rig):
         assert acc["frames_scored"] == 1 and acc["balanced"]
         assert acc["counters"].get("annotated_frames", 0) == 0 and acc["counters"].get("marker_frames", 0) == 0
     finally:
-        rig.ex.remove_node(node)
-        rig.ex.remove_node(client)
+        if "ex2" in locals():
+            ex2.shutdown(timeout_sec=2.0)
+            spin2.join(timeout=5.0)
         node.trigger_shutdown()
         node.destroy_node()
         client.destroy_node()
@@ -619,3 +638,140 @@ def test_bench_node_tool_runs_and_reports(tmp_path, ood_pack):
         for key in ("e2e_ms", "pipeline_ms", "overhead_ms", "node_processing_ms"):
             assert res[key]["n"] == 3 and math.isfinite(res[key]["p50"])
         assert res["e2e_ms"]["p50"] >= res["pipeline_ms"]["p50"] > 0
+
+
+def test_every_accounting_snapshot_balances_while_frames_are_in_flight(rig):
+    """A frame used to be counted as scored while still in flight (alerts, drawing), so snapshots
+    taken then - and 9 of 115 /diagnostics messages of the hostile campaign - did not balance."""
+    snapshots, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            snapshots.append(rig.node.accounting()["balanced"])
+            time.sleep(0.0005)
+
+    start_diag = rig.n("diag")
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        rgb, boxes = rig.photos[0]
+        for _ in range(8):
+            rig.publish(rig.next_stamp(), rgb=rgb, boxes=boxes)  # drawn: annotated + markers subscribed
+            time.sleep(0.05)
+        rig.idle()
+        wait_for(lambda: rig.n("diag") > start_diag + 1, what="/diagnostics")
+    finally:
+        stop.set()
+        sampler.join()
+    assert len(snapshots) > 100 and all(snapshots), f"{snapshots.count(False)} of {len(snapshots)} unbalanced"
+    for m in rig.since("diag", 0):
+        kv = {v.key: v.value for st in m.status for v in st.values}
+        assert kv["accounting_balanced"] == "true"
+
+
+def test_far_future_stamp_does_not_silence_the_node(rig):
+    """One detections message stamped 1.5 s ahead (within pairing_max_age_s) used to become the
+    detections clock, and every later good pair was dropped. It is now one counted drop."""
+    a0 = rig.idle()
+    start = rig.n("det")
+    base = rig.next_stamp()
+    rig.publish(base + 1_500_000_000, boxes=[SMALL])  # detections only, far in the future
+    stamps = [rig.next_stamp(0.05) for _ in range(12)]
+    for st in stamps:
+        rig.publish(st, rgb=rig.gray(), boxes=[SMALL])
+    wait_for(lambda: set(stamps) <= set(_by_stamp(rig.since("det", start))), what="every good frame")
+    a1 = rig.idle()
+    assert a1["pairer"]["stamp_in_future"] - a0["pairer"]["stamp_in_future"] == 1
+    assert a1["frames_scored"] - a0["frames_scored"] == len(stamps) and a1["balanced"]
+    assert a1["pairer"]["restarts"] == a0["pairer"]["restarts"]
+    rig.stamp_s = max(rig.stamp_s, (base + 1_500_000_000) * 1e-9)  # later tests stay in order
+
+
+def test_messages_lost_in_the_dds_queue_are_counted(rig):
+    """The executor is held busy while 150 detections are published into a 50-deep subscription
+    queue: the ones the queue overwrote never reach a callback, and are counted as lost."""
+    from vision_msgs.msg import Detection2DArray
+
+    pub = rig.t.create_publisher(Detection2DArray, "detections", QoSProfile(depth=300, reliability=ReliabilityPolicy.RELIABLE))
+    try:
+        wait_for(lambda: pub.get_subscription_count() > 0, what="the node's detections subscription")
+        before = rig.node.accounting()["received"]["detections"]
+        # a first message lets the node know this publisher (losses before it cannot be told apart
+        # from messages published before the subscription matched)
+        pub.publish(convert.boxes_to_detections(rig.header(rig.next_stamp(0.01)), np.array([SMALL])))
+        wait_for(lambda: rig.node.accounting()["received"]["detections"] > before, what="the first message")
+        a0 = rig.idle()
+        blocked = threading.Event()
+
+        def block():
+            timer.cancel()
+            blocked.set()
+            time.sleep(1.5)
+
+        timer = rig.t.create_timer(0.01, block)
+        wait_for(blocked.is_set, what="the executor to be busy")
+        n = 150
+        for _ in range(n):
+            pub.publish(convert.boxes_to_detections(rig.header(rig.next_stamp(0.01)), np.array([SMALL])))
+        last = rig.next_stamp(0.01)
+        pub.publish(convert.boxes_to_detections(rig.header(last), np.array([SMALL])))  # reveals any tail loss
+        n += 1
+
+        def all_seen():
+            a = rig.node.accounting()
+            got = a["received"]["detections"] - a0["received"]["detections"]
+            lost = a["lost"]["detections"] - a0["lost"]["detections"]
+            return got + lost == n
+
+        try:
+            wait_for(all_seen, what="every published message received or counted as lost")
+        except AssertionError:
+            a = rig.node.accounting()
+            raise AssertionError(f"published {n}, received {a['received']['detections'] - a0['received']['detections']}, "
+                                 f"lost {a['lost_detail']} (before {a0['lost_detail']})")
+        a1 = rig.idle()
+        lost = a1["lost"]["detections"] - a0["lost"]["detections"]
+        assert 0 < lost < n and a1["balanced"]
+        rig.t.destroy_timer(timer)
+        start = rig.n("diag")
+        wait_for(lambda: rig.n("diag") > start + 1, what="/diagnostics")
+        kv = {v.key: v.value for m in rig.since("diag", start)[-1:] for st in m.status for v in st.values}
+        assert int(kv["messages_lost.detections"]) >= lost and int(kv["drops.lost_in_transport"]) >= lost
+    finally:
+        rig.t.destroy_publisher(pub)
+
+
+def test_health_latency_covers_drawing_trips_and_recovers(rig, monkeypatch):
+    """The health budget is on the whole per-frame time: slow drawing (markers) alone must trip it
+    (the old measurement stopped at ood/detections and never saw it); fast frames recover it."""
+    from runa_ood_msgs.msg import DriverAlert
+
+    from runa_ood_node.ros import draw
+
+    reconfigure(rig, **{"health.latency_budget_ms": 1000.0, "health.frame_timeout_s": 30.0})
+    try:
+        slow_markers = draw.make_markers
+
+        def slow(*args, **kwargs):
+            time.sleep(1.5)
+            return slow_markers(*args, **kwargs)
+
+        monkeypatch.setattr(draw, "make_markers", slow)
+        start = rig.n("health")
+        for _ in range(6):  # min_latency_samples = 5
+            rig.publish(rig.next_stamp(), rgb=rig.gray(), boxes=[SMALL])
+        wait_for(lambda: any(m.level == DriverAlert.LEVEL_CAUTION and "latency p95" in m.reason
+                             for m in rig.since("health", start)), what="a latency CAUTION")
+        rig.idle()
+        monkeypatch.setattr(draw, "make_markers", slow_markers)
+        start = rig.n("health")
+        end = time.monotonic() + 120.0
+        # one frame at a time (no queue wait): the 6 slow frames leave the 50-frame window
+        while not any(m.level == DriverAlert.LEVEL_CLEAR for m in rig.since("health", start)) and time.monotonic() < end:
+            rig.publish(rig.next_stamp(), rgb=rig.gray(), boxes=[SMALL])
+            rig.idle()
+        assert any(m.level == DriverAlert.LEVEL_CLEAR and "healthy" in m.reason for m in rig.since("health", start))
+    finally:
+        monkeypatch.undo()
+        reconfigure(rig, **{"health.latency_budget_ms": NODE_PARAMS["health.latency_budget_ms"],
+                            "health.frame_timeout_s": NODE_PARAMS["health.frame_timeout_s"]})

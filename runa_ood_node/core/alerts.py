@@ -1,12 +1,20 @@
-"""Driver alerts from per-frame OOD results, and pipeline health (no ROS; numpy only).
+"""Driver alerts from per-frame OOD results (no ROS; numpy only).
 
 ``AlertMonitor`` turns the stream of per-frame results into a debounced alert level **per object**:
 
-* **Tracks.** The scored boxes of each frame are associated with the tracks of recent frames: by
-  the detector's tracking ids (``object_ids``, one string per box, ``""`` = none) where given,
-  otherwise by greedy IoU matching (best pairs first, IoU >= ``match_iou``) of the box to the last
-  box of a track not yet matched in this frame. A box that matches nothing starts a new track.
-  Tracks not seen for ``n`` frames expire.
+* **Tracks.** The *scored* boxes (status ``OK``) of each frame are associated with the tracks of
+  recent frames: by the detector's tracking ids (``object_ids``, one string per box, ``""`` = none)
+  where given, otherwise by greedy IoU matching (best pairs first, IoU >= ``match_iou``) of the box
+  to the last box of a track not yet matched in this frame. The matching is vectorised (rounds of
+  mutually best box/track pairs over the IoU matrix: the same result as taking the pairs in order
+  of IoU, with no Python loop over pairs). A box that matches nothing starts a new track. Boxes that
+  were not scored (``NOT_SCORED`` over the ``max_boxes`` cap, ``BACKEND_ERROR``, invalid) are
+  never tracked: they carry no OOD verdict.
+* **Bounded work per frame.** At most ``max_tracked_boxes`` boxes of a frame are tracked (OOD
+  boxes first, then the others, each in input order); the rest are counted
+  (``n_boxes_untracked``, ``n_track_cap_frames``). The track table holds at most 1024 tracks. So one
+  frame costs at most ``max_tracked_boxes`` x 1024 IoU entries (``last_work`` says what the last
+  frame cost), and a heavy frame cannot delay the next one through the tracker.
 * **CAUTION** when a *persistent-OOD* track exists: one that was OOD in >= ``k`` of the last ``n``
   frames the monitor scored (frames before a track existed, or in which it was not seen, count as
   "not OOD"). One-frame false positives at different places are different tracks, so they never
@@ -23,30 +31,31 @@
   level is only left after its condition (the per-track k-of-n rule above, not a single frame) has
   been absent for ``clear_s`` seconds; from TAKE_OVER it steps down to CAUTION if CAUTION's
   condition was seen within ``clear_s``. Raising is immediate. Together this suppresses flicker.
-* **Frames that were not scored are not evidence of "no OOD".** A frame whose ``error`` is set
-  (backend failure) or whose boxes are all ``BACKEND_ERROR`` / ``NOT_SCORED`` is skipped: it does
-  not enter any k-of-n window, the level is held (never lowered on it), and the stamp interval
-  ending at it does not count towards ``clear_s`` (``hold_s`` is plain stamp time). The returned
-  alert has ``changed=False`` and its reason ends with "(frame not scored: ... — level held)".
-  Reporting the failure itself is ``HealthMonitor``'s job. In a partially scored frame (some boxes
-  ``NOT_SCORED`` over the ``max_boxes`` cap) the scored boxes are evidence; a track whose box in
-  that frame was not scored keeps its identity and position but gets no entry for that frame.
-  A frame with no boxes at all is evidence (nothing there).
+* **Frames that were not scored are not evidence of "no OOD"** (the one definition is
+  :func:`core.health.unscored_reason`, shared with ``HealthMonitor``). Such a frame does not enter
+  any k-of-n window, the level is held (never lowered on it), and the stamp interval ending at it
+  does not count towards ``clear_s`` (``hold_s`` is plain stamp time). The returned alert has
+  ``changed=False`` and its reason ends with "(frame not scored: ... — level held)". In a
+  *partially* scored frame (some valid boxes ``NOT_SCORED`` / ``BACKEND_ERROR``, or boxes over
+  ``max_tracked_boxes``) the scored boxes are evidence, and a track none of them matches gets no
+  entry for that frame (it may be among the unscored boxes: unknown, neither OOD nor ID) and does
+  not age towards expiry. A frame with no boxes at all is evidence (nothing there).
 
 Times are **message stamps in seconds** (``header.stamp`` of the image), never wall-clock time, so
-a bag replay gives the same alerts at any speed. Frames with a stamp not later than the last one
-are ignored and counted (``n_out_of_order``). Durations are compared with a 1 us tolerance
+a bag replay gives the same alerts at any speed. A frame stamped not later than the last one is
+ignored and counted (``n_out_of_order``), unless it is more than ``jump_back_reset_s`` earlier:
+then the stamps jumped back (looped bag, restarted source, clock step), the alert history belongs to
+another time and is reset (``n_jump_resets``; level back to CLEAR, reported with ``changed=True``
+when it was raised) before the frame is used. Durations are compared with a 1 us tolerance
 (stamps are floats built from sec + nanosec). The k-of-n windows count frames, not seconds: if
-frames stop arriving the alert stays where it is, which is what ``HealthMonitor`` reports.
+frames stop arriving the alert stays where it is, which is what ``core.health.HealthMonitor``
+reports.
 
 The frame result is duck-typed (``core.pipeline.FrameResult`` or anything with the same fields,
 attributes or mapping keys): ``is_ood`` [N] bool, ``status`` [N] (``core.boxes.BoxStatus``, only
-``OK == 0`` boxes are scored; optional, default all OK), ``boxes_xyxy`` [N, 4] pixels,
+``OK`` boxes are scored; optional, default all OK), ``boxes_xyxy`` [N, 4] pixels,
 ``error`` (str or None; optional), and optionally ``uncertainty`` and ``label`` used in the reason
 text. ``None`` means a frame without boxes.
-
-``HealthMonitor`` reports a degraded pipeline: no frame for ``frame_timeout_s`` (wall time), a
-failing backend, or the p95 of recent end-to-end latencies over ``latency_budget_ms``.
 """
 from __future__ import annotations
 
@@ -58,19 +67,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .boxes import BoxStatus  # numpy only: this module stays free of the model stack
-from .metrics import percentile as _percentile
+from .boxes import BoxStatus
+from .health import UNSCORED_STATUSES, _finite_number, unscored_reason
 from .roi import parse_roi as _parse_roi
 
-__all__ = ["AlertLevel", "AlertConfig", "Alert", "AlertMonitor", "HealthMonitor"]
+__all__ = ["AlertLevel", "AlertConfig", "Alert", "AlertMonitor"]
 
-_STATUS_OK = BoxStatus.OK
-_STATUS_NOT_SCORED = BoxStatus.NOT_SCORED
-_STATUS_BACKEND_ERROR = BoxStatus.BACKEND_ERROR
-_UNSCORED = (_STATUS_NOT_SCORED, _STATUS_BACKEND_ERROR)  # valid boxes the backend did not score
+_STATUS_OK = int(BoxStatus.OK)
 _TIME_TOL_S = 1e-6  # stamps are sec + nanosec * 1e-9 floats: compare durations to within 1 us
 _MAX_TRACKS = 1024  # bound on the track table (tracks also expire after n frames unseen)
-_MAX_ERROR_CHARS = 160  # backend error text quoted in a reason
 
 
 class AlertLevel(enum.IntEnum):
@@ -79,16 +84,6 @@ class AlertLevel(enum.IntEnum):
     CLEAR = 0
     CAUTION = 1
     TAKE_OVER = 2
-
-
-def _finite_number(value, name: str, lo: float = 0.0, hi: float = math.inf) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not (math.isfinite(v) and lo <= v <= hi):
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
-    return v
 
 
 def _point_in_polygon(x: float, y: float, poly: Sequence[Tuple[float, float]]) -> bool:
@@ -111,18 +106,24 @@ def _point_in_polygon(x: float, y: float, poly: Sequence[Tuple[float, float]]) -
 
 
 def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` [A, 4] with every box in ``b`` [B, 4] (xyxy pixels) -> [A, B]."""
-    ix1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    iy1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    ix2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    iy2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(ix2 - ix1, 0.0, None) * np.clip(iy2 - iy1, 0.0, None)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0.0, None) * np.clip(a[:, 3] - a[:, 1], 0.0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0.0, None) * np.clip(b[:, 3] - b[:, 1], 0.0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
+    """IoU of every box in ``a`` [A, 4] with every box in ``b`` [B, 4] (xyxy pixels) -> [A, B] float32."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2])
+    iw -= np.maximum(a[:, None, 0], b[None, :, 0])
+    np.maximum(iw, 0.0, out=iw)
+    ih = np.minimum(a[:, None, 3], b[None, :, 3])
+    ih -= np.maximum(a[:, None, 1], b[None, :, 1])
+    np.maximum(ih, 0.0, out=ih)
+    iw *= ih  # intersection
+    area_a = np.maximum(a[:, 2] - a[:, 0], 0.0) * np.maximum(a[:, 3] - a[:, 1], 0.0)
+    area_b = np.maximum(b[:, 2] - b[:, 0], 0.0) * np.maximum(b[:, 3] - b[:, 1], 0.0)
+    union = area_a[:, None] + area_b[None, :]
+    union -= iw
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0.0, inter / union, 0.0)
-    return iou
+        np.divide(iw, union, out=iw, where=union > 0.0)
+    iw[~(union > 0.0)] = 0.0
+    return iw
 
 
 @dataclass
@@ -142,6 +143,11 @@ class AlertConfig:
         takeover_k: frames (of a track's last n) in which the take-over rule must hold; None -> k.
         match_iou: minimum IoU (0 < match_iou <= 1) between a box and a track's last box for the
             box to continue that track when no tracking id is given.
+        max_tracked_boxes: at most this many scored boxes of one frame are tracked (OOD boxes
+            first); bounds the tracker's work per frame (>= 1).
+        jump_back_reset_s: a frame stamped more than this (s) before the last one resets the alert
+            history (stamps jumped back: looped bag, restarted source); None = never (such frames
+            are ignored as out of order). The node uses ``pairing_max_age_s``.
     """
 
     k: int = 3
@@ -153,6 +159,8 @@ class AlertConfig:
     roi: Optional[Sequence] = None
     takeover_k: Optional[int] = None
     match_iou: float = 0.3
+    max_tracked_boxes: int = 128
+    jump_back_reset_s: Optional[float] = None
     _roi_poly: Optional[List[Tuple[float, float]]] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -179,6 +187,11 @@ class AlertConfig:
         self.match_iou = _finite_number(self.match_iou, "match_iou", 0.0, 1.0)
         if self.match_iou <= 0.0:
             raise ValueError(f"match_iou must be in (0, 1], got {self.match_iou!r}")
+        if int(self.max_tracked_boxes) != self.max_tracked_boxes or int(self.max_tracked_boxes) < 1:
+            raise ValueError(f"max_tracked_boxes must be an integer >= 1, got {self.max_tracked_boxes!r}")
+        self.max_tracked_boxes = int(self.max_tracked_boxes)
+        if self.jump_back_reset_s is not None:
+            self.jump_back_reset_s = _finite_number(self.jump_back_reset_s, "jump_back_reset_s")
         self._roi_poly = _parse_roi(self.roi)
 
     @property
@@ -223,6 +236,7 @@ class _Track:
     ood: deque  # per scored frame since creation (last n): OOD in that frame
     take: deque  # per scored frame since creation (last n): take-over rule held in that frame
     last_seen: int  # index of the last scored frame with a box of this track
+    missed: int = 0  # complete frames since it was last seen (expires at n)
     now: List[int] = field(default_factory=list)  # box indices in the latest scored frame
     now_box: Optional[int] = None  # the representative box among ``now`` (first OOD, else first)
     now_why: str = ""  # why the take-over rule held in the latest scored frame ("" = it did not)
@@ -233,10 +247,46 @@ class _Frame:
     """Parsed frame result (internal)."""
 
     n: int
-    is_ood: List[bool]
-    status: List[int]
+    is_ood: np.ndarray  # [n] bool
+    status: np.ndarray  # [n] int64 BoxStatus codes
     boxes: Optional[np.ndarray]  # [n, 4] float64, or None when n == 0
     error: Optional[str]
+
+
+def _greedy_match(iou: np.ndarray, thr: float) -> Tuple[np.ndarray, np.ndarray, int]:
+    """One-to-one greedy matching of rows (boxes) to columns (tracks) with ``iou >= thr``.
+
+    The result equals taking the candidate pairs in the order (-IoU, row, column) and keeping each
+    pair whose row and column are still free, but is computed in rounds of *mutually best* pairs
+    (a row's best column whose best row is that row; ``argmax`` breaks ties by the lower index,
+    which is the same order): the best remaining pair is always mutually best, and a mutually best
+    pair is never blocked in the sorted order. No Python loop over pairs.
+
+    Returns (rows, columns, rounds).
+    """
+    w = np.where(iou >= thr, iou, -1.0)
+    rows_i, cols_i = np.arange(w.shape[0]), np.arange(w.shape[1])
+    out_r: List[np.ndarray] = []
+    out_c: List[np.ndarray] = []
+    rounds = 0
+    while w.size and w.max() >= 0.0:
+        rounds += 1
+        best_c = w.argmax(axis=1)
+        best_r = w.argmax(axis=0)
+        r = np.arange(w.shape[0])
+        mutual = (best_r[best_c] == r) & (w[r, best_c] >= 0.0)
+        mr, mc = r[mutual], best_c[mutual]
+        out_r.append(rows_i[mr])
+        out_c.append(cols_i[mc])
+        keep_r = np.ones(w.shape[0], bool)
+        keep_r[mr] = False
+        keep_c = np.ones(w.shape[1], bool)
+        keep_c[mc] = False
+        w = w[keep_r][:, keep_c]
+        rows_i, cols_i = rows_i[keep_r], cols_i[keep_c]
+    if not out_r:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp), rounds
+    return np.concatenate(out_r), np.concatenate(out_c), rounds
 
 
 class AlertMonitor:
@@ -245,7 +295,10 @@ class AlertMonitor:
     See the module docstring for the rules. Counters (read-only attributes): ``n_frames`` (frames
     accepted, in stamp order), ``n_out_of_order``, ``n_unscored_frames`` (skipped, level held),
     ``n_bad_object_ids`` (``object_ids`` of the wrong length: ignored, IoU used), ``n_tracks_dropped``
-    (tracks evicted because the table was full); ``n_tracks`` is the current table size.
+    (tracks evicted because the table was full), ``n_boxes_untracked`` / ``n_track_cap_frames``
+    (scored boxes over ``max_tracked_boxes``), ``n_jump_resets`` (history resets on a stamp jump
+    back); ``n_tracks`` is the current table size and ``last_work`` what the last frame cost the
+    tracker (``boxes_tracked``, ``boxes_untracked``, ``iou_pairs``, ``match_rounds``).
     """
 
     def __init__(self, config: Optional[AlertConfig] = None):
@@ -254,6 +307,17 @@ class AlertMonitor:
 
     def reset(self) -> None:
         """Forget all history (level back to CLEAR, no tracks, counters zeroed)."""
+        self._reset_history()
+        self.n_frames = 0
+        self.n_out_of_order = 0
+        self.n_unscored_frames = 0
+        self.n_bad_object_ids = 0
+        self.n_tracks_dropped = 0
+        self.n_boxes_untracked = 0
+        self.n_track_cap_frames = 0
+        self.n_jump_resets = 0
+
+    def _reset_history(self) -> None:
         self._tracks: Dict[str, _Track] = {}
         self._next_track = 1
         self._frame_idx = 0  # scored frames so far
@@ -261,11 +325,8 @@ class AlertMonitor:
         self._raised_s: Optional[float] = None
         self._last_seen = {AlertLevel.CAUTION: -math.inf, AlertLevel.TAKE_OVER: -math.inf}
         self._last_stamp: Optional[float] = None
-        self.n_frames = 0
-        self.n_out_of_order = 0
-        self.n_unscored_frames = 0
-        self.n_bad_object_ids = 0
-        self.n_tracks_dropped = 0
+        self.last_work: Dict[str, int] = {"boxes_tracked": 0, "boxes_untracked": 0, "iou_pairs": 0,
+                                          "match_rounds": 0}
 
     @property
     def level(self) -> AlertLevel:
@@ -281,14 +342,14 @@ class AlertMonitor:
     def _parse(frame) -> _Frame:
         is_ood = _get(frame, "is_ood")
         status = _get(frame, "status")
-        is_ood = [] if is_ood is None else [bool(f) for f in is_ood]
+        is_ood = np.zeros(0, bool) if is_ood is None else np.asarray(is_ood).astype(bool).reshape(-1)
+        n = int(is_ood.size)
         if status is None:
-            status = [_STATUS_OK] * len(is_ood)
+            status = np.full(n, _STATUS_OK, np.int64)
         else:
-            status = [int(s) for s in status]
-            if len(status) != len(is_ood):
-                raise ValueError(f"frame result has {len(is_ood)} is_ood flags but {len(status)} status codes")
-        n = len(is_ood)
+            status = np.asarray(status).astype(np.int64).reshape(-1)
+            if status.size != n:
+                raise ValueError(f"frame result has {n} is_ood flags but {status.size} status codes")
         boxes = None
         if n:
             raw = _get(frame, "boxes_xyxy")
@@ -299,20 +360,6 @@ class AlertMonitor:
                 raise ValueError(f"frame result has {n} is_ood flags but boxes_xyxy of shape {boxes.shape}")
         err = _get(frame, "error")
         return _Frame(n, is_ood, status, boxes, str(err) if err else None)
-
-    @staticmethod
-    def _unscored_reason(f: _Frame) -> Optional[str]:
-        """Why this frame is no evidence at all (None: it is evidence). A frame in which some boxes
-        were scored is evidence, even if the backend failed on others (e.g. NaN features for one
-        crop): its scored boxes may be the OOD object the driver must hear about."""
-        if any(s == _STATUS_OK for s in f.status):
-            return None
-        if f.error:
-            msg = f.error if len(f.error) <= _MAX_ERROR_CHARS else f.error[: _MAX_ERROR_CHARS - 3] + "..."
-            return f"backend error: {msg}"
-        if f.n and all(s in _UNSCORED for s in f.status):
-            return f"none of the {f.n} boxes was scored (BACKEND_ERROR / NOT_SCORED)"
-        return None
 
     def _takeover_why(self, box, width: float, height: float) -> str:
         """Why the take-over rule holds for this (OOD) box; "" when it does not."""
@@ -339,13 +386,33 @@ class AlertMonitor:
         self._tracks[key] = t
         return t
 
-    def _associate(self, f: _Frame, ids: Optional[List[str]]) -> Dict[str, List[int]]:
-        """Box indices of this frame per track key (creating tracks for new objects)."""
-        trackable = [i for i in range(f.n)
-                     if (f.status[i] == _STATUS_OK or f.status[i] in _UNSCORED) and np.isfinite(f.boxes[i]).all()]
+    def _tracked_boxes(self, f: _Frame) -> Tuple[np.ndarray, bool]:
+        """Indices of the boxes to track (scored, finite, at most ``max_tracked_boxes``: OOD first,
+        then the others, each in input order), and whether the frame is *partial* (valid boxes that
+        carry no verdict: not scored, or over the cap)."""
+        if not f.n:
+            return np.zeros(0, np.intp), False
+        scored = (f.status == _STATUS_OK) & np.isfinite(f.boxes).all(axis=1)
+        idx = np.flatnonzero(scored)
+        partial = bool(np.isin(f.status, UNSCORED_STATUSES).any())
+        cap = self.config.max_tracked_boxes
+        untracked = 0
+        if idx.size > cap:
+            ood = f.is_ood[idx]
+            idx = np.sort(np.concatenate([idx[ood], idx[~ood]])[:cap])
+            untracked = int(scored.sum()) - cap
+            self.n_boxes_untracked += untracked
+            self.n_track_cap_frames += 1
+            partial = True
+        self.last_work = {"boxes_tracked": int(idx.size), "boxes_untracked": untracked, "iou_pairs": 0,
+                          "match_rounds": 0}
+        return idx, partial
+
+    def _associate(self, f: _Frame, idx: np.ndarray, ids: Optional[List[str]]) -> Dict[str, List[int]]:
+        """Box indices (of ``idx``) of this frame per track key (creating tracks for new objects)."""
         matched: Dict[str, List[int]] = {}
         pending: List[int] = []
-        for i in trackable:
+        for i in idx.tolist():
             tid = ids[i] if ids is not None else ""
             if tid:
                 key = "id:" + tid
@@ -357,42 +424,40 @@ class AlertMonitor:
         if not pending:
             return matched
         cands = [k for k in self._tracks if k not in matched]
-        taken_boxes, taken_tracks = set(), set()
+        taken = np.zeros(len(pending), bool)
         if cands:
             iou = _iou_matrix(f.boxes[pending], np.asarray([self._tracks[k].box for k in cands], np.float64))
-            pairs = np.argwhere(iou >= self.config.match_iou - 1e-12)
-            # greedy: best IoU first; ties by box, then track age (deterministic)
-            order = sorted(((-iou[a, b], a, b) for a, b in pairs))
-            for _, a, b in order:
-                if a in taken_boxes or b in taken_tracks:
-                    continue
-                taken_boxes.add(a)
-                taken_tracks.add(b)
+            rows, cols, rounds = _greedy_match(iou, self.config.match_iou - 1e-12)
+            self.last_work["iou_pairs"] = int(iou.size)
+            self.last_work["match_rounds"] = rounds
+            for a, b in zip(rows.tolist(), cols.tolist()):
                 matched[cands[b]] = [pending[a]]
+            taken[rows] = True
         for a, i in enumerate(pending):
-            if a not in taken_boxes:
+            if not taken[a]:
                 key = f"#{self._next_track}"
                 self._next_track += 1
                 self._new_track(key, f"track {key}", f.boxes[i])
                 matched[key] = [i]
         return matched
 
-    def _update_tracks(self, f: _Frame, matched: Dict[str, List[int]], width: float, height: float) -> None:
+    def _update_tracks(self, f: _Frame, matched: Dict[str, List[int]], partial: bool,
+                       width: float, height: float) -> None:
         cfg = self.config
         for key, t in self._tracks.items():
-            idx = matched.get(key, [])
-            t.now, t.now_box, t.now_why = list(idx), None, ""
+            idx = sorted(matched.get(key, []))
+            t.now, t.now_box, t.now_why = idx, None, ""
             if not idx:
-                t.ood.append(False)
-                t.take.append(False)
+                if not partial:  # in a partial frame it may be among the unscored boxes: unknown
+                    t.ood.append(False)
+                    t.take.append(False)
+                    t.missed += 1
                 continue
             t.last_seen = self._frame_idx
-            scored = [i for i in idx if f.status[i] == _STATUS_OK]
-            ood = [i for i in scored if f.is_ood[i]]
-            t.now_box = ood[0] if ood else scored[0] if scored else idx[0]
+            t.missed = 0
+            ood = [i for i in idx if f.is_ood[i]]
+            t.now_box = ood[0] if ood else idx[0]
             t.box = tuple(float(v) for v in f.boxes[t.now_box])
-            if not scored:
-                continue  # seen, but not scored in this frame: no entry (neither OOD nor ID)
             for i in ood:
                 why = self._takeover_why(f.boxes[i], width, height)
                 if why:
@@ -400,8 +465,8 @@ class AlertMonitor:
                     break
             t.ood.append(bool(ood))
             t.take.append(bool(t.now_why))
-        # expire tracks not seen for n frames, then bound the table (least recently seen first)
-        for key in [k for k, t in self._tracks.items() if self._frame_idx - t.last_seen >= cfg.n]:
+        # expire tracks missed in n complete frames, then bound the table (least recently seen first)
+        for key in [k for k, t in self._tracks.items() if t.missed >= cfg.n]:
             del self._tracks[key]
         if len(self._tracks) > _MAX_TRACKS:
             excess = sorted(self._tracks, key=lambda k: self._tracks[k].last_seen)[: len(self._tracks) - _MAX_TRACKS]
@@ -489,6 +554,15 @@ class AlertMonitor:
             raise ValueError(f"stamp_s must be finite, got {stamp_s!r}")
         if not (width > 0 and height > 0):
             raise ValueError(f"image size must be positive, got {width}x{height}")
+        level_before = self._level  # before a possible history reset (the change must be reported)
+        jump_note = ""
+        jb = self.config.jump_back_reset_s
+        if self._last_stamp is not None and jb is not None and stamp < self._last_stamp - jb:
+            # looped bag / restarted source / clock step back: the history belongs to another time
+            jump_note = (f" [alert history reset: stamps jumped back from {self._last_stamp:.3f} s to "
+                         f"{stamp:.3f} s]")
+            self._reset_history()
+            self.n_jump_resets += 1
         if self._last_stamp is not None and stamp <= self._last_stamp:
             self.n_out_of_order += 1
             return Alert(
@@ -511,7 +585,7 @@ class AlertMonitor:
         self.n_frames += 1
         cfg = self.config
 
-        skip = self._unscored_reason(f)
+        skip = unscored_reason(frame_result)
         if skip is not None:
             # no evidence: windows untouched, level held, and the interval ending here does not
             # count as "condition absent" (shift the last-seen times by it)
@@ -521,17 +595,19 @@ class AlertMonitor:
                     self._last_seen[lvl] += stamp - prev_stamp
             pers, take = self._persistent()
             reason = self._reason(self._level, None, pers, take, current=False)
-            return Alert(self._level, f"{reason} (frame not scored: {skip} — level held)", [], False)
+            return Alert(self._level, f"{reason} (frame not scored: {skip} — level held){jump_note}", [],
+                         self._level != level_before)
 
         self._frame_idx += 1
-        self._update_tracks(f, self._associate(f, ids), float(width), float(height))
+        idx, partial = self._tracked_boxes(f)
+        self._update_tracks(f, self._associate(f, idx, ids), partial, float(width), float(height))
         pers, take = self._persistent()
         target = AlertLevel.TAKE_OVER if take else AlertLevel.CAUTION if pers else AlertLevel.CLEAR
         for lvl in (AlertLevel.CAUTION, AlertLevel.TAKE_OVER):
             if target >= lvl:
                 self._last_seen[lvl] = stamp
 
-        before = self._level
+        before = self._level  # == level_before unless the history was just reset (then CLEAR)
         held_note = ""
         if target > before:
             self._level = target
@@ -553,95 +629,8 @@ class AlertMonitor:
         level = self._level
         behind = (take or pers) if level == AlertLevel.TAKE_OVER else pers if level == AlertLevel.CAUTION else []
         indices = sorted({i for t in behind for i in t.now})
-        n_ood_now = sum(1 for i in range(f.n) if f.is_ood[i] and f.status[i] == _STATUS_OK)
+        n_ood_now = int(np.count_nonzero(f.is_ood & (f.status == _STATUS_OK))) if f.n else 0
         reason = self._reason(level, frame_result, pers, take, current=True, n_ood_now=n_ood_now)
         if held_note:
             reason += f" [{held_note}]"
-        return Alert(level, reason, indices, level != before)
-
-
-# ---------------------------------------------------------------------------------------------
-# health
-
-
-class HealthMonitor:
-    """Is the OOD pipeline delivering? Wall-clock based (a stalled pipeline has no stamps).
-
-    Args:
-        frame_timeout_s: report when no frame was processed for this long (s).
-        latency_budget_ms: report when the p95 of the last ``latency_window`` frame latencies
-            (ms, image stamp to result, or processing time) exceeds this.
-        latency_window: number of recent frames in the latency percentile.
-        min_latency_samples: no latency verdict before this many frames (avoid a verdict on one
-            slow first frame, e.g. a warm-up).
-
-    Call :meth:`frame` for every processed frame, :meth:`backend_error` when the backend fails,
-    and :meth:`check` periodically (e.g. with the diagnostics timer). A processed frame clears a
-    previous backend error (the backend recovered).
-    """
-
-    def __init__(self, frame_timeout_s: float = 1.0, latency_budget_ms: float = 200.0,
-                 latency_window: int = 50, min_latency_samples: int = 5):
-        self.frame_timeout_s = _finite_number(frame_timeout_s, "frame_timeout_s")
-        self.latency_budget_ms = _finite_number(latency_budget_ms, "latency_budget_ms")
-        if int(latency_window) < 1:
-            raise ValueError(f"latency_window must be >= 1, got {latency_window!r}")
-        self.min_latency_samples = max(1, int(min_latency_samples))
-        self._lat: deque = deque(maxlen=int(latency_window))
-        self._last_frame_s: Optional[float] = None
-        self._first_check_s: Optional[float] = None
-        self._backend_error: Optional[str] = None
-        self.n_frames = 0
-        self.n_backend_errors = 0
-        self._reasons: List[str] = []
-
-    def frame(self, stamp_wall_s: float, latency_ms: float) -> None:
-        """Record a successfully processed frame at wall time ``stamp_wall_s`` (s) taking ``latency_ms``."""
-        self._last_frame_s = float(stamp_wall_s)
-        lat = float(latency_ms)
-        if math.isfinite(lat):
-            self._lat.append(lat)
-        self.n_frames += 1
-        self._backend_error = None
-
-    def backend_error(self, reason: str) -> None:
-        """Record a backend failure; reported by :meth:`check` until the next processed frame."""
-        self._backend_error = str(reason)
-        self.n_backend_errors += 1
-
-    def latency_p95_ms(self) -> float:
-        """p95 of the recent latencies (ms), NaN without samples."""
-        return _percentile(list(self._lat), 95.0)
-
-    def check(self, now_wall_s: float) -> List[str]:
-        """Reasons the pipeline is degraded at wall time ``now_wall_s`` (s); empty when healthy."""
-        now = float(now_wall_s)
-        if self._first_check_s is None:
-            self._first_check_s = now
-        reasons = []
-        ref = self._last_frame_s if self._last_frame_s is not None else self._first_check_s
-        silent = now - ref
-        if silent > self.frame_timeout_s:
-            what = "no frame processed" if self._last_frame_s is not None else "no frame processed yet"
-            reasons.append(f"{what} for {silent:.2f} s (timeout {self.frame_timeout_s:.2f} s)")
-        if self._backend_error is not None:
-            reasons.append(f"backend failing: {self._backend_error}")
-        if len(self._lat) >= self.min_latency_samples:
-            p95 = self.latency_p95_ms()
-            if p95 > self.latency_budget_ms:
-                reasons.append(
-                    f"latency p95 {p95:.1f} ms over budget {self.latency_budget_ms:.1f} ms "
-                    f"(last {len(self._lat)} frames)"
-                )
-        self._reasons = reasons
-        return list(reasons)
-
-    @property
-    def degraded(self) -> bool:
-        """True when the last :meth:`check` returned reasons."""
-        return bool(self._reasons)
-
-    @property
-    def reasons(self) -> List[str]:
-        """The reasons of the last :meth:`check`."""
-        return list(self._reasons)
+        return Alert(level, reason + jump_note, indices, level != level_before)

@@ -27,6 +27,15 @@ of the previous frame vanish even when the box count drops (some RViz versions c
 the display, whatever the namespace: keep ``ood/markers`` in a display of its own); per box one
 ``LINE_STRIP`` rectangle (id ``2i+1``) and one ``TEXT_VIEW_FACING`` label (id ``2i+2``), with
 lifetime 0 (until replaced). Boxes with non-finite coordinates get no markers.
+
+What is drawn (bounded)
+-----------------------
+:func:`select_boxes` decides, for both the image and the markers: every OOD box, then every ID
+box, then boxes that were not scored, at most :data:`MAX_DRAWN_BOXES` in all and at most
+:data:`MAX_DRAWN_NOT_SCORED` not-scored ones (a detector sending 1,000 boxes over the ``max_boxes``
+cap must not cost 2,000 markers per frame); boxes with non-finite coordinates are never drawn. The
+number left out is returned (the node counts it as ``boxes_not_drawn``) and the annotated image
+says "+N boxes not drawn".
 """
 from __future__ import annotations
 
@@ -43,6 +52,30 @@ NOT_SCORED_RGB: Tuple[int, int, int] = (150, 150, 150)
 WATERMARK = "RANDOM WEIGHTS \u2014 NOT A QUALITY RESULT"
 WATERMARK_ASCII = "RANDOM WEIGHTS - NOT A QUALITY RESULT"
 WATERMARK_RGB: Tuple[int, int, int] = (255, 220, 0)
+#: at most this many boxes are drawn / marked per frame (OOD first, then ID, then not scored)
+MAX_DRAWN_BOXES = 200
+#: at most this many of them may be boxes that were not scored
+MAX_DRAWN_NOT_SCORED = 20
+
+
+def select_boxes(frame_result, max_boxes: int = MAX_DRAWN_BOXES,
+                 max_not_scored: int = MAX_DRAWN_NOT_SCORED) -> Tuple[np.ndarray, int]:
+    """Indices of the boxes worth drawing, in drawing order (not scored, then ID, then OOD on top),
+    and how many drawable boxes were left out. See the module docstring for the rule."""
+    if frame_result is None or len(frame_result.status) == 0:
+        return np.zeros(0, np.intp), 0
+    status = np.asarray(frame_result.status).astype(np.int64).reshape(-1)
+    boxes = np.asarray(frame_result.boxes_xyxy, np.float64).reshape(-1, 4)
+    ood = np.asarray(frame_result.is_ood).astype(bool).reshape(-1) & (status == BoxStatus.OK)
+    finite = np.isfinite(boxes).all(axis=1)
+    ood_i = np.flatnonzero(finite & ood)
+    id_i = np.flatnonzero(finite & (status == BoxStatus.OK) & ~ood)
+    ns_i = np.flatnonzero(finite & (status != BoxStatus.OK))
+    keep_ood = ood_i[:max_boxes]
+    keep_id = id_i[: max_boxes - keep_ood.size]
+    keep_ns = ns_i[: max(0, min(max_not_scored, max_boxes - keep_ood.size - keep_id.size))]
+    omitted = int(ood_i.size + id_i.size + ns_i.size - keep_ood.size - keep_id.size - keep_ns.size)
+    return np.concatenate([keep_ns, keep_id, keep_ood]), omitted
 
 
 def _box_style(frame_result, i: int) -> Tuple[Tuple[int, int, int], str]:
@@ -68,9 +101,11 @@ def _finite_box(frame_result, i: int) -> Optional[Tuple[float, float, float, flo
     return tuple(float(v) for v in b)
 
 
-def annotate(rgb: np.ndarray, frame_result, random_weights: bool = False) -> np.ndarray:
-    """Return a copy of ``rgb`` (``HxWx3 uint8 RGB``) with every box, its label and, when
-    ``random_weights``, the watermark banner drawn on it. The input is never modified.
+def annotate(rgb: np.ndarray, frame_result, random_weights: bool = False,
+             indices: Optional[np.ndarray] = None) -> np.ndarray:
+    """Return a copy of ``rgb`` (``HxWx3 uint8 RGB``) with the boxes of :func:`select_boxes` (or
+    ``indices``, in drawing order), their labels and, when ``random_weights``, the watermark banner
+    drawn on it. The input is never modified.
 
     ``frame_result`` is a core ``FrameResult`` (or any object with ``boxes_xyxy``, ``status``,
     ``uncertainty``, ``label``, ``is_ood``); ``None`` draws only the watermark. Box ``[x1,y1,x2,y2]``
@@ -87,12 +122,11 @@ def annotate(rgb: np.ndarray, frame_result, random_weights: bool = False) -> np.
     thick = max(1, int(round(min(h, w) / 240)))
     font = cv2.FONT_HERSHEY_SIMPLEX
     fscale = max(0.35, min(h, w) / 960.0)
-    n = 0 if frame_result is None else len(frame_result.status)
-    # draw not-scored first, then ID, then OOD on top (the important ones stay visible)
-    order = sorted(range(n), key=lambda i: (int(frame_result.status[i]) == BoxStatus.OK,
-                                            bool(frame_result.is_ood[i])))
+    omitted = 0
+    if indices is None:  # not scored first, then ID, then OOD on top (the important ones stay visible)
+        indices, omitted = select_boxes(frame_result)
     labels = []
-    for i in order:
+    for i in np.asarray(indices, np.intp).tolist():
         box = _finite_box(frame_result, i)
         if box is None:
             continue
@@ -115,6 +149,11 @@ def annotate(rgb: np.ndarray, frame_result, random_weights: bool = False) -> np.
         cv2.rectangle(out, (tx, ty - th - pad), (tx + tw + 2 * pad, ty + base), color, cv2.FILLED)
         ink = (0, 0, 0) if color == ID_RGB or color == NOT_SCORED_RGB else (255, 255, 255)
         cv2.putText(out, text, (tx + pad, ty), font, fscale, ink, 1, cv2.LINE_AA)
+    if omitted:
+        text = f"+{omitted} boxes not drawn"
+        (tw, th), base = cv2.getTextSize(text, font, fscale, 1)
+        cv2.rectangle(out, (0, 0), (tw + 4, th + base + 4), NOT_SCORED_RGB, cv2.FILLED)
+        cv2.putText(out, text, (2, th + 2), font, fscale, (0, 0, 0), 1, cv2.LINE_AA)
     if random_weights:
         _watermark(out)
     return out
@@ -149,12 +188,13 @@ def _msg(module: str, name: str):
 
 def make_markers(header, frame_result, width: int, height: int, ns: str = "runa_ood",
                  scale: float = 0.001, depth: float = 1.0, line_px: float = 2.0,
-                 text_px: float = 14.0):
+                 text_px: float = 14.0, indices: Optional[np.ndarray] = None):
     """``visualization_msgs/MarkerArray`` of the boxes (see the module docstring for the frame).
 
     Args:
         header: the source image's header; copied into every marker (stamp and frame_id).
         frame_result: core ``FrameResult`` (None: only the DELETEALL marker).
+        indices: the boxes to mark (default :func:`select_boxes`: bounded, OOD first).
         width, height: image size in pixels (the plane is centred on the image centre).
         ns: marker namespace.
         scale: metres per pixel on the virtual image plane.
@@ -177,8 +217,9 @@ def make_markers(header, frame_result, width: int, height: int, ns: str = "runa_
     clear.id = 0
     clear.action = Marker.DELETEALL
     markers: List = [clear]
-    n = 0 if frame_result is None else len(frame_result.status)
-    for i in range(n):
+    if indices is None:
+        indices, _ = select_boxes(frame_result)
+    for i in sorted(np.asarray(indices, np.intp).tolist()):
         box = _finite_box(frame_result, i)
         if box is None:
             continue

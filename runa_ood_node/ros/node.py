@@ -40,10 +40,16 @@ Lifecycle
 Accounting (diagnostics and :meth:`RunaOodNode.accounting`)
     every received message is scored (as part of a pair), counted as dropped with a reason, or still
     pending. Pairer reasons count messages (``image_without_detections``, ``detections_without_image``,
-    ``buffer_overflow``, ``out_of_order``, ``duplicate_stamp``); frame reasons count pairs
-    (``image_<conversion reason>`` such as ``image_unsupported_encoding``, ``image_truncated``;
-    ``bad_detections``, ``processing_overload``, ``deactivated``, ``internal_error``). A callback never
-    raises: unexpected errors are logged and counted as ``internal_error``.
+    ``buffer_overflow``, ``out_of_order``, ``duplicate_stamp``, ``answered_before``,
+    ``stamp_in_future``, ``stamp_too_old``, ``time_jump_back``: see :mod:`.pairing` for the stamp
+    rule); frame reasons count pairs (``image_<conversion reason>`` such as
+    ``image_unsupported_encoding``, ``image_truncated``; ``bad_detections``, ``processing_overload``,
+    ``deactivated``, ``internal_error``). A frame is counted (scored or dropped) in the same locked
+    step that ends its flight, so every /diagnostics message balances. Messages that never reached
+    the node (DDS queue overflow, undecodable CDR, network loss) are counted per stream as
+    ``lost_in_transport``: from gaps in each publisher's sequence numbers and the subscription's
+    message-lost event (published = received + lost). A callback never raises: unexpected errors
+    are logged and counted as ``internal_error``.
 
 Threading (why not a MultiThreadedExecutor)
     ROS callbacks (subscriptions, timers) run in a SingleThreadedExecutor and only do cheap work:
@@ -118,6 +124,7 @@ class FrameRecord:
     stages_ms: Optional[Dict[str, float]] = None  # wait, convert, score, publish, secondary
     t_pair: float = math.nan  # time.perf_counter() when the pair was formed (s)
     t_published: float = math.nan  # time.perf_counter() after ood/detections + ood/ood_only were published (s)
+    frame_ms: float = math.nan  # pair formed -> everything done for the frame (alerts, drawing too): health's latency
 
 
 def _reliable(depth: int, latched: bool = False) -> QoSProfile:
@@ -216,12 +223,17 @@ class RunaOodNode(LifecycleNode):
         self.random_weights = bool(getattr(enc, "random_weights", False))
         self._pairer = StampPairer(slop_ns=int(round(settings.pairing_slop_s * 1e9)),
                                    max_buffer=settings.pairing_buffer,
-                                   max_age_ns=int(round(settings.pairing_max_age_s * 1e9)))
-        from ..core.alerts import AlertMonitor, HealthMonitor
+                                   max_age_ns=int(round(settings.pairing_max_age_s * 1e9)),
+                                   max_future_ns=int(round(settings.pairing_max_future_s * 1e9)))
+        import dataclasses
 
-        self._alerts = AlertMonitor(settings.alert.to_alert_config())
+        from ..core.alerts import AlertMonitor
+        from ..core.health import HealthMonitor
+
+        # a stamp jump back larger than the pairer's window resets the alert history (AlertMonitor)
+        self._alerts = AlertMonitor(dataclasses.replace(settings.alert.to_alert_config(),
+                                                        jump_back_reset_s=settings.pairing_max_age_s))
         self._alert_use_ids = bool(settings.alert.use_detection_ids)
-        self._last_alert_stamp = None
         self._health = HealthMonitor(settings.health_frame_timeout_s, settings.health_latency_budget_ms)
         self._reset_stats()
         self._create_publishers()
@@ -257,7 +269,6 @@ class RunaOodNode(LifecycleNode):
                                                   clock=self._steady))
             self._publish_label_info()
             self._alerts.reset()  # the latched CLEAR below must match the monitor's state
-            self._last_alert_stamp = None
             self._publish_alert({"level": 0, "reason": "CLEAR: node activated, no OOD object seen yet",
                                  "object_indices": []}, None, None, None, health=False)
             self._health_key = None
@@ -368,7 +379,17 @@ class RunaOodNode(LifecycleNode):
                     f"{getattr(s, param)}; policy {getattr(event, 'last_policy_kind', '?')}): its messages are "
                     f"NOT delivered. Set {param} to match the publisher (sensor_data accepts best effort).",
                     throttle_duration_sec=10.0)
-            return SubscriptionEventCallbacks(incompatible_qos=cb)
+
+            stream = "detections" if param == "detections_qos" else "image"
+
+            def lost(event):  # the middleware's own count of samples it lost for this subscription
+                n = int(getattr(event, "total_count_change", 0) or 0)
+                if n > 0:
+                    with self._lock:
+                        self._lost_event[stream] += n
+                    self.get_logger().warning(f"{n} message(s) on '{topic}' lost before reaching the node "
+                                              "(DDS queue / network)", throttle_duration_sec=5.0)
+            return SubscriptionEventCallbacks(incompatible_qos=cb, message_lost=lost)
 
         self._subs = [
             self.create_subscription(img_type, s.image_topic_resolved, self._safe(self._on_image, "image"),
@@ -403,7 +424,15 @@ class RunaOodNode(LifecycleNode):
         """Wrap a callback: an unexpected exception is logged and counted, never raised.
 
         ``stream`` ("image" / "detections") marks subscription callbacks: the message is counted as
-        received first, and as an ``internal_error`` input drop if the callback fails."""
+        received first (and the publisher's sequence number checked for messages lost on the
+        way), and as an ``internal_error`` input drop if the callback fails."""
+        if stream is not None:
+            def wrapped_input(msg, info):  # two arguments: rclpy passes the MessageInfo
+                with self._lock:
+                    self._note_sequence(stream, info)
+                wrapped(msg)
+
+            wrapped_input.__name__ = getattr(fn, "__name__", "callback")
 
         def wrapped(*args):
             if stream is not None:
@@ -421,7 +450,27 @@ class RunaOodNode(LifecycleNode):
                                         f"{traceback.format_exc(limit=4)}", throttle_duration_sec=5.0)
 
         wrapped.__name__ = getattr(fn, "__name__", "callback")
-        return wrapped
+        return wrapped if stream is None else wrapped_input
+
+    def _note_sequence(self, stream: str, info) -> None:  # holds the lock
+        """Count messages lost between the publisher and this callback (DDS history / queue
+        overflow, undecodable payloads, network loss): gaps in each publisher's sequence numbers."""
+        try:
+            seq = int(info["publication_sequence_number"])
+            gid = bytes(info["publisher_gid"]["data"])
+        except (KeyError, TypeError, ValueError):
+            return
+        if seq <= 0:  # not provided by this middleware
+            return
+        seen = self._pub_seq[stream]
+        last = seen.pop(gid, None)
+        if last is not None and seq > last + 1:
+            self._lost_gap[stream] += seq - last - 1
+            self.get_logger().warning(f"{seq - last - 1} {stream} message(s) lost before reaching the node "
+                                      "(DDS queue overflow / undecodable data)", throttle_duration_sec=5.0)
+        seen[gid] = seq if last is None else max(seq, last)
+        if len(seen) > 64:  # bounded: the least recently heard publisher is forgotten
+            seen.pop(next(iter(seen)))
 
     def _on_image(self, msg) -> None:
         self._on_input(msg, image=True)
@@ -469,18 +518,33 @@ class RunaOodNode(LifecycleNode):
                 if self._stop_worker:
                     return
                 pair, t_pair = self._queue.popleft()
-                self._in_flight = 1
+                self._in_flight = 1  # taken from the queue, not yet accounted for
+                self._busy = True
             try:
                 self._process(pair, t_pair)
             except Exception as exc:  # never let the worker die
                 with self._lock:
-                    self._frame_drops["internal_error"] += 1
+                    if self._in_flight:
+                        self._frame_done("internal_error")
+                    else:  # already accounted (scored): the failure came after its results were out
+                        self._counters["secondary_output_errors"] += 1
                 self.get_logger().error(f"internal error while scoring the frame stamped "
                                         f"{pair.image_stamp_ns * 1e-9:.3f} s: {type(exc).__name__}: {exc}\n"
                                         f"{traceback.format_exc(limit=6)}", throttle_duration_sec=5.0)
             finally:
                 with self._lock:
-                    self._in_flight = 0
+                    if self._in_flight:  # left without a verdict (no scorer any more: deactivated)
+                        self._frame_done("deactivated")
+                    self._busy = False
+
+    def _frame_done(self, drop_reason: Optional[str] = None) -> None:  # holds the lock
+        """Account for the frame in flight, in the same step that ends its flight (so every
+        snapshot balances): scored (``drop_reason`` None) or dropped with that reason."""
+        if drop_reason is None:
+            self._frames_scored += 1
+        else:
+            self._frame_drops[drop_reason] += 1
+        self._in_flight = 0
 
     def _process(self, pair, t_pair: float) -> None:
         s, scorer = self.settings, self.scorer
@@ -499,7 +563,7 @@ class RunaOodNode(LifecycleNode):
                 rgb = convert.image_to_rgb(img_msg, copy=not ZERO_COPY_RGB8, max_pixels=s.max_image_pixels)
         except convert.ImageConversionError as exc:
             with self._lock:
-                self._frame_drops[f"image_{exc.reason}"] += 1
+                self._frame_done(f"image_{exc.reason}")
             log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: cannot convert image "
                         f"(encoding {getattr(img_msg, 'encoding', getattr(img_msg, 'format', '?'))!r}): {exc}",
                         throttle_duration_sec=5.0)
@@ -508,7 +572,7 @@ class RunaOodNode(LifecycleNode):
             boxes, scores, class_ids, ids = convert.detections_to_arrays(det_msg)
         except Exception as exc:
             with self._lock:
-                self._frame_drops["bad_detections"] += 1
+                self._frame_done("bad_detections")
             log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: unreadable detections: "
                         f"{type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
             return
@@ -532,7 +596,7 @@ class RunaOodNode(LifecycleNode):
         node_ms = (t_pub - t_pair) * 1e3
         pipeline_ms = float(res.timings.get("total", math.nan))
         with self._lock:  # the frame is scored and its results are out: account for it now
-            self._frames_scored += 1
+            self._frame_done()
             self._boxes_total += len(res)
             if len(res):
                 for code, n in enumerate(np.bincount(np.asarray(res.status, np.intp)).tolist()):
@@ -543,23 +607,17 @@ class RunaOodNode(LifecycleNode):
             self._lat_pipeline.append(pipeline_ms)
             if res.error:
                 self._counters["backend_error_frames"] += 1
-            if res.error and not np.any(res.status == 0):  # nothing scored: the backend is failing
-                self._health.backend_error(res.error)
-            else:  # frames are being scored (a partial failure is counted above, not "down")
-                self._health.frame(time.monotonic(), node_ms)
         # ---- secondary outputs: a failure here is logged and counted, the frame stays scored
         try:
-            # a frame whose backend failed (res.error) holds the current level (AlertMonitor): a
-            # failing model must never look like "no OOD object" to the driver
-            stamp_s = pair.image_stamp_ns * 1e-9
-            if self._last_alert_stamp is not None and stamp_s < self._last_alert_stamp - s.pairing_max_age_s:
-                # looped bag / restarted source / clock jump: the alert history belongs to another time
-                log.warning(f"image stamps jumped back from {self._last_alert_stamp:.3f} s to {stamp_s:.3f} s; "
-                            "alert history reset")
-                self._alerts.reset()
-            self._last_alert_stamp = stamp_s
-            alert = self._alerts.update(stamp_s, res, w, h,
-                                        object_ids=ids if self._alert_use_ids else None)
+            # a frame that is no evidence (core.health.unscored_reason) holds the current level
+            # (AlertMonitor): a failing model must never look like "no OOD object" to the driver;
+            # a stamp jump back resets the alert history (AlertMonitor.config.jump_back_reset_s)
+            alerts = self._alerts
+            resets = alerts.n_jump_resets
+            alert = alerts.update(pair.image_stamp_ns * 1e-9, res, w, h,
+                                  object_ids=ids if self._alert_use_ids else None)
+            if alerts.n_jump_resets != resets:
+                log.warning(f"image stamps jumped back to {pair.image_stamp_ns * 1e-9:.3f} s; alert history reset")
             if alert.changed:
                 self._publish_alert(alert, header, det_msg, res, health=False)
                 lvl = AlertLevel(int(alert.level)).name
@@ -573,26 +631,35 @@ class RunaOodNode(LifecycleNode):
                 if want_img or want_mk:
                     from . import draw
 
+                    drawn, not_drawn = draw.select_boxes(res)  # bounded: OOD, then ID, few not scored
                     if want_img:
-                        pubs["annotated"].publish(
-                            convert.rgb_to_image(draw.annotate(rgb, res, self.random_weights), header))
+                        pubs["annotated"].publish(convert.rgb_to_image(
+                            draw.annotate(rgb, res, self.random_weights, indices=drawn), header))
                     if want_mk:
-                        pubs["markers"].publish(draw.make_markers(header, res, w, h))
+                        pubs["markers"].publish(draw.make_markers(header, res, w, h, indices=drawn))
                     with self._lock:
                         self._counters["annotated_frames"] += int(want_img)
                         self._counters["marker_frames"] += int(want_mk)
+                        self._counters["boxes_not_drawn"] += not_drawn
         except Exception as exc:
             with self._lock:
                 self._counters["secondary_output_errors"] += 1
             log.error(f"internal error in alerts/drawing for the frame stamped {pair.image_stamp_ns * 1e-9:.3f} s "
                       f"(scores were published): {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}",
                       throttle_duration_sec=5.0)
+        # ---- health: the whole per-frame time (queue wait, conversion, scoring, alerts, drawing,
+        #      publishing) and whether the frame was evidence (core.health decides both)
+        t_end = time.perf_counter()
+        frame_ms = (t_end - t_pair) * 1e3
+        with self._lock:
+            self._lat_frame.append(frame_ms)
+            self._health.frame(time.monotonic(), frame_ms, res)
         if self.frame_observer is not None:
             stages = {"wait": (t_start - t_pair) * 1e3, "convert": (t_conv - t_start) * 1e3,
                       "score": (t_score - t_conv) * 1e3, "publish": (t_pub - t_score) * 1e3,
-                      "secondary": (time.perf_counter() - t_pub) * 1e3}
+                      "secondary": (t_end - t_pub) * 1e3}
             self.frame_observer(FrameRecord(pair.image_stamp_ns, len(res), pipeline_ms, node_ms, res.error, stages,
-                                            t_pair, t_pub))
+                                            t_pair, t_pub, frame_ms))
 
     # ================================================================== alerts, health, diagnostics
     def _publish_alert(self, alert, header, det_msg, res, health: bool) -> None:
@@ -616,15 +683,15 @@ class RunaOodNode(LifecycleNode):
 
     def _on_health_timer(self) -> None:
         with self._lock:
-            reasons = self._health.check(time.monotonic())
-        # publish when the *kind* of problem changes, not when a number in the text does
-        key = tuple(sorted(" ".join(r.split()[:2]) for r in reasons))
+            problems = self._health.check(time.monotonic())
+        # publish when the *kind* of problem changes (its code), not when a number in the text does
+        key = tuple(sorted(p.code.value for p in problems))
         if key == self._health_key:
             return
         first = self._health_key is None
         self._health_key = key
-        if reasons:
-            text = "CAUTION: OOD monitor degraded: " + "; ".join(reasons)
+        if problems:
+            text = "CAUTION: OOD monitor degraded: " + "; ".join(p.text for p in problems)
             self.get_logger().warning(text)
             self._publish_alert({"level": 1, "reason": text, "object_indices": []}, None, None, None, health=True)
         elif not first:
@@ -649,16 +716,26 @@ class RunaOodNode(LifecycleNode):
         self._input_drops: Dict[str, int] = collections.Counter()
         self._lat_node: Deque[float] = collections.deque(maxlen=200)
         self._lat_pipeline: Deque[float] = collections.deque(maxlen=200)
+        self._lat_frame: Deque[float] = collections.deque(maxlen=200)
+        self._lost_event: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
+        self._lost_gap: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
+        self._pub_seq: Dict[str, Dict[bytes, int]] = {"image": {}, "detections": {}}
+        self._busy = False
         self._health_key = None
 
     def accounting(self) -> Dict[str, Any]:
         """Snapshot of what happened to every message (thread-safe).
 
-        Keys: ``pairer`` (StampPairer counters), ``frames_scored``, ``frame_drops`` {reason: n},
-        ``queued``, ``in_flight``, ``boxes_by_status`` {name: n}, ``boxes_ood``, ``counters``
-        (``qos_incompatible``, ``frame_id_mismatch``, ``backend_error_frames``), and ``balanced``: True
-        when images received == paired + image-side drops + pending (same for detections) and
-        pairs == frames scored + frame drops + queued + in flight.
+        Keys: ``received`` {stream: n}, ``lost`` {stream: n} (messages that never reached the node:
+        the larger of the gaps in the publishers' sequence numbers and the middleware's
+        message-lost count; published = received + lost), ``pairer`` (StampPairer counters),
+        ``frames_scored``, ``frame_drops`` {reason: n}, ``queued``, ``in_flight`` (taken by the
+        worker, not yet accounted for), ``worker_busy`` (still publishing secondary outputs),
+        ``boxes_by_status`` {name: n}, ``boxes_ood``, ``counters`` (``qos_incompatible``,
+        ``frame_id_mismatch``, ``backend_error_frames``, ...), and ``balanced``: True when images
+        received == paired + image-side drops + pending (same for detections) and pairs == frames
+        scored + frame drops + queued + in flight. A frame is counted as scored (or dropped) in the
+        same locked step that ends its flight, so every snapshot balances.
         """
         with self._lock:
             has = hasattr(self, "_pairer")
@@ -666,12 +743,15 @@ class RunaOodNode(LifecycleNode):
             frame_drops = dict(self._frame_drops)
             input_drops = dict(self._input_drops)
             queued, in_flight = len(self._queue), self._in_flight
+            lost = {k: max(self._lost_gap[k], self._lost_event[k]) for k in ("image", "detections")}
             inputs_ok = (self._received["image"] + self._received["detections"]
                          == pc.get("images_received", 0) + pc.get("detections_received", 0) + sum(input_drops.values()))
             pairer_ok = self._pairer.check_accounting() if has else True
             frames_ok = pc.get("pairs", 0) == self._frames_scored + sum(frame_drops.values()) + queued + in_flight
             return {
                 "received": dict(self._received),
+                "lost": lost,
+                "lost_detail": {"sequence_gaps": dict(self._lost_gap), "message_lost_events": dict(self._lost_event)},
                 "input_drops": input_drops,
                 "pairer": pc,
                 "pairer_by_stream": self._pairer.dropped_by_stream() if hasattr(self, "_pairer") else {},
@@ -679,6 +759,7 @@ class RunaOodNode(LifecycleNode):
                 "frame_drops": frame_drops,
                 "queued": queued,
                 "in_flight": in_flight,
+                "worker_busy": bool(self._busy),
                 "boxes_total": self._boxes_total,
                 "boxes_by_status": {BoxStatus(c).name if c in BoxStatus._value2member_map_ else str(c): n
                                     for c, n in sorted(self._box_status.items())},
@@ -694,8 +775,8 @@ class RunaOodNode(LifecycleNode):
             return
         acc = self.accounting()
         with self._lock:
-            lat_node, lat_pipe = list(self._lat_node), list(self._lat_pipeline)
-            health = list(self._health.reasons)
+            lat_node, lat_pipe, lat_frame = list(self._lat_node), list(self._lat_pipeline), list(self._lat_frame)
+            health = [p.text for p in self._health.problems]
         s = self.settings
         kv: Dict[str, Any] = {
             "model": s.model,
@@ -707,20 +788,29 @@ class RunaOodNode(LifecycleNode):
             "label_set": s.label_set,
             "thresholds": s.thresholds_file or f"default_threshold {s.default_threshold} (uncalibrated)",
             "frames_scored": acc["frames_scored"],
+            "messages_received.image": acc["received"].get("image", 0),
+            "messages_received.detections": acc["received"].get("detections", 0),
+            "messages_lost.image": acc["lost"]["image"],
+            "messages_lost.detections": acc["lost"]["detections"],
             "images_received": acc["pairer"].get("images_received", 0),
             "detections_received": acc["pairer"].get("detections_received", 0),
             "frames_paired": acc["pairer"].get("pairs", 0),
             "images_pending": acc["pairer"].get("images_pending", 0),
             "detections_pending": acc["pairer"].get("detections_pending", 0),
             "frames_queued": acc["queued"] + acc["in_flight"],
+            "frames_in_flight": acc["in_flight"],
             "latency_p50_ms": _percentile(lat_node, 50),
             "latency_p95_ms": _percentile(lat_node, 95),
             "pipeline_p50_ms": _percentile(lat_pipe, 50),
             "pipeline_p95_ms": _percentile(lat_pipe, 95),
+            "frame_time_p50_ms": _percentile(lat_frame, 50),  # everything per frame: what health budgets
+            "frame_time_p95_ms": _percentile(lat_frame, 95),
             "boxes_total": acc["boxes_total"],
             "boxes_ood": acc["boxes_ood"],
             "alert_level": AlertLevel(int(self._alerts.level)).name,
             "thresholds_mismatch": "; ".join(getattr(self, "thresholds_mismatch", [])) or "none",
+            "alert_boxes_untracked": self._alerts.n_boxes_untracked,
+            "alert_jump_resets": self._alerts.n_jump_resets,
             "accounting_balanced": acc["balanced"],
         }
         for r in PAIRER_REASONS:
@@ -731,6 +821,7 @@ class RunaOodNode(LifecycleNode):
             kv.setdefault(f"drops.{r}", n)
         for r, n in acc["input_drops"].items():
             kv[f"drops.input_{r}"] = n
+        kv["drops.lost_in_transport"] = acc["lost"]["image"] + acc["lost"]["detections"]
         for b in BoxStatus:
             kv[f"boxes.{b.name}"] = acc["boxes_by_status"].get(b.name, 0)
         for k, n in acc["counters"].items():

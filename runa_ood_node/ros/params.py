@@ -155,6 +155,9 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
            "within this many seconds.", 0.0, 1.0),
         _P("pairing_max_age_s", 2.0, "Give up an image (or detections) still waiting for its partner after "
            "this much stamp time (s); must be >= pairing_slop_s.", 0.01, 60.0),
+        _P("pairing_max_future_s", 1.0, "A message stamped more than this (s) after the newest accepted stamp of "
+           "either stream is dropped (stamp_in_future) without moving a clock; 3 such messages in a row are a real "
+           "clock jump and restart the pairing. Must exceed the camera's frame period.", 0.01, 3600.0),
         _P("pairing_buffer", 30, "Messages buffered per stream while waiting for their partner.", 1, 1000),
         _P("processing_queue_size", 2, "Paired frames waiting to be scored; when full the oldest is dropped "
            "(counted as processing_overload) so the output stays fresh.", 1, 100),

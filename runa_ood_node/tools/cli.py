@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-engine": ("build_engine", "export ONNX and build the TensorRT engine (never at start-up)"),
     "params": ("params", "regenerate / check config/runa_ood.yaml, its schema and the README table from the parameter table"),
     "fleet": ("fleet", "score, mine and evaluate many bags on Ray Data (Parquet, summary, top-K OOD, metrics)"),
+    "fuzz": ("fuzz", "hostile input against the node over DDS, every message accounted for (--soak: RSS curve)"),
 }
 
 
