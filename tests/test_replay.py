@@ -166,6 +166,12 @@ def test_player_in_process_counts_remaps_and_offsets(small_bag):
         with lock:
             sizes = [len(bagio.deserialize(r, bagio.DETECTIONS_TYPE).detections) for r in got["/remapped/detections"]]
         assert sizes == [4, 5, 6, 4, 5, 6]
+        with lock:  # the second pass is restamped so the node answers it (every header, nested ones too)
+            msgs = [bagio.deserialize(r, bagio.DETECTIONS_TYPE) for r in got["/remapped/detections"]]
+        ns = [bagio.stamp_ns_of(m.header) for m in msgs]
+        shift = player.loop_offset_ns()
+        assert shift > ns[2] - ns[0] and [b - a for a, b in zip(ns[:3], ns[3:])] == [shift] * 3
+        assert all(bagio.stamp_ns_of(d.header) == bagio.stamp_ns_of(m.header) for m in msgs for d in m.detections)
         assert [t for t, _, _ in player.publish_log] == [bagio.DETECTIONS_TOPIC] * 6
         with pytest.raises(ValueError, match="no topic"):
             replay.BagPlayer(node, small_bag, topics=["/nope"])

@@ -90,6 +90,31 @@ def deserialize(rawdata: bytes, msgtype: str):
         raise BagError(f"cannot deserialize {len(rawdata)} bytes as {msgtype}: {type(exc).__name__}: {exc}") from exc
 
 
+def restamp(rawdata: bytes, msgtype: str, offset_ns: int) -> bytes:
+    """CDR bytes of the message with every ``header.stamp`` in it (nested ones too, e.g. each
+    Detection2D's) shifted by ``offset_ns``; the bytes unchanged when ``offset_ns`` is 0."""
+    if not offset_ns:
+        return rawdata
+    import dataclasses
+
+    def shift(obj):
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(shift(x) for x in obj)
+        if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+            return obj
+        changes = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.name == "stamp" and hasattr(v, "sec") and hasattr(v, "nanosec"):
+                ns = int(v.sec) * 1_000_000_000 + int(v.nanosec) + int(offset_ns)
+                changes[f.name] = dataclasses.replace(v, sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+            elif dataclasses.is_dataclass(v) or isinstance(v, (list, tuple)):
+                changes[f.name] = shift(v)
+        return dataclasses.replace(obj, **changes) if changes else obj
+
+    return serialize(shift(deserialize(rawdata, msgtype)), msgtype)
+
+
 # --------------------------------------------------------------------------- message builders
 def header(stamp_ns: int, frame_id: str = FRAME_ID):
     """``std_msgs/Header`` with the stamp split into (sec, nanosec)."""

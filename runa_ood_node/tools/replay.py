@@ -142,6 +142,7 @@ class BagPlayer:
     def play(self, rate: float = 1.0, start_offset_s: float = 0.0, loop: int = 1, progress: bool = True,
              should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, int]:
         """Publish the bag ``loop`` times (0 = forever, until ``should_stop``); returns counts.
+        Pass k > 1 is restamped by ``(k - 1) * loop_offset_ns()`` (see :meth:`loop_offset_ns`).
 
         Timing: message k is published at ``(t_k - t_first) / rate`` after the start of the pass
         (``rate <= 0``: no waiting)."""
@@ -152,6 +153,7 @@ class BagPlayer:
         n_pass = 0
         while loop == 0 or n_pass < loop:
             n_pass += 1
+            offset_ns = (n_pass - 1) * self.loop_offset_ns()
             t0_wall = time.monotonic()
             first = None
             bar = tqdm(total=total, desc=f"replay pass {n_pass}", unit="msg", disable=not progress, leave=False)
@@ -168,7 +170,7 @@ class BagPlayer:
                     if delay > 0:
                         time.sleep(delay)
                 try:
-                    self.publishers[m.topic].publish(m.rawdata)
+                    self.publishers[m.topic].publish(bagio.restamp(m.rawdata, self.info.topics[m.topic], offset_ns))
                 except Exception as exc:  # a failing publish must not end the replay
                     self.errors += 1
                     LOG.warning("publish on %s failed: %s", m.topic, exc)
@@ -177,6 +179,15 @@ class BagPlayer:
                 self.publish_log.append((m.topic, m.stamp_ns, time.time_ns()))
             bar.close()
         return dict(self.published)
+
+    def loop_offset_ns(self) -> int:
+        """Stamp shift of each further pass of a loop: the bag's span plus one mean message period,
+        so the stamps of pass k+1 continue those of pass k. The node answers a stamp only once (a
+        looped bag with repeated stamps would be answered in its first pass only), so later passes
+        are restamped (every ``header.stamp``, nested ones too); the first pass is published as recorded."""
+        span = max(0, self.info.end_ns - self.info.start_ns)
+        n = max(self.info.counts[t] for t in self.topics)
+        return span + (span // (n - 1) if n > 1 and span else 1_000_000_000)
 
     def wait_acked(self, timeout_s: float = 10.0) -> bool:
         """Wait until subscribers acknowledged every message (reliable QoS); True when all did."""
@@ -193,7 +204,9 @@ class BagPlayer:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bag", help="bag folder (MCAP or sqlite3)")
     p.add_argument("--rate", type=float, default=1.0, help="playback speed factor (0 = as fast as possible)")
-    p.add_argument("--loop", action="store_true", help="repeat until interrupted")
+    p.add_argument("--loop", action="store_true",
+                   help="repeat until interrupted; each further pass shifts every header stamp by the bag's span "
+                        "plus one message period, so the node (which answers a stamp only once) keeps scoring")
     p.add_argument("--start-offset", type=float, default=0.0, help="skip the first seconds of the bag")
     p.add_argument("--topics", nargs="*", default=None, help="only these bag topics")
     p.add_argument("--remap", nargs="*", default=None, help="bag_topic:=published_topic")
