@@ -22,7 +22,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import List, Optional
 
-
 from .boxes import BoxStatus
 from .metrics import percentile
 
