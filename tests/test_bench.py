@@ -189,3 +189,11 @@ def test_batch2_baseline_close_to_the_pipeline_on_a_real_photo(tiny_encoder, rea
     rho = np.corrcoef(rank(b2), rank(batched))[0, 1]
     assert rho >= 0.9
     assert diff > 0  # really a different preprocessing (PIL), not the pipeline's views
+
+
+def test_bench_node_stats_report_the_worst_frame():
+    from runa_ood_node.tools.bench_node import _stats
+
+    s = _stats([1.0, 2.0, float("nan"), 3.0, 40.0])
+    assert s["n"] == 4 and s["max"] == 40.0 and s["p50"] == 2.5 and s["p95"] > 3.0
+    assert _stats([])["n"] == 0
