@@ -251,3 +251,51 @@ def test_cache_dir_defaults_to_env(tiny_encoder, monkeypatch, tmp_path):
     monkeypatch.setenv("RUNA_OOD_CACHE_DIR", str(tmp_path / "envcache"))
     p = onnx_export.onnx_cache_path(tiny_encoder.model_id)
     assert p.parent == tmp_path / "envcache" / "onnx"
+
+
+# ---------------------------------------------------------------------- fused graph (ORT transformer fusions)
+def test_fusable_trunk_equals_the_trunk(tiny_encoder):
+    from runa_ood_node.backends.onnx_export import FusableTrunk
+
+    x = torch.randn(3, 3, tiny_encoder.input_size, tiny_encoder.input_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = tiny_encoder.visual_trunk(x)
+        out = FusableTrunk(tiny_encoder.visual_trunk).eval()(x)
+    assert float((ref - out).abs().max()) < 1e-5
+
+
+def test_fused_export_has_one_attention_per_block_matches_torch_and_is_cached(tiny_encoder, cache):
+    from runa_ood_node.backends.onnx_export import export_fused_onnx, find_cached_fused, fused_stats
+
+    assert find_cached_fused(tiny_encoder, cache_dir=cache) is None
+    path = export_fused_onnx(tiny_encoder, cache_dir=cache)
+    blocks = len(tiny_encoder.model.visual.transformer.resblocks)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # what ONNX Runtime's optimizer fused: attention, residual add + LayerNorm, MLP bias + GELU
+    assert ops.count("Attention") == blocks and "Softmax" not in ops
+    assert ops.count("SkipLayerNormalization") == 2 * blocks
+    assert ops.count("BiasGelu") == blocks
+    assert fused_stats(path)["fused_ops"]["Attention"] == blocks
+    x = torch.randn(5, 3, tiny_encoder.input_size, tiny_encoder.input_size, generator=torch.Generator().manual_seed(2))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(["features"], {"views": x.numpy()})
+    with torch.no_grad():
+        ref = tiny_encoder.visual_trunk(x).numpy()
+    assert np.abs(out - ref).max() < 1e-4 and _cos(out, ref).min() > 0.99999
+    n = EXPORT_STATS.get("fused", 0)
+    assert find_cached_fused(tiny_encoder, cache_dir=cache) == path
+    assert export_fused_onnx(tiny_encoder, cache_dir=cache) == path
+    assert EXPORT_STATS.get("fused", 0) == n  # cache hit
+
+
+def test_the_plain_export_does_not_fuse_attention(fp32_path, tiny_encoder, tmp_path):
+    """Why the fusable export exists: ORT's optimizer finds no Attention in the legacy export of
+    open_clip's nn.MultiheadAttention (fails before the fusable export is dropped by mistake)."""
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("fusion_skiplayernorm").setLevel(logging.ERROR)
+    opt = optimize_model(str(fp32_path), model_type="clip", num_heads=2, hidden_size=tiny_encoder.width,
+                         opt_level=0, use_gpu=False)
+    assert opt.get_fused_operator_statistics().get("Attention", 0) == 0

@@ -178,8 +178,10 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
                  engine_path: Optional[Union[str, os.PathLike]] = None,
                  onnx_path: Optional[Union[str, os.PathLike]] = None,
                  cache_dir: Optional[Union[str, os.PathLike]] = None, ort_threads: Optional[int] = None,
-                 int8: bool = False, logger: Optional[logging.Logger] = None,
-                 max_batch: Optional[int] = None) -> VisualBackend:
+                 int8: Union[bool, str] = False, logger: Optional[logging.Logger] = None,
+                 max_batch: Optional[int] = None, fused: bool = False,
+                 calibration_views: Optional[torch.Tensor] = None,
+                 ort_execution_mode: str = "sequential") -> VisualBackend:
     """Build a visual backend for ``encoder`` (a ``DualEncoder`` or its ``visual_trunk``).
 
     Args:
@@ -196,7 +198,13 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
             ``onnxruntime`` exports it when missing, ``auto`` skips ONNX Runtime instead).
         cache_dir: cache root (default ``core.paths.cache_dir()``).
         ort_threads: ONNX Runtime intra-op threads (None = ORT's default, all cores).
-        int8: ONNX Runtime only, CPU only: dynamically quantised int8 weights (per channel).
+        int8: ONNX Runtime only, CPU only: False, True/``"dynamic"`` (dynamically quantised int8
+            weights, per channel) or ``"static"`` (calibrated QDQ graph; made beforehand with
+            ``runa-ood build-engine --onnx-only --int8 static``, or from ``calibration_views``).
+        fused: ONNX Runtime only: the graph with ONNX Runtime's transformer fusions (Attention,
+            SkipLayerNormalization, BiasGelu), see ``onnx_export.export_fused_onnx``.
+        calibration_views: real ``[B,3,S,S]`` views for making a static int8 graph.
+        ort_execution_mode: ONNX Runtime ``"sequential"`` (default) or ``"parallel"``.
         logger: where fallbacks are logged (default this module's logger).
         max_batch: cap on views per engine call (TensorRT: defaults to the profile's max).
 
@@ -221,9 +229,11 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
         # auto never exports at start-up (30-60 s for a ViT-B): it uses ONNX Runtime only when the
         # export is already cached (or onnx_path is given) and otherwise falls back to torch
         "onnxruntime": lambda: _make_ort(info, onnx_path=onnx_path, threads=ort_threads, int8=int8,
-                                         allow_export=not auto, logger=log, **common),
+                                         allow_export=not auto, logger=log, fused=fused,
+                                         calibration_views=calibration_views,
+                                         execution_mode=ort_execution_mode, **common),
         # int8 is an ONNX Runtime option: auto's last resort runs the torch trunk in fp32 instead
-        "torch": lambda: _make_torch(info, int8=int8 and not auto, **common),
+        "torch": lambda: _make_torch(info, int8=bool(int8) and not auto, **common),
     }
     if not auto:
         backend = builders[kind]()
@@ -259,7 +269,8 @@ def _make_torch(info: ModelInfo, *, device, precision, cache_dir, max_batch, int
 
 
 def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_path, threads, int8,
-              allow_export, logger) -> VisualBackend:
+              allow_export, logger, fused=False, calibration_views=None,
+              execution_mode="sequential") -> VisualBackend:
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
@@ -268,7 +279,8 @@ def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_
 
     return OrtBackend.from_model(info, device=device, precision=precision, onnx_path=onnx_path,
                                  cache_dir=cache_dir, threads=threads, int8=int8, max_batch=max_batch,
-                                 allow_export=allow_export, logger=logger)
+                                 allow_export=allow_export, logger=logger, fused=fused,
+                                 calibration_views=calibration_views, execution_mode=execution_mode)
 
 
 def _make_tensorrt(info: ModelInfo, *, device, precision, cache_dir, max_batch, engine_path, int8) -> VisualBackend:

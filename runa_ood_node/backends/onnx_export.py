@@ -374,3 +374,185 @@ def _fix_cast_targets(model) -> int:
                     a.i = TensorProto.FLOAT16
                     fixed += 1
     return fixed
+
+
+# ---------------------------------------------------------------------- fused graph (ONNX Runtime CPU)
+#: identifies how fused graphs are made (bump when the export module or the optimizer call changes)
+FUSED_RECIPE = "hf-style attention export + onnxruntime.transformers optimize_model(model_type=clip, opt_level=0) v1"
+
+
+class _FusableAttention(torch.nn.Module):
+    """``nn.MultiheadAttention`` (self-attention, batch first, no mask) re-expressed op for op as
+    Hugging Face's ``CLIPAttention``: separate q/k/v projections (the packed ``in_proj`` weights
+    split, values unchanged), ``bmm`` over ``[B*heads, L, head_dim]``, softmax, ``bmm``, out
+    projection. Same arithmetic as open_clip's path; the point is the ONNX pattern: ONNX Runtime's
+    transformer optimizer recognises this one (its CLIP attention fusion) and not the legacy
+    export of ``F.multi_head_attention_forward`` (packed in-proj + Slice, shape arithmetic)."""
+
+    def __init__(self, mha: torch.nn.MultiheadAttention):
+        super().__init__()
+        E, h = int(mha.embed_dim), int(mha.num_heads)
+        if not getattr(mha, "_qkv_same_embed_dim", True) or mha.in_proj_weight is None:
+            raise ValueError("only packed self-attention (q, k, v of the same size) can be re-expressed")
+        self.h, self.d, self.E = h, E // h, E
+        self.scale = float(self.d) ** -0.5
+        W, b = mha.in_proj_weight.detach(), mha.in_proj_bias
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(E, E, bias=b is not None) for _ in range(3))
+        with torch.no_grad():
+            for i, lin in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                lin.weight.copy_(W[i * E:(i + 1) * E])
+                if b is not None:
+                    lin.bias.copy_(b.detach()[i * E:(i + 1) * E])
+        self.out_proj = mha.out_proj
+
+    def _heads(self, t: torch.Tensor, L: int, B: int) -> torch.Tensor:
+        return t.view(B, L, self.h, self.d).transpose(1, 2).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, E = x.size()
+        q = self.q_proj(x) * self.scale
+        k = self._heads(self.k_proj(x), -1, B)
+        v = self._heads(self.v_proj(x), -1, B)
+        shape = (B * self.h, -1, self.d)
+        q = self._heads(q, L, B).view(*shape)
+        k, v = k.view(*shape), v.view(*shape)
+        a = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+        o = torch.bmm(a, v).view(B, self.h, L, self.d).transpose(1, 2).reshape(B, L, E)
+        return self.out_proj(o)
+
+
+class _FusableBlock(torch.nn.Module):
+    def __init__(self, blk):
+        super().__init__()
+        for name in ("ls_1", "ls_2"):
+            if not isinstance(getattr(blk, name, torch.nn.Identity()), torch.nn.Identity):
+                raise ValueError("layer-scale blocks are not supported by the fusable export")
+        if hasattr(blk, "ln_1_kv") or not isinstance(getattr(blk, "attn", None), torch.nn.MultiheadAttention):
+            raise ValueError("only open_clip ResidualAttentionBlock with nn.MultiheadAttention is supported")
+        self.ln_1, self.ln_2, self.mlp = blk.ln_1, blk.ln_2, blk.mlp
+        self.attn = _FusableAttention(blk.attn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class FusableTrunk(torch.nn.Module):
+    """The visual trunk (``VisualTrunk``: ``_embeds -> blocks -> _pool``, pre-projection) with every
+    attention block in the fusable form of :class:`_FusableAttention`. Equal outputs (tested)."""
+
+    def __init__(self, trunk: torch.nn.Module):
+        super().__init__()
+        visual = getattr(trunk, "visual", trunk)
+        tr = getattr(visual, "transformer", None)
+        if tr is None or not getattr(tr, "batch_first", True):
+            raise ValueError("the fusable export needs an open_clip VisionTransformer with a batch-first transformer")
+        self.visual = visual
+        self.blocks = torch.nn.ModuleList(_FusableBlock(b) for b in tr.resblocks)
+        self.num_heads = int(tr.resblocks[0].attn.num_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v._embeds(x)
+        for blk in self.blocks:
+            x = blk(x)
+        pooled, _ = v._pool(x)
+        return pooled
+
+
+def fused_cache_path(model_id: str, opset: int = DEFAULT_OPSET,
+                     cache_dir: Optional[Union[str, os.PathLike]] = None) -> pathlib.Path:
+    return onnx_cache_path(model_id, opset, "fp32", cache_dir).with_name(f"{model_id}-{int(opset)}-fp32-fused.onnx")
+
+
+def _fused_key(info: ModelInfo, opset: int) -> Dict[str, Any]:
+    import onnxruntime
+
+    key = _key(info, opset, "fp32")
+    key.update({"fused_recipe": FUSED_RECIPE, "onnxruntime": onnxruntime.__version__})
+    return key
+
+
+def find_cached_fused(model: Any, *, opset: int = DEFAULT_OPSET,
+                      cache_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[pathlib.Path]:
+    """The cached fused graph of ``model`` when a valid one exists (never builds), else None."""
+    info = model if isinstance(model, ModelInfo) else describe_model(model)
+    path = fused_cache_path(info.model_id, opset, cache_dir)
+    return path if cached_onnx_valid(path, _fused_key(info, opset)) else None
+
+
+def fused_stats(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """What the fused graph's sidecar recorded: ``{"fused_ops": {op: count}, "blocks": n}``."""
+    try:
+        meta = json.loads(_sidecar(pathlib.Path(path)).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"fused_ops": meta.get("fused_ops", {}), "blocks": meta.get("blocks")}
+
+
+def export_fused_onnx(model: Any, *, opset: int = DEFAULT_OPSET, cache_dir: Optional[Union[str, os.PathLike]] = None,
+                      force: bool = False) -> pathlib.Path:
+    """Export the trunk in fusable form and apply ONNX Runtime's transformer fusions, cached.
+
+    Fusions (``onnxruntime.transformers.optimizer.optimize_model``, ``model_type="clip"``,
+    ``opt_level=0`` so that the file stays portable and ORT applies its own level-2/3 graph
+    optimisations when the session opens): per block one ``Attention`` (q/k/v projections,
+    scaled dot product, softmax and context in one contrib op), ``SkipLayerNormalization``
+    (residual add + LayerNorm) and ``BiasGelu`` (MLP bias + GELU). On the legacy export of
+    open_clip's ``nn.MultiheadAttention`` none of the attention fusions match (only LayerNorm, which
+    is already native at opset 17, and BiasGelu), hence the export of :class:`FusableTrunk`. The
+    counts are logged and stored in the sidecar (``fused_ops``); fewer ``Attention`` ops than
+    blocks is logged as a warning (the graph is still exact, only slower).
+    """
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, got {opset}")
+    info = model if isinstance(model, ModelInfo) else describe_model(model)
+    out = fused_cache_path(info.model_id, opset, cache_dir)
+    key = _fused_key(info, opset)
+    if not force and cached_onnx_valid(out, key):
+        return out
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    trunk = info.trunk
+    p0 = next(iter(trunk.parameters()), None)
+    if p0 is not None and (p0.device.type != "cpu" or p0.dtype != torch.float32):
+        trunk = copy.deepcopy(trunk).to("cpu", torch.float32)
+    fusable = FusableTrunk(trunk).eval()
+    S = info.input_size
+    raw = out.with_name(out.stem + f".raw{os.getpid()}.onnx")
+    tmp = out.with_name(out.stem + f".tmp{os.getpid()}.onnx")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            torch.onnx.export(fusable, (torch.zeros((2, 3, S, S)),), str(raw), input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              opset_version=int(opset), do_constant_folding=True, dynamo=False)
+        # the optimizer logs at WARNING that symbolic shape inference is off; it is not needed here
+        quiet = [logging.getLogger(n) for n in ("onnxruntime.transformers", "fusion_skiplayernorm", "onnx_model",
+                                                "fusion_base", "fusion_attention")]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        try:
+            opt = optimize_model(str(raw), model_type="clip", num_heads=fusable.num_heads, hidden_size=info.width,
+                                 opt_level=0, use_gpu=False)
+        finally:
+            for lg, lv in zip(quiet, levels):
+                lg.setLevel(lv)
+        stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+        opt.save_model_to_file(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        for p in (raw, tmp):
+            if p.exists():
+                p.unlink()
+    blocks = len(fusable.blocks)
+    _write_sidecar(out, key, {"fused_ops": stats, "blocks": blocks, "model_name": info.model_name,
+                              "torch": torch.__version__})
+    (LOG.info if stats.get("Attention", 0) == blocks else LOG.warning)(
+        "fused graph of %s: %s (%d transformer blocks) -> %s", info.model_name,
+        ", ".join(f"{n} {k}" for k, n in sorted(stats.items())) or "no fusion", blocks, out)
+    EXPORT_STATS["fused"] = EXPORT_STATS.get("fused", 0) + 1
+    return out

@@ -3,10 +3,19 @@
 * fp32: the exported trunk (:mod:`onnx_export`), full graph optimisation.
 * fp16: the fp16 export (float32 I/O), opened with ``ORT_ENABLE_EXTENDED`` (ORT 1.32 crashed
   loading such graphs with ``ORT_ENABLE_ALL``). Meant for the CUDA EP; on CPU it is slower.
-* int8 (CPU): weights dynamically quantised per channel to QInt8
-  (``onnxruntime.quantization.quantize_dynamic``), cached next to the fp32 export as
+* int8 (CPU), ``int8="dynamic"`` (or True): weights dynamically quantised per channel to QInt8 with
+  ``reduce_range`` (7-bit: exact on AVX2 CPUs without VNNI, where 8-bit weights saturate ORT's int16
+  accumulation) (``onnxruntime.quantization.quantize_dynamic``), cached next to the fp32 export as
   ``<stem>-int8dyn.onnx``. Activations are quantised on the fly, so no calibration data is
   needed. :func:`embedding_fidelity` measures how close it stays to fp32 (cosine per embedding).
+* int8 (CPU), ``int8="static"``: QDQ graph (``quantize_static``, per-channel QInt8 weights, QUInt8
+  activations of the MatMul/Gemm inputs, MinMax calibration on real views), cached as
+  ``<stem>-int8qdq.onnx`` keyed by the fp32 file's and the calibration views' sha256. Needs
+  ``calibration_views`` (real crops: ``runa-ood bench`` / ``build-engine --int8 static`` use the
+  data pack's photographs, else the demo's sample photographs).
+* ``graph="fused"``: the trunk exported in fusable form and run through ONNX Runtime's transformer
+  optimizer (Attention, SkipLayerNormalization, BiasGelu fusions; :func:`onnx_export.export_fused_onnx`);
+  int8 variants then start from the fused graph (dynamic int8 turns ``Attention`` into ``QAttention``).
 
 CUDA tensors given to a CUDA-EP backend are bound in place with IO binding (no host copy) and the
 result is returned as a CUDA tensor; CPU tensors go through numpy.
@@ -31,15 +40,26 @@ LOG = logging.getLogger(__name__)
 QUANT_STATS: Dict[str, int] = {"quantizations": 0}
 
 
-def int8_path_for(fp32_path: Union[str, os.PathLike]) -> pathlib.Path:
+def int8_path_for(fp32_path: Union[str, os.PathLike], mode: str = "dynamic") -> pathlib.Path:
     p = pathlib.Path(fp32_path)
-    return p.with_name(p.stem + "-int8dyn.onnx")
+    return p.with_name(p.stem + ("-int8qdq.onnx" if mode == "static" else "-int8dyn.onnx"))
+
+
+def int8_mode(int8: Union[bool, str, None]) -> Optional[str]:
+    """``False/None/"" -> None``, ``True/"dynamic" -> "dynamic"``, ``"static" -> "static"``."""
+    if int8 is None or int8 is False or int8 == "" or int8 == "none":
+        return None
+    if int8 is True or int8 == "dynamic":
+        return "dynamic"
+    if int8 == "static":
+        return "static"
+    raise ValueError(f"int8 must be false, true/'dynamic' or 'static', got {int8!r}")
 
 
 def _int8_key(src: pathlib.Path) -> Dict[str, object]:
     from .engine_cache import file_sha256
 
-    return {"source_sha256": file_sha256(src), "per_channel": True, "weight_type": "QInt8",
+    return {"source_sha256": file_sha256(src), "per_channel": True, "weight_type": "QInt8", "reduce_range": True,
             "method": "quantize_dynamic"}
 
 
@@ -72,7 +92,15 @@ def quantize_int8(fp32_path: Union[str, os.PathLike], out_path: Optional[Union[s
     key = _int8_key(src)
     tmp = out.with_name(out.stem + f".tmp{os.getpid()}.onnx")
     try:
-        quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8)
+        import onnx
+
+        # DefaultTensorType: the fused graph's contrib ops (Attention, SkipLayerNormalization) have no
+        # ONNX shape inference; their outputs are float32
+        # reduce_range (7-bit weights): on CPUs without VNNI (AVX2) ORT's u8s8 kernels add products in
+        # saturating int16; full-range weights overflow there and ViT-B embeddings drop to cosine ~0.988
+        # to fp32 (measured, ViT-B-32/B-16 on real crops); 7-bit weights keep >= 0.9998 at the same speed
+        quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -82,6 +110,98 @@ def quantize_int8(fp32_path: Union[str, os.PathLike], out_path: Optional[Union[s
     os.replace(side_tmp, side)
     QUANT_STATS["quantizations"] += 1
     LOG.info("quantised %s -> %s (dynamic int8, per channel)", src.name, out)
+    return out
+
+
+STATIC_OPS = ("MatMul", "Gemm")
+
+
+def _static_key(src: pathlib.Path, views_sha: str) -> Dict[str, object]:
+    from .engine_cache import file_sha256
+
+    return {"source_sha256": file_sha256(src), "calibration_sha256": views_sha, "format": "QDQ",
+            "per_channel": True, "weight_type": "QInt8", "activation_type": "QUInt8", "calibrate": "MinMax",
+            "reduce_range": True,
+            "ops": list(STATIC_OPS), "method": "quantize_static"}
+
+
+def _views_sha(views: torch.Tensor) -> str:
+    import hashlib
+
+    a = np.ascontiguousarray(views.detach().to("cpu", torch.float32).numpy())
+    return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()[:16]
+
+
+def int8_static_cached(fp32_path: Union[str, os.PathLike]) -> bool:
+    """True when a static int8 graph of ``fp32_path`` exists and was made from the current fp32 file
+    (whatever calibration set it used: the sidecar records it)."""
+    from .engine_cache import file_sha256
+
+    src = pathlib.Path(fp32_path)
+    out = int8_path_for(src, "static")
+    if not out.is_file() or not src.is_file():
+        return False
+    try:
+        key = json.loads(out.with_suffix(".json").read_text()).get("key", {})
+    except (OSError, ValueError):
+        return False
+    return key.get("method") == "quantize_static" and key.get("source_sha256") == file_sha256(src)
+
+
+def quantize_int8_static(fp32_path: Union[str, os.PathLike], calibration_views: torch.Tensor,
+                         out_path: Optional[Union[str, os.PathLike]] = None, force: bool = False,
+                         batch: int = 8) -> pathlib.Path:
+    """Static (calibrated) int8 quantisation of an fp32 ONNX into a QDQ graph, cached.
+
+    Weights per channel QInt8; activations feeding MatMul/Gemm QUInt8 with MinMax ranges from
+    ``calibration_views`` (``[B,3,S,S]`` normalised real views); LayerNorm, softmax, GELU stay fp32.
+    Reused when its sidecar records the sha256 of the current fp32 file and of these views.
+    """
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    if not isinstance(calibration_views, torch.Tensor) or calibration_views.ndim != 4 or not len(calibration_views):
+        raise ValueError("static int8 needs calibration_views: a non-empty [B,3,S,S] tensor of real views")
+    src = pathlib.Path(fp32_path)
+    out = pathlib.Path(out_path) if out_path is not None else int8_path_for(src, "static")
+    side = out.with_suffix(".json")
+    key = _static_key(src, _views_sha(calibration_views))
+    if not force and out.is_file():
+        try:
+            if json.loads(side.read_text()).get("key") == key:
+                return out
+        except (OSError, ValueError):
+            pass
+    arr = calibration_views.detach().to("cpu", torch.float32).numpy()
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([{INPUT_NAME: np.ascontiguousarray(arr[i:i + batch])} for i in range(0, len(arr), batch)])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    import onnx
+
+    tmp = out.with_name(out.stem + f".tmp{os.getpid()}.onnx")
+    t0 = time.perf_counter()
+    try:
+        quantize_static(str(src), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, reduce_range=True,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(STATIC_OPS),
+                        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        for junk in out.parent.glob("augmented_model*.onnx"):  # older ORT versions leave the calibration graph
+            junk.unlink(missing_ok=True)
+    side_tmp = side.with_name(side.name + f".tmp{os.getpid()}")
+    side_tmp.write_text(json.dumps({"key": key, "calibration_views": int(arr.shape[0])}, indent=2, sort_keys=True))
+    os.replace(side_tmp, side)
+    QUANT_STATS["static_quantizations"] = QUANT_STATS.get("static_quantizations", 0) + 1
+    LOG.info("quantised %s -> %s (static int8 QDQ, %d calibration views, %.1f s)", src.name, out, arr.shape[0],
+             time.perf_counter() - t0)
     return out
 
 
@@ -100,11 +220,14 @@ class OrtBackend(VisualBackend):
             on a vehicle computer shared with other nodes (and with the torch text tower / other
             sessions in this process) spinning threads steal whole cores for a few ms after every
             call, for a small latency gain.
+        execution_mode: ``"sequential"`` (ORT's default: one node after the other, each using the
+            intra-op threads) or ``"parallel"`` (independent nodes concurrently on inter-op threads;
+            ``threads`` then also sets the inter-op pool). ``runa-ood bench`` measures both.
     """
 
     def __init__(self, onnx_path: Union[str, os.PathLike], input_size: int, width: int, device: str = "cpu",
                  precision: str = "fp32", threads: Optional[int] = None, max_batch: Optional[int] = None,
-                 spin: bool = False):
+                 spin: bool = False, execution_mode: str = "sequential"):
         import onnxruntime as ort
 
         self.onnx_path = pathlib.Path(onnx_path)
@@ -119,11 +242,16 @@ class OrtBackend(VisualBackend):
         so = ort.SessionOptions()
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if precision == "fp16"
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        if execution_mode not in ("sequential", "parallel"):
+            raise ValueError(f"execution_mode must be 'sequential' or 'parallel', got {execution_mode!r}")
+        self.execution_mode = execution_mode
+        if execution_mode == "parallel":
+            so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         if threads is not None:
             if int(threads) < 1:
                 raise ValueError(f"ort_threads must be >= 1, got {threads}")
             so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
+            so.inter_op_num_threads = int(threads) if execution_mode == "parallel" else 1
         so.log_severity_level = 3
         if not spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -155,8 +283,10 @@ class OrtBackend(VisualBackend):
     @classmethod
     def from_model(cls, model, *, device: str = "cpu", precision: str = "fp32",
                    onnx_path: Optional[Union[str, os.PathLike]] = None, cache_dir=None,
-                   threads: Optional[int] = None, int8: bool = False, max_batch: Optional[int] = None,
-                   allow_export: bool = True, logger: Optional[logging.Logger] = None) -> "OrtBackend":
+                   threads: Optional[int] = None, int8: Union[bool, str] = False, max_batch: Optional[int] = None,
+                   allow_export: bool = True, logger: Optional[logging.Logger] = None, fused: bool = False,
+                   calibration_views: Optional[torch.Tensor] = None,
+                   execution_mode: str = "sequential") -> "OrtBackend":
         """Open a session for ``model``, exporting / quantising into the cache when allowed.
 
         Args:
@@ -167,20 +297,38 @@ class OrtBackend(VisualBackend):
                 False raises :class:`BackendUnavailableError` naming the command that pre-exports it
                 (``backend: auto`` passes False: a vehicle must not stall at start-up).
             logger: where the export warning goes (default this module's logger).
+            int8: False, True/``"dynamic"`` or ``"static"`` (see the module docstring).
+            fused: start from the fused graph (ONNX Runtime transformer fusions) instead of the plain export.
+            calibration_views: real views for ``int8="static"`` when the static graph must be made.
+            execution_mode: ``"sequential"`` or ``"parallel"`` (see the class).
         """
         log = logger or LOG
         info = model if isinstance(model, ModelInfo) else describe_model(model)
+        mode = int8_mode(int8)
+        int8 = mode is not None
         if int8 and precision != "fp32":
             raise BackendUnavailableError("int8 quantisation starts from the fp32 graph; use precision='fp32' with int8")
         if int8 and device.startswith("cuda"):
             raise BackendUnavailableError("dynamic int8 ONNX graphs run on the CPU provider only; use TensorRT fp16 on GPU")
         label = precision
         if onnx_path is None:
-            from .onnx_export import export_onnx, find_cached_onnx
+            from .onnx_export import export_fused_onnx, export_onnx, find_cached_fused, find_cached_onnx
 
-            hint = (f"`runa-ood build-engine --model {info.model_name} --onnx-only{' --int8' if int8 else ''}` "
-                    f"(with the node's --pretrained weights and cache dir)")
-            cached = find_cached_onnx(info, precision=precision, cache_dir=cache_dir)
+            hint = (f"`runa-ood build-engine --model {info.model_name} --onnx-only{' --fused' if fused else ''}"
+                    f"{f' --int8 {mode}' if int8 else ''}` (with the node's --pretrained weights and cache dir)")
+            if fused and precision != "fp32":
+                raise BackendUnavailableError("the fused ONNX Runtime graph is fp32 (optionally int8); use precision='fp32'")
+            if fused:
+                cached = find_cached_fused(info, cache_dir=cache_dir)
+                if cached is None:
+                    if not allow_export:
+                        raise BackendUnavailableError(f"no fused ONNX graph for model {info.model_name} (model_id "
+                                                      f"{info.model_id}) in the cache; run {hint} beforehand")
+                    log.warning("no fused ONNX graph for %s: exporting and fusing it now (about a minute for a ViT-B)",
+                                info.model_name)
+                    cached = export_fused_onnx(info, cache_dir=cache_dir)
+            else:
+                cached = find_cached_onnx(info, precision=precision, cache_dir=cache_dir)
             if cached is None:
                 where = default_cache_dir(cache_dir) / "onnx"
                 if not allow_export:
@@ -194,18 +342,31 @@ class OrtBackend(VisualBackend):
                 cached = export_onnx(info, precision=precision, cache_dir=cache_dir)
                 log.warning("exported %s in %.1f s", cached.name, time.perf_counter() - t0)
             onnx_path = cached
-            if int8 and not int8_cached(onnx_path):
+            if mode == "static" and calibration_views is None and not int8_static_cached(onnx_path):
+                raise BackendUnavailableError(
+                    f"no static int8 graph next to {pathlib.Path(onnx_path).name} and no calibration views to make "
+                    f"one; run {hint} beforehand")
+            if mode == "dynamic" and not int8_cached(onnx_path):
                 if not allow_export:
                     raise BackendUnavailableError(
                         f"no int8-quantised ONNX for model {info.model_name} (model_id {info.model_id}) next to "
                         f"{pathlib.Path(onnx_path).name}; run {hint} beforehand")
                 log.warning("quantising %s to int8 now (seconds to a minute); run %s beforehand to skip this",
                             pathlib.Path(onnx_path).name, hint)
-        if int8:
+        if mode == "dynamic":
             onnx_path = quantize_int8(onnx_path)
             label = "int8"
-        return cls(onnx_path, info.input_size, info.width, device=device, precision=label, threads=threads,
-                   max_batch=max_batch)
+        elif mode == "static":
+            if calibration_views is not None:
+                onnx_path = quantize_int8_static(onnx_path, calibration_views)
+            else:
+                onnx_path = int8_path_for(onnx_path, "static")
+            label = "int8-static"
+        be = cls(onnx_path, info.input_size, info.width, device=device, precision=label, threads=threads,
+                 max_batch=max_batch, execution_mode=execution_mode)
+        if fused:
+            be.name += "-fused"
+        return be
 
     def _run(self, views: torch.Tensor) -> torch.Tensor:
         if self._cuda and views.is_cuda:
@@ -227,7 +388,8 @@ class OrtBackend(VisualBackend):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update({"onnx": str(self.onnx_path), "threads": self.threads, "providers": self.session.get_providers()})
+        d.update({"onnx": str(self.onnx_path), "threads": self.threads, "execution_mode": self.execution_mode,
+                  "providers": self.session.get_providers()})
         return d
 
 

@@ -16,7 +16,12 @@ Beside it, the **rclpy floor**: the same image published to a do-nothing rclpy n
 the OOD node) that answers with its header - what any Python ROS node pays for this image, so the
 overhead can be split into "ROS transport" and "this node's own work" (the per-stage breakdown).
 
-Overhead goal: <= 3 ms per frame at p50. Random weights cost the same time as real ones, so
+Overhead goal: within 0.5 ms of the rclpy floor at p50; p95 and the worst frame (with its stage
+breakdown) are printed too. Executor: SingleThreadedExecutor, as ``runa_ood_node`` spins it.
+rclpy's ``rclpy.experimental.EventsExecutor`` (kilted wheels) was tried and is not usable by this
+node: while it spins, ``publish()`` from another Python thread (the node's scoring worker) blocks
+forever, and ``shutdown()`` from another thread does not stop ``spin()`` (checked with a two-node
+script: a do-nothing publisher thread hangs after discovery). Random weights cost the same time as real ones, so
 ``--model ViT-B-32`` with random weights is a fair speed test; the numbers say nothing about quality.
 Run on an otherwise idle machine; the first ``--warmup`` frames are not counted.
 
@@ -94,9 +99,9 @@ def _boxes(k: int, w: int = 640, h: int = 480, seed: int = 0) -> np.ndarray:
 def _stats(values: List[float]) -> Dict[str, float]:
     a = np.asarray([v for v in values if math.isfinite(v)], np.float64)
     if not a.size:
-        return {"p50": math.nan, "p95": math.nan, "mean": math.nan, "n": 0}
+        return {"p50": math.nan, "p95": math.nan, "mean": math.nan, "max": math.nan, "n": 0}
     return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean()),
-            "n": int(a.size)}
+            "max": float(a.max()), "n": int(a.size)}
 
 
 def run(args) -> int:
@@ -226,12 +231,12 @@ def _run_once(args, out: Optional[dict] = None) -> int:
                 return 1
             time.sleep(0.01)
 
-        e2e, pipe, node_ms, over, floor = [], [], [], [], []
+        e2e, pipe, node_ms, over, floor, stamps = [], [], [], [], [], []
         stages: Dict[str, List[float]] = {}
         lost = 0
         total = args.warmup + args.frames
         base = time.time_ns()
-        for i in range(total):  # the floor: same image, same executors, no node logic at all
+        def floor_frame(i: int) -> None:  # the floor: same image, same executors, no node logic at all
             h = convert.copy_header(None)
             h.stamp = convert.ns_to_stamp(base - (i + 1) * 1000)
             msg = convert.rgb_to_image(rgb, h)
@@ -241,7 +246,10 @@ def _run_once(args, out: Optional[dict] = None) -> int:
             with cv:
                 if cv.wait_for(lambda: stamp in floor_rx, timeout=args.timeout) and i >= args.warmup:
                     floor.append((floor_rx[stamp] - t0) * 1e3)
+
+        # floor and node frames alternate, so a slow burst of a shared machine hits both alike
         for i in tqdm(range(total), desc="frames", unit="frame", file=sys.stderr):
+            floor_frame(i)
             stamp = base + i * 33_333_333
             h = convert.copy_header(None)
             h.stamp = convert.ns_to_stamp(stamp)
@@ -261,6 +269,7 @@ def _run_once(args, out: Optional[dict] = None) -> int:
             rec = observed[stamp]
             e = (received[stamp] - t0) * 1e3
             e2e.append(e)
+            stamps.append(i)
             pipe.append(rec.pipeline_ms)
             node_ms.append(rec.node_ms)
             over.append(e - rec.pipeline_ms)
@@ -270,12 +279,19 @@ def _run_once(args, out: Optional[dict] = None) -> int:
                     stages.setdefault(k, []).append(v)
             stages.setdefault("result_out (published -> client)", []).append((received[stamp] - rec.t_published) * 1e3)
         acc = node.accounting()
+        worst = int(np.argmax(over)) if over else None
         result = {
+            "executor": type(ex_node).__name__,
             "model": args.model, "random_weights": node.random_weights, "backend": node.backend_name,
             "device": args.device, "boxes": args.boxes, "frames": len(e2e), "lost": lost,
             "image": "640x480 rgb8",
             "e2e_ms": _stats(e2e), "pipeline_ms": _stats(pipe), "node_processing_ms": _stats(node_ms),
             "overhead_ms": _stats(over), "transport_floor_ms": _stats(floor), "node_stages_ms": {k: _stats(v) for k, v in stages.items()},
+            "overhead_minus_floor_p50_ms": (float(np.percentile(over, 50)) - float(np.percentile(floor, 50))
+                                            if over and floor else math.nan),
+            "worst_frame": None if worst is None else {
+                "frame": stamps[worst], "overhead_ms": over[worst], "e2e_ms": e2e[worst], "pipeline_ms": pipe[worst],
+                "stages_ms": {k: v[worst] for k, v in stages.items() if len(v) == len(over)}},
             "accounting_balanced": acc["balanced"],
             "frame_drops": acc["frame_drops"],
         }
@@ -291,11 +307,12 @@ def _run_once(args, out: Optional[dict] = None) -> int:
         rclpy.shutdown(context=ctx)
 
     def row(name, s):
-        return f"  {name:<36} p50 {s['p50']:8.2f}   p95 {s['p95']:8.2f}   mean {s['mean']:8.2f}"
+        return (f"  {name:<36} p50 {s['p50']:8.2f}   p95 {s['p95']:8.2f}   mean {s['mean']:8.2f}   "
+                f"worst {s.get('max', math.nan):8.2f}")
 
     print(f"\nbench-node: {result['model']} ({'RANDOM weights' if result['random_weights'] else 'pretrained'}), "
           f"backend {result['backend']}/{args.device}, 640x480 rgb8, {args.boxes} boxes, {result['frames']} frames"
-          f"{f', {lost} LOST' if lost else ''}  [ms]")
+          f"{f', {lost} LOST' if lost else ''}, {result['executor']}  [ms]")
     print(row("end-to-end (client)", result["e2e_ms"]))
     print(row("core pipeline", result["pipeline_ms"]))
     print(row("node processing", result["node_processing_ms"]))
@@ -304,9 +321,16 @@ def _run_once(args, out: Optional[dict] = None) -> int:
     print("  where the end-to-end time goes:")
     for k, s in result["node_stages_ms"].items():
         print(row(f"  {k}", s))
-    verdict = "meets" if result["overhead_ms"]["p50"] <= 3.0 else "MISSES"
-    print(f"  overhead = end-to-end - core pipeline, per frame; {verdict} the 3 ms goal at p50. The rclpy floor is "
-          "what any Python node pays to receive this image and answer (same executors, no work).")
+    d = result["overhead_minus_floor_p50_ms"]
+    verdict = "meets" if d <= 0.5 else "MISSES"
+    print(f"  node overhead - rclpy floor at p50: {d:+.2f} ms ({verdict} the goal: within 0.5 ms of the floor). "
+          "overhead = end-to-end - core pipeline, per frame; the rclpy floor is what any Python node pays to "
+          "receive this image and answer (same executors, no work).")
+    w = result["worst_frame"]
+    if w:
+        st = ", ".join(f"{k.split()[0]} {v:.2f}" for k, v in w["stages_ms"].items())
+        print(f"  worst frame: #{w['frame']}: overhead {w['overhead_ms']:.2f} ms, end-to-end {w['e2e_ms']:.2f}, "
+              f"pipeline {w['pipeline_ms']:.2f} ({st})")
     if out is not None:
         out.update(result)
     elif args.json:

@@ -11,7 +11,8 @@ builds one at start-up. Files land in the cache (``$RUNA_OOD_CACHE_DIR``, defaul
 TensorRT this is the step that lets ``backend: auto`` use ONNX Runtime (auto never exports at
 start-up; without a cached export it runs the torch trunk), and the fp16 graph (LayerNorm and
 Softmax kept in fp32) can be built with ``trtexec --stronglyTyped`` elsewhere. ``--int8`` also
-writes the dynamically quantised graph for ONNX Runtime's ``int8`` option.
+writes the dynamically quantised graph for ONNX Runtime's ``int8`` option (``--int8 static``: the
+calibrated QDQ graph), ``--fused`` the graph with ONNX Runtime's transformer fusions (``fused`` option).
 
 Exit status: 0 ok, 2 bad arguments or weights, 3 TensorRT/CUDA unavailable, 1 build failure.
 """
@@ -50,9 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx-only", action="store_true",
                         help="export and check the ONNX graph(s) only: fp32, plus fp16 with the default "
                              "--precision fp16 (what `backend: auto` / onnxruntime load without exporting)")
-    parser.add_argument("--int8", action="store_true",
-                        help="also quantise the fp32 graph to dynamic int8 for ONNX Runtime on CPU "
-                             "(backend_options int8: true)")
+    parser.add_argument("--int8", nargs="?", const="dynamic", default=None, choices=("dynamic", "static"),
+                        help="also quantise the fp32 graph (the fused one with --fused) to int8 for ONNX Runtime on "
+                             "CPU: dynamic (default; backend_options int8: true) or static (QDQ, calibrated on real "
+                             "crops of the data pack, else the demo's sample photographs; int8: static)")
+    parser.add_argument("--fused", action="store_true",
+                        help="also write the fused fp32 graph (ONNX Runtime transformer fusions: Attention, "
+                             "SkipLayerNormalization, BiasGelu; backend_options fused: true)")
     parser.add_argument("--force", action="store_true", help="re-export / rebuild even when cached")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -97,12 +102,27 @@ def run(args) -> int:
         path = export_onnx(encoder, opset=args.opset, precision=prec, cache_dir=args.cache_dir, force=args.force)
         summary["onnx"][prec] = str(path)
         print(f"ONNX ({prec}): {path}")
-    if args.int8:
+    src = summary["onnx"]["fp32"]
+    if args.fused:
+        from ..backends.onnx_export import export_fused_onnx, fused_stats
+
+        src = export_fused_onnx(encoder, opset=args.opset, cache_dir=args.cache_dir, force=args.force)
+        summary["onnx"]["fused"] = str(src)
+        print(f"ONNX (fp32, fused: {fused_stats(src).get('fused_ops')}): {src}")
+    if args.int8 == "dynamic":
         from ..backends.ort_backend import quantize_int8
 
-        path = quantize_int8(summary["onnx"]["fp32"], force=args.force)
+        path = quantize_int8(src, force=args.force)
         summary["onnx"]["int8"] = str(path)
         print(f"ONNX (int8, dynamic): {path}")
+    elif args.int8 == "static":
+        from ..backends.ort_backend import quantize_int8_static
+        from .bench import calibration_views
+
+        views, where = calibration_views(encoder)
+        path = quantize_int8_static(src, views, force=args.force)
+        summary["onnx"]["int8-static"] = str(path)
+        print(f"ONNX (int8, static QDQ, calibrated on {where}): {path}")
     if args.onnx_only:
         print(json.dumps(summary, indent=2))
         return 0
