@@ -34,10 +34,9 @@ from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
-LOG = logging.getLogger(__name__)
+from ..core.registry import BACKENDS as KINDS, RESOLVED_PRECISIONS as PRECISIONS  # one definition of each
 
-KINDS = ("auto", "tensorrt", "onnxruntime", "torch")
-PRECISIONS = ("fp32", "fp16")
+LOG = logging.getLogger(__name__)
 
 
 class BackendUnavailableError(RuntimeError):

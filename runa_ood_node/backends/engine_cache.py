@@ -19,7 +19,8 @@ import os
 import pathlib
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-PRECISIONS = ("fp32", "fp16")
+from ..core.registry import RESOLVED_PRECISIONS as PRECISIONS  # one definition
+
 INPUT_NAME = "views"
 OUTPUT_NAME = "features"
 

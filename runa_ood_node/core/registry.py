@@ -38,6 +38,8 @@ VIEWS_FOR_ABLATION: Dict[str, Tuple[str, ...]] = {"dual": ("regional", "global")
 BACKENDS: Tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
 #: numeric precision of the visual trunk; ``auto`` = fp16 on CUDA, fp32 on the CPU
 PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "fp16")
+#: what ``auto`` resolves to: the precisions a backend, an ONNX file or an engine actually has
+RESOLVED_PRECISIONS: Tuple[str, ...] = ("fp32", "fp16")
 #: device kinds (tools also accept ``cuda:N`` and ``auto``)
 DEVICES: Tuple[str, ...] = ("cpu", "cuda")
 BOX_STATUSES: Tuple[str, ...] = tuple(s.name for s in BoxStatus)

@@ -136,8 +136,10 @@ def cycle_boxes(boxes: np.ndarray, n: int) -> np.ndarray:
 
 
 def percentiles(ms: Sequence[float]) -> Dict[str, float]:
+    from ..core.metrics import percentile
+
     a = np.asarray(ms, np.float64)
-    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "mean_ms": float(a.mean()),
+    return {"p50_ms": percentile(a, 50), "p95_ms": percentile(a, 95), "mean_ms": float(a.mean()),
             "min_ms": float(a.min()), "n": int(a.size)}
 
 

@@ -47,6 +47,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..core.metrics import percentile
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=100, help="frames measured (after warm-up) [100]")
@@ -100,7 +102,7 @@ def _stats(values: List[float]) -> Dict[str, float]:
     a = np.asarray([v for v in values if math.isfinite(v)], np.float64)
     if not a.size:
         return {"p50": math.nan, "p95": math.nan, "mean": math.nan, "max": math.nan, "n": 0}
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean()),
+    return {"p50": percentile(a, 50), "p95": percentile(a, 95), "mean": float(a.mean()),
             "max": float(a.max()), "n": int(a.size)}
 
 
@@ -287,7 +289,7 @@ def _run_once(args, out: Optional[dict] = None) -> int:
             "image": "640x480 rgb8",
             "e2e_ms": _stats(e2e), "pipeline_ms": _stats(pipe), "node_processing_ms": _stats(node_ms),
             "overhead_ms": _stats(over), "transport_floor_ms": _stats(floor), "node_stages_ms": {k: _stats(v) for k, v in stages.items()},
-            "overhead_minus_floor_p50_ms": (float(np.percentile(over, 50)) - float(np.percentile(floor, 50))
+            "overhead_minus_floor_p50_ms": (percentile(over, 50) - percentile(floor, 50)
                                             if over and floor else math.nan),
             "worst_frame": None if worst is None else {
                 "frame": stamps[worst], "overhead_ms": over[worst], "e2e_ms": e2e[worst], "pipeline_ms": pipe[worst],
