@@ -47,3 +47,23 @@ def test_bounded_fuzz_campaign(tmp_path, capsys):
         # memory: bounded, and no growth beyond noise over the run
         assert ph["rss_mb"]["peak"] < ph["rss_mb"]["start"] + 400.0, ph["rss_mb"]
     assert total >= 1000
+
+
+def test_malformed_cdr_payloads_are_never_empty():
+    """Issue 9 (seed 1 failed in the compressed phase): the generator published a zero-length
+    detections payload, which wedged its own reliable writer (no reader, not even an independent
+    one, got another detections message from it), so the node looked silenced. Every malformed
+    payload keeps at least one byte; the truncation, bit-flip, random-body and huge-length
+    variants are all still generated, down to a 1-byte payload."""
+    import random
+
+    from rclpy.serialization import serialize_message
+    from vision_msgs.msg import Detection2DArray
+
+    raw = serialize_message(Detection2DArray())  # short (24 bytes): a truncation to 0 would be frequent
+    rng = random.Random(1)
+    payloads = [fuzz.malformed_payload(raw, rng) for _ in range(5000)]
+    assert min(len(p) for p in payloads) >= 1
+    assert min(len(p) for p in payloads) < 4  # truncated headers are still covered
+    assert any(p[8:12] == b"\xff\xff\xff\x7f" for p in payloads)
+    assert any(len(p) > len(raw) for p in payloads)  # random bodies

@@ -342,19 +342,7 @@ class Fuzzer:
 
         self.tick()
         img = self.rng.random() < 0.5
-        raw = serialize_message(self.image() if img else self.dets())
-        kind = self.rng.randrange(4)
-        if kind == 0:
-            bad = raw[: self.rng.randint(0, max(0, len(raw) - 1))]
-        elif kind == 1:
-            b = bytearray(raw)
-            for _ in range(self.rng.randint(1, 8)):
-                b[self.rng.randrange(len(b))] = self.rng.randrange(256)
-            bad = bytes(b)
-        elif kind == 2:
-            bad = raw[:4] + bytes(self.rng.randrange(256) for _ in range(self.rng.randint(0, 200)))
-        else:  # a length field at the start of the payload set to 2^31
-            bad = raw[:8] + b"\xff\xff\xff\x7f" + raw[12:]
+        bad = malformed_payload(serialize_message(self.image() if img else self.dets()), self.rng)
         if img:
             self.pub_img.publish(bad)
             self.published["image"] += 1
@@ -400,6 +388,28 @@ class Fuzzer:
         fmt = self.rng.choice(["jpeg", "png"])
         self.send("decompression_bomb", CompressedImage(header=self.header(), format=fmt, data=bomb(fmt, 20000)),
                   self.dets())
+
+
+def malformed_payload(raw: bytes, rng: random.Random) -> bytes:
+    """``raw`` (a serialized message) truncated, bit-flipped, replaced by random bytes after its
+    4-byte encapsulation header, or with a length field set to 2^31.
+
+    Never empty: a zero-length sample published raw wedges the *publisher's own* reliable Fast DDS
+    stream (every reader, the node's and any independent one, receives nothing more from that
+    writer until its history overflows), so it would test the generator, not the node. No typed
+    publisher can send one: any CDR serialization holds at least the encapsulation header.
+    1-3 bytes (a truncated header) are still sent and are refused by the node's middleware."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        return raw[: rng.randint(1, max(1, len(raw) - 1))]
+    if kind == 1:
+        b = bytearray(raw)
+        for _ in range(rng.randint(1, 8)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        return bytes(b)
+    if kind == 2:
+        return raw[:4] + bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+    return raw[:8] + b"\xff\xff\xff\x7f" + raw[12:]  # a length field at the start of the payload set to 2^31
 
 
 def bomb(fmt: str, side: int) -> bytes:
