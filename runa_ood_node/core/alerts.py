@@ -68,7 +68,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .boxes import BoxStatus
-from .health import UNSCORED_STATUSES, _finite_number, unscored_reason
+from .health import UNSCORED_STATUSES, _finite_number, _get, unscored_reason
 from .roi import parse_roi as _parse_roi
 
 __all__ = ["AlertLevel", "AlertConfig", "Alert", "AlertMonitor"]
@@ -217,14 +217,6 @@ class Alert:
     reason: str
     object_indices: List[int] = field(default_factory=list)
     changed: bool = False
-
-
-def _get(frame, name, default=None):
-    if frame is None:
-        return default
-    if isinstance(frame, dict):
-        return frame.get(name, default)
-    return getattr(frame, name, default)
 
 
 @dataclass
