@@ -174,3 +174,21 @@ def test_live_compressed_transport_matches_offline(tiny_encoder, tmp_path):
     assert set(a) == set(b) and len(a) == 3
     assert all(b[k] == pytest.approx(a[k], abs=1e-5) for k in a)
     assert live["image_topic"] == bagio.COMPRESSED_TOPIC and len(live["latency_ms"]) == 2
+
+
+def test_alert_timeline_lists_changes_not_heartbeats():
+    """The node's heartbeat re-publishes the current monitor health with a fresh stamp: a timeline
+    keeps each source's changes only (a repeat on one source never hides a change on the other)."""
+    from types import SimpleNamespace as NS
+
+    from runa_ood_node.tools.bag_eval import alert_timeline
+
+    def msg(t, source, level, reason):
+        return NS(header=NS(stamp=NS(sec=t, nanosec=0)), source=source, level=level, reason=reason, objects=[])
+
+    seq = [msg(0, 1, 0, "CLEAR: waiting"), msg(1, 1, 0, "CLEAR: waiting"), msg(1, 0, 0, "CLEAR"),
+           msg(2, 1, 1, "CAUTION: latency"), msg(3, 1, 1, "CAUTION: latency"), msg(3, 0, 0, "CLEAR"),
+           msg(4, 0, 1, "CAUTION: object"), msg(5, 1, 0, "CLEAR: healthy")]
+    got = [(r["stamp_ns"] // 10**9, r["source"], r["level"]) for r in alert_timeline(seq)]
+    assert got == [(0, "MONITOR_HEALTH", "CLEAR"), (1, "OOD_OBJECT", "CLEAR"), (2, "MONITOR_HEALTH", "CAUTION"),
+                   (4, "OOD_OBJECT", "CAUTION"), (5, "MONITOR_HEALTH", "CLEAR")]

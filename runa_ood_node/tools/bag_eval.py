@@ -483,14 +483,23 @@ def live_records(live: Dict[str, Any], gt: Dict[Tuple[int, str], Tuple[bool, str
 
 
 def alert_timeline(alerts) -> List[Dict[str, Any]]:
-    """[{stamp_ns, level (name), source (name), reason, n_objects}] from DriverAlert messages."""
+    """[{stamp_ns, level (name), source (name), reason, n_objects}] from DriverAlert messages, in
+    the order received: the changes only. A message repeating its source's previous level and
+    reason (the node's heartbeat re-publishes the current monitor health) is left out."""
     from ..core.registry import AlertLevel
 
     levels = {int(lv): lv.name for lv in AlertLevel}
     sources = {0: "OOD_OBJECT", 1: "MONITOR_HEALTH"}
-    return [{"stamp_ns": bagio.stamp_ns_of(a.header), "level": levels.get(int(a.level), str(a.level)),
-             "source": sources.get(int(a.source), str(a.source)), "reason": str(a.reason),
-             "n_objects": len(a.objects)} for a in alerts]
+    out: List[Dict[str, Any]] = []
+    last: Dict[str, Tuple[str, str]] = {}
+    for a in alerts:
+        rec = {"stamp_ns": bagio.stamp_ns_of(a.header), "level": levels.get(int(a.level), str(a.level)),
+               "source": sources.get(int(a.source), str(a.source)), "reason": str(a.reason),
+               "n_objects": len(a.objects)}
+        if last.get(rec["source"]) != (rec["level"], rec["reason"]):
+            out.append(rec)
+            last[rec["source"]] = (rec["level"], rec["reason"])
+    return out
 
 
 def diagnostics_summary(diag) -> Dict[str, Dict[str, str]]:
