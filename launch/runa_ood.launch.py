@@ -23,32 +23,17 @@ import os
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration, PythonExpression
-from launch_ros.actions import LifecycleNode
+from launch.substitutions import LaunchConfiguration
 from launch_ros.parameter_descriptions import ParameterValue
 
-from runa_ood_node.ros.launch_actions import fail_launch_on_error
+from runa_ood_node.ros.launch_actions import fail_launch_on_error, monitor_node
 
 
 def generate_launch_description():
     share = get_package_share_directory("runa_ood_node")
-    image_topic = LaunchConfiguration("image_topic")
-    node = LifecycleNode(
-        package="runa_ood_node",
-        executable="runa_ood_node",
-        name="runa_ood",
-        namespace=LaunchConfiguration("namespace"),
-        output="screen",
-        emulate_tty=True,
-        parameters=[LaunchConfiguration("params_file"),
-                    {"use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)}],
-        remappings=[
-            ("image", image_topic),
-            ("image/compressed", PythonExpression(["'", image_topic, "' + '/compressed'"])),
-            ("detections", LaunchConfiguration("detections_topic")),
-        ],
-        ros_arguments=["--log-level", LaunchConfiguration("log_level")],  # launch_ros (>= Humble) adds the --ros-args
-    )
+    node = monitor_node(LaunchConfiguration("image_topic"), LaunchConfiguration("detections_topic"),
+                        [LaunchConfiguration("params_file"),
+                         {"use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)}])
     return LaunchDescription([
         DeclareLaunchArgument("namespace", default_value="",
                               description="node namespace; the node's relative topics (ood/...) follow it"),

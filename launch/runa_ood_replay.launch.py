@@ -35,13 +35,12 @@ import shutil
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, EmitEvent, ExecuteProcess, OpaqueFunction, RegisterEventHandler
-from launch.substitutions import LaunchConfiguration, PythonExpression
-from launch_ros.actions import LifecycleNode
+from launch.substitutions import LaunchConfiguration
 from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
 
-from runa_ood_node.ros.launch_actions import fail_launch_on_error, lifecycle_failure_ends_launch
+from runa_ood_node.ros.launch_actions import fail_launch_on_error, lifecycle_failure_ends_launch, monitor_node
 
 PLAYERS = ("auto", "ros2_bag", "runa_ood")
 
@@ -62,24 +61,11 @@ def _setup(context):
     image_topic = LaunchConfiguration("image_topic")
     detections_topic = LaunchConfiguration("detections_topic")
     required = LaunchConfiguration("required")
-    node = LifecycleNode(
-        package="runa_ood_node",
-        executable="runa_ood_node",
-        name="runa_ood",
-        namespace=LaunchConfiguration("namespace"),
-        output="screen",
-        emulate_tty=True,
-        parameters=[LaunchConfiguration("params_file"),
-                    {"use_sim_time": sim_time, "autostart": False, "image_qos": "reliable",
-                     "detections_qos": "reliable", "image_queue_size": 100, "detections_queue_size": 100,
-                     "processing_queue_size": 100}],
-        remappings=[
-            ("image", image_topic),
-            ("image/compressed", PythonExpression(["'", image_topic, "' + '/compressed'"])),
-            ("detections", detections_topic),
-        ],
-        ros_arguments=["--log-level", LaunchConfiguration("log_level")],
-    )
+    node = monitor_node(image_topic, detections_topic,
+                        [LaunchConfiguration("params_file"),
+                         {"use_sim_time": sim_time, "autostart": False, "image_qos": "reliable",
+                          "detections_qos": "reliable", "image_queue_size": 100, "detections_queue_size": 100,
+                          "processing_queue_size": 100}])
     bag, rate = LaunchConfiguration("bag"), LaunchConfiguration("rate")
     if player == "ros2_bag":
         cmd = ["ros2", "bag", "play", bag, "--clock", "--rate", rate, "--delay", "1.0"]

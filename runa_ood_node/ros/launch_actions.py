@@ -16,11 +16,42 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-__all__ = ["LaunchFailure", "fail_launch_on_error", "lifecycle_failure_ends_launch"]
+__all__ = ["LaunchFailure", "monitor_node", "fail_launch_on_error", "lifecycle_failure_ends_launch"]
 
 
 class LaunchFailure(RuntimeError):
     """Raised inside the launch loop: ``ros2 launch`` logs it and exits with status 1."""
+
+
+def monitor_node(image_topic, detections_topic, parameters: List):
+    """The ``runa_ood`` LifecycleNode both launch files start: namespace and log level from the
+    ``namespace`` / ``log_level`` launch arguments, ``parameters`` as given, and the inputs remapped
+    (``image`` and ``image/compressed`` follow ``image_topic``, ``detections`` ``detections_topic``)."""
+    from launch.substitutions import LaunchConfiguration, PythonExpression
+    from launch_ros.actions import LifecycleNode
+
+    return LifecycleNode(
+        package="runa_ood_node",
+        executable="runa_ood_node",
+        name="runa_ood",
+        namespace=LaunchConfiguration("namespace"),
+        output="screen",
+        emulate_tty=True,
+        parameters=parameters,
+        remappings=[
+            ("image", image_topic),
+            ("image/compressed", PythonExpression(["'", image_topic, "' + '/compressed'"])),
+            ("detections", detections_topic),
+        ],
+        ros_arguments=["--log-level", LaunchConfiguration("log_level")],  # launch_ros (>= Humble) adds --ros-args
+    )
+
+
+def _is_required(context, required) -> bool:
+    """The ``required`` launch substitution's value (None = true)."""
+    from launch.utilities import perform_substitutions
+
+    return required is None or perform_substitutions(context, [required]).strip().lower() in ("true", "1", "yes")
 
 
 def fail_launch_on_error(target_action, what: str, required=None, shutdown_on_success: bool = True):
@@ -30,13 +61,9 @@ def fail_launch_on_error(target_action, what: str, required=None, shutdown_on_su
     from launch.actions import EmitEvent, RegisterEventHandler
     from launch.event_handlers import OnProcessExit
     from launch.events import Shutdown
-    from launch.utilities import perform_substitutions
 
     def on_exit(event, context) -> Optional[List]:
-        is_required = True
-        if required is not None:
-            is_required = perform_substitutions(context, [required]).strip().lower() in ("true", "1", "yes")
-        if context.is_shutdown or not is_required:
+        if context.is_shutdown or not _is_required(context, required):
             return None
         if event.returncode != 0:
             raise LaunchFailure(f"{what} ({event.action.name}) exited with status {event.returncode}; see its "
@@ -51,7 +78,6 @@ def lifecycle_failure_ends_launch(lifecycle_node, required=None):
     (configure / activate returning FAILURE, or an error in a transition): the node stays alive
     but unusable, which must not look like success. Returns a ``RegisterEventHandler``."""
     from launch.actions import OpaqueFunction, RegisterEventHandler
-    from launch.utilities import perform_substitutions
     from launch_ros.event_handlers import OnStateTransition
 
     failures = {("configuring", "unconfigured"), ("activating", "inactive")}
@@ -63,8 +89,7 @@ def lifecycle_failure_ends_launch(lifecycle_node, required=None):
                 and ((event.start_state, event.goal_state) in failures or event.goal_state == "errorprocessing"))
 
     def fail(context):
-        if required is not None and perform_substitutions(context, [required]).strip().lower() not in (
-                "true", "1", "yes"):
+        if not _is_required(context, required):
             return None
         ev = context.locals.event
         raise LaunchFailure(f"lifecycle transition {ev.transition!r} of {lifecycle_node.node_name} failed "
