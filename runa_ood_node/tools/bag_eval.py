@@ -195,7 +195,8 @@ def percentiles(values_ms: Sequence[float]) -> Dict[str, Optional[float]]:
     return latency_summary(values_ms, LATENCY_PERCENTILES)
 
 
-def _f(v) -> Optional[float]:
+def finite_or_none(v) -> Optional[float]:
+    """``float(v)``, or None when it is NaN / inf (JSON and Parquet records)."""
     v = float(v)
     return v if math.isfinite(v) else None
 
@@ -257,9 +258,10 @@ def evaluate_offline(bag, scorer, image_topic: Optional[str] = None, progress: b
             records.append({"stamp_ns": fr.stamp_ns, "id": fr.ids[i], "category": g[1] if g else fr.class_ids[i],
                             "gt_is_ood": None if g is None else g[0],
                             "status": BoxStatus(st).name if st in BoxStatus._value2member_map_ else str(st),
-                            "uncertainty": _f(res.uncertainty[i]), "threshold": _f(res.threshold[i]),
+                            "uncertainty": finite_or_none(res.uncertainty[i]),
+                            "threshold": finite_or_none(res.threshold[i]),
                             "is_ood": bool(res.is_ood[i]), "label": res.label[i],
-                            "similarity": _f(res.similarity[i])})
+                            "similarity": finite_or_none(res.similarity[i])})
     return {"frames": out_frames, "records": records, "latency_ms": percentiles(totals), "skipped": dict(skipped)}
 
 
@@ -476,9 +478,10 @@ def live_records(live: Dict[str, Any], gt: Dict[Tuple[int, str], Tuple[bool, str
                                                      if d.detection.results else ""),
                          "gt_is_ood": None if g is None else g[0],
                          "status": BoxStatus(s).name if s in BoxStatus._value2member_map_ else str(s),
-                         "uncertainty": _f(d.uncertainty) if s == BoxStatus.OK else None,
-                         "threshold": _f(d.threshold), "is_ood": bool(d.is_ood), "label": str(d.nearest_label),
-                         "similarity": _f(d.similarity) if s == BoxStatus.OK else None})
+                         "uncertainty": finite_or_none(d.uncertainty) if s == BoxStatus.OK else None,
+                         "threshold": finite_or_none(d.threshold), "is_ood": bool(d.is_ood),
+                         "label": str(d.nearest_label),
+                         "similarity": finite_or_none(d.similarity) if s == BoxStatus.OK else None})
     return recs
 
 

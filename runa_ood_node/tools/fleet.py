@@ -428,11 +428,6 @@ def _out_schema():
 OUT_NULLS = {"stamp_ns": 0, "frame_index": -1, "box_index": -1}
 
 
-def _finite(v) -> Optional[float]:
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
 def _png(rgb: np.ndarray) -> bytes:
     import cv2
 
@@ -506,6 +501,7 @@ class ScoreFrames:
         out: List[Dict[str, Any]] = []
         frames: Dict[int, np.ndarray] = {}
         from ..core.pipeline import FrameInput
+        from .bag_eval import finite_or_none
 
         todo = []  # (base, meta, rgb, det, FrameInput) of the batch's frames, scored together below
         for row in batch.to_pylist():
@@ -540,11 +536,13 @@ class ScoreFrames:
             for i in range(len(res)):
                 st = int(res.status[i])
                 out.append({**base, "kind": "box", "box_index": i, "det_id": meta["det_ids"][i],
-                            "det_label": meta["det_labels"][i], "det_score": _finite(det[i]) if i < det.size else None,
-                            "x1": _finite(res.boxes_xyxy[i, 0]), "y1": _finite(res.boxes_xyxy[i, 1]),
-                            "x2": _finite(res.boxes_xyxy[i, 2]), "y2": _finite(res.boxes_xyxy[i, 3]),
-                            "label": res.label[i], "similarity": _finite(res.similarity[i]),
-                            "uncertainty": _finite(res.uncertainty[i]), "threshold": _finite(res.threshold[i]),
+                            "det_label": meta["det_labels"][i],
+                            "det_score": finite_or_none(det[i]) if i < det.size else None,
+                            "x1": finite_or_none(res.boxes_xyxy[i, 0]), "y1": finite_or_none(res.boxes_xyxy[i, 1]),
+                            "x2": finite_or_none(res.boxes_xyxy[i, 2]), "y2": finite_or_none(res.boxes_xyxy[i, 3]),
+                            "label": res.label[i], "similarity": finite_or_none(res.similarity[i]),
+                            "uncertainty": finite_or_none(res.uncertainty[i]),
+                            "threshold": finite_or_none(res.threshold[i]),
                             "is_ood": bool(res.is_ood[i]),
                             "status": BoxStatus(st).name if st in BoxStatus._value2member_map_ else str(st),
                             "gt_is_ood": meta["gt_is_ood"][i], "gt_category": meta["gt_category"][i]})
@@ -577,7 +575,9 @@ def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
 
 
 def _atomic_write_json(path: pathlib.Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+    from ..core.plain import to_plain
+
+    _atomic_write_bytes(path, (json.dumps(to_plain(obj), indent=2, default=str) + "\n").encode())
 
 
 def _atomic_write_parquet(path: pathlib.Path, table, metadata: Optional[Dict[str, str]] = None) -> None:
@@ -590,16 +590,6 @@ def _atomic_write_parquet(path: pathlib.Path, table, metadata: Optional[Dict[str
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 WORKER_COLUMNS = ("worker_pid", "worker_rss_mb", "worker_busy_s", "worker_boxes")
