@@ -561,3 +561,77 @@ def test_coordinates_beyond_float32_are_infinite_silently(tiny_encoder):
                                                    detector_scores=scores)
     assert res.status.tolist() == [BoxStatus.OK] + [BoxStatus.INFINITE] * 3
     assert np.isinf(scores[1]) and np.isfinite(res.boxes_xyxy).all()
+
+
+def _plain(msg):
+    """A message (rclpy or rosbags) as plain JSON text: NaN-aware equality of every field."""
+    import json
+
+    def walk(v):
+        if hasattr(v, "get_fields_and_field_types"):
+            return {k: walk(getattr(v, k)) for k in v.get_fields_and_field_types()}
+        if hasattr(v, "__dataclass_fields__"):
+            return {k: walk(getattr(v, k)) for k in v.__dataclass_fields__ if not k.startswith("_")}
+        if isinstance(v, (list, tuple, np.ndarray)) or type(v).__name__ == "array":
+            return [walk(x) for x in v]
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if isinstance(v, (int, np.integer)):
+            return int(v)
+        if isinstance(v, (float, np.floating)):
+            return float(v)
+        return v
+    return json.dumps(walk(msg), sort_keys=True)
+
+
+def test_type_store_outputs_serialize_to_the_rclpy_outputs():
+    """The node builds its detection-carrying outputs from the rosbags type store (detections decoded
+    from raw CDR) and publishes the encoded bytes: a subscriber must read exactly what the rclpy
+    builders give, for every result shape (errors, NaN, short and missing results)."""
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    from runa_ood_node.ros import msgdefs
+
+    types_ = msgdefs.shared_typestore()
+    dets = _dets()
+    dets.detections[2].bbox.center.theta = 0.5
+    dets.detections[3].id = "track-7"
+    dets_bytes = serialize_message(dets)
+    fast = msgdefs.decode(dets_bytes, "vision_msgs/msg/Detection2DArray")
+    assert not hasattr(fast, "get_fields_and_field_types")  # a rosbags message, not rclpy's
+    hdr = _hdr(sec=5, nsec=6, frame="camera_optical")
+    cases = [("runa_ood_msgs/msg/OodDetectionArray", runa_msg.OodDetectionArray,
+              lambda d, t: C.to_ood_array(hdr, d, fr, "ViT-B-16", "torch", "runa", True, t))
+             for fr in (_frame_result(error="CUDA out of memory"), _frame_result(n=2), None)]
+    fr = _frame_result()
+    fr.is_ood = np.array([True, False, False, True])
+    cases.append(("vision_msgs/msg/Detection2DArray", vision_msg.Detection2DArray,
+                  lambda d, t: C.to_ood_only(hdr, d, fr, t)))
+    alert = types.SimpleNamespace(level=2, reason="OOD object in corridor", object_indices=[3, 0, 17])
+    cases.append(("runa_ood_msgs/msg/DriverAlert", runa_msg.DriverAlert,
+                  lambda d, t: C.to_alert(hdr, alert, d, fr, runa_msg.DriverAlert.SOURCE_OOD_OBJECT, t)))
+    for msgtype, cls, build in cases:
+        reference = build(dets, None)
+        wire = msgdefs.encode(build(fast, types_), msgtype)
+        got = deserialize_message(wire, cls)
+        assert _plain(got) == _plain(reference), msgtype
+        assert len(wire) == len(serialize_message(reference))
+    assert _plain(fast) == _plain(dets)  # the decoder reads what rclpy wrote
+    assert [C.detections_to_arrays(m)[0].tolist() for m in (fast, dets)][0] == C.detections_to_arrays(dets)[0].tolist()
+
+
+def test_cdr_header_stamp_and_decode_errors():
+    from rclpy.serialization import serialize_message
+
+    from runa_ood_node.ros import msgdefs
+
+    raw = serialize_message(_dets())
+    assert C.cdr_header_stamp_ns(raw) == C.stamp_to_ns(_dets().header.stamp)
+    big_endian = b"\x00\x00\x00\x00" + (-2).to_bytes(4, "big", signed=True) + (7).to_bytes(4, "big") + b"\x00" * 8
+    assert C.cdr_header_stamp_ns(big_endian) == -2 * 1_000_000_000 + 7
+    for bad in (b"", raw[:11], b"\x01\x01" + raw[2:], b"\x00\x07" + raw[2:]):
+        with pytest.raises(ValueError, match="CDR"):
+            C.cdr_header_stamp_ns(bad)
+    for bad in (raw[:30], raw[:12] + b"\xff\xff\xff\x7f" + raw[16:], raw[:4] + bytes(range(200))):
+        with pytest.raises(msgdefs.CdrError, match="Detection2DArray"):
+            msgdefs.decode(bad, "vision_msgs/msg/Detection2DArray")

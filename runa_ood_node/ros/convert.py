@@ -50,6 +50,7 @@ readers work without a sourced ROS environment (offline bag tools).
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -333,24 +334,38 @@ def compressed_to_rgb(msg, mono16_scale: str = "max",
 # message classes (lazy: the readers above work without ROS)
 
 
-def _msg(module: str, name: str):
+def _msg(module: str, name: str, types=None):
+    """The message class ``module/msg/name``: rclpy's, or the ``rosbags`` type store ``types``'s."""
+    if types is not None:
+        return types.types[f"{module}/msg/{name}"]
     import importlib
 
     return getattr(importlib.import_module(module + ".msg"), name)
 
 
-def copy_header(header=None):
+def copy_header(header=None, types=None):
     """A new ``std_msgs/Header`` with ``header``'s stamp and frame_id (a default one if None).
 
-    Outputs get their own copy so that mutating one never changes another.
+    Outputs get their own copy so that mutating one never changes another. ``types``: build it
+    from that ``rosbags`` type store instead of rclpy's classes (see :func:`to_ood_array`).
     """
-    Header = _msg("std_msgs", "Header")
-    out = Header()
-    if header is not None:
-        out.stamp.sec = int(header.stamp.sec)
-        out.stamp.nanosec = int(header.stamp.nanosec)
-        out.frame_id = str(header.frame_id)
-    return out
+    Header, Time = _msg("std_msgs", "Header", types), _msg("builtin_interfaces", "Time", types)
+    if header is None:
+        return Header(stamp=Time(sec=0, nanosec=0), frame_id="")
+    return Header(stamp=Time(sec=int(header.stamp.sec), nanosec=int(header.stamp.nanosec)),
+                  frame_id=str(header.frame_id))
+
+
+def cdr_header_stamp_ns(raw) -> int:
+    """``header.stamp`` (ns) of a serialized message whose first field is a ``std_msgs/Header``
+    (e.g. ``Detection2DArray`` taken raw): read from the CDR bytes without deserializing them
+    (4-byte encapsulation header - ``00 01`` little endian, ``00 00`` big endian - then int32 sec,
+    uint32 nanosec). Raises ``ValueError`` for anything shorter or another encapsulation."""
+    b = memoryview(raw)
+    if len(b) < 12 or b[0] != 0 or b[1] not in (0, 1):
+        raise ValueError(f"not a CDR-encapsulated message with a header ({len(b)} bytes)")
+    sec, nsec = struct.unpack_from("<iI" if b[1] == 1 else ">iI", b, 4)
+    return sec * 1_000_000_000 + nsec
 
 
 def stamp_to_ns(stamp) -> int:
@@ -586,65 +601,60 @@ def _f(v) -> float:
     return float(v)
 
 
-def ood_detection(det, frame_result, i: int):
+def ood_detection(det, frame_result, i: int, types=None):
     """One ``runa_ood_msgs/OodDetection`` for input detection ``det`` = box ``i`` of the result.
 
     Boxes the result does not cover (``frame_result`` None or shorter than the input) get
     ``STATUS_NOT_SCORED`` with NaN scores and an explanatory ``status_text``.
     """
-    OodDetection = _msg("runa_ood_msgs", "OodDetection")
-    o = OodDetection()
-    o.detection = det
+    OodDetection = _msg("runa_ood_msgs", "OodDetection", types)
     n = 0 if frame_result is None else len(frame_result.status)
     if i >= n:
-        o.uncertainty = o.threshold = o.similarity = float("nan")
-        o.is_ood = False
-        o.nearest_label = ""
-        o.status = int(BoxStatus.NOT_SCORED)
-        o.status_text = "no OOD result for this box" + (
-            "" if frame_result is None else f" (result has {n} boxes)")
-        return o
+        nan = float("nan")
+        return OodDetection(detection=det, uncertainty=nan, threshold=nan, is_ood=False, nearest_label="",
+                            similarity=nan, status=int(BoxStatus.NOT_SCORED),
+                            status_text="no OOD result for this box" + (
+                                "" if frame_result is None else f" (result has {n} boxes)"))
     st = int(frame_result.status[i])
-    o.uncertainty = _f(frame_result.uncertainty[i])
-    o.threshold = _f(frame_result.threshold[i])
-    o.is_ood = bool(frame_result.is_ood[i])
-    o.nearest_label = str(frame_result.label[i]) if st == BoxStatus.OK else ""
-    o.similarity = _f(frame_result.similarity[i])
-    o.status = st if 0 <= st <= 255 else int(BoxStatus.BACKEND_ERROR)
     text = status_text(st)
     err = getattr(frame_result, "error", None)
     if st == BoxStatus.BACKEND_ERROR and err:
         text = f"{text}: {err}"
-    o.status_text = text
-    return o
+    return OodDetection(detection=det, uncertainty=_f(frame_result.uncertainty[i]),
+                        threshold=_f(frame_result.threshold[i]), is_ood=bool(frame_result.is_ood[i]),
+                        nearest_label=str(frame_result.label[i]) if st == BoxStatus.OK else "",
+                        similarity=_f(frame_result.similarity[i]),
+                        status=st if 0 <= st <= 255 else int(BoxStatus.BACKEND_ERROR), status_text=text)
 
 
 def to_ood_array(header, det_msg, frame_result, model: str, backend: str, scorer: str,
-                 random_weights: bool):
+                 random_weights: bool, types=None):
     """``runa_ood_msgs/OodDetectionArray``: one entry per input detection, in input order.
 
     ``header`` is the source image's header (copied); ``frame_result`` a core ``FrameResult``
     for the same boxes (or None when scoring failed: every box is then ``NOT_SCORED``).
+
+    ``types``: a ``rosbags`` type store (``ros.msgdefs.typestore()``). The node reads its
+    detections as such messages (deserialized from the raw CDR bytes, as offline bag evaluation
+    reads them) and builds this output from the same store, to publish ``msgdefs.encode(...)``
+    bytes: the detections are embedded as they are, never converted into rclpy objects and back
+    (``runa-ood bench-node``). Both flavours serialize to the same message (tested).
     """
-    OodDetectionArray = _msg("runa_ood_msgs", "OodDetectionArray")
-    out = OodDetectionArray()
-    out.header = copy_header(header)
-    out.detections = [ood_detection(d, frame_result, i) for i, d in enumerate(det_msg.detections)]
-    out.model, out.backend, out.scorer = str(model), str(backend), str(scorer)
-    out.random_weights = bool(random_weights)
-    return out
+    OodDetectionArray = _msg("runa_ood_msgs", "OodDetectionArray", types)
+    return OodDetectionArray(
+        header=copy_header(header, types),
+        detections=[ood_detection(d, frame_result, i, types) for i, d in enumerate(det_msg.detections)],
+        model=str(model), backend=str(backend), scorer=str(scorer), random_weights=bool(random_weights))
 
 
-def to_ood_only(header, det_msg, frame_result):
+def to_ood_only(header, det_msg, frame_result, types=None):
     """``vision_msgs/Detection2DArray`` of the input detections flagged OOD (unchanged, in order)."""
-    Detection2DArray = _msg("vision_msgs", "Detection2DArray")
-    out = Detection2DArray()
-    out.header = copy_header(header)
+    Detection2DArray = _msg("vision_msgs", "Detection2DArray", types)
+    dets = []
     if frame_result is not None:
         flags = np.asarray(frame_result.is_ood, dtype=bool)
-        out.detections = [d for i, d in enumerate(det_msg.detections)
-                          if i < flags.shape[0] and flags[i]]
-    return out
+        dets = [d for i, d in enumerate(det_msg.detections) if i < flags.shape[0] and flags[i]]
+    return Detection2DArray(header=copy_header(header, types), detections=dets)
 
 
 def _get(obj, name, default=None):
@@ -653,27 +663,23 @@ def _get(obj, name, default=None):
     return getattr(obj, name, default)
 
 
-def to_alert(header, alert, det_msg, frame_result, source: int):
+def to_alert(header, alert, det_msg, frame_result, source: int, types=None):
     """``runa_ood_msgs/DriverAlert`` from a core ``Alert`` (``level``, ``reason``,
     ``object_indices``) or any object/dict with those names.
 
     ``objects`` lists the OOD detections at ``alert.object_indices`` (indices out of range are
-    skipped); ``source`` is ``DriverAlert.SOURCE_OOD_OBJECT`` or ``SOURCE_MONITOR_HEALTH``.
+    skipped); ``source`` is ``DriverAlert.SOURCE_OOD_OBJECT`` or ``SOURCE_MONITOR_HEALTH``;
+    ``types`` as in :func:`to_ood_array`.
     """
-    DriverAlert = _msg("runa_ood_msgs", "DriverAlert")
-    out = DriverAlert()
-    out.header = copy_header(header)
-    out.level = int(_get(alert, "level", 0))
-    out.source = int(source)
-    out.reason = str(_get(alert, "reason", "") or "")
+    DriverAlert = _msg("runa_ood_msgs", "DriverAlert", types)
     dets = list(det_msg.detections) if det_msg is not None else []
     objs = []
     for i in _get(alert, "object_indices", None) or []:
         i = int(i)
         if 0 <= i < len(dets):
-            objs.append(ood_detection(dets[i], frame_result, i))
-    out.objects = objs
-    return out
+            objs.append(ood_detection(dets[i], frame_result, i, types))
+    return DriverAlert(header=copy_header(header, types), level=int(_get(alert, "level", 0)), source=int(source),
+                       reason=str(_get(alert, "reason", "") or ""), objects=objs)
 
 
 def to_label_info(header, labels: Sequence[str], threshold: float = float("nan")):

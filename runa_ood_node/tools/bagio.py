@@ -22,7 +22,6 @@ messages to arrays by itself.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import pathlib
 from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -60,13 +59,12 @@ class BagMessage(NamedTuple):
 
 
 # --------------------------------------------------------------------------- type store
-@functools.lru_cache(maxsize=1)
 def typestore():
     """The type store for every topic of the project's bags (ROS 2 kilted + vision_msgs +
-    runa_ood_msgs): ``runa_ood_node.ros.msgdefs.typestore()``, the package's one definition."""
-    from runa_ood_node.ros.msgdefs import typestore as _shared
+    runa_ood_msgs): ``runa_ood_node.ros.msgdefs.shared_typestore()``, the package's one definition."""
+    from runa_ood_node.ros.msgdefs import shared_typestore
 
-    return _shared()
+    return shared_typestore()
 
 
 def msg_class(msgtype: str):
@@ -79,15 +77,19 @@ def msg_class(msgtype: str):
 
 def serialize(msg, msgtype: str) -> bytes:
     """CDR bytes of a type-store message (equal to rclpy's ``serialize_message``)."""
-    return bytes(typestore().serialize_cdr(msg, msgtype))
+    from runa_ood_node.ros.msgdefs import encode
+
+    return encode(msg, msgtype)
 
 
 def deserialize(rawdata: bytes, msgtype: str):
     """Type-store message from CDR bytes (raises :class:`BagError` on truncated/garbage data)."""
+    from runa_ood_node.ros.msgdefs import CdrError, decode
+
     try:
-        return typestore().deserialize_cdr(rawdata, msgtype)
-    except Exception as exc:  # rosbags raises assorted errors on bad bytes
-        raise BagError(f"cannot deserialize {len(rawdata)} bytes as {msgtype}: {type(exc).__name__}: {exc}") from exc
+        return decode(rawdata, msgtype)
+    except CdrError as exc:
+        raise BagError(str(exc)) from exc
 
 
 def restamp(rawdata: bytes, msgtype: str, offset_ns: int) -> bytes:
