@@ -494,6 +494,36 @@ def test_bad_input_is_counted_and_never_kills_the_node(rig):
     assert int(kv["frames_scored"]) == rig.node.accounting()["frames_scored"]
 
 
+def test_undecodable_cdr_inputs_are_counted_and_never_kill_the_node(rig):
+    """Both inputs are taken raw and decoded by the node (ros.msgdefs): bytes too short to hold a
+    header stamp are input drops, a valid stamp over a broken body is a frame drop of its own
+    reason, and the node goes on scoring. Published raw over DDS, as a broken driver would."""
+    from rclpy.serialization import serialize_message
+
+    a0 = rig.idle()
+    n_img, n_det = a0["received"]["image"], a0["received"]["detections"]
+    start_det = rig.n("det")
+    s = [rig.next_stamp() for _ in range(3)]
+    rig.pub_img.publish(b"\x00\x01\x00\x00\x07")  # CDR header, no stamp
+    rig.pub_det.publish(b"\x05\x05\x05\x05\x05\x05\x05\x05\x05\x05\x05\x05\x05")  # not CDR
+    good_image = serialize_message(convert.rgb_to_image(rig.gray(), rig.header(s[0])))
+    rig.pub_img.publish(good_image[:30])  # stamp s[0], body cut inside the image's fields
+    rig.publish(s[0], boxes=[SMALL])
+    good_dets = serialize_message(convert.boxes_to_detections(rig.header(s[1]), np.array([SMALL], np.float64)))
+    rig.publish(s[1], rgb=rig.gray())
+    rig.pub_det.publish(good_dets[:12] + b"\xff\xff\xff\x7f" + good_dets[16:])  # frame_id of 2^31 bytes
+    rig.publish(s[2], rgb=rig.gray(), boxes=[SMALL])  # a good frame: still answered
+    a1 = rig.wait_received(n_img + 4, n_det + 4)
+    wait_for(lambda: s[2] in _by_stamp(rig.since("det", start_det)), what="the good frame's answer")
+    d = lambda key: a1["frame_drops"].get(key, 0) - a0["frame_drops"].get(key, 0)  # noqa: E731
+    i = lambda key: a1["input_drops"].get(key, 0) - a0["input_drops"].get(key, 0)  # noqa: E731
+    assert i("undecodable_image") == 1 and i("undecodable_detections") == 1
+    assert d("image_undecodable") == 1 and d("bad_detections") == 1
+    assert set(_by_stamp(rig.since("det", start_det))) == {s[2]}
+    assert a1["balanced"], json.dumps(a1, indent=1)
+    assert "internal_error" not in a1["frame_drops"] and not a1["counters"].get("secondary_output_errors")
+
+
 def test_parameters_validated_at_run_time(rig):
     res = rig.node.set_parameters([Parameter("lam", value=1.5)])
     assert not res[0].successful and "lam" in res[0].reason
@@ -625,11 +655,11 @@ def test_bench_node_tool_runs_and_reports(tmp_path, ood_pack):
     from runa_ood_node.ros import node as node_mod
 
     out = tmp_path / "bench.json"
-    saved = (node_mod.HANDOFF_YIELD_S, node_mod.ZERO_COPY_RGB8)
+    saved = (node_mod.HANDOFF_WAIT_S, node_mod.ZERO_COPY_RGB8)
     # --ab 1: one run with the latency optimisations off, one with them on (both through _run_once)
     args = parser.parse_args(["--frames", "3", "--warmup", "1", "--boxes", "4", "--ab", "1", "--json", str(out)])
     assert bench_node.run(args) == 0
-    assert (node_mod.HANDOFF_YIELD_S, node_mod.ZERO_COPY_RGB8) == saved  # restored
+    assert (node_mod.HANDOFF_WAIT_S, node_mod.ZERO_COPY_RGB8) == saved  # restored
     rows = json.loads(out.read_text())
     assert len(rows["off"]) == len(rows["on"]) == 1
     for res in rows["off"] + rows["on"]:

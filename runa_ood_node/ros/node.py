@@ -43,10 +43,11 @@ Accounting (diagnostics and :meth:`RunaOodNode.accounting`)
     ``buffer_overflow``, ``out_of_order``, ``duplicate_stamp``, ``answered_before``,
     ``stamp_in_future``, ``stamp_too_old``, ``time_jump_back``: see :mod:`.pairing` for the stamp
     rule); frame reasons count pairs (``image_<conversion reason>`` such as
-    ``image_unsupported_encoding``, ``image_truncated``; ``bad_detections``, ``processing_overload``,
+    ``image_unsupported_encoding``, ``image_truncated``; ``image_undecodable`` (CDR bytes that are not
+    a valid message; inputs are taken raw, see Latency); ``bad_detections``, ``processing_overload``,
     ``deactivated``, ``internal_error``). A frame is counted (scored or dropped) in the same locked
     step that ends its flight, so every /diagnostics message balances. Messages that never reached
-    the node (DDS queue overflow, undecodable CDR, network loss) are counted per stream as
+    the node (DDS queue overflow, network loss) are counted per stream as
     ``lost_in_transport``: from gaps in each publisher's sequence numbers and the subscription's
     message-lost event (published = received + lost). A callback never raises: unexpected errors
     are logged and counted as ``internal_error``.
@@ -63,11 +64,16 @@ Threading (why not a MultiThreadedExecutor)
 
 Latency (``runa-ood bench-node``; ``--ab`` compares with the optimisations below switched off)
     an unpadded ``rgb8`` image is scored through a read-only view of the message buffer (no copy);
-    after a hand-off the executor thread sleeps ``HANDOFF_YIELD_S`` (0.2 ms) so the woken worker
-    gets the GIL at once rather than after the executor's own per-spin bookkeeping; ood/ood_only,
-    the annotated image and the markers are only built while someone subscribes; alerts,
-    drawing and accounting run after ood/detections is out. What remains of the per-frame overhead
-    is mostly rclpy's executor and (de)serialisation (see the "rclpy floor" line of the benchmark).
+    detections are taken raw and decoded by rosbags' CDR codec (``ros.msgdefs``), and the outputs
+    that embed them are encoded by it, never converted into rclpy objects; after handing a frame to
+    an idle worker the executor thread waits (``HANDOFF_WAIT_S``, at most 2 ms) until the worker
+    has read its inputs and entered the model, so the two threads do not fight over the GIL in
+    the Python-heavy part (the executor's per-spin bookkeeping then overlaps the model, which
+    releases the GIL); torch's idle OpenMP threads sleep rather than spin (``OMP_WAIT_POLICY``,
+    see :func:`prefer_passive_openmp`); ood/ood_only, the annotated image and the markers are only
+    built while someone subscribes; alerts, drawing and accounting run after ood/detections is
+    out. What remains of the per-frame overhead is mostly rclpy's executor and transport (see the
+    "rclpy floor" line of the benchmark).
 """
 from __future__ import annotations
 
@@ -99,16 +105,18 @@ from .params import (LIVE_PARAMETERS, NodeSettings, ParameterValidationError, de
 NODE_NAME = "runa_ood"
 #: the wire types the node decodes and encodes itself (``ros.msgdefs``: rosbags' CDR codec)
 DETECTIONS_TYPE = "vision_msgs/msg/Detection2DArray"
+IMAGE_TYPES = {"raw": "sensor_msgs/msg/Image", "compressed": "sensor_msgs/msg/CompressedImage"}
 OOD_ARRAY_TYPE = "runa_ood_msgs/msg/OodDetectionArray"
 ALERT_TYPE = "runa_ood_msgs/msg/DriverAlert"
 #: frame-level drop reasons (besides ``image_<ImageConversionError.reason>``)
 FRAME_REASONS = ("bad_detections", "processing_overload", "deactivated", "internal_error")
 
-#: After handing a pair to the worker, the executor thread sleeps this long (s) so that the woken
-#: worker takes the GIL at once instead of waiting for the executor's own per-spin bookkeeping
-#: (`runa-ood bench-node --ab`: hand-off wait ~0.8 -> ~0.2 ms at p50). The bookkeeping then runs
-#: while the model computes with the GIL released. None = no yield.
-HANDOFF_YIELD_S: Optional[float] = 2e-4
+#: After handing a pair to an idle worker, the executor thread waits up to this long (s) until the
+#: worker has converted the frame's inputs and entered the model, instead of running its own
+#: per-spin bookkeeping (Python, O(entities)) against the worker's conversion for the GIL. The
+#: bookkeeping then runs while the model computes with the GIL released. None = no wait
+#: (`runa-ood bench-node --ab` compares).
+HANDOFF_WAIT_S: Optional[float] = 2e-3
 #: Score unpadded rgb8 images through a read-only view of the message buffer (no copy).
 ZERO_COPY_RGB8 = True
 
@@ -173,6 +181,7 @@ class RunaOodNode(LifecycleNode):
         self._lock = threading.RLock()  # pairer, counters, queue
         self._cv = threading.Condition(self._lock)
         self._queue: Deque = collections.deque()
+        self._handoff = threading.Event()  # set by the worker once it has entered the model (HANDOFF_WAIT_S)
         self._in_flight = 0
         self._active = False
         self._worker: Optional[threading.Thread] = None
@@ -396,11 +405,12 @@ class RunaOodNode(LifecycleNode):
                                               "(DDS queue / network)", throttle_duration_sec=5.0)
             return SubscriptionEventCallbacks(incompatible_qos=cb, message_lost=lost)
 
+        # both inputs are taken raw (the CDR bytes): the executor thread reads only their stamps for
+        # the pairing, the worker decodes them with ros.msgdefs (see _process)
         self._subs = [
             self.create_subscription(img_type, s.image_topic_resolved, self._safe(self._on_image, "image"),
                                      _input_qos(s.image_qos, s.image_queue_size),
-                                     event_callbacks=incompatible(s.image_topic_resolved, "image_qos")),
-            # raw: the CDR bytes, decoded by the worker with ros.msgdefs (see _process)
+                                     event_callbacks=incompatible(s.image_topic_resolved, "image_qos"), raw=True),
             self.create_subscription(Detection2DArray, s.detections_topic, self._safe(self._on_detections, "detections"),
                                      _input_qos(s.detections_qos, s.detections_queue_size),
                                      event_callbacks=incompatible(s.detections_topic, "detections_qos"), raw=True),
@@ -485,23 +495,26 @@ class RunaOodNode(LifecycleNode):
         self._on_input(msg, image=False)
 
     def _on_input(self, msg, image: bool) -> None:
+        handoff = None
         with self._cv:
             if not self._active:
                 self._input_drops["inactive"] += 1
                 return
-            if image:
-                out = self._pairer.add_image(stamp_to_ns(msg.header.stamp), msg)
-            else:  # raw CDR bytes: only the stamp is read here, the worker decodes the rest
-                try:
-                    stamp = convert.cdr_header_stamp_ns(msg)
-                except ValueError as exc:
-                    self._input_drops["undecodable_detections"] += 1
-                    self.get_logger().warning(f"dropped a detections message: {exc}", throttle_duration_sec=5.0)
-                    return
-                out = self._pairer.add_detections(stamp, msg)
+            try:  # raw CDR bytes: only the stamp is read here, the worker decodes the rest
+                stamp = convert.cdr_header_stamp_ns(msg)
+            except ValueError as exc:
+                stream = "image" if image else "detections"
+                self._input_drops[f"undecodable_{stream}"] += 1
+                self.get_logger().warning(f"dropped an {stream} message: {exc}", throttle_duration_sec=5.0)
+                return
+            out = (self._pairer.add_image if image else self._pairer.add_detections)(stamp, msg)
+            idle = not self._busy and not self._queue
             self._handle_pairer_output(out)
-        if out.pairs and HANDOFF_YIELD_S is not None:
-            time.sleep(HANDOFF_YIELD_S)  # outside the lock: let the worker start (see HANDOFF_YIELD_S)
+            if out.pairs and idle and HANDOFF_WAIT_S is not None:
+                handoff = self._handoff
+                handoff.clear()
+        if handoff is not None:  # outside the lock: let the worker read its inputs (see HANDOFF_WAIT_S)
+            handoff.wait(HANDOFF_WAIT_S)
 
     def _handle_pairer_output(self, out) -> None:  # holds the lock
         self._account_pairer(out.drops)
@@ -546,6 +559,7 @@ class RunaOodNode(LifecycleNode):
                                         f"{pair.image_stamp_ns * 1e-9:.3f} s: {type(exc).__name__}: {exc}\n"
                                         f"{traceback.format_exc(limit=6)}", throttle_duration_sec=5.0)
             finally:
+                self._handoff.set()  # also when the frame was dropped before the model
                 with self._lock:
                     if self._in_flight:  # left without a verdict (no scorer any more: deactivated)
                         self._frame_done("deactivated")
@@ -564,11 +578,19 @@ class RunaOodNode(LifecycleNode):
         s, scorer = self.settings, self.scorer
         if scorer is None:
             return
-        img_msg, det_raw = pair.image, pair.detections
-        header = img_msg.header
+        img_raw, det_raw = pair.image, pair.detections
         log = self.get_logger()
         t_start = time.perf_counter()
-        # ---- convert
+        # ---- convert: rosbags' decoders (the objects offline evaluation reads; ~3-4x faster than
+        #      rclpy's conversion; Image.data stays a view of the received bytes), then the one reader
+        try:
+            img_msg = msgdefs.decode(img_raw, IMAGE_TYPES[s.image_transport])
+        except msgdefs.CdrError as exc:
+            with self._lock:
+                self._frame_done("image_undecodable")
+            log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: {exc}", throttle_duration_sec=5.0)
+            return
+        header = img_msg.header
         try:
             if s.image_transport == "compressed":
                 rgb = convert.compressed_to_rgb(img_msg, max_pixels=s.max_image_pixels)
@@ -582,7 +604,7 @@ class RunaOodNode(LifecycleNode):
                         f"(encoding {getattr(img_msg, 'encoding', getattr(img_msg, 'format', '?'))!r}): {exc}",
                         throttle_duration_sec=5.0)
             return
-        try:  # rosbags' decoder: ~4x faster than rclpy's, and the objects offline evaluation reads
+        try:
             det_msg = msgdefs.decode(det_raw, DETECTIONS_TYPE)
             boxes, scores, class_ids, ids = convert.detections_to_arrays(det_msg)
         except Exception as exc:
@@ -597,6 +619,7 @@ class RunaOodNode(LifecycleNode):
             log.warning(f"detections frame_id {det_msg.header.frame_id!r} differs from the image's "
                         f"{header.frame_id!r}; outputs use the image's", throttle_duration_sec=10.0)
         # ---- score
+        self._handoff.set()  # the executor thread may go on (HANDOFF_WAIT_S)
         t_conv = time.perf_counter()
         res = scorer.score(rgb, boxes, box_format="cxcywh", detector_scores=scores, detector_labels=class_ids)
         t_score = time.perf_counter()

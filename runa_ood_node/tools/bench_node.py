@@ -1,36 +1,43 @@
 """``runa-ood bench-node``: end-to-end latency through the running node vs the core pipeline alone.
 
-One process, two executors on two threads: the node under test (``RunaOodNode``, spun exactly as
-``runa_ood_node`` spins it) and a client node that publishes a real 640x480 photograph
-(``sensor_msgs/Image`` rgb8) plus ``k`` boxes (``vision_msgs/Detection2DArray``) and waits for the
-matching ``ood/detections`` (closed loop: one frame in flight, so this measures latency, not
-throughput). For every frame it records
+Layout (as on a vehicle, where the consumer of the answers is another process):
 
-* ``e2e``      client publish -> ``ood/detections`` received by the client (wall clock, ms);
+* **this process**: the node under test (``RunaOodNode``, spun exactly as ``runa_ood_node`` spins
+  it, SingleThreadedExecutor), a do-nothing "echo" node on the same executor (the floor), and a
+  camera + detector node that publishes a real 640x480 photograph (``sensor_msgs/Image`` rgb8) and
+  ``k`` boxes (``vision_msgs/Detection2DArray``). The image crosses no process boundary, for the
+  floor and the node alike;
+* **a consumer process** (``multiprocessing``, spawn): raw subscriptions to ``ood/detections`` and
+  the echo; it timestamps each answer when its bytes arrive (``time.perf_counter``, the system's
+  CLOCK_MONOTONIC, comparable across processes) and reports through a pipe. It then deserializes
+  the answer with rclpy and reports that time separately (what a Python consumer pays to read the
+  richer message; not part of the end-to-end figure, as the floor's header read is not either).
+
+Closed loop, one frame in flight, ``--gap-ms`` idle after each answer (as between camera frames,
+so the node's after-publish work - alerts, drawing, accounting - is done before the next frame).
+For every frame:
+
+* ``e2e``      camera publish -> ``ood/detections`` bytes at the consumer (ms);
 * ``pipeline`` the core pipeline's own time for that frame (``FrameResult.timings["total"]``, read
   through the node's ``frame_observer`` hook for the same stamp);
-* ``overhead`` = e2e - pipeline: DDS transport of the image and detections in and the results out, message
-  conversion, pairing, queueing, building and publishing the outputs.
+* ``overhead`` = e2e - pipeline: transport in and out, decoding, conversion, pairing, hand-off,
+  building and publishing ``ood/detections``.
 
-Beside it, the **rclpy floor**: the same image published to a do-nothing rclpy node (same executor as
-the OOD node) that answers with its header - what any Python ROS node pays for this image, so the
-overhead can be split into "ROS transport" and "this node's own work" (the per-stage breakdown).
+The **rclpy floor**: the same image published to the do-nothing node, which answers with its
+header - what any Python ROS node pays to receive this image and answer. Floor and node frames
+alternate, so a slow burst of the shared machine hits both alike.
 
 Overhead goal: within 0.5 ms of the rclpy floor at p50; p95 and the worst frame (with its stage
-breakdown) are printed too. Executor: SingleThreadedExecutor, as ``runa_ood_node`` spins it.
-rclpy's ``rclpy.experimental.EventsExecutor`` (kilted wheels) was tried and is not usable by this
-node: while it spins, ``publish()`` from another Python thread (the node's scoring worker) blocks
-forever, and ``shutdown()`` from another thread does not stop ``spin()`` (checked with a two-node
-script: a do-nothing publisher thread hangs after discovery). Random weights cost the same time as real ones, so
-``--model ViT-B-32`` with random weights is a fair speed test; the numbers say nothing about quality.
-Run on an otherwise idle machine; the first ``--warmup`` frames are not counted.
+breakdown) are printed too. rclpy's ``rclpy.experimental.EventsExecutor`` (kilted wheels) is not
+usable by this node: while it spins, ``publish()`` from another Python thread (the node's scoring
+worker) blocks forever when a subscription of the same process listens (re-checked: a two-node
+script hangs at its first publish). Random weights cost the same time as real ones, so
+``--model ViT-B-32`` with random weights is a fair speed test; the numbers say nothing about
+quality. Run on an otherwise idle machine; the first ``--warmup`` frames are not counted.
 
 ``--ab N`` measures, in one run, N alternating rounds with the node's latency optimisations switched
-off (image converted with a copy, no GIL hand-off yield: ``ros.node.ZERO_COPY_RGB8`` /
-``HANDOFF_YIELD_S``) and on, and prints both side by side. Compare ``overhead`` with a model whose
-compute releases the GIL for long (e.g. ``--model ViT-B-32``): with the tiny model the pipeline is
-mostly Python, so the executor work that the yield moves out of the hand-off wait lands inside the
-pipeline's own time instead, and end-to-end barely changes.
+off (image converted with a copy, no hand-off wait: ``ros.node.ZERO_COPY_RGB8`` /
+``HANDOFF_WAIT_S``) and on, and prints both side by side.
 """
 from __future__ import annotations
 
@@ -70,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="A/B in one run: alternate ROUNDS times between the node's latency optimisations "
-                        "switched off (copying image conversion, no GIL hand-off yield) and on, and print both "
+                        "switched off (copying image conversion, no hand-off wait) and on, and print both "
                         "side by side [0 = off]")
 
 
@@ -115,20 +122,20 @@ def run(args) -> int:
         return _run_once(args)
     from ..ros import node as node_mod
 
-    saved = (node_mod.HANDOFF_YIELD_S, node_mod.ZERO_COPY_RGB8)
+    saved = (node_mod.HANDOFF_WAIT_S, node_mod.ZERO_COPY_RGB8)
     rows: Dict[str, List[dict]] = {"off": [], "on": []}
     code = 0
     try:
         for _ in range(args.ab):
             for key, (yield_s, zero_copy) in (("off", (None, False)), ("on", saved)):
-                node_mod.HANDOFF_YIELD_S, node_mod.ZERO_COPY_RGB8 = yield_s, zero_copy
+                node_mod.HANDOFF_WAIT_S, node_mod.ZERO_COPY_RGB8 = yield_s, zero_copy
                 print(f"\n=== optimisations {key.upper()}")
                 res: dict = {}
                 code |= _run_once(args, res)
                 rows[key].append(res)
     finally:
-        node_mod.HANDOFF_YIELD_S, node_mod.ZERO_COPY_RGB8 = saved
-    print("\nA/B (p50 ms per round; off = copying conversion + no hand-off yield, on = current):")
+        node_mod.HANDOFF_WAIT_S, node_mod.ZERO_COPY_RGB8 = saved
+    print("\nA/B (p50 ms per round; off = copying conversion + no hand-off wait, on = current):")
     keys = [("overhead", "overhead_ms"), ("e2e", "e2e_ms"), ("pipeline", "pipeline_ms"),
             ("floor", "transport_floor_ms")]
     stage_keys = ("inputs_in (publish -> paired)", "wait", "convert", "publish", "result_out (published -> client)")
