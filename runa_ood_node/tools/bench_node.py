@@ -30,8 +30,9 @@ alternate, so a slow burst of the shared machine hits both alike.
 Overhead goal: within 0.5 ms of the rclpy floor at p50; p95 and the worst frame (with its stage
 breakdown) are printed too. rclpy's ``rclpy.experimental.EventsExecutor`` (kilted wheels) is not
 usable by this node: while it spins, ``publish()`` from another Python thread (the node's scoring
-worker) blocks forever when a subscription of the same process listens (re-checked: a two-node
-script hangs at its first publish). Random weights cost the same time as real ones, so
+worker) blocks forever when a subscription of the same process listens (re-checked with kilted's
+rclpy: a node publishing from a second thread to a topic it also subscribes to hangs at its first
+publish, and SIGTERM does not end it). Random weights cost the same time as real ones, so
 ``--model ViT-B-32`` with random weights is a fair speed test; the numbers say nothing about
 quality. Run on an otherwise idle machine; the first ``--warmup`` frames are not counted.
 
