@@ -64,16 +64,17 @@ Threading (why not a MultiThreadedExecutor)
 
 Latency (``runa-ood bench-node``; ``--ab`` compares with the optimisations below switched off)
     an unpadded ``rgb8`` image is scored through a read-only view of the message buffer (no copy);
-    detections are taken raw and decoded by rosbags' CDR codec (``ros.msgdefs``), and the outputs
-    that embed them are encoded by it, never converted into rclpy objects; after handing a frame to
-    an idle worker the executor thread waits (``HANDOFF_WAIT_S``, at most 2 ms) until the worker
-    has read its inputs and entered the model, so the two threads do not fight over the GIL in
-    the Python-heavy part (the executor's per-spin bookkeeping then overlaps the model, which
-    releases the GIL); torch's idle OpenMP threads sleep rather than spin (``OMP_WAIT_POLICY``,
-    see :func:`prefer_passive_openmp`); ood/ood_only, the annotated image and the markers are only
+    both inputs are taken raw: the executor thread reads only their header stamps (for the
+    pairing), the worker decodes them with rosbags' CDR codec (``ros.msgdefs``: 3-4x faster than
+    rclpy's conversion into Python objects, and the objects offline bag evaluation reads), and the
+    outputs that embed detections are encoded by it, never converted into rclpy objects; after
+    handing a frame to an idle worker the executor thread waits (``HANDOFF_WAIT_S``, at most 2 ms)
+    until the worker has read its inputs and entered the model, so the two threads do not fight
+    over the GIL in the Python-heavy part (the executor's per-spin bookkeeping then overlaps the
+    model, which releases the GIL); ood/ood_only, the annotated image and the markers are only
     built while someone subscribes; alerts, drawing and accounting run after ood/detections is
-    out. What remains of the per-frame overhead is mostly rclpy's executor and transport (see the
-    "rclpy floor" line of the benchmark).
+    out. What remains of the per-frame overhead is Python work on the critical path and rclpy's
+    executor (see the README's "node against the rclpy floor").
 """
 from __future__ import annotations
 
@@ -97,7 +98,6 @@ from rcl_interfaces.msg import SetParametersResult
 from ..core.metrics import percentile as _percentile
 from ..core.registry import AlertLevel, BoxStatus
 from . import convert, msgdefs
-from .convert import stamp_to_ns
 from .pairing import REASONS as PAIRER_REASONS, StampPairer
 from .params import (LIVE_PARAMETERS, NodeSettings, ParameterValidationError, declare_parameters,
                      read_parameters, validate)
