@@ -3,6 +3,7 @@
 Random weights make the scores meaningless, so these tests check structure and invariants that hold
 for any weights: batching equivalence, statuses, caps, ablations, failure handling, thresholds.
 """
+import contextlib
 import json
 
 import numpy as np
@@ -13,6 +14,20 @@ import torch.nn.functional as F
 from runa_ood_node.core.boxes import BoxStatus
 from runa_ood_node.core.labels import load_label_set
 from runa_ood_node.core.pipeline import FrameResult, OodScorer
+
+
+@contextlib.contextmanager
+def using_backend(encoder, backend, name=None):
+    """``encoder`` runs ``backend`` for its trunk inside the block, its torch trunk again after it."""
+    encoder.set_backend(backend, name=name)
+    try:
+        yield
+    finally:
+        encoder.set_backend(None)
+
+
+def _device_lost(views):
+    raise RuntimeError("CUDA error: device lost")
 
 TINY = "runa-tiny-vit"
 
@@ -129,11 +144,8 @@ def test_all_invalid_boxes_never_call_the_encoder(tiny_encoder, photo):
     image, _ = photo
     s = OodScorer(tiny_encoder, "voc")
     calls = []
-    tiny_encoder.set_backend(lambda v: calls.append(1))
-    try:
+    with using_backend(tiny_encoder, lambda v: calls.append(1)):
         r = s.score(image, [[np.nan, 0, 1, 1], [0, 0, 0, 0]])
-    finally:
-        tiny_encoder.set_backend(None)
     assert calls == [] and r.status.tolist() == [BoxStatus.NAN, BoxStatus.ZERO_AREA]
 
 
@@ -168,11 +180,8 @@ def test_ablations_differ_and_encode_only_needed_views(tiny_encoder, photo):
             with torch.no_grad():
                 return tiny_encoder.visual_trunk(v)
 
-        tiny_encoder.set_backend(backend)
-        try:
+        with using_backend(tiny_encoder, backend):
             results[ab] = OodScorer(tiny_encoder, "voc", ablation=ab).score(image, boxes, box_format="xywh")
-        finally:
-            tiny_encoder.set_backend(None)
         batch_sizes[ab] = seen
     n = len(boxes)
     assert batch_sizes == {"dual": [2 * n], "regional": [n], "global": [n]}  # ONE backend call per frame
@@ -197,15 +206,9 @@ def test_blur_radius_changes_dual_but_not_regional(tiny_encoder, photo):
 def test_backend_exception_marks_boxes_and_sets_error(tiny_encoder, photo):
     image, boxes = photo
 
-    def broken(v):
-        raise RuntimeError("CUDA error: device lost")
-
     s = OodScorer(tiny_encoder, "voc")
-    tiny_encoder.set_backend(broken, name="broken")
-    try:
+    with using_backend(tiny_encoder, _device_lost, name="broken"):
         r = s.score(image, np.concatenate([boxes, [[np.nan] * 4]]), box_format="xywh")
-    finally:
-        tiny_encoder.set_backend(None)
     assert (r.status[:-1] == BoxStatus.BACKEND_ERROR).all() and r.status[-1] == BoxStatus.NAN
     assert "device lost" in r.error and "broken" in r.error
     assert np.isnan(r.uncertainty).all() and not r.is_ood.any()
@@ -224,11 +227,8 @@ def test_non_finite_features_flag_only_affected_boxes(tiny_encoder, photo):
         return out
 
     s = OodScorer(tiny_encoder, "voc")
-    tiny_encoder.set_backend(nan_for_box1)
-    try:
+    with using_backend(tiny_encoder, nan_for_box1):
         r = s.score(image, boxes, box_format="xywh")
-    finally:
-        tiny_encoder.set_backend(None)
     assert r.status[1] == BoxStatus.BACKEND_ERROR and np.isnan(r.uncertainty[1])
     others = [i for i in range(n) if i != 1]
     assert (r.status[others] == BoxStatus.OK).all() and np.isfinite(r.uncertainty[others]).all()
@@ -369,11 +369,8 @@ def test_one_encoding_scores_every_scorer_and_ablation_like_a_fresh_scorer(tiny_
         with torch.no_grad():
             return tiny_encoder.visual_trunk(v)
 
-    tiny_encoder.set_backend(backend)
-    try:
+    with using_backend(tiny_encoder, backend):
         feats = base.encode(image, boxes, box_format="xywh", views=("global", "regional"))
-    finally:
-        tiny_encoder.set_backend(None)
     assert calls == [2 * len(boxes)] and feats.views == ("regional", "global")  # one backend call, both views
     for ab in ("dual", "regional", "global"):
         for sc in ("runa", "mcm", "energy", "sum"):
@@ -449,11 +446,8 @@ def test_encode_contains_backend_failure(tiny_encoder, photo):
         raise RuntimeError("engine lost")
 
     s = OodScorer(tiny_encoder, "voc")
-    tiny_encoder.set_backend(broken, name="broken")
-    try:
+    with using_backend(tiny_encoder, broken, name="broken"):
         feats = s.encode(image, boxes, box_format="xywh", views=("regional", "global"))
-    finally:
-        tiny_encoder.set_backend(None)
     assert (feats.status == BoxStatus.BACKEND_ERROR).all() and "engine lost" in feats.error
     assert torch.isnan(feats.f_r).all() and torch.isnan(feats.f_g).all()
     for ab in ("dual", "global"):
@@ -502,11 +496,8 @@ def test_score_frames_makes_one_backend_call_and_equals_scoring_each_frame(tiny_
         calls.append(int(views.shape[0]))
         return tiny_encoder._torch_trunk(views)
 
-    tiny_encoder.set_backend(counting, name="counting")
-    try:
+    with using_backend(tiny_encoder, counting, name="counting"):
         together = s.score_frames(frames)
-    finally:
-        tiny_encoder.set_backend(None)
     assert calls == [2 * (len(boxes) + 2)]
     alone = [s.score(f.image_rgb, f.boxes, box_format=f.box_format, detector_labels=f.detector_labels)
              for f in frames]
@@ -522,13 +513,7 @@ def test_score_frames_backend_failure_marks_every_frame(tiny_encoder, photo):
 
     image, boxes = photo
 
-    def broken(v):
-        raise RuntimeError("CUDA error: device lost")
-
     s = OodScorer(tiny_encoder, "voc")
-    tiny_encoder.set_backend(broken, name="broken")
-    try:
+    with using_backend(tiny_encoder, _device_lost, name="broken"):
         res = s.score_frames([FrameInput(image, boxes, "xywh"), FrameInput(image, boxes[:1], "xywh")])
-    finally:
-        tiny_encoder.set_backend(None)
     assert all((r.status == BoxStatus.BACKEND_ERROR).all() and "device lost" in r.error for r in res)
