@@ -192,3 +192,12 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def flatten_params(d: dict, prefix: str = ""):
+    """``(dotted.name, value)`` pairs of a nested ``ros__parameters`` dict (YAML file or ``ros2 param dump``)."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flatten_params(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

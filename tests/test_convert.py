@@ -455,12 +455,25 @@ def _bomb_png(width=20000, height=20000) -> bytes:
     return bytes(b)
 
 
+def _refused_with_python_peak(convert_fn, msg):
+    """``convert_fn(msg)`` must raise ImageConversionError: (the error, Python's peak allocation
+    in bytes while it ran, from tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(C.ImageConversionError) as ei:
+            convert_fn(msg)
+        _, py_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return ei.value, py_peak
+
+
 @pytest.mark.parametrize("kind", ["jpeg", "png"])
 def test_decompression_bomb_is_refused_from_its_header_without_allocating(kind):
     """A ~630-byte JPEG (or PNG) declaring 20000x20000 used to be decoded in full (3.2 GB RSS).
     It is refused from its header: too_large, and neither Python nor the process allocates."""
-    import tracemalloc
-
     data = _bomb_jpeg() if kind == "jpeg" else _bomb_png()
     assert len(data) < 1000
     assert C.compressed_image_size(data) == (kind, 20000, 20000)
@@ -468,14 +481,8 @@ def test_decompression_bomb_is_refused_from_its_header_without_allocating(kind):
     m.data = data
     can_measure = _reset_peak_rss()
     rss0 = _peak_rss_kb()
-    tracemalloc.start()
-    try:
-        with pytest.raises(C.ImageConversionError) as ei:
-            C.compressed_to_rgb(m)
-        _, py_peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert ei.value.reason == "too_large" and "20000x20000" in str(ei.value)
+    err, py_peak = _refused_with_python_peak(C.compressed_to_rgb, m)
+    assert err.reason == "too_large" and "20000x20000" in str(err)
     assert py_peak < 1_000_000  # bytes: no image buffer was allocated
     if can_measure:
         assert _peak_rss_kb() - rss0 < 50_000  # kB: cv2 did not decode either (1.2 GB if it had)
@@ -489,18 +496,10 @@ def test_decompression_bomb_is_refused_from_its_header_without_allocating(kind):
 def test_raw_image_declaring_a_huge_size_is_refused_before_reading_data():
     """100000 x 100000 declared with a few bytes of data: too_large (checked first), not truncated;
     and the cap is a parameter (max_pixels), None = no cap."""
-    import tracemalloc
-
     m = Image(height=100000, width=100000, encoding="rgb8", step=300000)
     m.data = bytes(16)
-    tracemalloc.start()
-    try:
-        with pytest.raises(C.ImageConversionError) as ei:
-            C.image_to_rgb(m)
-        _, py_peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert ei.value.reason == "too_large" and py_peak < 1_000_000
+    err, py_peak = _refused_with_python_peak(C.image_to_rgb, m)
+    assert err.reason == "too_large" and py_peak < 1_000_000
     with pytest.raises(C.ImageConversionError) as ei:
         C.image_to_rgb(m, max_pixels=None)  # without a cap: the inconsistent data size is what fails
     assert ei.value.reason == "truncated"

@@ -28,7 +28,7 @@ pytest.importorskip("rclpy")
 pytest.importorskip("runa_ood_msgs.msg")
 pytest.importorskip("vision_msgs.msg")
 
-from conftest import REPO, TINY_NODE_PARAMS, wait_until  # noqa: E402
+from conftest import REPO, TINY_NODE_PARAMS, flatten_params, wait_until  # noqa: E402
 
 START_TIMEOUT = 180.0  # s: torch + open_clip import and a model build on a busy 2-core machine
 NS, NODE = "veh", "/veh/runa_ood"
@@ -172,14 +172,7 @@ def test_param_dump_lists_every_parameter(vehicle, ros2_cli):
     out = ros2_cli.run("param", "dump", NODE, *PARAM_ARGS, check=True).stdout
     dumped = yaml.safe_load(out)[NODE]["ros__parameters"]
 
-    def flatten(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flatten(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    flat = dict(flatten(dumped))
+    flat = dict(flatten_params(dumped))
     missing = {p.name for p in PARAMETERS} - set(flat)
     assert not missing, f"`ros2 param dump` misses {sorted(missing)}:\n{out[:2000]}"
     assert flat["alert.n"] == 4 and flat["model"] == TINY_NODE_PARAMS["model"]

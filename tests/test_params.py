@@ -5,6 +5,7 @@ import pathlib
 import pytest
 import yaml
 
+from conftest import flatten_params
 from runa_ood_node.ros import params as P
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -93,13 +94,6 @@ def test_random_weights_and_thresholds_file(tmp_path):
         P.validate({"engine_path": str(tmp_path / "missing.engine")})
 
 
-def _flatten(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
 
 def test_generated_files_are_in_sync_with_the_table():
     """config/runa_ood.yaml, its schema and the README table are what `runa-ood params --write` makes."""
@@ -125,13 +119,13 @@ def test_generator_detects_every_stale_file_and_rewrites_them(tmp_path, monkeypa
     assert gen.stale(tmp_path) == []
     text = (tmp_path / "README.md").read_text()
     assert "old table" not in text and "`max_image_pixels`" in text and text.endswith("<!-- params:end -->\ntail\n")
-    flat = dict(_flatten(yaml.safe_load((tmp_path / "config" / "runa_ood.yaml").read_text())["/**"]["ros__parameters"]))
+    flat = dict(flatten_params(yaml.safe_load((tmp_path / "config" / "runa_ood.yaml").read_text())["/**"]["ros__parameters"]))
     assert flat["max_image_pixels"] == 4096 * 4096
 
 
 def test_shipped_yaml_holds_every_parameter_at_its_default_and_validates():
     data = yaml.safe_load((REPO / "config" / "runa_ood.yaml").read_text())
-    flat = dict(_flatten(data["/**"]["ros__parameters"]))
+    flat = dict(flatten_params(data["/**"]["ros__parameters"]))
     assert list(flat) == [p.name for p in P.PARAMETERS]  # every one, in table order
     assert flat == P.defaults()
     s = P.validate(flat)
