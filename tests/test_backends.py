@@ -351,26 +351,33 @@ def test_gpu_maker_on_cuda_matches_cpu(photos, tiny_encoder):
     assert float((r1 - r2.cpu()).abs().max()) < 1e-3 and float((g1 - g2.cpu()).abs().max()) < 1e-3
 
 
-@pytest.mark.skipif(not os.environ.get("RUNA_OOD_SLOW_TESTS"),
-                    reason="ViT-B-32 export takes ~30-60 s on the 2-core CI machine; set RUNA_OOD_SLOW_TESTS=1 "
-                           "(the bench checks ViT-B-32 fidelity on every run)")
-def test_vit_b32_ort_matches_torch(photos, tmp_path):
+@pytest.fixture(scope="module")
+def vit_b32(tmp_path_factory):
+    """ViT-B-32 with random weights (seed 0), its view maker and one ONNX cache, loaded once for the
+    slow ViT-B-32 tests (the int8 variants quantise the fp32 export the first test makes)."""
     from runa_ood_node.core.encoder import DualEncoder
     from runa_ood_node.core.views import ViewMaker
 
     torch.manual_seed(0)
     enc = DualEncoder.load("ViT-B-32", pretrained=None, allow_random=True)
-    vm = ViewMaker(enc.input_size, enc.mean, enc.std, 1.0)
+    return enc, ViewMaker(enc.input_size, enc.mean, enc.std, 1.0), tmp_path_factory.mktemp("vit_b32_onnx")
+
+
+@pytest.mark.skipif(not os.environ.get("RUNA_OOD_SLOW_TESTS"),
+                    reason="ViT-B-32 export takes ~30-60 s on the 2-core CI machine; set RUNA_OOD_SLOW_TESTS=1 "
+                           "(the bench checks ViT-B-32 fidelity on every run)")
+def test_vit_b32_ort_matches_torch(photos, vit_b32):
+    enc, vm, onnx_cache = vit_b32
     rgb, boxes = photos[0]
     r, g = vm.make(rgb, boxes[:4])
     views = torch.cat([r, g])
     ref = make_backend("torch", enc)(views)
-    out = make_backend("onnxruntime", enc, cache_dir=tmp_path)(views)
+    out = make_backend("onnxruntime", enc, cache_dir=onnx_cache)(views)
     assert float(cosine_rows(ref @ enc.proj_global, out @ enc.proj_global).min()) >= 0.9999
     # the fp16 graph TensorRT's strongly typed build uses: LayerNorm/Softmax islands in fp32
     import onnx
 
-    be16 = make_backend("onnxruntime", enc, precision="fp16", cache_dir=tmp_path)
+    be16 = make_backend("onnxruntime", enc, precision="fp16", cache_dir=onnx_cache)
     ops = [n.op_type for n in onnx.load(str(be16.onnx_path), load_external_data=False).graph.node]
     assert ops.count("LayerNormalization") == 2 * 12 + 2 and ops.count("Softmax") == 12
     c16 = cosine_rows(ref @ enc.proj_global, be16(views) @ enc.proj_global)
@@ -443,13 +450,8 @@ def test_thread_settings_give_identical_features(mode, threads, tiny_encoder, ca
 @pytest.mark.skipif(not os.environ.get("RUNA_OOD_SLOW_TESTS"),
                     reason="ViT-B-32 export, fusion and quantisation take minutes on the 2-core CI machine; set "
                            "RUNA_OOD_SLOW_TESTS=1 (the bench prints ViT-B-32 fidelity on every run)")
-def test_vit_b32_every_cpu_variant_within_0999_of_torch_on_real_crops(photos, tmp_path):
-    from runa_ood_node.core.encoder import DualEncoder
-    from runa_ood_node.core.views import ViewMaker
-
-    torch.manual_seed(0)
-    enc = DualEncoder.load("ViT-B-32", pretrained=None, allow_random=True)
-    vm = ViewMaker(enc.input_size, enc.mean, enc.std, 1.0)
+def test_vit_b32_every_cpu_variant_within_0999_of_torch_on_real_crops(photos, vit_b32):
+    enc, vm, onnx_cache = vit_b32
     views = []
     for rgb, boxes in photos:
         r, g = vm.make(rgb, boxes[:4])
@@ -461,7 +463,7 @@ def test_vit_b32_every_cpu_variant_within_0999_of_torch_on_real_crops(photos, tm
                 "fused-int8": dict(fused=True, int8="dynamic"),
                 "int8-static": dict(int8="static", calibration_views=calib)}
     for name, kw in variants.items():
-        be = make_backend("onnxruntime", enc, cache_dir=tmp_path, **kw)
+        be = make_backend("onnxruntime", enc, cache_dir=onnx_cache, **kw)
         fid = embedding_fidelity(ref, be, held_out, enc.proj_global)
         print(f"\nViT-B-32 {name} vs torch fp32 on {fid['n']} held-out real views: embedding cos min "
               f"{fid['embedding_cos_min']:.6f}")
