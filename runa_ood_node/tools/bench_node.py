@@ -48,7 +48,6 @@ import math
 import os
 import pathlib
 import random
-import struct
 import sys
 import threading
 import time
@@ -153,14 +152,6 @@ def run(args) -> int:
     return code
 
 
-def _cdr_stamp_ns(raw: bytes) -> int:
-    """The ``header.stamp`` of a serialized message whose first field is a ``std_msgs/Header``
-    (CDR: 4-byte encapsulation header, then int32 sec, uint32 nanosec)."""
-    order = "<" if raw[1] & 1 else ">"  # encapsulation kind: CDR_LE = 0x0001, CDR_BE = 0x0000
-    sec, nsec = struct.unpack_from(order + "iI", raw, 4)
-    return sec * 1_000_000_000 + nsec
-
-
 def _consumer(conn, cfg: dict) -> None:
     """The consumer of the answers, in a process of its own (as a planner or a driver HMI would
     be): raw subscriptions to ``ood/detections`` and the floor's echo; each answer is timestamped
@@ -173,6 +164,7 @@ def _consumer(conn, cfg: dict) -> None:
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from rclpy.serialization import deserialize_message
 
+    from ..ros import convert
     from runa_ood_msgs.msg import OodDetectionArray
     from sensor_msgs.msg import Image
     from std_msgs.msg import Header
@@ -193,7 +185,7 @@ def _consumer(conn, cfg: dict) -> None:
 
         def on_result(raw):
             t = time.perf_counter()
-            stamp = _cdr_stamp_ns(raw)
+            stamp = convert.cdr_header_stamp_ns(raw)
             send(("node", stamp, t))
             t1 = time.perf_counter()  # what this consumer then pays to read the answer
             deserialize_message(raw, OodDetectionArray)
@@ -201,7 +193,7 @@ def _consumer(conn, cfg: dict) -> None:
 
         def on_echo(raw):
             t = time.perf_counter()
-            send(("floor", _cdr_stamp_ns(raw), t))
+            send(("floor", convert.cdr_header_stamp_ns(raw), t))
 
         sub_res = node.create_subscription(OodDetectionArray, "ood/detections", on_result, qos, raw=True)
         sub_echo = node.create_subscription(Header, "bench_floor/echo", on_echo, qos, raw=True)
