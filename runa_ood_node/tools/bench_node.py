@@ -443,7 +443,7 @@ def _run_once(args, out: Optional[dict] = None) -> int:
           "receive this image and answer (same executors, no work).")
     g = result["paired_gap_ms"]
     print(f"  paired (each node frame minus the floor frame just before it): median {g['p50']:+.2f} ms, "
-          f"p95 {g['p95']:+.2f} ms (robust to the machine's speed drifting during the run)")
+          f"p95 {g['p95']:+.2f} ms (a slow drift of the machine's speed moves it less than the p50 difference)")
     w = result["worst_frame"]
     if w:
         st = ", ".join(f"{k.split()[0]} {v:.2f}" for k, v in w["stages_ms"].items())
