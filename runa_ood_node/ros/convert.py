@@ -634,7 +634,7 @@ def to_ood_array(header, det_msg, frame_result, model: str, backend: str, scorer
     ``header`` is the source image's header (copied); ``frame_result`` a core ``FrameResult``
     for the same boxes (or None when scoring failed: every box is then ``NOT_SCORED``).
 
-    ``types``: a ``rosbags`` type store (``ros.msgdefs.typestore()``). The node reads its
+    ``types``: a ``rosbags`` type store (``ros.msgdefs.shared_typestore()``). The node reads its
     detections as such messages (deserialized from the raw CDR bytes, as offline bag evaluation
     reads them) and builds this output from the same store, to publish ``msgdefs.encode(...)``
     bytes: the detections are embedded as they are, never converted into rclpy objects and back
