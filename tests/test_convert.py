@@ -563,24 +563,21 @@ def test_coordinates_beyond_float32_are_infinite_silently(tiny_encoder):
 
 
 def _plain(msg):
-    """A message (rclpy or rosbags) as plain JSON text: NaN-aware equality of every field."""
+    """A message (rclpy or rosbags) as JSON text: NaN-aware equality of every field (numbers and
+    arrays made plain by core.plain.to_plain)."""
     import json
 
+    from runa_ood_node.core.plain import to_plain
+
     def walk(v):
-        if hasattr(v, "get_fields_and_field_types"):
+        if hasattr(v, "get_fields_and_field_types"):  # rclpy
             return {k: walk(getattr(v, k)) for k in v.get_fields_and_field_types()}
-        if hasattr(v, "__dataclass_fields__"):
+        if hasattr(v, "__dataclass_fields__"):  # rosbags
             return {k: walk(getattr(v, k)) for k in v.__dataclass_fields__ if not k.startswith("_")}
-        if isinstance(v, (list, tuple, np.ndarray)) or type(v).__name__ == "array":
+        if isinstance(v, (list, tuple)):
             return [walk(x) for x in v]
-        if isinstance(v, (bool, np.bool_)):
-            return bool(v)
-        if isinstance(v, (int, np.integer)):
-            return int(v)
-        if isinstance(v, (float, np.floating)):
-            return float(v)
         return v
-    return json.dumps(walk(msg), sort_keys=True)
+    return json.dumps(to_plain(walk(msg)), sort_keys=True)
 
 
 def test_type_store_outputs_serialize_to_the_rclpy_outputs():
