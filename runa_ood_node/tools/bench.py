@@ -23,6 +23,13 @@ timed again at the ratio box count with intra-op threads 1 and 2, sequential and
 (``--no-thread-sweep`` skips it). Fidelity: every variant's embeddings (after the projection) against
 torch fp32 on real crops, cosine min printed with the goal (>= 0.999).
 
+Roofline (``--no-roofline`` skips it, about 2 s): the trunk's FLOPs per view (``FlopCounterMode``,
+a multiply-add = 2 FLOPs), this CPU's fp32 GEMM peak (``torch.mm``) and int8 GEMM peak (ONNX
+Runtime running a MatMul quantised exactly like the int8 variants, same session options), measured
+after the timed variants in the same run; then every variant's achieved GFLOP/s (frame FLOPs /
+frame p50) as a share of its peak, and the ceiling: the fastest frame if every FLOP ran at the int8
+peak, with its speed-ups over both baselines next to the goals (:func:`roofline_section`).
+
 Variants run interleaved (round robin over variants inside every round, ``--rounds`` rounds of
 ``--repeats`` frames each) so the machine's slow bursts hit every variant alike; p50/p95 are over
 all frames of a variant. Weights are random by default: latency does not depend on the weight
@@ -68,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "available here; both naive baselines always run (default %(default)s)")
     parser.add_argument("--no-thread-sweep", dest="thread_sweep", action="store_false",
                         help="skip the ONNX Runtime thread-setting table (intra-op 1/2 x sequential/parallel)")
+    parser.add_argument("--no-roofline", dest="roofline", action="store_false",
+                        help="skip the roofline: the trunk's FLOPs per view, this CPU's fp32 / int8 GEMM peaks "
+                             "measured in this run (about 1-2 s) and each variant's share of them")
     parser.add_argument("--calibration-images", type=int, default=16,
                         help="photographs whose box crops calibrate the static int8 graph (default %(default)s)")
     parser.add_argument("--ort-threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
@@ -280,6 +290,240 @@ def build_backend(variant: str, encoder, args, calib=None, threads=None, executi
                         ort_threads=threads if threads is not None else args.ort_threads, **extra)
 
 
+# ---------------------------------------------------------------------- roofline
+# How close every variant is to what this CPU can do: the trunk's FLOPs per view (counted), this
+# machine's fp32 and int8 GEMM peaks (measured in the same run, same thread settings as the
+# variants), each variant's achieved GFLOP/s and the fastest a frame could be at the int8 peak.
+VIEWS_PER_BOX = 2  # crop + blurred global view
+PEAK_FP32_SIZE = 1536  # torch.mm on [n,n] x [n,n] float32 (about 50 ms a call on 2 Zen3 cores)
+# int8 GEMM shape: ViT-B-32's MLP up-projection over a 10-box frame (20 views x 50 tokens, 768 -> 3072)
+PEAK_INT8_SHAPE = (1000, 768, 3072)
+# per peak: best of PEAK_REPEATS repeats of about PEAK_SECONDS / PEAK_REPEATS each; many short repeats
+# so that one of them falls in a quiet moment of a shared machine
+PEAK_SECONDS = 0.4
+PEAK_REPEATS = 5
+FLOP_COUNTER_NOTE = ("torch.utils.flop_counter.FlopCounterMode, a multiply-add = 2 FLOPs; matrix products only "
+                     "(convolution, linear layers, attention's QK^T and AV), not layer norm / softmax / GELU / adds")
+
+
+def count_view_flops(encoder, batch: int = 1) -> Dict[str, Any]:
+    """FLOPs of ``encoder.visual_trunk`` (the tower without its projection: what every backend runs)
+    for ``batch`` views at S x S, counted by ``FlopCounterMode`` (multiply-add = 2 FLOPs).
+
+    Counted with autograd on and SDPA's math kernel: in inference mode PyTorch takes fused paths the
+    counter has no formula for (``_native_multi_head_attention`` hides the attention's in/out
+    projections, ``_scaled_dot_product_flash_attention_for_cpu`` its QK^T and AV products) and
+    would undercount. Returns ``{"flops", "batch", "by_op", "projection_flops"}`` (the projection,
+    ``width x embed_dim`` per view, is applied outside the trunk and not included in ``flops``).
+    """
+    import contextlib
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        math_sdpa = sdpa_kernel([SDPBackend.MATH])
+    except ImportError:  # pragma: no cover - torch < 2.3
+        math_sdpa = contextlib.nullcontext()
+    trunk = encoder.visual_trunk
+    p = next(trunk.parameters())
+    x = torch.zeros((batch, 3, encoder.input_size, encoder.input_size), dtype=p.dtype, device=p.device)
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), math_sdpa, counter:
+        trunk(x)
+    by_op = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    return {"flops": int(counter.get_total_flops()), "batch": int(batch), "by_op": by_op,
+            "projection_flops": 2 * int(encoder.width) * int(encoder.embed_dim) * int(batch)}
+
+
+def _best_rate(fn, flops: float, seconds: float = PEAK_SECONDS, repeats: int = PEAK_REPEATS) -> Dict[str, Any]:
+    """Call ``fn`` (one warm-up call), then ``repeats`` timed repeats of k calls each (k sized so a
+    repeat lasts about ``seconds / repeats``); the best repeat's time per call -> GFLOP/s."""
+    t0 = time.perf_counter()
+    fn()
+    first = max(time.perf_counter() - t0, 1e-6)
+    k = max(1, int(round(seconds / repeats / first)))
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / k)
+    return {"gflops": flops / best / 1e9, "ms_per_call": best * 1e3, "calls_per_repeat": k,
+            "repeats": int(repeats)}
+
+
+def _matmul_onnx(K: int, N: int, seed: int = 0):
+    """In-memory fp32 ONNX graph ``features = views [M,K] @ W [K,N] + b`` (M dynamic), built with
+    ``onnx.helper``; input / output named as the trunk's so :class:`OrtBackend` opens it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ..backends.engine_cache import INPUT_NAME, OUTPUT_NAME
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((K, N)) * K ** -0.5).astype(np.float32), "W")
+    b = numpy_helper.from_array((rng.standard_normal(N) * 0.01).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [INPUT_NAME, "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], [OUTPUT_NAME])],
+        "roofline_matmul", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["M", N])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _quantize_like_the_int8_variants(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Dynamic int8 exactly as :func:`ort_backend.quantize_int8` quantises the int8 variants' trunks
+    (per channel QInt8 weights, reduce_range, DefaultTensorType float), without its cache sidecar
+    and counters. A MatMul becomes DynamicQuantizeLinear (uint8 activations) -> MatMulInteger
+    (uint8 x int8) -> Cast -> Mul, which ORT's optimiser fuses into DynamicQuantizeMatMul."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # quantize_dynamic's "consider pre-processing" advice
+    try:
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
+
+
+def measure_peaks(ort_threads: Optional[int] = None, fp32_size: int = PEAK_FP32_SIZE,
+                  int8_shape: Tuple[int, int, int] = PEAK_INT8_SHAPE, seconds: float = PEAK_SECONDS,
+                  repeats: int = PEAK_REPEATS) -> Dict[str, Any]:
+    """This machine's GEMM peaks, measured now with the variants' thread settings.
+
+    * ``fp32``: ``torch.mm`` on ``[n,n] x [n,n]`` float32 (torch's own thread count, as the torch
+      variants run), 2 n^3 / time.
+    * ``int8``: ONNX Runtime running a MatMul ``[M,K] x [K,N]`` dynamically quantised like the int8
+      variants (:func:`_quantize_like_the_int8_variants`), in an :class:`OrtBackend` session (the
+      variants' session options: ``ort_threads``, sequential, no spinning), on random float32
+      activations; effective 2 M N K / time, the activations' on-the-fly quantisation included.
+    * ``fp32_ort_matmul``: the same graph unquantised, for reference (ONNX Runtime's fp32 MatMul).
+
+    Each: ``{"gflops", "ms_per_call", "calls_per_repeat", "repeats", "shape", "threads", "what"}``,
+    or ``{"error": ...}`` when it could not run. Plus ``"int8_ops"``: the quantised graph's ops.
+    """
+    import tempfile
+
+    import torch
+
+    out: Dict[str, Any] = {}
+    threads = torch.get_num_threads()
+    try:
+        a = torch.randn(fp32_size, fp32_size)
+        b = torch.randn(fp32_size, fp32_size)
+        c = torch.empty(fp32_size, fp32_size)
+        with torch.no_grad():
+            r = _best_rate(lambda: torch.mm(a, b, out=c), 2.0 * fp32_size ** 3, seconds, repeats)
+        out["fp32"] = {**r, "shape": [fp32_size, fp32_size, fp32_size], "threads": threads,
+                       "what": f"torch.mm float32 {fp32_size}x{fp32_size} @ {fp32_size}x{fp32_size}"}
+    except Exception as exc:  # pragma: no cover - a torch without BLAS
+        out["fp32"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    M, K, N = (int(d) for d in int8_shape)
+    x = np.random.default_rng(1).standard_normal((M, K)).astype(np.float32)
+    try:
+        import onnx
+
+        from ..backends.engine_cache import INPUT_NAME, OUTPUT_NAME
+        from ..backends.ort_backend import OrtBackend
+
+        with tempfile.TemporaryDirectory(prefix="runa_roofline_") as d:
+            fp32_path = pathlib.Path(d) / "matmul.onnx"
+            int8_path = pathlib.Path(d) / "matmul-int8dyn.onnx"
+            onnx.save(_matmul_onnx(K, N), str(fp32_path))
+            _quantize_like_the_int8_variants(fp32_path, int8_path)
+            out["int8_ops"] = [n.op_type for n in onnx.load(str(int8_path)).graph.node]
+            for key, path, what in (("int8", int8_path, "ONNX Runtime dynamic int8 MatMul (quantize_dynamic as the "
+                                                       "int8 variants: u8 activations x s8 weights, per channel)"),
+                                    ("fp32_ort_matmul", fp32_path, "ONNX Runtime fp32 MatMul")):
+                be = OrtBackend(path, input_size=0, width=N, threads=ort_threads)
+                sess = be.session
+                r = _best_rate(lambda: sess.run([OUTPUT_NAME], {INPUT_NAME: x}), 2.0 * M * N * K, seconds, repeats)
+                out[key] = {**r, "shape": [M, K, N], "threads": ort_threads, "what": f"{what} {M}x{K} @ {K}x{N}"}
+                del be, sess
+    except Exception as exc:
+        LOG.warning("roofline: ONNX Runtime GEMM peaks not measured: %s: %s", type(exc).__name__, exc)
+        for key in ("int8", "fp32_ort_matmul"):
+            out.setdefault(key, {"error": f"{type(exc).__name__}: {exc}"})
+    out["torch_threads"] = threads
+    out["ort_threads"] = ort_threads
+    out["ort_threads_note"] = "None = ONNX Runtime's default (all physical cores), as the variants"
+    return out
+
+
+def _peak_class(variant: str) -> Optional[str]:
+    """Which peak bounds a variant: ``"int8"`` for the int8 graphs, ``"fp32"`` for the other CPU
+    variants and both baselines (torch fp32), None for GPU variants (no GPU peak measured)."""
+    if variant in BASELINES:
+        return "fp32"
+    kind, device, precision, int8, fused = VARIANT_SPECS[variant]
+    if device != "cpu":
+        return None
+    return "int8" if int8 else "fp32"
+
+
+def roofline_section(sec: Dict[str, Any], work: Dict[str, Any], peaks: Dict[str, Any],
+                     box_counts: Sequence[int]) -> Dict[str, Any]:
+    """A model's roofline from its results, its trunk FLOPs (:func:`count_view_flops`) and the
+    machine's peaks (:func:`measure_peaks`).
+
+    Keys: ``gflop_per_view`` (batch-1 trunk FLOPs / 1e9), ``flops_per_view``, ``multiply_add_flops``
+    (2), ``views_per_box``, ``flop_counter``, ``by_op``, ``peaks_gflops`` ({fp32, int8}), ``variants``
+    ({variant: {box count: {peak, gflop_per_frame, achieved_gflops, peak_gflops, fraction_of_peak}}}:
+    frame FLOPs / frame p50, preprocessing and scoring included in the time), ``ceiling`` and
+    ``fp32_ceiling`` ({box count: {ms, speedup_vs_naive_p50, speedup_vs_naive_b2_p50}}: every FLOP
+    of the frame at the int8 / fp32 GEMM peak), ``best_cpu_fraction_of_ceiling`` (ceiling ms /
+    best CPU variant's p50 at the ratio box count) and ``goal_reachable`` (the ceiling's speed-ups
+    at 10 boxes against the goals, None without 10 boxes or an int8 peak).
+    """
+    gflop_view = work["flops"] / work["batch"] / 1e9
+    pk = {c: (peaks.get(c) or {}).get("gflops") for c in ("fp32", "int8")}
+    res = sec["results"]
+    variants: Dict[str, Dict[str, Any]] = {}
+    for v in sec["variants"]:
+        cls = _peak_class(v)
+        variants[v] = {}
+        for n in box_counts:
+            g = VIEWS_PER_BOX * n * gflop_view
+            achieved = g / (res[v][str(n)]["p50_ms"] / 1e3)
+            peak = pk.get(cls) if cls else None
+            variants[v][str(n)] = {"peak": cls, "gflop_per_frame": g, "achieved_gflops": achieved,
+                                   "peak_gflops": peak, "fraction_of_peak": achieved / peak if peak else None}
+
+    def ceiling(peak):
+        if not peak:
+            return None
+        out = {}
+        for n in box_counts:
+            ms = VIEWS_PER_BOX * n * gflop_view / peak * 1e3
+            out[str(n)] = {"ms": ms, "speedup_vs_naive_p50": res["naive"][str(n)]["p50_ms"] / ms,
+                           "speedup_vs_naive_b2_p50": res["naive-b2"][str(n)]["p50_ms"] / ms}
+        return out
+
+    ceil = ceiling(pk["int8"])
+    ref = sec["best_cpu"]
+    frac = None
+    if ceil and ref.get("variant"):
+        frac = ceil[str(ref["box_count"])]["ms"] / res[ref["variant"]][str(ref["box_count"])]["p50_ms"]
+    reach = None
+    if ceil and "10" in ceil:
+        reach = {"ge_4x_naive_at_10_boxes": ceil["10"]["speedup_vs_naive_p50"] >= 4.0,
+                 "ge_3x_naive_b2_at_10_boxes": ceil["10"]["speedup_vs_naive_b2_p50"] >= 3.0}
+    return {"gflop_per_view": gflop_view, "flops_per_view": work["flops"] / work["batch"], "multiply_add_flops": 2,
+            "views_per_box": VIEWS_PER_BOX, "flop_counter": FLOP_COUNTER_NOTE, "by_op": work["by_op"],
+            "projection_flops_per_view": work["projection_flops"] / work["batch"],
+            "peaks_gflops": pk, "variants": variants, "ceiling": ceil, "fp32_ceiling": ceiling(pk["fp32"]),
+            "best_cpu_fraction_of_ceiling": frac, "goal_reachable": reach}
+
+
 # ---------------------------------------------------------------------- main
 def parse_models(model_arg: str, pretrained_arg: str) -> List[Tuple[str, Optional[str]]]:
     """``--model A,B`` and ``--pretrained`` (one value for every model, or one per model) ->
@@ -345,8 +589,25 @@ def run(args) -> int:
     image, ann_boxes, photo = load_photo(args.image, args.annotations)
     H, W = image.shape[:2]
     sections: Dict[str, Dict[str, Any]] = {}
+    roofline = getattr(args, "roofline", True)
+    work: Dict[str, Optional[Dict[str, Any]]] = {}
     for name, _ in models:
-        sections[name] = bench_model(encoders.pop(name), variants, box_counts, image, ann_boxes, args, cuda)
+        encoder = encoders.pop(name)
+        work[name] = None
+        if roofline:
+            try:
+                work[name] = count_view_flops(encoder)
+            except Exception as exc:  # the roofline must not cost the benchmark
+                LOG.warning("%s: FLOPs not counted, no roofline: %s: %s", name, type(exc).__name__, exc)
+        sections[name] = bench_model(encoder, variants, box_counts, image, ann_boxes, args, cuda)
+        del encoder
+    peaks = None
+    if roofline:  # after the timed variants: the peaks' bursts do not precede any variant's frames
+        t0 = time.perf_counter()
+        peaks = measure_peaks(args.ort_threads)
+        LOG.info("roofline: peaks measured in %.1f s", time.perf_counter() - t0)
+    for name, sec in sections.items():
+        sec["roofline"] = roofline_section(sec, work[name], peaks, box_counts) if peaks and work[name] else None
     ref_n = 10 if 10 in box_counts else box_counts[len(box_counts) // 2]
     report = {
         "models": [m for m, _ in models],
@@ -356,6 +617,8 @@ def run(args) -> int:
         "box_counts": box_counts, "rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup,
         "ratio_box_count": ref_n,
         "per_model": sections,
+        "roofline": None if peaks is None else {"peaks": peaks, "flop_counter": FLOP_COUNTER_NOTE,
+                                                "views_per_box": VIEWS_PER_BOX},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": cuda,
                     "gpu": torch.cuda.get_device_name(0) if cuda else None, "python": platform.python_version(),
                     "torch": torch.__version__},
@@ -363,6 +626,8 @@ def run(args) -> int:
     for name in report["models"]:
         _print_table(report, name)
     _print_summary(report)
+    if report["roofline"]:
+        _print_roofline(report)
     if args.json_path:
         path = write_json(args.json_path, report)
         print(f"wrote {path}")
@@ -649,3 +914,65 @@ def _print_summary(report: Dict[str, Any]) -> None:
         low = [v for v, ok in sec["goals"]["embedding_cos_min_ge_0.999"].items() if not ok]
         if low:
             print(f"{m}: embedding cosine to torch fp32 below {sec['fidelity_goal']} on real crops: {', '.join(low)}")
+
+
+def _print_roofline(report: Dict[str, Any]) -> None:
+    """The peaks, then per model: FLOPs per view, each variant's achieved GFLOP/s and share of its
+    peak at every box count, and the int8-peak ceiling next to the goals."""
+    rf = report["roofline"]
+    pk = rf["peaks"]
+    ns = report["box_counts"]
+
+    def peak_line(key, label):
+        p = pk.get(key) or {}
+        if "gflops" not in p:
+            return f"  {label:<22} not measured ({p.get('error', 'no result')})"
+        thr = p["threads"] if p["threads"] is not None else "ORT default"
+        return (f"  {label:<22} {p['gflops']:8.1f} GFLOP/s  {p['what']}, threads {thr}, best of "
+                f"{p['repeats']} x {p['calls_per_repeat']} calls ({p['ms_per_call']:.1f} ms per call)")
+
+    print()
+    print(f"roofline: FLOPs counted by {rf['flop_counter']}; peaks measured in this run:")
+    print(peak_line("fp32", "fp32 GEMM peak"))
+    print(peak_line("int8", "int8 GEMM peak"))
+    print(peak_line("fp32_ort_matmul", "(ref) ORT fp32 MatMul"))
+    if pk.get("int8_ops"):
+        print(f"  int8 graph as quantize_dynamic emits it: {' -> '.join(pk['int8_ops'])} "
+              "(ORT's optimiser fuses it into DynamicQuantizeMatMul at load)")
+    for m in report["models"]:
+        r = report["per_model"][m].get("roofline")
+        if not r:
+            print(f"{m}: no roofline (FLOPs not counted)")
+            continue
+        print(f"{m}: {r['gflop_per_view']:.4g} GFLOP per view (visual trunk, batch 1; the projection, "
+              f"{r['projection_flops_per_view'] / 1e6:.3g} MFLOP more, runs outside it), "
+              f"{r['views_per_box']} views per box; achieved = frame FLOPs / frame p50 (whole frame: views, "
+              "scoring and Python included), % = of the variant's peak")
+        head = f"  {'variant':<24}{'peak':<6}" + "".join(f"| {n:>3} boxes: GFLOP/s  % peak " for n in ns)
+        print(head)
+        for v, cells in r["variants"].items():
+            row = f"  {v:<24}{cells[str(ns[0])]['peak'] or '-':<6}"
+            for n in ns:
+                c = cells[str(n)]
+                frac = "-" if c["fraction_of_peak"] is None else f"{100 * c['fraction_of_peak']:.1f}%"
+                row += f"| {c['achieved_gflops']:>16.1f} {frac:>7} "
+            print(row)
+        for key, label in (("fp32_ceiling", "fp32 GEMM peak"), ("ceiling", "int8 GEMM peak")):
+            c = r.get(key)
+            if not c:
+                continue
+            parts = [f"{n} box{'es' if n != 1 else ''} {c[str(n)]['ms']:.4g} ms = {c[str(n)]['speedup_vs_naive_p50']:.2f}x "
+                     f"naive, {c[str(n)]['speedup_vs_naive_b2_p50']:.2f}x batch-2" for n in ns]
+            print(f"  ceiling, every FLOP at the {label}: " + "; ".join(parts))
+        g = r.get("goal_reachable")
+        if g is not None:
+            c10 = r["ceiling"]["10"]
+            print(f"  goal at 10 boxes >= 4x naive: ceiling {c10['speedup_vs_naive_p50']:.2f}x -> "
+                  f"{'within the ceiling' if g['ge_4x_naive_at_10_boxes'] else 'NOT reachable on this CPU'}; "
+                  f">= 3x batch-2: ceiling {c10['speedup_vs_naive_b2_p50']:.2f}x -> "
+                  f"{'within the ceiling' if g['ge_3x_naive_b2_at_10_boxes'] else 'NOT reachable on this CPU'} "
+                  "(same FLOPs; the ceiling ignores all non-GEMM work, so it is an upper bound)")
+        b = report["per_model"][m]["best_cpu"]
+        if r.get("best_cpu_fraction_of_ceiling") is not None:
+            print(f"  best CPU variant at {b['box_count']} boxes, {b['variant']}, runs at "
+                  f"{100 * r['best_cpu_fraction_of_ceiling']:.1f}% of the int8 ceiling's speed")
