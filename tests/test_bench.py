@@ -1,6 +1,7 @@
 """`runa-ood bench` end to end with two tiny models, one round of one frame (no timing assertions)."""
 import argparse
 import json
+import math
 
 import pytest
 
@@ -101,6 +102,146 @@ def test_bench_two_models_write_one_json_with_a_section_each(tmp_path, ood_pack,
     assert all(m in summary for m in models)
     assert printed.count("ONNX Runtime thread settings") == 2 and "intra-op threads 2, parallel" in printed
     assert "[ok goal >= 0.999]" in printed
+    # the roofline: peaks once per run, a section per model, all of it in the JSON
+    peaks = report["roofline"]["peaks"]
+    for key in ("fp32", "int8", "fp32_ort_matmul"):
+        assert math.isfinite(peaks[key]["gflops"]) and peaks[key]["gflops"] > 0, peaks[key]
+        assert peaks[key]["ms_per_call"] > 0 and len(peaks[key]["shape"]) == 3
+    assert peaks["int8"]["threads"] == 1 and peaks["torch_threads"] >= 1  # --ort-threads 1, as the variants
+    assert "MatMulInteger" in peaks["int8_ops"]
+    for m in models:
+        rf = report["per_model"][m]["roofline"]
+        assert rf["flops_per_view"] == pytest.approx(vit_trunk_flops(_vision_cfg(m)), rel=0.02)
+        assert rf["gflop_per_view"] == pytest.approx(rf["flops_per_view"] / 1e9)
+        assert rf["multiply_add_flops"] == 2 and rf["views_per_box"] == 2
+        assert rf["peaks_gflops"] == {"fp32": peaks["fp32"]["gflops"], "int8": peaks["int8"]["gflops"]}
+        assert set(rf["variants"]) == set(report["per_model"][m]["variants"])
+        for v, cells in rf["variants"].items():
+            for n in ("1", "10"):
+                c = cells[n]
+                p50 = report["per_model"][m]["results"][v][n]["p50_ms"]
+                assert c["peak"] == ("int8" if "int8" in v else "fp32")
+                assert c["achieved_gflops"] == pytest.approx(2 * int(n) * rf["gflop_per_view"] / (p50 / 1e3))
+                assert c["fraction_of_peak"] == pytest.approx(c["achieved_gflops"] / rf["peaks_gflops"][c["peak"]])
+        for key in ("ceiling", "fp32_ceiling"):
+            assert set(rf[key]) == {"1", "10"}
+            assert all(c["ms"] > 0 and c["speedup_vs_naive_p50"] > 0 and c["speedup_vs_naive_b2_p50"] > 0
+                       for c in rf[key].values())
+        assert set(rf["goal_reachable"]) == {"ge_4x_naive_at_10_boxes", "ge_3x_naive_b2_at_10_boxes"}
+        assert all(isinstance(b, bool) for b in rf["goal_reachable"].values())
+        assert rf["best_cpu_fraction_of_ceiling"] > 0
+    roof = printed[printed.index("roofline: FLOPs counted by"):]
+    assert "fp32 GEMM peak" in roof and "int8 GEMM peak" in roof and "a multiply-add = 2 FLOPs" in roof
+    assert roof.count("GFLOP per view") == 2 and roof.count("ceiling, every FLOP at the int8 GEMM peak") == 2
+    assert roof.count("goal at 10 boxes >= 4x naive: ceiling") == 2
+
+
+def _vision_cfg(model):
+    """vision_cfg of a registered open_clip config (the two tiny models' JSON)."""
+    import open_clip
+
+    return open_clip.get_model_config(model)["vision_cfg"]
+
+
+def vit_trunk_flops(vc, batch=1):
+    """Hand count of an open_clip ViT trunk's FLOPs for ``batch`` views (multiply-add = 2): patch
+    embedding conv, then per layer QKV / out projections, QK^T and AV, and the MLP; T = patches + [CLS]."""
+    S, p, w, layers = vc["image_size"], vc["patch_size"], vc["width"], vc["layers"]
+    hidden = int(w * vc.get("mlp_ratio", 4.0))
+    patches = (S // p) ** 2
+    T = patches + 1
+    conv = patches * w * 3 * p * p
+    per_layer = T * w * (3 * w) + T * w * w + 2 * T * T * w + 2 * T * w * hidden
+    return 2 * batch * (conv + layers * per_layer)
+
+
+def test_vit_trunk_hand_count_is_the_known_vit_b_32_figure():
+    # ViT-B-32 at 224: 4.41 GMAC = 8.82 GFLOP (the usual "4.4 GFLOPs" counts multiply-adds)
+    vc = {"image_size": 224, "patch_size": 32, "width": 768, "layers": 12}
+    assert vit_trunk_flops(vc) == 2 * 4_408_418_304
+
+
+def test_count_view_flops_matches_the_hand_count_and_scales_with_batch(tiny_encoder):
+    from runa_ood_node.tools.bench import count_view_flops
+
+    one = count_view_flops(tiny_encoder)
+    hand = vit_trunk_flops(_vision_cfg("runa-tiny-vit"))
+    # exact with torch 2.14; the attention's QK^T / AV (bmm) and its projections must be in it
+    assert one["flops"] == pytest.approx(hand, rel=0.02), one["by_op"]
+    assert any("bmm" in k for k in one["by_op"]) and any("conv" in k for k in one["by_op"])
+    three = count_view_flops(tiny_encoder, batch=3)
+    assert three["batch"] == 3 and three["flops"] == pytest.approx(3 * one["flops"], rel=1e-6)
+    assert one["projection_flops"] == 2 * tiny_encoder.width * tiny_encoder.embed_dim
+    assert not tiny_encoder.visual_trunk.training  # counting leaves the model as it was
+
+
+def test_measure_peaks_small_shapes_and_the_int8_graph_is_the_int8_variants(tmp_path):
+    import onnx
+
+    from runa_ood_node.backends.ort_backend import quantize_int8
+    from runa_ood_node.tools import bench
+
+    peaks = bench.measure_peaks(ort_threads=1, fp32_size=96, int8_shape=(64, 64, 128), seconds=0.01, repeats=2)
+    for key in ("fp32", "int8", "fp32_ort_matmul"):
+        assert math.isfinite(peaks[key]["gflops"]) and peaks[key]["gflops"] > 0, peaks[key]
+        assert peaks[key]["repeats"] == 2 and peaks[key]["calls_per_repeat"] >= 1
+    assert peaks["fp32"]["shape"] == [96, 96, 96] and peaks["int8"]["shape"] == [64, 64, 128]
+    assert peaks["int8"]["threads"] == 1 and peaks["fp32_ort_matmul"]["threads"] == 1
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= set(peaks["int8_ops"])
+    # the peak's graph is quantised exactly as the repo's int8 variants are (ort_backend.quantize_int8)
+    src = tmp_path / "mm.onnx"
+    onnx.save(bench._matmul_onnx(64, 128), str(src))
+    ref = quantize_int8(src, tmp_path / "mm-ref.onnx")
+    bench._quantize_like_the_int8_variants(src, tmp_path / "mm-ours.onnx")
+    ours, theirs = onnx.load(str(tmp_path / "mm-ours.onnx")), onnx.load(str(ref))
+    assert [n.op_type for n in ours.graph.node] == [n.op_type for n in theirs.graph.node] == peaks["int8_ops"]
+    assert ({i.name: (i.data_type, list(i.dims)) for i in ours.graph.initializer}
+            == {i.name: (i.data_type, list(i.dims)) for i in theirs.graph.initializer})
+
+
+def test_roofline_section_arithmetic():
+    from runa_ood_node.tools.bench import roofline_section
+
+    p50 = {"naive": 400.0, "naive-b2": 300.0, "torch": 200.0, "onnxruntime-int8": 100.0, "torch-cuda": 10.0}
+    sec = {"variants": list(p50), "results": {v: {"10": {"p50_ms": ms}} for v, ms in p50.items()},
+           "best_cpu": {"box_count": 10, "variant": "onnxruntime-int8"}}
+    work = {"flops": 2 * 4e9, "batch": 2, "by_op": {}, "projection_flops": 2000}
+    peaks = {"fp32": {"gflops": 100.0}, "int8": {"gflops": 400.0}}
+    r = roofline_section(sec, work, peaks, [10])
+    assert r["gflop_per_view"] == pytest.approx(4.0) and r["projection_flops_per_view"] == 1000
+    c = r["variants"]["torch"]["10"]  # 20 views x 4 GFLOP = 80 GFLOP in 0.2 s
+    assert c["gflop_per_frame"] == pytest.approx(80.0) and c["achieved_gflops"] == pytest.approx(400.0)
+    assert c["peak"] == "fp32" and c["fraction_of_peak"] == pytest.approx(4.0)
+    c = r["variants"]["onnxruntime-int8"]["10"]
+    assert c["peak"] == "int8" and c["fraction_of_peak"] == pytest.approx(800.0 / 400.0)
+    assert r["variants"]["naive"]["10"]["peak"] == "fp32"
+    gpu = r["variants"]["torch-cuda"]["10"]
+    assert gpu["peak"] is None and gpu["fraction_of_peak"] is None
+    ceil = r["ceiling"]["10"]  # 80 GFLOP at 400 GFLOP/s
+    assert ceil["ms"] == pytest.approx(200.0)
+    assert ceil["speedup_vs_naive_p50"] == pytest.approx(2.0) and ceil["speedup_vs_naive_b2_p50"] == pytest.approx(1.5)
+    assert r["fp32_ceiling"]["10"]["ms"] == pytest.approx(800.0)
+    assert r["goal_reachable"] == {"ge_4x_naive_at_10_boxes": False, "ge_3x_naive_b2_at_10_boxes": False}
+    assert r["best_cpu_fraction_of_ceiling"] == pytest.approx(2.0)
+    # no int8 peak: no ceiling, no verdict
+    r = roofline_section(sec, work, {"fp32": {"gflops": 100.0}, "int8": {"error": "x"}}, [10])
+    assert r["ceiling"] is None and r["goal_reachable"] is None and r["best_cpu_fraction_of_ceiling"] is None
+    assert r["variants"]["onnxruntime-int8"]["10"]["fraction_of_peak"] is None
+
+
+def test_bench_no_roofline(tmp_path, ood_pack, capsys):
+    from runa_ood_node.tools import bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    out = tmp_path / "bench.json"
+    args = p.parse_args(["--model", "runa-tiny-vit", "--boxes", "1", "--rounds", "1", "--repeats", "1",
+                         "--warmup", "0", "--variants", "torch", "--no-thread-sweep", "--no-roofline",
+                         "--annotations", str(ood_pack / "annotations.json"), "--no-progress", "--json", str(out)])
+    assert bench.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["roofline"] is None and report["per_model"]["runa-tiny-vit"]["roofline"] is None
+    assert "roofline:" not in capsys.readouterr().out
 
 
 def test_parse_models():
