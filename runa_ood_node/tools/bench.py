@@ -961,8 +961,9 @@ def _print_roofline(report: Dict[str, Any]) -> None:
             c = r.get(key)
             if not c:
                 continue
-            parts = [f"{n} box{'es' if n != 1 else ''} {c[str(n)]['ms']:.4g} ms = {c[str(n)]['speedup_vs_naive_p50']:.2f}x "
-                     f"naive, {c[str(n)]['speedup_vs_naive_b2_p50']:.2f}x batch-2" for n in ns]
+            parts = [f"{n} box{'es' if n != 1 else ''} {c[str(n)]['ms']:.4g} ms = "
+                     f"{c[str(n)]['speedup_vs_naive_p50']:.2f}x naive, {c[str(n)]['speedup_vs_naive_b2_p50']:.2f}x batch-2"
+                     for n in ns]
             print(f"  ceiling, every FLOP at the {label}: " + "; ".join(parts))
         g = r.get("goal_reachable")
         if g is not None:
