@@ -1,7 +1,7 @@
 """runa_ood_node.ros.convert: images (every encoding, padded rows, big-endian, bad data),
-compressed images, detections and the OOD output messages."""
+compressed images, detections (through ros.wire's reader) and label info. The OOD output messages
+are ros.wire's: tests/test_wire.py."""
 import math
-import types
 
 import numpy as np
 import pytest
@@ -304,88 +304,13 @@ def test_boxes_to_detections_length_mismatch():
         C.boxes_to_detections(_hdr(), [[0, 0, 1, 1]], class_ids=["a", "b"])
 
 
-# ------------------------------------------------------------------------------------ OOD outputs
-
-
-def _frame_result(n=4, error=None):
-    """Duck-typed core.pipeline.FrameResult: 0 ID, 1 OOD, 2 TOO_SMALL, 3 BACKEND_ERROR."""
-    nan = float("nan")
-    return types.SimpleNamespace(
-        boxes_xyxy=np.array([[0, 0, 10, 10], [20, 20, 40, 40], [1, 1, 2, 2], [5, 5, 9, 9]], np.float32)[:n],
-        status=np.array([0, 0, BoxStatus.TOO_SMALL, BoxStatus.BACKEND_ERROR], np.uint8)[:n],
-        uncertainty=np.array([-0.3, -0.1, nan, nan], np.float32)[:n],
-        label_idx=np.array([0, 1, -1, -1])[:n], label=["car", "person", "", ""][:n],
-        similarity=np.array([0.3, 0.1, nan, nan], np.float32)[:n],
-        threshold=np.array([-0.2, -0.2, nan, nan], np.float32)[:n],
-        is_ood=np.array([False, True, False, False])[:n], timings={}, error=error)
+# ------------------------------------------------------------------------------------ headers, labels
 
 
 def _dets(n=4):
     boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [1, 1, 2, 2], [5, 5, 9, 9]], np.float32)[:n]
     return C.boxes_to_detections(_hdr(frame="det_frame"), boxes, class_ids=["car", "moose", "x", "y"][:n],
                                  scores=[0.9, 0.8, 0.7, 0.6][:n])
-
-
-def test_to_ood_array_fields_and_header():
-    from rclpy.serialization import deserialize_message, serialize_message
-
-    img_hdr = _hdr(sec=5, nsec=6, frame="camera_optical")
-    dets = _dets()
-    out = C.to_ood_array(img_hdr, dets, _frame_result(error="CUDA out of memory"), "ViT-B-16", "torch", "runa", True)
-    assert (out.header.stamp.sec, out.header.stamp.nanosec, out.header.frame_id) == (5, 6, "camera_optical")
-    assert (out.model, out.backend, out.scorer, out.random_weights) == ("ViT-B-16", "torch", "runa", True)
-    assert len(out.detections) == 4
-    o0, o1, o2, o3 = out.detections
-    assert o0.detection == dets.detections[0] and o1.detection.results[0].hypothesis.class_id == "moose"
-    assert (o0.is_ood, o0.nearest_label, o0.status, o0.status_text) == (False, "car", 0, "ok")
-    assert o0.uncertainty == pytest.approx(-0.3) and o0.threshold == pytest.approx(-0.2)
-    assert o0.similarity == pytest.approx(0.3)
-    assert o1.is_ood and o1.nearest_label == "person"
-    assert o2.status == runa_msg.OodDetection.STATUS_TOO_SMALL and math.isnan(o2.uncertainty)
-    assert o2.nearest_label == "" and not o2.is_ood and "smaller" in o2.status_text
-    assert o3.status == runa_msg.OodDetection.STATUS_BACKEND_ERROR and "CUDA out of memory" in o3.status_text
-    back = deserialize_message(serialize_message(out), runa_msg.OodDetectionArray)
-    assert back.detections[1].is_ood and math.isnan(back.detections[2].similarity)
-
-
-def test_to_ood_array_without_or_short_result():
-    out = C.to_ood_array(_hdr(), _dets(), None, "m", "b", "s", False)
-    assert [o.status for o in out.detections] == [BoxStatus.NOT_SCORED] * 4
-    assert all(math.isnan(o.uncertainty) and not o.is_ood for o in out.detections)
-    short = C.to_ood_array(_hdr(), _dets(), _frame_result(n=2), "m", "b", "s", False)
-    assert [o.status for o in short.detections] == [0, 0, BoxStatus.NOT_SCORED, BoxStatus.NOT_SCORED]
-    assert "result has 2 boxes" in short.detections[3].status_text
-
-
-def test_to_ood_only_keeps_only_ood_detections_in_order():
-    dets = _dets()
-    fr = _frame_result()
-    fr.is_ood = np.array([True, True, False, False])
-    out = C.to_ood_only(_hdr(frame="img"), dets, fr)
-    assert out.header.frame_id == "img"
-    assert [d.results[0].hypothesis.class_id for d in out.detections] == ["car", "moose"]
-    assert len(C.to_ood_only(_hdr(), dets, None).detections) == 0
-
-
-def test_to_alert():
-    alert = types.SimpleNamespace(level=2, reason="OOD object in corridor", object_indices=[1, 17])
-    out = C.to_alert(_hdr(frame="img"), alert, _dets(), _frame_result(), runa_msg.DriverAlert.SOURCE_OOD_OBJECT)
-    assert out.level == runa_msg.DriverAlert.LEVEL_TAKE_OVER and out.source == 0
-    assert out.reason == "OOD object in corridor" and out.header.frame_id == "img"
-    assert len(out.objects) == 1 and out.objects[0].is_ood  # index 17 does not exist: skipped
-    health = C.to_alert(_hdr(), {"level": 1, "reason": "no frames for 2.0 s"}, None, None,
-                        runa_msg.DriverAlert.SOURCE_MONITOR_HEALTH)
-    assert (health.level, health.source, len(health.objects)) == (1, 1, 0)
-
-
-def test_real_frame_result_class_is_accepted():
-    pipeline = pytest.importorskip("runa_ood_node.core.pipeline")
-    fields = {f: getattr(_frame_result(), f) for f in
-              ("boxes_xyxy", "status", "uncertainty", "label_idx", "label", "similarity", "threshold", "is_ood",
-               "timings", "error")}
-    fr = pipeline.FrameResult(**fields)
-    out = C.to_ood_array(_hdr(), _dets(), fr, "m", "b", "s", False)
-    assert [o.is_ood for o in out.detections] == [False, True, False, False]
 
 
 def test_label_info_and_stamps():
@@ -560,60 +485,6 @@ def test_coordinates_beyond_float32_are_infinite_silently(tiny_encoder):
                                                    detector_scores=scores)
     assert res.status.tolist() == [BoxStatus.OK] + [BoxStatus.INFINITE] * 3
     assert np.isinf(scores[1]) and np.isfinite(res.boxes_xyxy).all()
-
-
-def _plain(msg):
-    """A message (rclpy or rosbags) as JSON text: NaN-aware equality of every field (numbers and
-    arrays made plain by core.plain.to_plain)."""
-    import json
-
-    from runa_ood_node.core.plain import to_plain
-
-    def walk(v):
-        if hasattr(v, "get_fields_and_field_types"):  # rclpy
-            return {k: walk(getattr(v, k)) for k in v.get_fields_and_field_types()}
-        if hasattr(v, "__dataclass_fields__"):  # rosbags
-            return {k: walk(getattr(v, k)) for k in v.__dataclass_fields__ if not k.startswith("_")}
-        if isinstance(v, (list, tuple)):
-            return [walk(x) for x in v]
-        return v
-    return json.dumps(to_plain(walk(msg)), sort_keys=True)
-
-
-def test_type_store_outputs_serialize_to_the_rclpy_outputs():
-    """The node builds its detection-carrying outputs from the rosbags type store (detections decoded
-    from raw CDR) and publishes the encoded bytes: a subscriber must read exactly what the rclpy
-    builders give, for every result shape (errors, NaN, short and missing results)."""
-    from rclpy.serialization import deserialize_message, serialize_message
-
-    from runa_ood_node.ros import msgdefs
-
-    types_ = msgdefs.shared_typestore()
-    dets = _dets()
-    dets.detections[2].bbox.center.theta = 0.5
-    dets.detections[3].id = "track-7"
-    dets_bytes = serialize_message(dets)
-    fast = msgdefs.decode(dets_bytes, "vision_msgs/msg/Detection2DArray")
-    assert not hasattr(fast, "get_fields_and_field_types")  # a rosbags message, not rclpy's
-    hdr = _hdr(sec=5, nsec=6, frame="camera_optical")
-    cases = [("runa_ood_msgs/msg/OodDetectionArray", runa_msg.OodDetectionArray,
-              lambda d, t: C.to_ood_array(hdr, d, fr, "ViT-B-16", "torch", "runa", True, t))
-             for fr in (_frame_result(error="CUDA out of memory"), _frame_result(n=2), None)]
-    fr = _frame_result()
-    fr.is_ood = np.array([True, False, False, True])
-    cases.append(("vision_msgs/msg/Detection2DArray", vision_msg.Detection2DArray,
-                  lambda d, t: C.to_ood_only(hdr, d, fr, t)))
-    alert = types.SimpleNamespace(level=2, reason="OOD object in corridor", object_indices=[3, 0, 17])
-    cases.append(("runa_ood_msgs/msg/DriverAlert", runa_msg.DriverAlert,
-                  lambda d, t: C.to_alert(hdr, alert, d, fr, runa_msg.DriverAlert.SOURCE_OOD_OBJECT, t)))
-    for msgtype, cls, build in cases:
-        reference = build(dets, None)
-        wire = msgdefs.encode(build(fast, types_), msgtype)
-        got = deserialize_message(wire, cls)
-        assert _plain(got) == _plain(reference), msgtype
-        assert len(wire) == len(serialize_message(reference))
-    assert _plain(fast) == _plain(dets)  # the decoder reads what rclpy wrote
-    assert [C.detections_to_arrays(m)[0].tolist() for m in (fast, dets)][0] == C.detections_to_arrays(dets)[0].tolist()
 
 
 def test_cdr_header_stamp_and_decode_errors():

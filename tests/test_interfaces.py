@@ -86,7 +86,7 @@ def test_a_consumer_decodes_the_core_verdict_from_the_message(tiny_encoder):
 
     from runa_ood_node.core.alerts import AlertLevel
     from runa_ood_node.core.pipeline import OodScorer
-    from runa_ood_node.ros import convert
+    from runa_ood_node.ros import wire
 
     scorer = OodScorer(tiny_encoder, "voc", max_boxes=1, thresholds=None)
     boxes = [[10, 10, 60, 50], [20, 20, 70, 60], [np.nan, 1, 5, 5], [0, 0, np.inf, 5], [40, 40, 30, 50],
@@ -95,8 +95,9 @@ def test_a_consumer_decodes_the_core_verdict_from_the_message(tiny_encoder):
     res = scorer.score(np.full((80, 100, 3), 128, np.uint8), boxes)
     assert [BoxStatus(int(s)).name for s in res.status] == want
     det_msg = vision_msg.Detection2DArray(detections=[_detection(did=str(i)) for i in range(len(boxes))])
-    arr = convert.to_ood_array(det_msg.header, det_msg, res, "m", "torch", "runa", True)
-    back = deserialize_message(serialize_message(arr), runa_msg.OodDetectionArray)
+    dets = wire.read_detections(serialize_message(det_msg))
+    back = deserialize_message(wire.write_ood_array(det_msg.header, dets, res, "m", "torch", "runa", True),
+                               runa_msg.OodDetectionArray)
     names = _constant_names(runa_msg.OodDetection, "STATUS_")
     assert set(names.values()) == {s.name for s in BoxStatus}
     assert [names[d.status] for d in back.detections] == want
@@ -107,9 +108,8 @@ def test_a_consumer_decodes_the_core_verdict_from_the_message(tiny_encoder):
 
     levels = _constant_names(runa_msg.DriverAlert, "LEVEL_")
     for level in AlertLevel:
-        msg = convert.to_alert(det_msg.header, {"level": level, "reason": level.name, "object_indices": []},
-                               det_msg, res, runa_msg.DriverAlert.SOURCE_OOD_OBJECT)
-        assert levels[deserialize_message(serialize_message(msg), runa_msg.DriverAlert).level] == level.name
+        raw = wire.write_alert(det_msg.header, level, runa_msg.DriverAlert.SOURCE_OOD_OBJECT, level.name, dets, res)
+        assert levels[deserialize_message(raw, runa_msg.DriverAlert).level] == level.name
 
 
 def _detection(cx=10.5, cy=20.25, w=30.0, h=40.0, cls="car", score=0.875, did="7"):

@@ -23,8 +23,9 @@ Supported ``sensor_msgs/Image`` encodings (:data:`ENCODINGS`)::
 
 **One reader.** These functions are the only code in the package that turns image and detection
 messages into arrays: the node, offline bag evaluation (``tools.bagio.iter_frames``), the demo and
-every batch tool call them. They are duck-typed: rclpy messages and ``rosbags`` deserialized
-messages alike (``data`` may be ``array.array``, ``bytes`` or a NumPy ``uint8`` array; only the
+every batch tool call them. The image readers are duck-typed: :class:`ros.wire.ImageView` (what
+the node and the bag tools read from the bytes), rclpy messages and ``rosbags`` messages alike
+(``data`` may be ``array.array``, ``bytes``, a ``memoryview`` or a NumPy ``uint8`` array; only the
 field names matter). Trailing bytes beyond ``height * step`` are ignored; the last row may omit its
 padding (only ``(height-1)*step + width*bytes_per_pixel`` bytes are required).
 
@@ -41,7 +42,10 @@ Detections and outputs
 ``vision_msgs/Detection2D`` boxes are ``bbox.center.position.{x,y}`` (pixels), ``bbox.center.theta``
 (radians) and ``size_x``/``size_y`` (pixels): centre-size in original image pixels. A rotated box
 (theta != 0) is replaced by its axis-aligned envelope. Hypotheses are
-``results[i].hypothesis.class_id`` (string) and ``.score``.
+``results[i].hypothesis.class_id`` (string) and ``.score``. :func:`detections_to_arrays` reads
+them with :func:`ros.wire.read_detections`, the one detections reader; the outputs that embed
+detections (``OodDetectionArray``, the OOD-only ``Detection2DArray``, object alerts) are written
+as bytes by :mod:`ros.wire` too.
 
 Every builder copies the header it is given (stamp and frame_id of the source image) into its
 output; nothing here ever stamps with ``now()``. Message classes are imported lazily, so the
@@ -49,14 +53,12 @@ readers work without a sourced ROS environment (offline bag tools).
 """
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.boxes import BoxStatus, status_text
 
 #: Reason codes carried by :class:`ImageConversionError`.
 REASONS = (
@@ -194,8 +196,11 @@ def image_to_rgb(msg, mono16_scale: str = "max", copy: bool = True,
 
     # rows without padding: a (h, row_bytes) view with stride `step` (no copy yet); every branch
     # below makes exactly one new array (unless copy=False allows the read-only rgb8 view).
-    rows = np.lib.stride_tricks.as_strided(buf, shape=(h, row_bytes), strides=(step, 1),
-                                           writeable=False)
+    if step == row_bytes:  # unpadded (the common camera case): a plain reshape, far cheaper than as_strided
+        rows = buf[:h * row_bytes].reshape(h, row_bytes)
+        rows.flags.writeable = False
+    else:
+        rows = np.lib.stride_tricks.as_strided(buf, shape=(h, row_bytes), strides=(step, 1), writeable=False)
     if enc.itemsize == 2:
         big = bool(getattr(msg, "is_bigendian", False))
         gray16 = np.array(rows).view(">u2" if big else "<u2").reshape(h, w).astype(np.uint16)
@@ -347,7 +352,7 @@ def copy_header(header=None, types=None):
     """A new ``std_msgs/Header`` with ``header``'s stamp and frame_id (a default one if None).
 
     Outputs get their own copy so that mutating one never changes another. ``types``: build it
-    from that ``rosbags`` type store instead of rclpy's classes (see :func:`to_ood_array`).
+    from that ``rosbags`` type store instead of rclpy's classes (bag tools).
     """
     Header, Time = _msg("std_msgs", "Header", types), _msg("builtin_interfaces", "Time", types)
     if header is None:
@@ -507,52 +512,31 @@ def rgb_to_compressed(rgb: np.ndarray, header=None, fmt: str = "jpeg", quality: 
 # detections
 
 
-def _center_xy_theta(center) -> Tuple[float, float, float]:
-    pos = getattr(center, "position", None)
-    if pos is None:  # pre-Humble vision_msgs: geometry_msgs/Pose2D (x, y, theta)
-        return float(center.x), float(center.y), float(getattr(center, "theta", 0.0))
-    return float(pos.x), float(pos.y), float(center.theta)
-
-
 def detections_to_arrays(msg) -> Tuple[np.ndarray, np.ndarray, List[str], List[str]]:
-    """``vision_msgs/Detection2DArray`` -> arrays in input order.
+    """``vision_msgs/Detection2DArray`` -> ``(boxes_cxcywh, scores, class_ids, ids)`` in input order.
 
-    Returns:
-        boxes_cxcywh: float32 ``[N,4]`` centre x, centre y, width, height in image pixels. A box
-            rotated by ``theta`` (radians) becomes its axis-aligned envelope
-            ``w' = |w cos t| + |h sin t|``, ``h' = |w sin t| + |h cos t|``. Non-finite values are
-            passed through (core flags them); values beyond the float32 range (|v| > 3.4e38)
-            become +-inf silently (no RuntimeWarning), so core flags them ``INFINITE``.
-        scores: float32 ``[N]``, the highest hypothesis score; NaN when a detection has none.
-        class_ids: ``class_id`` of that best hypothesis ("" when none).
-        ids: ``Detection2D.id`` (may be "").
+    ``msg``: the CDR bytes (as the node receives them and a bag stores them) or a message (rclpy or
+    ``rosbags``), serialized first: every path goes through the one reader,
+    :func:`ros.wire.read_detections`, whose :class:`ros.wire.Detections` documents the arrays
+    (rotated boxes become their axis-aligned envelope, the best hypothesis gives score and
+    class_id, values beyond float32 become +-inf silently). Raises ``msgdefs.CdrError`` for
+    bytes that are no such message.
     """
-    dets = list(msg.detections)
-    n = len(dets)
-    boxes = np.empty((n, 4), np.float64)
-    scores = np.full(n, np.nan, np.float64)
-    class_ids: List[str] = []
-    ids: List[str] = []
-    for i, d in enumerate(dets):
-        cx, cy, theta = _center_xy_theta(d.bbox.center)
-        w, h = float(d.bbox.size_x), float(d.bbox.size_y)
-        if theta != 0.0 and math.isfinite(theta):
-            c, s = abs(math.cos(theta)), abs(math.sin(theta))
-            w, h = w * c + h * s, w * s + h * c
-        elif not math.isfinite(theta):
-            w = h = float("nan")
-        boxes[i] = (cx, cy, w, h)
-        best_id, best = "", math.nan
-        for j, r in enumerate(d.results):
-            hyp = getattr(r, "hypothesis", r)  # pre-Humble ObjectHypothesisWithPose had id/score
-            sc = float(hyp.score)
-            if j == 0 or sc > best or (math.isnan(best) and not math.isnan(sc)):
-                best, best_id = sc, str(getattr(hyp, "class_id", getattr(hyp, "id", "")))
-        scores[i] = best
-        class_ids.append(best_id)
-        ids.append(str(d.id))
-    with np.errstate(over="ignore"):  # float64 beyond float32's range -> +-inf, flagged INFINITE by core
-        return boxes.astype(np.float32), scores.astype(np.float32), class_ids, ids
+    from . import wire
+
+    return wire.read_detections(_detections_bytes(msg)).arrays()
+
+
+def _detections_bytes(msg):
+    if isinstance(msg, (bytes, bytearray, memoryview)):
+        return msg
+    if hasattr(type(msg), "get_fields_and_field_types"):  # rclpy
+        from rclpy.serialization import serialize_message
+
+        return serialize_message(msg)
+    from . import msgdefs
+
+    return msgdefs.encode(msg, "vision_msgs/msg/Detection2DArray")
 
 
 def boxes_to_detections(header, boxes_xyxy, class_ids: Optional[Sequence[str]] = None,
@@ -597,89 +581,13 @@ def boxes_to_detections(header, boxes_xyxy, class_ids: Optional[Sequence[str]] =
 # OOD outputs
 
 
-def _f(v) -> float:
-    return float(v)
-
-
-def ood_detection(det, frame_result, i: int, types=None):
-    """One ``runa_ood_msgs/OodDetection`` for input detection ``det`` = box ``i`` of the result.
-
-    Boxes the result does not cover (``frame_result`` None or shorter than the input) get
-    ``STATUS_NOT_SCORED`` with NaN scores and an explanatory ``status_text``.
-    """
-    OodDetection = _msg("runa_ood_msgs", "OodDetection", types)
-    n = 0 if frame_result is None else len(frame_result.status)
-    if i >= n:
-        nan = float("nan")
-        return OodDetection(detection=det, uncertainty=nan, threshold=nan, is_ood=False, nearest_label="",
-                            similarity=nan, status=int(BoxStatus.NOT_SCORED),
-                            status_text="no OOD result for this box" + (
-                                "" if frame_result is None else f" (result has {n} boxes)"))
-    st = int(frame_result.status[i])
-    text = status_text(st)
-    err = getattr(frame_result, "error", None)
-    if st == BoxStatus.BACKEND_ERROR and err:
-        text = f"{text}: {err}"
-    return OodDetection(detection=det, uncertainty=_f(frame_result.uncertainty[i]),
-                        threshold=_f(frame_result.threshold[i]), is_ood=bool(frame_result.is_ood[i]),
-                        nearest_label=str(frame_result.label[i]) if st == BoxStatus.OK else "",
-                        similarity=_f(frame_result.similarity[i]),
-                        status=st if 0 <= st <= 255 else int(BoxStatus.BACKEND_ERROR), status_text=text)
-
-
-def to_ood_array(header, det_msg, frame_result, model: str, backend: str, scorer: str,
-                 random_weights: bool, types=None):
-    """``runa_ood_msgs/OodDetectionArray``: one entry per input detection, in input order.
-
-    ``header`` is the source image's header (copied); ``frame_result`` a core ``FrameResult``
-    for the same boxes (or None when scoring failed: every box is then ``NOT_SCORED``).
-
-    ``types``: a ``rosbags`` type store (``ros.msgdefs.shared_typestore()``). The node reads its
-    detections as such messages (deserialized from the raw CDR bytes, as offline bag evaluation
-    reads them) and builds this output from the same store, to publish ``msgdefs.encode(...)``
-    bytes: the detections are embedded as they are, never converted into rclpy objects and back
-    (``runa-ood bench-node``). Both flavours serialize to the same message (tested).
-    """
-    OodDetectionArray = _msg("runa_ood_msgs", "OodDetectionArray", types)
-    return OodDetectionArray(
-        header=copy_header(header, types),
-        detections=[ood_detection(d, frame_result, i, types) for i, d in enumerate(det_msg.detections)],
-        model=str(model), backend=str(backend), scorer=str(scorer), random_weights=bool(random_weights))
-
-
-def to_ood_only(header, det_msg, frame_result, types=None):
-    """``vision_msgs/Detection2DArray`` of the input detections flagged OOD (unchanged, in order)."""
-    Detection2DArray = _msg("vision_msgs", "Detection2DArray", types)
-    dets = []
-    if frame_result is not None:
-        flags = np.asarray(frame_result.is_ood, dtype=bool)
-        dets = [d for i, d in enumerate(det_msg.detections) if i < flags.shape[0] and flags[i]]
-    return Detection2DArray(header=copy_header(header, types), detections=dets)
-
-
-def _get(obj, name, default=None):
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def to_alert(header, alert, det_msg, frame_result, source: int, types=None):
-    """``runa_ood_msgs/DriverAlert`` from a core ``Alert`` (``level``, ``reason``,
-    ``object_indices``) or any object/dict with those names.
-
-    ``objects`` lists the OOD detections at ``alert.object_indices`` (indices out of range are
-    skipped); ``source`` is ``DriverAlert.SOURCE_OOD_OBJECT`` or ``SOURCE_MONITOR_HEALTH``;
-    ``types`` as in :func:`to_ood_array`.
-    """
-    DriverAlert = _msg("runa_ood_msgs", "DriverAlert", types)
-    dets = list(det_msg.detections) if det_msg is not None else []
-    objs = []
-    for i in _get(alert, "object_indices", None) or []:
-        i = int(i)
-        if 0 <= i < len(dets):
-            objs.append(ood_detection(dets[i], frame_result, i, types))
-    return DriverAlert(header=copy_header(header, types), level=int(_get(alert, "level", 0)), source=int(source),
-                       reason=str(_get(alert, "reason", "") or ""), objects=objs)
+def to_health_alert(header, level: int, reason: str):
+    """``runa_ood_msgs/DriverAlert`` of the monitor's own health (``SOURCE_MONITOR_HEALTH``, no
+    objects) as an rclpy message (the node re-stamps and re-publishes it as a heartbeat). The
+    outputs that embed detections are written as bytes by :mod:`ros.wire`."""
+    DriverAlert = _msg("runa_ood_msgs", "DriverAlert")
+    return DriverAlert(header=copy_header(header), level=int(level), source=DriverAlert.SOURCE_MONITOR_HEALTH,
+                       reason=str(reason or ""), objects=[])
 
 
 def to_label_info(header, labels: Sequence[str], threshold: float = float("nan")):
@@ -702,6 +610,6 @@ def to_label_info(header, labels: Sequence[str], threshold: float = float("nan")
 __all__ = [
     "ENCODINGS", "REASONS", "MONO16_SCALINGS", "DEFAULT_MAX_IMAGE_PIXELS", "ImageConversionError",
     "image_to_rgb", "compressed_to_rgb", "compressed_image_size", "array_to_image", "rgb_to_image", "rgb_to_compressed", "copy_header",
-    "stamp_to_ns", "ns_to_stamp", "detections_to_arrays", "boxes_to_detections", "ood_detection",
-    "to_ood_array", "to_ood_only", "to_alert", "to_label_info",
+    "stamp_to_ns", "ns_to_stamp", "detections_to_arrays", "boxes_to_detections", "to_health_alert",
+    "to_label_info",
 ]

@@ -7,11 +7,9 @@ hashes) that rosidl gives the running node.
 
 No rclpy import here: these functions work without a sourced ROS environment.
 
-The same type store is the node's fast path for the messages that carry detections
-(:func:`shared_typestore`, :func:`decode`, :func:`encode`): the node takes ``Detection2DArray`` raw
-and decodes it here - about 4x faster than rclpy's conversion into Python objects, and the very
-objects offline bag evaluation reads - and publishes its outputs that embed detections as
-:func:`encode` bytes (``runa-ood bench-node``).
+:func:`shared_typestore` (one per process), :func:`decode` and :func:`encode` serve the bag tools
+for every other message. The node's inputs and its outputs that embed detections are read and
+written by ``ros.wire`` straight from and to the bytes (the bag tools read those inputs with it too).
 
 Where the .msg files come from (:func:`msg_dir`), first match wins:
 
@@ -191,8 +189,8 @@ class CdrError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def shared_typestore():
-    """One type store per process (:func:`typestore` with the default packages), shared by the node
-    and the bag tools."""
+    """One type store per process (:func:`typestore` with the default packages), shared by the bag
+    tools."""
     return typestore()
 
 

@@ -65,9 +65,10 @@ Threading (why not a MultiThreadedExecutor)
 Latency (``runa-ood bench-node``; ``--ab`` compares with the optimisations below switched off)
     an unpadded ``rgb8`` image is scored through a read-only view of the message buffer (no copy);
     both inputs are taken raw: the executor thread reads only their header stamps (for the
-    pairing), the worker decodes them with rosbags' CDR codec (``ros.msgdefs``: 3-4x faster than
-    rclpy's conversion into Python objects, and the objects offline bag evaluation reads), and the
-    outputs that embed detections are encoded by it, never converted into rclpy objects; after
+    pairing), the worker reads them straight from the CDR bytes (``ros.wire``, the readers offline
+    bag evaluation uses too; several times cheaper than rclpy's or rosbags' generic
+    deserialization), and the outputs that embed detections are written as bytes by ``ros.wire``,
+    each input detection copied in as its bytes; ood/ood_only goes out after ood/detections; after
     handing a frame to an idle worker the executor thread waits (``HANDOFF_WAIT_S``, at most 2 ms)
     until the worker has read its inputs and entered the model, so the two threads do not fight
     over the GIL in the Python-heavy part (the executor's per-spin bookkeeping then overlaps the
@@ -97,17 +98,12 @@ from rcl_interfaces.msg import SetParametersResult
 
 from ..core.metrics import percentile as _percentile
 from ..core.registry import AlertLevel, BoxStatus
-from . import convert, msgdefs
+from . import convert, wire
 from .pairing import REASONS as PAIRER_REASONS, StampPairer
 from .params import (LIVE_PARAMETERS, NodeSettings, ParameterValidationError, declare_parameters,
                      read_parameters, validate)
 
 NODE_NAME = "runa_ood"
-#: the wire types the node decodes and encodes itself (``ros.msgdefs``: rosbags' CDR codec)
-DETECTIONS_TYPE = "vision_msgs/msg/Detection2DArray"
-IMAGE_TYPES = {"raw": "sensor_msgs/msg/Image", "compressed": "sensor_msgs/msg/CompressedImage"}
-OOD_ARRAY_TYPE = "runa_ood_msgs/msg/OodDetectionArray"
-ALERT_TYPE = "runa_ood_msgs/msg/DriverAlert"
 #: frame-level drop reasons (besides ``image_<ImageConversionError.reason>``)
 FRAME_REASONS = ("bad_detections", "processing_overload", "deactivated", "internal_error")
 
@@ -135,7 +131,7 @@ class FrameRecord:
     error: Optional[str]
     stages_ms: Optional[Dict[str, float]] = None  # wait, convert, score, publish, secondary
     t_pair: float = math.nan  # time.perf_counter() when the pair was formed (s)
-    t_published: float = math.nan  # time.perf_counter() after ood/detections + ood/ood_only were published (s)
+    t_published: float = math.nan  # time.perf_counter() after ood/detections was published (s)
     frame_ms: float = math.nan  # pair formed -> everything done for the frame (alerts, drawing too): health's latency
 
 
@@ -210,7 +206,6 @@ class RunaOodNode(LifecycleNode):
             from ..factory import build_node_scorer
 
             t0 = time.perf_counter()
-            self._types = msgdefs.shared_typestore()  # detections in, outputs out (see _process)
             scorer = build_node_scorer(settings)
             load_s = time.perf_counter() - t0
             warm = scorer.warmup()  # lazy start-up (allocators, kernels, engines) now, not on the first frame
@@ -406,7 +401,7 @@ class RunaOodNode(LifecycleNode):
             return SubscriptionEventCallbacks(incompatible_qos=cb, message_lost=lost)
 
         # both inputs are taken raw (the CDR bytes): the executor thread reads only their stamps for
-        # the pairing, the worker decodes them with ros.msgdefs (see _process)
+        # the pairing, the worker reads them with ros.wire (see _process)
         self._subs = [
             self.create_subscription(img_type, s.image_topic_resolved, self._safe(self._on_image, "image"),
                                      _input_qos(s.image_qos, s.image_queue_size),
@@ -581,11 +576,11 @@ class RunaOodNode(LifecycleNode):
         img_raw, det_raw = pair.image, pair.detections
         log = self.get_logger()
         t_start = time.perf_counter()
-        # ---- convert: rosbags' decoders (the objects offline evaluation reads; ~3-4x faster than
-        #      rclpy's conversion; Image.data stays a view of the received bytes), then the one reader
+        # ---- convert: ros.wire reads the bytes (as offline evaluation does; the image data stays a
+        #      view of the received bytes), then the one pixel reader
         try:
-            img_msg = msgdefs.decode(img_raw, IMAGE_TYPES[s.image_transport])
-        except msgdefs.CdrError as exc:
+            img_msg = (wire.read_compressed if s.image_transport == "compressed" else wire.read_image)(img_raw)
+        except wire.CdrError as exc:
             with self._lock:
                 self._frame_done("image_undecodable")
             log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: {exc}", throttle_duration_sec=5.0)
@@ -605,18 +600,18 @@ class RunaOodNode(LifecycleNode):
                         throttle_duration_sec=5.0)
             return
         try:
-            det_msg = msgdefs.decode(det_raw, DETECTIONS_TYPE)
-            boxes, scores, class_ids, ids = convert.detections_to_arrays(det_msg)
+            dets = wire.read_detections(det_raw)
+            boxes, scores, class_ids, ids = dets.arrays()
         except Exception as exc:
             with self._lock:
                 self._frame_done("bad_detections")
             log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: unreadable detections: "
                         f"{type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
             return
-        if det_msg.header.frame_id != header.frame_id:
+        if dets.header.frame_id != header.frame_id:
             with self._lock:
                 self._counters["frame_id_mismatch"] += 1
-            log.warning(f"detections frame_id {det_msg.header.frame_id!r} differs from the image's "
+            log.warning(f"detections frame_id {dets.header.frame_id!r} differs from the image's "
                         f"{header.frame_id!r}; outputs use the image's", throttle_duration_sec=10.0)
         # ---- score
         self._handoff.set()  # the executor thread may go on (HANDOFF_WAIT_S)
@@ -625,14 +620,14 @@ class RunaOodNode(LifecycleNode):
         t_score = time.perf_counter()
         h, w = rgb.shape[:2]
         # ---- publish (every header is the source image's)
-        # outputs that embed the detections are built from the same type store and published as CDR
-        # bytes: the detections are never converted into rclpy objects and back
-        pubs, types = self._pubs, self._types
-        pubs["detections"].publish(msgdefs.encode(convert.to_ood_array(
-            header, det_msg, res, s.model, self.backend_name, s.scorer, self.random_weights, types), OOD_ARRAY_TYPE))
-        if pubs["ood_only"].get_subscription_count() > 0:  # volatile topic: nobody listening = nobody misses it
-            pubs["ood_only"].publish(msgdefs.encode(convert.to_ood_only(header, det_msg, res, types), DETECTIONS_TYPE))
+        # outputs that embed the detections are written as CDR bytes (ros.wire), each detection copied
+        # in as the bytes it came as; ood/ood_only goes out after ood/detections (not on its path)
+        pubs = self._pubs
+        pubs["detections"].publish(wire.write_ood_array(header, dets, res, s.model, self.backend_name, s.scorer,
+                                                        self.random_weights))
         t_pub = time.perf_counter()
+        if pubs["ood_only"].get_subscription_count() > 0:  # volatile topic: nobody listening = nobody misses it
+            pubs["ood_only"].publish(wire.write_ood_only(header, dets, res))
         node_ms = (t_pub - t_pair) * 1e3
         pipeline_ms = float(res.timings.get("total", math.nan))
         with self._lock:  # the frame is scored and its results are out: account for it now
@@ -659,7 +654,7 @@ class RunaOodNode(LifecycleNode):
             if alerts.n_jump_resets != resets:
                 log.warning(f"image stamps jumped back to {pair.image_stamp_ns * 1e-9:.3f} s; alert history reset")
             if alert.changed:
-                self._publish_alert(alert, header, det_msg, res, health=False)
+                self._publish_alert(alert, header, dets, res, health=False)
                 lvl = AlertLevel(int(alert.level)).name
                 if int(alert.level):
                     log.warning(f"driver alert -> {lvl}: {alert.reason}")
@@ -702,19 +697,24 @@ class RunaOodNode(LifecycleNode):
                                             t_pair, t_pub, frame_ms))
 
     # ================================================================== alerts, health, diagnostics
-    def _publish_alert(self, alert, header, det_msg, res, health: bool) -> None:
+    def _publish_alert(self, alert, header, dets, res, health: bool) -> None:
+        """Publish a driver alert (a core ``Alert`` or a dict with ``level``, ``reason``,
+        ``object_indices``): on ood/monitor_health (``health``) or ood/driver_alert with the OOD
+        objects ``dets[object_indices]`` embedded as their bytes, as in ood/detections."""
         from runa_ood_msgs.msg import DriverAlert
 
+        get = alert.get if isinstance(alert, dict) else (lambda k, d=None: getattr(alert, k, d))
         if header is None:
             header = convert.copy_header(None)
             header.stamp = self.get_clock().now().to_msg()
         if health:  # no detections in it: an rclpy message, re-stamped and re-published by the heartbeat
-            msg = convert.to_alert(header, alert, None, None, DriverAlert.SOURCE_MONITOR_HEALTH)
+            msg = convert.to_health_alert(header, int(get("level", 0)), get("reason", ""))
             self._last_health_msg = msg
             self._pubs["health"].publish(msg)
-        else:  # embeds the OOD detections: built from the type store, as ood/detections (see _process)
-            self._pubs["alert"].publish(msgdefs.encode(convert.to_alert(
-                header, alert, det_msg, res, DriverAlert.SOURCE_OOD_OBJECT, self._types), ALERT_TYPE))
+        else:
+            self._pubs["alert"].publish(wire.write_alert(
+                header, int(get("level", 0)), DriverAlert.SOURCE_OOD_OBJECT, str(get("reason", "") or ""),
+                dets, res, get("object_indices", None) or ()))
 
     def _on_heartbeat(self) -> None:
         """Re-publish the current ood/monitor_health message with a fresh stamp (the topic's deadline)."""

@@ -11,12 +11,14 @@ Conventions:
     * images are ``HxWx3 uint8 RGB`` numpy arrays; boxes are ``[N,4]`` float pixels, ``xywh``
       (top-left corner + size) unless stated otherwise; ``vision_msgs/BoundingBox2D`` stores the
       box **centre** and size;
-    * message objects are the type store's dataclasses (same field names as the ROS messages).
+    * message objects are the type store's dataclasses (same field names as the ROS messages),
+      except the images and detections :func:`iter_frames` reads with ``ros.wire``.
 
 Reading frames: :func:`iter_frames` is the one way offline tools (``evaluate --bag``, the demo,
 batch tools) get frames out of a bag. It pairs images and detections with the node's own
-``ros.pairing.StampPairer`` and decodes them with the node's own readers (``ros.convert``), so an
-offline tool sees exactly the arrays, pairs and drop reasons the node would. Nothing here converts
+``ros.pairing.StampPairer`` and reads them from their bytes with the node's own readers
+(``ros.wire``, then ``ros.convert`` for the pixels), so an offline tool sees exactly the arrays,
+pairs and drop reasons the node would. Nothing here converts
 messages to arrays by itself.
 """
 from __future__ import annotations
@@ -326,18 +328,18 @@ class BagFrame:
             or ``"detections"`` (a message the pairer gave up; ``reason`` says why).
         stamp_ns: the image's header stamp (pairs, images) or the detections' (detections), ns.
         frame_id: that header's ``frame_id``.
-        header: that header (type-store ``std_msgs/Header``).
+        header: that header (``ros.wire.Header``: ``stamp.sec``, ``stamp.nanosec``, ``frame_id``).
         reason: None when the frame is ready to score. Otherwise the reason the node would count
             for it: a pairer reason (``ros.pairing.REASONS``: ``image_without_detections``,
             ``detections_without_image``, ``buffer_overflow``, ``out_of_order``,
             ``duplicate_stamp``, ``time_jump_back``), ``image_<ImageConversionError.reason>``
-            (e.g. ``image_too_large``, ``image_unsupported_encoding``) or ``bad_detections``.
+            (e.g. ``image_too_large``, ``image_unsupported_encoding``).
         detail: human-readable detail of ``reason`` ("" when None).
         rgb: ``HxWx3 uint8 RGB`` (``ros.convert`` readers), None unless ``reason`` is None and
             decoding was asked for.
         image_type: the image's message type (``sensor_msgs/msg/Image`` / ``CompressedImage``),
             "" for detections-only records.
-        boxes_cxcywh: float32 ``[N,4]`` (``convert.detections_to_arrays``: centre, size, rotated
+        boxes_cxcywh: float32 ``[N,4]`` (``ros.wire.read_detections``: centre, size, rotated
             boxes as their axis-aligned envelope); ``scores`` float32 ``[N]`` (best hypothesis,
             NaN without one), ``class_ids`` and ``ids`` (``Detection2D.id``) lists of N str.
             Empty for records without detections.
@@ -345,7 +347,8 @@ class BagFrame:
             with a pairing slop), None without detections.
         ground_truth: ``{detection id: (is_ood, category)}`` from the ground-truth message stamped
             like the image, None when there is none.
-        image_msg / detections_msg: the deserialized messages (type-store objects) or None.
+        image_msg / detections_msg: the messages as read (``ros.wire.ImageView`` /
+            ``ros.wire.Detections``) or None.
     """
 
     kind: str
@@ -404,8 +407,8 @@ def iter_frames(path, image_topic: Optional[str] = None, detections_topic: str =
     The image and detections messages are offered, in the bag's log-time order, to the node's own
     ``ros.pairing.StampPairer`` with the node's pairing settings (``pairing_slop_s``,
     ``pairing_max_age_s``, ``pairing_buffer`` from ``params``, else the node's defaults); every
-    pair is decoded with the node's readers (``ros.convert.image_to_rgb`` /
-    ``compressed_to_rgb`` with the pixel cap, ``detections_to_arrays``). At the end of the bag the
+    message is read from its bytes with the node's readers (``ros.wire``) and every pair decoded
+    with them (``ros.convert.image_to_rgb`` / ``compressed_to_rgb`` with the pixel cap). At the end of the bag the
     messages still waiting are given up (``pairer.flush()``), so every image and detections message
     of the bag ends in exactly one record: a ``"pair"`` record stands for one image and one
     detections message, an ``"image"`` / ``"detections"`` record for one message that did not pair.
@@ -427,9 +430,10 @@ def iter_frames(path, image_topic: Optional[str] = None, detections_topic: str =
         :class:`BagFrame` records in the order the pairer decides them (pairs in stamp order).
 
     Raises:
-        BagError: the bag cannot be read or has no image topic.
+        BagError: the bag cannot be read, has no image topic, or holds an image or detections
+            message that is not one (unreadable bytes; a recorder never writes those).
     """
-    from runa_ood_node.ros import convert
+    from runa_ood_node.ros import convert, wire
     from runa_ood_node.ros.pairing import StampPairer
 
     params = dict(params or {})
@@ -470,12 +474,7 @@ def iter_frames(path, image_topic: Optional[str] = None, detections_topic: str =
         fr = BagFrame(kind="pair", stamp_ns=st, frame_id=fid, header=hdr, image_type=image_type,
                       detections_stamp_ns=int(pair.detections_stamp_ns), ground_truth=gt.get(st),
                       image_msg=img, detections_msg=det)
-        try:
-            boxes, scores, class_ids, ids = convert.detections_to_arrays(det)
-        except Exception as exc:  # as the node: unreadable detections drop the frame
-            fr.reason, fr.detail = "bad_detections", f"{type(exc).__name__}: {exc}"
-            return fr
-        fr.boxes_cxcywh, fr.scores, fr.class_ids, fr.ids = boxes, scores, class_ids, ids
+        fr.boxes_cxcywh, fr.scores, fr.class_ids, fr.ids = det.arrays()
         if decode:
             try:
                 if image_type == COMPRESSED_TYPE:
@@ -492,8 +491,12 @@ def iter_frames(path, image_topic: Optional[str] = None, detections_topic: str =
         for d in out.drops:
             yield unpaired(d)
 
+    read_image = wire.read_compressed if image_type == COMPRESSED_TYPE else wire.read_image
     for m in read_bag(path, [image_topic, detections_topic]):
-        msg = deserialize(m.rawdata, m.msgtype)
+        try:  # the node's readers, on the bytes as the node receives them
+            msg = read_image(m.rawdata) if m.topic == image_topic else wire.read_detections(m.rawdata)
+        except wire.CdrError as exc:
+            raise BagError(f"{m.topic}: {exc}") from exc
         st = stamp_ns_of(msg.header)
         out = pairer.add_image(st, msg) if m.topic == image_topic else pairer.add_detections(st, msg)
         yield from emit(out)

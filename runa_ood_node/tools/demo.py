@@ -165,7 +165,10 @@ def frame_result_from_msg(msg, width: int, height: int):
     from runa_ood_node.core.pipeline import FrameResult
     from runa_ood_node.ros.convert import detections_to_arrays
 
-    cxcywh = detections_to_arrays(types.SimpleNamespace(detections=[d.detection for d in msg.detections]))[0]
+    from runa_ood_node.ros.msgdefs import shared_typestore
+
+    Detection2DArray = shared_typestore().types["vision_msgs/msg/Detection2DArray"]
+    cxcywh = detections_to_arrays(Detection2DArray(header=msg.header, detections=[d.detection for d in msg.detections]))[0]
     xyxy, _ = sanitize_boxes(cxcywh, width, height, fmt="cxcywh", min_size=0.0)
     status = np.asarray([int(d.status) for d in msg.detections], np.uint8)
     ok = status == BoxStatus.OK
