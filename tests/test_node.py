@@ -665,8 +665,9 @@ def test_bench_node_tool_runs_and_reports(tmp_path, ood_pack):
     for res in rows["off"] + rows["on"]:
         assert res["frames"] == 3 and res["lost"] == 0 and res["random_weights"] is True
         assert res["accounting_balanced"]
-        for key in ("e2e_ms", "pipeline_ms", "overhead_ms", "node_processing_ms"):
-            assert res[key]["n"] == 3 and math.isfinite(res[key]["p50"])
+        for key in ("e2e_ms", "pipeline_ms", "overhead_ms", "node_processing_ms", "transport_floor_ms",
+                    "inputs_floor_ms", "paired_gap_ms", "paired_gap_inputs_floor_ms"):
+            assert res[key]["n"] == 3 and math.isfinite(res[key]["p50"]), key
         assert res["e2e_ms"]["p50"] >= res["pipeline_ms"]["p50"] > 0
 
 
