@@ -76,14 +76,28 @@ def int8_cached(fp32_path: Union[str, os.PathLike], out_path: Optional[Union[str
         return False
 
 
+def quantize_dynamic_file(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> None:
+    """The dynamic int8 quantisation of the int8 variants (no cache, no counters): per channel QInt8
+    weights, 7-bit (``reduce_range``), float32 as the default tensor type. ``runa-ood bench``'s
+    int8 GEMM peak quantises its probe graph with it too."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # DefaultTensorType: the fused graph's contrib ops (Attention, SkipLayerNormalization) have no
+    # ONNX shape inference; their outputs are float32
+    # reduce_range (7-bit weights): on CPUs without VNNI (AVX2) ORT's u8s8 kernels add products in
+    # saturating int16; full-range weights overflow there and ViT-B embeddings drop to cosine ~0.988
+    # to fp32 (measured, ViT-B-32/B-16 on real crops); 7-bit weights keep >= 0.9998 at the same speed
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
 def quantize_int8(fp32_path: Union[str, os.PathLike], out_path: Optional[Union[str, os.PathLike]] = None,
                   force: bool = False) -> pathlib.Path:
     """Dynamic int8 quantisation (per channel, QInt8 weights) of an fp32 ONNX, cached.
 
     The output is reused when its sidecar records the sha256 of the current fp32 file.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     src = pathlib.Path(fp32_path)
     out = pathlib.Path(out_path) if out_path is not None else int8_path_for(src)
     side = out.with_suffix(".json")
@@ -92,15 +106,7 @@ def quantize_int8(fp32_path: Union[str, os.PathLike], out_path: Optional[Union[s
     key = _int8_key(src)
     tmp = out.with_name(out.stem + f".tmp{os.getpid()}.onnx")
     try:
-        import onnx
-
-        # DefaultTensorType: the fused graph's contrib ops (Attention, SkipLayerNormalization) have no
-        # ONNX shape inference; their outputs are float32
-        # reduce_range (7-bit weights): on CPUs without VNNI (AVX2) ORT's u8s8 kernels add products in
-        # saturating int16; full-range weights overflow there and ViT-B embeddings drop to cosine ~0.988
-        # to fp32 (measured, ViT-B-32/B-16 on real crops); 7-bit weights keep >= 0.9998 at the same speed
-        quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic_file(src, tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -377,19 +377,17 @@ def _matmul_onnx(K: int, N: int, seed: int = 0):
 
 
 def _quantize_like_the_int8_variants(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """Dynamic int8 exactly as :func:`ort_backend.quantize_int8` quantises the int8 variants' trunks
-    (per channel QInt8 weights, reduce_range, DefaultTensorType float), without its cache sidecar
-    and counters. A MatMul becomes DynamicQuantizeLinear (uint8 activations) -> MatMulInteger
-    (uint8 x int8) -> Cast -> Mul, which ORT's optimiser fuses into DynamicQuantizeMatMul."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Dynamic int8 by the int8 variants' own quantisation (:func:`ort_backend.quantize_dynamic_file`,
+    without :func:`ort_backend.quantize_int8`'s cache sidecar and counters). A MatMul becomes
+    DynamicQuantizeLinear (uint8 activations) -> MatMulInteger (uint8 x int8) -> Cast -> Mul, which
+    ORT's optimiser fuses into DynamicQuantizeMatMul."""
+    from ..backends.ort_backend import quantize_dynamic_file
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))  # quantize_dynamic's "consider pre-processing" advice
     try:
-        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic_file(src, dst)
     finally:
         root.setLevel(level)
 
