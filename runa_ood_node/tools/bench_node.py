@@ -176,7 +176,7 @@ def _consumer(conn, cfg: dict) -> None:
 
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
-    node = Node("runa_ood_bench_consumer", context=ctx)
+    node = Node("runa_ood_bench_consumer", namespace=cfg["namespace"], context=ctx)
     ex = SingleThreadedExecutor(context=ctx)
     spinner = None
     send_lock = threading.Lock()
@@ -262,7 +262,11 @@ def _run_once(args, out: Optional[dict] = None) -> int:
               "backend": args.backend, "device": args.device, "default_threshold": -0.24, "image_qos": "reliable",
               "image_queue_size": 10, "processing_queue_size": 10, "health.latency_budget_ms": 1e6,
               "health.frame_timeout_s": 3600.0, "max_boxes": max(args.boxes, 1)}
-    node = RunaOodNode("runa_ood_bench", context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    # every node of the benchmark in a namespace of its own: no other node on this machine (a running
+    # runa_ood, another benchmark, a test's node) hears its frames or answers on its topics
+    ns = f"/runa_ood_bench_{os.getpid()}_{random.SystemRandom().randint(0, 1 << 30)}"
+    node = RunaOodNode("runa_ood_bench", namespace=ns, context=ctx,
+                       parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
     ex_node = proc = here = None
     spinner = None
     try:
@@ -281,11 +285,11 @@ def _run_once(args, out: Optional[dict] = None) -> int:
         node.frame_observer = on_frame
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         # the floor: a do-nothing rclpy node on the node's executor answers each image with its Header
-        echo = Node("runa_ood_bench_echo", context=ctx)
+        echo = Node("runa_ood_bench_echo", namespace=ns, context=ctx)
         echo_pub = echo.create_publisher(Header, "bench_floor/echo", qos)
         echo.create_subscription(Image, "bench_floor/image", lambda m: echo_pub.publish(m.header), qos)
         # the floor with the node's inputs: answers once the image and the detections of a stamp are in
-        echo2 = Node("runa_ood_bench_echo_inputs", context=ctx)
+        echo2 = Node("runa_ood_bench_echo_inputs", namespace=ns, context=ctx)
         echo2_pub = echo2.create_publisher(Header, "bench_floor2/echo", qos)
         pending: Dict[int, int] = {}
 
@@ -300,7 +304,7 @@ def _run_once(args, out: Optional[dict] = None) -> int:
         echo2.create_subscription(Detection2DArray, "bench_floor2/detections", on_floor2_input, qos)
         # the camera and the detector: publishers in this process (the 640x480 image crosses no process
         # boundary, for the floor and the node alike); the consumer of both answers is another process
-        camera = Node("runa_ood_bench_camera", context=ctx)
+        camera = Node("runa_ood_bench_camera", namespace=ns, context=ctx)
         pub_img = camera.create_publisher(Image, "image", qos)
         pub_det = camera.create_publisher(Detection2DArray, "detections", qos)
         floor_pub = camera.create_publisher(Image, "bench_floor/image", qos)
@@ -315,7 +319,7 @@ def _run_once(args, out: Optional[dict] = None) -> int:
         mp = multiprocessing.get_context("spawn")
         here, there = mp.Pipe()
         proc = mp.Process(target=_consumer, name="runa_ood_bench_consumer", daemon=True,
-                          args=(there, {"annotated": args.annotated}))
+                          args=(there, {"annotated": args.annotated, "namespace": ns}))
         proc.start()
         rx: Dict[tuple, float] = {}
         deser: Dict[int, float] = {}
