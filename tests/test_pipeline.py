@@ -5,6 +5,7 @@ for any weights: batching equivalence, statuses, caps, ablations, failure handli
 """
 import contextlib
 import json
+import time
 
 import numpy as np
 import pytest
@@ -497,8 +498,17 @@ def test_score_frames_makes_one_backend_call_and_equals_scoring_each_frame(tiny_
         return tiny_encoder._torch_trunk(views)
 
     with using_backend(tiny_encoder, counting, name="counting"):
+        t0 = time.perf_counter()
         together = s.score_frames(frames)
+        wall = (time.perf_counter() - t0) * 1e3
     assert calls == [2 * (len(boxes) + 2)]
+    # totals: the shared backend call once, each frame's own work, the bookkeeping shared equally: they
+    # add up to the call's wall time (frames without views carry no encode time)
+    enc = together[0].timings["encode"]
+    assert enc > 0 and together[1].timings["encode"] == enc and together[3].timings["encode"] == 0.0
+    assert sum(r.timings["total"] for r in together) - enc == pytest.approx(wall, rel=0.05, abs=0.5)
+    one = s.score(image, boxes, box_format="xywh")
+    assert one.timings["total"] >= one.timings["views"] + one.timings["encode"] + one.timings["score"]
     alone = [s.score(f.image_rgb, f.boxes, box_format=f.box_format, detector_labels=f.detector_labels)
              for f in frames]
     for a, b in zip(together, alone):

@@ -189,6 +189,60 @@ def test_read_compressed_and_image_views_are_read_only():
         wire.read_compressed(raw[:-1])
 
 
+def test_images_corrupted_non_utf8_or_big_endian():
+    """Every corruption of an image message is read or refused with CdrError (invalid UTF-8 and a
+    missing string terminator included); big-endian encapsulation reads the same fields."""
+    rng = np.random.default_rng(5)
+    m = Image(header=_hdr(frame="cam"), height=2, width=3, encoding="rgb8", step=9)
+    m.data = bytes(range(18))
+    c = CompressedImage(header=_hdr(frame="cam"), format="png")
+    c.data = bytes(range(40))
+    for raw, read in ((serialize_message(m), wire.read_image), (serialize_message(c), wire.read_compressed)):
+        for _ in range(2000):
+            b = bytearray(raw)
+            for i in rng.integers(4, len(b), int(rng.integers(1, 4))):
+                b[i] = int(rng.integers(0, 256))
+            try:
+                read(bytes(b))
+            except msgdefs.CdrError:
+                pass
+        bad = bytearray(raw)
+        bad[16] = 0xFF  # the first byte of frame_id "cam": not UTF-8
+        with pytest.raises(msgdefs.CdrError, match="UTF-8"):
+            read(bytes(bad))
+        bad = bytearray(raw)
+        bad[19] = ord("x")  # frame_id's terminating NUL
+        with pytest.raises(msgdefs.CdrError, match="NUL"):
+            read(bytes(bad))
+    store = msgdefs.shared_typestore()
+    for raw, read, typ in ((serialize_message(m), wire.read_image, "sensor_msgs/msg/Image"),
+                           (serialize_message(c), wire.read_compressed, "sensor_msgs/msg/CompressedImage")):
+        be = bytes(store.serialize_cdr(msgdefs.decode(raw, typ), typ, little_endian=False))
+        assert be[:2] == b"\x00\x00"
+        fields = ("header", "height", "width", "encoding", "is_bigendian", "step", "format")
+        assert [getattr(read(be), k) for k in fields] == [getattr(read(raw), k) for k in fields]
+        assert bytes(read(be).data) == bytes(read(raw).data)
+
+
+def test_unterminated_or_non_utf8_strings_in_detections_are_refused():
+    """Outputs embed the detections' bytes: a string a subscriber could not read (no NUL, not UTF-8)
+    in any of them, the skipped Detection2D.header.frame_id included, is refused here."""
+    msg = _random_detections(np.random.default_rng(3), n=1)
+    msg.header.frame_id = "camera"
+    msg.detections[0].results = []
+    msg.detections[0].header.frame_id = "abc"
+    msg.detections[0].id = "xyz"
+    raw = serialize_message(msg)
+    wire.read_detections(raw)
+    for needle in (b"abc\x00", b"xyz\x00"):
+        at = raw.index(needle)
+        for i, v in ((at, 0xFF), (at + 3, ord("q"))):
+            bad = bytearray(raw)
+            bad[i] = v
+            with pytest.raises(msgdefs.CdrError):
+                wire.read_detections(bytes(bad))
+
+
 # ---------------------------------------------------------------------------------------- writers
 
 

@@ -339,22 +339,18 @@ def compressed_to_rgb(msg, mono16_scale: str = "max",
 # message classes (lazy: the readers above work without ROS)
 
 
-def _msg(module: str, name: str, types=None):
-    """The message class ``module/msg/name``: rclpy's, or the ``rosbags`` type store ``types``'s."""
-    if types is not None:
-        return types.types[f"{module}/msg/{name}"]
+def _msg(module: str, name: str):
+    """rclpy's message class ``module/msg/name``."""
     import importlib
 
     return getattr(importlib.import_module(module + ".msg"), name)
 
 
-def copy_header(header=None, types=None):
+def copy_header(header=None):
     """A new ``std_msgs/Header`` with ``header``'s stamp and frame_id (a default one if None).
 
-    Outputs get their own copy so that mutating one never changes another. ``types``: build it
-    from that ``rosbags`` type store instead of rclpy's classes (bag tools).
-    """
-    Header, Time = _msg("std_msgs", "Header", types), _msg("builtin_interfaces", "Time", types)
+    Outputs get their own copy so that mutating one never changes another."""
+    Header, Time = _msg("std_msgs", "Header"), _msg("builtin_interfaces", "Time")
     if header is None:
         return Header(stamp=Time(sec=0, nanosec=0), frame_id="")
     return Header(stamp=Time(sec=int(header.stamp.sec), nanosec=int(header.stamp.nanosec)),

@@ -127,7 +127,7 @@ class FrameRecord:
     stamp_ns: int
     n_boxes: int
     pipeline_ms: float  # FrameResult.timings["total"]: the core pipeline alone
-    node_ms: float  # pair formed -> every output published (queue wait + conversion + scoring + publishing)
+    node_ms: float  # pair formed -> ood/detections published (queue wait + conversion + scoring + publishing)
     error: Optional[str]
     stages_ms: Optional[Dict[str, float]] = None  # wait, convert, score, publish, secondary
     t_pair: float = math.nan  # time.perf_counter() when the pair was formed (s)
@@ -596,7 +596,7 @@ class RunaOodNode(LifecycleNode):
             with self._lock:
                 self._frame_done(f"image_{exc.reason}")
             log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: cannot convert image "
-                        f"(encoding {getattr(img_msg, 'encoding', getattr(img_msg, 'format', '?'))!r}): {exc}",
+                        f"({'format' if img_msg.format else 'encoding'} {img_msg.format or img_msg.encoding!r}): {exc}",
                         throttle_duration_sec=5.0)
             return
         try:
@@ -626,8 +626,6 @@ class RunaOodNode(LifecycleNode):
         pubs["detections"].publish(wire.write_ood_array(header, dets, res, s.model, self.backend_name, s.scorer,
                                                         self.random_weights))
         t_pub = time.perf_counter()
-        if pubs["ood_only"].get_subscription_count() > 0:  # volatile topic: nobody listening = nobody misses it
-            pubs["ood_only"].publish(wire.write_ood_only(header, dets, res))
         node_ms = (t_pub - t_pair) * 1e3
         pipeline_ms = float(res.timings.get("total", math.nan))
         with self._lock:  # the frame is scored and its results are out: account for it now
@@ -644,6 +642,8 @@ class RunaOodNode(LifecycleNode):
                 self._counters["backend_error_frames"] += 1
         # ---- secondary outputs: a failure here is logged and counted, the frame stays scored
         try:
+            if pubs["ood_only"].get_subscription_count() > 0:  # volatile: nobody listening = nobody misses it
+                pubs["ood_only"].publish(wire.write_ood_only(header, dets, res))
             # a frame that is no evidence (core.health.unscored_reason) holds the current level
             # (AlertMonitor): a failing model must never look like "no OOD object" to the driver;
             # a stamp jump back resets the alert history (AlertMonitor.config.jump_back_reset_s)

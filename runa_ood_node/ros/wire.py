@@ -24,8 +24,8 @@ The wire format is plain CDR (XCDR1, what ROS 2 middlewares put on the wire and 
 order, each primitive aligned to its own size relative to the byte after that header; strings
 are a uint32 length counting a terminating NUL, then the bytes and the NUL; sequences a uint32
 count, then the elements. Both byte orders are read; outputs are written little endian.
-Everything else (XCDR2 encapsulations, truncated or inconsistent bytes) raises :class:`CdrError`
-with what was wrong. Tests hold every reader and writer equal to rclpy's and ``rosbags``'
+Everything else (XCDR2 encapsulations, truncated or inconsistent bytes, strings without their
+NUL or not UTF-8) raises :class:`CdrError` with what was wrong. Tests hold every reader and writer equal to rclpy's and ``rosbags``'
 (de)serialization of the same messages, field by field.
 
 No rclpy import here (offline tools use it without a sourced ROS environment).
@@ -76,9 +76,12 @@ def _string(b: memoryview, pos: int, u32: struct.Struct) -> Tuple[str, int]:
     (n,) = u32.unpack_from(b, pos)
     pos += 4
     end = pos + n
-    if n == 0 or end > len(b):
-        raise CdrError(f"bad string length {n} at byte {pos - 4} of {len(b)}")
-    return str(b[pos:end - 1], "utf-8"), end
+    if n == 0 or end > len(b) or b[end - 1] != 0:
+        raise CdrError(f"bad string (length {n}, or no terminating NUL) at byte {pos - 4} of {len(b)}")
+    try:
+        return str(b[pos:end - 1], "utf-8"), end
+    except UnicodeDecodeError as exc:
+        raise CdrError(f"string at byte {pos - 4} is not UTF-8: {exc}") from None
 
 
 def _header(b: memoryview, st) -> Tuple[Header, int]:
@@ -154,8 +157,8 @@ def read_compressed(raw) -> ImageView:
 # ------------------------------------------------------------------------------------- detections
 _DETECTIONS = "vision_msgs/msg/Detection2DArray"
 _RESULT_F64 = 1 + 7 + 36  # hypothesis.score, pose.pose (position 3 + orientation 4), pose.covariance
-_MIN_DET = 8 + 4 + 4 + 40 + 4 + 4  # stamp, frame_id "", results count, bbox, id "", alignment slack
-_MIN_RESULT = 4 + 1 + _RESULT_F64 * 8
+_MIN_DET = 8 + 5 + 3 + 4 + 40 + 5  # stamp, frame_id "" (+ pad), results count, bbox, id "": 65, the least
+_MIN_RESULT = 5 + _RESULT_F64 * 8  # class_id "", score + pose (+ up to 7 bytes of padding)
 
 
 @dataclass
@@ -216,13 +219,12 @@ def read_detections(raw) -> Detections:
         for i in range(n):  # on the node's critical path: flat reads, no per-field objects
             pos += -(pos - 4) & 3
             start = pos
-            (k,) = unpack_u32(b, pos + 8)  # header: stamp, then frame_id (skipped)
-            pos += 12 + k
+            _, pos = _string(b, pos + 8, u32)  # header: stamp, then frame_id (checked: outputs embed it)
             pos += -(pos - 4) & 3
             (nres,) = unpack_u32(b, pos)
             pos += 4
-            if k == 0 or nres * _MIN_RESULT > size - pos:
-                raise CdrError(f"detection {i}: bad frame_id length {k} or {nres} hypotheses in {size - pos} bytes")
+            if nres * _MIN_RESULT > size - pos:
+                raise CdrError(f"detection {i}: {nres} hypotheses cannot fit in the {size - pos} bytes left")
             cuts = []
             best, best_id = math.nan, ""
             for j in range(nres):
@@ -380,7 +382,10 @@ def write_alert(header, level: int, source: int, reason: str, dets: Optional[Det
     idx = [int(i) for i in object_indices if 0 <= int(i) < n]
     o = _Out()
     o.header(header)
-    o.buf += bytes((int(level) & 0xFF, int(source) & 0xFF))
+    level, source = int(level), int(source)
+    if not (0 <= level <= 255 and 0 <= source <= 255):
+        raise ValueError(f"DriverAlert level {level} / source {source}: uint8 fields")
+    o.buf += bytes((level, source))
     o.string(str(reason or ""))
     o.count(len(idx))
     fields = ood_fields(frame_result, n) if idx else []
