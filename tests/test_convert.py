@@ -490,15 +490,15 @@ def test_coordinates_beyond_float32_are_infinite_silently(tiny_encoder):
 def test_cdr_header_stamp_and_decode_errors():
     from rclpy.serialization import serialize_message
 
-    from runa_ood_node.ros import msgdefs
+    from runa_ood_node.ros import msgdefs, wire
 
     raw = serialize_message(_dets())
-    assert C.cdr_header_stamp_ns(raw) == C.stamp_to_ns(_dets().header.stamp)
+    assert wire.header_stamp_ns(raw) == C.stamp_to_ns(_dets().header.stamp)
     big_endian = b"\x00\x00\x00\x00" + (-2).to_bytes(4, "big", signed=True) + (7).to_bytes(4, "big") + b"\x00" * 8
-    assert C.cdr_header_stamp_ns(big_endian) == -2 * 1_000_000_000 + 7
+    assert wire.header_stamp_ns(big_endian) == -2 * 1_000_000_000 + 7
     for bad in (b"", raw[:11], b"\x01\x01" + raw[2:], b"\x00\x07" + raw[2:]):
         with pytest.raises(ValueError, match="CDR"):
-            C.cdr_header_stamp_ns(bad)
+            wire.header_stamp_ns(bad)
     for bad in (raw[:30], raw[:12] + b"\xff\xff\xff\x7f" + raw[16:], raw[:4] + bytes(range(200))):
         with pytest.raises(msgdefs.CdrError, match="Detection2DArray"):
             msgdefs.decode(bad, "vision_msgs/msg/Detection2DArray")

@@ -53,7 +53,6 @@ readers work without a sourced ROS environment (offline bag tools).
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -355,18 +354,6 @@ def copy_header(header=None):
         return Header(stamp=Time(sec=0, nanosec=0), frame_id="")
     return Header(stamp=Time(sec=int(header.stamp.sec), nanosec=int(header.stamp.nanosec)),
                   frame_id=str(header.frame_id))
-
-
-def cdr_header_stamp_ns(raw) -> int:
-    """``header.stamp`` (ns) of a serialized message whose first field is a ``std_msgs/Header``
-    (e.g. ``Detection2DArray`` taken raw): read from the CDR bytes without deserializing them
-    (4-byte encapsulation header - ``00 01`` little endian, ``00 00`` big endian - then int32 sec,
-    uint32 nanosec). Raises ``ValueError`` for anything shorter or another encapsulation."""
-    b = memoryview(raw)
-    if len(b) < 12 or b[0] != 0 or b[1] not in (0, 1):
-        raise ValueError(f"not a CDR-encapsulated message with a header ({len(b)} bytes)")
-    sec, nsec = struct.unpack_from("<iI" if b[1] == 1 else ">iI", b, 4)
-    return sec * 1_000_000_000 + nsec
 
 
 def stamp_to_ns(stamp) -> int:

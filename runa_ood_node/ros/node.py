@@ -96,6 +96,7 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
                        qos_profile_sensor_data)
 from rcl_interfaces.msg import SetParametersResult
 
+from ..core.health import _get  # a dict's key or an object's attribute (alerts come as either)
 from ..core.metrics import percentile as _percentile
 from ..core.registry import AlertLevel, BoxStatus
 from . import convert, wire
@@ -496,8 +497,8 @@ class RunaOodNode(LifecycleNode):
                 self._input_drops["inactive"] += 1
                 return
             try:  # raw CDR bytes: only the stamp is read here, the worker decodes the rest
-                stamp = convert.cdr_header_stamp_ns(msg)
-            except ValueError as exc:
+                stamp = wire.header_stamp_ns(msg)
+            except wire.CdrError as exc:
                 stream = "image" if image else "detections"
                 self._input_drops[f"undecodable_{stream}"] += 1
                 self.get_logger().warning(f"dropped an {stream} message: {exc}", throttle_duration_sec=5.0)
@@ -703,18 +704,17 @@ class RunaOodNode(LifecycleNode):
         objects ``dets[object_indices]`` embedded as their bytes, as in ood/detections."""
         from runa_ood_msgs.msg import DriverAlert
 
-        get = alert.get if isinstance(alert, dict) else (lambda k, d=None: getattr(alert, k, d))
         if header is None:
             header = convert.copy_header(None)
             header.stamp = self.get_clock().now().to_msg()
         if health:  # no detections in it: an rclpy message, re-stamped and re-published by the heartbeat
-            msg = convert.to_health_alert(header, int(get("level", 0)), get("reason", ""))
+            msg = convert.to_health_alert(header, int(_get(alert, "level", 0)), _get(alert, "reason", ""))
             self._last_health_msg = msg
             self._pubs["health"].publish(msg)
         else:
             self._pubs["alert"].publish(wire.write_alert(
-                header, int(get("level", 0)), DriverAlert.SOURCE_OOD_OBJECT, str(get("reason", "") or ""),
-                dets, res, get("object_indices", None) or ()))
+                header, int(_get(alert, "level", 0)), DriverAlert.SOURCE_OOD_OBJECT,
+                str(_get(alert, "reason", "") or ""), dets, res, _get(alert, "object_indices", None) or ()))
 
     def _on_heartbeat(self) -> None:
         """Re-publish the current ood/monitor_health message with a fresh stamp (the topic's deadline)."""

@@ -4,6 +4,7 @@ The node takes its inputs raw (``create_subscription(..., raw=True)``) and publi
 that embed detections as bytes. This module is the one reader of those inputs and the one writer
 of those outputs, for the node and the offline tools alike:
 
+* :func:`header_stamp_ns`: the header stamp alone (what the executor thread pairs on);
 * :func:`read_image` / :func:`read_compressed`: ``sensor_msgs/Image`` / ``CompressedImage`` ->
   an :class:`ImageView` (header, sizes, encoding; ``data`` a read-only view of the received
   bytes, never a copy) that ``convert.image_to_rgb`` / ``compressed_to_rgb`` turn into pixels;
@@ -25,8 +26,8 @@ order, each primitive aligned to its own size relative to the byte after that he
 are a uint32 length counting a terminating NUL, then the bytes and the NUL; sequences a uint32
 count, then the elements. Both byte orders are read; outputs are written little endian.
 Everything else (XCDR2 encapsulations, truncated or inconsistent bytes, strings without their
-NUL or not UTF-8) raises :class:`CdrError` with what was wrong. Tests hold every reader and writer equal to rclpy's and ``rosbags``'
-(de)serialization of the same messages, field by field.
+NUL or not UTF-8) raises :class:`CdrError` with what was wrong. Tests hold every reader and writer
+equal to rclpy's and ``rosbags``' (de)serialization of the same messages, field by field.
 
 No rclpy import here (offline tools use it without a sourced ROS environment).
 """
@@ -84,10 +85,23 @@ def _string(b: memoryview, pos: int, u32: struct.Struct) -> Tuple[str, int]:
         raise CdrError(f"string at byte {pos - 4} is not UTF-8: {exc}") from None
 
 
-def _header(b: memoryview, st) -> Tuple[Header, int]:
+def _stamp(b: memoryview, st) -> Tuple[int, int]:
     if len(b) < 12:
-        raise CdrError(f"{len(b)} bytes: too short for a header")
-    sec, nsec = st["stamp"].unpack_from(b, 4)
+        raise CdrError(f"{len(b)} bytes: too short for a CDR message with a header")
+    return st["stamp"].unpack_from(b, 4)
+
+
+def header_stamp_ns(raw) -> int:
+    """``header.stamp`` (ns) of a serialized message whose first field is a ``std_msgs/Header``,
+    read without reading the rest (the node's pairing, on the executor thread). Raises
+    :class:`CdrError` for anything shorter or another encapsulation."""
+    b = memoryview(raw)
+    sec, nsec = _stamp(b, _structs(b))
+    return sec * 1_000_000_000 + nsec
+
+
+def _header(b: memoryview, st) -> Tuple[Header, int]:
+    sec, nsec = _stamp(b, st)
     frame_id, pos = _string(b, 12, st["u32"])
     return Header(Time(sec, nsec), frame_id), pos
 
@@ -394,5 +408,5 @@ def write_alert(header, level: int, source: int, reason: str, dets: Optional[Det
     return bytes(o.buf)
 
 
-__all__ = ["CdrError", "Header", "Time", "ImageView", "Detections", "read_image", "read_compressed",
-           "read_detections", "ood_fields", "write_ood_array", "write_ood_only", "write_alert"]
+__all__ = ["CdrError", "Header", "Time", "ImageView", "Detections", "header_stamp_ns", "read_image",
+           "read_compressed", "read_detections", "ood_fields", "write_ood_array", "write_ood_only", "write_alert"]
