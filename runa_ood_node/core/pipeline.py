@@ -618,10 +618,9 @@ class OodScorer:
         # "total" is the frame's whole core time: the bookkeeping around the timed steps (assembling
         # the features, the labels) is shared equally, so one frame's total is this call's wall time
         wall = (time.perf_counter() - t0) * 1e3
-        if results:
-            enc = [r.timings["encode"] for r in results if r.timings["encode"]]
-            counted = sum(r.timings["total"] for r in results) - (len(enc) - 1) * enc[0] if enc else \
-                sum(r.timings["total"] for r in results)
+        if results:  # what the totals count, the shared backend call once (frames without views: 0)
+            counted = sum(r.timings["total"] - r.timings["encode"] for r in results) + \
+                max(r.timings["encode"] for r in results)
             extra = max(wall - counted, 0.0) / len(results)
             for r in results:
                 r.timings["total"] += extra

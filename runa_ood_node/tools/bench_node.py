@@ -169,7 +169,7 @@ def _consumer(conn, cfg: dict) -> None:
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from rclpy.serialization import deserialize_message
 
-    from ..ros import convert
+    from ..ros import wire
     from runa_ood_msgs.msg import OodDetectionArray
     from sensor_msgs.msg import Image
     from std_msgs.msg import Header
@@ -190,7 +190,7 @@ def _consumer(conn, cfg: dict) -> None:
 
         def on_result(raw):
             t = time.perf_counter()
-            stamp = convert.cdr_header_stamp_ns(raw)
+            stamp = wire.header_stamp_ns(raw)
             send(("node", stamp, t))
             t1 = time.perf_counter()  # what this consumer then pays to read the answer
             deserialize_message(raw, OodDetectionArray)
@@ -199,7 +199,7 @@ def _consumer(conn, cfg: dict) -> None:
         def on_echo(kind):
             def cb(raw):
                 t = time.perf_counter()
-                send((kind, convert.cdr_header_stamp_ns(raw), t))
+                send((kind, wire.header_stamp_ns(raw), t))
             return cb
 
         sub_res = node.create_subscription(OodDetectionArray, "ood/detections", on_result, qos, raw=True)
@@ -360,38 +360,33 @@ def _run_once(args, out: Optional[dict] = None) -> int:
         total = args.warmup + args.frames
         base = time.time_ns()
         # floor and node frames alternate, so a slow burst of a shared machine hits both alike
-        for i in tqdm(range(total), desc="frames", unit="frame", file=sys.stderr):
-            h = convert.copy_header(None)
-            h.stamp = convert.ns_to_stamp(base - (i + 1) * 1000)
-            msg = convert.rgb_to_image(rgb, h)
-            stamp = convert.stamp_to_ns(h.stamp)
-            t0 = time.perf_counter()
-            floor_pub.publish(msg)
-            if wait_for("floor", stamp, args.timeout) and i >= args.warmup:
-                floor.append((rx[("floor", stamp)] - t0) * 1e3)
-                floor_of[i] = floor[-1]
-            time.sleep(gap)
-            h = convert.copy_header(None)  # the floor with the node's inputs, published as the node's are
-            h.stamp = convert.ns_to_stamp(base - (i + 1) * 1000 - 500)
-            h.frame_id = "camera"
-            img2, det2 = convert.rgb_to_image(rgb, h), convert.boxes_to_detections(h, boxes, scores=[0.9] * len(boxes))
-            stamp = convert.stamp_to_ns(h.stamp)
-            t0 = time.perf_counter()
-            floor2_img.publish(img2)
-            floor2_det.publish(det2)
-            if wait_for("floor2", stamp, args.timeout) and i >= args.warmup:
-                floor2.append((rx[("floor2", stamp)] - t0) * 1e3)
-                floor2_of[i] = floor2[-1]
-            time.sleep(gap)
-            stamp = base + i * 33_333_333
+        def publish(pubs, stamp: int) -> float:
+            """The camera's image (and the detector's boxes, for two publishers) stamped ``stamp``,
+            built first (a driver's job), then published back to back; returns when publishing began."""
             h = convert.copy_header(None)
             h.stamp = convert.ns_to_stamp(stamp)
             h.frame_id = "camera"
-            img_msg = convert.rgb_to_image(rgb, h)  # built before timing: a camera driver's job
-            det_msg = convert.boxes_to_detections(h, boxes, scores=[0.9] * len(boxes))
+            msgs = [convert.rgb_to_image(rgb, h)]
+            if len(pubs) > 1:
+                msgs.append(convert.boxes_to_detections(h, boxes, scores=[0.9] * len(boxes)))
             t0 = time.perf_counter()
-            pub_img.publish(img_msg)
-            pub_det.publish(det_msg)
+            for pub, msg in zip(pubs, msgs):
+                pub.publish(msg)
+            return t0
+
+        def floor_frame(kind: str, pubs, stamp: int, i: int, series: List[float], of: Dict[int, float]) -> None:
+            t0 = publish(pubs, stamp)
+            if wait_for(kind, stamp, args.timeout) and i >= args.warmup:
+                series.append((rx[(kind, stamp)] - t0) * 1e3)
+                of[i] = series[-1]
+            time.sleep(gap)
+
+        for i in tqdm(range(total), desc="frames", unit="frame", file=sys.stderr):
+            floor_frame("floor", (floor_pub,), base - (i + 1) * 1000, i, floor, floor_of)
+            # the floor with the node's inputs, published as the node's are
+            floor_frame("floor2", (floor2_img, floor2_det), base - (i + 1) * 1000 - 500, i, floor2, floor2_of)
+            stamp = base + i * 33_333_333
+            t0 = publish((pub_img, pub_det), stamp)
             ok = wait_for("node", stamp, args.timeout)
             with cv:  # the observer fires after the node's after-publish work (alerts, drawing)
                 ok = cv.wait_for(lambda: stamp in observed, timeout=args.timeout) and ok
