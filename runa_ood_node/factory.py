@@ -119,13 +119,20 @@ def build_scorer(config: Mapping[str, Any], encoder: Optional[DualEncoder] = Non
                      max_batch=opt("max_batch"), view_maker=view_maker)
 
 
-def build_node_scorer(settings, encoder: Optional[DualEncoder] = None, view_maker=None) -> OodScorer:
+def build_node_scorer(settings, encoder: Optional[DualEncoder] = None, view_maker=None,
+                      ablation: Optional[str] = None, apply_thresholds: bool = True) -> OodScorer:
     """The node's scorer from validated node settings (``ros.params.NodeSettings``):
     ``settings.scorer_config()`` with ``settings.thresholds()`` (``thresholds_file``, else
     ``default_threshold`` for every label) -> :func:`build_scorer`. ``encoder`` / ``view_maker``: as
-    there (offline tools that already hold the node's model)."""
+    there (offline tools that already hold the node's model).
+
+    Offline tools only (the node passes neither): ``ablation`` (None = dual, the node's two views)
+    scores with one view; ``apply_thresholds=False`` builds without thresholds (tools that fit
+    thresholds or apply ``--thresholds`` per run themselves)."""
     cfg = dict(settings.scorer_config())
-    cfg["thresholds"] = settings.thresholds()
+    cfg["thresholds"] = settings.thresholds() if apply_thresholds else None
+    if ablation is not None:
+        cfg["ablation"] = ablation
     return build_scorer(cfg, encoder=encoder, view_maker=view_maker)
 
 

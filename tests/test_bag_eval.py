@@ -9,8 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from runa_ood_node.factory import build_node_scorer
-from runa_ood_node.tools import bag_eval, bagio, make_bag
+from runa_ood_node.tools import bag_eval, bagio, common, make_bag
 
 TINY = "runa-tiny-vit"
 STAMP0 = 1_700_000_000_000_000_000
@@ -18,7 +17,7 @@ STAMP0 = 1_700_000_000_000_000_000
 
 def _node_scorer(params, encoder=None):
     """What ``evaluate --bag`` scores with offline: the node's factory path around ``encoder``."""
-    return build_node_scorer(bag_eval.node_settings(params), encoder=encoder)
+    return common.scorer_from_parameters(params, encoder=encoder)[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,8 @@ def test_node_params_are_mirrored_offline(tiny_encoder, photo_bag):
                                thresholds=None, min_box_size=2.0, pretrained="none", projection=None,
                                backend="torch", device="cpu",
                                node_params=["default_threshold:=-1.0", "max_boxes:=1", "lam:=0.25"])
-    params = bag_eval.node_parameters(ns, True, TINY, bagio.IMAGE_TOPIC, 4)
+    params = common.node_parameters_from_args(ns, {"model": TINY}, random_weights=True, image_topic=bagio.IMAGE_TOPIC,
+                                              n_frames=4)
     assert params["default_threshold"] == -1.0 and params["max_boxes"] == 1 and params["lam"] == 0.25
     assert params["pretrained"] == "" and params["allow_random_weights"] is True
     assert params["image_topic"] == bagio.IMAGE_TOPIC and params["image_transport"] == "raw"
@@ -99,8 +99,9 @@ def test_node_params_are_mirrored_offline(tiny_encoder, photo_bag):
 
     if "precision" in {p.name for p in PARAMETERS}:  # the node loads the model in the precision the tool uses
         assert params["precision"] == "auto"
-        assert bag_eval.node_parameters(types.SimpleNamespace(**vars(ns), precision="fp32"), True, TINY,
-                                        bagio.IMAGE_TOPIC, 4)["precision"] == "fp32"
+        assert common.node_parameters_from_args(types.SimpleNamespace(**vars(ns), precision="fp32"), {"model": TINY},
+                                                random_weights=True, image_topic=bagio.IMAGE_TOPIC,
+                                                n_frames=4)["precision"] == "fp32"
     scorer = _node_scorer(params, tiny_encoder)
     assert scorer.lam == 0.25 and scorer.max_boxes == 1
     res = bag_eval.evaluate_offline(photo_bag, scorer, progress=False)
@@ -108,7 +109,8 @@ def test_node_params_are_mirrored_offline(tiny_encoder, photo_bag):
     assert statuses == ["OK", "NOT_SCORED", "NOT_SCORED", "NOT_SCORED"]  # max_boxes 1 of 4 astronaut boxes
     ok = [r for r in res["records"] if r["status"] == "OK"]
     assert all(r["threshold"] == -1.0 and r["is_ood"] == (r["uncertainty"] > -1.0) for r in ok)
-    comp = bag_eval.node_parameters(ns, True, TINY, bagio.COMPRESSED_TOPIC, 4)
+    comp = common.node_parameters_from_args(ns, {"model": TINY}, random_weights=True,
+                                            image_topic=bagio.COMPRESSED_TOPIC, n_frames=4)
     assert comp["image_topic"] == bagio.IMAGE_TOPIC and comp["image_transport"] == "compressed"
 
 
@@ -129,7 +131,8 @@ def test_offline_counts_unusable_frames(tiny_encoder, tmp_path):
     ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set="voc",
                                thresholds=None, min_box_size=2.0, pretrained="none", projection=None,
                                backend="torch", device="cpu", node_params=[])
-    scorer = _node_scorer(bag_eval.node_parameters(ns, True, TINY, bagio.IMAGE_TOPIC), tiny_encoder)
+    scorer = _node_scorer(common.node_parameters_from_args(ns, {"model": TINY}, random_weights=True,
+                                                           image_topic=bagio.IMAGE_TOPIC), tiny_encoder)
     res = bag_eval.evaluate_offline(path, scorer, progress=False)
     # the node's own drop reasons: a conversion failure and an image the pairer gave up
     assert res["skipped"] == {"image_unsupported_encoding": 1, "image_without_detections": 1}
@@ -165,7 +168,8 @@ def test_live_compressed_transport_matches_offline(tiny_encoder, tmp_path):
     ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set="voc",
                                thresholds=None, min_box_size=2.0, pretrained="none", projection=None,
                                backend="torch", device="cpu", node_params=[])
-    params = bag_eval.node_parameters(ns, True, TINY, bagio.COMPRESSED_TOPIC, 2)
+    params = common.node_parameters_from_args(ns, {"model": TINY}, random_weights=True,
+                                              image_topic=bagio.COMPRESSED_TOPIC, n_frames=2)
     off = bag_eval.evaluate_offline(path, _node_scorer(params, tiny_encoder), progress=False)
     live = bag_eval.run_live(path, params, tmp_path, progress=False)
     recs = bag_eval.live_records(live, bag_eval.ground_truth_map(path))

@@ -186,7 +186,8 @@ def test_precision_argument_resolves_per_device():
     assert a.precision == "auto" and a.offline is False
     assert parser.parse_args(["--precision", "fp16", "--offline"]).offline is True
     # the CUDA configuration the node would get: device and precision reach build_scorer
-    cfg = common.pipeline_config(_model_ns(device="cuda", backend="tensorrt"), "voc")
+    params = common.node_parameters_from_args(_model_ns(device="cuda:0", backend="tensorrt"), random_weights=True)
+    cfg = common.settings_from_parameters(params).scorer_config()
     assert (cfg["device"], cfg["precision"], cfg["backend"]) == ("cuda", "fp16", "tensorrt")
 
 
@@ -204,11 +205,11 @@ def test_tools_build_the_backend_the_node_builds():
     from runa_ood_node.ros.params import validate
     from runa_ood_node.tools import common
 
-    tool = common.load_pipeline_or_exit(_model_ns(backend="onnxruntime"), "voc")
+    tool = common.scorer_from_args(_model_ns(backend="onnxruntime")).scorer
     settings = validate({"model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True,
                          "backend": "onnxruntime"})
     node = build_scorer(settings.scorer_config())
-    torch_pipe = common.load_pipeline_or_exit(_model_ns(backend="torch"), "voc")
+    torch_pipe = common.scorer_from_args(_model_ns(backend="torch")).scorer
     assert tool.encoder.backend_name == node.encoder.backend_name == "onnxruntime-cpu-fp32"
     assert torch_pipe.encoder.backend_name == "torch"
     assert tool.encoder.precision == node.encoder.precision == "fp32"
@@ -228,7 +229,7 @@ def test_cuda_requested_without_cuda_exits_2(capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(SystemExit) as exc:
-        common.load_pipeline_or_exit(_model_ns(device="cuda"), "voc")
+        common.scorer_from_args(_model_ns(device="cuda"))
     assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
 
 

@@ -24,7 +24,7 @@ from vision_msgs.msg import Detection2DArray, ObjectHypothesisWithPose  # noqa: 
 
 from runa_ood_node.ros import convert  # noqa: E402
 from runa_ood_node.ros.node import ZERO_COPY_RGB8  # noqa: E402
-from runa_ood_node.tools import bag_eval, bagio  # noqa: E402
+from runa_ood_node.tools import bag_eval, bagio, common  # noqa: E402
 
 TINY = "runa-tiny-vit"
 STAMP0 = 1_700_000_000_000_000_000
@@ -147,15 +147,14 @@ def test_running_node_scores_what_offline_evaluation_scores(tmp_path, tiny_encod
     scored, the same one is refused (image_too_large, counted by both), and every box has the same
     status and score. max_boxes 2 makes the hypothesis choice matter: the node keeps the 0.8 box
     (and the 0.5 one) and leaves the rotated 0.3 box NOT_SCORED."""
-    from runa_ood_node.factory import build_node_scorer
-
     images = [im for im in _raw_images() if im[0] in ("bgr8", "mono16", "yuv422", "huge")]
     bag = _write_bag(tmp_path / "bag", images, bagio.IMAGE_TOPIC, bagio.IMAGE_TYPE)
     ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set="voc",
                                thresholds=None, min_box_size=2.0, pretrained="none", projection=None,
                                backend="torch", device="cpu", node_params=["max_boxes:=2"])
-    params = bag_eval.node_parameters(ns, True, TINY, bagio.IMAGE_TOPIC, len(images))
-    off = bag_eval.evaluate_offline(bag, build_node_scorer(bag_eval.node_settings(params), encoder=tiny_encoder),
+    params = common.node_parameters_from_args(ns, {"model": TINY}, random_weights=True, image_topic=bagio.IMAGE_TOPIC,
+                                              n_frames=len(images))
+    off = bag_eval.evaluate_offline(bag, common.scorer_from_parameters(params, encoder=tiny_encoder)[0],
                                     progress=False, params=params)
     assert off["skipped"] == {"image_too_large": 1} and len(off["frames"]) == 3
     # one frame is refused, so the drain ends on silence: 5 s of it are plenty for a scored frame

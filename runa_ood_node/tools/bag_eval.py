@@ -80,78 +80,11 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # =========================================================================== settings
-def parse_node_params(items: Optional[Sequence[str]]) -> Dict[str, Any]:
-    """``["name:=value", ...]`` -> dict (values parsed as YAML, like ``--ros-args -p``)."""
-    import yaml
-
-    out: Dict[str, Any] = {}
-    for it in items or ():
-        if ":=" not in it:
-            raise ValueError(f"node parameter must be name:=value, got {it!r}")
-        k, v = it.split(":=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
-    return out
-
-
-def node_parameters(args, random_weights: bool, model: str, image_topic: str, n_frames: int = 100) -> Dict[str, Any]:
-    """The node parameters of an evaluation run (also the source of the offline scorer's settings).
-
-    ``model``/``random_weights`` describe the encoder actually loaded (random weights: empty
-    ``pretrained`` + ``allow_random_weights``, seeded like the tools). ``precision`` (``--precision``)
-    and ``allow_download`` (``--offline`` / the offline environment variables) are passed when the
-    node declares them, so the node loads the model as the offline path does."""
-    compressed = image_topic.endswith("/compressed")
-    from ..core.registry import resolve_device
-    from .common import allow_download
-
-    device = resolve_device(getattr(args, "device", "cpu"))  # the node's choices: cpu | cuda
-    device = "cuda" if device.startswith("cuda") else device
-    p: Dict[str, Any] = {
-        "image_topic": image_topic[: -len("/compressed")] if compressed else image_topic,
-        "detections_topic": bagio.DETECTIONS_TOPIC,
-        "image_transport": "compressed" if compressed else "raw",
-        "image_qos": "reliable",
-        "detections_qos": "reliable",
-        "image_queue_size": max(5, min(1000, n_frames)),
-        "detections_queue_size": max(10, min(1000, n_frames)),
-        "processing_queue_size": max(2, min(100, n_frames)),
-        "pairing_buffer": max(30, min(1000, n_frames)),
-        "model": model,
-        "pretrained": "" if random_weights else str(getattr(args, "pretrained", "") or ""),
-        "allow_random_weights": bool(random_weights),
-        "projection": str(getattr(args, "projection", None) or ""),
-        "backend": getattr(args, "backend", "torch") or "torch",
-        "device": device,
-        "lam": float(args.lam),
-        "blur_radius": float(args.blur_radius),
-        "scorer": args.scorer if args.scorer != "all" else "runa",
-        "temperature": float(args.temperature),
-        "label_set": str(args.id_set),
-        "thresholds_file": str(getattr(args, "thresholds", None) or ""),
-        "max_boxes": 0,
-        "min_box_size": float(args.min_box_size),
-        "autostart": True,
-        "precision": str(getattr(args, "precision", None) or "auto"),
-        "allow_download": allow_download(args),
-        "thresholds_allow_mismatch": bool(getattr(args, "allow_threshold_mismatch", False)),
-    }
-    p.update(parse_node_params(getattr(args, "node_params", None)))
-    return p
-
-
 def _declared_parameters() -> Dict[str, Any]:
     """Name -> default of the node's declared parameters (types for ``ros_args``)."""
     from ..ros.params import PARAMETERS
 
     return {p.name: p.default for p in PARAMETERS}
-
-
-def node_settings(params: Dict[str, Any]):
-    """``ros.params.NodeSettings`` for ``params`` (the node's own validation; raises
-    ``ParameterValidationError`` listing every bad value)."""
-    from ..ros.params import validate
-
-    return validate(params)
 
 
 def ros_args(params: Dict[str, Any]) -> List[str]:
@@ -529,24 +462,34 @@ def run_bag(args) -> int:
                            f"it has {sorted(info.topics)}"])
     if bagio.GROUND_TRUTH_TOPIC not in info.topics:
         LOG.warning("%s has no %s: latency and drops only, no OOD metrics", bag, bagio.GROUND_TRUTH_TOPIC)
-    if getattr(args, "scorer", "runa") == "all" or getattr(args, "ablation", "dual") not in ("dual", "all"):
-        LOG.warning("bag mode evaluates one configuration, the node's: scorer %s, dual views",
-                    args.scorer if args.scorer != "all" else "runa")
-    encoder = common.load_encoder_or_exit(args)
-    rw = bool(encoder.random_weights)
+    if info.recovered:
+        LOG.warning("%s is cut short (no MCAP footer): %s", bag, info.recovery.describe())
+    if getattr(args, "scorer", "runa") == "all" or getattr(args, "ablation", "dual") == "all":
+        raise common.fail(["bag mode evaluates one configuration: give one --scorer and one --ablation "
+                           "(`all` compares several on a dataset: runa-ood evaluate without --bag)"])
+    if args.live and common.ablation_of(args) != "dual":
+        raise common.fail([f"--live runs the node, which always scores both views: --ablation "
+                           f"{args.ablation} cannot be applied there (drop --live to score it offline)"])
     n_frames = info.counts.get(image_topic, 0)
-    params = node_parameters(args, rw, args.model, image_topic, n_frames)
+    # the one path (tools.common.scorer_from_args): arguments -> node parameters -> the node's
+    # validation -> factory.build_node_scorer -> the node's thresholds fit check
+    built = common.scorer_from_args(args, image_topic=image_topic, n_frames=n_frames)
+    scorer, params = built.scorer, built.params
+    rw = built.random_weights
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not getattr(args, "no_progress", False)
     tpr = float(getattr(args, "tpr", 0.95))
     report: Dict[str, Any] = {"bag": str(bag), "mode": "live" if args.live else "offline", "random_weights": rw,
                               "random_label": common.RANDOM_LABEL if rw else None, "node_parameters": params,
-                              "model": encoder.describe(), "bag_counts": info.counts}
+                              "ablation": built.ablation, "model": scorer.encoder.describe(),
+                              "bag_counts": info.counts, "thresholds_mismatch": built.mismatch,
+                              "recovered": info.recovery.as_dict() if info.recovered else None}
     if args.live:
+        del scorer
         try:
             live = run_live(bag, params, out, args.out_bag, args.bag_rate, args.node_timeout, progress=progress)
-        except NodeStartError as exc:
+        except (NodeStartError, bagio.BagError) as exc:
             raise common.fail([str(exc)])
         gt = ground_truth_map(bag)
         records = live_records(live, gt)
@@ -559,17 +502,10 @@ def run_bag(args) -> int:
                       alerts=alert_timeline(live["alerts"]), node_diagnostics=diagnostics_summary(live["diagnostics"]),
                       node_log=live["node_log"], out_bag=live.get("out_bag"))
     else:
-        from ..factory import build_node_scorer
-
-        try:  # the node's construction (factory.build_node_scorer) around the encoder already loaded
-            scorer = build_node_scorer(node_settings(params), encoder=encoder)
-        except (OSError, ValueError) as exc:  # ParameterValidationError is a ValueError
-            raise common.fail([f"cannot build the offline scorer from the node parameters: {exc}"])
-        try:  # the node's thresholds check (core.thresholds.check_fit), refused or marked as the node does
-            report["thresholds_mismatch"] = node_settings(params).check_thresholds(scorer)
-        except ValueError as exc:
-            raise common.fail(str(exc).splitlines())
-        off = evaluate_offline(bag, scorer, image_topic, progress, params)
+        try:
+            off = evaluate_offline(bag, scorer, image_topic, progress, params)
+        except bagio.BagError as exc:  # unreadable past its start: one line, exit 2
+            raise common.fail([str(exc)])
         records = off["records"]
         report.update(latency_ms=off["latency_ms"], latency_definition="OodScorer.score wall time per frame",
                       frames_scored=len(off["frames"]), skipped=off["skipped"])
@@ -593,6 +529,10 @@ def _print_report(rep: Dict[str, Any], rw: bool) -> None:
     def f(v):
         return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
 
+    if rep.get("recovered"):
+        r = rep["recovered"]
+        lines.append(f"RECOVERED bag (cut short): {r['messages']} messages read up to log time "
+                     f"{(r['last_stamp_ns'] or 0) * 1e-9:.3f} s, {r['bytes_unread']} bytes unread")
     lines.append(f"bag {rep['bag']} ({rep['mode']}): {m['n_id']} ID / {m['n_ood']} OOD boxes; "
                  f"status {rep['status_counts']}")
     lines.append(f"FPR95 {f(m['fpr95'])}  AUROC {f(m['auroc'])}  AUPR-In {f(m['aupr_in'])}  "

@@ -267,6 +267,207 @@ class BagWriter:
 
 
 # --------------------------------------------------------------------------- reading
+MCAP_MAGIC = b"\x89MCAP0\r\n"
+
+
+@dataclasses.dataclass
+class Recovery:
+    """What was read from an MCAP bag that ``rosbags`` refuses (no footer / summary: the recorder
+    was cut, e.g. a vehicle lost power): every complete message up to the cut, in file order.
+
+    Attributes: ``files`` read; ``reason`` why the normal reader refused the bag; ``messages``
+    recovered; ``last_stamp_ns`` log time of the last one (None when none); ``bytes_read`` up to
+    the end of the last complete record; ``bytes_unread`` after it (the cut record, or a footer
+    that could not be read); ``complete``: the data section ended properly (only the index is
+    missing) so nothing was lost."""
+
+    files: List[str]
+    reason: str
+    messages: int = 0
+    last_stamp_ns: Optional[int] = None
+    bytes_read: int = 0
+    bytes_unread: int = 0
+    complete: bool = False
+
+    def describe(self) -> str:
+        last = "none" if self.last_stamp_ns is None else f"{self.last_stamp_ns * 1e-9:.3f} s"
+        return (f"recovered {self.messages} messages up to log time {last}; {self.bytes_unread} bytes unread "
+                f"({self.reason})")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _mcap_files(path) -> List[pathlib.Path]:
+    p = pathlib.Path(path)
+    if p.is_file():
+        return [p] if p.suffix == ".mcap" else []
+    return sorted(p.glob("*.mcap")) if p.is_dir() else []
+
+
+class _McapStream:
+    """A forward-only MCAP reader that needs no footer, summary or index (the part of the format
+    a recorder writes as it goes): Schema / Channel / Message records, top level or inside chunks
+    (uncompressed, lz4 or zstd, the decompressors ``rosbags`` itself depends on). It stops at the
+    first incomplete record; an uncompressed chunk cut in the middle still gives its complete
+    messages."""
+
+    def __init__(self, files: Sequence[pathlib.Path], reason: str):
+        self.files = list(files)
+        self.recovery = Recovery([str(f) for f in self.files], reason)
+        self.schemas: Dict[int, str] = {}
+        self.channels: Dict[int, Tuple[str, int]] = {}  # id -> (topic, schema id)
+
+    @staticmethod
+    def _str(buf, pos: int) -> Tuple[str, int]:
+        n = int.from_bytes(buf[pos:pos + 4], "little")
+        if pos + 4 + n > len(buf):
+            raise ValueError("string past the record")
+        return bytes(buf[pos + 4:pos + 4 + n]).decode("utf-8", "replace"), pos + 4 + n
+
+    def _records(self, buf, pos: int, end: int, partial_ok: bool):
+        """(opcode, content) of the complete records in ``buf[pos:end]``; stops at a cut one."""
+        while pos + 9 <= end:
+            op = buf[pos]
+            n = int.from_bytes(buf[pos + 1:pos + 9], "little")
+            if pos + 9 + n > end:
+                if partial_ok:
+                    yield op, None, pos  # the cut record (content incomplete)
+                return
+            yield op, buf[pos + 9:pos + 9 + n], pos + 9 + n
+            pos += 9 + n
+
+    def _inner(self, op: int, rec, wanted):
+        if op == 0x03:  # Schema
+            sid = int.from_bytes(rec[0:2], "little")
+            self.schemas[sid], _ = self._str(rec, 2)
+        elif op == 0x04:  # Channel
+            cid, sid = int.from_bytes(rec[0:2], "little"), int.from_bytes(rec[2:4], "little")
+            topic, _ = self._str(rec, 4)
+            self.channels[cid] = (topic, sid)
+        elif op == 0x05:  # Message
+            cid = int.from_bytes(rec[0:2], "little")
+            log_time = int.from_bytes(rec[6:14], "little")
+            topic, sid = self.channels.get(cid, ("", 0))
+            r = self.recovery
+            r.messages += 1
+            r.last_stamp_ns = log_time if r.last_stamp_ns is None else max(r.last_stamp_ns, log_time)
+            if wanted is None or topic in wanted:
+                return topic, self.schemas.get(sid, ""), log_time, bytes(rec[22:])
+        return None
+
+    def messages(self, wanted: Optional[set] = None) -> Iterator[Tuple[str, str, int, bytes]]:
+        """(topic, msgtype, log time ns, CDR bytes) of every complete message, file order."""
+        import mmap
+
+        r = self.recovery
+        r.messages, r.last_stamp_ns, r.bytes_read, r.bytes_unread, r.complete = 0, None, 0, 0, True
+        for f in self.files:
+            size = f.stat().st_size
+            if size == 0:
+                raise BagError(f"{f}: empty file")
+            with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                if buf[:8] != MCAP_MAGIC:
+                    raise BagError(f"{f}: not an MCAP file (bad magic)")
+                done, good_end = False, 8
+                for op, rec, nxt in self._records(buf, 8, size, partial_ok=True):
+                    if rec is None:  # the cut record: an uncompressed chunk still gives its messages
+                        if op == 0x06:
+                            yield from self._chunk(buf[nxt + 9:size], wanted, partial=True)
+                        break
+                    if op == 0x06:
+                        yield from self._chunk(rec, wanted, partial=False)
+                    elif op in (0x02, 0x0F):  # Footer / DataEnd: the data section is whole
+                        good_end, done = nxt, True
+                        break
+                    else:
+                        m = self._inner(op, rec, wanted)
+                        if m is not None:
+                            yield m
+                    good_end = nxt
+                r.bytes_read += good_end
+                r.bytes_unread += 0 if done else size - good_end
+                r.complete = r.complete and done
+
+    def _chunk(self, rec, wanted, partial: bool):
+        # start u64, end u64, uncompressed size u64, crc u32, compression str, records length u64, records
+        try:
+            comp, pos = self._str(rec, 28)
+        except ValueError:
+            return
+        body = rec[pos + 8:]
+        if partial and comp:
+            return  # a cut compressed chunk cannot be decoded
+        if comp == "lz4":
+            from lz4.frame import decompress as lz4_decompress
+
+            body = lz4_decompress(bytes(body))
+        elif comp == "zstd":
+            try:
+                from compression import zstd  # Python >= 3.14
+            except ImportError:
+                from backports import zstd  # rosbags' own dependency
+            body = zstd.decompress(bytes(body))
+        elif comp:
+            raise BagError(f"unsupported MCAP chunk compression {comp!r}")
+        for op, inner, _ in self._records(body, 0, len(body), partial_ok=False):
+            m = self._inner(op, inner, wanted)
+            if m is not None:
+                yield m
+
+
+_SCANS: Dict[Tuple, Tuple] = {}
+
+
+def _open_failure(path) -> Optional[str]:
+    """None when ``rosbags`` opens the bag; else why not (a one-line reason)."""
+    from rosbags.rosbag2 import Reader
+
+    p = pathlib.Path(path)
+    if not p.exists():
+        return f"{p}: no such file or folder"
+    if not (p / "metadata.yaml").exists():
+        return "no metadata.yaml"
+    try:
+        with Reader(p):
+            return None
+    except Exception as exc:  # rosbags' ReaderError, sqlite3 errors, bad YAML ...
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _stream(path) -> Optional[_McapStream]:
+    """The stream reader for a bag ``rosbags`` refuses whose data is MCAP, else None when rosbags
+    opens it. Raises BagError when neither can read it (one line: what and why)."""
+    reason = _open_failure(path)
+    if reason is None:
+        return None
+    files = _mcap_files(path)
+    if not files:
+        if not pathlib.Path(path).exists() or reason == "no metadata.yaml":
+            raise BagError(f"{path} is not a rosbag2 folder (no metadata.yaml) nor an MCAP file")
+        raise BagError(f"{path}: cannot be read: {reason}")
+    return _McapStream(files, reason)
+
+
+def _scan(path) -> Tuple[Dict[str, str], Dict[str, int], int, int, Recovery]:
+    """(topics, counts, start, end, recovery) of a bag read by the stream reader (one pass over
+    the file, cached per file size and modification time)."""
+    st = _stream(path)
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in st.files)
+    if key not in _SCANS:
+        topics: Dict[str, str] = {}
+        counts: Dict[str, int] = {}
+        start, end = None, 0
+        for topic, _, t, _ in st.messages(wanted=None):
+            counts[topic] = counts.get(topic, 0) + 1
+            start = t if start is None else min(start, t)
+            end = max(end, t)
+        for topic, sid in st.channels.values():
+            topics[topic] = st.schemas.get(sid, "")
+        _SCANS[key] = (topics, counts, start or 0, end, st.recovery)
+    return _SCANS[key]
+
+
 def _reader(path):
     from rosbags.rosbag2 import Reader
 
@@ -277,25 +478,42 @@ def _reader(path):
 
 
 def read_bag(path, topics: Optional[Iterable[str]] = None) -> Iterator[BagMessage]:
-    """Yield every message of the bag (all topics, or those named) in log-time order."""
+    """Yield every message of the bag (all topics, or those named) in log-time order.
+
+    A bag ``rosbags`` refuses whose data is MCAP (no footer: the recorder was cut; or a bare
+    ``.mcap`` without ``metadata.yaml``) is read by the stream reader up to its last complete
+    message, in file order (:func:`bag_info` reports it as ``recovered``). Any other bag that
+    cannot be read raises :class:`BagError` with a one-line reason, never the storage layer's own
+    exception."""
     wanted = None if topics is None else set(topics)
-    with _reader(path) as reader:
-        conns = [c for c in reader.connections if wanted is None or c.topic in wanted]
-        if wanted is not None:
-            missing = wanted - {c.topic for c in conns}
-            if missing:
-                LOG.warning("bag %s has no topic(s) %s (it has %s)", path, sorted(missing),
-                            sorted({c.topic for c in reader.connections}))
-        if not conns:
-            return
-        for conn, stamp, raw in reader.messages(connections=conns):
-            yield BagMessage(conn.topic, conn.msgtype, int(stamp), bytes(raw))
+    st = _stream(path)
+    if st is not None:
+        for topic, msgtype, t, raw in st.messages(wanted):
+            yield BagMessage(topic, msgtype, int(t), raw)
+        return
+    try:
+        with _reader(path) as reader:
+            conns = [c for c in reader.connections if wanted is None or c.topic in wanted]
+            if wanted is not None:
+                missing = wanted - {c.topic for c in conns}
+                if missing:
+                    LOG.warning("bag %s has no topic(s) %s (it has %s)", path, sorted(missing),
+                                sorted({c.topic for c in reader.connections}))
+            if not conns:
+                return
+            for conn, stamp, raw in reader.messages(connections=conns):
+                yield BagMessage(conn.topic, conn.msgtype, int(stamp), bytes(raw))
+    except BagError:
+        raise
+    except Exception as exc:  # a storage file corrupt past its index
+        raise BagError(f"{path}: cannot be read: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
 
 
 @dataclasses.dataclass
 class BagInfo:
     """Summary of a bag: ``topics`` topic -> msgtype, ``counts`` topic -> messages,
-    ``start_ns`` / ``end_ns`` log-time bounds, ``storage`` (``mcap`` / ``sqlite3``)."""
+    ``start_ns`` / ``end_ns`` log-time bounds, ``storage`` (``mcap`` / ``sqlite3``); ``recovery``
+    (:class:`Recovery`) when the bag was read up to a cut by the stream reader, else None."""
 
     path: str
     topics: Dict[str, str]
@@ -303,20 +521,35 @@ class BagInfo:
     start_ns: int
     end_ns: int
     storage: str
+    recovery: Optional[Recovery] = None
 
     @property
     def duration_s(self) -> float:
         return (self.end_ns - self.start_ns) / 1e9
 
+    @property
+    def recovered(self) -> bool:
+        return self.recovery is not None
+
 
 def bag_info(path) -> BagInfo:
-    with _reader(path) as reader:
-        topics = {c.topic: c.msgtype for c in reader.connections}
-        counts: Dict[str, int] = {}
-        for c in reader.connections:
-            counts[c.topic] = counts.get(c.topic, 0) + int(c.msgcount)
-        storage = "mcap" if any(pathlib.Path(path).glob("*.mcap")) else "sqlite3"
-        return BagInfo(str(path), topics, counts, int(reader.start_time), int(reader.end_time), storage)
+    """:class:`BagInfo` of a bag. Raises :class:`BagError` (one line) when it cannot be read at all
+    (missing, empty, not a bag, a corrupt sqlite3 file)."""
+    if _stream(path) is not None:
+        topics, counts, start, end, rec = _scan(path)
+        return BagInfo(str(path), topics, counts, start, end, "mcap", rec)
+    try:
+        with _reader(path) as reader:
+            topics = {c.topic: c.msgtype for c in reader.connections}
+            counts: Dict[str, int] = {}
+            for c in reader.connections:
+                counts[c.topic] = counts.get(c.topic, 0) + int(c.msgcount)
+            storage = "mcap" if any(pathlib.Path(path).glob("*.mcap")) else "sqlite3"
+            return BagInfo(str(path), topics, counts, int(reader.start_time), int(reader.end_time), storage)
+    except BagError:
+        raise
+    except Exception as exc:
+        raise BagError(f"{path}: cannot be read: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
 
 
 @dataclasses.dataclass

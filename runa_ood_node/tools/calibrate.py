@@ -102,7 +102,7 @@ def _run(args) -> int:
                            f"boxes, at least ceil(1/(1-tpr)) = {need} are needed.",
                            "Use more images (--max-images / a larger annotation file), a larger --split or a "
                            "lower --tpr."])
-    scorer = common.load_pipeline_or_exit(args, dataset.label_set)
+    scorer = common.scorer_from_args(args, apply_thresholds=False).scorer  # fits them: none applied
     encoder = scorer.encoder
     rw = bool(encoder.random_weights)
     progress = not args.no_progress
@@ -112,11 +112,13 @@ def _run(args) -> int:
     sel = ok & is_id
     meta = {"model_id": encoder.model_id, "model_name": encoder.model_name, "pretrained": encoder.pretrained,
             "random_weights": rw, "scorer": scorer.scorer, "label_set": dataset.label_set.name,
-            "ablation": scorer.ablation, "lam": scorer.lam, "blur_radius": scorer.blur_radius,
+            "ablation": scorer.ablation, "blur_radius": scorer.blur_radius,
             "temperature": scorer.temperature, "projection": args.projection,
             "annotations": str(dataset.annotation_path), "split": args.split, "seed": args.seed,
             "label_source": "predicted nearest ID label",
-            "fitted_for": fit_identity(scorer)}  # what the node and the tools check before applying them
+            # what the node and the tools check before applying them; its ``lam`` is the fusion weight the
+            # scores were made with (the ablation's effective lam: 1 regional, 0 global), the only lam written
+            "fitted_for": fit_identity(scorer)}
     if rw:
         meta["warning"] = common.RANDOM_LABEL
     try:

@@ -167,39 +167,221 @@ def allow_download(args) -> bool:
     return not (bool(getattr(args, "offline", False)) or env_offline())
 
 
-def pipeline_config(args, label_set: Any = "voc", scorer: Optional[str] = None, ablation: Optional[str] = None,
-                    thresholds=None, random_weights: bool = False) -> Dict[str, Any]:
-    """The ``factory.build_scorer`` dict of the shared CLI arguments (the node's construction path).
+#: flags whose destination differs from the node parameter they set. Every other flag whose
+#: destination IS a node parameter's name (``--lam`` -> ``lam``, ``--model`` -> ``model``, a future
+#: ``--method`` -> ``method``) lands in the parameters under that name by itself: adding a node
+#: parameter (one row in ``ros.params.PARAMETERS``) and its flag needs no change here.
+FLAG_PARAMETERS: Dict[str, str] = {"id_set": "label_set", "thresholds": "thresholds_file",
+                                   "allow_threshold_mismatch": "thresholds_allow_mismatch"}
+#: where an offline tool departs from the node's defaults: every box scored (no cap), the torch
+#: backend unless ``--backend`` says otherwise, reliable QoS for a replayed bag; and the loading
+#: settings written out (so a live node started with these parameters loads the model alike)
+TOOL_PARAMETERS: Dict[str, Any] = {"max_boxes": 0, "backend": "torch", "image_qos": "reliable",
+                                   "detections_qos": "reliable", "autostart": True, "device": "cpu",
+                                   "precision": "auto"}
 
-    ``label_set``: a ``LabelSet`` or a name / YAML path; ``scorer`` / ``ablation`` override
-    ``args``; ``thresholds``: a ``Thresholds`` object or None; ``random_weights``: build the
-    seeded random model of ``args.model`` instead of loading ``args.pretrained``;
-    ``allow_download``: :func:`allow_download`. Arguments a namespace lacks take the CLI defaults
-    (other tools build small namespaces).
+
+def node_parameters_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, random_weights: bool = False,
+                              image_topic: Optional[str] = None, n_frames: int = 100) -> Dict[str, Any]:
+    """The node parameters of a tool run: THE converter from command-line arguments to settings.
+
+    In order (later wins): :data:`TOOL_PARAMETERS`; every argument whose destination is a node
+    parameter name or listed in :data:`FLAG_PARAMETERS` (None values skipped; ``--device`` resolved
+    to the node's ``cpu`` / ``cuda``, ``--pretrained none`` -> empty, ``--scorer all`` -> ``runa``);
+    ``allow_download`` from ``--offline`` / the offline environment; the topic settings of
+    ``image_topic`` (a ``.../compressed`` topic -> compressed transport) and queue / pairing sizes
+    of a bag of ``n_frames`` images; the seeded random model when ``random_weights``;
+    ``overrides``; last ``--node-params name:=value`` (``args.node_params``).
+
+    Validate with :func:`settings_from_parameters`; build with :func:`scorer_from_parameters`.
+    """
+    from ..core.registry import resolve_device
+    from ..ros.params import PARAMETERS
+
+    names = {p.name for p in PARAMETERS}
+    p: Dict[str, Any] = dict(TOOL_PARAMETERS)
+    for dest, value in sorted(vars(args).items()):
+        name = FLAG_PARAMETERS.get(dest, dest)
+        if name in names and value is not None:
+            p[name] = value
+    device = resolve_device(p.get("device", "cpu"))
+    p["device"] = "cuda" if device.startswith("cuda") else device
+    p["pretrained"] = _pretrained_arg(p.get("pretrained")) or ""
+    if p.get("scorer") == "all":
+        p["scorer"] = "runa"
+    for k in ("projection", "thresholds_file"):
+        p[k] = str(p.get(k) or "")
+    p["label_set"] = str(p.get("label_set", NODE_DEFAULTS["label_set"]))
+    p["allow_download"] = allow_download(args)
+    if image_topic:
+        from . import bagio
+
+        compressed = image_topic.endswith("/compressed")
+        p.update(image_topic=image_topic[: -len("/compressed")] if compressed else image_topic,
+                 image_transport="compressed" if compressed else "raw")
+        p.setdefault("detections_topic", bagio.DETECTIONS_TOPIC)
+    n = int(n_frames)
+    p.update(image_queue_size=max(5, min(1000, n)), detections_queue_size=max(10, min(1000, n)),
+             processing_queue_size=max(2, min(100, n)), pairing_buffer=max(30, min(1000, n)))
+    if random_weights:
+        p.update(pretrained="", allow_random_weights=True)
+    p.update(overrides or {})
+    p.update(parse_node_params(getattr(args, "node_params", None)))
+    return p
+
+
+def parse_node_params(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """``["name:=value", ...]`` -> dict (values parsed as YAML, like ``--ros-args -p``)."""
+    import yaml
+
+    out: Dict[str, Any] = {}
+    for it in items or ():
+        if ":=" not in it:
+            raise ValueError(f"node parameter must be name:=value, got {it!r}")
+        k, v = it.split(":=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+    return out
+
+
+def settings_from_parameters(params: Dict[str, Any], apply_thresholds: bool = True):
+    """``ros.params.NodeSettings`` of ``params``: the node's own validation (``ros.params.validate``;
+    raises ``ParameterValidationError``, a ValueError, listing every bad value).
+
+    ``apply_thresholds=False`` (tools that fit thresholds or compare several scorers and apply
+    ``--thresholds`` per run themselves): the node's rule that a scorer other than ``runa`` needs a
+    ``thresholds_file`` does not apply, since no threshold is used."""
+    from ..ros.params import validate
+
+    if apply_thresholds or params.get("thresholds_file") or params.get("scorer", "runa") == "runa":
+        return validate(params)
+    if params["scorer"] not in SCORERS:
+        return validate(params)  # reports the bad name
+    return dataclasses.replace(validate({**params, "scorer": "runa"}), scorer=params["scorer"])
+
+
+def scorer_from_parameters(params: Dict[str, Any], ablation: Optional[str] = None, encoder=None,
+                           apply_thresholds: bool = True):
+    """``(OodScorer, NodeSettings)``: :func:`settings_from_parameters` -> ``factory.build_node_scorer``
+    (the node's construction). ``ablation`` (a tool's ``--ablation``; None = dual, the node's views),
+    ``encoder`` (an already loaded model to build around): passed on. Raises as they do; Ray actors
+    and tests call this, command-line tools :func:`scorer_from_args`."""
+    from ..factory import build_node_scorer
+
+    settings = settings_from_parameters(params, apply_thresholds)
+    return (build_node_scorer(settings, encoder=encoder, ablation=ablation, apply_thresholds=apply_thresholds),
+            settings)
+
+
+@dataclasses.dataclass
+class ToolScorer:
+    """What :func:`scorer_from_args` built: the ``scorer``, the node ``params`` it was built from
+    (random weights recorded in them), their validated ``settings``, the ``ablation`` and the
+    thresholds-file ``mismatch`` list (non-empty only with ``--allow-threshold-mismatch``)."""
+
+    scorer: Any
+    params: Dict[str, Any]
+    settings: Any
+    ablation: str
+    mismatch: List[str]
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.scorer.encoder.random_weights)
+
+
+def ablation_of(args, overrides: Optional[str] = None) -> str:
+    """``--ablation`` (``all`` / missing -> dual), or ``overrides``."""
+    return overrides or _single(getattr(args, "ablation", None), "dual")
+
+
+def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablation: Optional[str] = None,
+                     apply_thresholds: bool = True, image_topic: Optional[str] = None,
+                     n_frames: int = 100) -> ToolScorer:
+    """THE way a tool turns its command-line arguments into a scorer: arguments -> node parameters
+    (:func:`node_parameters_from_args`) -> ``ros.params`` validation -> ``factory.build_node_scorer``
+    (:func:`scorer_from_parameters`) -> the node's thresholds fit check (``check_fit``;
+    ``--allow-threshold-mismatch`` = the node's ``thresholds_allow_mismatch``).
+
+    Weights policy: when the weights of ``--model`` / ``--pretrained`` cannot be loaded (or none are
+    asked for) the tool exits 2 saying how to provide them, unless ``--allow-random-weights``: then
+    the seeded random model is built (``pretrained`` empty, ``allow_random_weights`` in the
+    parameters, as the node builds it) and a banner says so.
+
+    ``overrides``: parameter values that win over the arguments (e.g. the scorer of one run);
+    ``ablation``: None = ``--ablation`` (``all`` -> dual); ``apply_thresholds``: False for tools that
+    apply ``--thresholds`` themselves or fit them (no thresholds on the scorer, no check here);
+    ``image_topic`` / ``n_frames``: the bag's (topics, pairing buffer).
 
     Raises:
-        ValueError: a bad ``--precision`` for the device.
+        SystemExit(2): invalid settings, unusable weights, CUDA missing, an unavailable backend, an
+            unreadable projection / thresholds file, thresholds fitted for another configuration.
     """
+    from ..core.encoder import RANDOM_WEIGHTS_SEED, WeightsUnavailableError
+
+    ablation = ablation_of(args, ablation)
+    if ablation not in ABLATIONS:
+        raise fail([f"--ablation {ablation!r}: not one of {list(ABLATIONS)}"])
     device = _resolve_device(getattr(args, "device", "cpu"))
-    cfg: Dict[str, Any] = {
-        "model": args.model,
-        "pretrained": None if random_weights else _pretrained_arg(getattr(args, "pretrained", None)),
-        "device": device,
-        "precision": resolve_precision(getattr(args, "precision", "auto"), device),
-        "allow_random": bool(random_weights),
-        "labels": label_set,
-        "projection": getattr(args, "projection", None) or None,
-        "thresholds": thresholds,
-        "scorer": scorer or _single(getattr(args, "scorer", "runa"), "runa"),
-        "ablation": ablation or _single(getattr(args, "ablation", "dual"), "dual"),
-        "lam": float(getattr(args, "lam", 0.5)),
-        "blur_radius": float(getattr(args, "blur_radius", 1.0)),
-        "temperature": float(getattr(args, "temperature", 1.0)),
-        "min_box_size": float(getattr(args, "min_box_size", 2.0)),
-        "backend": getattr(args, "backend", "torch") or "torch",
-        "allow_download": allow_download(args),
-    }
-    return cfg
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise fail([f"--device {device}: CUDA is not available here; use --device cpu or --device auto"])
+    kw = dict(image_topic=image_topic, n_frames=n_frames)
+    try:
+        params = node_parameters_from_args(args, overrides, **kw)
+        if not params["pretrained"] and not params.get("allow_random_weights"):
+            params = node_parameters_from_args(args, overrides, random_weights=True, **kw)
+            reason = f"no pretrained weights requested for {params['model']!r} (--pretrained " \
+                     f"{getattr(args, 'pretrained', None)})"
+        else:
+            reason = None
+        settings_from_parameters(params, apply_thresholds)  # every bad value listed before a model loads
+    except ValueError as exc:
+        raise fail([f"invalid settings: {exc}"])
+    model = params["model"]
+    built = None
+    if reason is None:
+        if not params.get("allow_random_weights"):
+            _log_weights_source(model, params["pretrained"], params["allow_download"])
+        try:
+            built = _build(params, ablation, apply_thresholds)
+        except WeightsUnavailableError as exc:
+            reason = str(exc)
+    if built is None:
+        if not bool(getattr(args, "allow_random_weights", False)):
+            raise fail([
+                f"cannot load weights for model {model!r} (--pretrained {getattr(args, 'pretrained', None)}):",
+                *_wrap(reason),
+                "",
+                "How to provide weights:",
+                "  * --pretrained /path/to/checkpoint.pt   (a local open_clip checkpoint file), or",
+                f"  * run once with internet access with --model {model} --pretrained <tag> so open_clip caches",
+                "    the tag (HF_HOME / ~/.cache/huggingface), then reuse or copy that cache here.",
+                "  * plumbing tests only: --allow-random-weights (numbers then say nothing about quality).",
+            ])
+        params = node_parameters_from_args(args, overrides, random_weights=True, **kw)
+        try:
+            built = _build(params, ablation, apply_thresholds)
+        except WeightsUnavailableError as exc:  # cannot happen with allow_random; be explicit anyway
+            raise fail([f"cannot build a random {model!r}: {exc}"])
+        banner([RANDOM_LABEL, f"model {model!r} runs with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}) because:",
+                *_wrap(reason), "Use this run to test plumbing only."])
+    scorer, settings = built
+    mismatch: List[str] = []
+    if apply_thresholds:
+        try:  # the node's thresholds check (core.thresholds.check_fit), refused or reported as the node does
+            mismatch = settings.check_thresholds(scorer)
+        except ValueError as exc:
+            raise fail(str(exc).splitlines())
+        if mismatch:
+            LOG.warning("--allow-threshold-mismatch: thresholds %s were fitted for another configuration (%s); "
+                        "applied anyway", params["thresholds_file"], "; ".join(mismatch))
+    enc = scorer.encoder
+    LOG.info("pipeline: %s on %s, %s, backend %s, %s views, %s ablation%s", enc.model_name, enc.device,
+             enc.precision, enc.backend_name, type(scorer.view_maker).__name__, ablation,
+             f", projection {params['projection']}" if params["projection"] else "")
+    return ToolScorer(scorer, params, settings, ablation, mismatch)
 
 
 def _single(value: Optional[str], default: str) -> str:
@@ -226,97 +408,30 @@ def _log_weights_source(model: str, pretrained: str, download: bool) -> None:
                  "takes about a minute to fail; --offline fails at once)", model, pretrained)
 
 
-def load_pipeline_or_exit(args, label_set: Any = "voc", scorer: Optional[str] = None,
-                          ablation: Optional[str] = None, thresholds=None):
-    """The ``OodScorer`` of the shared CLI arguments, built by ``factory.build_scorer`` like the node.
-
-    Model, weights, device, precision (``--precision``, auto = fp16 on CUDA), backend (built by
-    ``make_backend(kind, encoder, device=, precision=)``; ``auto`` falls back TensorRT -> ONNX
-    Runtime -> torch), GPU views on CUDA and the fine-tuned ``--projection`` all come from there.
-    ``label_set`` / ``scorer`` / ``ablation`` / ``thresholds``: as :func:`pipeline_config`.
-
-    Raises:
-        SystemExit(2): the weights cannot be loaded and ``--allow-random-weights`` is not set
-            (after printing what failed and how to provide weights), CUDA was asked for but is not
-            available, or the model name, precision, projection, label set or an explicitly named
-            backend is invalid / unavailable.
-    """
-    from ..core.encoder import RANDOM_WEIGHTS_SEED, WeightsUnavailableError
-
-    model = args.model
-    device = _resolve_device(getattr(args, "device", "cpu"))
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise fail([f"--device {device}: CUDA is not available here; use --device cpu or --device auto"])
-    try:
-        cfg = pipeline_config(args, label_set, scorer, ablation, thresholds)
-    except ValueError as exc:
-        raise fail([str(exc)])
-    allow_random = bool(getattr(args, "allow_random_weights", False))
-    reason = None
-    pipe = None
-    if cfg["pretrained"] is None:
-        reason = f"no pretrained weights requested for {model!r} (--pretrained {getattr(args, 'pretrained', None)})"
-    else:
-        _log_weights_source(model, cfg["pretrained"], cfg["allow_download"])
-        try:
-            pipe = _from_config(cfg)
-        except WeightsUnavailableError as exc:
-            reason = str(exc)
-    if pipe is None:
-        if not allow_random:
-            raise fail([
-                f"cannot load weights for model {model!r} (--pretrained {getattr(args, 'pretrained', None)}):",
-                *_wrap(reason),
-                "",
-                "How to provide weights:",
-                "  * --pretrained /path/to/checkpoint.pt   (a local open_clip checkpoint file), or",
-                f"  * run once with internet access with --model {model} --pretrained <tag> so open_clip caches",
-                "    the tag (HF_HOME / ~/.cache/huggingface), then reuse or copy that cache here.",
-                "  * plumbing tests only: --allow-random-weights (numbers then say nothing about quality).",
-            ])
-        try:
-            pipe = _from_config(pipeline_config(args, label_set, scorer, ablation, thresholds,
-                                                           random_weights=True))
-        except WeightsUnavailableError as exc:  # cannot happen with allow_random; be explicit anyway
-            raise fail([f"cannot build a random {model!r}: {exc}"])
-        banner([RANDOM_LABEL, f"model {model!r} runs with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}) because:",
-                *_wrap(reason), "Use this run to test plumbing only."])
-    enc = pipe.encoder
-    LOG.info("pipeline: %s on %s, %s, backend %s, %s views%s", enc.model_name, enc.device, enc.precision,
-             enc.backend_name, type(pipe.view_maker).__name__,
-             f", projection {cfg['projection']}" if cfg["projection"] else "")
-    return pipe
-
-
-def _from_config(cfg: Dict[str, Any]):
-    """``factory.build_scorer(cfg)``; every failure but missing weights becomes ``fail`` (exit 2)."""
+def _build(params: Dict[str, Any], ablation: str, apply_thresholds: bool):
+    """:func:`scorer_from_parameters`; every failure but missing weights becomes ``fail`` (exit 2)."""
     from ..core.encoder import WeightsUnavailableError
 
-    from ..factory import build_scorer
-
     try:
-        return build_scorer(cfg)
+        return scorer_from_parameters(params, ablation, apply_thresholds=apply_thresholds)
     except WeightsUnavailableError:
         raise
     except Exception as exc:
         name = type(exc).__name__
         if name == "BackendUnavailableError":
-            raise fail([f"backend {cfg['backend']!r} is not available: {exc}",
+            raise fail([f"backend {params['backend']!r} is not available: {exc}",
                         "use --backend auto (falls back TensorRT -> ONNX Runtime -> torch) or --backend torch"])
-        if cfg.get("projection") and isinstance(exc, (OSError, ValueError, KeyError)) and "projection" in str(exc):
-            raise fail([f"cannot use projection {cfg['projection']!r}: {name}: {exc}"])
+        if params.get("projection") and isinstance(exc, (OSError, ValueError, KeyError)) and "projection" in str(exc):
+            raise fail([f"cannot use projection {params['projection']!r}: {name}: {exc}"])
         if isinstance(exc, (OSError, ValueError, KeyError, ImportError, RuntimeError)):
-            raise fail([f"cannot build the pipeline for model {cfg['model']!r}: {name}: {exc}"])
+            raise fail([f"cannot build the pipeline for model {params['model']!r}: {name}: {exc}"])
         raise
 
 
-def load_encoder_or_exit(args, label_set: Any = "voc"):
-    """The :class:`DualEncoder` of the shared CLI arguments (model, pretrained, device, precision,
-    backend, projection): :func:`load_pipeline_or_exit` ``.encoder``. Exits 2 as it does."""
-    return load_pipeline_or_exit(args, label_set).encoder
+def load_encoder_or_exit(args):
+    """The :class:`DualEncoder` of the model arguments: :func:`scorer_from_args` ``.scorer.encoder``
+    (no thresholds). Exits 2 as it does."""
+    return scorer_from_args(args, apply_thresholds=False).scorer.encoder
 
 
 def _wrap(text: Optional[str], width: int = 100) -> List[str]:
@@ -536,18 +651,20 @@ def score_boxes(enc: EncodedBoxes, scorer: Optional[str] = None, ablation: Optio
     """Score every encoded box with ``enc.pipeline.score_features`` (one call for the dataset).
 
     ``scorer`` / ``ablation`` / ``lam`` / ``temperature``: None = the pipeline's own settings.
-    ``regional_projection``: optional ``[width, D]`` to use as ``P_r`` for this call only (the
-    encoder's own is restored afterwards), e.g. ``finetune``'s before/after comparison.
+    ``regional_projection``: optional ``[width, D]`` to use as ``P_r`` for this call only, e.g.
+    ``finetune``'s before/after comparison. It is given to a shallow copy of the pipeline and its
+    encoder (same model, own projection): the shared encoder is never changed, so a scorer used
+    elsewhere (another thread, a later call) keeps its own ``P_r``.
     """
+    import copy
+
     pipe = enc.pipeline
-    encoder = pipe.encoder
-    saved = encoder.proj_regional
-    try:
-        if regional_projection is not None:
-            encoder.set_regional_projection(regional_projection)
-        res = pipe.score_features(enc.features, scorer=scorer, ablation=ablation, lam=lam, temperature=temperature)
-    finally:
-        encoder.proj_regional = saved
+    if regional_projection is not None:
+        encoder = copy.copy(pipe.encoder)
+        encoder.set_regional_projection(regional_projection)  # rebinds the copy's attribute only
+        pipe = copy.copy(pipe)
+        pipe.encoder = encoder
+    res = pipe.score_features(enc.features, scorer=scorer, ablation=ablation, lam=lam, temperature=temperature)
     return ScoredBoxes(res.uncertainty, res.label_idx, list(res.label), res.similarity, res.status,
                        res.timings["score"] / 1e3, res)
 

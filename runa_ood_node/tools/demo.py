@@ -151,9 +151,9 @@ def load_scorer(args, base_params: Dict[str, Any]):
 
 def _scorer(params: Dict[str, Any]):
     """The scorer the node builds from ``params`` (``factory.build_node_scorer``)."""
-    from runa_ood_node.factory import build_node_scorer
+    from .common import scorer_from_parameters
 
-    return build_node_scorer(bag_eval.node_settings(params))
+    return scorer_from_parameters(params)[0]
 
 
 # =========================================================================== output helpers
@@ -294,8 +294,8 @@ def run(args) -> int:
     # 2) weights (real, else random + prominent notice)
     ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set=args.id_set,
                                thresholds=args.thresholds, min_box_size=2.0, pretrained=args.pretrained,
-                               projection=None, backend="torch", device="cpu", node_params=[])
-    base = bag_eval.node_parameters(ns, False, args.model, bag_summary["image_topic"], len(bag_frames))
+                               projection=None, backend="torch", device="cpu", node_params=[], model=args.model)
+    base = common.node_parameters_from_args(ns, image_topic=bag_summary["image_topic"], n_frames=len(bag_frames))
     scorer, params, rw, weights_note = load_scorer(args, base)
 
     # 3) threshold
@@ -316,7 +316,7 @@ def run(args) -> int:
     elif params.get("thresholds_file"):
         threshold_note = f"calibrated thresholds from {params['thresholds_file']}"
     else:
-        thr = bag_eval.node_settings(params).default_threshold
+        thr = common.settings_from_parameters(params).default_threshold
         threshold_note = f"{thr:+.4f} = the node's default_threshold (uncalibrated guess; run `runa-ood calibrate`)"
     del scorer
 

@@ -125,9 +125,10 @@ def _run_dataset(args) -> int:
     if dataset.n_boxes == 0:
         raise common.fail([f"no labelled boxes in {dataset.annotation_path} for ID set {args.id_set!r}"])
     thresholds = common.load_thresholds_or_exit(args)
-    # one pipeline (built like the node's, factory.build_scorer): its encode() runs once per frame,
-    # its score_features() once per scorer x ablation; thresholds are applied per run below
-    ref = common.load_pipeline_or_exit(args, dataset.label_set, scorer=scorers[0], ablation=ablations[0])
+    # one pipeline (the tools' one path, common.scorer_from_args -> factory.build_node_scorer): its
+    # encode() runs once per frame, its score_features() once per scorer x ablation; --thresholds
+    # are checked and applied per run below (_check_thresholds), not by the pipeline
+    ref = common.scorer_from_args(args, {"scorer": scorers[0]}, ablation=ablations[0], apply_thresholds=False).scorer
     encoder = ref.encoder
     th_report, th_wrong = _check_thresholds(args, thresholds, ref, scorers, ablations)
     rw = bool(encoder.random_weights)

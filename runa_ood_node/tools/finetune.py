@@ -162,7 +162,7 @@ def _run(args) -> int:
     except ValueError as exc:
         raise common.fail([f"cannot draw shots: {exc}"])
     label_set = dataset.label_set
-    scorer = common.load_pipeline_or_exit(args, label_set)
+    scorer = common.scorer_from_args(args, apply_thresholds=False).scorer
     encoder = scorer.encoder
     rw = bool(encoder.random_weights)
     text_emb = scorer.text_emb

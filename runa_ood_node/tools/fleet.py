@@ -30,11 +30,21 @@ is either fully written or absent), Ray's writer cuts files at block boundaries 
 with bags and leaves partial files behind when a run dies. The rows that come back are small (no
 pixels, except a few thumbnails of top-K candidates), so writing them from the driver is cheap.
 
-Same method as ``runa-ood evaluate --bag``: the node parameters are built by
-``bag_eval.node_parameters`` from the same command-line arguments, every actor builds its scorer
-with ``factory.build_node_scorer`` from those parameters (the node's own construction), frames
-come from the same bag reader with the same pairing and decoding, so per-box results equal
-``evaluate --bag`` (tested).
+Same method as ``runa-ood evaluate --bag``: the scorer comes from the tools' one path
+(``common.scorer_from_args``: arguments -> node parameters -> the node's validation ->
+``factory.build_node_scorer`` -> the node's thresholds fit check, ``--allow-threshold-mismatch``
+as in ``evaluate``; ``--ablation`` applied), every actor builds its scorer from the same
+parameters (``common.scorer_from_parameters``), frames come from the same bag reader with the same
+pairing and decoding, so per-box results equal ``evaluate --bag`` (tested).
+
+No box is lost without a count: the read side's end marker of a bag lists every frame it sent with
+its box count, every scored row carries its frame's row count, and the driver commits a bag only
+when every frame has all its rows (Ray may cut an actor's output over several blocks). A row that
+arrives for a bag already committed fails that bag (records removed, state ``failed``,
+``--retry-failed`` redoes it). Each bag's summary reconciles ``boxes_read`` = ``boxes`` written +
+``boxes_dropped`` by reason, and the final line adds them up. A bag cut short (an MCAP without its
+footer: the recorder lost power) is read up to its last complete message and marked
+``recovered``; one that cannot be read at all fails on its own with a one-line reason.
 
 Networking: Ray never binds to loopback by itself; it registers the machine's own address and
 talks over it. On machines where traffic must stay local, run the command inside a network
@@ -76,7 +86,7 @@ from . import bagio
 LOG = logging.getLogger("runa_ood_node.tools.fleet")
 
 #: bumped when the records' meaning changes: part of every bag's key, so old results are redone
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: boxes_read / boxes_dropped / recovered in the bag summaries
 BAG_FILE_SUFFIXES = (".mcap", ".db3")
 #: node parameters that do not change scores (queue sizes, topics, QoS): left out of the bag key
 _NOT_SCORING = {"image_topic", "detections_topic", "image_transport", "image_qos", "detections_qos",
@@ -111,6 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--threads-per-worker", type=int, default=0,
                    help="torch threads of a CPU actor (0 = CPUs / workers)")
     r.add_argument("--batch-frames", type=int, default=8, help="frames per scoring batch (default %(default)s)")
+    r.add_argument("--block-mb", type=float, default=1.0,
+                   help="Ray Data's target block size in MiB (DataContext.target_max_block_size): smaller blocks "
+                        "stream results back sooner; an actor's output may be cut over several blocks, which "
+                        "the driver's per-frame row counts make safe (default %(default)s)")
     r.add_argument("--allow-network", action="store_true",
                    help="start a local Ray even though this machine has non-loopback interfaces (by default "
                         "refused: run inside `unshare -rn sh -c 'ip link set lo up && exec ...'`)")
@@ -266,38 +280,42 @@ def expand_inputs(specs: Sequence[str]) -> List[BagRef]:
 
 # =========================================================================== reading (runs in Ray tasks)
 
-READ_COLUMNS = ("kind", "bag_key", "bag", "image_topic", "frame_index", "stamp_ns", "height", "width", "image",
-                "boxes", "det_scores", "meta", "info")
+READ_COLUMNS = ("kind", "bag_key", "bag", "image_topic", "frame_index", "n_boxes", "stamp_ns", "height", "width",
+                "image", "boxes", "det_scores", "meta", "info")
 
 
 def _read_schema():
     import pyarrow as pa
 
     return pa.schema([("kind", pa.string()), ("bag_key", pa.string()), ("bag", pa.string()),
-                      ("image_topic", pa.string()), ("frame_index", pa.int32()), ("stamp_ns", pa.int64()),
+                      ("image_topic", pa.string()), ("frame_index", pa.int32()), ("n_boxes", pa.int32()),
+                      ("stamp_ns", pa.int64()),
                       ("height", pa.int32()), ("width", pa.int32()), ("image", pa.binary()),
                       ("boxes", pa.binary()), ("det_scores", pa.binary()), ("meta", pa.string()),
                       ("info", pa.string())])
 
 
 def bag_node_parameters(args_ns, random_weights: bool, path, image_topic: Optional[str]) -> Dict[str, Any]:
-    """The node parameters ``evaluate --bag`` uses for this bag (``bag_eval.node_parameters`` with
-    the bag's image topic and image count: the pairing buffer follows it)."""
-    from . import bag_eval
+    """The node parameters ``evaluate --bag`` uses for this bag (``common.node_parameters_from_args``
+    with the bag's image topic and image count: the pairing buffer follows it)."""
+    from . import common
 
     info = bagio.bag_info(path)
     topic = image_topic or bagio.pick_image_topic(info.topics) or bagio.IMAGE_TOPIC
-    return bag_eval.node_parameters(args_ns, random_weights, args_ns.model, topic, info.counts.get(topic, 0))
+    return common.node_parameters_from_args(args_ns, random_weights=random_weights, image_topic=topic,
+                                            n_frames=info.counts.get(topic, 0))
 
 
 def iter_bag_frames(path, image_topic: Optional[str], detections_topic: str, gt_topic: Optional[str],
-                    params: Dict[str, Any], drops: collections.Counter,
-                    counts: Dict[str, int]) -> Iterator[Tuple[int, "bagio.BagFrame"]]:
+                    params: Dict[str, Any], drops: collections.Counter, counts: Dict[str, int],
+                    box_drops: Optional[collections.Counter] = None) -> Iterator[Tuple[int, "bagio.BagFrame"]]:
     """``(frame_index, frame)`` for every paired, decoded frame of one local bag, read by the one
     reader (``bagio.iter_frames``: the node's pairer with ``params``' pairing settings, the node's
     decoders) exactly as ``evaluate --bag`` reads it. ``frame_index`` numbers the bag's images in
     the order the reader gives them; everything not scorable is counted in ``drops`` by the
-    reader's reason, ``counts["images"]`` = images read.
+    reader's reason (messages in ``drops``, their detection boxes in ``box_drops``),
+    ``counts["images"]`` = images read, ``counts["boxes_read"]`` = boxes of every detections
+    message read (those of the frames yielded + ``box_drops``).
 
     Raises:
         bagio.BagError: no image or detections topic, or the bag cannot be read; the storage layer's
@@ -310,13 +328,17 @@ def iter_bag_frames(path, image_topic: Optional[str], detections_topic: str, gt_
                              f"topics {sorted(info.topics)}")
     if detections_topic not in info.topics:
         raise bagio.BagError(f"no detections topic {detections_topic}; topics {sorted(info.topics)}")
-    counts["images"] = 0
+    counts["images"] = counts["boxes_read"] = 0
+    box_drops = collections.Counter() if box_drops is None else box_drops
     for fr in bagio.iter_frames(path, topic, detections_topic, gt_topic, params=params):
         k = counts["images"]
         if fr.kind in ("pair", "image"):
             counts["images"] += 1
+        counts["boxes_read"] += len(fr.ids)
         if not fr.ok:
             drops[fr.reason] += 1
+            if fr.ids:
+                box_drops[fr.reason] += len(fr.ids)
             continue
         yield k, fr
 
@@ -367,43 +389,56 @@ class ReadBags:
         schema = _read_schema()
         t0 = time.perf_counter()
         drops: collections.Counter = collections.Counter()
-        sent, error, topic = 0, None, None
-        counts: Dict[str, int] = {"images": 0}
+        box_drops: collections.Counter = collections.Counter()
+        sent, boxes_sent, error, topic, recovered = 0, 0, None, None, None
+        frame_boxes: Dict[int, int] = {}
+        counts: Dict[str, int] = {"images": 0, "boxes_read": 0}
         pending: List[Dict[str, Any]] = []
         tmp = tempfile.mkdtemp(prefix="runa_fleet_")
         try:
             path = _localise(row["bag"], row["local"], tmp)
+            info = bagio.bag_info(path)
+            if info.recovered:
+                recovered = info.recovery.as_dict()
+                LOG.warning("bag %s is cut short (no MCAP footer): %s", row["bag"], info.recovery.describe())
             topic = _image_topic_of(path, self.image_topic)
             params = bag_node_parameters(self.args_ns, self.random_weights, path, topic)
-            for k, fr in iter_bag_frames(path, topic, self.detections_topic, self.gt_topic, params, drops, counts):
+            for k, fr in iter_bag_frames(path, topic, self.detections_topic, self.gt_topic, params, drops, counts,
+                                         box_drops):
                 gt = fr.ground_truth or {}
                 meta = {"det_labels": list(fr.class_ids), "det_ids": list(fr.ids),
                         "gt_is_ood": [gt[i][0] if i in gt else None for i in fr.ids],
                         "gt_category": [gt[i][1] if i in gt else None for i in fr.ids]}
                 pending.append({"kind": "frame", "bag_key": row["bag_key"], "bag": row["bag"], "image_topic": topic,
-                                "frame_index": k, "stamp_ns": int(fr.stamp_ns),
+                                "frame_index": k, "n_boxes": len(fr.ids), "stamp_ns": int(fr.stamp_ns),
                                 "height": int(fr.rgb.shape[0]), "width": int(fr.rgb.shape[1]),
                                 "image": np.ascontiguousarray(fr.rgb).tobytes(),
                                 "boxes": np.asarray(fr.boxes_cxcywh, np.float32).tobytes(),
                                 "det_scores": np.asarray(fr.scores, np.float32).tobytes(),
                                 "meta": json.dumps(meta), "info": None})
                 sent += 1
+                boxes_sent += len(fr.ids)
+                frame_boxes[k] = len(fr.ids)
                 if len(pending) >= self.frames_per_block:
                     yield pa.Table.from_pylist(pending, schema=schema)
                     pending = []
-        except Exception as exc:  # truncated / corrupt / topic-less bag: reported, never fatal
+        except Exception as exc:  # corrupt / topic-less / unreadable bag: reported, never fatal
             error = f"{type(exc).__name__}: {exc}"
             LOG.warning("bag %s failed: %s", row["bag"], error)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if pending:
             yield pa.Table.from_pylist(pending, schema=schema)
-        info = {"frames_sent": sent, "images": counts["images"], "drops": dict(drops), "error": error,
+        # the bag's end marker: what the driver must receive before it may commit the bag (every
+        # frame sent, with its box count) and how the boxes read reconcile (sent + dropped by reason)
+        info = {"frames_sent": sent, "boxes_sent": boxes_sent, "frame_boxes": frame_boxes,
+                "images": counts["images"], "boxes_read": counts["boxes_read"], "drops": dict(drops),
+                "box_drops": dict(box_drops), "error": error, "recovered": recovered,
                 "read_s": round(time.perf_counter() - t0, 3), "image_topic": topic}
         yield pa.Table.from_pylist([{"kind": "bag_end", "bag_key": row["bag_key"], "bag": row["bag"],
-                                     "image_topic": topic, "frame_index": -1, "stamp_ns": 0, "height": 0,
-                                     "width": 0, "image": None, "boxes": None, "det_scores": None, "meta": None,
-                                     "info": json.dumps(info)}], schema=schema)
+                                     "image_topic": topic, "frame_index": -1, "n_boxes": 0, "stamp_ns": 0,
+                                     "height": 0, "width": 0, "image": None, "boxes": None, "det_scores": None,
+                                     "meta": None, "info": json.dumps(info)}], schema=schema)
 
 
 # =========================================================================== scoring (Ray actors)
@@ -414,7 +449,7 @@ def _out_schema():
 
     return pa.schema([
         ("kind", pa.string()), ("bag_key", pa.string()), ("bag", pa.string()), ("topic", pa.string()),
-        ("stamp_ns", pa.int64()), ("frame_index", pa.int32()), ("box_index", pa.int32()),
+        ("stamp_ns", pa.int64()), ("frame_index", pa.int32()), ("frame_rows", pa.int32()), ("box_index", pa.int32()),
         ("det_id", pa.string()), ("det_label", pa.string()), ("det_score", pa.float32()),
         ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32()),
         ("label", pa.string()), ("similarity", pa.float64()), ("uncertainty", pa.float64()),
@@ -425,7 +460,7 @@ def _out_schema():
         ("worker_boxes", pa.int64())])
 
 
-OUT_NULLS = {"stamp_ns": 0, "frame_index": -1, "box_index": -1}
+OUT_NULLS = {"stamp_ns": 0, "frame_index": -1, "frame_rows": 0, "box_index": -1}
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -464,23 +499,26 @@ def crop_and_context(rgb: np.ndarray, box, crop_px: int = 160, context_w: int = 
 
 class ScoreFrames:
     """``map_batches`` callable class of the score stage: one scorer (one model) per actor, built
-    by ``factory.build_node_scorer(bag_eval.node_settings(params))``: the node's construction, as
-    ``evaluate --bag`` builds it (there around an encoder it already loaded). A batch holds frames
-    of one or several bags; every frame is scored with ``OodScorer.score`` (the node's call) and
-    becomes one row per box (a ``frame`` row when it has no box). Boxes in the top ``top_k`` of
-    their bag within the batch carry a crop and a context thumbnail: the union of those is a
-    superset of every bag's (and the fleet's) top K, at a bounded cost per batch."""
+    by ``common.scorer_from_parameters(params, ablation)`` (``factory.build_node_scorer``: the
+    node's construction, as ``evaluate --bag`` builds it). A batch holds frames of one or several
+    bags, scored together: ``OodScorer.score_frames`` sends the views of every box of the batch
+    through the visual trunk in one backend call (equal to the node's per-frame ``score``). Every
+    frame becomes one row per box (a ``frame`` row when it has no box, or when scoring it failed:
+    that row counts its boxes as dropped), and every row of a frame carries ``frame_rows``, the
+    number of rows the frame has: Ray may cut this output over several blocks, and the driver
+    commits a bag only once every frame's rows are in. Boxes in the top ``top_k`` of their bag
+    within the batch carry a crop and a context thumbnail: the union of those is a superset of
+    every bag's (and the fleet's) top K, at a bounded cost per batch."""
 
-    def __init__(self, params: Dict[str, Any], threads: int = 0, top_k: int = 50):
+    def __init__(self, params: Dict[str, Any], threads: int = 0, top_k: int = 50, ablation: str = "dual"):
         import torch
 
-        from ..factory import build_node_scorer
-        from . import bag_eval
+        from . import common
 
         if threads > 0:
             torch.set_num_threads(int(threads))
         logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] %(name)s: %(message)s")
-        self.scorer = build_node_scorer(bag_eval.node_settings(params))
+        self.scorer, _ = common.scorer_from_parameters(params, ablation)
         self.model_id = str(self.scorer.encoder.model_id)
         self.top_k = int(top_k)
         self.pid = os.getpid()
@@ -525,10 +563,14 @@ class ScoreFrames:
                     results.append(self.scorer.score_frames([t[-1]])[0])
                 except Exception as exc:
                     results.append(exc)
-        for (base, meta, rgb, det, _), res in zip(todo, results):
-            if isinstance(res, Exception):  # counted, never fatal
+        for (base, meta, rgb, det, fin), res in zip(todo, results):
+            first = len(out)
+            if isinstance(res, Exception):  # counted (its boxes as dropped), never fatal
                 out.append({**base, "kind": "frame", "box_index": -1,
-                            "info": json.dumps({"error": f"{type(res).__name__}: {res}"})})
+                            "info": json.dumps({"error": f"{type(res).__name__}: {res}",
+                                                "boxes_dropped": len(meta["det_ids"])})})
+                for r in out[first:]:
+                    r["frame_rows"] = len(out) - first
                 continue
             if len(res) == 0 or res.error:
                 out.append({**base, "kind": "frame", "box_index": -1,
@@ -547,6 +589,8 @@ class ScoreFrames:
                             "status": BoxStatus(st).name if st in BoxStatus._value2member_map_ else str(st),
                             "gt_is_ood": meta["gt_is_ood"][i], "gt_category": meta["gt_category"][i]})
                 frames[len(out) - 1] = rgb
+            for r in out[first:]:
+                r["frame_rows"] = len(out) - first
         # thumbnails for the per-bag top K of this batch
         by_bag: Dict[str, List[int]] = collections.defaultdict(list)
         for j, r in enumerate(out):
@@ -597,13 +641,21 @@ RECORD_DROP = ("kind", "thumb", "context", "info") + WORKER_COLUMNS
 
 
 class BagState:
-    """What the driver gathers for one bag while its rows stream back."""
+    """What the driver gathers for one bag while its rows stream back, and when it may commit.
+
+    Completeness is counted, never guessed from frame indices: the read side's end marker lists
+    every frame it sent with its box count, and every scored row carries ``frame_rows`` (how many
+    rows its frame has). The bag is complete once the end marker is in and every frame sent has
+    exactly its rows; a frame with more rows than announced (a duplicate) makes the bag fail."""
 
     def __init__(self, ref: BagRef, key: str):
         self.ref, self.key = ref, key
         self.tables: List[Any] = []
-        self.frames_seen: set = set()
+        self.rows: collections.Counter = collections.Counter()  # frame index -> rows received
+        self.expected: Dict[int, int] = {}  # frame index -> rows announced by the score stage
         self.frame_errors: collections.Counter = collections.Counter()
+        self.boxes_dropped: collections.Counter = collections.Counter()  # scoring failures, by reason
+        self.problems: List[str] = []
         self.end: Optional[Dict[str, Any]] = None
 
     def add(self, table) -> None:
@@ -612,20 +664,38 @@ class BagState:
         kinds = table.column("kind").to_pylist()
         if "bag_end" in kinds:
             for r in table.filter(pc.equal(table.column("kind"), "bag_end")).to_pylist():
+                if self.end is not None:
+                    self.problems.append("two end markers")
                 self.end = json.loads(r["info"])
         frames = table.filter(pc.not_equal(table.column("kind"), "bag_end"))
         if frames.num_rows:
-            self.frames_seen.update(frames.column("frame_index").to_pylist())
+            for fi, n in zip(frames.column("frame_index").to_pylist(), frames.column("frame_rows").to_pylist()):
+                self.rows[fi] += 1
+                if self.expected.setdefault(fi, n) != n:
+                    self.problems.append(f"frame {fi}: rows announce {n} and {self.expected[fi]} rows")
             for info in frames.filter(pc.equal(frames.column("kind"), "frame")).column("info").to_pylist():
                 if info:
-                    err = json.loads(info).get("error")
+                    d = json.loads(info)
+                    err = d.get("error")
                     if err:
                         self.frame_errors[err.split(":", 1)[0]] += 1
+                        if d.get("boxes_dropped"):
+                            self.boxes_dropped["score_error:" + err.split(":", 1)[0]] += int(d["boxes_dropped"])
             self.tables.append(frames)
+        over = [fi for fi, n in self.rows.items() if n > self.expected.get(fi, n)]
+        if over:
+            self.problems.append(f"duplicate rows for frame(s) {sorted(over)[:5]}")
 
     @property
     def complete(self) -> bool:
-        return self.end is not None and len(self.frames_seen) >= int(self.end["frames_sent"])
+        """Every frame the read side sent has all its rows (or the bag already has a problem)."""
+        if self.end is None:
+            return False
+        if self.problems:
+            return True
+        sent = {int(k) for k in (self.end.get("frame_boxes") or {})}
+        return len(sent) == int(self.end["frames_sent"]) and all(
+            fi in self.expected and self.rows[fi] == self.expected[fi] for fi in sent)
 
 
 def _records_table(tables: List[Any], identity: Dict[str, Any]):
@@ -651,7 +721,12 @@ def _records_table(tables: List[Any], identity: Dict[str, Any]):
 def commit_bag(out: pathlib.Path, st: BagState, identity: Dict[str, Any], top_k: int,
                config_hash: str = "default") -> Dict[str, Any]:
     """Write one bag's outputs (records Parquet, top-K candidates, then its state file; each
-    atomically) and return its summary row. A failed bag writes only its state file."""
+    atomically) and return its summary row. A failed bag writes only its state file.
+
+    The summary reconciles the bag's boxes: ``boxes_read`` (every detection box of the bag) =
+    ``boxes`` (rows written) + ``boxes_dropped`` (by reason: the reader's drop reasons, and
+    ``score_error:<type>`` for frames whose scoring raised). A bag whose counts do not reconcile,
+    or that received duplicate rows, fails with that reason instead of being written short."""
     import pyarrow.compute as pc
 
     end = st.end or {}
@@ -659,15 +734,25 @@ def commit_bag(out: pathlib.Path, st: BagState, identity: Dict[str, Any], top_k:
     summary: Dict[str, Any] = {"bag": st.ref.uri, "bag_key": st.key, "size": st.ref.size,
                                "mtime_ns": st.ref.mtime_ns, "image_topic": end.get("image_topic"),
                                "status": "failed" if error else "done", "error": error,
-                               "read_s": end.get("read_s"), "random_weights": identity["random_weights"],
-                               "resumed": False}
+                               "recovered": end.get("recovered"), "read_s": end.get("read_s"),
+                               "random_weights": identity["random_weights"], "resumed": False}
     drops = collections.Counter(end.get("drops") or {})
     drops.update({f"score_error:{k}": v for k, v in st.frame_errors.items()})
+    boxes_dropped = collections.Counter(end.get("box_drops") or {})
+    boxes_dropped.update(st.boxes_dropped)
+    boxes, cand = _records_table(st.tables, identity)
+    boxes_read = int(end.get("boxes_read", 0))
+    if not error:
+        if st.problems:
+            error = "incomplete: " + "; ".join(st.problems)
+        elif boxes.num_rows + sum(boxes_dropped.values()) != boxes_read:
+            error = (f"counts do not reconcile: {boxes_read} boxes read, {boxes.num_rows} rows written, "
+                     f"{sum(boxes_dropped.values())} dropped {dict(boxes_dropped)}")
     if error:
-        summary.update(frames=0, frames_scored=0, boxes=0, boxes_scored=0, ood_boxes=0, drops=dict(drops))
+        summary.update(status="failed", error=error, frames=0, frames_scored=0, boxes=0, boxes_scored=0,
+                       ood_boxes=0, boxes_read=boxes_read, boxes_dropped=dict(boxes_dropped), drops=dict(drops))
         _atomic_write_json(out / "state" / f"{st.key}.json", summary)
         return summary
-    boxes, cand = _records_table(st.tables, identity)
     part = out / "records" / f"config={config_hash}" / f"{st.key}.parquet"  # hive partition per model config
     _atomic_write_parquet(part, boxes, {"runa_ood.identity": json.dumps(identity, default=str)})
     if cand.num_rows:
@@ -676,9 +761,23 @@ def commit_bag(out: pathlib.Path, st: BagState, identity: Dict[str, Any], top_k:
     status = boxes.column("status").to_pylist()
     summary.update(frames=int(end.get("images", 0)), frames_scored=int(end.get("frames_sent", 0)), boxes=boxes.num_rows,
                    boxes_scored=status.count("OK"), ood_boxes=int(sum(boxes.column("is_ood").to_pylist())),
+                   boxes_read=boxes_read, boxes_dropped=dict(boxes_dropped),
                    status_counts=dict(collections.Counter(status)), drops=dict(drops),
                    records=str(part.relative_to(out)))
     _atomic_write_json(out / "state" / f"{st.key}.json", summary)
+    return summary
+
+
+def fail_committed(out: pathlib.Path, summary: Dict[str, Any], reason: str) -> Dict[str, Any]:
+    """A row came back for a bag already committed: the bag is NOT complete after all. Its records
+    and candidates are removed and its state rewritten as failed (``--retry-failed`` redoes it)."""
+    for p in (out / summary["records"] if summary.get("records") else None,
+              out / "state" / "candidates" / f"{summary['bag_key']}.parquet"):
+        if p is not None and p.exists():
+            p.unlink()
+    summary.update(status="failed", error=reason, records=None)
+    _atomic_write_json(out / "state" / f"{summary['bag_key']}.json", summary)
+    LOG.error("bag %s: %s", summary["bag"], reason)
     return summary
 
 
@@ -793,15 +892,21 @@ def top_k_outputs(out: pathlib.Path, summaries: Sequence[Dict[str, Any]], k: int
     return result
 
 
-SUMMARY_FIELDS = ("bag", "status", "resumed", "frames", "frames_scored", "boxes", "boxes_scored", "ood_boxes",
-                  "drops", "error", "image_topic", "random_weights", "bag_key", "size", "mtime_ns")
+SUMMARY_FIELDS = ("bag", "status", "resumed", "recovered", "frames", "frames_scored", "boxes_read", "boxes",
+                  "boxes_dropped", "boxes_scored", "ood_boxes", "drops", "error", "image_topic", "random_weights",
+                  "bag_key", "size", "mtime_ns")
 
 
 def write_summary(out: pathlib.Path, summaries: Sequence[Dict[str, Any]]) -> None:
     rows = []
     for s in summaries:
         r = {k: s.get(k) for k in SUMMARY_FIELDS}
-        r["drops"] = ";".join(f"{k}={v}" for k, v in sorted((s.get("drops") or {}).items()))
+        for k in ("drops", "boxes_dropped"):
+            r[k] = ";".join(f"{a}={b}" for a, b in sorted((s.get(k) or {}).items()))
+        rec = s.get("recovered")
+        r["recovered"] = "" if not rec else (f"{rec.get('messages')} messages to "
+                                             f"{(rec.get('last_stamp_ns') or 0) * 1e-9:.3f} s, "
+                                             f"{rec.get('bytes_unread')} bytes unread")
         rows.append(r)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(SUMMARY_FIELDS))
@@ -826,16 +931,16 @@ def _ray_init(args, n_cpus: int, n_gpus: int):
     return ray
 
 
-def _identity(args, encoder, params: Dict[str, Any]) -> Dict[str, Any]:
+def _identity(encoder, params: Dict[str, Any], ablation: str) -> Dict[str, Any]:
     return {"model": params["model"], "weights": "RANDOM" if encoder.random_weights else (params["pretrained"] or ""),
             "model_id": str(encoder.model_id), "projection": params.get("projection") or "",
             "thresholds": params.get("thresholds_file") or f"default_threshold={params.get('default_threshold', 'node default')}",
-            "scorer": params["scorer"], "label_set": params["label_set"],
+            "scorer": params["scorer"], "ablation": ablation, "label_set": params["label_set"],
             "random_weights": bool(encoder.random_weights)}
 
 
 def run(args) -> int:
-    from . import bag_eval, common
+    from . import common
 
     common.setup_logging(args)
     progress = not args.no_progress
@@ -852,18 +957,17 @@ def run(args) -> int:
     refs = expand_inputs(args.inputs)
     if not refs:
         raise common.fail([f"no bags in {args.inputs}"])
-    encoder = common.load_encoder_or_exit(args)  # exits 2 without usable weights, as evaluate --bag
-    rw = bool(encoder.random_weights)
-    params = bag_eval.node_parameters(args, rw, args.model, bagio.IMAGE_TOPIC, 100)
-    try:
-        bag_eval.node_settings(params)
-    except ValueError as exc:
-        raise common.fail([f"invalid settings: {exc}"])
-    identity = _identity(args, encoder, params)
+    # the one path of every tool (common.scorer_from_args): arguments -> node parameters -> the
+    # node's validation -> factory.build_node_scorer -> the node's thresholds fit check (exit 2 on a
+    # mismatch unless --allow-threshold-mismatch); the actors build theirs from the same parameters
+    built = common.scorer_from_args(args, image_topic=args.image_topic or bagio.IMAGE_TOPIC)
+    rw = built.random_weights
+    params = built.params
+    identity = _identity(built.scorer.encoder, params, built.ablation)
     device = params["device"]
-    del encoder
+    built.scorer = None  # the actors load their own model
     key_blob = {k: v for k, v in params.items() if k not in _NOT_SCORING}
-    key_blob.update(model_id=identity["model_id"], image_topic=args.image_topic,
+    key_blob.update(model_id=identity["model_id"], ablation=built.ablation, image_topic=args.image_topic,
                     detections_topic=args.detections_topic, gt_topic=args.gt_topic)
     config_hash = hashlib.sha256(json.dumps(key_blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -888,7 +992,8 @@ def run(args) -> int:
     t_run = time.perf_counter()
     perf: Dict[str, Any] = {"bags_scored": len(todo)}
     if todo:
-        perf.update(_run_pipeline(args, todo, params, identity, device, out, summaries, progress, config_hash))
+        perf.update(_run_pipeline(args, todo, params, identity, device, out, summaries, progress, config_hash,
+                                  built.ablation))
     perf["wall_s"] = round(time.perf_counter() - t_run, 3)
 
     summaries.sort(key=lambda s: s["bag"])
@@ -896,12 +1001,19 @@ def run(args) -> int:
     top = top_k_outputs(out, summaries, args.top_k, rw, identity)
     write_summary(out, summaries)
     done = [s for s in summaries if s.get("status") == "done"]
+    dropped = collections.Counter()
+    for s in done:
+        dropped.update(s.get("boxes_dropped") or {})
     totals = {"bags": len(summaries), "bags_done": len(done),
               "bags_failed": sum(1 for s in summaries if s.get("status") == "failed"),
-              "bags_resumed": n_resumed, "frames": sum(s.get("frames", 0) for s in done),
-              "boxes": sum(s.get("boxes", 0) for s in done), "ood_boxes": sum(s.get("ood_boxes", 0) for s in done)}
+              "bags_resumed": n_resumed, "bags_recovered": sum(1 for s in done if s.get("recovered")),
+              "frames": sum(s.get("frames", 0) for s in done),
+              "boxes_read": sum(s.get("boxes_read", 0) for s in done),
+              "boxes": sum(s.get("boxes", 0) for s in done), "boxes_dropped": dict(dropped),
+              "ood_boxes": sum(s.get("ood_boxes", 0) for s in done)}
     report = {"random_weights": rw, "random_label": common.RANDOM_LABEL if rw else None, "identity": identity,
-              "node_parameters": params, "config_hash": config_hash, "totals": totals, "performance": perf,
+              "node_parameters": params, "ablation": built.ablation, "thresholds_mismatch": built.mismatch,
+              "config_hash": config_hash, "totals": totals, "performance": perf,
               "metrics": metrics, "top_ood": top, "bags": summaries,
               "records": f"records/config={config_hash}/ (Parquet dataset; records/ holds one partition per model "
                          "configuration ever run into this folder)"}
@@ -915,7 +1027,8 @@ def run(args) -> int:
     return 0
 
 
-def _run_pipeline(args, todo, params, identity, device, out, summaries, progress, config_hash) -> Dict[str, Any]:
+def _run_pipeline(args, todo, params, identity, device, out, summaries, progress, config_hash,
+                  ablation: str = "dual") -> Dict[str, Any]:
     import torch
     from tqdm import tqdm
 
@@ -940,7 +1053,7 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
         ctx.verbose_progress = False
         # blocks of about one read batch (each yield of the read task), so that frames spread over
         # every actor and results stream back per batch instead of per bag
-        ctx.target_max_block_size = 1 << 20
+        ctx.target_max_block_size = max(1024, int(float(args.block_mb) * (1 << 20)))
         read_cpus = 0.25
         actor_cpus = 1.0 if n_gpus else max(0.1, min(float(threads), (total_cpus - read_cpus) / workers))
         perf["ray_start_s"] = round(time.perf_counter() - t0, 3)
@@ -951,16 +1064,20 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
                                      args_ns, identity["random_weights"], args.batch_frames),
                             batch_size=1, batch_format="pyarrow", num_cpus=read_cpus)
         ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"params": params, "threads": 0 if n_gpus else threads,
-                                                                "top_k": args.top_k},
+                                                                "top_k": args.top_k, "ablation": ablation},
                             batch_size=args.batch_frames, batch_format="pyarrow", concurrency=workers,
                             num_cpus=actor_cpus, num_gpus=1 if n_gpus else None)
         states = {key: BagState(ref, key) for ref, key in todo}
+        committed: Dict[str, Dict[str, Any]] = {}  # bag key -> its summary (in ``summaries``)
         n_boxes = 0
+        late = collections.Counter()  # rows for no bag of this run, by bag key
         t1 = time.perf_counter()
         t_first = None
         workers_seen: Dict[int, Dict[str, float]] = {}
         bar = tqdm(total=len(todo), desc="fleet bags", unit="bag", disable=not progress)
         try:
+            import pyarrow.compute as pc
+
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -972,14 +1089,20 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
                 keys = table.column("bag_key").to_pylist()
                 n_boxes += sum(1 for k in table.column("kind").to_pylist() if k == "box")
                 for key in sorted(set(keys)):
+                    part = table.filter(pc.equal(table.column("bag_key"), key))
                     st = states.get(key)
-                    if st is None:
+                    if st is None:  # never silently: a committed bag turns failed, an unknown key is counted
+                        if key in committed and committed[key].get("status") == "done":
+                            fail_committed(out, committed[key], f"incomplete: {part.num_rows} row(s) arrived after "
+                                                                "the bag was committed")
+                        elif key not in committed:
+                            late[key] += part.num_rows
+                            LOG.error("%d row(s) for bag key %s, which is not in this run", part.num_rows, key)
                         continue
-                    import pyarrow.compute as pc
-
-                    st.add(table.filter(pc.equal(table.column("bag_key"), key)))
+                    st.add(part)
                     if st.complete:
-                        summaries.append(commit_bag(out, st, identity, args.top_k, config_hash))
+                        committed[key] = commit_bag(out, st, identity, args.top_k, config_hash)
+                        summaries.append(committed[key])
                         del states[key]
                         bar.update(1)
                         bar.set_postfix(boxes=n_boxes)
@@ -992,10 +1115,16 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
             states = {}
         finally:
             bar.close()
-        for st in states.values():  # stream ended without a bag's end marker (should not happen)
+        for st in states.values():  # stream ended before a bag's rows were all in
+            missing = "no end marker" if st.end is None else (
+                f"{sum(1 for k, n in (st.end.get('frame_boxes') or {}).items() if st.rows[int(k)] != st.expected.get(int(k), -1))}"
+                " frame(s) without all their rows")
             summaries.append({"bag": st.ref.uri, "bag_key": st.key, "status": "failed",
-                              "error": "incomplete: the pipeline ended before this bag finished", "frames": 0,
-                              "boxes": 0, "ood_boxes": 0, "drops": {}, "random_weights": identity["random_weights"]})
+                              "error": f"incomplete: the pipeline ended before this bag finished ({missing})",
+                              "frames": 0, "boxes": 0, "ood_boxes": 0, "drops": {},
+                              "random_weights": identity["random_weights"]})
+            _atomic_write_json(out / "state" / f"{st.key}.json", summaries[-1])
+        perf["rows_for_unknown_bags"] = dict(late)
         dt = time.perf_counter() - t1
         perf.update(pipeline_s=round(dt, 3), boxes=n_boxes, boxes_per_s=round(n_boxes / dt, 3) if dt > 0 else None,
                     first_result_s=None if t_first is None else round(t_first - t1, 3),
@@ -1017,11 +1146,21 @@ def _print(rep: Dict[str, Any], out: pathlib.Path) -> None:
     if rep["random_weights"]:
         lines.append(f"*** {RANDOM_LABEL} ***")
     t = rep["totals"]
-    lines.append(f"{t['bags']} bags: {t['bags_done']} done ({t['bags_resumed']} from earlier runs), "
-                 f"{t['bags_failed']} failed; {t['frames']} frames, {t['boxes']} boxes, {t['ood_boxes']} OOD")
+    lines.append(f"{t['bags']} bags: {t['bags_done']} done ({t['bags_resumed']} from earlier runs, "
+                 f"{t['bags_recovered']} recovered from a cut), {t['bags_failed']} failed; {t['frames']} frames, "
+                 f"{t['boxes']} boxes, {t['ood_boxes']} OOD")
+    dropped = t["boxes_dropped"]
+    lines.append(f"boxes of the done bags: {t['boxes_read']} read = {t['boxes']} written + {sum(dropped.values())} "
+                 f"dropped" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))})" if dropped else ""))
     for s in rep["bags"]:
         if s.get("status") == "failed":
             lines.append(f"  FAILED {s['bag']}: {s.get('error')}")
+        elif s.get("recovered"):
+            r = s["recovered"]
+            lines.append(f"  RECOVERED {s['bag']}: cut short, {r.get('messages')} messages read up to log time "
+                         f"{(r.get('last_stamp_ns') or 0) * 1e-9:.3f} s, {r.get('bytes_unread')} bytes unread")
+    if rep["performance"].get("rows_for_unknown_bags"):
+        lines.append(f"  ROWS FOR NO BAG OF THIS RUN: {rep['performance']['rows_for_unknown_bags']}")
     p = rep["performance"]
     if p.get("boxes_per_s") is not None:
         lines.append(f"throughput {p['boxes_per_s']:.2f} boxes/s end to end ({p['boxes']} boxes in "

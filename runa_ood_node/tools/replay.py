@@ -149,7 +149,7 @@ class BagPlayer:
         from tqdm import tqdm
 
         start_ns = self.info.start_ns + int(start_offset_s * 1e9)
-        total = sum(self.info.counts[t] for t in self.topics)
+        total = sum(self.info.counts.get(t, 0) for t in self.topics)
         n_pass = 0
         while loop == 0 or n_pass < loop:
             n_pass += 1
@@ -186,7 +186,7 @@ class BagPlayer:
         looped bag with repeated stamps would be answered in its first pass only), so later passes
         are restamped (every ``header.stamp``, nested ones too); the first pass is published as recorded."""
         span = max(0, self.info.end_ns - self.info.start_ns)
-        n = max(self.info.counts[t] for t in self.topics)
+        n = max(self.info.counts.get(t, 0) for t in self.topics)
         return span + (span // (n - 1) if n > 1 and span else 1_000_000_000)
 
     def wait_acked(self, timeout_s: float = 10.0) -> bool:
@@ -234,7 +234,11 @@ def run(args) -> int:
     rc = 0
     try:
         player = BagPlayer(node, args.bag, args.topics, parse_remaps(args.remap), args.qos, args.depth)
-        print(f"replaying {args.bag}: {player.info.counts} over {player.info.duration_s:.2f} s at rate {args.rate}")
+        if player.info.recovered:
+            print(f"warning: {args.bag} is cut short (no MCAP footer, recovered): "
+                  f"{player.info.recovery.describe()}", file=sys.stderr)
+        print(f"replaying {args.bag}{' (recovered)' if player.info.recovered else ''}: {player.info.counts} over "
+              f"{player.info.duration_s:.2f} s at rate {args.rate}")
         wait_topics = None if args.wait_topics is None else [t for t in args.wait_topics if t in player.publishers]
         if args.wait_subscribers and not player.wait_for_subscribers(args.wait_subscribers, args.wait_timeout,
                                                                      wait_topics):
