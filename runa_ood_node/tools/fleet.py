@@ -112,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ground-truth topic (runa_ood_msgs/GroundTruth); '' for none (default %(default)s)")
     common.add_model_arguments(parser)
     common.add_scoring_arguments(parser)
+    parser.add_argument("--node-params", nargs="*", default=[], metavar="NAME:=VALUE",
+                        help="further node parameters (YAML values), as for `evaluate --bag`: e.g. pairing_slop_s:=0.02")
     r = parser.add_argument_group("Ray")
     r.add_argument("--address", default=None,
                    help="join this Ray cluster (ray.init(address=...), e.g. 'auto' or ray://host:10001) instead of "
