@@ -88,7 +88,8 @@ def _heavy_frames(n_frames: int = 4, per_frame: int = 12):
 def bags(tmp_path_factory):
     """A folder with three good bags (MCAP raw, sqlite3, MCAP with 12 boxes per frame), an MCAP cut
     short (its recorder "lost power": read up to the cut), a bag without image and detections
-    topics and one that is not a bag at all; and, outside it, a good bag of compressed images."""
+    topics, one that is not a bag at all and a corrupt sqlite3 bag; and, outside it, a good bag of
+    compressed images."""
     root = tmp_path_factory.mktemp("fleet")
     frames = make_bag.skimage_frames("voc", mirrored=True)
     d = root / "bags"
@@ -103,6 +104,9 @@ def bags(tmp_path_factory):
                 bagio.ground_truth_msg(bagio.header(S0), ["1"], [True], ["x"]))
     make_bag.write_bag(frames[:1], d / "garbage", start_ns=S0 + 4 * 10**10, progress=False)
     next((d / "garbage").glob("*.mcap")).write_bytes(b"not an mcap file" * 64)
+    make_bag.write_bag(frames[:1], d / "badsql", storage="sqlite3", start_ns=S0 + 6 * 10**10, progress=False)
+    db = next((d / "badsql").glob("*.db3"))
+    db.write_bytes(db.read_bytes()[:1024] + b"\xde\xad" * 2048)
     make_bag.write_bag(frames[6:8], root / "extra" / "c", compressed=True, start_ns=S0 + 2 * 10**10, progress=False)
     return root
 
@@ -172,25 +176,26 @@ def test_fleet_equals_evaluate_reports_bad_bags_and_resumes(bags, evaluated, tmp
     out = tmp_path / "out"
     rep, log = _fleet([bags / "bags"], out, *SPLIT)
     by_bag = _check_every_box_once(rep, out, bags, evaluated)
-    assert set(by_bag) == {"a", "b", "heavy", "trunc", "notopic", "garbage"}
+    assert set(by_bag) == {"a", "b", "heavy", "trunc", "notopic", "garbage", "badsql"}
     assert by_bag["notopic"]["status"] == "failed" and "no image topic" in by_bag["notopic"]["error"]
     assert by_bag["garbage"]["status"] == "failed" and "not an MCAP file" in by_bag["garbage"]["error"]
-    assert "\n" not in by_bag["garbage"]["error"]
+    assert by_bag["badsql"]["status"] == "failed" and "cannot be read" in by_bag["badsql"]["error"]
+    assert all("\n" not in by_bag[k]["error"] and "Traceback" not in log for k in ("garbage", "badsql"))
     assert by_bag["trunc"]["recovered"]["bytes_unread"] > 0 and "RECOVERED" in log
     assert "FAILED" in log and "RANDOM WEIGHTS" in log
     assert rep["random_weights"] is True and rep["identity"]["weights"] == "RANDOM"
     t = rep["totals"]
-    assert (t["bags_done"], t["bags_failed"], t["bags_recovered"]) == (4, 2, 1)
+    assert (t["bags_done"], t["bags_failed"], t["bags_recovered"]) == (4, 3, 1)
     assert f"{t['boxes_read']} read = {t['boxes']} written + " in log
     perf = rep["performance"]
-    assert perf["bags_scored"] == 6 and perf["boxes_per_s"] > 0 and perf["scoring_boxes_per_s"] > 0
+    assert perf["bags_scored"] == 7 and perf["boxes_per_s"] > 0 and perf["scoring_boxes_per_s"] > 0
     assert sum(perf["worker_boxes"].values()) == perf["boxes"] == t["boxes"]
     assert all(v > 0 for v in perf["worker_peak_rss_mb"].values())
     assert perf["rows_for_unknown_bags"] == {}
 
     # outputs: summary CSV, metrics (evaluate's table, overall and per bag), top-K sheet + COCO export
     csv_text = (out / "summary.csv").read_text()
-    assert csv_text.count("\n") == 7 and "failed" in csv_text and "bytes unread" in csv_text
+    assert csv_text.count("\n") == 8 and "failed" in csv_text and "bytes unread" in csv_text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["random_weights"] is True
     assert set(metrics["per_bag"]) == {str(bags / "bags" / n) for n in GOOD}
@@ -219,13 +224,13 @@ def test_fleet_equals_evaluate_reports_bad_bags_and_resumes(bags, evaluated, tmp
     after = {p.name: p.stat().st_mtime_ns for p in (out / "records").rglob("*.parquet")}
     assert {k: v for k, v in after.items() if k in parts} == parts and len(after) == len(parts) + 1
     t2 = rep2["totals"]
-    assert t2["bags_resumed"] == 6 and t2["boxes"] == t["boxes"] + by2["c"]["boxes"]
+    assert t2["bags_resumed"] == 7 and t2["boxes"] == t["boxes"] + by2["c"]["boxes"]
     assert f"{t2['boxes_read']} read = {t2['boxes']} written + " in log2
 
     # a third run finds everything done and starts no Ray at all
     rep3, log3 = _fleet([bags / "bags", extra], out, *SPLIT)
     assert rep3["performance"] == {"bags_scored": 0, "wall_s": rep3["performance"]["wall_s"]}
-    assert "Running Dataset" not in log3 and rep3["totals"] == {**t2, "bags_resumed": 7}
+    assert "Running Dataset" not in log3 and rep3["totals"] == {**t2, "bags_resumed": 8}
 
 
 def test_two_workers_lose_no_box_either(bags, evaluated, tmp_path):
@@ -321,7 +326,7 @@ def test_bag_key_follows_file_and_model_config(bags):
 def test_expand_inputs_folders_globs_uris(bags):
     d = bags / "bags"
     names = lambda refs: sorted(pathlib.Path(r.uri).name for r in refs)  # noqa: E731
-    assert names(fleet.expand_inputs([str(d)])) == ["a", "b", "garbage", "heavy", "notopic", "trunc"]
+    assert names(fleet.expand_inputs([str(d)])) == ["a", "b", "badsql", "garbage", "heavy", "notopic", "trunc"]
     assert names(fleet.expand_inputs([str(d / "a"), str(d / "b" / "metadata.yaml")])) == ["a", "b"]
     assert names(fleet.expand_inputs([str(d / "[ab]")])) == ["a", "b"]
     uri = fleet.expand_inputs(["file://" + str(bags / "extra")])

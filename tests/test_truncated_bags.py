@@ -65,6 +65,7 @@ def test_bare_mcap_without_metadata_is_read_whole(full_bag, tmp_path):
 
 def _bad_bags(full_bag, root: pathlib.Path):
     bad = {}
+    root.mkdir(parents=True, exist_ok=True)
     bad["empty folder"] = root / "empty"
     bad["empty folder"].mkdir()
     e = _cut(full_bag, root / "empty_mcap", 0.0)

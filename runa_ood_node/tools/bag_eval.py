@@ -6,7 +6,7 @@ image topic, ``/detections`` and ``/ood/ground_truth``, all stamped alike.
 Offline mode (default, in-process, deterministic): the frames are paired, decoded and read by the
 node's own code (:func:`bagio.iter_frames`: ``ros.pairing.StampPairer`` with the node's pairing
 settings, the ``ros.convert`` readers with its pixel cap), and scored by the **same** ``core.pipeline.OodScorer`` the node builds, with the
-settings the node would get (:func:`node_parameters`; thresholds: ``--thresholds`` or the node's
+settings the node would get (``tools.common.scorer_from_args``, the tools' one path; thresholds: ``--thresholds`` or the node's
 ``default_threshold``). Reported: ``core.metrics.summary`` over the boxes with ground truth
 (ID = positive class), per-frame processing time percentiles (ms), box status counts.
 

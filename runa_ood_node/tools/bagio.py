@@ -653,7 +653,7 @@ def iter_frames(path, image_topic: Optional[str] = None, detections_topic: str =
             absent from the bag: no ground truth).
         max_image_pixels: the reader's pixel cap; None = ``params["max_image_pixels"]``, else the
             node's default (``convert.DEFAULT_MAX_IMAGE_PIXELS``).
-        params: node parameter values (name -> value, e.g. ``tools.bag_eval.node_parameters``);
+        params: node parameter values (name -> value, e.g. ``tools.common.node_parameters_from_args``);
             the pairing settings and ``max_image_pixels`` are read from it, missing ones take the
             node's defaults.
         decode: False skips image decoding (``rgb`` stays None, no ``image_*`` reasons): for

@@ -8,10 +8,15 @@ The split exists so ``evaluate`` can compare several scorers and ablations on on
 ``finetune`` the regional projection before and after training (``score_boxes(...,
 regional_projection=...)``).
 
-Model loading: every tool builds its ``OodScorer`` with :func:`load_pipeline_or_exit`, which goes
-through ``factory.build_scorer`` like the ROS node: the same encoder precision, the backend built
-with ``make_backend(kind, encoder, device=..., precision=...)`` (so ``--device cuda --backend
-tensorrt|auto`` can pick TensorRT), GPU views on CUDA, the fine-tuned projection.
+Model loading, ONE path for every tool: :func:`scorer_from_args` = the command-line arguments ->
+the node's parameters (:func:`node_parameters_from_args`: a flag lands under the node parameter of
+its name, :data:`FLAG_PARAMETERS` for the three that differ) -> the node's validation
+(:func:`settings_from_parameters`, ``ros.params.validate``) -> ``factory.build_node_scorer``
+(:func:`scorer_from_parameters`: the node's construction: encoder precision, the backend built
+with ``make_backend(kind, encoder, device=..., precision=...)`` so ``--device cuda --backend
+tensorrt|auto`` can pick TensorRT, GPU views on CUDA, the fine-tuned projection, thresholds) ->
+the node's thresholds fit check. A tool therefore scores what the node configured with the same
+parameters scores; a new node parameter with a flag of the same name needs no code here.
 
 Weights policy: a tool never silently falls back to random weights. When the requested weights
 cannot be loaded it prints what failed and how to provide weights, and exits with status 2.
