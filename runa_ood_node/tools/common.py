@@ -176,8 +176,12 @@ def allow_download(args) -> bool:
 #: destination IS a node parameter's name (``--lam`` -> ``lam``, ``--model`` -> ``model``, a future
 #: ``--method`` -> ``method``) lands in the parameters under that name by itself: adding a node
 #: parameter (one row in ``ros.params.PARAMETERS``) and its flag needs no change here.
-FLAG_PARAMETERS: Dict[str, str] = {"id_set": "label_set", "thresholds": "thresholds_file",
-                                   "allow_threshold_mismatch": "thresholds_allow_mismatch"}
+#: ``--allow-random-weights`` (None: no parameter) is the tools' fallback policy, not the node's
+#: ``allow_random_weights`` (which builds random weights when ``pretrained`` is empty): it is set,
+#: with an empty ``pretrained``, only when the tool falls back (see :func:`scorer_from_args`).
+FLAG_PARAMETERS: Dict[str, Optional[str]] = {"id_set": "label_set", "thresholds": "thresholds_file",
+                                             "allow_threshold_mismatch": "thresholds_allow_mismatch",
+                                             "allow_random_weights": None}
 #: where an offline tool departs from the node's defaults: every box scored (no cap), the torch
 #: backend unless ``--backend`` says otherwise, reliable QoS for a replayed bag; and the loading
 #: settings written out (so a live node started with these parameters loads the model alike)
@@ -207,7 +211,7 @@ def node_parameters_from_args(args, overrides: Optional[Dict[str, Any]] = None, 
     p: Dict[str, Any] = dict(TOOL_PARAMETERS)
     for dest, value in sorted(vars(args).items()):
         name = FLAG_PARAMETERS.get(dest, dest)
-        if name in names and value is not None:
+        if name is not None and name in names and value is not None:
             p[name] = value
     device = resolve_device(p.get("device", "cpu"))
     p["device"] = "cuda" if device.startswith("cuda") else device
