@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..core.backbone import grid_size, serve_outputs
+from ..core.backbone import grid_size, output_set, serve_outputs
 from ..core.encoder import state_dict_sha256
 from ..core.registry import BACKENDS as KINDS, RESOLVED_PRECISIONS as PRECISIONS  # one definition of each
 
@@ -203,7 +203,7 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
                  int8: Union[bool, str] = False, logger: Optional[logging.Logger] = None,
                  max_batch: Optional[int] = None, fused: bool = False,
                  calibration_views: Optional[torch.Tensor] = None,
-                 ort_execution_mode: str = "sequential") -> VisualBackend:
+                 ort_execution_mode: str = "sequential", outputs: Sequence[str] = ("cls",)) -> VisualBackend:
     """Build a visual backend for ``encoder`` (a ``DualEncoder`` or its ``visual_trunk``).
 
     Args:
@@ -229,6 +229,10 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
         ort_execution_mode: ONNX Runtime ``"sequential"`` (default) or ``"parallel"``.
         logger: where fallbacks are logged (default this module's logger).
         max_batch: cap on views per engine call (TensorRT: defaults to the profile's max).
+        outputs: the backbone output set the node will ask for (``core.backbone``; default ``("cls",)``):
+            ONNX Runtime opens that set's graph and TensorRT loads that set's engine (``auto`` needs
+            them cached, as for ``("cls",)``). Every backend still serves every set: ONNX Runtime
+            opens another set's graph on first use; torch computes any set directly.
 
     Raises:
         BackendUnavailableError: an explicit kind cannot run here (message says why and what to do).
@@ -243,17 +247,18 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
     info = describe_model(encoder)
+    outputs = output_set(outputs)
     common = dict(device=device, precision=precision, cache_dir=cache_dir, max_batch=max_batch)
 
     auto = kind == "auto"
     builders = {
-        "tensorrt": lambda: _make_tensorrt(info, engine_path=engine_path, int8=int8, **common),
+        "tensorrt": lambda: _make_tensorrt(info, engine_path=engine_path, int8=int8, outputs=outputs, **common),
         # auto never exports at start-up (30-60 s for a ViT-B): it uses ONNX Runtime only when the
         # export is already cached (or onnx_path is given) and otherwise falls back to torch
         "onnxruntime": lambda: _make_ort(info, onnx_path=onnx_path, threads=ort_threads, int8=int8,
                                          allow_export=not auto, logger=log, fused=fused,
                                          calibration_views=calibration_views,
-                                         execution_mode=ort_execution_mode, **common),
+                                         execution_mode=ort_execution_mode, outputs=outputs, **common),
         # int8 is an ONNX Runtime option: auto's last resort runs the torch trunk in fp32 instead
         "torch": lambda: _make_torch(info, int8=bool(int8) and not auto, **common),
     }
@@ -292,7 +297,7 @@ def _make_torch(info: ModelInfo, *, device, precision, cache_dir, max_batch, int
 
 def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_path, threads, int8,
               allow_export, logger, fused=False, calibration_views=None,
-              execution_mode="sequential") -> VisualBackend:
+              execution_mode="sequential", outputs=("cls",)) -> VisualBackend:
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
@@ -302,10 +307,12 @@ def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_
     return OrtBackend.from_model(info, device=device, precision=precision, onnx_path=onnx_path,
                                  cache_dir=cache_dir, threads=threads, int8=int8, max_batch=max_batch,
                                  allow_export=allow_export, logger=logger, fused=fused,
-                                 calibration_views=calibration_views, execution_mode=execution_mode)
+                                 calibration_views=calibration_views, execution_mode=execution_mode,
+                                 outputs=outputs)
 
 
-def _make_tensorrt(info: ModelInfo, *, device, precision, cache_dir, max_batch, engine_path, int8) -> VisualBackend:
+def _make_tensorrt(info: ModelInfo, *, device, precision, cache_dir, max_batch, engine_path, int8,
+                   outputs=("cls",)) -> VisualBackend:
     from .tensorrt_backend import TensorRTBackend, tensorrt_available
 
     ok, why = tensorrt_available()
@@ -316,4 +323,4 @@ def _make_tensorrt(info: ModelInfo, *, device, precision, cache_dir, max_batch, 
     if not device.startswith("cuda"):
         raise BackendUnavailableError(f"TensorRT runs on CUDA only, device is {device!r}")
     return TensorRTBackend.from_cache(info, device=device, precision=precision, engine_path=engine_path,
-                                      cache_dir=cache_dir, max_batch=max_batch)
+                                      cache_dir=cache_dir, max_batch=max_batch, outputs=outputs)

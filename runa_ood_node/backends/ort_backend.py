@@ -26,14 +26,16 @@ import json
 import logging
 import os
 import pathlib
+import threading
 import time
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..core.backbone import output_set
 from .base import BackendUnavailableError, ModelInfo, VisualBackend, default_cache_dir, describe_model
-from .engine_cache import INPUT_NAME, OUTPUT_NAME
+from .engine_cache import INPUT_NAME, PAIRS_NAME, graph_input_names, graph_output_names
 
 LOG = logging.getLogger(__name__)
 
@@ -214,9 +216,17 @@ def quantize_int8_static(fp32_path: Union[str, os.PathLike], calibration_views: 
 class OrtBackend(VisualBackend):
     """ONNX Runtime session over an exported trunk.
 
+    Every backbone output set is served: the graph of ``outputs`` (see
+    :func:`onnx_export.export_onnx`) serves any subset of it in one run; a request outside it opens
+    (once, on first use) the session of that output set through the opener :meth:`from_model`
+    installs, made from the same variant (plain / fused / int8) and cache.
+
     Args:
-        onnx_path: the ONNX graph (input ``views``, output ``features``).
+        onnx_path: the ONNX graph (input ``views``, output ``features``; other output sets: the
+            inputs / outputs of :func:`engine_cache.graph_input_names` / ``graph_output_names``).
         input_size, width: S and the feature size (checked against the graph's output).
+        outputs: the backbone output set the graph emits (default today's ``("cls",)``).
+        num_tokens: T (1 + G*G) of the model, for the shapes of empty outputs.
         device: ``"cpu"`` or ``"cuda[:N]"`` (needs ``CUDAExecutionProvider``).
         precision: label of the graph's precision (``fp32``, ``fp16``, ``int8``); fp16 graphs are
             opened with ``ORT_ENABLE_EXTENDED``.
@@ -233,9 +243,15 @@ class OrtBackend(VisualBackend):
 
     def __init__(self, onnx_path: Union[str, os.PathLike], input_size: int, width: int, device: str = "cpu",
                  precision: str = "fp32", threads: Optional[int] = None, max_batch: Optional[int] = None,
-                 spin: bool = False, execution_mode: str = "sequential"):
+                 spin: bool = False, execution_mode: str = "sequential", outputs: Sequence[str] = ("cls",),
+                 num_tokens: int = 0):
         import onnxruntime as ort
 
+        self.graph_outputs = output_set(outputs)
+        self.num_tokens = int(num_tokens)
+        self._opener: Optional[Callable[[Tuple[str, ...]], "OrtBackend"]] = None
+        self._others: Dict[Tuple[str, ...], "OrtBackend"] = {}
+        self._others_lock = threading.Lock()
         self.onnx_path = pathlib.Path(onnx_path)
         if not self.onnx_path.is_file():
             raise BackendUnavailableError(f"ONNX file {self.onnx_path} does not exist")
@@ -278,11 +294,13 @@ class OrtBackend(VisualBackend):
             raise BackendUnavailableError(f"ONNX Runtime could not start the CUDA provider for {self.onnx_path.name}")
         ins = [i.name for i in self.session.get_inputs()]
         outs = [o.name for o in self.session.get_outputs()]
-        if ins != [INPUT_NAME] or outs != [OUTPUT_NAME]:
+        want_in, want_out = graph_input_names(self.graph_outputs), graph_output_names(self.graph_outputs)
+        if ins != want_in or outs != want_out:
             raise BackendUnavailableError(f"{self.onnx_path} has inputs {ins} / outputs {outs}; expected "
-                                          f"[{INPUT_NAME!r}] / [{OUTPUT_NAME!r}] (re-export it)")
+                                          f"{want_in} / {want_out} for outputs {self.graph_outputs} (re-export it)")
+        self._tensor_names = dict(zip(self.graph_outputs, want_out))
         out_shape = self.session.get_outputs()[0].shape
-        if isinstance(out_shape[-1], int) and out_shape[-1] != self.width:
+        if "cls" in self.graph_outputs and isinstance(out_shape[-1], int) and out_shape[-1] != self.width:
             raise BackendUnavailableError(f"{self.onnx_path} outputs width {out_shape[-1]}, model has {self.width}")
         self.name = f"onnxruntime-{'cuda' if self._cuda else 'cpu'}-{precision}"
 
@@ -292,7 +310,7 @@ class OrtBackend(VisualBackend):
                    threads: Optional[int] = None, int8: Union[bool, str] = False, max_batch: Optional[int] = None,
                    allow_export: bool = True, logger: Optional[logging.Logger] = None, fused: bool = False,
                    calibration_views: Optional[torch.Tensor] = None,
-                   execution_mode: str = "sequential") -> "OrtBackend":
+                   execution_mode: str = "sequential", outputs: Sequence[str] = ("cls",)) -> "OrtBackend":
         """Open a session for ``model``, exporting / quantising into the cache when allowed.
 
         Args:
@@ -307,8 +325,14 @@ class OrtBackend(VisualBackend):
             fused: start from the fused graph (ONNX Runtime transformer fusions) instead of the plain export.
             calibration_views: real views for ``int8="static"`` when the static graph must be made.
             execution_mode: ``"sequential"`` or ``"parallel"`` (see the class).
+            outputs: the backbone output set of the graph opened first (requests outside it open
+                the graph of their own set on first use, with the same options). Attention outputs
+                in a fused graph come from a separate, unfused branch per block (the fused
+                ``Attention`` op has no probabilities); the blocks stay fused.
         """
         log = logger or LOG
+        names = output_set(outputs)
+        given_path = onnx_path
         info = model if isinstance(model, ModelInfo) else describe_model(model)
         mode = int8_mode(int8)
         int8 = mode is not None
@@ -321,31 +345,34 @@ class OrtBackend(VisualBackend):
             from .onnx_export import export_fused_onnx, export_onnx, find_cached_fused, find_cached_onnx
 
             hint = (f"`runa-ood build-engine --model {info.model_name} --onnx-only{' --fused' if fused else ''}"
-                    f"{f' --int8 {mode}' if int8 else ''}` (with the node's --pretrained weights and cache dir)")
+                    f"{f' --int8 {mode}' if int8 else ''}"
+                    f"{'' if names == ('cls',) else ' --outputs ' + ','.join(names)}` "
+                    "(with the node's --pretrained weights and cache dir)")
             if fused and precision != "fp32":
                 raise BackendUnavailableError("the fused ONNX Runtime graph is fp32 (optionally int8); use precision='fp32'")
             if fused:
-                cached = find_cached_fused(info, cache_dir=cache_dir)
+                cached = find_cached_fused(info, cache_dir=cache_dir, outputs=names)
                 if cached is None:
                     if not allow_export:
                         raise BackendUnavailableError(f"no fused ONNX graph for model {info.model_name} (model_id "
                                                       f"{info.model_id}) in the cache; run {hint} beforehand")
                     log.warning("no fused ONNX graph for %s: exporting and fusing it now (about a minute for a ViT-B)",
                                 info.model_name)
-                    cached = export_fused_onnx(info, cache_dir=cache_dir)
+                    cached = export_fused_onnx(info, cache_dir=cache_dir, outputs=names)
             else:
-                cached = find_cached_onnx(info, precision=precision, cache_dir=cache_dir)
+                cached = find_cached_onnx(info, precision=precision, cache_dir=cache_dir, outputs=names)
             if cached is None:
                 where = default_cache_dir(cache_dir) / "onnx"
                 if not allow_export:
                     raise BackendUnavailableError(
-                        f"no exported ONNX for model {info.model_name} (model_id {info.model_id}, {precision}) in "
+                        f"no exported ONNX for model {info.model_name} (model_id {info.model_id}, {precision}, "
+                        f"outputs {names}) in "
                         f"{where}; run {hint} beforehand")
                 log.warning("no exported %s ONNX for model %s (model_id %s) in %s: exporting it now, which takes "
                             "30-60 s for a ViT-B on a small CPU; run %s beforehand to start without this delay",
                             precision, info.model_name, info.model_id, where, hint)
                 t0 = time.perf_counter()
-                cached = export_onnx(info, precision=precision, cache_dir=cache_dir)
+                cached = export_onnx(info, precision=precision, cache_dir=cache_dir, outputs=names)
                 log.warning("exported %s in %.1f s", cached.name, time.perf_counter() - t0)
             onnx_path = cached
             if mode == "static" and calibration_views is None and not int8_static_cached(onnx_path):
@@ -369,33 +396,75 @@ class OrtBackend(VisualBackend):
                 onnx_path = int8_path_for(onnx_path, "static")
             label = "int8-static"
         be = cls(onnx_path, info.input_size, info.width, device=device, precision=label, threads=threads,
-                 max_batch=max_batch, execution_mode=execution_mode)
+                 max_batch=max_batch, execution_mode=execution_mode, outputs=names, num_tokens=info.num_tokens)
         if fused:
             be.name += "-fused"
+        if given_path is None:  # an explicit onnx_path is one graph: no other output set can be derived
+            def opener(other: Tuple[str, ...]) -> "OrtBackend":
+                return cls.from_model(info, device=device, precision=precision, cache_dir=cache_dir, threads=threads,
+                                      int8=int8 and mode, max_batch=max_batch, allow_export=allow_export,
+                                      logger=logger, fused=fused, calibration_views=calibration_views,
+                                      execution_mode=execution_mode, outputs=other)
+
+            be._opener = opener
         return be
 
     def _run(self, views: torch.Tensor) -> torch.Tensor:
-        if self._cuda and views.is_cuda:
-            return self._run_iobinding(views)
-        x = views.detach().to("cpu", torch.float32).contiguous().numpy()
-        (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+        return self._run_outputs(views, ("cls",), None)["cls"]
 
-    def _run_iobinding(self, views: torch.Tensor) -> torch.Tensor:
+    def _for_outputs(self, names: Tuple[str, ...]) -> "OrtBackend":
+        """The session that serves ``names``: this one when its graph holds them, else that of the set."""
+        if set(names) <= set(self.graph_outputs):
+            return self
+        with self._others_lock:
+            other = self._others.get(names)
+            if other is None:
+                if self._opener is None:
+                    raise BackendUnavailableError(f"{self.onnx_path.name} gives the outputs {self.graph_outputs}, "
+                                                  f"not {names}, and was opened from an explicit path")
+                other = self._others[names] = self._opener(names)
+        return other
+
+    def _feed_pairs(self, pairs: Optional[torch.Tensor]) -> np.ndarray:
+        # a graph with xattn always takes pairs: one dummy pair when the request has none
+        p = np.zeros((1, 2), np.int32) if pairs is None else pairs.detach().to("cpu", torch.int32).numpy()
+        return np.ascontiguousarray(p)
+
+    def _run_outputs(self, views, names, pairs):
+        be = self._for_outputs(names)
+        if be is not self:
+            return be._run_outputs(views, names, pairs)
+        if self._cuda and views.is_cuda:
+            return self._run_iobinding(views, names, pairs)
+        feed = {INPUT_NAME: views.detach().to("cpu", torch.float32).contiguous().numpy()}
+        if PAIRS_NAME in [i.name for i in self.session.get_inputs()]:
+            feed[PAIRS_NAME] = self._feed_pairs(pairs)
+        outs = self.session.run([self._tensor_names[n] for n in names], feed)
+        return {n: torch.from_numpy(np.asarray(o, dtype=np.float32)) for n, o in zip(names, outs)}
+
+    def _run_iobinding(self, views: torch.Tensor, names, pairs) -> Dict[str, torch.Tensor]:
         x = views.to(torch.float32).contiguous()
-        out = torch.empty((x.shape[0], self.width), dtype=torch.float32, device=x.device)
+        B, T, P = int(x.shape[0]), self.num_tokens, 0 if pairs is None else int(pairs.shape[0])
+        shapes = {"cls": (B, self.width), "tokens": (B, T, self.width), "attn_cls": (B, T), "xattn": (P, T)}
+        outs = {n: torch.empty(shapes[n], dtype=torch.float32, device=x.device) for n in names}
         binding = self.session.io_binding()
         dev_id = x.device.index or 0
         binding.bind_input(INPUT_NAME, "cuda", dev_id, np.float32, tuple(x.shape), x.data_ptr())
-        binding.bind_output(OUTPUT_NAME, "cuda", dev_id, np.float32, tuple(out.shape), out.data_ptr())
+        if "xattn" in self.graph_outputs:
+            binding.bind_cpu_input(PAIRS_NAME, self._feed_pairs(pairs))
+        for n, t in outs.items():
+            binding.bind_output(self._tensor_names[n], "cuda", dev_id, np.float32, tuple(t.shape), t.data_ptr())
+        for n in self.graph_outputs:  # outputs not asked for still need a home: ORT allocates them
+            if n not in outs:
+                binding.bind_output(self._tensor_names[n], "cuda", dev_id)
         torch.cuda.current_stream(x.device).synchronize()  # ORT runs on its own stream
         self.session.run_with_iobinding(binding)
-        return out
+        return outs
 
     def describe(self) -> dict:
         d = super().describe()
         d.update({"onnx": str(self.onnx_path), "threads": self.threads, "execution_mode": self.execution_mode,
-                  "providers": self.session.get_providers()})
+                  "providers": self.session.get_providers(), "outputs": list(self.graph_outputs)})
         return d
 
 
