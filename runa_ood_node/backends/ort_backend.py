@@ -181,15 +181,23 @@ def quantize_int8_static(fp32_path: Union[str, os.PathLike], calibration_views: 
         except (OSError, ValueError):
             pass
     arr = calibration_views.detach().to("cpu", torch.float32).numpy()
+    import onnx
+
+    with_pairs = PAIRS_NAME in [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
+
+    def feed(chunk: np.ndarray) -> Dict[str, np.ndarray]:
+        d = {INPUT_NAME: np.ascontiguousarray(chunk)}
+        if with_pairs:  # graphs with xattn: each view's CLS query against its neighbour's keys
+            b = len(chunk)
+            d[PAIRS_NAME] = np.stack([np.arange(b), (np.arange(b) + 1) % b], 1).astype(np.int32)
+        return d
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = iter([{INPUT_NAME: np.ascontiguousarray(arr[i:i + batch])} for i in range(0, len(arr), batch)])
+            self._it = iter([feed(arr[i:i + batch]) for i in range(0, len(arr), batch)])
 
         def get_next(self):
             return next(self._it, None)
-
-    import onnx
 
     tmp = out.with_name(out.stem + f".tmp{os.getpid()}.onnx")
     t0 = time.perf_counter()
