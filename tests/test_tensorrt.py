@@ -56,6 +56,14 @@ def test_cli_build_engine_without_tensorrt_and_onnx_only(tmp_path, capsys):
     summary = json.loads(out[out.index("{"):])
     assert set(summary["onnx"]) == {"fp32", "fp16"} and summary["random_weights"] is True
     assert tool.run(args("--profile", "4,2,8")) == 2
+    # one graph per output set, named by it
+    assert tool.run(args("--onnx-only", "--precision", "fp32", "--fused", "--outputs", "attn_cls,tokens")) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("\n{") + 1:])
+    assert summary["outputs"] == ["tokens", "attn_cls"]
+    assert summary["onnx"]["fp32"].endswith("-fp32-otokens_attn_cls.onnx")
+    assert summary["onnx"]["fused"].endswith("-fp32-otokens_attn_cls-fused.onnx")
+    assert tool.run(args("--onnx-only", "--outputs", "patches")) == 2
 
 
 # ---------------------------------------------------------------------- with TensorRT (GPU machines)
