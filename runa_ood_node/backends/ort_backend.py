@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import pathlib
-import threading
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -258,8 +257,6 @@ class OrtBackend(VisualBackend):
         self.graph_outputs = output_set(outputs)
         self.num_tokens = int(num_tokens)
         self._opener: Optional[Callable[[Tuple[str, ...]], "OrtBackend"]] = None
-        self._others: Dict[Tuple[str, ...], "OrtBackend"] = {}
-        self._others_lock = threading.Lock()
         self.onnx_path = pathlib.Path(onnx_path)
         if not self.onnx_path.is_file():
             raise BackendUnavailableError(f"ONNX file {self.onnx_path} does not exist")
@@ -416,22 +413,6 @@ class OrtBackend(VisualBackend):
 
             be._opener = opener
         return be
-
-    def _run(self, views: torch.Tensor) -> torch.Tensor:
-        return self._run_outputs(views, ("cls",), None)["cls"]
-
-    def _for_outputs(self, names: Tuple[str, ...]) -> "OrtBackend":
-        """The session that serves ``names``: this one when its graph holds them, else that of the set."""
-        if set(names) <= set(self.graph_outputs):
-            return self
-        with self._others_lock:
-            other = self._others.get(names)
-            if other is None:
-                if self._opener is None:
-                    raise BackendUnavailableError(f"{self.onnx_path.name} gives the outputs {self.graph_outputs}, "
-                                                  f"not {names}, and was opened from an explicit path")
-                other = self._others[names] = self._opener(names)
-        return other
 
     def _feed_pairs(self, pairs: Optional[torch.Tensor]) -> np.ndarray:
         # a graph with xattn always takes pairs: one dummy pair when the request has none

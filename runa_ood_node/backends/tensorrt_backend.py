@@ -339,7 +339,6 @@ class TensorRTBackend(VisualBackend):
         self.width = int(self.meta.width)
         self.num_tokens = int(num_tokens)
         self._opener: Optional[Callable[[Tuple[str, ...]], "TensorRTBackend"]] = None
-        self._others: Dict[Tuple[str, ...], "TensorRTBackend"] = {}
         self.device = str(self._device)
         self.precision = self.meta.precision
         self.name = f"tensorrt-{self.meta.precision}"
@@ -386,21 +385,6 @@ class TensorRTBackend(VisualBackend):
             be._opener = opener
             return be
         raise BackendUnavailableError("no cached TensorRT engine fits this machine: " + " | ".join(problems))
-
-    def _run(self, views: torch.Tensor) -> torch.Tensor:
-        return self._run_outputs(views, ("cls",), None)["cls"]
-
-    def _for_outputs(self, names: Tuple[str, ...]) -> "TensorRTBackend":
-        if set(names) <= set(self.graph_outputs):
-            return self
-        with self._lock:
-            other = self._others.get(names)
-            if other is None:
-                if self._opener is None:
-                    raise BackendUnavailableError(f"TensorRT engine {self.engine_path.name} gives the outputs "
-                                                  f"{self.graph_outputs}, not {names}")
-                other = self._others[names] = self._opener(names)
-        return other
 
     def _run_outputs(self, views, names, pairs):
         be = self._for_outputs(names)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..core.backbone import backbone_forward
+from ..core.backbone import BACKBONE_OUTPUTS, backbone_forward
 from .base import BackendUnavailableError, ModelInfo, VisualBackend, cuda_available
 
 
@@ -44,6 +44,7 @@ class TorchBackend(VisualBackend):
         self.input_size = info.input_size
         self.width = info.width
         self.num_tokens = info.num_tokens
+        self.graph_outputs = BACKBONE_OUTPUTS  # computed directly: every set
         self.name = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}-{precision}"
         target = torch.device(device)
         if target.type == "cuda" and target.index is None:
@@ -56,9 +57,6 @@ class TorchBackend(VisualBackend):
             self.trunk = copy.deepcopy(info.trunk).to(device=target, dtype=torch.float32)
         self.trunk.eval()
         self._target = target
-
-    def _run(self, views: torch.Tensor) -> torch.Tensor:
-        return self._run_outputs(views, ("cls",), None)["cls"]
 
     def _run_outputs(self, views, names, pairs):
         x = views.to(self._target, torch.float32, non_blocking=True)
