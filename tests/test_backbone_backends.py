@@ -209,3 +209,44 @@ def test_fp16_graph_for_tensorrt_keeps_softmax_and_layernorm_in_fp32(tiny_encode
     blocks = len(tiny_encoder.model.visual.transformer.resblocks)
     assert len(softmax) >= 3 * blocks  # open_clip's attention + the CLS and pair branches per block
     assert all(vt.get(n.input[0]) == onnx.TensorProto.FLOAT for n in softmax)
+
+
+def test_auto_on_cpu_uses_the_measured_fastest_variant_that_holds_fidelity(tiny_encoder, tmp_path, real_views,
+                                                                             caplog):
+    import logging
+
+    from runa_ood_node.backends.ort_backend import auto_choice, auto_record_path, choose_auto_variant
+
+    cache = tmp_path / "auto"
+    export_onnx(tiny_encoder, cache_dir=cache)
+    make_backend("onnxruntime", tiny_encoder, cache_dir=cache, int8="dynamic")   # quantised graph cached
+    assert make_backend("auto", tiny_encoder, cache_dir=cache).name == "onnxruntime-cpu-fp32"  # no record yet
+    rec = choose_auto_variant(tiny_encoder, real_views, projection=tiny_encoder.proj_global, cache_dir=cache,
+                              repeats=2)
+    v = rec["variants"]
+    assert "error" in v["fused"] and "error" in v["fused-int8"]           # not cached: never exported here
+    assert v["plain"]["holds_fidelity"] and v["plain"]["cos_min"] > 0.99999
+    assert rec["chosen"] == min((v[n]["ms_median"], n) for n in ("plain", "int8") if v[n]["holds_fidelity"])[1]
+    # pin the choice to int8 (timings on a shared CI machine decide nothing): auto opens it
+    rec["chosen"] = "int8"
+    rec["variants"]["int8"]["holds_fidelity"] = True
+    path = auto_record_path(tiny_encoder.model_id, cache)
+    path.write_text(json.dumps(rec))
+    with caplog.at_level(logging.INFO):
+        be = make_backend("auto", tiny_encoder, cache_dir=cache)
+    assert be.name == "onnxruntime-cpu-int8" and "measured fastest" in caplog.text
+    # explicit options still win; a variant below the fidelity bar is never chosen
+    assert make_backend("auto", tiny_encoder, cache_dir=cache, int8=False, fused=False).name == be.name
+    strict = choose_auto_variant(tiny_encoder, real_views, cache_dir=cache, repeats=1, fidelity_min=1.01)
+    assert strict["chosen"] is None and auto_choice(describe(tiny_encoder), cache) is None
+    assert make_backend("auto", tiny_encoder, cache_dir=cache).name == "onnxruntime-cpu-fp32"
+    # a re-exported graph invalidates the record
+    rec["variants"]["int8"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(rec))
+    assert make_backend("auto", tiny_encoder, cache_dir=cache).name == "onnxruntime-cpu-fp32"
+
+
+def describe(encoder):
+    from runa_ood_node.backends.base import describe_model
+
+    return describe_model(encoder)

@@ -64,6 +64,12 @@ def test_cli_build_engine_without_tensorrt_and_onnx_only(tmp_path, capsys):
     assert summary["onnx"]["fp32"].endswith("-fp32-otokens_attn_cls.onnx")
     assert summary["onnx"]["fused"].endswith("-fp32-otokens_attn_cls-fused.onnx")
     assert tool.run(args("--onnx-only", "--outputs", "patches")) == 2
+    # --auto-choice times the cached CPU variants and records what backend: auto uses
+    assert tool.run(args("--onnx-only", "--precision", "fp32", "--auto-choice")) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("\n{") + 1:])
+    assert summary["auto_choice"]["chosen"] == "plain"  # the only cls variant cached here
+    assert json.loads(open(summary["auto_choice"]["record"]).read())["chosen"] == "plain"
 
 
 # ---------------------------------------------------------------------- with TensorRT (GPU machines)

@@ -233,7 +233,9 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
 
     Args:
         kind: ``"auto"`` (TensorRT with a cached engine -> ONNX Runtime with a cached export ->
-            PyTorch, each fallback logged with its reason), ``"tensorrt"``, ``"onnxruntime"`` or
+            PyTorch, each fallback logged with its reason; on a CPU without ``int8`` / ``fused``
+            options, ONNX Runtime opens the variant ``runa-ood build-engine --auto-choice`` measured
+            fastest among those holding embedding cosine >= 0.999, when recorded), ``"tensorrt"``, ``"onnxruntime"`` or
             ``"torch"`` (no fallback: raise if unavailable).
         device: ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
         precision: ``"fp32"`` or ``"fp16"`` (torch: autocast, needs CUDA; ONNX Runtime: the fp16
@@ -327,7 +329,30 @@ def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailableError(f"onnxruntime is not installed ({exc})") from exc
-    from .ort_backend import OrtBackend
+    from .ort_backend import OrtBackend, auto_choice
+
+    if (not allow_export and not int8 and not fused and onnx_path is None and device == "cpu"
+            and precision == "fp32"):
+        # backend: auto on a CPU without options: the variant `runa-ood build-engine --auto-choice`
+        # measured fastest among those holding fidelity, when that record and its graph still hold
+        choice = auto_choice(info, cache_dir, outputs)
+        if choice is not None and choice["name"] != "plain":
+            from .engine_cache import file_sha256
+
+            try:
+                be = OrtBackend.from_model(info, device=device, precision=precision, cache_dir=cache_dir,
+                                           threads=threads, max_batch=max_batch, allow_export=False, logger=logger,
+                                           execution_mode=execution_mode, outputs=outputs, **choice["options"])
+                if file_sha256(be.onnx_path, memo=True) == choice["sha256"]:
+                    (logger or LOG).info("backend auto: %s, measured fastest on this CPU at %.1f ms with embedding "
+                                         "cos %.5f to torch fp32", be.name, choice["ms_median"], choice["cos_min"])
+                    return be
+                (logger or LOG).warning("backend auto: the recorded choice %s was measured on another graph; "
+                                        "using the plain graph (run `runa-ood build-engine --auto-choice` again)",
+                                        choice["name"])
+            except BackendUnavailableError as exc:
+                (logger or LOG).warning("backend auto: recorded choice %s unavailable (%s); using the plain graph",
+                                        choice["name"], exc)
 
     return OrtBackend.from_model(info, device=device, precision=precision, onnx_path=onnx_path,
                                  cache_dir=cache_dir, threads=threads, int8=int8, max_batch=max_batch,

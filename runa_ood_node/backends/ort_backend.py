@@ -487,3 +487,92 @@ def embedding_fidelity(reference, candidate, views: torch.Tensor,
         e = cosine_rows(ref.to("cpu", torch.float64) @ P, cand.to("cpu", torch.float64) @ P)
         res.update({"embedding_cos_min": float(e.min()), "embedding_cos_mean": float(e.mean())})
     return res
+
+
+# ---------------------------------------------------------------------- backend: auto on a CPU
+#: the CPU variants ``backend: auto`` chooses between (each only when already in the cache)
+AUTO_VARIANTS: Dict[str, Dict[str, object]] = {"fused-int8": {"fused": True, "int8": "dynamic"},
+                                               "int8": {"int8": "dynamic"}, "fused": {"fused": True}, "plain": {}}
+#: the embedding cosine to torch fp32 (min over real views) a variant must hold to be chosen
+AUTO_FIDELITY_MIN = 0.999
+
+
+def auto_record_path(model_id: str, cache_dir=None, outputs: Sequence[str] = ("cls",)) -> pathlib.Path:
+    """``<cache>/onnx/<model_id>-auto-cpu[-o<outputs>].json``: what :func:`choose_auto_variant` measured."""
+    from .engine_cache import outputs_file_tag
+
+    return default_cache_dir(cache_dir) / "onnx" / f"{model_id}-auto-cpu{outputs_file_tag(outputs)}.json"
+
+
+def choose_auto_variant(model, views: torch.Tensor, *, projection: Optional[torch.Tensor] = None, cache_dir=None,
+                        outputs: Sequence[str] = ("cls",), threads: Optional[int] = None, repeats: int = 5,
+                        fidelity_min: float = AUTO_FIDELITY_MIN) -> Dict[str, object]:
+    """Time every CPU variant already in the cache on ``views``, check its fidelity to torch fp32,
+    and record the fastest one that holds ``fidelity_min`` for ``backend: auto`` (never exports).
+
+    Each variant runs the same output set on the same views in this one process, alternating
+    (``repeats`` rounds, median ms per call); the fidelity is the min embedding cosine (``projection``
+    given; else the feature cosine) to the torch trunk on ``views``. The record (JSON next to the
+    graphs, :func:`auto_record_path`) names each graph with its sha256, so a re-exported graph
+    invalidates the choice. Returns the record.
+    """
+    from .engine_cache import file_sha256
+    from .torch_backend import TorchBackend
+
+    info = model if isinstance(model, ModelInfo) else describe_model(model)
+    names = output_set(outputs)
+    B = int(views.shape[0])
+    pairs = torch.tensor([[i, (i + 1) % B] for i in range(B)]) if "xattn" in names else None
+    ref = TorchBackend(info)
+    record: Dict[str, object] = {"model_id": info.model_id, "outputs": list(names), "fidelity_min": fidelity_min,
+                                 "views": B, "repeats": int(repeats), "threads": threads, "variants": {},
+                                 "chosen": None}
+    opened = {}
+    for name, kw in AUTO_VARIANTS.items():
+        try:
+            be = OrtBackend.from_model(info, cache_dir=cache_dir, threads=threads, allow_export=False, outputs=names,
+                                       **kw)
+        except BackendUnavailableError as exc:
+            record["variants"][name] = {"error": str(exc)}
+            continue
+        fid = embedding_fidelity(ref, be, views, projection)
+        cos = float(fid.get("embedding_cos_min", fid["feature_cos_min"]))
+        record["variants"][name] = {"onnx": str(be.onnx_path), "sha256": file_sha256(be.onnx_path, memo=True),
+                                    "cos_min": cos, "ms": []}
+        be.outputs(views, names, pairs)  # warm-up
+        opened[name] = be
+    for _ in range(max(1, int(repeats))):  # interleaved rounds: every variant sees the same machine load
+        for name, be in opened.items():
+            t0 = time.perf_counter()
+            be.outputs(views, names, pairs)
+            record["variants"][name]["ms"].append(round((time.perf_counter() - t0) * 1e3, 2))
+    ok = []
+    for name in opened:
+        v = record["variants"][name]
+        v["ms_median"] = float(np.median(v.pop("ms")))
+        v["holds_fidelity"] = v["cos_min"] >= fidelity_min
+        if v["holds_fidelity"]:
+            ok.append((v["ms_median"], name))
+    record["chosen"] = min(ok)[1] if ok else None
+    path = auto_record_path(info.model_id, cache_dir, names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    LOG.info("backend auto on CPU will use %s (%s)", record["chosen"],
+             ", ".join(f"{n}: {v.get('ms_median', '-')} ms, cos {v.get('cos_min', '-')}"
+                       for n, v in record["variants"].items()))
+    return record
+
+
+def auto_choice(info: ModelInfo, cache_dir=None, outputs: Sequence[str] = ("cls",)) -> Optional[Dict[str, object]]:
+    """The recorded choice of :func:`choose_auto_variant` for this model and output set, or None
+    (no record, unreadable, or no variant held the fidelity)."""
+    try:
+        rec = json.loads(auto_record_path(info.model_id, cache_dir, outputs).read_text())
+    except (OSError, ValueError):
+        return None
+    chosen = rec.get("chosen")
+    if chosen not in AUTO_VARIANTS or not rec.get("variants", {}).get(chosen, {}).get("holds_fidelity"):
+        return None
+    return {"name": chosen, "options": AUTO_VARIANTS[chosen], **rec["variants"][chosen]}

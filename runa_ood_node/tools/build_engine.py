@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated backbone output set of the graphs / engine (cls, tokens, attn_cls, "
                              "xattn; one graph / engine per set, what a method asks the backend for) "
                              "(default %(default)s)")
+    parser.add_argument("--auto-choice", action="store_true",
+                        help="after exporting, time every CPU variant in the cache (plain, fused, int8, fused int8) "
+                             "on real crops in one interleaved run and record the fastest whose embeddings keep "
+                             "cosine >= 0.999 to torch fp32: what `backend: auto` then uses on a CPU")
     parser.add_argument("--force", action="store_true", help="re-export / rebuild even when cached")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -138,6 +142,16 @@ def run(args) -> int:
         path = quantize_int8_static(src, views, force=args.force)
         summary["onnx"]["int8-static"] = str(path)
         print(f"ONNX (int8, static QDQ, calibrated on {where}): {path}")
+    if args.auto_choice:
+        from ..backends.ort_backend import auto_record_path, choose_auto_variant
+        from .bench import calibration_views
+
+        views, where = calibration_views(encoder)
+        rec = choose_auto_variant(encoder, views, projection=encoder.proj_global, cache_dir=args.cache_dir,
+                                  outputs=outputs)
+        summary["auto_choice"] = {"chosen": rec["chosen"], "record": str(auto_record_path(
+            encoder.model_id, args.cache_dir, outputs)), "views": where, "variants": rec["variants"]}
+        print(f"backend auto on this CPU: {rec['chosen']} (measured on {where})")
     if args.onnx_only:
         print(json.dumps(summary, indent=2))
         return 0
