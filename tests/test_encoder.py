@@ -90,8 +90,8 @@ def test_trunk_matches_open_clip_and_text_tower_untouched(tiny_encoder):
     with torch.no_grad():
         ref = e.model.encode_image(x)
         assert torch.allclose(feats @ e.proj_global, ref, atol=1e-5)
-        # the shared CLIP model still has its projection and encodes text
-        assert e.model.visual.proj is not None
+        # the shared CLIP model keeps its own projection, unchanged, and still encodes text
+        assert torch.equal(e.model.visual.proj.detach().to("cpu", torch.float32), e.proj_global)
         txt = e.model.encode_text(e.tokenizer(["a photo of a car"]))
     assert txt.shape == (1, e.embed_dim)
 

@@ -1,11 +1,15 @@
 """Pure engine-cache logic: keys, paths, compatibility checks, batch splitting, engine I/O dtypes."""
+import hashlib
 import json
+import re
 
 import pytest
 
 from runa_ood_node.backends.engine_cache import (EngineMeta, EngineMismatchError, Profile, check_engine_compat,
                                                  engine_cache_key, engine_io_dtypes, engine_path_for, file_sha256,
+                                                 graph_input_names, graph_output_names,
                                                  normalize_compute_capability, split_batches, trt_dtype_to_torch)
+from runa_ood_node.core.registry import BACKBONE_OUTPUTS
 
 BASE = dict(model_hash="a" * 64, trt_version="10.3.0", compute_capability=(8, 7), precision="fp16",
             profile=(1, 16, 64))
@@ -20,7 +24,37 @@ def key(**over):
 def test_key_is_deterministic_and_hex():
     k = key()
     assert k == key()
-    assert len(k) == 64 and int(k, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{64}", k)
+    # today's ("cls",) key, field for field: engines built before output sets existed keep their keys
+    blob = json.dumps({"model": "a" * 64, "trt": "10.3.0", "cc": "8.7", "precision": "fp16", "profile": [1, 16, 64]},
+                      sort_keys=True)
+    assert k == hashlib.sha256(blob.encode()).hexdigest() == key(outputs=("cls",)) == key(outputs=["cls"])
+
+
+def test_key_path_and_meta_per_output_set(tmp_path):
+    full = key(outputs=("xattn", "cls", "tokens", "attn_cls"))
+    assert full != key() and full != key(outputs=("tokens",)) and full == key(outputs=list(BACKBONE_OUTPUTS))
+    p_cls = engine_path_for("m", "fp16", (1, 16, 64), key(), tmp_path)
+    p_full = engine_path_for("m", "fp16", (1, 16, 64), full, tmp_path, outputs=BACKBONE_OUTPUTS)
+    assert p_full.name == f"m-fp16-b1_16_64-ocls_tokens_attn_cls_xattn-{full[:16]}.engine"
+    assert p_cls.name == f"m-fp16-b1_16_64-{key()[:16]}.engine"
+    assert graph_input_names(("cls",)) == ["views"] and graph_output_names(("cls",)) == ["features"]
+    assert graph_input_names(("tokens", "xattn")) == ["views", "pairs"]
+    assert graph_output_names(("xattn", "cls")) == ["features", "xattn"]
+    # a sidecar written before output sets existed describes a cls engine
+    old = _meta().to_dict()
+    del old["outputs"]
+    assert EngineMeta.from_dict(old).outputs == ("cls",)
+    m = _meta(outputs=("tokens", "attn_cls"))
+    m.save(tmp_path / "o.json")
+    assert EngineMeta.load(tmp_path / "o.json") == m
+    with pytest.raises(EngineMismatchError, match="outputs"):
+        check_engine_compat(m, "10.3.0", "8.7", outputs=("cls",))
+    assert check_engine_compat(m, "10.3.0", "8.7", outputs=("attn_cls", "tokens")) is None
+    with pytest.raises(EngineMismatchError, match="unknown outputs"):
+        EngineMeta.from_dict(dict(old, outputs=["patches"]))
+    with pytest.raises(ValueError):
+        key(outputs=("patches",))
 
 
 @pytest.mark.parametrize("field,value", [
@@ -171,4 +205,9 @@ def test_file_sha256(tmp_path):
     b = tmp_path / "b.bin"
     b.write_bytes(b"x" * 9 + b"y")
     assert file_sha256(a) != file_sha256(b)
-    assert file_sha256(a) == file_sha256(a)
+    assert file_sha256(a) == file_sha256(a) == hashlib.sha256(b"x" * 10).hexdigest()
+    # one implementation: the backends' file hash is core's (core never imports backends)
+    from runa_ood_node.core import encoder
+
+    assert file_sha256 is encoder.file_sha256
+    assert encoder.file_sha256(a, memo=True) == file_sha256(a)

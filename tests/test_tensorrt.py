@@ -56,6 +56,20 @@ def test_cli_build_engine_without_tensorrt_and_onnx_only(tmp_path, capsys):
     summary = json.loads(out[out.index("{"):])
     assert set(summary["onnx"]) == {"fp32", "fp16"} and summary["random_weights"] is True
     assert tool.run(args("--profile", "4,2,8")) == 2
+    # one graph per output set, named by it
+    assert tool.run(args("--onnx-only", "--precision", "fp32", "--fused", "--outputs", "attn_cls,tokens")) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("\n{") + 1:])
+    assert summary["outputs"] == ["tokens", "attn_cls"]
+    assert summary["onnx"]["fp32"].endswith("-fp32-otokens_attn_cls.onnx")
+    assert summary["onnx"]["fused"].endswith("-fp32-otokens_attn_cls-fused.onnx")
+    assert tool.run(args("--onnx-only", "--outputs", "patches")) == 2
+    # --auto-choice times the cached CPU variants and records what backend: auto uses
+    assert tool.run(args("--onnx-only", "--precision", "fp32", "--auto-choice")) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("\n{") + 1:])
+    assert summary["auto_choice"]["chosen"] == "plain"  # the only cls variant cached here
+    assert json.loads(open(summary["auto_choice"]["record"]).read())["chosen"] == "plain"
 
 
 # ---------------------------------------------------------------------- with TensorRT (GPU machines)
@@ -125,3 +139,74 @@ def test_engine_from_other_trt_version_is_rejected(tiny_encoder, trt_cache):
     EngineMeta.from_dict(d).save(fake.with_suffix(".json"))
     with pytest.raises(EngineMismatchError, match="TensorRT 0.0.1"):
         TensorRTBackend(fake, device="cuda")
+
+
+# ---------------------------------------------------------------------- engine look-up (no TensorRT needed)
+def _fake_engine(cache, model_id, weights_hash, outputs=("cls",), precision="fp16"):
+    """An engine file + sidecar in the cache, as build_engine writes them (the bytes are never run)."""
+    from runa_ood_node.backends.engine_cache import EngineMeta, engine_cache_key, engine_path_for
+
+    key = engine_cache_key("a" * 64, "10.3.0", "8.7", precision, (1, 4, 8), outputs=outputs)
+    path = engine_path_for(model_id, precision, (1, 4, 8), key, cache, outputs=outputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not an engine")
+    EngineMeta(key=key, model_id=model_id, model_hash="a" * 64, trt_version="10.3.0", compute_capability="8.7",
+               precision=precision, profile=(1, 4, 8), input_size=64, width=64, weights_hash=weights_hash,
+               outputs=tuple(outputs)).save(path.with_suffix(".json"))
+    return path
+
+
+def test_encoder_finds_an_engine_built_from_the_bare_trunk(tiny_encoder, tmp_path, monkeypatch):
+    """Issue 18 item 9: the look-up used ``info._weights_hash``, None for an encoder, so an engine
+    built from the bare ``visual_trunk`` (model_id = weights hash) was never found for the encoder."""
+    from runa_ood_node.backends.base import describe_model, trunk_weights_hash
+    from runa_ood_node.backends.tensorrt_backend import TensorRTBackend
+    from runa_ood_node.core.encoder import state_dict_sha256
+
+    wh = trunk_weights_hash(tiny_encoder.visual_trunk)
+    assert wh == state_dict_sha256(tiny_encoder.visual_trunk)[:16] == describe_model(tiny_encoder.visual_trunk).model_id
+    assert describe_model(tiny_encoder)._weights_hash is None  # the encoder's info does not know it up front
+    bare = _fake_engine(tmp_path, model_id=wh, weights_hash=wh)
+    _fake_engine(tmp_path, model_id=wh, weights_hash=wh, outputs=("tokens", "attn_cls"))
+    opened = []
+
+    def fake_init(self, engine_path, **kw):
+        opened.append((engine_path, kw))
+
+    monkeypatch.setattr(TensorRTBackend, "__init__", fake_init)
+    be = TensorRTBackend.from_cache(tiny_encoder, device="cuda", precision="fp16", cache_dir=tmp_path)
+    assert isinstance(be, TensorRTBackend)
+    (path, kw), = opened
+    assert path == bare and kw["expect_model_id"] == tiny_encoder.model_id and kw["expect_outputs"] == ("cls",)
+    # engines are found per output set
+    opened.clear()
+    TensorRTBackend.from_cache(tiny_encoder, precision="fp16", cache_dir=tmp_path, outputs=("attn_cls", "tokens"))
+    assert "-otokens_attn_cls-" in opened[0][0].name and opened[0][1]["num_tokens"] == tiny_encoder.num_tokens
+    with pytest.raises(BackendUnavailableError, match="--outputs attn_cls,xattn"):
+        TensorRTBackend.from_cache(tiny_encoder, precision="fp16", cache_dir=tmp_path, outputs=("attn_cls", "xattn"))
+
+
+def test_tensorrt_source_graph_of_every_output_set_runs_on_ort(tiny_encoder, tmp_path):
+    """What build_engine parses for an output set (the strongly typed fp16 graph, float32 I/O, int32
+    pairs) is a valid graph that ONNX Runtime runs with the engine's I/O names and shapes."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from runa_ood_node.backends.engine_cache import graph_input_names, graph_output_names
+    from runa_ood_node.backends.onnx_export import export_onnx
+
+    names = ("cls", "tokens", "attn_cls", "xattn")
+    path = export_onnx(tiny_encoder, precision="fp16", cache_dir=tmp_path, outputs=names)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == graph_input_names(names)
+    assert [o.name for o in sess.get_outputs()] == graph_output_names(names)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    pairs = torch.tensor([[0, 1], [2, 0]])
+    ref = tiny_encoder.visual_outputs(x, names, pairs=pairs)
+    outs = dict(zip(names, sess.run(None, {"views": x.numpy(), "pairs": pairs.numpy().astype(np.int32)})))
+    P = tiny_encoder.proj_global
+    assert float(cosine_rows(ref["cls"] @ P, torch.from_numpy(outs["cls"]) @ P).min()) >= 0.999
+    assert float((ref["attn_cls"] - torch.from_numpy(outs["attn_cls"])).abs().max()) <= 1e-3
+    assert float((ref["xattn"] - torch.from_numpy(outs["xattn"])).abs().max()) <= 1e-3

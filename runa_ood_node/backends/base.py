@@ -13,6 +13,11 @@ Contract of :class:`VisualBackend`:
   moves it to the CPU.
 * ``max_batch``: largest batch one engine call takes (None = unlimited); larger inputs are split
   internally, so callers never have to.
+* ``outputs(views, names, pairs=None) -> {name: tensor}``: the named backbone outputs of
+  :mod:`runa_ood_node.core.backbone` (``cls``, ``tokens``, ``attn_cls``, ``xattn``) from one
+  pass, float32 on the input's device; ``backend(views) == backend.outputs(views, ("cls",))["cls"]``.
+  Every backend serves every output set (ONNX Runtime and TensorRT from one graph / engine per
+  output set, keyed by it); batches over ``max_batch`` are split keeping each pair in one call.
 
 :func:`make_backend` picks and builds a backend. ``kind="auto"`` tries TensorRT (needs the
 ``tensorrt`` module, CUDA and an engine already built by ``runa-ood build-engine``), then ONNX
@@ -26,14 +31,16 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 import logging
 import os
 import pathlib
-from typing import Any, List, Optional, Tuple, Union
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..core.backbone import grid_size, output_set, serve_outputs
+from ..core.encoder import state_dict_sha256
 from ..core.registry import BACKENDS as KINDS, RESOLVED_PRECISIONS as PRECISIONS  # one definition of each
 
 LOG = logging.getLogger(__name__)
@@ -41,6 +48,9 @@ LOG = logging.getLogger(__name__)
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (missing runtime, no GPU, no engine, bad option)."""
+
+
+_OTHERS_LOCK = threading.Lock()
 
 
 class VisualBackend(abc.ABC):
@@ -61,24 +71,58 @@ class VisualBackend(abc.ABC):
     input_size: int = 0
     width: int = 0
 
+    num_tokens: int = 0
+
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        return self.outputs(views, ("cls",))["cls"]
+
+    def outputs(self, views: torch.Tensor, names: Sequence[str],
+                pairs: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Named backbone outputs of ``views`` (see the module docstring), float32 on the views' device."""
         if not isinstance(views, torch.Tensor):
             raise TypeError(f"views must be a torch.Tensor, got {type(views).__name__}")
         S = self.input_size
         if views.ndim != 4 or views.shape[1] != 3 or (S and tuple(views.shape[2:]) != (S, S)):
             raise ValueError(f"views must be [B,3,{S},{S}], got {tuple(views.shape)}")
-        B = int(views.shape[0])
-        if B == 0:
-            return torch.zeros((0, self.width), dtype=torch.float32, device=views.device)
-        from .engine_cache import split_batches
 
-        outs = [self._run(views[sl].contiguous()) for sl in split_batches(B, self.max_batch)]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-        return out.to(device=views.device, dtype=torch.float32)
+        def run(chunk, chunk_names, chunk_pairs):
+            return self._run_outputs(chunk.contiguous(), chunk_names, chunk_pairs)
 
-    @abc.abstractmethod
+        out = serve_outputs(run, views, names, pairs, self.max_batch, self.num_tokens, self.width)
+        return {n: t.to(device=views.device, dtype=torch.float32) for n, t in out.items()}
+
+    def _run_outputs(self, views: torch.Tensor, names: Tuple[str, ...],
+                     pairs: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Run one chunk (``1 <= B <= max_batch``; ``pairs`` int64 CPU ``[P>=1, 2]`` with ``xattn``):
+        ``{name: tensor}`` on any device, any float dtype. The default serves ``("cls",)`` via
+        :meth:`_run`; a subclass overrides this one or :meth:`_run` (or both)."""
+        if names != ("cls",):
+            raise BackendUnavailableError(f"{self.name} gives only the 'cls' output, not {names}")
+        return {"cls": self._run(views)}
+
     def _run(self, views: torch.Tensor) -> torch.Tensor:
         """Run one chunk (``B <= max_batch``); return ``[B, width]`` on any device, any float dtype."""
+        return self._run_outputs(views, ("cls",), None)["cls"]
+
+    #: the output set of the graph / engine this backend runs (torch: every set)
+    graph_outputs: Tuple[str, ...] = ("cls",)
+    #: ``names -> backend`` of another output set (ONNX Runtime / TensorRT install one), else None
+    _opener = None
+
+    def _for_outputs(self, names: Tuple[str, ...]) -> "VisualBackend":
+        """The backend that serves ``names``: this one when its graph / engine holds them, else the
+        one of that output set, opened once through ``_opener`` and kept."""
+        if set(names) <= set(self.graph_outputs):
+            return self
+        with _OTHERS_LOCK:
+            others = self.__dict__.setdefault("_others", {})
+            other = others.get(names)
+            if other is None:
+                if self._opener is None:
+                    raise BackendUnavailableError(f"{self.name} gives the outputs {self.graph_outputs}, not {names}, "
+                                                  "and cannot open another output set (opened from an explicit file)")
+                other = others[names] = self._opener(names)
+        return other
 
     def describe(self) -> dict:
         """Plain dict for logs / diagnostics / benchmark JSON."""
@@ -100,6 +144,15 @@ class ModelInfo:
     model_id: str
     model_name: str
     _weights_hash: Optional[str] = None
+    num_tokens: int = 0   # T = 1 + G*G
+
+    def __post_init__(self) -> None:
+        if not self.num_tokens:
+            visual = getattr(self.trunk, "visual", self.trunk)
+            try:
+                self.num_tokens = 1 + grid_size(visual) ** 2
+            except ValueError:  # a tower without a patch grid: only "cls" can be served
+                self.num_tokens = 0
 
     def weights_hash(self) -> str:
         """16-hex hash of the trunk's weights (computed once; a pass over the parameters).
@@ -114,13 +167,8 @@ class ModelInfo:
 
 
 def trunk_weights_hash(module: torch.nn.Module) -> str:
-    """sha256 (16 hex) over names, shapes and float32 values of a module's state dict."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The first 16 hex of ``core.encoder.state_dict_sha256`` (names, shapes, float32 values)."""
+    return state_dict_sha256(module)[:16]
 
 
 def describe_model(model: Any) -> ModelInfo:
@@ -180,12 +228,14 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
                  int8: Union[bool, str] = False, logger: Optional[logging.Logger] = None,
                  max_batch: Optional[int] = None, fused: bool = False,
                  calibration_views: Optional[torch.Tensor] = None,
-                 ort_execution_mode: str = "sequential") -> VisualBackend:
+                 ort_execution_mode: str = "sequential", outputs: Sequence[str] = ("cls",)) -> VisualBackend:
     """Build a visual backend for ``encoder`` (a ``DualEncoder`` or its ``visual_trunk``).
 
     Args:
         kind: ``"auto"`` (TensorRT with a cached engine -> ONNX Runtime with a cached export ->
-            PyTorch, each fallback logged with its reason), ``"tensorrt"``, ``"onnxruntime"`` or
+            PyTorch, each fallback logged with its reason; on a CPU without ``int8`` / ``fused``
+            options, ONNX Runtime opens the variant ``runa-ood build-engine --auto-choice`` measured
+            fastest among those holding embedding cosine >= 0.999, when recorded), ``"tensorrt"``, ``"onnxruntime"`` or
             ``"torch"`` (no fallback: raise if unavailable).
         device: ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
         precision: ``"fp32"`` or ``"fp16"`` (torch: autocast, needs CUDA; ONNX Runtime: the fp16
@@ -206,6 +256,10 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
         ort_execution_mode: ONNX Runtime ``"sequential"`` (default) or ``"parallel"``.
         logger: where fallbacks are logged (default this module's logger).
         max_batch: cap on views per engine call (TensorRT: defaults to the profile's max).
+        outputs: the backbone output set the node will ask for (``core.backbone``; default ``("cls",)``):
+            ONNX Runtime opens that set's graph and TensorRT loads that set's engine (``auto`` needs
+            them cached, as for ``("cls",)``). Every backend still serves every set: ONNX Runtime
+            opens another set's graph on first use; torch computes any set directly.
 
     Raises:
         BackendUnavailableError: an explicit kind cannot run here (message says why and what to do).
@@ -220,17 +274,18 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
     info = describe_model(encoder)
+    outputs = output_set(outputs)
     common = dict(device=device, precision=precision, cache_dir=cache_dir, max_batch=max_batch)
 
     auto = kind == "auto"
     builders = {
-        "tensorrt": lambda: _make_tensorrt(info, engine_path=engine_path, int8=int8, **common),
+        "tensorrt": lambda: _make_tensorrt(info, engine_path=engine_path, int8=int8, outputs=outputs, **common),
         # auto never exports at start-up (30-60 s for a ViT-B): it uses ONNX Runtime only when the
         # export is already cached (or onnx_path is given) and otherwise falls back to torch
         "onnxruntime": lambda: _make_ort(info, onnx_path=onnx_path, threads=ort_threads, int8=int8,
                                          allow_export=not auto, logger=log, fused=fused,
                                          calibration_views=calibration_views,
-                                         execution_mode=ort_execution_mode, **common),
+                                         execution_mode=ort_execution_mode, outputs=outputs, **common),
         # int8 is an ONNX Runtime option: auto's last resort runs the torch trunk in fp32 instead
         "torch": lambda: _make_torch(info, int8=bool(int8) and not auto, **common),
     }
@@ -269,20 +324,45 @@ def _make_torch(info: ModelInfo, *, device, precision, cache_dir, max_batch, int
 
 def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_path, threads, int8,
               allow_export, logger, fused=False, calibration_views=None,
-              execution_mode="sequential") -> VisualBackend:
+              execution_mode="sequential", outputs=("cls",)) -> VisualBackend:
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailableError(f"onnxruntime is not installed ({exc})") from exc
-    from .ort_backend import OrtBackend
+    from .ort_backend import OrtBackend, auto_choice
+
+    if (not allow_export and not int8 and not fused and onnx_path is None and device == "cpu"
+            and precision == "fp32"):
+        # backend: auto on a CPU without options: the variant `runa-ood build-engine --auto-choice`
+        # measured fastest among those holding fidelity, when that record and its graph still hold
+        choice = auto_choice(info, cache_dir, outputs)
+        if choice is not None and choice["name"] != "plain":
+            from .engine_cache import file_sha256
+
+            try:
+                be = OrtBackend.from_model(info, device=device, precision=precision, cache_dir=cache_dir,
+                                           threads=threads, max_batch=max_batch, allow_export=False, logger=logger,
+                                           execution_mode=execution_mode, outputs=outputs, **choice["options"])
+                if file_sha256(be.onnx_path, memo=True) == choice["sha256"]:
+                    (logger or LOG).info("backend auto: %s, measured fastest on this CPU at %.1f ms with embedding "
+                                         "cos %.5f to torch fp32", be.name, choice["ms_median"], choice["cos_min"])
+                    return be
+                (logger or LOG).warning("backend auto: the recorded choice %s was measured on another graph; "
+                                        "using the plain graph (run `runa-ood build-engine --auto-choice` again)",
+                                        choice["name"])
+            except BackendUnavailableError as exc:
+                (logger or LOG).warning("backend auto: recorded choice %s unavailable (%s); using the plain graph",
+                                        choice["name"], exc)
 
     return OrtBackend.from_model(info, device=device, precision=precision, onnx_path=onnx_path,
                                  cache_dir=cache_dir, threads=threads, int8=int8, max_batch=max_batch,
                                  allow_export=allow_export, logger=logger, fused=fused,
-                                 calibration_views=calibration_views, execution_mode=execution_mode)
+                                 calibration_views=calibration_views, execution_mode=execution_mode,
+                                 outputs=outputs)
 
 
-def _make_tensorrt(info: ModelInfo, *, device, precision, cache_dir, max_batch, engine_path, int8) -> VisualBackend:
+def _make_tensorrt(info: ModelInfo, *, device, precision, cache_dir, max_batch, engine_path, int8,
+                   outputs=("cls",)) -> VisualBackend:
     from .tensorrt_backend import TensorRTBackend, tensorrt_available
 
     ok, why = tensorrt_available()
@@ -293,4 +373,4 @@ def _make_tensorrt(info: ModelInfo, *, device, precision, cache_dir, max_batch, 
     if not device.startswith("cuda"):
         raise BackendUnavailableError(f"TensorRT runs on CUDA only, device is {device!r}")
     return TensorRTBackend.from_cache(info, device=device, precision=precision, engine_path=engine_path,
-                                      cache_dir=cache_dir, max_batch=max_batch)
+                                      cache_dir=cache_dir, max_batch=max_batch, outputs=outputs)

@@ -7,8 +7,13 @@ key hashes exactly those five things, so an engine is rebuilt when (and only whe
 
 Files (``cache_root`` defaults to :func:`runa_ood_node.core.paths.cache_dir`)::
 
-    <cache_root>/engines/<model_id>-<precision>-b<min>_<opt>_<max>-<key[:16]>.engine
+    <cache_root>/engines/<model_id>-<precision>-b<min>_<opt>_<max>[-o<outputs>]-<key[:16]>.engine
     <cache_root>/engines/<same stem>.json        # metadata sidecar (EngineMeta.to_dict())
+
+One engine per backbone output set (:mod:`runa_ood_node.core.backbone`): ``("cls",)`` engines keep
+today's names, keys and I/O (``views`` -> ``features``); other sets add ``-o<names>`` to the file
+name and their outputs to the key, have one output tensor per name (``cls`` still called
+``features``) and, with ``xattn``, a second int32 input ``pairs`` ``[P, 2]``.
 """
 from __future__ import annotations
 
@@ -19,10 +24,33 @@ import os
 import pathlib
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..core.backbone import output_set
+from ..core.encoder import file_sha256  # noqa: F401  (the one file hash; re-exported for the backends)
 from ..core.registry import RESOLVED_PRECISIONS as PRECISIONS  # one definition
 
 INPUT_NAME = "views"
 OUTPUT_NAME = "features"
+#: int32 ``[P, 2]`` (query view, key view) input of graphs / engines whose output set has ``xattn``
+PAIRS_NAME = "pairs"
+
+
+def graph_output_names(outputs: Sequence[str]) -> List[str]:
+    """Tensor names of an output set's graph / engine, in canonical order: ``cls`` keeps today's
+    name ``features`` (so ``("cls",)`` graphs and engines are today's), the others their own names."""
+    return [OUTPUT_NAME if n == "cls" else n for n in output_set(outputs)]
+
+
+def outputs_file_tag(outputs: Sequence[str]) -> str:
+    """``""`` for ``("cls",)`` (today's file names), else ``-o<names joined by _>`` (``-ocls_tokens``)."""
+    from ..core.backbone import output_set_tag
+
+    tag = output_set_tag(outputs)
+    return f"-o{tag.replace('+', '_')}" if tag else ""
+
+
+def graph_input_names(outputs: Sequence[str]) -> List[str]:
+    """``["views"]``, plus ``"pairs"`` when the output set has ``xattn``."""
+    return [INPUT_NAME] + ([PAIRS_NAME] if "xattn" in output_set(outputs) else [])
 
 
 class EngineMismatchError(RuntimeError):
@@ -59,15 +87,6 @@ class Profile:
         return cls(*vals)
 
 
-def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 22) -> str:
-    """sha256 hex digest of a file's bytes (the ONNX model hash used in engine keys)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def normalize_compute_capability(cc: Union[str, Sequence[int]]) -> str:
     """``(8, 6)``, ``"8.6"``, ``"sm_86"`` -> ``"8.6"``."""
     if isinstance(cc, str):
@@ -88,7 +107,8 @@ def normalize_compute_capability(cc: Union[str, Sequence[int]]) -> str:
 
 
 def engine_cache_key(model_hash: str, trt_version: str, compute_capability: Union[str, Sequence[int]],
-                     precision: str, profile: Union[Profile, Sequence[int]]) -> str:
+                     precision: str, profile: Union[Profile, Sequence[int]],
+                     outputs: Sequence[str] = ("cls",)) -> str:
     """Hex sha256 identifying one engine build.
 
     Args:
@@ -98,6 +118,7 @@ def engine_cache_key(model_hash: str, trt_version: str, compute_capability: Unio
         compute_capability: the GPU's ``(major, minor)`` / ``"8.6"``.
         precision: ``"fp32"`` or ``"fp16"``.
         profile: ``(min, opt, max)`` batch sizes of the optimisation profile.
+        outputs: the backbone output set the engine emits (``("cls",)`` engines keep today's keys).
 
     The key changes exactly when one of these changes (``"8.6"`` and ``(8, 6)`` are the same GPU).
     """
@@ -107,23 +128,30 @@ def engine_cache_key(model_hash: str, trt_version: str, compute_capability: Unio
         raise ValueError("trt_version must be a non-empty string")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    blob = json.dumps({
+    fields = {
         "model": model_hash,
         "trt": trt_version.strip(),
         "cc": normalize_compute_capability(compute_capability),
         "precision": precision,
         "profile": list(Profile.coerce(profile).as_tuple()),
-    }, sort_keys=True)
+    }
+    names = output_set(outputs)
+    if names != ("cls",):
+        fields["outputs"] = list(names)
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def engine_path_for(model_id: str, precision: str, profile: Union[Profile, Sequence[int]], key: str,
-                    cache_root: Optional[Union[str, os.PathLike]] = None) -> pathlib.Path:
-    """Where the engine for ``key`` lives (see the module docstring); the sidecar is ``.with_suffix('.json')``."""
+                    cache_root: Optional[Union[str, os.PathLike]] = None,
+                    outputs: Sequence[str] = ("cls",)) -> pathlib.Path:
+    """Where the engine for ``key`` lives (see the module docstring); the sidecar is ``.with_suffix('.json')``.
+    An output set other than ``("cls",)`` adds its tag (``-o<cls+tokens>``) before the key."""
     p = Profile.coerce(profile)
     safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model_id)) or "model"
     root = pathlib.Path(cache_root) if cache_root is not None else _default_cache_root()
-    return root / "engines" / f"{safe_id}-{precision}-b{p.min}_{p.opt}_{p.max}-{key[:16]}.engine"
+    tag = outputs_file_tag(outputs)
+    return root / "engines" / f"{safe_id}-{precision}-b{p.min}_{p.opt}_{p.max}{tag}-{key[:16]}.engine"
 
 
 def _default_cache_root() -> pathlib.Path:
@@ -154,10 +182,12 @@ class EngineMeta:
     build_mode: str = ""          # "fp32", "strongly-typed", "builder-flag"
     onnx_path: str = ""
     weights_hash: str = ""        # base.trunk_weights_hash of the trunk (matches bare-trunk model ids)
+    outputs: Tuple[str, ...] = ("cls",)  # the backbone output set (sidecars without it: today's cls engines)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["profile"] = list(self.profile)
+        d["outputs"] = list(self.outputs)
         return d
 
     @classmethod
@@ -169,6 +199,10 @@ class EngineMeta:
             raise EngineMismatchError(f"engine metadata lacks {sorted(missing)}; rebuild with `runa-ood build-engine`")
         kw = {k: v for k, v in d.items() if k in fields}
         kw["profile"] = tuple(int(v) for v in d["profile"])
+        try:
+            kw["outputs"] = output_set(d.get("outputs") or ("cls",))
+        except ValueError as exc:
+            raise EngineMismatchError(f"engine metadata names unknown outputs ({exc}); rebuild the engine") from exc
         return cls(**kw)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -189,7 +223,7 @@ class EngineMeta:
 
 def check_engine_compat(meta: Union[EngineMeta, Mapping[str, Any]], trt_version: str,
                         compute_capability: Union[str, Sequence[int]], *, model_id: Optional[str] = None,
-                        precision: Optional[str] = None) -> None:
+                        precision: Optional[str] = None, outputs: Optional[Sequence[str]] = None) -> None:
     """Return None when the engine described by ``meta`` can run here, else raise.
 
     Raises:
@@ -209,6 +243,8 @@ def check_engine_compat(meta: Union[EngineMeta, Mapping[str, Any]], trt_version:
         problems.append(f"built for model_id {meta.model_id}, the loaded model is {model_id}")
     if precision is not None and meta.precision != precision:
         problems.append(f"built for precision {meta.precision}, {precision} was requested")
+    if outputs is not None and output_set(outputs) != meta.outputs:
+        problems.append(f"built for outputs {meta.outputs}, {output_set(outputs)} were requested")
     if problems:
         raise EngineMismatchError("TensorRT engine is not usable here: " + "; ".join(problems)
                                   + ". Rebuild it on this machine with `runa-ood build-engine`.")

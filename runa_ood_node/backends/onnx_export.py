@@ -33,12 +33,13 @@ import logging
 import os
 import pathlib
 import warnings
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
+from ..core.backbone import BackboneGraph, output_set
 from .base import ModelInfo, default_cache_dir, describe_model
-from .engine_cache import INPUT_NAME, OUTPUT_NAME
+from .engine_cache import INPUT_NAME, OUTPUT_NAME, PAIRS_NAME, graph_input_names, graph_output_names, outputs_file_tag
 
 LOG = logging.getLogger(__name__)
 
@@ -46,25 +47,32 @@ DEFAULT_OPSET = 17
 FORMAT_VERSION = 1
 #: identifies how fp16 graphs are made (bump when :func:`_convert_fp16` changes)
 FP16_RECIPE = "onnxconverter-common keep_io_types + fp32 LayerNormalization/Softmax islands v1"
+#: identifies how graphs of other output sets are made (bump when core.backbone's forward changes)
+OUTPUTS_RECIPE = "core.backbone.BackboneGraph v1"
 #: counts real exports/conversions in this process (tests check that cache hits do not export)
 EXPORT_STATS: Dict[str, int] = {"exports": 0, "fp16_conversions": 0}
 
 
 def onnx_cache_path(model_id: str, opset: int = DEFAULT_OPSET, precision: str = "fp32",
-                    cache_dir: Optional[Union[str, os.PathLike]] = None) -> pathlib.Path:
-    """``<cache root>/onnx/<model_id>-<opset>-<precision>.onnx`` (directory created)."""
+                    cache_dir: Optional[Union[str, os.PathLike]] = None,
+                    outputs: Sequence[str] = ("cls",)) -> pathlib.Path:
+    """``<cache root>/onnx/<model_id>-<opset>-<precision>[-o<outputs>].onnx`` (directory created)."""
     d = default_cache_dir(cache_dir) / "onnx"
     d.mkdir(parents=True, exist_ok=True)
-    return d / f"{model_id}-{int(opset)}-{precision}.onnx"
+    return d / f"{model_id}-{int(opset)}-{precision}{outputs_file_tag(outputs)}.onnx"
 
 
 def _sidecar(path: pathlib.Path) -> pathlib.Path:
     return path.with_suffix(".json")
 
 
-def _key(info: ModelInfo, opset: int, precision: str) -> Dict[str, Any]:
+def _key(info: ModelInfo, opset: int, precision: str, outputs: Sequence[str] = ("cls",)) -> Dict[str, Any]:
     key = {"model_id": info.model_id, "opset": int(opset), "precision": precision, "input_size": info.input_size,
            "width": info.width, "input": INPUT_NAME, "output": OUTPUT_NAME, "format": FORMAT_VERSION}
+    names = output_set(outputs)
+    if names != ("cls",):  # today's ("cls",) files keep their key
+        key.update({"outputs": list(names), "inputs": graph_input_names(names),
+                    "output_names": graph_output_names(names), "outputs_recipe": OUTPUTS_RECIPE})
     if precision == "fp16":  # fp16 files made by an older recipe (everything fp16) are re-converted
         key["fp16_recipe"] = FP16_RECIPE
     return key
@@ -83,15 +91,16 @@ def cached_onnx_valid(path: Union[str, os.PathLike], key: Dict[str, Any]) -> boo
 
 
 def find_cached_onnx(model: Any, *, opset: int = DEFAULT_OPSET, precision: str = "fp32",
-                     cache_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[pathlib.Path]:
+                     cache_dir: Optional[Union[str, os.PathLike]] = None,
+                     outputs: Sequence[str] = ("cls",)) -> Optional[pathlib.Path]:
     """The cached export of ``model`` at ``opset``/``precision`` when a valid one exists, else None.
 
     Never exports (cheap: reads one small JSON sidecar). ``backend: auto`` uses it so that a
     vehicle never spends its start-up exporting a graph (30-60 s for a ViT-B on a small CPU).
     """
     info = model if isinstance(model, ModelInfo) else describe_model(model)
-    path = onnx_cache_path(info.model_id, opset, precision, cache_dir)
-    return path if cached_onnx_valid(path, _key(info, opset, precision)) else None
+    path = onnx_cache_path(info.model_id, opset, precision, cache_dir, outputs)
+    return path if cached_onnx_valid(path, _key(info, opset, precision, outputs)) else None
 
 
 def _write_sidecar(path: pathlib.Path, key: Dict[str, Any], extra: Dict[str, Any]) -> None:
@@ -100,8 +109,10 @@ def _write_sidecar(path: pathlib.Path, key: Dict[str, Any], extra: Dict[str, Any
     os.replace(tmp, _sidecar(path))
 
 
-def check_onnx(path: Union[str, os.PathLike]) -> None:
-    """``onnx.checker`` plus the contract: one input ``views`` with a dynamic batch axis, one output ``features``.
+def check_onnx(path: Union[str, os.PathLike], outputs: Sequence[str] = ("cls",)) -> None:
+    """``onnx.checker`` plus the contract: input ``views`` with a dynamic batch axis (and ``pairs``
+    when the output set has ``xattn``), one output per name (:func:`engine_cache.graph_output_names`;
+    ``("cls",)``: the one output ``features``).
 
     Raises:
         ValueError: the graph does not meet the contract (onnx.checker errors propagate as is).
@@ -112,8 +123,9 @@ def check_onnx(path: Union[str, os.PathLike]) -> None:
     model = onnx.load(str(path), load_external_data=False)
     ins = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     outs = list(model.graph.output)
-    if [i.name for i in ins] != [INPUT_NAME] or [o.name for o in outs] != [OUTPUT_NAME]:
-        raise ValueError(f"{path}: expected input [{INPUT_NAME!r}] and output [{OUTPUT_NAME!r}], got "
+    want_in, want_out = graph_input_names(outputs), graph_output_names(outputs)
+    if [i.name for i in ins] != want_in or [o.name for o in outs] != want_out:
+        raise ValueError(f"{path}: expected inputs {want_in} and outputs {want_out}, got "
                          f"{[i.name for i in ins]} -> {[o.name for o in outs]}")
     d0 = ins[0].type.tensor_type.shape.dim[0]
     if not d0.dim_param:
@@ -122,8 +134,8 @@ def check_onnx(path: Union[str, os.PathLike]) -> None:
 
 def export_onnx(model: Any, *, opset: int = DEFAULT_OPSET, precision: str = "fp32",
                 cache_dir: Optional[Union[str, os.PathLike]] = None, path: Optional[Union[str, os.PathLike]] = None,
-                force: bool = False) -> pathlib.Path:
-    """Export (or reuse) the ONNX graph of the visual trunk.
+                force: bool = False, outputs: Sequence[str] = ("cls",)) -> pathlib.Path:
+    """Export (or reuse) the ONNX graph of the visual trunk for one backbone output set.
 
     Args:
         model: a ``DualEncoder`` (preferred), its ``visual_trunk``, or a :class:`base.ModelInfo`.
@@ -131,6 +143,8 @@ def export_onnx(model: Any, *, opset: int = DEFAULT_OPSET, precision: str = "fp3
         precision: ``"fp32"`` or ``"fp16"`` (fp16 weights/activations, float32 I/O).
         cache_dir: cache root; ``path``: explicit output file instead of the cache layout.
         force: export even when a valid cached file exists.
+        outputs: the backbone output set (:mod:`runa_ood_node.core.backbone`); one file per set,
+            ``("cls",)`` is today's graph (``views`` -> ``features``) under today's name and key.
 
     Returns:
         Path of the checked ONNX file.
@@ -139,48 +153,68 @@ def export_onnx(model: Any, *, opset: int = DEFAULT_OPSET, precision: str = "fp3
         raise ValueError(f"opset must be >= 17 (fused LayerNormalization), got {opset}")
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"ONNX precision must be fp32 or fp16, got {precision!r}")
+    names = output_set(outputs)
     info = model if isinstance(model, ModelInfo) else describe_model(model)
-    out = pathlib.Path(path) if path is not None else onnx_cache_path(info.model_id, opset, precision, cache_dir)
+    out = pathlib.Path(path) if path is not None else onnx_cache_path(info.model_id, opset, precision, cache_dir,
+                                                                      names)
     out.parent.mkdir(parents=True, exist_ok=True)
-    key = _key(info, opset, precision)
+    key = _key(info, opset, precision, names)
     if not force and cached_onnx_valid(out, key):
         LOG.debug("ONNX cache hit: %s", out)
         return out
     if precision == "fp16":
-        src = export_onnx(info, opset=opset, precision="fp32", cache_dir=cache_dir, force=force)
+        src = export_onnx(info, opset=opset, precision="fp32", cache_dir=cache_dir, force=force, outputs=names)
         _convert_fp16(src, out)
         EXPORT_STATS["fp16_conversions"] += 1
     else:
-        _export_fp32(info, out, opset)
+        trunk = _cpu_fp32(info.trunk)
+        module = trunk if names == ("cls",) else BackboneGraph(trunk, names)
+        # Grad mode stays ON on purpose: under no_grad/inference_mode nn.MultiheadAttention takes its
+        # fused fast path (aten::_native_multi_head_attention), which has no ONNX symbolic.
+        _torch_export(module, info.input_size, names, out, opset, grad=True)
         EXPORT_STATS["exports"] += 1
-    check_onnx(out)
+    check_onnx(out, names)
     _write_sidecar(out, key, {"torch": torch.__version__, "exporter": "torch.onnx legacy (dynamo=False)",
                               "model_name": info.model_name})
     LOG.info("exported visual trunk of %s (%s) to %s", info.model_name, precision, out)
     return out
 
 
-def _export_fp32(info: ModelInfo, out: pathlib.Path, opset: int) -> None:
-    trunk = info.trunk
+def _cpu_fp32(trunk: torch.nn.Module) -> torch.nn.Module:
+    """The trunk itself when it is CPU float32, else a CPU float32 copy (the encoder is never moved)."""
     p0 = next(iter(trunk.parameters()), None)
     if p0 is not None and (p0.device.type != "cpu" or p0.dtype != torch.float32):
         trunk = copy.deepcopy(trunk).to("cpu", torch.float32)
-    trunk = trunk.eval()
-    S = info.input_size
-    dummy = torch.zeros((2, 3, S, S), dtype=torch.float32)
+    return trunk.eval()
+
+
+def _torch_export(module: torch.nn.Module, input_size: int, outputs: Sequence[str], out: pathlib.Path,
+                  opset: int, grad: bool) -> None:
+    """The one ``torch.onnx.export`` of the package: legacy exporter, dynamic batch (and pair) axes,
+    the I/O names of :func:`engine_cache.graph_input_names` / ``graph_output_names``, written to a
+    temporary file renamed into place. ``grad``: trace with grad mode on (needed for open_clip's
+    ``nn.MultiheadAttention``, whose no-grad fast path has no ONNX symbolic)."""
+    names = output_set(outputs)
+    S = int(input_size)
+    args = (torch.zeros((2, 3, S, S), dtype=torch.float32),)
+    if "xattn" in names:
+        args += (torch.tensor([[0, 1], [1, 0], [1, 1]], dtype=torch.int32),)
+    in_names, out_names = graph_input_names(names), graph_output_names(names)
+    axes = {INPUT_NAME: {0: "batch"}}
+    if "xattn" in names:
+        axes[PAIRS_NAME] = {0: "npairs"}
+    for n, g in zip(names, out_names):
+        axes[g] = {0: "npairs" if n == "xattn" else "batch"}
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
-        # Grad mode stays ON on purpose: under no_grad/inference_mode nn.MultiheadAttention takes its
-        # fused fast path (aten::_native_multi_head_attention), which has no ONNX symbolic.
-        with torch.enable_grad(), warnings.catch_warnings():
+        with (torch.enable_grad() if grad else torch.no_grad()), warnings.catch_warnings():
             # tracing open_clip's attention emits TracerWarnings about shape checks that are
-            # constant for a given model; the batch axis itself is declared dynamic below.
+            # constant for a given model; the batch axis itself is declared dynamic.
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             # the legacy exporter is chosen on purpose (stable single-file opset-17 graphs)
             warnings.simplefilter("ignore", category=DeprecationWarning)
-            torch.onnx.export(trunk, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=int(opset), do_constant_folding=True, dynamo=False)
+            torch.onnx.export(module, args, str(tmp), input_names=in_names, output_names=out_names,
+                              dynamic_axes=axes, opset_version=int(opset), do_constant_folding=True, dynamo=False)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -194,6 +228,7 @@ def _convert_fp16(src: pathlib.Path, out: pathlib.Path) -> None:
 
     model = onnx.load(str(src))
     fp32_weights = {i.name: copy.deepcopy(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    _detach_consumed_outputs(model)
     # The converter's own op_block_list would be the natural way to keep LayerNormalization/Softmax
     # in fp32, but onnxconverter-common 1.16 crashes with it (AttributeError in
     # remove_unnecessary_cast_node), so everything is converted and the islands are cut afterwards.
@@ -212,6 +247,28 @@ def _convert_fp16(src: pathlib.Path, out: pathlib.Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _detach_consumed_outputs(model) -> int:
+    """Give every graph output that other nodes also read (``tokens``, whose row 0 is ``features``)
+    its own ``Identity`` node, in place. onnxconverter-common's ``keep_io_types`` casts a graph
+    output back to float32 under its own name, so a node that read it would get float32 where the
+    converted graph declares float16 (an invalid graph). Returns the number of outputs detached."""
+    from onnx import helper
+
+    graph = model.graph
+    consumed = {i for n in graph.node for i in n.input}
+    count = 0
+    for out in graph.output:
+        if out.name not in consumed:
+            continue
+        inner = f"{out.name}__inner"
+        for node in graph.node:
+            node.output[:] = [inner if o == out.name else o for o in node.output]
+            node.input[:] = [inner if i == out.name else i for i in node.input]
+        graph.node.append(helper.make_node("Identity", [inner], [out.name], name=f"{out.name}__output"))
+        count += 1
+    return count
 
 
 #: ops computed in fp32 inside the fp16 graph. LayerNormalization and Softmax are what CLIP's
@@ -461,24 +518,27 @@ class FusableTrunk(torch.nn.Module):
 
 
 def fused_cache_path(model_id: str, opset: int = DEFAULT_OPSET,
-                     cache_dir: Optional[Union[str, os.PathLike]] = None) -> pathlib.Path:
-    return onnx_cache_path(model_id, opset, "fp32", cache_dir).with_name(f"{model_id}-{int(opset)}-fp32-fused.onnx")
+                     cache_dir: Optional[Union[str, os.PathLike]] = None,
+                     outputs: Sequence[str] = ("cls",)) -> pathlib.Path:
+    return onnx_cache_path(model_id, opset, "fp32", cache_dir).with_name(
+        f"{model_id}-{int(opset)}-fp32{outputs_file_tag(outputs)}-fused.onnx")
 
 
-def _fused_key(info: ModelInfo, opset: int) -> Dict[str, Any]:
+def _fused_key(info: ModelInfo, opset: int, outputs: Sequence[str] = ("cls",)) -> Dict[str, Any]:
     import onnxruntime
 
-    key = _key(info, opset, "fp32")
+    key = _key(info, opset, "fp32", outputs)
     key.update({"fused_recipe": FUSED_RECIPE, "onnxruntime": onnxruntime.__version__})
     return key
 
 
 def find_cached_fused(model: Any, *, opset: int = DEFAULT_OPSET,
-                      cache_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[pathlib.Path]:
-    """The cached fused graph of ``model`` when a valid one exists (never builds), else None."""
+                      cache_dir: Optional[Union[str, os.PathLike]] = None,
+                      outputs: Sequence[str] = ("cls",)) -> Optional[pathlib.Path]:
+    """The cached fused graph of ``model`` for ``outputs`` when a valid one exists (never builds), else None."""
     info = model if isinstance(model, ModelInfo) else describe_model(model)
-    path = fused_cache_path(info.model_id, opset, cache_dir)
-    return path if cached_onnx_valid(path, _fused_key(info, opset)) else None
+    path = fused_cache_path(info.model_id, opset, cache_dir, outputs)
+    return path if cached_onnx_valid(path, _fused_key(info, opset, outputs)) else None
 
 
 def fused_stats(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -491,7 +551,7 @@ def fused_stats(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
 
 def export_fused_onnx(model: Any, *, opset: int = DEFAULT_OPSET, cache_dir: Optional[Union[str, os.PathLike]] = None,
-                      force: bool = False) -> pathlib.Path:
+                      force: bool = False, outputs: Sequence[str] = ("cls",)) -> pathlib.Path:
     """Export the trunk in fusable form and apply ONNX Runtime's transformer fusions, cached.
 
     Fusions (``onnxruntime.transformers.optimizer.optimize_model``, ``model_type="clip"``,
@@ -503,32 +563,28 @@ def export_fused_onnx(model: Any, *, opset: int = DEFAULT_OPSET, cache_dir: Opti
     is already native at opset 17, and BiasGelu), hence the export of :class:`FusableTrunk`. The
     counts are logged and stored in the sidecar (``fused_ops``); fewer ``Attention`` ops than
     blocks is logged as a warning (the graph is still exact, only slower).
+
+    Output sets other than ``("cls",)`` (``outputs``): the same fusable blocks inside
+    :class:`core.backbone.BackboneGraph`. The fused ``Attention`` op has no probabilities, so the
+    attention outputs come from a separate branch per block (``ln_1`` output -> CLS query and key
+    projections -> softmax), the same arithmetic as the torch path; the blocks themselves stay fused.
     """
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
+    names = output_set(outputs)
     info = model if isinstance(model, ModelInfo) else describe_model(model)
-    out = fused_cache_path(info.model_id, opset, cache_dir)
-    key = _fused_key(info, opset)
+    out = fused_cache_path(info.model_id, opset, cache_dir, names)
+    key = _fused_key(info, opset, names)
     if not force and cached_onnx_valid(out, key):
         return out
     from onnxruntime.transformers.optimizer import optimize_model
 
-    trunk = info.trunk
-    p0 = next(iter(trunk.parameters()), None)
-    if p0 is not None and (p0.device.type != "cpu" or p0.dtype != torch.float32):
-        trunk = copy.deepcopy(trunk).to("cpu", torch.float32)
-    fusable = FusableTrunk(trunk).eval()
-    S = info.input_size
+    fusable = FusableTrunk(_cpu_fp32(info.trunk)).eval()
+    module = fusable if names == ("cls",) else BackboneGraph(fusable.visual, names, blocks=list(fusable.blocks))
     raw = out.with_name(out.stem + f".raw{os.getpid()}.onnx")
     tmp = out.with_name(out.stem + f".tmp{os.getpid()}.onnx")
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            torch.onnx.export(fusable, (torch.zeros((2, 3, S, S)),), str(raw), input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=int(opset), do_constant_folding=True, dynamo=False)
+        _torch_export(module.eval(), info.input_size, names, raw, opset, grad=False)
         # the optimizer logs at WARNING that symbolic shape inference is off; it is not needed here
         quiet = [logging.getLogger(n) for n in ("onnxruntime.transformers", "fusion_skiplayernorm", "onnx_model",
                                                 "fusion_base", "fusion_attention")]
@@ -550,8 +606,10 @@ def export_fused_onnx(model: Any, *, opset: int = DEFAULT_OPSET, cache_dir: Opti
                 p.unlink()
     blocks = len(fusable.blocks)
     _write_sidecar(out, key, {"fused_ops": stats, "blocks": blocks, "model_name": info.model_name,
-                              "torch": torch.__version__})
-    (LOG.info if stats.get("Attention", 0) == blocks else LOG.warning)(
+                              "torch": torch.__version__, "outputs": list(names)})
+    # an attention-only output set does not run the last block (only its attention branch)
+    expected = blocks if ("cls" in names or "tokens" in names) else blocks - 1
+    (LOG.info if stats.get("Attention", 0) == expected else LOG.warning)(
         "fused graph of %s: %s (%d transformer blocks) -> %s", info.model_name,
         ", ".join(f"{n} {k}" for k, n in sorted(stats.items())) or "no fusion", blocks, out)
     EXPORT_STATS["fused"] = EXPORT_STATS.get("fused", 0) + 1

@@ -27,13 +27,14 @@ import logging
 import os
 import pathlib
 import time
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..core.backbone import output_set
 from .base import BackendUnavailableError, ModelInfo, VisualBackend, default_cache_dir, describe_model
-from .engine_cache import INPUT_NAME, OUTPUT_NAME
+from .engine_cache import INPUT_NAME, PAIRS_NAME, graph_input_names, graph_output_names
 
 LOG = logging.getLogger(__name__)
 
@@ -179,15 +180,23 @@ def quantize_int8_static(fp32_path: Union[str, os.PathLike], calibration_views: 
         except (OSError, ValueError):
             pass
     arr = calibration_views.detach().to("cpu", torch.float32).numpy()
+    import onnx
+
+    with_pairs = PAIRS_NAME in [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
+
+    def feed(chunk: np.ndarray) -> Dict[str, np.ndarray]:
+        d = {INPUT_NAME: np.ascontiguousarray(chunk)}
+        if with_pairs:  # graphs with xattn: each view's CLS query against its neighbour's keys
+            b = len(chunk)
+            d[PAIRS_NAME] = np.stack([np.arange(b), (np.arange(b) + 1) % b], 1).astype(np.int32)
+        return d
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = iter([{INPUT_NAME: np.ascontiguousarray(arr[i:i + batch])} for i in range(0, len(arr), batch)])
+            self._it = iter([feed(arr[i:i + batch]) for i in range(0, len(arr), batch)])
 
         def get_next(self):
             return next(self._it, None)
-
-    import onnx
 
     tmp = out.with_name(out.stem + f".tmp{os.getpid()}.onnx")
     t0 = time.perf_counter()
@@ -214,9 +223,17 @@ def quantize_int8_static(fp32_path: Union[str, os.PathLike], calibration_views: 
 class OrtBackend(VisualBackend):
     """ONNX Runtime session over an exported trunk.
 
+    Every backbone output set is served: the graph of ``outputs`` (see
+    :func:`onnx_export.export_onnx`) serves any subset of it in one run; a request outside it opens
+    (once, on first use) the session of that output set through the opener :meth:`from_model`
+    installs, made from the same variant (plain / fused / int8) and cache.
+
     Args:
-        onnx_path: the ONNX graph (input ``views``, output ``features``).
+        onnx_path: the ONNX graph (input ``views``, output ``features``; other output sets: the
+            inputs / outputs of :func:`engine_cache.graph_input_names` / ``graph_output_names``).
         input_size, width: S and the feature size (checked against the graph's output).
+        outputs: the backbone output set the graph emits (default today's ``("cls",)``).
+        num_tokens: T (1 + G*G) of the model, for the shapes of empty outputs.
         device: ``"cpu"`` or ``"cuda[:N]"`` (needs ``CUDAExecutionProvider``).
         precision: label of the graph's precision (``fp32``, ``fp16``, ``int8``); fp16 graphs are
             opened with ``ORT_ENABLE_EXTENDED``.
@@ -233,9 +250,13 @@ class OrtBackend(VisualBackend):
 
     def __init__(self, onnx_path: Union[str, os.PathLike], input_size: int, width: int, device: str = "cpu",
                  precision: str = "fp32", threads: Optional[int] = None, max_batch: Optional[int] = None,
-                 spin: bool = False, execution_mode: str = "sequential"):
+                 spin: bool = False, execution_mode: str = "sequential", outputs: Sequence[str] = ("cls",),
+                 num_tokens: int = 0):
         import onnxruntime as ort
 
+        self.graph_outputs = output_set(outputs)
+        self.num_tokens = int(num_tokens)
+        self._opener: Optional[Callable[[Tuple[str, ...]], "OrtBackend"]] = None
         self.onnx_path = pathlib.Path(onnx_path)
         if not self.onnx_path.is_file():
             raise BackendUnavailableError(f"ONNX file {self.onnx_path} does not exist")
@@ -278,11 +299,13 @@ class OrtBackend(VisualBackend):
             raise BackendUnavailableError(f"ONNX Runtime could not start the CUDA provider for {self.onnx_path.name}")
         ins = [i.name for i in self.session.get_inputs()]
         outs = [o.name for o in self.session.get_outputs()]
-        if ins != [INPUT_NAME] or outs != [OUTPUT_NAME]:
+        want_in, want_out = graph_input_names(self.graph_outputs), graph_output_names(self.graph_outputs)
+        if ins != want_in or outs != want_out:
             raise BackendUnavailableError(f"{self.onnx_path} has inputs {ins} / outputs {outs}; expected "
-                                          f"[{INPUT_NAME!r}] / [{OUTPUT_NAME!r}] (re-export it)")
+                                          f"{want_in} / {want_out} for outputs {self.graph_outputs} (re-export it)")
+        self._tensor_names = dict(zip(self.graph_outputs, want_out))
         out_shape = self.session.get_outputs()[0].shape
-        if isinstance(out_shape[-1], int) and out_shape[-1] != self.width:
+        if "cls" in self.graph_outputs and isinstance(out_shape[-1], int) and out_shape[-1] != self.width:
             raise BackendUnavailableError(f"{self.onnx_path} outputs width {out_shape[-1]}, model has {self.width}")
         self.name = f"onnxruntime-{'cuda' if self._cuda else 'cpu'}-{precision}"
 
@@ -292,7 +315,7 @@ class OrtBackend(VisualBackend):
                    threads: Optional[int] = None, int8: Union[bool, str] = False, max_batch: Optional[int] = None,
                    allow_export: bool = True, logger: Optional[logging.Logger] = None, fused: bool = False,
                    calibration_views: Optional[torch.Tensor] = None,
-                   execution_mode: str = "sequential") -> "OrtBackend":
+                   execution_mode: str = "sequential", outputs: Sequence[str] = ("cls",)) -> "OrtBackend":
         """Open a session for ``model``, exporting / quantising into the cache when allowed.
 
         Args:
@@ -307,8 +330,14 @@ class OrtBackend(VisualBackend):
             fused: start from the fused graph (ONNX Runtime transformer fusions) instead of the plain export.
             calibration_views: real views for ``int8="static"`` when the static graph must be made.
             execution_mode: ``"sequential"`` or ``"parallel"`` (see the class).
+            outputs: the backbone output set of the graph opened first (requests outside it open
+                the graph of their own set on first use, with the same options). Attention outputs
+                in a fused graph come from a separate, unfused branch per block (the fused
+                ``Attention`` op has no probabilities); the blocks stay fused.
         """
         log = logger or LOG
+        names = output_set(outputs)
+        given_path = onnx_path
         info = model if isinstance(model, ModelInfo) else describe_model(model)
         mode = int8_mode(int8)
         int8 = mode is not None
@@ -321,31 +350,34 @@ class OrtBackend(VisualBackend):
             from .onnx_export import export_fused_onnx, export_onnx, find_cached_fused, find_cached_onnx
 
             hint = (f"`runa-ood build-engine --model {info.model_name} --onnx-only{' --fused' if fused else ''}"
-                    f"{f' --int8 {mode}' if int8 else ''}` (with the node's --pretrained weights and cache dir)")
+                    f"{f' --int8 {mode}' if int8 else ''}"
+                    f"{'' if names == ('cls',) else ' --outputs ' + ','.join(names)}` "
+                    "(with the node's --pretrained weights and cache dir)")
             if fused and precision != "fp32":
                 raise BackendUnavailableError("the fused ONNX Runtime graph is fp32 (optionally int8); use precision='fp32'")
             if fused:
-                cached = find_cached_fused(info, cache_dir=cache_dir)
+                cached = find_cached_fused(info, cache_dir=cache_dir, outputs=names)
                 if cached is None:
                     if not allow_export:
                         raise BackendUnavailableError(f"no fused ONNX graph for model {info.model_name} (model_id "
                                                       f"{info.model_id}) in the cache; run {hint} beforehand")
                     log.warning("no fused ONNX graph for %s: exporting and fusing it now (about a minute for a ViT-B)",
                                 info.model_name)
-                    cached = export_fused_onnx(info, cache_dir=cache_dir)
+                    cached = export_fused_onnx(info, cache_dir=cache_dir, outputs=names)
             else:
-                cached = find_cached_onnx(info, precision=precision, cache_dir=cache_dir)
+                cached = find_cached_onnx(info, precision=precision, cache_dir=cache_dir, outputs=names)
             if cached is None:
                 where = default_cache_dir(cache_dir) / "onnx"
                 if not allow_export:
                     raise BackendUnavailableError(
-                        f"no exported ONNX for model {info.model_name} (model_id {info.model_id}, {precision}) in "
+                        f"no exported ONNX for model {info.model_name} (model_id {info.model_id}, {precision}, "
+                        f"outputs {names}) in "
                         f"{where}; run {hint} beforehand")
                 log.warning("no exported %s ONNX for model %s (model_id %s) in %s: exporting it now, which takes "
                             "30-60 s for a ViT-B on a small CPU; run %s beforehand to start without this delay",
                             precision, info.model_name, info.model_id, where, hint)
                 t0 = time.perf_counter()
-                cached = export_onnx(info, precision=precision, cache_dir=cache_dir)
+                cached = export_onnx(info, precision=precision, cache_dir=cache_dir, outputs=names)
                 log.warning("exported %s in %.1f s", cached.name, time.perf_counter() - t0)
             onnx_path = cached
             if mode == "static" and calibration_views is None and not int8_static_cached(onnx_path):
@@ -369,33 +401,59 @@ class OrtBackend(VisualBackend):
                 onnx_path = int8_path_for(onnx_path, "static")
             label = "int8-static"
         be = cls(onnx_path, info.input_size, info.width, device=device, precision=label, threads=threads,
-                 max_batch=max_batch, execution_mode=execution_mode)
+                 max_batch=max_batch, execution_mode=execution_mode, outputs=names, num_tokens=info.num_tokens)
         if fused:
             be.name += "-fused"
+        if given_path is None:  # an explicit onnx_path is one graph: no other output set can be derived
+            def opener(other: Tuple[str, ...]) -> "OrtBackend":
+                return cls.from_model(info, device=device, precision=precision, cache_dir=cache_dir, threads=threads,
+                                      int8=int8 and mode, max_batch=max_batch, allow_export=allow_export,
+                                      logger=logger, fused=fused, calibration_views=calibration_views,
+                                      execution_mode=execution_mode, outputs=other)
+
+            be._opener = opener
         return be
 
-    def _run(self, views: torch.Tensor) -> torch.Tensor:
-        if self._cuda and views.is_cuda:
-            return self._run_iobinding(views)
-        x = views.detach().to("cpu", torch.float32).contiguous().numpy()
-        (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+    def _feed_pairs(self, pairs: Optional[torch.Tensor]) -> np.ndarray:
+        # a graph with xattn always takes pairs: one dummy pair when the request has none
+        p = np.zeros((1, 2), np.int32) if pairs is None else pairs.detach().to("cpu", torch.int32).numpy()
+        return np.ascontiguousarray(p)
 
-    def _run_iobinding(self, views: torch.Tensor) -> torch.Tensor:
+    def _run_outputs(self, views, names, pairs):
+        be = self._for_outputs(names)
+        if be is not self:
+            return be._run_outputs(views, names, pairs)
+        if self._cuda and views.is_cuda:
+            return self._run_iobinding(views, names, pairs)
+        feed = {INPUT_NAME: views.detach().to("cpu", torch.float32).contiguous().numpy()}
+        if PAIRS_NAME in [i.name for i in self.session.get_inputs()]:
+            feed[PAIRS_NAME] = self._feed_pairs(pairs)
+        outs = self.session.run([self._tensor_names[n] for n in names], feed)
+        return {n: torch.from_numpy(np.asarray(o, dtype=np.float32)) for n, o in zip(names, outs)}
+
+    def _run_iobinding(self, views: torch.Tensor, names, pairs) -> Dict[str, torch.Tensor]:
         x = views.to(torch.float32).contiguous()
-        out = torch.empty((x.shape[0], self.width), dtype=torch.float32, device=x.device)
+        B, T, P = int(x.shape[0]), self.num_tokens, 0 if pairs is None else int(pairs.shape[0])
+        shapes = {"cls": (B, self.width), "tokens": (B, T, self.width), "attn_cls": (B, T), "xattn": (P, T)}
+        outs = {n: torch.empty(shapes[n], dtype=torch.float32, device=x.device) for n in names}
         binding = self.session.io_binding()
         dev_id = x.device.index or 0
         binding.bind_input(INPUT_NAME, "cuda", dev_id, np.float32, tuple(x.shape), x.data_ptr())
-        binding.bind_output(OUTPUT_NAME, "cuda", dev_id, np.float32, tuple(out.shape), out.data_ptr())
+        if "xattn" in self.graph_outputs:
+            binding.bind_cpu_input(PAIRS_NAME, self._feed_pairs(pairs))
+        for n, t in outs.items():
+            binding.bind_output(self._tensor_names[n], "cuda", dev_id, np.float32, tuple(t.shape), t.data_ptr())
+        for n in self.graph_outputs:  # outputs not asked for still need a home: ORT allocates them
+            if n not in outs:
+                binding.bind_output(self._tensor_names[n], "cuda", dev_id)
         torch.cuda.current_stream(x.device).synchronize()  # ORT runs on its own stream
         self.session.run_with_iobinding(binding)
-        return out
+        return outs
 
     def describe(self) -> dict:
         d = super().describe()
         d.update({"onnx": str(self.onnx_path), "threads": self.threads, "execution_mode": self.execution_mode,
-                  "providers": self.session.get_providers()})
+                  "providers": self.session.get_providers(), "outputs": list(self.graph_outputs)})
         return d
 
 
@@ -429,3 +487,92 @@ def embedding_fidelity(reference, candidate, views: torch.Tensor,
         e = cosine_rows(ref.to("cpu", torch.float64) @ P, cand.to("cpu", torch.float64) @ P)
         res.update({"embedding_cos_min": float(e.min()), "embedding_cos_mean": float(e.mean())})
     return res
+
+
+# ---------------------------------------------------------------------- backend: auto on a CPU
+#: the CPU variants ``backend: auto`` chooses between (each only when already in the cache)
+AUTO_VARIANTS: Dict[str, Dict[str, object]] = {"fused-int8": {"fused": True, "int8": "dynamic"},
+                                               "int8": {"int8": "dynamic"}, "fused": {"fused": True}, "plain": {}}
+#: the embedding cosine to torch fp32 (min over real views) a variant must hold to be chosen
+AUTO_FIDELITY_MIN = 0.999
+
+
+def auto_record_path(model_id: str, cache_dir=None, outputs: Sequence[str] = ("cls",)) -> pathlib.Path:
+    """``<cache>/onnx/<model_id>-auto-cpu[-o<outputs>].json``: what :func:`choose_auto_variant` measured."""
+    from .engine_cache import outputs_file_tag
+
+    return default_cache_dir(cache_dir) / "onnx" / f"{model_id}-auto-cpu{outputs_file_tag(outputs)}.json"
+
+
+def choose_auto_variant(model, views: torch.Tensor, *, projection: Optional[torch.Tensor] = None, cache_dir=None,
+                        outputs: Sequence[str] = ("cls",), threads: Optional[int] = None, repeats: int = 5,
+                        fidelity_min: float = AUTO_FIDELITY_MIN) -> Dict[str, object]:
+    """Time every CPU variant already in the cache on ``views``, check its fidelity to torch fp32,
+    and record the fastest one that holds ``fidelity_min`` for ``backend: auto`` (never exports).
+
+    Each variant runs the same output set on the same views in this one process, alternating
+    (``repeats`` rounds, median ms per call); the fidelity is the min embedding cosine (``projection``
+    given; else the feature cosine) to the torch trunk on ``views``. The record (JSON next to the
+    graphs, :func:`auto_record_path`) names each graph with its sha256, so a re-exported graph
+    invalidates the choice. Returns the record.
+    """
+    from .engine_cache import file_sha256
+    from .torch_backend import TorchBackend
+
+    info = model if isinstance(model, ModelInfo) else describe_model(model)
+    names = output_set(outputs)
+    B = int(views.shape[0])
+    pairs = torch.tensor([[i, (i + 1) % B] for i in range(B)]) if "xattn" in names else None
+    ref = TorchBackend(info)
+    record: Dict[str, object] = {"model_id": info.model_id, "outputs": list(names), "fidelity_min": fidelity_min,
+                                 "views": B, "repeats": int(repeats), "threads": threads, "variants": {},
+                                 "chosen": None}
+    opened = {}
+    for name, kw in AUTO_VARIANTS.items():
+        try:
+            be = OrtBackend.from_model(info, cache_dir=cache_dir, threads=threads, allow_export=False, outputs=names,
+                                       **kw)
+        except BackendUnavailableError as exc:
+            record["variants"][name] = {"error": str(exc)}
+            continue
+        fid = embedding_fidelity(ref, be, views, projection)
+        cos = float(fid.get("embedding_cos_min", fid["feature_cos_min"]))
+        record["variants"][name] = {"onnx": str(be.onnx_path), "sha256": file_sha256(be.onnx_path, memo=True),
+                                    "cos_min": cos, "ms": []}
+        be.outputs(views, names, pairs)  # warm-up
+        opened[name] = be
+    for _ in range(max(1, int(repeats))):  # interleaved rounds: every variant sees the same machine load
+        for name, be in opened.items():
+            t0 = time.perf_counter()
+            be.outputs(views, names, pairs)
+            record["variants"][name]["ms"].append(round((time.perf_counter() - t0) * 1e3, 2))
+    ok = []
+    for name in opened:
+        v = record["variants"][name]
+        v["ms_median"] = float(np.median(v.pop("ms")))
+        v["holds_fidelity"] = v["cos_min"] >= fidelity_min
+        if v["holds_fidelity"]:
+            ok.append((v["ms_median"], name))
+    record["chosen"] = min(ok)[1] if ok else None
+    path = auto_record_path(info.model_id, cache_dir, names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    LOG.info("backend auto on CPU will use %s (%s)", record["chosen"],
+             ", ".join(f"{n}: {v.get('ms_median', '-')} ms, cos {v.get('cos_min', '-')}"
+                       for n, v in record["variants"].items()))
+    return record
+
+
+def auto_choice(info: ModelInfo, cache_dir=None, outputs: Sequence[str] = ("cls",)) -> Optional[Dict[str, object]]:
+    """The recorded choice of :func:`choose_auto_variant` for this model and output set, or None
+    (no record, unreadable, or no variant held the fidelity)."""
+    try:
+        rec = json.loads(auto_record_path(info.model_id, cache_dir, outputs).read_text())
+    except (OSError, ValueError):
+        return None
+    chosen = rec.get("chosen")
+    if chosen not in AUTO_VARIANTS or not rec.get("variants", {}).get(chosen, {}).get("holds_fidelity"):
+        return None
+    return {"name": chosen, "options": AUTO_VARIANTS[chosen], **rec["variants"][chosen]}

@@ -21,7 +21,7 @@ from .alerts import AlertLevel
 from .boxes import STATUS_TEXT, BoxStatus
 
 __all__ = ["SCORERS", "TEMPERATURE_SCORERS", "ABLATIONS", "VIEWS", "VIEWS_FOR_ABLATION", "BACKENDS", "PRECISIONS", "DEVICES",
-           "BoxStatus", "STATUS_TEXT", "BOX_STATUSES", "AlertLevel", "ALERT_LEVELS", "resolve_device",
+           "BACKBONE_OUTPUTS", "BoxStatus", "STATUS_TEXT", "BOX_STATUSES", "AlertLevel", "ALERT_LEVELS", "resolve_device",
            "resolve_precision"]
 
 #: uncertainty scores (``core.scoring.score(method=...)``); ``runa`` is the paper's (Eq. 6)
@@ -36,6 +36,8 @@ VIEWS_FOR_ABLATION: Dict[str, Tuple[str, ...]] = {"dual": ("regional", "global")
                                                   "global": ("global",)}
 #: visual backends; ``auto`` tries tensorrt, then onnxruntime, then torch
 BACKENDS: Tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
+#: named outputs of the visual backbone (``DualEncoder.visual_outputs``, every backend), in their canonical order
+BACKBONE_OUTPUTS: Tuple[str, ...] = ("cls", "tokens", "attn_cls", "xattn")
 #: numeric precision of the visual trunk; ``auto`` = fp16 on CUDA, fp32 on the CPU
 PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "fp16")
 #: what ``auto`` resolves to: the precisions a backend, an ONNX file or an engine actually has

@@ -13,6 +13,8 @@ start-up; without a cached export it runs the torch trunk), and the fp16 graph (
 Softmax kept in fp32) can be built with ``trtexec --stronglyTyped`` elsewhere. ``--int8`` also
 writes the dynamically quantised graph for ONNX Runtime's ``int8`` option (``--int8 static``: the
 calibrated QDQ graph), ``--fused`` the graph with ONNX Runtime's transformer fusions (``fused`` option).
+``--outputs`` picks the backbone output set (``cls`` by default, today's files; a method that needs
+tokens or attention asks for e.g. ``--outputs tokens,attn_cls``): one graph and engine per set.
 
 Exit status: 0 ok, 2 bad arguments or weights, 3 TensorRT/CUDA unavailable, 1 build failure.
 """
@@ -58,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fused", action="store_true",
                         help="also write the fused fp32 graph (ONNX Runtime transformer fusions: Attention, "
                              "SkipLayerNormalization, BiasGelu; backend_options fused: true)")
+    parser.add_argument("--outputs", default="cls",
+                        help="comma-separated backbone output set of the graphs / engine (cls, tokens, attn_cls, "
+                             "xattn; one graph / engine per set, what a method asks the backend for) "
+                             "(default %(default)s)")
+    parser.add_argument("--auto-choice", action="store_true",
+                        help="after exporting, time every CPU variant in the cache (plain, fused, int8, fused int8) "
+                             "on real crops in one interleaved run and record the fastest whose embeddings keep "
+                             "cosine >= 0.999 to torch fp32: what `backend: auto` then uses on a CPU")
     parser.add_argument("--force", action="store_true", help="re-export / rebuild even when cached")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -84,6 +94,13 @@ def run(args) -> int:
     if args.opset < 17:
         print("error: --opset must be >= 17", file=sys.stderr)
         return 2
+    from ..core.backbone import output_set
+
+    try:
+        outputs = output_set([n.strip() for n in str(args.outputs).split(",") if n.strip()])
+    except ValueError as exc:
+        print(f"error: --outputs: {exc}", file=sys.stderr)
+        return 2
 
     enc_args = argparse.Namespace(model=args.model, pretrained=args.pretrained, device="cpu", backend="torch",
                                   allow_random_weights=args.allow_random_weights, projection=None)
@@ -97,16 +114,18 @@ def run(args) -> int:
     strongly = args.precision == "fp16" and args.fp16_mode == "strongly-typed"
     onnx_precisions = ["fp32"] + (["fp16"] if strongly else [])
     summary = {"model": encoder.model_name, "model_id": encoder.model_id, "random_weights": encoder.random_weights,
-               "onnx": {}}
+               "outputs": list(outputs), "onnx": {}}
     for prec in onnx_precisions:
-        path = export_onnx(encoder, opset=args.opset, precision=prec, cache_dir=args.cache_dir, force=args.force)
+        path = export_onnx(encoder, opset=args.opset, precision=prec, cache_dir=args.cache_dir, force=args.force,
+                           outputs=outputs)
         summary["onnx"][prec] = str(path)
         print(f"ONNX ({prec}): {path}")
     src = summary["onnx"]["fp32"]
     if args.fused:
         from ..backends.onnx_export import export_fused_onnx, fused_stats
 
-        src = export_fused_onnx(encoder, opset=args.opset, cache_dir=args.cache_dir, force=args.force)
+        src = export_fused_onnx(encoder, opset=args.opset, cache_dir=args.cache_dir, force=args.force,
+                                outputs=outputs)
         summary["onnx"]["fused"] = str(src)
         print(f"ONNX (fp32, fused: {fused_stats(src).get('fused_ops')}): {src}")
     if args.int8 == "dynamic":
@@ -123,6 +142,16 @@ def run(args) -> int:
         path = quantize_int8_static(src, views, force=args.force)
         summary["onnx"]["int8-static"] = str(path)
         print(f"ONNX (int8, static QDQ, calibrated on {where}): {path}")
+    if args.auto_choice:
+        from ..backends.ort_backend import auto_record_path, choose_auto_variant
+        from .bench import calibration_views
+
+        views, where = calibration_views(encoder)
+        rec = choose_auto_variant(encoder, views, projection=encoder.proj_global, cache_dir=args.cache_dir,
+                                  outputs=outputs)
+        summary["auto_choice"] = {"chosen": rec["chosen"], "record": str(auto_record_path(
+            encoder.model_id, args.cache_dir, outputs)), "views": where, "variants": rec["variants"]}
+        print(f"backend auto on this CPU: {rec['chosen']} (measured on {where})")
     if args.onnx_only:
         print(json.dumps(summary, indent=2))
         return 0
@@ -134,7 +163,8 @@ def run(args) -> int:
         engine, meta = build_engine(encoder, precision=args.precision, profile=profile, fp16_mode=args.fp16_mode,
                                     cache_dir=args.cache_dir, engine_path=args.engine_path,
                                     onnx_path=summary["onnx"]["fp16" if strongly else "fp32"],
-                                    workspace_mib=args.workspace_mib, force=args.force, device=args.device)
+                                    workspace_mib=args.workspace_mib, force=args.force, device=args.device,
+                                    outputs=outputs)
     except BackendUnavailableError as exc:
         lines = [f"cannot build a TensorRT engine: {exc}",
                      "The ONNX graph above is ready; build it where TensorRT exists, e.g.",
