@@ -156,15 +156,6 @@ def test_projector_default_architecture():
 
 
 # ------------------------------------------------------------------ training
-@pytest.fixture
-def one_thread():
-    """Tiny ops on a loaded 2-core machine: several threads spin against each other (30x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _synthetic(k: int, per_class: int, width: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     means = 3.0 * torch.randn(k + 1, width, generator=torch.Generator().manual_seed(99))  # last = OOD

@@ -209,15 +209,6 @@ def test_clip_contrastive_loss_duplicate_texts_equal_uniform_same_class_targets(
 
 
 # ------------------------------------------------------------------ training
-@pytest.fixture
-def one_thread():
-    """Tiny ops on a loaded 2-core machine: several threads spin against each other (30x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 K, G, WIDTH, D = 3, 3, 16, 8
 
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fitting import run_epochs, seeded
+
 __all__ = [
     "select_box_tokens",
     "token_centres",
@@ -274,9 +276,9 @@ def fit_tagood(token_sets: List[torch.Tensor], labels, num_classes: int, epochs:
     """Train TagOOD's projector and centres on few-shot ID objects (their selected tokens).
 
     Per batch, as TagOOD's ``classifier_training_ema.py``: feature and logits of the batch, loss
-    :func:`tagood_loss` against the centres *before* this batch's update, backward, AdamW step, cosine
-    annealing step (``T_max = epochs * batches per epoch``, to ``lr_min``), then the EMA centre update with the
-    batch's (detached) features. Everything random (init, centres, shuffling, dropout) is seeded by ``seed``
+    :func:`tagood_loss` against the centres *before* this batch's update, the EMA centre update with the
+    batch's (detached) features, backward, AdamW step, cosine annealing step (``T_max = epochs * batches per
+    epoch``, to ``lr_min``). Everything random (init, centres, shuffling, dropout) is seeded by ``seed``
     inside a forked RNG: the global RNG state is untouched and equal inputs give equal heads on one device.
 
     Args:
@@ -303,45 +305,24 @@ def fit_tagood(token_sets: List[torch.Tensor], labels, num_classes: int, epochs:
     lengths = (~mask).sum(1)
     n = tokens.shape[0]
     steps_per_epoch = max(1, math.ceil(n / int(batch)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with seeded(seed):
         proj = TagOODProjector(tokens.shape[-1], int(num_classes), dim=dim, heads=heads, mlp=mlp, blocks=blocks,
                                dropout=dropout, max_tokens=int(max_tokens or tokens.shape[1]))
         centres = ClassCentres(int(num_classes), patterns=patterns, dim=dim, seed=seed)
         opt = torch.optim.AdamW(proj.parameters(), lr=float(lr), weight_decay=float(weight_decay))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(epochs) * steps_per_epoch),
                                                            eta_min=float(lr_min))
-        gen = torch.Generator().manual_seed(int(seed))
-        epoch_iter = range(int(epochs))
-        bar = None
-        if progress:
-            try:
-                from tqdm.auto import tqdm
 
-                bar = epoch_iter = tqdm(epoch_iter, desc="fit TagOOD", unit="epoch")
-            except ImportError:
-                pass
-        curve: List[float] = []
+        def step(idx: torch.Tensor) -> torch.Tensor:
+            width = max(1, int(lengths[idx].max()))
+            feat, logits = proj(tokens[idx, :width], mask[idx, :width])
+            loss = tagood_loss(logits, feat, y[idx], centres, mse_weight=mse_weight)
+            # as TagOOD's EMALoss: the loss has read the centres; update them with this batch (no gradient)
+            centres.update(feat.detach(), y[idx], momentum=momentum)
+            return loss
+
         proj.train()
-        for _ in epoch_iter:
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for start in range(0, n, int(batch)):
-                idx = perm[start:start + int(batch)]
-                width = max(1, int(lengths[idx].max()))
-                feat, logits = proj(tokens[idx, :width], mask[idx, :width])
-                loss = tagood_loss(logits, feat, y[idx], centres, mse_weight=mse_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                centres.update(feat.detach(), y[idx], momentum=momentum)
-                total += float(loss.detach()) * idx.numel()
-            curve.append(total / n)
-            if bar is not None:
-                bar.set_postfix(loss=f"{curve[-1]:.4f}")
-        if bar is not None:
-            bar.close()
+        curve = run_epochs(n, int(batch), int(epochs), seed, step, opt, sched, progress=progress, desc="fit TagOOD")
     proj.eval()
     centres.eval()
     return proj, centres, curve

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fitting import run_epochs, seeded
+
 __all__ = [
     "token_text_alignment",
     "target_weights",
@@ -423,48 +425,26 @@ def fit_uni_ood(target_tokens: torch.Tensor, target_attn: torch.Tensor, bg_token
         wb = background_weights(bg_xattn.detach(), bt, p, bg_text.detach())        # [N, K, T]
     txt = F.normalize(text.detach().float(), dim=-1)
     kwargs = dict(combiner_kwargs or {})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with seeded(seed):
         tc = Combiner(tt.shape[-1], grid, **kwargs)
         bc = Combiner(tt.shape[-1], grid, **kwargs)
         opt = torch.optim.AdamW(list(tc.parameters()) + list(bc.parameters()), lr=float(lr),
                                 weight_decay=float(weight_decay))
-        gen = torch.Generator().manual_seed(int(seed))
-        epoch_iter = range(int(epochs))
-        bar = None
-        if progress:
-            try:
-                from tqdm.auto import tqdm
 
-                bar = epoch_iter = tqdm(epoch_iter, desc="fit UNI-OOD", unit="epoch")
-            except ImportError:
-                pass
-        curve: List[float] = []
+        def step(idx: torch.Tensor) -> torch.Tensor:
+            yb = y[idx]
+            if pairing == "candidate":   # the classes present in the batch: [B, C] passes, C <= K
+                present, col = torch.unique(yb, return_inverse=True)
+                z = tc(tt[idx], wt[idx][:, present]) + bc(bt[idx], wb[idx][:, present])   # [B, C, W]
+                emb = (z @ p)[:, col]                                                    # [B, B, D]
+            else:
+                z = tc(tt[idx], wt[idx, yb][:, None]) + bc(bt[idx], wb[idx, yb][:, None])  # [B, 1, W]
+                emb = z[:, 0] @ p
+            return clip_contrastive_loss(emb, txt[yb], temperature)
+
         tc.train()
         bc.train()
-        for _ in epoch_iter:
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for start in range(0, n, int(batch)):
-                idx = perm[start:start + int(batch)]
-                yb = y[idx]
-                if pairing == "candidate":   # classes present in the batch only: [B, C] passes, C <= K
-                    present, col = torch.unique(yb, return_inverse=True)
-                    z = tc(tt[idx], wt[idx][:, present]) + bc(bt[idx], wb[idx][:, present])   # [B, C, W]
-                    emb = (z @ p)[:, col]                                                    # [B, B, D]
-                else:
-                    z = tc(tt[idx], wt[idx, yb][:, None]) + bc(bt[idx], wb[idx, yb][:, None])  # [B, 1, W]
-                    emb = z[:, 0] @ p
-                loss = clip_contrastive_loss(emb, txt[yb], temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * idx.numel()
-            curve.append(total / n)
-            if bar is not None:
-                bar.set_postfix(loss=f"{curve[-1]:.4f}")
-        if bar is not None:
-            bar.close()
+        curve = run_epochs(n, int(batch), int(epochs), seed, step, opt, progress=progress, desc="fit UNI-OOD")
     tc.eval()
     bc.eval()
     return tc, bc, curve
