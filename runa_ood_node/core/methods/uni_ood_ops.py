@@ -379,10 +379,12 @@ def fit_uni_ood(target_tokens: torch.Tensor, target_attn: torch.Tensor, bg_token
       ``Omega(I_a, t_b)`` that inference computes for candidate class b (all K classes per box, as at
       inference). Training thus sees the wrong-class embeddings it must score low at inference.
     * ``"own"``: each image embedded once, with its own class's weights (``M_img(I_x, I_(x))`` with ``mu``
-      against ``t_x``), then paired with every text. Cheaper (one pass per box), but an embedding for a wrong
-      candidate class is never trained, and the class-dependent weights let the combiners learn "the class
-      the weights were made for" instead of the image: on separable synthetic objects it does not separate
-      the classes at inference (see tests/test_uni_ood_ops.py).
+      against ``t_x``), then paired with every text. Cheaper (one pass per box), but an embedding made with a
+      wrong candidate class's weights is never trained, and the class-dependent weights leave the combiners
+      free to encode "the class the weights were made for" rather than the image. On the synthetic objects
+      of tests/test_uni_ood_ops.py both pairings separate the classes; on an earlier variant (tokens not
+      aligned with their text, random backgrounds) neither reached 0.9 accuracy, so the choice is a
+      reasoned default, not a measured one.
 
     The paper trains with the background text of the *other objects in the image* (inter-text attention over
     their prompts). Here ``bg_text`` is the inference-time aggregate over all ID prompts (row c for class c),
