@@ -178,6 +178,7 @@ def test_fit_lowers_loss_and_separates_synthetic_classes(one_thread):
     assert len(curve) == 40 and all(math.isfinite(v) for v in curve)
     assert curve[-1] < 0.5 * curve[0]
     assert not proj.training
+    assert proj.max_tokens >= 1024       # a box larger than any training box still fits (G*G <= 1024)
 
     test_sets, test_labels = _synthetic(k, 6, width, seed=2)   # fresh samples of the same clusters
     from runa_ood_node.core.methods.tagood_ops import pad_token_sets

@@ -286,7 +286,9 @@ def fit_tagood(token_sets: List[torch.Tensor], labels, num_classes: int, epochs:
             (``select_box_tokens`` indices into the frame's ``tokens``).
         labels: ``[M]`` class indices in ``[0, num_classes)``.
         epochs, batch, lr, weight_decay, lr_min: TagOOD's code's values by default.
-        max_tokens: positional embedding length (default: the longest set, at least 1).
+        max_tokens: positional embedding length, the most tokens one object may have at inference (default
+            ``max(1024, longest set)``: every box of a CLIP grid up to 32 x 32; positions beyond the longest
+            training set stay at their initialisation).
 
     Returns:
         ``(projector, centres, loss_curve)``: both in eval mode on the CPU; ``loss_curve[e]`` is epoch ``e``'s
@@ -307,7 +309,7 @@ def fit_tagood(token_sets: List[torch.Tensor], labels, num_classes: int, epochs:
     steps_per_epoch = max(1, math.ceil(n / int(batch)))
     with seeded(seed):
         proj = TagOODProjector(tokens.shape[-1], int(num_classes), dim=dim, heads=heads, mlp=mlp, blocks=blocks,
-                               dropout=dropout, max_tokens=int(max_tokens or tokens.shape[1]))
+                               dropout=dropout, max_tokens=int(max_tokens or max(1024, tokens.shape[1])))
         centres = ClassCentres(int(num_classes), patterns=patterns, dim=dim, seed=seed)
         opt = torch.optim.AdamW(proj.parameters(), lr=float(lr), weight_decay=float(weight_decay))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(epochs) * steps_per_epoch),
