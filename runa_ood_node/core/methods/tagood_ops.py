@@ -285,7 +285,8 @@ def fit_tagood(token_sets: List[torch.Tensor], labels, num_classes: int, epochs:
         token_sets: ``M`` tensors ``[n_i, W]``: the selected tokens of each training object
             (``select_box_tokens`` indices into the frame's ``tokens``).
         labels: ``[M]`` class indices in ``[0, num_classes)``.
-        epochs, batch, lr, weight_decay, lr_min: TagOOD's code's values by default.
+        epochs, batch, lr, weight_decay, lr_min: TagOOD's by default (lr 0.01 as its paper; AdamW, decay 5e-4,
+            cosine annealing to 1e-5, 100 epochs, batch 256 as its code).
         max_tokens: positional embedding length, the most tokens one object may have at inference (default
             ``max(1024, longest set)``: every box of a CLIP grid up to 32 x 32; positions beyond the longest
             training set stay at their initialisation).
