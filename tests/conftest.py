@@ -103,6 +103,17 @@ def tiny_scorer(tiny_encoder):
     return OodScorer(tiny_encoder, "voc")
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny training loops on the loaded 2-core machine ran 30x slower
+    with two threads spinning against each other (the few-shot head fits of core/methods)."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------ the real ROS 2 tools (ros2 CLI)
 TINY_NODE_PARAMS = {"model": TINY_MODEL, "pretrained": "", "allow_random_weights": True, "backend": "torch",
                     "max_boxes": 0}
