@@ -335,6 +335,33 @@ def test_random_weights_watermark_and_boxes_not_drawn():
     assert len(msg.points) == 1 and [t.text for t in msg.texts] == ["OOD -0.12 (~person)"]
 
 
+def test_wire_bytes_equal_rclpys_serialization_of_the_message(upstream_store):
+    """The node publishes wire.write_image_annotations; it is the message, byte for byte."""
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    from runa_ood_node.ros import wire
+
+    fm = _require("foxglove_msgs.msg")
+    n = 300
+    xy = np.random.default_rng(1).uniform(-5, 300, (n, 2))
+    status = np.random.default_rng(2).choice([0, 0, 0, BoxStatus.TOO_SMALL, BoxStatus.NOT_SCORED], n).astype(np.uint8)
+    heavy = types.SimpleNamespace(boxes_xyxy=np.concatenate([xy, xy + 17.25], 1), status=status,
+                                  uncertainty=np.where(status == 0, -0.2, np.nan), label=["r\u00e9sum\u00e9"] * n,
+                                  is_ood=np.arange(n) % 7 == 0)
+    cases = [(_header(), _fr(), None, False), (_header(sec=-3, nanosec=999999999), _fr(), None, True),
+             (_header(), None, None, True), (_header(), None, None, False), (_header(), heavy, None, True),
+             (_header(), _fr(), np.array([2, 0]), False), (wire.Header(wire.Time(9, 10), "cam"), heavy, None, False)]
+    name = "foxglove_msgs/msg/ImageAnnotations"
+    for header, fr, idx, rw in cases:
+        raw = wire.write_image_annotations(header, fr, indices=idx, random_weights=rw)
+        msg = draw.make_image_annotations(header, fr, indices=idx, random_weights=rw)
+        assert deserialize_message(raw, fm.ImageAnnotations) == msg
+        # byte for byte up to padding (rclpy leaves padding bytes uninitialised; rosbags and wire zero them)
+        ref = bytes(serialize_message(msg))
+        assert len(raw) == len(ref)
+        assert raw == bytes(upstream_store.serialize_cdr(upstream_store.deserialize_cdr(ref, name), name))
+
+
 def test_published_annotations_decoded_with_upstreams_definitions(upstream_store):
     """Real rclpy publisher and subscriber over loopback; the bytes received are decoded by rosbags
     knowing only upstream's text, field by field."""

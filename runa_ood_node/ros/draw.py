@@ -27,6 +27,8 @@ corner of the top-left pixel, as core's boxes), outlined in the box's colour, no
 box when it touches the image's top), text on a background of the box's colour, as in the annotated
 image. Then, top-left, "+N boxes not drawn"
 when :func:`select_boxes` left boxes out, and with ``random_weights`` the :data:`WATERMARK` text.
+:func:`annotation_items` decides all of it; :func:`make_image_annotations` makes the rclpy
+message of it and ``wire.write_image_annotations`` its CDR bytes (what the node publishes).
 
 Marker frame
 ------------
@@ -272,9 +274,42 @@ ANNOTATION_THICKNESS = 2.0
 ANNOTATION_FONT_SIZE = 14.0
 
 
+def annotation_items(frame_result, indices: Optional[np.ndarray] = None, random_weights: bool = False):
+    """What the Foxglove annotations draw (see the module docstring), free of any message type:
+    ``(outlines, texts)``, ``outlines`` a list of ``(x1, y1, x2, y2, rgb)`` boxes in drawing order,
+    ``texts`` a list of ``(x, y, text, ink_rgb, background_rgb)`` (``(x, y)``: the text's bottom-left
+    corner). :func:`make_image_annotations` turns them into a message, ``wire.write_image_annotations``
+    into its bytes. Arguments as :func:`make_image_annotations`."""
+    omitted = 0
+    if indices is None:
+        indices, omitted = select_boxes(frame_result)
+    outlines, texts = [], []
+    for i in np.asarray(indices, np.intp).tolist():
+        box = _finite_box(frame_result, i)
+        if box is None:
+            continue
+        rgb, label = _box_style(frame_result, i)
+        x1, y1, x2, y2 = box
+        outlines.append((x1, y1, x2, y2, rgb))
+        # above the box; inside it, under its top edge, when the box touches the image's top
+        ty = y1 if y1 >= ANNOTATION_FONT_SIZE else y1 + ANNOTATION_FONT_SIZE + ANNOTATION_THICKNESS
+        texts.append((x1, ty, label, _ink(rgb), rgb))
+    line = ANNOTATION_FONT_SIZE + 4.0
+    row = 1
+    if omitted:
+        texts.append((0.0, line * row, f"+{omitted} boxes not drawn", (0, 0, 0), NOT_SCORED_RGB))
+        row += 1
+    if random_weights:
+        texts.append((0.0, line * row, WATERMARK, WATERMARK_RGB, (0, 0, 0)))
+    return outlines, texts
+
+
 def make_image_annotations(header, frame_result, indices: Optional[np.ndarray] = None,
                            random_weights: bool = False):
-    """``foxglove_msgs/ImageAnnotations`` of the boxes (see the module docstring).
+    """``foxglove_msgs/ImageAnnotations`` of the boxes (see the module docstring), as an rclpy
+    message. A publisher on the hot path should send the same message as bytes,
+    ``wire.write_image_annotations`` (equal to this message's serialization): rclpy's message
+    objects (six per box) cost far more to build and serialize than the bytes do.
 
     Args:
         header: the source image's header (``std_msgs/Header`` or ``wire.Header``); its stamp is
@@ -293,35 +328,13 @@ def make_image_annotations(header, frame_result, indices: Optional[np.ndarray] =
     def color(rgb: Tuple[int, int, int], alpha: float = 1.0):
         return Color(r=rgb[0] / 255.0, g=rgb[1] / 255.0, b=rgb[2] / 255.0, a=float(alpha))
 
-    def text(x: float, y: float, s: str, ink, background):
-        return TextAnnotation(timestamp=Time(sec=sec, nanosec=nanosec), position=Point2(x=x, y=y),
-                              text=s, font_size=ANNOTATION_FONT_SIZE, text_color=color(ink),
-                              background_color=color(background))
-
-    omitted = 0
-    if indices is None:
-        indices, omitted = select_boxes(frame_result)
-    points, texts = [], []
-    for i in np.asarray(indices, np.intp).tolist():
-        box = _finite_box(frame_result, i)
-        if box is None:
-            continue
-        rgb, label = _box_style(frame_result, i)
-        x1, y1, x2, y2 = box
-        points.append(PointsAnnotation(
-            timestamp=Time(sec=sec, nanosec=nanosec), type=PointsAnnotation.LINE_LOOP,
-            points=[Point2(x=x, y=y) for x, y in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))],
-            outline_color=color(rgb), outline_colors=[], fill_color=color((0, 0, 0), 0.0),
-            thickness=ANNOTATION_THICKNESS))
-        # above the box; inside it, under its top edge, when the box touches the image's top
-        ty = y1 if y1 >= ANNOTATION_FONT_SIZE else y1 + ANNOTATION_FONT_SIZE + ANNOTATION_THICKNESS
-        texts.append(text(x1, ty, label, _ink(rgb), rgb))
-    line = ANNOTATION_FONT_SIZE + 4.0
-    row = 1
-    if omitted:
-        texts.append(text(0.0, line * row, f"+{omitted} boxes not drawn", (0, 0, 0), NOT_SCORED_RGB))
-        row += 1
-    if random_weights:
-        texts.append(text(0.0, line * row, WATERMARK, WATERMARK_RGB, (0, 0, 0)))
-    return _msg("foxglove_msgs", "ImageAnnotations")(circles=[], points=points, texts=texts)
-
+    outlines, texts = annotation_items(frame_result, indices, random_weights)
+    points = [PointsAnnotation(
+        timestamp=Time(sec=sec, nanosec=nanosec), type=PointsAnnotation.LINE_LOOP,
+        points=[Point2(x=x, y=y) for x, y in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))],
+        outline_color=color(rgb), outline_colors=[], fill_color=color((0, 0, 0), 0.0),
+        thickness=ANNOTATION_THICKNESS) for x1, y1, x2, y2, rgb in outlines]
+    labels = [TextAnnotation(timestamp=Time(sec=sec, nanosec=nanosec), position=Point2(x=x, y=y), text=text,
+                             font_size=ANNOTATION_FONT_SIZE, text_color=color(ink), background_color=color(bg))
+              for x, y, text, ink, bg in texts]
+    return _msg("foxglove_msgs", "ImageAnnotations")(circles=[], points=points, texts=labels)
