@@ -413,21 +413,23 @@ def test_published_annotations_decoded_with_upstreams_definitions(upstream_store
 # ------------------------------------------------------------------------------ the Foxglove layout
 
 
-def _example_cameras():
-    """The example rig's cameras (config/camera_rig.example.yaml when it is there)."""
-    import yaml
+#: config/camera_rig.example.yaml as (name, the image topic the node subscribes to), for a checkout
+#: that does not have the rig file and its reader (launch_actions.read_rig) yet
+EXAMPLE_RIG = [("front", "/sensing/camera/front/image_raw"), ("left", "/sensing/camera/left/image_raw/compressed"),
+               ("right", "/sensing/camera/right/image_raw")]
 
-    rig = REPO / "config" / "camera_rig.example.yaml"
-    if not rig.exists():
-        return list(foxglove_layout.EXAMPLE_CAMERAS)
-    doc = yaml.safe_load(rig.read_text())
-    cams = doc.get("cameras", doc) if isinstance(doc, dict) else doc
-    return [c["name"] if isinstance(c, dict) else str(c) for c in cams]
+
+def _example_rig():
+    from runa_ood_node.ros import launch_actions
+
+    if foxglove_layout.EXAMPLE_RIG.exists() and hasattr(launch_actions, "read_rig"):
+        return foxglove_layout.rig_cameras(foxglove_layout.EXAMPLE_RIG)
+    return EXAMPLE_RIG
 
 
 def test_shipped_layout_is_the_generators_for_the_example_rig():
     shipped = json.loads((REPO / "config" / "runa_ood.foxglove_layout.json").read_text())
-    assert shipped == foxglove_layout.layout([(c, None) for c in _example_cameras()]), \
+    assert shipped == foxglove_layout.layout(_example_rig()), \
         "regenerate: runa-ood foxglove-layout -o config/runa_ood.foxglove_layout.json"
 
 
@@ -443,17 +445,33 @@ def test_layout_is_a_foxglove_layout_naming_the_nodes_topics():
 
     panels = leaves(doc["layout"])
     assert sorted(panels) == sorted(doc["configById"])  # every panel placed once, none dangling
-    cams = _example_cameras()
+    rig = _example_rig()
     images = {cfg["imageMode"]["imageTopic"]: cfg["imageMode"]["annotations"]
               for pid, cfg in doc["configById"].items() if pid.startswith("Image!")}
-    # one Image panel per camera: its input image with its own annotations, nothing crossed
-    assert images == {f"/{c}/image": {f"/{c}/ood/image_annotations": {"visible": True}} for c in cams}
-    publishes = {f"/{c}/ood/image_annotations" for c in cams} | {"/ood/driver_alert", "/ood/monitor_health"}
-    subscribes = {f"/{c}/image" for c in cams}
-    named = foxglove_layout.topics(doc)
-    assert set(named) == publishes | subscribes
+    # one Image panel per camera: the image the node scores with that camera's annotations, nothing crossed
+    assert images == {topic: {f"/{c}/ood/image_annotations": {"visible": True}} for c, topic in rig}
+    publishes = {f"/{c}/ood/image_annotations" for c, _ in rig} | {"/ood/driver_alert", "/ood/monitor_health"}
+    subscribes = {topic for _, topic in rig}
+    assert set(foxglove_layout.topics(doc)) == publishes | subscribes
     assert {"/ood/driver_alert", "/ood/monitor_health"} <= {
         cfg["topicPath"] for pid, cfg in doc["configById"].items() if pid.startswith("RawMessages!")}
+
+
+def test_layout_from_a_rig_file(tmp_path):
+    from runa_ood_node.ros import launch_actions
+
+    if not hasattr(launch_actions, "read_rig"):
+        pytest.skip("camera rig files arrive with the cameras parameter (issue 19)")
+    rig = tmp_path / "rig.yaml"
+    rig.write_text("cameras:\n  - name: a\n    image_topic: /cam/a/raw\n  - name: b\n"
+                   "  - name: c\n    image_transport: compressed\n")
+    assert foxglove_layout.rig_cameras(rig) == [("a", "/cam/a/raw"), ("b", None), ("c", "image/compressed")]
+    assert foxglove_layout.rig_cameras(rig, "compressed")[:2] == [("a", "/cam/a/raw/compressed"),
+                                                                  ("b", "image/compressed")]
+    doc = foxglove_layout.layout(foxglove_layout.rig_cameras(rig), namespace="/ns")
+    assert foxglove_layout.topics(doc)[:6] == ["/cam/a/raw", "/ns/a/ood/image_annotations", "/ns/b/image",
+                                               "/ns/b/ood/image_annotations", "/ns/c/image/compressed",
+                                               "/ns/c/ood/image_annotations"]
 
 
 def test_layout_for_a_single_stream_and_a_namespace():

@@ -6,11 +6,13 @@ as Raw Messages panels. The file is the JSON that Foxglove's "Import layout" rea
 panel id -> panel config, ``layout``: the tree of splits); panels get Foxglove's defaults for every
 setting the file leaves out.
 
-``config/runa_ood.foxglove_layout.json`` is this layout for the example rig (cameras front, left,
-right; ``tests/test_foxglove.py`` keeps it equal to the generator's output); ``runa-ood demo``
-writes the one for its own output bag next to it. Per camera ``C`` (relative to the node's
-namespace): image ``C/image`` (or the topic given as ``C=/its/image/topic``), annotations
-``C/ood/image_annotations``; a single stream (no cameras): ``image`` and ``ood/image_annotations``.
+``config/runa_ood.foxglove_layout.json`` is this layout for the example rig
+(``config/camera_rig.example.yaml``: front, left, right; ``tests/test_foxglove.py`` keeps it equal to
+the generator's output); ``runa-ood demo`` writes the one for its own output bag next to it. Per
+camera ``C`` (relative to the node's namespace): the image the node subscribes to (``C/image``, or the
+rig's ``image_topic``, ``/compressed`` appended for the compressed transport; on the command line
+``C=/its/image/topic``), annotations ``C/ood/image_annotations``; a single stream (no cameras):
+``image`` and ``ood/image_annotations``.
 """
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ ANNOTATIONS_TOPIC = "ood/image_annotations"
 ALERT_TOPIC = "ood/driver_alert"
 HEALTH_TOPIC = "ood/monitor_health"
 IMAGE_TOPIC = "image"
-#: the example rig's cameras (config/camera_rig.example.yaml)
-EXAMPLE_CAMERAS = ("front", "left", "right")
-SHIPPED = pathlib.Path(__file__).resolve().parents[2] / "config" / "runa_ood.foxglove_layout.json"
+_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "config"
+SHIPPED = _CONFIG / "runa_ood.foxglove_layout.json"
+EXAMPLE_RIG = _CONFIG / "camera_rig.example.yaml"
 
 
 def _resolve(namespace: str, *parts: str) -> str:
@@ -58,8 +60,22 @@ def _panel_id(kind: str, name: str) -> str:
     return f"{kind}!{re.sub(r'[^A-Za-z0-9_]+', '_', name) or 'x'}"
 
 
-def layout(cameras: Sequence[Tuple[Optional[str], Optional[str]]] = tuple((c, None) for c in EXAMPLE_CAMERAS),
-           namespace: str = "/") -> Dict:
+def rig_cameras(path, image_transport: str = "raw") -> List[Tuple[str, Optional[str]]]:
+    """``(name, image topic)`` of every camera of a rig file (read by the launch file's reader,
+    ``ros.launch_actions.read_rig``): the camera's ``image_topic`` (None: ``C/image``), with
+    ``/compressed`` when its ``image_transport`` (default ``image_transport``) is compressed."""
+    from ..ros import launch_actions
+
+    out = []
+    for cam in launch_actions.read_rig(str(path)):
+        topic = cam.get("image_topic") or None
+        if cam.get("image_transport", image_transport) == "compressed":
+            topic = f"{topic}/compressed" if topic else "image/compressed"
+        out.append((cam["name"], topic))
+    return out
+
+
+def layout(cameras: Sequence[Tuple[Optional[str], Optional[str]]], namespace: str = "/") -> Dict:
     """The layout (a JSON-ready dict) for ``cameras``: ``(name, image topic or None)`` pairs; a
     name of None is the single-stream node."""
     config: Dict[str, Dict] = {}
@@ -109,15 +125,23 @@ def parse_cameras(specs: Sequence[str]) -> List[Tuple[Optional[str], Optional[st
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cameras", nargs="*", default=list(EXAMPLE_CAMERAS), metavar="C[=IMAGE_TOPIC]",
-                   help="camera names (the node's `cameras`), optionally with the image topic Foxglove should "
-                        "show (default C/image); none: the single-stream node (default: %(default)s)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--rig", default=str(EXAMPLE_RIG), metavar="FILE",
+                     help="camera rig file, as for the launch file's rig_file (default: the example rig %(default)s)")
+    src.add_argument("--cameras", nargs="*", metavar="C[=IMAGE_TOPIC]",
+                     help="camera names (the node's `cameras`), optionally with the image topic Foxglove should "
+                          "show (default C/image); none at all: the single-stream node")
+    p.add_argument("--image-transport", default="raw", choices=("raw", "compressed"),
+                   help="the node's image_transport, for rig cameras that do not set theirs (default: %(default)s)")
     p.add_argument("--namespace", default="/", help="the node's namespace (default: %(default)s)")
     p.add_argument("-o", "--output", default="-", help="file to write, - for stdout (default: %(default)s)")
 
 
 def run(args) -> int:
-    cams = parse_cameras(args.cameras) or [(None, None)]
+    if args.cameras is not None:
+        cams = parse_cameras(args.cameras) or [(None, None)]
+    else:
+        cams = rig_cameras(args.rig, args.image_transport)
     text = dumps(layout(cams, args.namespace))
     if args.output == "-":
         sys.stdout.write(text)
