@@ -9,7 +9,6 @@ foxglove/foxglove-sdk ``ros/src/foxglove_msgs``, before that foxglove/schemas
 implementation of REP 2011, and compared with what rosidl built and what rclpy advertises.
 """
 import json
-import math
 import os
 import pathlib
 import time
@@ -21,6 +20,7 @@ import pytest
 from runa_ood_node.core.boxes import BoxStatus
 from runa_ood_node.ros import draw, msgdefs
 from runa_ood_node.tools import foxglove_layout
+from test_draw import _fr  # boxes: 0 ID, 1 OOD, 2 TOO_SMALL, 3 NaN coordinates (never drawn)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -196,19 +196,11 @@ def test_package_definitions_are_upstreams_text():
         assert (src / (name.rsplit("/", 1)[-1] + ".msg")).read_text() == text, name
 
 
-def _installed_hashes(package):
-    from ament_index_python.packages import get_package_share_directory
-
-    out = {}
-    for f in sorted((pathlib.Path(get_package_share_directory(package)) / "msg").glob("*.json")):
-        for entry in json.loads(f.read_text())["type_hashes"]:
-            out[entry["type_name"]] = entry["hash_string"]
-    return out
-
-
 def test_type_hashes_equal_upstreams(upstream_store):
     """rosidl's hashes of the built package == rosbags' hashes of upstream's text == the bag tools'."""
     _require("foxglove_msgs.msg")
+    from test_interfaces import _installed_hashes
+
     installed = _installed_hashes("foxglove_msgs")
     ours = msgdefs.typestore()
     for name in UPSTREAM:
@@ -216,43 +208,12 @@ def test_type_hashes_equal_upstreams(upstream_store):
         assert want.startswith("RIHS01_")
         assert installed[name] == want, name
         assert ours.hash_rihs01(name) == want, name
+    # the constant test_interfaces holds rclpy's advertised hash to (on the wire) is upstream's
     assert msgdefs.UPSTREAM_TYPE_HASHES["foxglove_msgs/msg/ImageAnnotations"] == \
         upstream_store.hash_rihs01("foxglove_msgs/msg/ImageAnnotations")
 
 
-def test_rclpy_advertises_upstreams_hash(upstream_store):
-    import rclpy
-
-    fm = _require("foxglove_msgs.msg")
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    try:
-        node = rclpy.create_node("fox_hash_probe", context=ctx)
-        node.create_publisher(fm.ImageAnnotations, "fox_hash_probe", 1)
-        infos, deadline = [], time.monotonic() + 10.0
-        while not infos and time.monotonic() < deadline:
-            infos = node.get_publishers_info_by_topic("/fox_hash_probe")
-            if not infos:
-                time.sleep(0.05)
-        assert infos and infos[0].topic_type == "foxglove_msgs/msg/ImageAnnotations"
-        assert str(infos[0].topic_type_hash) == upstream_store.hash_rihs01("foxglove_msgs/msg/ImageAnnotations")
-        node.destroy_node()
-    finally:
-        rclpy.shutdown(context=ctx)
-
-
 # ------------------------------------------------------------------------------ make_image_annotations
-
-
-def _fr():
-    """Boxes: 0 ID, 1 OOD, 2 TOO_SMALL, 3 NaN coordinates (never drawn)."""
-    nan = float("nan")
-    return types.SimpleNamespace(
-        boxes_xyxy=np.array([[20, 60, 120, 200], [170, 50, 300, 180], [140, 150, 150, 160], [nan, 0, 5, 5]],
-                            np.float32),
-        status=np.array([0, 0, BoxStatus.TOO_SMALL, BoxStatus.NAN], np.uint8),
-        uncertainty=np.array([-0.31, -0.12, nan, nan], np.float32),
-        label=["car", "person", "", ""], is_ood=np.array([False, True, False, False]))
 
 
 def _header(sec=1700000000, nanosec=123456789, frame_id="front_optical"):
