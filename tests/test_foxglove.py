@@ -453,3 +453,81 @@ def test_cli_writes_the_layout(tmp_path):
     doc = json.loads(out.read_text())
     assert [c["imageMode"]["imageTopic"] for c in doc["configById"].values() if "imageMode" in c] == \
         ["/a/image", "/b/image"]
+
+
+def test_a_running_multi_camera_node_serves_the_layouts_topics(upstream_store):
+    """One node, cameras front/left/right (namespace fox): every topic the layout names exists in
+    the graph with the right type and direction, and a frame on `front` gives one ImageAnnotations
+    on front's topic only, stamped like its image and decoded by upstream's definitions."""
+    import threading
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    from conftest import TINY_NODE_PARAMS
+    from runa_ood_node.ros import convert, params
+
+    if "cameras" not in {p.name for p in params.PARAMETERS}:
+        pytest.skip("the node has no `cameras` parameter yet (issue 19)")
+    fm = _require("foxglove_msgs.msg")
+    from sensor_msgs.msg import Image
+    from vision_msgs.msg import Detection2DArray
+
+    from runa_ood_node.ros.node import RunaOodNode
+
+    cams = ["front", "left", "right"]
+    doc = foxglove_layout.layout([(c, None) for c in cams], namespace="/fox")
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    got = {c: [] for c in cams}
+    try:
+        node = RunaOodNode(namespace="fox", context=ctx, parameter_overrides=[
+            Parameter(k, value=v) for k, v in dict(TINY_NODE_PARAMS, cameras=cams, image_qos="reliable",
+                                                    default_threshold=-10.0).items()])
+        assert node.autostart(), node.last_error
+        client = Node("fox_client", namespace="fox", context=ctx)
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        for c in cams:
+            client.create_subscription(fm.ImageAnnotations, f"{c}/ood/image_annotations", got[c].append, qos, raw=True)
+        pub_img = client.create_publisher(Image, "front/image", qos)
+        pub_det = client.create_publisher(Detection2DArray, "front/detections", qos)
+        ex = SingleThreadedExecutor(context=ctx)
+        ex.add_node(node)
+        ex.add_node(client)
+        spin = threading.Thread(target=ex.spin, daemon=True)
+        spin.start()
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and not (
+                pub_img.get_subscription_count() and pub_det.get_subscription_count()
+                and all(client.count_publishers(f"/fox/{c}/ood/image_annotations") for c in cams)):
+            time.sleep(0.05)
+        graph = dict(client.get_topic_names_and_types())
+        for topic in foxglove_layout.topics(doc):
+            if topic.endswith("/image"):
+                assert node.count_subscribers(topic) >= 1 and "sensor_msgs/msg/Image" in graph[topic], topic
+            else:
+                assert client.count_publishers(topic) >= 1, topic
+        for c in cams:
+            assert graph[f"/fox/{c}/ood/image_annotations"] == ["foxglove_msgs/msg/ImageAnnotations"]
+        h = convert.copy_header(None)
+        h.stamp.sec, h.stamp.nanosec, h.frame_id = 1234, 5678, "front_optical"
+        pub_img.publish(convert.rgb_to_image(np.full((120, 160, 3), 90, np.uint8), h))
+        pub_det.publish(convert.boxes_to_detections(h, [[10, 10, 60, 50], [80, 20, 150, 100]]))
+        while time.monotonic() < deadline and not got["front"]:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        ex.shutdown(timeout_sec=2.0)
+        spin.join(timeout=5.0)
+        node.destroy_node()
+        client.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+    assert len(got["front"]) == 1 and got["left"] == [] and got["right"] == []
+    msg = upstream_store.deserialize_cdr(bytes(got["front"][0]), "foxglove_msgs/msg/ImageAnnotations")
+    assert len(msg.points) == 2
+    assert {(a.timestamp.sec, a.timestamp.nanosec) for a in [*msg.points, *msg.texts]} == {(1234, 5678)}
+    assert sorted((p.points[0].x, p.points[0].y, p.points[2].x, p.points[2].y) for p in msg.points) == \
+        [(10, 10, 60, 50), (80, 20, 150, 100)]
