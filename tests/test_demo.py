@@ -50,6 +50,7 @@ def test_demo_end_to_end_tiny_marks_random_weights(tmp_path, capsys):
     layout = json.loads((out / "foxglove_layout.json").read_text())
     assert foxglove_layout.topics(layout) == [js["bag"]["image_topic"],
                                               "/ood/image_annotations", "/ood/driver_alert", "/ood/monitor_health"]
+    assert [c["imageMode"]["synchronize"] for c in layout["configById"].values() if "imageMode" in c] == [True]
     _bag_carries_image_annotations(out / "output_bag", js)
 
 

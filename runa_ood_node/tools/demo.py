@@ -336,7 +336,9 @@ def run(args) -> int:
         return 1
 
     layout_path = out / "foxglove_layout.json"
-    layout_path.write_text(foxglove_layout.dumps(foxglove_layout.layout([(None, live["image_topic"])])))
+    # every frame of the demo has boxes: the panel pairs each image with its own annotations
+    layout_path.write_text(foxglove_layout.dumps(foxglove_layout.layout([(None, live["image_topic"])],
+                                                                        synchronize=True)))
 
     # 5) tables
     gt = bag_eval.ground_truth_map(bag_path)

@@ -75,16 +75,22 @@ def rig_cameras(path, image_transport: str = "raw") -> List[Tuple[str, Optional[
     return out
 
 
-def layout(cameras: Sequence[Tuple[Optional[str], Optional[str]]], namespace: str = "/") -> Dict:
+def layout(cameras: Sequence[Tuple[Optional[str], Optional[str]]], namespace: str = "/",
+           synchronize: bool = False) -> Dict:
     """The layout (a JSON-ready dict) for ``cameras``: ``(name, image topic or None)`` pairs; a
-    name of None is the single-stream node."""
+    name of None is the single-stream node.
+
+    ``synchronize``: the Image panels show an image only together with the annotations of the same
+    stamp (exact pairing, as a recording of every frame allows; a frame without an answer, or
+    without any box, is then not shown). Off (live rigs): the latest annotations are drawn over
+    the latest image, which can be one frame behind while the node scores."""
     config: Dict[str, Dict] = {}
     images = []
     for name, image_topic in cameras:
         image, annotations = camera_topics(name, namespace, image_topic)
         pid = _panel_id("Image", name or "camera")
         config[pid] = {"imageMode": {"imageTopic": image, "annotations": {annotations: {"visible": True}},
-                                     "synchronize": False}}
+                                     "synchronize": bool(synchronize)}}
         images.append(pid)
     texts = []
     for topic in (ALERT_TOPIC, HEALTH_TOPIC):
