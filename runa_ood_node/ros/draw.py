@@ -115,10 +115,15 @@ def _ink(color: Tuple[int, int, int]) -> Tuple[int, int, int]:
 
 
 def _finite_box(frame_result, i: int) -> Optional[Tuple[float, float, float, float]]:
-    b = np.asarray(frame_result.boxes_xyxy[i], dtype=np.float64)
-    if b.shape != (4,) or not np.all(np.isfinite(b)):
+    """Box ``i`` as 4 finite floats, else None (per box and plain floats: cheaper than NumPy on
+    one row, and every drawing calls it for each box it draws)."""
+    try:
+        b = tuple(float(v) for v in frame_result.boxes_xyxy[i])
+    except (TypeError, ValueError):
         return None
-    return tuple(float(v) for v in b)
+    if len(b) != 4 or not all(map(math.isfinite, b)):
+        return None
+    return b
 
 
 def annotate(rgb: np.ndarray, frame_result, random_weights: bool = False,
