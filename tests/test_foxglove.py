@@ -429,6 +429,11 @@ def test_layout_from_a_rig_file(tmp_path):
     assert foxglove_layout.rig_cameras(rig) == [("a", "/cam/a/raw"), ("b", None), ("c", "image/compressed")]
     assert foxglove_layout.rig_cameras(rig, "compressed")[:2] == [("a", "/cam/a/raw/compressed"),
                                                                   ("b", "image/compressed")]
+    from runa_ood_node.tools import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cameras:\n  - name: a\n    imgae_topic: /x\n")
+    assert cli.main(["foxglove-layout", "--rig", str(bad)]) == 2  # the reader's message, no traceback
     doc = foxglove_layout.layout(foxglove_layout.rig_cameras(rig), namespace="/ns")
     assert foxglove_layout.topics(doc)[:6] == ["/cam/a/raw", "/ns/a/ood/image_annotations", "/ns/b/image",
                                                "/ns/b/ood/image_annotations", "/ns/c/image/compressed",

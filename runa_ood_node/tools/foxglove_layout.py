@@ -147,7 +147,16 @@ def run(args) -> int:
     if args.cameras is not None:
         cams = parse_cameras(args.cameras) or [(None, None)]
     else:
-        cams = rig_cameras(args.rig, args.image_transport)
+        from ..ros import launch_actions
+
+        if not hasattr(launch_actions, "read_rig"):
+            print("this installation has no camera rig support; give --cameras", file=sys.stderr)
+            return 2
+        try:
+            cams = rig_cameras(args.rig, args.image_transport)
+        except launch_actions.LaunchFailure as exc:  # names the file and the problem
+            print(f"foxglove-layout: {exc}", file=sys.stderr)
+            return 2
     text = dumps(layout(cams, args.namespace))
     if args.output == "-":
         sys.stdout.write(text)
