@@ -3,9 +3,9 @@ draws what the annotated image draws, a reader that knows only upstream's defini
 the node's code publishes, and the shipped layout names the node's topics.
 
 The upstream definitions below are kept here, text for text, independently of
-``ros2_ws/src/foxglove_msgs`` (foxglove_msgs 3.x as released to the ROS distributions:
-foxglove/foxglove-sdk ``ros/src/foxglove_msgs``, before that foxglove/schemas
-``ros_foxglove_msgs/ros2``). The type hashes are computed from them by rosbags, a second
+``ros2_ws/src/foxglove_msgs`` (foxglove_msgs as released to the ROS distributions from 2.2 to
+3.2.4: foxglove/foxglove-sdk ``schemas/ros2`` / ``ros/src/foxglove_msgs``, before that
+foxglove/schemas ``ros_foxglove_msgs/ros2``; newer releases add optional ``metadata`` fields). The type hashes are computed from them by rosbags, a second
 implementation of REP 2011, and compared with what rosidl built and what rclpy advertises.
 """
 import json

@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 PACKAGES = ("vision_msgs", "runa_ood_msgs", "foxglove_msgs")
 
 #: Upstream type hashes, as rosidl computes them (ros-perception/vision_msgs, ros2 branch;
-#: foxglove_msgs 3.x as released, see ros2_ws/src/foxglove_msgs). Used by tests and by tools that
+#: foxglove_msgs as released from 2.2 to 3.2.4, see ros2_ws/src/foxglove_msgs). Used by tests and by tools that
 #: warn when a local package is not wire-compatible.
 UPSTREAM_TYPE_HASHES = {
     "vision_msgs/msg/Detection2DArray":
