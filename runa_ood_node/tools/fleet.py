@@ -1100,6 +1100,9 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
                         elif key not in committed:
                             late[key] += part.num_rows
                             LOG.error("%d row(s) for bag key %s, which is not in this run", part.num_rows, key)
+                        else:  # a bag that already failed: its rows change nothing, but are said
+                            LOG.warning("%d row(s) for bag %s after it was committed as failed", part.num_rows,
+                                        committed[key]["bag"])
                         continue
                     st.add(part)
                     if st.complete:
