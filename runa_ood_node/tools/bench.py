@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.registry import VIEWS
+from ..core.registry import VIEWS_FOR_ABLATION
 
 LOG = logging.getLogger("runa_ood_node.tools.bench")
 DEFAULT_BENCH_MODEL = "ViT-B-32"
@@ -296,7 +296,7 @@ def build_backend(variant: str, encoder, args, calib=None, threads=None, executi
 # How close every variant is to what this CPU can do: the trunk's FLOPs per view (counted), this
 # machine's fp32 and int8 GEMM peaks (measured in the same run, same thread settings as the
 # variants), each variant's achieved GFLOP/s and the fastest a frame could be at the int8 peak.
-VIEWS_PER_BOX = len(VIEWS)  # crop + blurred global view
+VIEWS_PER_BOX = len(VIEWS_FOR_ABLATION["dual"])  # RUNA: crop + blurred global view (the variants bench RUNA)
 PEAK_FP32_SIZE = 1536  # torch.mm on [n,n] x [n,n] float32 (about 50 ms a call on 2 Zen3 cores)
 # int8 GEMM shape: ViT-B-32's MLP up-projection over a 10-box frame (20 views x 50 tokens, 768 -> 3072)
 PEAK_INT8_SHAPE = (1000, 768, 3072)

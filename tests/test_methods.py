@@ -1,0 +1,169 @@
+"""The method seam (core.methods): the registry, RUNA as a method, views and backbone outputs asked by
+the method, one backend call per batch of frames whatever the views, the one lam rule."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runa_ood_node.core.boxes import BoxStatus
+from runa_ood_node.core.methods import get_method
+from runa_ood_node.core.methods.base import Method
+from runa_ood_node.core.pipeline import BoxFeatures, FrameInput, OodScorer
+from runa_ood_node.core.registry import METHODS
+from runa_ood_node.core.views import ViewMaker
+
+
+def _image(h=96, w=128):
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    img[20:60, 30:90] = (220, 40, 40)
+    return img
+
+
+BOXES = [[30, 20, 90, 60], [5, 5, 40, 50], [70, 40, 120, 90]]
+
+
+def test_registry_names_every_method_and_refuses_others():
+    assert METHODS[0] == "runa" and set(METHODS) == {"runa", "uni-ood", "tagood"}
+    runa = get_method("runa")
+    assert runa.name == "runa" and runa.views == ("regional", "global") and runa.outputs == ("cls",)
+    with pytest.raises(ValueError, match="unknown method 'lenet'.*runa"):
+        get_method("lenet")
+    from runa_ood_node.core import scoring
+
+    assert not hasattr(scoring, "METHODS")
+
+
+def test_runa_similarities_are_eq3_fusion_then_cosine(tiny_encoder):
+    """On constructed features: the method's [M,K] equals cos(L2norm(lam f_r P_r + (1-lam) f_g P_g), T)."""
+    sc = OodScorer(tiny_encoder, "voc")
+    g = torch.Generator().manual_seed(1)
+    f_r, f_g = torch.randn(4, tiny_encoder.width, generator=g), torch.randn(4, tiny_encoder.width, generator=g)
+    P = tiny_encoder.proj_global
+    text = sc.text_emb
+    for ablation, lam, want_lam in (("dual", 0.3, 0.3), ("regional", 0.3, 1.0), ("global", 0.3, 0.0)):
+        emb = F.normalize(want_lam * f_r @ P + (1 - want_lam) * f_g @ P, dim=-1)
+        want = emb @ F.normalize(text, dim=-1).T
+        got = sc.method.similarities({"regional.cls": f_r, "global.cls": f_g}, text, ablation=ablation, lam=lam)
+        assert got.shape == (4, len(sc.label_set))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the encoder's fuse is the same formula (methods.runa.fuse)
+    torch.testing.assert_close(tiny_encoder.fuse(f_r, f_g, 0.3), F.normalize(0.3 * f_r @ P + 0.7 * f_g @ P, dim=-1))
+
+
+def test_box_features_carry_image_size_views_and_runa_aliases(tiny_encoder):
+    sc = OodScorer(tiny_encoder, "voc")
+    img = _image()
+    feats = sc.encode(img, BOXES + [[0, 0, 0, 0]])
+    assert feats.views == ("regional", "global") and set(feats.data) == {"regional.cls", "global.cls"}
+    assert feats.f_r is feats.data["regional.cls"] and feats.f_g is feats.data["global.cls"]
+    assert feats.image_wh.tolist() == [[128, 96]] * 4
+    assert torch.isnan(feats.f_r[3]).all() and feats.status[3] == BoxStatus.ZERO_AREA
+    other = sc.encode(_image(48, 64), [[1, 1, 30, 30]])
+    joined = BoxFeatures.concat([feats, other, BoxFeatures.unscored(2, tiny_encoder.width)])
+    assert joined.image_wh.tolist() == [[128, 96]] * 4 + [[64, 48]] + [[-1, -1]] * 2
+    with pytest.raises(ValueError, match="views must be a non-empty subset of \\('regional', 'global'\\)"):
+        sc.encode(img, BOXES, views=("background",))
+
+
+def test_view_maker_makes_every_kind_from_one_frame():
+    S = 32
+    vm = ViewMaker(S, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), blur_radius=1.0)
+    img = _image()
+    views = vm.make_views(img, np.asarray(BOXES, np.float32), ("regional", "global", "background", "frame"))
+    r, g = vm.make(img, np.asarray(BOXES, np.float32))
+    assert torch.equal(views["regional"], r) and torch.equal(views["global"], g)
+    frame = views["frame"]
+    assert frame.shape == (1, 3, S, S)
+    bg = views["background"]
+    assert bg.shape == (3, 3, S, S)
+    for i, b in enumerate(BOXES):
+        x0, y0, x1, y1 = vm.scaled_bounds(b, 128, 96)
+        inside = torch.zeros(S, S, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert (bg[i][:, inside] == 0).all()  # the box is the mean colour (0 after normalisation)
+        assert torch.equal(bg[i][:, ~inside], frame[0][:, ~inside])  # the rest is the sharp frame
+    with pytest.raises(ValueError, match="unknown view kinds"):
+        vm.make_views(img, BOXES, ("depth",))
+
+
+def test_gpu_view_maker_background_and_frame_on_cpu_match_the_cpu_maker():
+    pytest.importorskip("torchvision")
+    from runa_ood_node.backends.gpu_preprocess import GpuViewMaker
+
+    S = 32
+    args = (S, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1.0)
+    img = _image()
+    a = ViewMaker(*args).make_views(img, BOXES, ("background", "frame"))
+    b = GpuViewMaker(*args, device="cpu").make_views(img, BOXES, ("background", "frame"))
+    assert b["frame"].shape == a["frame"].shape and b["background"].shape == a["background"].shape
+    assert ((a["background"] == 0) == (b["background"] == 0)).float().mean() > 0.99  # same masked blocks
+    assert (a["frame"] - b["frame"]).abs().mean() < 0.1  # resize filters differ by a few grey levels
+
+
+class _PairMethod(Method):
+    """A method needing the crop, the masked background, the whole frame and the crop->background
+    inter-image attention: checks the rows the pipeline hands it."""
+
+    name = "runa"  # the seam needs no registration to be exercised
+    views = ("regional", "background", "frame")
+    outputs = ("cls", "xattn")
+
+    def pairs(self, views):
+        return (("regional", "background"),)
+
+    def box_features(self, out, boxes_xyxy, image_wh):
+        M = boxes_xyxy.shape[0]
+        assert out["regional"]["cls"].shape[0] == M and out["background"]["cls"].shape[0] == M
+        assert out["frame"]["cls"].shape[0] == 1
+        return {"regional.cls": out["regional"]["cls"], "background.cls": out["background"]["cls"],
+                "frame.cls": out["frame"]["cls"].expand(M, -1), "regional.xattn": out["xattn"][("regional", "background")]}
+
+    def missing(self, keys, ablation, lam=0.5):
+        return None
+
+    def similarities(self, feats, text_emb, ablation="dual", lam=0.5):
+        return feats["regional.cls"][:, : text_emb.shape[0]]
+
+
+def test_seam_one_backend_call_for_all_views_and_pairs_of_several_frames(tiny_encoder, monkeypatch):
+    sc = OodScorer(tiny_encoder, "voc")
+    sc.method = _PairMethod(tiny_encoder)
+    calls = []
+
+    def visual_outputs(views, outputs, pairs=None, max_batch=None):
+        calls.append((int(views.shape[0]), tuple(outputs), None if pairs is None else pairs.clone()))
+        cls = tiny_encoder.visual_features(views)
+        # xattn row = the pair's (query, key) batch rows, so the test can read them back
+        xattn = pairs.float() if pairs is not None else torch.zeros(0, 2)
+        return {"cls": cls, "xattn": xattn}
+
+    monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs, raising=False)
+    img = _image()
+    frames = [FrameInput(img, BOXES), FrameInput(img, [[0, 0, 0, 0]]), FrameInput(_image(48, 64), [[1, 1, 30, 30]])]
+    out = sc.encode_frames(frames)
+    assert len(calls) == 1
+    n, outputs, pairs = calls[0]
+    # frame 1: 3 crops, 3 backgrounds, 1 frame; frame 2: nothing valid; frame 3: 1 + 1 + 1
+    assert n == 7 + 3 and outputs == ("cls", "xattn")
+    assert pairs.tolist() == [[0, 3], [1, 4], [2, 5], [7, 8]]
+    assert out[0].data["regional.xattn"].tolist() == [[0, 3], [1, 4], [2, 5]]
+    assert out[2].data["regional.xattn"].tolist() == [[7, 8]]
+    assert out[1].status.tolist() == [BoxStatus.ZERO_AREA] and torch.isnan(out[1].data["regional.cls"]).all()
+    # each frame's features equal the frame encoded alone (rows are where the pipeline put them)
+    alone = sc.encode(img, BOXES)
+    torch.testing.assert_close(out[0].data["background.cls"], alone.data["background.cls"], atol=1e-5, rtol=1e-5)
+    res = sc.score_features(out[0])
+    assert (res.status == BoxStatus.OK).all()
+
+
+def test_lam_has_one_rule_in_the_constructor_and_per_call(tiny_encoder):
+    sc = OodScorer(tiny_encoder, "voc", lam=np.float32(0.25))
+    assert sc.lam == 0.25
+    feats = sc.encode(_image(), BOXES)
+    sc.score_features(feats, lam=np.float32(0.25))  # numpy numbers are numbers in both places
+    for bad in (True, float("nan"), 1.5, "0.5"):
+        with pytest.raises(ValueError, match="lam must be a number in \\[0, 1\\]"):
+            OodScorer(tiny_encoder, "voc", lam=bad)
+        with pytest.raises(ValueError, match="lam must be a number in \\[0, 1\\]"):
+            sc.score_features(feats, lam=bad)
