@@ -130,15 +130,13 @@ def test_seam_one_backend_call_for_all_views_and_pairs_of_several_frames(tiny_en
     sc = OodScorer(tiny_encoder, "voc")
     sc.method = _PairMethod(tiny_encoder)
     calls = []
+    real = tiny_encoder.visual_outputs
 
     def visual_outputs(views, outputs, pairs=None, max_batch=None):
         calls.append((int(views.shape[0]), tuple(outputs), None if pairs is None else pairs.clone()))
-        cls = tiny_encoder.visual_features(views)
-        # xattn row = the pair's (query, key) batch rows, so the test can read them back
-        xattn = pairs.float() if pairs is not None else torch.zeros(0, 2)
-        return {"cls": cls, "xattn": xattn}
+        return real(views, outputs, pairs=pairs, max_batch=max_batch)
 
-    monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs, raising=False)
+    monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs)
     img = _image()
     frames = [FrameInput(img, BOXES), FrameInput(img, [[0, 0, 0, 0]]), FrameInput(_image(48, 64), [[1, 1, 30, 30]])]
     out = sc.encode_frames(frames)
@@ -147,12 +145,16 @@ def test_seam_one_backend_call_for_all_views_and_pairs_of_several_frames(tiny_en
     # frame 1: 3 crops, 3 backgrounds, 1 frame; frame 2: nothing valid; frame 3: 1 + 1 + 1
     assert n == 7 + 3 and outputs == ("cls", "xattn")
     assert pairs.tolist() == [[0, 3], [1, 4], [2, 5], [7, 8]]
-    assert out[0].data["regional.xattn"].tolist() == [[0, 3], [1, 4], [2, 5]]
-    assert out[2].data["regional.xattn"].tolist() == [[7, 8]]
     assert out[1].status.tolist() == [BoxStatus.ZERO_AREA] and torch.isnan(out[1].data["regional.cls"]).all()
-    # each frame's features equal the frame encoded alone (rows are where the pipeline put them)
-    alone = sc.encode(img, BOXES)
-    torch.testing.assert_close(out[0].data["background.cls"], alone.data["background.cls"], atol=1e-5, rtol=1e-5)
+    # each frame's features, the inter-image attention included, equal the frame encoded alone
+    for i in (0, 2):
+        alone = sc.encode(frames[i].image_rgb, frames[i].boxes)
+        m = len(frames[i].boxes)
+        assert calls[-1][2].tolist() == [[j, m + j] for j in range(m)]
+        for key in ("regional.cls", "background.cls", "frame.cls", "regional.xattn"):
+            torch.testing.assert_close(out[i].data[key], alone.data[key], atol=1e-5, rtol=1e-4)
+    assert out[0].data["regional.xattn"].shape == (3, 1 + tiny_encoder.grid_size ** 2)
+    torch.testing.assert_close(out[0].data["regional.xattn"].sum(1), torch.ones(3))  # a softmax over keys
     res = sc.score_features(out[0])
     assert (res.status == BoxStatus.OK).all()
 

@@ -13,6 +13,11 @@ Contract of :class:`VisualBackend`:
   moves it to the CPU.
 * ``max_batch``: largest batch one engine call takes (None = unlimited); larger inputs are split
   internally, so callers never have to.
+* ``outputs(views, names, pairs=None) -> {name: tensor}``: the named backbone outputs of
+  :mod:`runa_ood_node.core.backbone` (``cls``, ``tokens``, ``attn_cls``, ``xattn``) from one
+  pass, float32 on the input's device; ``backend(views) == backend.outputs(views, ("cls",))["cls"]``.
+  Every backend serves every output set (ONNX Runtime and TensorRT from one graph / engine per
+  output set, keyed by it); batches over ``max_batch`` are split keeping each pair in one call.
 
 :func:`make_backend` picks and builds a backend. ``kind="auto"`` tries TensorRT (needs the
 ``tensorrt`` module, CUDA and an engine already built by ``runa-ood build-engine``), then ONNX
@@ -26,14 +31,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 import logging
 import os
 import pathlib
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..core.backbone import grid_size, serve_outputs
+from ..core.encoder import state_dict_sha256
 from ..core.registry import BACKENDS as KINDS, RESOLVED_PRECISIONS as PRECISIONS  # one definition of each
 
 LOG = logging.getLogger(__name__)
@@ -61,20 +67,33 @@ class VisualBackend(abc.ABC):
     input_size: int = 0
     width: int = 0
 
+    num_tokens: int = 0
+
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        return self.outputs(views, ("cls",))["cls"]
+
+    def outputs(self, views: torch.Tensor, names: Sequence[str],
+                pairs: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Named backbone outputs of ``views`` (see the module docstring), float32 on the views' device."""
         if not isinstance(views, torch.Tensor):
             raise TypeError(f"views must be a torch.Tensor, got {type(views).__name__}")
         S = self.input_size
         if views.ndim != 4 or views.shape[1] != 3 or (S and tuple(views.shape[2:]) != (S, S)):
             raise ValueError(f"views must be [B,3,{S},{S}], got {tuple(views.shape)}")
-        B = int(views.shape[0])
-        if B == 0:
-            return torch.zeros((0, self.width), dtype=torch.float32, device=views.device)
-        from .engine_cache import split_batches
 
-        outs = [self._run(views[sl].contiguous()) for sl in split_batches(B, self.max_batch)]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-        return out.to(device=views.device, dtype=torch.float32)
+        def run(chunk, chunk_names, chunk_pairs):
+            return self._run_outputs(chunk.contiguous(), chunk_names, chunk_pairs)
+
+        out = serve_outputs(run, views, names, pairs, self.max_batch, self.num_tokens, self.width)
+        return {n: t.to(device=views.device, dtype=torch.float32) for n, t in out.items()}
+
+    def _run_outputs(self, views: torch.Tensor, names: Tuple[str, ...],
+                     pairs: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Run one chunk (``1 <= B <= max_batch``; ``pairs`` int64 CPU ``[P>=1, 2]`` with ``xattn``):
+        ``{name: tensor}`` on any device, any float dtype. The default serves ``("cls",)`` via :meth:`_run`."""
+        if names != ("cls",):
+            raise BackendUnavailableError(f"{self.name} gives only the 'cls' output, not {names}")
+        return {"cls": self._run(views)}
 
     @abc.abstractmethod
     def _run(self, views: torch.Tensor) -> torch.Tensor:
@@ -100,6 +119,15 @@ class ModelInfo:
     model_id: str
     model_name: str
     _weights_hash: Optional[str] = None
+    num_tokens: int = 0   # T = 1 + G*G
+
+    def __post_init__(self) -> None:
+        if not self.num_tokens:
+            visual = getattr(self.trunk, "visual", self.trunk)
+            try:
+                self.num_tokens = 1 + grid_size(visual) ** 2
+            except ValueError:  # a tower without a patch grid: only "cls" can be served
+                self.num_tokens = 0
 
     def weights_hash(self) -> str:
         """16-hex hash of the trunk's weights (computed once; a pass over the parameters).
@@ -114,13 +142,8 @@ class ModelInfo:
 
 
 def trunk_weights_hash(module: torch.nn.Module) -> str:
-    """sha256 (16 hex) over names, shapes and float32 values of a module's state dict."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The first 16 hex of ``core.encoder.state_dict_sha256`` (names, shapes, float32 values)."""
+    return state_dict_sha256(module)[:16]
 
 
 def describe_model(model: Any) -> ModelInfo:

@@ -1,4 +1,5 @@
-"""PyTorch visual backend (CPU or CUDA; fp32, or fp16 autocast on CUDA).
+"""PyTorch visual backend (CPU or CUDA; fp32, or fp16 autocast on CUDA): every output set of
+:mod:`runa_ood_node.core.backbone` straight from the torch tower.
 
 fp16 uses ``torch.autocast("cuda", float16)`` over the fp32 trunk: matmuls and convolutions run
 in fp16 while autocast keeps LayerNorm and softmax in fp32, which is what keeps CLIP embeddings
@@ -16,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..core.backbone import backbone_forward
 from .base import BackendUnavailableError, ModelInfo, VisualBackend, cuda_available
 
 
@@ -41,6 +43,7 @@ class TorchBackend(VisualBackend):
         self.max_batch = max_batch
         self.input_size = info.input_size
         self.width = info.width
+        self.num_tokens = info.num_tokens
         self.name = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}-{precision}"
         target = torch.device(device)
         if target.type == "cuda" and target.index is None:
@@ -55,11 +58,16 @@ class TorchBackend(VisualBackend):
         self._target = target
 
     def _run(self, views: torch.Tensor) -> torch.Tensor:
+        return self._run_outputs(views, ("cls",), None)["cls"]
+
+    def _run_outputs(self, views, names, pairs):
         x = views.to(self._target, torch.float32, non_blocking=True)
+        p = None if pairs is None else pairs.to(self._target)
+        visual = getattr(self.trunk, "visual", self.trunk)
         with torch.inference_mode():
             if self.precision == "fp16":
                 with torch.autocast("cuda", dtype=torch.float16):
-                    out = self.trunk(x)
+                    out = backbone_forward(visual, x, names, p)
             else:
-                out = self.trunk(x)
-        return out.float()
+                out = backbone_forward(visual, x, names, p)
+        return {n: t.float() for n, t in out.items()}

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbone import backbone_forward, output_set, serve_outputs
+from .backbone import grid_size as _grid_size
 from .paths import cache_dir
 
 LOG = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ MODEL_CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "model_configs"
 _CONFIGS_REGISTERED = False
 _REGISTER_LOCK = threading.Lock()
 
+#: a visual backend: ``views -> [B, width]``; one with an ``outputs(views, names, pairs)`` method
+#: (``backends.base.VisualBackend``) serves every output set of :meth:`DualEncoder.visual_outputs`
 Backend = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -120,33 +124,45 @@ def find_cached_tag_weights(arch: str, tag: str) -> Optional[str]:
     return None
 
 
-def _sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, memoised in cache_dir()/file_hashes.json by (path, size, mtime_ns)."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    memo_path = cache_dir() / "file_hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return memo[key]
+def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 22, memo: bool = False) -> str:
+    """sha256 hex digest of a file's bytes: the one file hash of the package (weights files here,
+    ONNX graphs for engine keys and int8 sidecars in ``backends``).
+
+    ``memo=True`` remembers it in ``cache_dir()/file_hashes.json`` by (path, size, mtime_ns), so a
+    multi-GB checkpoint is hashed once (a read-only cache just hashes again next time).
+    """
+    path = pathlib.Path(path)
+    key = memo_path = None
+    memo_data: Dict[str, str] = {}
+    if memo:
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        memo_path = cache_dir() / "file_hashes.json"
+        try:
+            memo_data = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo_data = {}
+        if key in memo_data:
+            return memo_data[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     digest = h.hexdigest()
-    memo[key] = digest
-    try:
-        tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
-    except OSError:  # read-only cache: hashing again next time is fine
-        pass
+    if memo:
+        memo_data[key] = digest
+        try:
+            tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(memo_data))
+            os.replace(tmp, memo_path)
+        except OSError:  # read-only cache: hashing again next time is fine
+            pass
     return digest
 
 
-def _state_dict_hash(module: nn.Module) -> str:
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 hex digest over the names, shapes and float32 values of a module's state dict: the one
+    weights hash (random weights' id here, ``backends.base.ModelInfo.weights_hash`` = its first 16 hex)."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -173,6 +189,11 @@ class VisualTrunk(nn.Module):
         x = v.transformer(x)
         pooled, _ = v._pool(x)
         return pooled
+
+    def outputs(self, x: torch.Tensor, names: Sequence[str], pairs: Optional[torch.Tensor] = None
+                ) -> Dict[str, torch.Tensor]:
+        """The named backbone outputs (:func:`backbone.backbone_forward`; ``cls`` equals :meth:`forward`)."""
+        return backbone_forward(self.visual, x, output_set(names), pairs)
 
 
 class DualEncoder:
@@ -308,7 +329,7 @@ class DualEncoder:
             known_tags = open_clip.list_pretrained_tags_by_model(arch)
             looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
             if path.is_file():
-                weights_id = f"file:{_sha256_file(path)}"
+                weights_id = f"file:{file_sha256(path, memo=True)}"
                 kwargs = {"pretrained": str(path)}
             elif looks_like_path or pretrained.lower() not in [t.lower() for t in known_tags]:
                 where = "checkpoint file not found" if looks_like_path else \
@@ -358,7 +379,7 @@ class DualEncoder:
                 + _how_to_provide(model_name)) from exc
         tokenizer = open_clip.get_tokenizer(model_name)
         if random_weights:
-            weights_id = f"random-seed:{_state_dict_hash(model)}"
+            weights_id = f"random-seed:{state_dict_sha256(model)}"
             LOG.warning("DualEncoder %s uses RANDOM weights: OOD scores are meaningless (tests only)", model_name)
         enc = cls(model, tokenizer, model_name, pretrained, device, random_weights, weights_id, precision)
         if backend is not None:
@@ -393,12 +414,84 @@ class DualEncoder:
         self._backend = backend
         self.backend_name = "torch" if backend is None else (name or getattr(backend, "name", None) or type(backend).__name__)
 
+    @property
+    def grid_size(self) -> int:
+        """G, the patch grid side (``T = 1 + G*G`` tokens; patches row-major after the CLS token)."""
+        return _grid_size(self.model.visual)
+
+    @property
+    def num_tokens(self) -> int:
+        """T = 1 + G*G: tokens per view (the CLS token and the patches)."""
+        return 1 + self.grid_size ** 2
+
     def _torch_trunk(self, views: torch.Tensor) -> torch.Tensor:
+        return self._torch_outputs(views, ("cls",), None)["cls"]
+
+    def _torch_outputs(self, views: torch.Tensor, names, pairs: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        dev = self.device
         with torch.no_grad():
-            return self.visual_trunk(views.to(self.device, self._trunk_dtype()))
+            return self.visual_trunk.outputs(views.to(dev, self._trunk_dtype()), names,
+                                             None if pairs is None else pairs.to(dev))
+
+    def _outputs_runner(self, names):
+        """``(views, names, pairs) -> dict`` of the active backend (the torch trunk when none is set)."""
+        backend = self._backend
+        if backend is None:
+            return self._torch_outputs
+        outputs = getattr(backend, "outputs", None)
+        if callable(outputs):
+            return lambda v, n, p: outputs(v, n, p)
+        if tuple(names) != ("cls",):
+            raise RuntimeError(f"visual backend {self.backend_name!r} is a plain callable (views -> cls features) "
+                               f"and cannot give the backbone outputs {tuple(names)}; use a backends.VisualBackend")
+        return lambda v, n, p: {"cls": backend(v)}
+
+    def visual_outputs(self, views: torch.Tensor, outputs: Sequence[str], pairs: Optional[torch.Tensor] = None,
+                       max_batch: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Named outputs of ONE backbone pass over a batch of normalised views (see :mod:`backbone`).
+
+        Args:
+            views: float32 ``[B,3,S,S]`` (see :mod:`views`). B may be 0.
+            outputs: names from ``registry.BACKBONE_OUTPUTS``: ``cls`` ``[B,W]`` (= :meth:`visual_features`),
+                ``tokens`` ``[B,T,W]`` (after ``ln_post``, not projected), ``attn_cls`` ``[B,T]`` (CLS->token
+                attention averaged over layers and heads), ``xattn`` ``[P,T]`` (needs ``pairs``).
+            pairs: integer ``[P,2]`` (query view, key view) indices into this batch, for ``xattn``.
+            max_batch: split into calls of at most this many views (pairs stay within one call).
+
+        Returns:
+            ``{name: float32 CPU tensor}`` for exactly the names asked for.
+
+        Raises:
+            ValueError: wrong view shape, unknown output, missing / bad pairs; RuntimeError (or
+            whatever the backend raises) on failure; a backend returning a wrong shape raises RuntimeError.
+        """
+        S = self.input_size
+        if not isinstance(views, torch.Tensor):
+            views = torch.as_tensor(np.asarray(views), dtype=torch.float32)
+        if views.ndim != 4 or tuple(views.shape[1:]) != (3, S, S):
+            raise ValueError(f"views must be [B,3,{S},{S}], got {tuple(views.shape)}")
+        names = output_set(outputs)
+        T, W = self.num_tokens, self.width
+        run = self._outputs_runner(names)
+        views = views.float().contiguous()
+        out = serve_outputs(run, views, names, pairs, max_batch, T, W)
+        B = int(views.shape[0])
+        P = 0 if "xattn" not in names else int(out["xattn"].shape[0])
+        shapes = {"cls": (B, W), "tokens": (B, T, W), "attn_cls": (B, T), "xattn": (P, T)}
+        res: Dict[str, torch.Tensor] = {}
+        for n in names:
+            t = out[n]
+            if not isinstance(t, torch.Tensor):
+                t = torch.as_tensor(np.asarray(t))
+            t = t.detach().to("cpu", torch.float32)
+            if tuple(t.shape) != shapes[n]:
+                raise RuntimeError(f"visual backend {self.backend_name!r} returned shape {tuple(t.shape)} for "
+                                   f"{n!r}, expected {shapes[n]}")
+            res[n] = t
+        return res
 
     def visual_features(self, views: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
-        """Pre-projection features of a batch of normalised views.
+        """Pre-projection features of a batch of normalised views: ``visual_outputs(views, ("cls",))["cls"]``.
 
         Args:
             views: float32 ``[B,3,S,S]`` (see :mod:`views`). B may be 0.
@@ -411,28 +504,7 @@ class DualEncoder:
             ValueError: wrong view shape; RuntimeError (or whatever the backend raises) on failure;
             a backend returning the wrong shape raises RuntimeError.
         """
-        S = self.input_size
-        if not isinstance(views, torch.Tensor):
-            views = torch.as_tensor(np.asarray(views), dtype=torch.float32)
-        if views.ndim != 4 or tuple(views.shape[1:]) != (3, S, S):
-            raise ValueError(f"views must be [B,3,{S},{S}], got {tuple(views.shape)}")
-        B = views.shape[0]
-        if B == 0:
-            return torch.zeros((0, self.width), dtype=torch.float32)
-        run = self._backend or self._torch_trunk
-        step = B if not max_batch or max_batch <= 0 else int(max_batch)
-        outs = []
-        for start in range(0, B, step):
-            chunk = views[start:start + step].float().contiguous()
-            out = run(chunk)
-            if not isinstance(out, torch.Tensor):
-                out = torch.as_tensor(np.asarray(out))
-            out = out.detach().to("cpu", torch.float32)
-            if tuple(out.shape) != (chunk.shape[0], self.width):
-                raise RuntimeError(f"visual backend {self.backend_name!r} returned shape {tuple(out.shape)}, "
-                                   f"expected ({chunk.shape[0]}, {self.width})")
-            outs.append(out)
-        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+        return self.visual_outputs(views, ("cls",), max_batch=max_batch)["cls"]
 
     # ---------------------------------------------- RUNA's regional projection (the method: core/methods/runa.py)
     def set_regional_projection(self, proj: Union[None, torch.Tensor, np.ndarray]) -> None:

@@ -40,13 +40,13 @@ DEFAULT_METHOD = "runa"
 VIEWS: Tuple[str, ...] = ("regional", "global", "background", "frame")
 #: view kinds made once per image, not once per box
 PER_IMAGE_VIEWS: Tuple[str, ...] = ("frame",)
-#: named outputs of the visual backbone (``DualEncoder.visual_outputs``)
-BACKBONE_OUTPUTS: Tuple[str, ...] = ("cls", "tokens", "attn_cls", "xattn")
 #: views (pre-projection features) each RUNA ablation needs
 VIEWS_FOR_ABLATION: Dict[str, Tuple[str, ...]] = {"dual": ("regional", "global"), "regional": ("regional",),
                                                   "global": ("global",)}
 #: visual backends; ``auto`` tries tensorrt, then onnxruntime, then torch
 BACKENDS: Tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
+#: named outputs of the visual backbone (``DualEncoder.visual_outputs``, every backend), in their canonical order
+BACKBONE_OUTPUTS: Tuple[str, ...] = ("cls", "tokens", "attn_cls", "xattn")
 #: numeric precision of the visual trunk; ``auto`` = fp16 on CUDA, fp32 on the CPU
 PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "fp16")
 #: what ``auto`` resolves to: the precisions a backend, an ONNX file or an engine actually has
