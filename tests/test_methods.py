@@ -169,3 +169,66 @@ def test_lam_has_one_rule_in_the_constructor_and_per_call(tiny_encoder):
             OodScorer(tiny_encoder, "voc", lam=bad)
         with pytest.raises(ValueError, match="lam must be a number in \\[0, 1\\]"):
             sc.score_features(feats, lam=bad)
+
+
+# ---------------------------------------------------------------------------------------------- TagOOD
+SMALL_TAGOOD = {"dim": 32, "heads": 4, "mlp": 64, "epochs": 3, "batch_size": 8}
+
+
+def test_tagood_reads_one_frame_pass_and_the_boxes_selected_tokens(tiny_encoder, monkeypatch):
+    from runa_ood_node.core.methods.tagood_ops import select_box_tokens
+
+    sc = OodScorer(tiny_encoder, "voc", method="tagood")
+    calls = []
+    real = tiny_encoder.visual_outputs
+
+    def visual_outputs(views, outputs, pairs=None, max_batch=None):
+        calls.append((int(views.shape[0]), tuple(outputs)))
+        return real(views, outputs, pairs=pairs, max_batch=max_batch)
+
+    monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs)
+    img = _image()
+    feats = sc.encode(img, BOXES)
+    assert calls == [(1, ("tokens", "attn_cls"))]  # ONE view for 3 boxes
+    assert feats.views == ("frame",)
+    frame = ViewMaker(tiny_encoder.input_size, tiny_encoder.mean, tiny_encoder.std).make_views(img, [], ("frame",))
+    out = real(frame["frame"], ("tokens", "attn_cls"))
+    sel = select_box_tokens(out["attn_cls"][0], torch.tensor(BOXES, dtype=torch.float64), (128, 96),
+                            tiny_encoder.grid_size)
+    for i, ix in enumerate(sel):
+        n = ix.numel()
+        assert (~feats.data["frame.box_mask"][i]).sum() == n and feats.data["frame.box_mask"][i, n:].all()
+        torch.testing.assert_close(feats.data["frame.box_tokens"][i, :n], out["tokens"][0][ix], atol=1e-5, rtol=1e-4)
+    # scoring without a head is refused per frame with a message saying what to do, never a crash
+    res = sc.score_features(feats)
+    assert (res.status == BoxStatus.BACKEND_ERROR).all() and "needs a trained head" in res.error
+
+
+def test_tagood_head_fit_round_trip_and_scores_are_minus_max_centre_cosine(tmp_path, tiny_encoder):
+    from runa_ood_node.core.labels import load_label_set
+    from runa_ood_node.core.methods.heads import head_meta, load_head, save_head
+    from runa_ood_node.core.methods.tagood_ops import tagood_similarities
+
+    sc = OodScorer(tiny_encoder, "voc", method="tagood")
+    img = _image()
+    feats = sc.encode(img, BOXES * 3)
+    y = torch.tensor([0, 1, 2] * 3)
+    state, curve, hyper = sc.method.fit(feats.data, y, sc.text_emb, **SMALL_TAGOOD)
+    assert len(curve) == 3 and state["centres"].shape == (len(sc.label_set), 4, 8)
+    folder = save_head(tmp_path / "tag", "tagood", state, head_meta(tiny_encoder, load_label_set("voc"), hyper, curve))
+    head = load_head(folder, method="tagood", encoder=tiny_encoder, label_set=load_label_set("voc"))
+    tuned = OodScorer(tiny_encoder, "voc", method="tagood", head=head)
+    res = tuned.score(img, BOXES)
+    assert (res.status == BoxStatus.OK).all()
+    proj, centres = tuned.method._modules
+    with torch.no_grad():
+        f, _ = proj(feats.data["frame.box_tokens"][:3], feats.data["frame.box_mask"][:3])
+    want = tagood_similarities(f, centres).max(1)
+    np.testing.assert_allclose(res.uncertainty, -want.values.numpy(), atol=1e-5)
+    assert res.label_idx.tolist() == want.indices.tolist()
+    from runa_ood_node.core.thresholds import fit_identity
+
+    ident = fit_identity(tuned)
+    assert ident["method"] == "tagood" and ident["head"] == f"sha256:{head.sha256}" and ident["lam"] is None
+    with pytest.raises(ValueError, match="trained for method 'tagood', not 'runa'"):
+        OodScorer(tiny_encoder, "voc", head=head)
