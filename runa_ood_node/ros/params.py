@@ -423,6 +423,9 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         resolve_precision(v["precision"], v["device"])
     except ValueError as exc:
         problems.append(f"precision: {exc}")
+    if v["method"] != "runa" and not v["head"]:
+        problems.append(f"head: method {v['method']!r} needs a trained head (`runa-ood finetune --method "
+                        f"{v['method']} --out DIR`, then head:=DIR)")
     if v["scorer"] != "runa" and not v["thresholds_file"]:
         problems.append(f"thresholds_file: scorer {v['scorer']!r} needs a thresholds file calibrated for it "
                         f"(`runa-ood calibrate --scorer {v['scorer']}`); default_threshold is in runa units "
@@ -513,6 +516,13 @@ def _check_files(s: Dict[str, Any], problems: List[str]) -> None:
             Thresholds.load(resolve_calibration_file(s["thresholds_file"], (".yaml", ".yml", ".json")))
         except (ValueError, OSError) as exc:
             problems.append(f"thresholds_file: {exc}")
+    if s["head"]:  # method and label set refusals at validation; the model's at configure (factory)
+        from ..core.methods.heads import load_head
+
+        try:
+            load_head(s["head"], method=s["method"], label_set=load_label_set(s["label_set"]))
+        except (ValueError, OSError) as exc:
+            problems.append(f"head: {exc}")
     if s["engine_path"] and not os.path.isfile(os.path.expanduser(s["engine_path"])):
         problems.append(f"engine_path: file not found: {s['engine_path']} (build it with `runa-ood build-engine`)")
 
