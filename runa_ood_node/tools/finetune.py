@@ -93,7 +93,6 @@ def shot_features(scorer, dataset, shots, use_cache: bool = True, progress: bool
     """
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     from ..core.boxes import BoxStatus
     from ..core.paths import cache_dir
@@ -115,17 +114,7 @@ def shot_features(scorer, dataset, shots, use_cache: bool = True, progress: bool
     n = len(shots)
     feats = torch.full((n, encoder.width), float("nan"))
     keep = np.zeros(n, bool)
-    groups = shots.by_frame()
-    for fi, positions in tqdm(groups.items(), desc="shot features", unit="img", disable=not progress, leave=False):
-        fr = dataset.frames[fi]
-        try:
-            img = dataset.load_image(fr)
-        except Exception as exc:
-            LOG.warning("dropping %d shot(s) of %s: %s", len(positions), fr.path, exc)
-            continue
-        enc = scorer.encode(img, fr.boxes[shots.box_idx[positions]], box_format="xywh", views=("regional",))
-        if enc.error:
-            LOG.error("shots of %s: %s", fr.path, enc.error)
+    for fr, positions, enc in _encoded_shots(scorer, dataset, shots, ("regional",), progress):
         good = (enc.status == BoxStatus.OK) & torch.isfinite(enc.f_r).all(dim=1).numpy()
         if not good.all():
             LOG.warning("dropping %d unencodable shot box(es) of %s", int((~good).sum()), fr.path)
@@ -140,6 +129,25 @@ def shot_features(scorer, dataset, shots, use_cache: bool = True, progress: bool
         except OSError as exc:
             LOG.warning("cannot write feature cache %s: %s", path, exc)
     return feats, keep
+
+
+def _encoded_shots(scorer, dataset, shots, views, progress: bool = False):
+    """``(frame, shot positions, BoxFeatures)`` per image holding shots: ``scorer.encode`` of its shot
+    boxes (xywh) with ``views``; images that cannot be read are logged and skipped."""
+    from tqdm import tqdm
+
+    groups = shots.by_frame()
+    for fi, positions in tqdm(groups.items(), desc="shot features", unit="img", disable=not progress, leave=False):
+        fr = dataset.frames[fi]
+        try:
+            img = dataset.load_image(fr)
+        except Exception as exc:
+            LOG.warning("dropping %d shot(s) of %s: %s", len(positions), fr.path, exc)
+            continue
+        enc = scorer.encode(img, fr.boxes[shots.box_idx[positions]], box_format="xywh", views=views)
+        if enc.error:
+            LOG.error("shots of %s: %s", fr.path, enc.error)
+        yield fr, positions, enc
 
 
 def run(args) -> int:
@@ -280,15 +288,8 @@ def _fit_head(args, scorer, dataset, shots, out) -> int:
     rw = bool(encoder.random_weights)
     t0 = time.perf_counter()
     parts, labels = [], []
-    for fi, positions in shots.by_frame().items():
-        fr = dataset.frames[fi]
-        try:
-            img = dataset.load_image(fr)
-        except Exception as exc:
-            LOG.warning("dropping %d shot(s) of %s: %s", len(positions), fr.path, exc)
-            continue
-        enc = scorer.encode(img, fr.boxes[shots.box_idx[positions]], box_format="xywh",
-                            views=getattr(method, "fit_views", None))
+    for fr, positions, enc in _encoded_shots(scorer, dataset, shots, getattr(method, "fit_views", None),
+                                             not args.no_progress):
         good = np.flatnonzero(enc.status == BoxStatus.OK)
         if good.size < len(positions):
             LOG.warning("dropping %d unencodable shot box(es) of %s", len(positions) - good.size, fr.path)

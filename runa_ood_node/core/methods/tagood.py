@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .base import Method, feature_key
-from .tagood_ops import ClassCentres, TagOODProjector, fit_tagood, select_box_tokens, tagood_similarities
+from .tagood_ops import TagOODProjector, fit_tagood, select_box_tokens, tagood_similarities
 
 TOKENS = feature_key("frame", "box_tokens")
 MASK = feature_key("frame", "box_mask")
@@ -138,4 +138,4 @@ class TagOodMethod(Method):
         return state, [float(v) for v in curve], hp
 
 
-__all__ = ["TagOodMethod", "ClassCentres"]
+__all__ = ["TagOodMethod"]
