@@ -232,3 +232,68 @@ def test_tagood_head_fit_round_trip_and_scores_are_minus_max_centre_cosine(tmp_p
     assert ident["method"] == "tagood" and ident["head"] == f"sha256:{head.sha256}" and ident["lam"] is None
     with pytest.raises(ValueError, match="trained for method 'tagood', not 'runa'"):
         OodScorer(tiny_encoder, "voc", head=head)
+
+
+# ---------------------------------------------------------------------------------------------- UNI-OOD
+SMALL_COMBINER = {"channels": [8, 8, 8], "mlp_hidden": 16, "reduce_to": 8}
+
+
+def test_uni_ood_reads_crop_and_background_in_one_call_with_their_pairs(tiny_encoder, monkeypatch):
+    calls = []
+    real = tiny_encoder.visual_outputs
+
+    def visual_outputs(views, outputs, pairs=None, max_batch=None):
+        calls.append((int(views.shape[0]), tuple(outputs), None if pairs is None else pairs.tolist()))
+        return real(views, outputs, pairs=pairs, max_batch=max_batch)
+
+    monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs)
+    sc = OodScorer(tiny_encoder, "voc", method="uni-ood")
+    feats = sc.encode(_image(), BOXES)
+    assert calls == [(6, ("tokens", "attn_cls", "xattn"), [[0, 3], [1, 4], [2, 5]])]
+    T, W = 1 + tiny_encoder.grid_size ** 2, tiny_encoder.width
+    assert feats.views == ("regional", "background")
+    assert feats.data["regional.tokens"].shape == (3, T, W) and feats.data["background.tokens"].shape == (3, T, W)
+    assert feats.data["regional.xattn"].shape == (3, T) and feats.data["regional.attn_cls"].shape == (3, T)
+    # background "full": one whole-frame pass per image, shared by the boxes (N + 1 views)
+    from runa_ood_node.core.methods.uni_ood import UniOodMethod
+
+    sc.method = UniOodMethod(tiny_encoder, background="full")
+    sc.method.prepare(sc.label_set, sc.text_emb)
+    full = sc.encode(_image(), BOXES)
+    assert calls[-1] == (4, ("tokens", "attn_cls", "xattn"), [[0, 3], [1, 3], [2, 3]])
+    assert torch.equal(full.data["frame.tokens"][0], full.data["frame.tokens"][2])
+
+
+def test_uni_ood_similarities_are_the_papers_omega_and_the_head_round_trips(tmp_path, tiny_encoder):
+    from runa_ood_node.core.labels import load_label_set
+    from runa_ood_node.core.methods.heads import head_meta, load_head, save_head
+    from runa_ood_node.core.methods.uni_ood_ops import (background_text, background_weights, target_weights,
+                                                        text_eot_attention, uni_ood_similarities)
+
+    sc = OodScorer(tiny_encoder, "voc", method="uni-ood")
+    img = _image()
+    feats = sc.encode(img, BOXES * 2)
+    state, curve, hyper = sc.method.fit(feats.data, torch.tensor([0, 1, 2] * 2), sc.text_emb, epochs=2,
+                                        batch_size=4, combiner=SMALL_COMBINER)
+    assert len(curve) == 2 and hyper["background"] == "masked" and hyper["combiner"] == SMALL_COMBINER
+    voc = load_label_set("voc")
+    folder = save_head(tmp_path / "uni", "uni-ood", state, head_meta(tiny_encoder, voc, hyper, curve))
+    head = load_head(folder, method="uni-ood", encoder=tiny_encoder, label_set=voc)
+    tuned = OodScorer(tiny_encoder, voc, method="uni-ood", head=head)
+    res = tuned.score(img, BOXES)
+    assert (res.status == BoxStatus.OK).all()
+    # independently: inter-text background prompts from the text tower, beta * mu weights, combiners, Omega
+    ids = torch.stack([tiny_encoder.tokenizer(list(p)) for p in voc.prompts()])
+    bg_text = background_text(sc.text_emb, text_eot_attention(tiny_encoder.model, ids))
+    tc, bc = tuned.method._modules
+    P, t = tiny_encoder.proj_global, sc.text_emb
+    d = {k: v[:3] for k, v in feats.data.items()}
+    with torch.no_grad():
+        omega = uni_ood_similarities(
+            tc(d["regional.tokens"], target_weights(d["regional.attn_cls"], d["regional.tokens"], P, t)),
+            bc(d["background.tokens"], background_weights(d["regional.xattn"], d["background.tokens"], P, bg_text)),
+            P, t)
+    np.testing.assert_allclose(res.uncertainty, -omega.max(1).values.numpy(), atol=1e-5)
+    from runa_ood_node.core.thresholds import fit_identity
+
+    assert fit_identity(tuned)["method"] == "uni-ood" and fit_identity(tuned)["head"] == f"sha256:{head.sha256}"
