@@ -127,33 +127,34 @@ def test_thresholds_record_method_and_head_and_refuse_another(tmp_path, tiny_enc
     assert any(w.startswith("head:") for w in check_fit(old, tuned, allow_mismatch=True))
 
 
-def test_finetune_method_tagood_writes_a_head_the_factory_loads(tmp_path, ood_pack, tiny_encoder):
-    """`runa-ood finetune --method tagood --out DIR` -> head.pt + head.yaml; build_scorer(method, head) scores."""
+@pytest.mark.parametrize("method", ["tagood", "uni-ood"])
+def test_finetune_method_writes_a_head_the_factory_loads(tmp_path, ood_pack, tiny_encoder, method):
+    """`runa-ood finetune --method M --out DIR` -> head.pt + head.yaml; build_scorer(method, head) scores."""
     import json
 
     from runa_ood_node.factory import build_scorer
     from runa_ood_node.tools.cli import main
 
-    out = tmp_path / "tag"
-    rc = main(["finetune", "--method", "tagood", "--model", "runa-tiny-vit", "--pretrained", "none",
+    out = tmp_path / "head"
+    rc = main(["finetune", "--method", method, "--model", "runa-tiny-vit", "--pretrained", "none",
                "--allow-random-weights", "--no-progress", "--id-set", "voc", "--max-images", "20", "--shots", "1",
                "--epochs", "2", "--annotations", str(ood_pack / "annotations.json"), "--out", str(out)])
     assert rc == 0
     for name in (HEAD_FILE, HEAD_META, "loss_curve.png", "finetune_report.json"):
         assert (out / name).is_file(), name
     rep = json.loads((out / "finetune_report.json").read_text())
-    assert rep["method"] == "tagood" and rep["random_weights"] is True and rep["n_shots_used"] > 0
+    assert rep["method"] == method and rep["random_weights"] is True and rep["n_shots_used"] > 0
     head = load_head(out)
-    assert head.method == "tagood" and len(head.meta["loss_curve"]) == 2 and head.hyper["epochs"] == 2
-    sc = build_scorer({"labels": "voc", "method": "tagood", "head": str(out)}, encoder=tiny_encoder)
+    assert head.method == method and len(head.meta["loss_curve"]) == 2 and head.hyper["epochs"] == 2
+    sc = build_scorer({"labels": "voc", "method": method, "head": str(out)}, encoder=tiny_encoder)
     img = np.full((96, 128, 3), 80, np.uint8)
     img[20:60, 30:90] = 200
     res = sc.score(img, [[30, 20, 90, 60], [0, 0, 50, 50]])
     assert res.ok.all() and np.isfinite(res.uncertainty).all()
-    with pytest.raises(HeadError, match="method 'tagood', not 'runa'"):
+    with pytest.raises(HeadError, match=f"method '{method}', not 'runa'"):
         build_scorer({"labels": "voc", "head": str(out)}, encoder=tiny_encoder)
     with pytest.raises(HeadError, match="label set 'voc'.*not for 'coco'"):
-        build_scorer({"labels": "coco", "method": "tagood", "head": str(out)}, encoder=tiny_encoder)
+        build_scorer({"labels": "coco", "method": method, "head": str(out)}, encoder=tiny_encoder)
 
 
 def test_node_parameters_select_method_and_head_and_refuse_what_does_not_fit(tmp_path, tiny_encoder):

@@ -1,4 +1,4 @@
-"""Offline == live for the methods other than RUNA: the running node, started with the parameters
+"""Offline == live for the methods other than RUNA (TagOOD, UNI-OOD): the running node, started with the parameters
 ``method`` / ``head``, scores what ``evaluate --bag`` scores offline with the same parameters (the
 bag and the comparison of ``test_offline_equivalence``)."""
 import types
@@ -14,8 +14,8 @@ from test_offline_equivalence import TINY, _raw_images, _write_bag  # noqa: E402
 from runa_ood_node.tools import bag_eval, bagio  # noqa: E402
 
 
-def _tagood_head(tmp_path, encoder):
-    """An untrained (0 epochs) TagOOD head of the tiny model: enough to compare two paths."""
+def _head(tmp_path, encoder, method):
+    """An untrained (0 epochs) head of the tiny model: enough to compare two paths."""
     import numpy as np
     import torch
 
@@ -23,27 +23,29 @@ def _tagood_head(tmp_path, encoder):
     from runa_ood_node.core.methods.heads import head_meta, save_head
     from runa_ood_node.core.pipeline import OodScorer
 
-    sc = OodScorer(encoder, "voc", method="tagood")
+    sc = OodScorer(encoder, "voc", method=method)
     img = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
     feats = sc.encode(img, [[0, 0, 60, 60], [40, 20, 120, 90]])
-    state, curve, hyper = sc.method.fit(feats.data, torch.tensor([0, 1]), sc.text_emb, epochs=0, dim=32, heads=4,
-                                        mlp=64)
-    return save_head(tmp_path / "tagood_head", "tagood", state, head_meta(encoder, load_label_set("voc"), hyper, curve))
+    small = {"dim": 32, "heads": 4, "mlp": 64} if method == "tagood" else \
+        {"combiner": {"channels": [8, 8, 8], "mlp_hidden": 16, "reduce_to": 8}}
+    state, curve, hyper = sc.method.fit(feats.data, torch.tensor([0, 1]), sc.text_emb, epochs=0, **small)
+    return save_head(tmp_path / f"{method}_head", method, state, head_meta(encoder, load_label_set("voc"), hyper, curve))
 
 
-def test_running_node_with_tagood_scores_what_offline_evaluation_scores(tmp_path, tiny_encoder):
+@pytest.mark.parametrize("method", ["tagood", "uni-ood"])
+def test_running_node_with_a_method_scores_what_offline_evaluation_scores(tmp_path, tiny_encoder, method):
     from runa_ood_node.factory import build_node_scorer
 
-    head = _tagood_head(tmp_path, tiny_encoder)
+    head = _head(tmp_path, tiny_encoder, method)
     images = [im for im in _raw_images() if im[0] in ("bgr8", "yuv422")]
     bag = _write_bag(tmp_path / "bag", images, bagio.IMAGE_TOPIC, bagio.IMAGE_TYPE)
     ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set="voc",
                                thresholds=None, min_box_size=2.0, pretrained="none", projection=None,
                                backend="torch", device="cpu",
-                               node_params=["max_boxes:=2", "method:=tagood", f"head:={head}"])
+                               node_params=["max_boxes:=2", f"method:={method}", f"head:={head}"])
     params = bag_eval.node_parameters(ns, True, TINY, bagio.IMAGE_TOPIC, len(images))
     scorer = build_node_scorer(bag_eval.node_settings(params), encoder=tiny_encoder)
-    assert scorer.method.name == "tagood" and scorer.method.head is not None
+    assert scorer.method.name == method and scorer.method.head is not None
     off = bag_eval.evaluate_offline(bag, scorer, progress=False, params=params)
     assert len(off["frames"]) == 2
     live = bag_eval.run_live(bag, params, tmp_path, progress=False, drain_timeout_s=5.0)
