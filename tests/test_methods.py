@@ -23,6 +23,20 @@ def _image(h=96, w=128):
 BOXES = [[30, 20, 90, 60], [5, 5, 40, 50], [70, 40, 120, 90]]
 
 
+@pytest.fixture
+def backbone_calls(tiny_encoder, monkeypatch):
+    """Every ``visual_outputs`` call as ``(views, outputs, pairs as a list or None)``, served by the real one."""
+    calls = []
+    real = tiny_encoder.visual_outputs
+
+    def visual_outputs(views, outputs, pairs=None, max_batch=None):
+        calls.append((int(views.shape[0]), tuple(outputs), None if pairs is None else pairs.tolist()))
+        return real(views, outputs, pairs=pairs, max_batch=max_batch)
+
+    monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs)
+    return calls
+
+
 def test_registry_names_every_method_and_refuses_others():
     assert METHODS[0] == "runa" and set(METHODS) == {"runa", "uni-ood", "tagood"}
     runa = get_method("runa")
@@ -126,17 +140,10 @@ class _PairMethod(Method):
         return feats["regional.cls"][:, : text_emb.shape[0]]
 
 
-def test_seam_one_backend_call_for_all_views_and_pairs_of_several_frames(tiny_encoder, monkeypatch):
+def test_seam_one_backend_call_for_all_views_and_pairs_of_several_frames(tiny_encoder, backbone_calls):
     sc = OodScorer(tiny_encoder, "voc")
     sc.method = _PairMethod(tiny_encoder)
-    calls = []
-    real = tiny_encoder.visual_outputs
-
-    def visual_outputs(views, outputs, pairs=None, max_batch=None):
-        calls.append((int(views.shape[0]), tuple(outputs), None if pairs is None else pairs.clone()))
-        return real(views, outputs, pairs=pairs, max_batch=max_batch)
-
-    monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs)
+    calls = backbone_calls
     img = _image()
     frames = [FrameInput(img, BOXES), FrameInput(img, [[0, 0, 0, 0]]), FrameInput(_image(48, 64), [[1, 1, 30, 30]])]
     out = sc.encode_frames(frames)
@@ -144,13 +151,13 @@ def test_seam_one_backend_call_for_all_views_and_pairs_of_several_frames(tiny_en
     n, outputs, pairs = calls[0]
     # frame 1: 3 crops, 3 backgrounds, 1 frame; frame 2: nothing valid; frame 3: 1 + 1 + 1
     assert n == 7 + 3 and outputs == ("cls", "xattn")
-    assert pairs.tolist() == [[0, 3], [1, 4], [2, 5], [7, 8]]
+    assert pairs == [[0, 3], [1, 4], [2, 5], [7, 8]]
     assert out[1].status.tolist() == [BoxStatus.ZERO_AREA] and torch.isnan(out[1].data["regional.cls"]).all()
     # each frame's features, the inter-image attention included, equal the frame encoded alone
     for i in (0, 2):
         alone = sc.encode(frames[i].image_rgb, frames[i].boxes)
         m = len(frames[i].boxes)
-        assert calls[-1][2].tolist() == [[j, m + j] for j in range(m)]
+        assert calls[-1][2] == [[j, m + j] for j in range(m)]
         for key in ("regional.cls", "background.cls", "frame.cls", "regional.xattn"):
             torch.testing.assert_close(out[i].data[key], alone.data[key], atol=1e-5, rtol=1e-4)
     assert out[0].data["regional.xattn"].shape == (3, 1 + tiny_encoder.grid_size ** 2)
@@ -175,24 +182,16 @@ def test_lam_has_one_rule_in_the_constructor_and_per_call(tiny_encoder):
 SMALL_TAGOOD = {"dim": 32, "heads": 4, "mlp": 64, "epochs": 3, "batch_size": 8}
 
 
-def test_tagood_reads_one_frame_pass_and_the_boxes_selected_tokens(tiny_encoder, monkeypatch):
+def test_tagood_reads_one_frame_pass_and_the_boxes_selected_tokens(tiny_encoder, backbone_calls):
     from runa_ood_node.core.methods.tagood_ops import select_box_tokens
 
     sc = OodScorer(tiny_encoder, "voc", method="tagood")
-    calls = []
-    real = tiny_encoder.visual_outputs
-
-    def visual_outputs(views, outputs, pairs=None, max_batch=None):
-        calls.append((int(views.shape[0]), tuple(outputs)))
-        return real(views, outputs, pairs=pairs, max_batch=max_batch)
-
-    monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs)
     img = _image()
     feats = sc.encode(img, BOXES)
-    assert calls == [(1, ("tokens", "attn_cls"))]  # ONE view for 3 boxes
+    assert backbone_calls == [(1, ("tokens", "attn_cls"), None)]  # ONE view for 3 boxes
     assert feats.views == ("frame",)
     frame = ViewMaker(tiny_encoder.input_size, tiny_encoder.mean, tiny_encoder.std).make_views(img, [], ("frame",))
-    out = real(frame["frame"], ("tokens", "attn_cls"))
+    out = tiny_encoder.visual_outputs(frame["frame"], ("tokens", "attn_cls"))
     sel = select_box_tokens(out["attn_cls"][0], torch.tensor(BOXES, dtype=torch.float64), (128, 96),
                             tiny_encoder.grid_size)
     for i, ix in enumerate(sel):
@@ -238,15 +237,8 @@ def test_tagood_head_fit_round_trip_and_scores_are_minus_max_centre_cosine(tmp_p
 SMALL_COMBINER = {"channels": [8, 8, 8], "mlp_hidden": 16, "reduce_to": 8}
 
 
-def test_uni_ood_reads_crop_and_background_in_one_call_with_their_pairs(tiny_encoder, monkeypatch):
-    calls = []
-    real = tiny_encoder.visual_outputs
-
-    def visual_outputs(views, outputs, pairs=None, max_batch=None):
-        calls.append((int(views.shape[0]), tuple(outputs), None if pairs is None else pairs.tolist()))
-        return real(views, outputs, pairs=pairs, max_batch=max_batch)
-
-    monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs)
+def test_uni_ood_reads_crop_and_background_in_one_call_with_their_pairs(tiny_encoder, backbone_calls):
+    calls = backbone_calls
     sc = OodScorer(tiny_encoder, "voc", method="uni-ood")
     feats = sc.encode(_image(), BOXES)
     assert calls == [(6, ("tokens", "attn_cls", "xattn"), [[0, 3], [1, 4], [2, 5]])]

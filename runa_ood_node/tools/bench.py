@@ -731,23 +731,8 @@ def bench_model(encoder, variants: Sequence[str], box_counts: Sequence[int], ima
         fidelity["onnxruntime-int8_vs_onnxruntime_fp32"] = embedding_fidelity(
             backends["onnxruntime"], backends["onnxruntime-int8"], fid_views, encoder.proj_global)
 
-    samples: Dict[str, Dict[int, List[float]]] = {v: {n: [] for n in box_counts} for v in variants}
     frames = {n: cycle_boxes(ann_boxes, n) for n in box_counts}
-    for v in variants:  # warm-up: first-call allocations, ORT/TensorRT lazy init
-        for _ in range(args.warmup):
-            run_frame(v, frames[min(box_counts)])
-    total = args.rounds * len(box_counts) * len(variants) * args.repeats
-    bar = _bar(total, f"bench {model}", args)
-    for r in range(args.rounds):
-        for n in box_counts:
-            order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate who goes first
-            for v in order:
-                for _ in range(args.repeats):
-                    samples[v][n].append(run_frame(v, frames[n]))
-                    if bar is not None:
-                        bar.update(1)
-    if bar is not None:
-        bar.close()
+    samples = interleaved(run_frame, variants, frames, args, f"bench {model}")
     encoder.set_backend(None)
 
     results: Dict[str, Dict[str, Any]] = {}
@@ -868,20 +853,7 @@ def bench_methods(encoder, methods: Sequence[str], box_counts: Sequence[int], im
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1e3
 
-    for m in methods:
-        for _ in range(args.warmup):
-            run_frame(m, frames[min(box_counts)])
-    samples = {m: {n: [] for n in box_counts} for m in methods}
-    bar = _bar(args.rounds * len(box_counts) * len(methods) * args.repeats, f"methods {encoder.model_name}", args)
-    for r in range(args.rounds):
-        for n in box_counts:
-            for m in methods[r % len(methods):] + methods[:r % len(methods)]:
-                for _ in range(args.repeats):
-                    samples[m][n].append(run_frame(m, frames[n]))
-                    if bar is not None:
-                        bar.update(1)
-    if bar is not None:
-        bar.close()
+    samples = interleaved(run_frame, list(methods), frames, args, f"methods {encoder.model_name}")
     results: Dict[str, Dict[str, Any]] = {}
     for m in methods:
         results[m] = {}
@@ -917,6 +889,29 @@ def _print_methods(sec: Dict[str, Any], model: str) -> None:
         print(f"  untrained heads (speed only): {', '.join(sec['untrained_heads'])}")
     for goal, met in sec["goals"].items():
         print(f"  goal {goal}: {'met' if met else 'NOT met'}")
+
+
+def interleaved(run_frame, names: List[str], frames: Dict[int, np.ndarray], args, desc: str
+                ) -> Dict[str, Dict[int, List[float]]]:
+    """``{name: {box count: [ms, ...]}}``: ``args.warmup`` untimed frames per name first (first-call
+    allocations, lazy runtime init), then ``args.rounds`` rounds, each over every box count and every name
+    (who goes first rotates per round), ``args.repeats`` frames each, so slow bursts hit all names alike."""
+    counts = list(frames)
+    for name in names:
+        for _ in range(args.warmup):
+            run_frame(name, frames[min(counts)])
+    samples: Dict[str, Dict[int, List[float]]] = {v: {n: [] for n in counts} for v in names}
+    bar = _bar(args.rounds * len(counts) * len(names) * args.repeats, desc, args)
+    for r in range(args.rounds):
+        for n in counts:
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                for _ in range(args.repeats):
+                    samples[name][n].append(run_frame(name, frames[n]))
+                    if bar is not None:
+                        bar.update(1)
+    if bar is not None:
+        bar.close()
+    return samples
 
 
 def _bar(total: int, desc: str, args):

@@ -30,6 +30,12 @@ from ..registry import VIEWS
 PER_VIEW_OUTPUTS = ("cls", "tokens", "attn_cls")
 
 
+def grid_size(encoder) -> int:
+    """G, the side of the encoder's patch grid (``T = 1 + G*G`` tokens)."""
+    g = getattr(encoder, "grid_size", None)
+    return int(g if g is not None else encoder.model.visual.grid_size[0])
+
+
 def feature_key(view: str, name: str) -> str:
     """The ``BoxFeatures.data`` key of a per-box tensor: ``"<view>.<name>"``."""
     return f"{view}.{name}"

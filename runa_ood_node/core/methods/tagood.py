@@ -25,20 +25,13 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import Method, feature_key
+from .base import Method, feature_key, grid_size
 from .tagood_ops import TagOODProjector, fit_tagood, select_box_tokens, tagood_similarities
 
 TOKENS = feature_key("frame", "box_tokens")
 MASK = feature_key("frame", "box_mask")
 #: the projector's construction arguments a head records (``hyper``)
 _ARCH = ("dim", "heads", "mlp", "blocks", "patterns")
-
-
-def _grid(encoder) -> int:
-    g = getattr(encoder, "grid_size", None)
-    if g is None:
-        g = encoder.model.visual.grid_size[0]
-    return int(g)
 
 
 class TagOodMethod(Method):
@@ -56,7 +49,7 @@ class TagOodMethod(Method):
 
     def __init__(self, encoder, head=None, thr: float = 0.5):
         self.thr = float(thr)
-        self.grid = _grid(encoder)
+        self.grid = grid_size(encoder)
         self._modules = None
         super().__init__(encoder, head)
 

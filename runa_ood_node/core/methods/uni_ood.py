@@ -26,19 +26,12 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import Method, feature_key
+from .base import Method, feature_key, grid_size
 from .uni_ood_ops import (Combiner, background_text, background_weights, fit_uni_ood, target_weights,
                           text_eot_attention, uni_ood_similarities)
 
 #: the background view: the frame with the box masked (one view per box) or the whole frame (one per image)
 BACKGROUNDS = ("masked", "full")
-
-
-def _grid(encoder) -> int:
-    g = getattr(encoder, "grid_size", None)
-    if g is None:
-        g = encoder.model.visual.grid_size[0]
-    return int(g)
 
 
 class UniOodMethod(Method):
@@ -52,7 +45,7 @@ class UniOodMethod(Method):
                     "pairing": "candidate", "seed": 0}
 
     def __init__(self, encoder, head=None, background: str = "masked"):
-        self.grid = _grid(encoder)
+        self.grid = grid_size(encoder)
         self._set_background(background)
         self._modules = None
         self._text: Dict[str, torch.Tensor] = {}
