@@ -27,7 +27,7 @@ LOG = logging.getLogger(__name__)
 CONFIG_KEYS = frozenset({
     "model", "pretrained", "device", "precision", "allow_random", "allow_download", "labels", "label_set",
     "projection", "thresholds", "scorer", "lam", "blur_radius", "ablation", "max_boxes", "min_box_size",
-    "temperature", "max_batch", "backend", "backend_options", "views"})
+    "temperature", "max_batch", "backend", "backend_options", "views", "method", "head"})
 #: Keys that only matter when the encoder is loaded here (ignored when an encoder is passed in).
 _LOAD_KEYS = ("pretrained", "device", "precision", "allow_random", "allow_download", "backend", "backend_options")
 
@@ -51,7 +51,10 @@ def build_scorer(config: Mapping[str, Any], encoder: Optional[DualEncoder] = Non
         warning when it cannot be built);
         ``backend`` ["torch"]: other kinds go through ``backends.base.make_backend(kind, encoder,
         device=, precision=, **backend_options)`` (``"auto"`` falls back TensorRT -> ONNX Runtime ->
-        torch, logged there); ``backend_options`` [{}].
+        torch, logged there); ``backend_options`` [{}];
+        ``method`` ["runa"] one of ``core.registry.METHODS``; ``head`` [None] a trained head of that method
+        (folder / name, ``core.methods.heads.load_head``: refused when made for another method, model or
+        label set, or damaged); for RUNA a head is its regional projection (``projection`` stays its alias).
 
     Args:
         config: the dict above.
@@ -102,6 +105,15 @@ def build_scorer(config: Mapping[str, Any], encoder: Optional[DualEncoder] = Non
         device = str(getattr(encoder, "device", device))
     if loaded_here or "projection" in cfg:  # a passed-in encoder keeps its projection unless the config names one
         _apply_projection(encoder, opt("projection"))
+    method = str(opt("method", "runa"))
+    labels = opt("labels", None) or opt("label_set", "voc")
+    head = None
+    if opt("head") is not None:
+        from .core.labels import load_label_set
+        from .core.methods.heads import load_head
+
+        labels = load_label_set(labels)
+        head = load_head(opt("head"), method=method, encoder=encoder, label_set=labels)
     thresholds = opt("thresholds")
     if thresholds is not None and not hasattr(thresholds, "for_label"):
         from .core.paths import resolve_calibration_file
@@ -112,7 +124,7 @@ def build_scorer(config: Mapping[str, Any], encoder: Optional[DualEncoder] = Non
     if view_maker is None:
         view_maker = _view_maker(encoder, opt("views", "gpu" if device.startswith("cuda") else "cpu"), device,
                                  blur_radius)
-    return OodScorer(encoder, opt("labels", None) or opt("label_set", "voc"), scorer=opt("scorer", "runa"),
+    return OodScorer(encoder, labels, scorer=opt("scorer", "runa"), method=method, head=head,
                      lam=float(opt("lam", 0.5)), blur_radius=blur_radius, ablation=opt("ablation", "dual"),
                      thresholds=thresholds, max_boxes=opt("max_boxes"),
                      min_box_size=float(opt("min_box_size", 2.0)), temperature=float(opt("temperature", 1.0)),
@@ -137,19 +149,15 @@ def build_node_scorer(settings, encoder: Optional[DualEncoder] = None, view_make
 
 
 def _apply_projection(encoder: DualEncoder, projection: Optional[str]) -> None:
-    """Set the encoder's regional projection: a name / path -> ``core.finetune.load_projection``
-    (a warning when its ``model_id`` differs from the encoder's); None -> ``P_r = P_g``."""
+    """Set the encoder's regional projection: a name / path -> a RUNA head (``core.methods.heads.load_head``:
+    refused when it records another ``model_id``); None -> ``P_r = P_g``."""
     if projection is None:
         encoder.set_regional_projection(None)
         return
-    from .core.finetune import load_projection
+    from .core.methods.heads import load_head
+    from .core.methods.runa import PROJECTION_KEY
 
-    proj, meta = load_projection(projection)
-    mid = meta.get("model_id") if isinstance(meta, Mapping) else None
-    if mid and mid != encoder.model_id:
-        LOG.warning("projection %s was trained for model_id %s, loaded model is %s", projection, mid,
-                    encoder.model_id)
-    encoder.set_regional_projection(proj)
+    encoder.set_regional_projection(load_head(projection, method="runa", encoder=encoder).state[PROJECTION_KEY])
 
 
 def _view_maker(encoder: DualEncoder, views: str, device: str, blur_radius: float):

@@ -244,6 +244,37 @@ def test_bench_no_roofline(tmp_path, ood_pack, capsys):
     assert "roofline:" not in capsys.readouterr().out
 
 
+def test_bench_methods_side_by_side_on_one_backend(tmp_path, ood_pack, capsys):
+    """--method: every method scores the same frames (torch backend); trunk passes per frame are the
+    method's views (RUNA 2 per box, TagOOD 1 per frame); ratios are the p50s' ratios."""
+    from runa_ood_node.tools import bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    out = tmp_path / "bench.json"
+    args = p.parse_args(["--model", "runa-tiny-vit", "--boxes", "1,10", "--rounds", "1", "--repeats", "1",
+                         "--warmup", "0", "--variants", "torch", "--no-thread-sweep", "--no-roofline",
+                         "--method", "all", "--annotations", str(ood_pack / "annotations.json"), "--no-progress",
+                         "--json", str(out)])
+    assert bench.run(args) == 0
+    sec = json.loads(out.read_text())["per_model"]["runa-tiny-vit"]
+    ms = sec["methods"]
+    assert ms["methods"] == ["runa", "uni-ood", "tagood"] and ms["backend"] == "torch"
+    assert ms["untrained_heads"] == ["uni-ood", "tagood"]
+    assert [ms["results"]["runa"][n]["trunk_passes"] for n in ("1", "10")] == [2, 20]
+    assert [ms["results"]["tagood"][n]["trunk_passes"] for n in ("1", "10")] == [1, 1]
+    assert [ms["results"]["uni-ood"][n]["trunk_passes"] for n in ("1", "10")] == [2, 20]
+    for m in ("runa", "uni-ood", "tagood"):
+        for n in ("1", "10"):
+            r = ms["results"][m][n]
+            assert r["speedup_vs_runa_p50"] == pytest.approx(ms["results"]["runa"][n]["p50_ms"] / r["p50_ms"])
+            assert r["speedup_vs_naive_p50"] == pytest.approx(sec["results"]["naive"][n]["p50_ms"] / r["p50_ms"])
+    assert set(ms["goals"]) == {"tagood_le_1/8_of_runa_at_10_boxes", "uni-ood_le_1.5x_runa_at_10_boxes"}
+    printed = capsys.readouterr().out
+    assert "methods on the torch backend" in printed and "untrained heads (speed only): uni-ood, tagood" in printed
+    assert bench.run(p.parse_args(["--method", "lenet"])) == 2
+
+
 def test_parse_models():
     from runa_ood_node.tools.bench import parse_models
 

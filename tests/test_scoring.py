@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from runa_ood_node.core.scoring import METHODS, ScoreOutput, cosine_similarities, score
+from runa_ood_node.core.scoring import SCORERS as METHODS, ScoreOutput, cosine_similarities, score
 
 
 def _basis(k, d):
@@ -18,11 +18,13 @@ def test_every_registered_scorer_is_implemented_distinct_and_offered_by_the_tool
     similarities) and exactly what the tools' --scorer accepts."""
     import argparse
 
+    from runa_ood_node.core import scoring
     from runa_ood_node.core.registry import SCORERS
     from runa_ood_node.tools.common import add_scoring_arguments
 
     outs = {m: tuple(np.round(score(SIMS, m, temperature=0.5).uncertainty, 6)) for m in SCORERS}
     assert len(set(outs.values())) == len(SCORERS) == len(METHODS)
+    assert not hasattr(scoring, "METHODS")  # the OOD methods' registry name (core.registry.METHODS) is not reused
     parser = argparse.ArgumentParser()
     add_scoring_arguments(parser)
     assert [parser.parse_args(["--scorer", m]).scorer for m in SCORERS] == list(SCORERS)

@@ -16,6 +16,10 @@ device, with no per-box host round trip:
    view through a mask built by broadcasting (no Python loop over pixels);
 4. normalisation ``(x/255 - mean)/std``.
 
+:meth:`GpuViewMaker.make_views` adds the other view kinds of ``core.views`` (same definitions): the
+``background`` view (the sharp ``S x S`` frame with each box's scaled block set to 0 after
+normalisation, the mean colour; one mask broadcast) and the ``frame`` view (``[1,3,S,S]``).
+
 Differences to the CPU path: ``cv2.INTER_AREA`` / ``INTER_LINEAR`` vs roi_align's sampling give
 pixel differences of a few grey levels (measured in tests/test_backends.py on real photographs:
 worst per-photo mean |diff| 2.8/255 for crops, 0.2/255 for global views, single pixels up to ~30
@@ -26,7 +30,7 @@ path (identical on identical inputs).
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -134,11 +138,43 @@ class GpuViewMaker:
         whole = torch.tensor([[0, 0, W, H]], dtype=torch.int64)
         sharp = frame if (H, W) == (S, S) else self.resize_boxes(frame, whole)
         blurred = self.blur(sharp)
+        mask = self._box_masks(boxes, W, H)  # [M,1,S,S]
+        global_ = torch.where(mask, sharp, blurred)
+        return (regional * self._scale + self._offset).contiguous(), (global_ * self._scale + self._offset).contiguous()
+
+    def _box_masks(self, boxes: np.ndarray, W: int, H: int) -> torch.Tensor:
+        """bool ``[M,1,S,S]``: each box's scaled pixel block in the ``S x S`` frame."""
+        S = self.input_size
         scaled = boxes * np.array([S / W, S / H, S / W, S / H])
         sb = torch.from_numpy(pixel_bounds_batch(scaled, S, S)).to(self.device)
         ar = torch.arange(S, device=self.device)
         inx = (ar.view(1, 1, S) >= sb[:, 0].view(-1, 1, 1)) & (ar.view(1, 1, S) < sb[:, 2].view(-1, 1, 1))
         iny = (ar.view(1, S, 1) >= sb[:, 1].view(-1, 1, 1)) & (ar.view(1, S, 1) < sb[:, 3].view(-1, 1, 1))
-        mask = (inx & iny).unsqueeze(1)  # [M,1,S,S]
-        global_ = torch.where(mask, sharp, blurred)
-        return (regional * self._scale + self._offset).contiguous(), (global_ * self._scale + self._offset).contiguous()
+        return (inx & iny).unsqueeze(1)
+
+    def make_views(self, image_rgb, boxes_xyxy, kinds: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Views of ``kinds`` (``core.registry.VIEWS``) on the device: ``regional`` / ``global`` /
+        ``background`` ``[M,3,S,S]``, ``frame`` ``[1,3,S,S]``, as ``core.views.ViewMaker.make_views``."""
+        unknown = [k for k in kinds if k not in ("regional", "global", "background", "frame")]
+        if unknown:
+            raise ValueError(f"unknown view kinds {unknown}")
+        out: Dict[str, torch.Tensor] = {}
+        if "regional" in kinds or "global" in kinds:
+            out["regional"], out["global"] = self.make(image_rgb, boxes_xyxy)
+        if "background" in kinds or "frame" in kinds:
+            S = self.input_size
+            boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+            frame = self.upload(image_rgb)
+            H, W = int(frame.shape[2]), int(frame.shape[3])
+            whole = torch.tensor([[0, 0, W, H]], dtype=torch.int64)
+            sharp = frame if (H, W) == (S, S) else self.resize_boxes(frame, whole)
+            sharp = sharp * self._scale + self._offset
+            if "frame" in kinds:
+                out["frame"] = sharp.contiguous()
+            if "background" in kinds:
+                if boxes.shape[0] == 0:
+                    out["background"] = torch.zeros((0, 3, S, S), dtype=torch.float32, device=self.device)
+                else:
+                    out["background"] = torch.where(self._box_masks(boxes, W, H), torch.zeros((), device=self.device),
+                                                    sharp).contiguous()
+        return {k: out[k] for k in kinds}

@@ -506,50 +506,25 @@ class DualEncoder:
         """
         return self.visual_outputs(views, ("cls",), max_batch=max_batch)["cls"]
 
+    # ---------------------------------------------- RUNA's regional projection (the method: core/methods/runa.py)
     def set_regional_projection(self, proj: Union[None, torch.Tensor, np.ndarray]) -> None:
-        """Replace ``P_r`` by a (fine-tuned) ``[width, D]`` matrix; None restores ``P_g``.
+        """Replace this encoder's ``P_r`` (what RUNA uses without a head) by a (fine-tuned)
+        ``[width, D]`` matrix; None restores ``P_g``. Checked by ``methods.runa.checked_projection``.
 
         Raises:
             ValueError: wrong shape or non-finite values.
         """
-        if proj is None:
-            self.proj_regional = self.proj_global.clone()
-            return
-        t = torch.as_tensor(np.asarray(proj) if not isinstance(proj, torch.Tensor) else proj)
-        t = t.detach().to("cpu", torch.float32).clone()
-        if tuple(t.shape) != (self.width, self.embed_dim):
-            raise ValueError(f"regional projection must be [{self.width}, {self.embed_dim}] for {self.model_name!r}, "
-                             f"got {tuple(t.shape)} (was it trained for another model?)")
-        if not torch.isfinite(t).all():
-            raise ValueError("regional projection contains NaN or inf")
-        self.proj_regional = t
+        from .methods.runa import checked_projection
+
+        self.proj_regional = self.proj_global.clone() if proj is None else checked_projection(
+            proj, self.width, self.embed_dim, self.model_name)
 
     def fuse(self, f_r: Optional[torch.Tensor], f_g: Optional[torch.Tensor], lam: float) -> torch.Tensor:
-        """Fused, L2-normalised box embeddings ``L2norm(lam*f_r@P_r + (1-lam)*f_g@P_g)``.
+        """RUNA's fused, L2-normalised box embeddings with this encoder's projections
+        (``methods.runa.fuse``: ``L2norm(lam*f_r@P_r + (1-lam)*f_g@P_g)``, float32 CPU ``[M, D]``)."""
+        from .methods.runa import fuse
 
-        Args:
-            f_r, f_g: ``[M, width]`` regional / global pre-projection features. ``f_g`` may be None
-                when ``lam == 1`` and ``f_r`` None when ``lam == 0`` (single-view ablations).
-            lam: fusion weight in [0, 1] (paper: 0.5).
-
-        Returns:
-            float32 CPU ``[M, D]``; rows whose inputs are non-finite stay non-finite (NaN), so
-            callers can flag them. An all-zero row normalises to zeros.
-        """
-        lam = float(lam)
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {lam}")
-        parts = []
-        if lam > 0.0:
-            if f_r is None:
-                raise ValueError("f_r is required when lam > 0")
-            parts.append(lam * (f_r.to("cpu", torch.float32) @ self.proj_regional))
-        if lam < 1.0:
-            if f_g is None:
-                raise ValueError("f_g is required when lam < 1")
-            parts.append((1.0 - lam) * (f_g.to("cpu", torch.float32) @ self.proj_global))
-        emb = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return fuse(f_r, f_g, lam, self.proj_regional, self.proj_global)
 
     # ------------------------------------------------------------------ text side
     def _text_key(self, prompts: Sequence[Sequence[str]]) -> str:

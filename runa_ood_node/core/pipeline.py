@@ -51,18 +51,23 @@ from . import scoring
 from .boxes import BoxStatus, sanitize_boxes, status_text
 from .encoder import DualEncoder
 from .labels import LabelSet, load_label_set
-from .views import ViewMaker
+from .methods import make_method
+from .methods.runa import check_lam, effective_lam  # noqa: F401 (re-exported: tools import it from here)
+from .views import ViewMaker, make_views
 
 LOG = logging.getLogger(__name__)
 
-from .registry import ABLATIONS, VIEWS, VIEWS_FOR_ABLATION  # noqa: E402 (one definition, re-exported)
+from .registry import ABLATIONS, PER_IMAGE_VIEWS, SCORERS, VIEWS, VIEWS_FOR_ABLATION  # noqa: E402,F401 (re-exported)
+
+_RUNA_VIEWS = VIEWS_FOR_ABLATION["dual"]
 
 
-def effective_lam(ablation: str, lam: float) -> float:
-    """The fusion weight an ablation uses: ``lam`` for dual, 1 for regional, 0 for global."""
-    if ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
-    return {"dual": float(lam), "regional": 1.0, "global": 0.0}[ablation]
+def _nan_like(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` rows of "not encoded" shaped like ``t``'s rows: NaN (floats) or True (bool masks: all padding)."""
+    shape = (int(n),) + tuple(t.shape[1:])
+    if t.dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.full(shape, float("nan"), dtype=t.dtype)
 
 
 @dataclasses.dataclass
@@ -157,7 +162,7 @@ def _to_numpy(x) -> np.ndarray:
 
 @dataclasses.dataclass
 class BoxFeatures:
-    """Output of :meth:`OodScorer.encode`: one frame's boxes and their pre-projection features.
+    """Output of :meth:`OodScorer.encode`: one frame's (or several joined frames') boxes and their features.
 
     Everything :meth:`OodScorer.score_features` needs to score the boxes with any scorer,
     ablation, lam or temperature, without touching the image or the visual trunk again.
@@ -167,62 +172,93 @@ class BoxFeatures:
         status: uint8 ``[N]`` :class:`BoxStatus` after sanitising, the ``max_boxes`` cap and the
             encoding (``BACKEND_ERROR`` when the view maker or backend raised). Boxes still ``OK``
             may have non-finite features; scoring flags those.
-        f_r: float32 CPU torch ``[N, width]`` regional (crop) pre-projection features (after
-            ``ln_post``), or None when the regional view was not computed. Rows of boxes that
-            were not encoded are NaN.
-        f_g: same for the blurred global view.
+        data: the method's per-box tensors (``Method.box_features``), float32 CPU (bool for masks),
+            leading dimension N, keyed ``"<view>.<name>"`` (RUNA: ``"regional.cls"``, ``"global.cls"``
+            ``[N, width]``, the pre-projection features after ``ln_post``). Rows of boxes that were not
+            encoded are NaN (masks: all True).
         timings: milliseconds for ``views`` (view making), ``encode`` (visual trunk) and
             ``total`` (the whole :meth:`OodScorer.encode` call).
         error: None, or the message of a view-maker / backend failure.
         detector_scores: float32 ``[N]`` detector confidences if given, else None.
+        image_wh: int32 ``[N,2]`` width and height (px) of each box's image (-1 when unknown).
+        views: the view kinds that were encoded (``core.registry.VIEWS`` order).
     """
 
     boxes_xyxy: np.ndarray
     status: np.ndarray
-    f_r: Optional[torch.Tensor]
-    f_g: Optional[torch.Tensor]
+    data: Dict[str, torch.Tensor]
     timings: Dict[str, float]
     error: Optional[str] = None
     detector_scores: Optional[np.ndarray] = None
+    image_wh: Optional[np.ndarray] = None
+    views: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        n = int(self.status.shape[0])
+        if self.image_wh is None:
+            self.image_wh = np.full((n, 2), -1, np.int32)
+        if not self.views:
+            self.views = tuple(v for v in VIEWS if any(k.startswith(v + ".") for k in self.data))
 
     def __len__(self) -> int:
         return int(self.status.shape[0])
 
     @property
-    def views(self) -> Tuple[str, ...]:
-        """The views whose features are present, a subset of ``("regional", "global")``."""
-        return tuple(v for v, f in (("regional", self.f_r), ("global", self.f_g)) if f is not None)
+    def f_r(self) -> Optional[torch.Tensor]:
+        """RUNA's regional (crop) pre-projection features ``[N, width]``, or None when not computed."""
+        return self.data.get("regional.cls")
+
+    @property
+    def f_g(self) -> Optional[torch.Tensor]:
+        """RUNA's blurred-global-view pre-projection features ``[N, width]``, or None."""
+        return self.data.get("global.cls")
+
+    def rows(self, idx) -> Dict[str, torch.Tensor]:
+        """The per-box tensors of boxes ``idx`` (int array / tensor)."""
+        rows = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return {k: t[rows] for k, t in self.data.items()}
 
     @classmethod
-    def unscored(cls, n: int, width: int, views: Sequence[str] = VIEWS, status: int = BoxStatus.NOT_SCORED,
+    def unscored(cls, n: int, width: int, views: Sequence[str] = _RUNA_VIEWS, status: int = BoxStatus.NOT_SCORED,
                  error: Optional[str] = None) -> "BoxFeatures":
         """``n`` boxes that could not be encoded (e.g. their image could not be read): NaN boxes
-        and features, every status ``status``."""
+        and ``cls`` features per view, every status ``status``; :meth:`concat` gives them any
+        other tensor the encoded frames have (NaN rows)."""
         n = int(n)
-        nan = lambda: torch.full((n, int(width)), float("nan"), dtype=torch.float32)  # noqa: E731
+        views = tuple(v for v in VIEWS if v in tuple(views))
+        data = {f"{v}.cls": torch.full((n, int(width)), float("nan"), dtype=torch.float32) for v in views}
         return cls(boxes_xyxy=np.full((n, 4), np.nan, np.float32), status=np.full(n, int(status), np.uint8),
-                   f_r=nan() if "regional" in views else None, f_g=nan() if "global" in views else None,
-                   timings={"views": 0.0, "encode": 0.0, "total": 0.0}, error=error, detector_scores=None)
+                   data=data, timings={"views": 0.0, "encode": 0.0, "total": 0.0}, error=error,
+                   detector_scores=None, views=views)
 
     @classmethod
     def concat(cls, items: Sequence["BoxFeatures"]) -> "BoxFeatures":
         """Join the boxes of several frames (in order), e.g. to score a whole dataset in one
         :meth:`OodScorer.score_features` call; valid because scoring is per box.
 
-        Only the views present in every item are kept; timings are summed; errors are joined
+        Only the views present in every item are kept (and their tensors; an item lacking one of
+        them, e.g. :meth:`unscored`, contributes NaN rows); timings are summed; errors are joined
         with ``"; "``; ``detector_scores`` is kept only when every item has it.
 
         Raises:
-            ValueError: ``items`` is empty or the feature widths differ.
+            ValueError: ``items`` is empty or the feature shapes differ.
         """
         items = list(items)
         if not items:
             raise ValueError("BoxFeatures.concat needs at least one item")
-        common = [v for v in VIEWS if all(v in it.views for it in items)]
-
-        def cat(attr):
-            return torch.cat([getattr(it, attr) for it in items], 0)
-
+        common = tuple(v for v in VIEWS if all(v in it.views for it in items))
+        keys: Dict[str, torch.Tensor] = {}
+        for it in items:
+            for k, t in it.data.items():
+                if k.split(".", 1)[0] in common and k not in keys:
+                    keys[k] = t
+        data = {}
+        for k, like in keys.items():
+            parts = [it.data[k] if k in it.data else _nan_like(like, len(it)) for it in items]
+            try:
+                data[k] = torch.cat(parts, 0)
+            except RuntimeError as exc:
+                raise ValueError(f"BoxFeatures.concat: {k} has different shapes across items ({exc})") from exc
         timings: Dict[str, float] = {}
         for it in items:
             for k, v in it.timings.items():
@@ -232,10 +268,10 @@ class BoxFeatures:
         if all(it.detector_scores is not None for it in items):
             det = np.concatenate([it.detector_scores for it in items]).astype(np.float32)
         return cls(boxes_xyxy=np.concatenate([it.boxes_xyxy for it in items]).astype(np.float32).reshape(-1, 4),
-                   status=np.concatenate([it.status for it in items]).astype(np.uint8),
-                   f_r=cat("f_r") if "regional" in common else None,
-                   f_g=cat("f_g") if "global" in common else None,
-                   timings=timings, error="; ".join(errors) if errors else None, detector_scores=det)
+                   status=np.concatenate([it.status for it in items]).astype(np.uint8), data=data,
+                   timings=timings, error="; ".join(errors) if errors else None, detector_scores=det,
+                   image_wh=np.concatenate([it.image_wh for it in items]).astype(np.int32).reshape(-1, 2),
+                   views=common)
 
 
 class FrameInput(NamedTuple):
@@ -249,12 +285,12 @@ class FrameInput(NamedTuple):
 
 
 class OodScorer:
-    """RUNA OOD scoring of detector boxes (see module docstring).
+    """OOD scoring of detector boxes with one of the methods of ``core.methods`` (see module docstring).
 
     Args:
         encoder: a loaded :class:`DualEncoder`.
         label_set: :class:`LabelSet`, or a built-in name / YAML path for :func:`load_label_set`.
-        scorer: one of ``scoring.METHODS`` (``"runa"`` = -max cosine, paper Eq. 6).
+        scorer: one of ``core.registry.SCORERS`` (``"runa"`` = -max cosine, paper Eq. 6).
         lam: fusion weight of the regional view in [0, 1] (paper: 0.5); used by ``"dual"``.
         blur_radius: Gaussian sigma of the global view in px at the encoder input size (paper: 1).
         ablation: ``"dual"`` (RUNA), ``"regional"`` (crop only, lam=1) or ``"global"`` (blurred
@@ -269,19 +305,22 @@ class OodScorer:
         view_maker: optional object with ``make(image_rgb, boxes_xyxy) -> (regional, global)`` and
             ``blur_radius`` replacing the CPU :class:`views.ViewMaker` (e.g.
             ``backends.gpu_preprocess.GpuViewMaker``); it must have been built with this
-            encoder's input size / mean / std. ``blur_radius`` is then ignored.
+            encoder's input size / mean / std. ``blur_radius`` is then ignored. Methods that need the
+            ``background`` / ``frame`` views call its ``make_views(image, boxes, kinds)``.
+        method: one of ``core.registry.METHODS`` (``"runa"``, the default; ``"uni-ood"``, ``"tagood"``).
+        head: a trained head (``core.methods.heads.Head``) of that method, or None. RUNA without a head
+            uses the encoder's current regional projection.
     """
 
     def __init__(self, encoder: DualEncoder, label_set, scorer: str = "runa", lam: float = 0.5,
                  blur_radius: float = 1.0, ablation: str = "dual", thresholds=None,
                  max_boxes: Optional[int] = None, min_box_size: float = 2.0, temperature: float = 1.0,
-                 max_batch: Optional[int] = None, view_maker=None):
-        if scorer not in scoring.METHODS:
-            raise ValueError(f"unknown scorer {scorer!r}; expected one of {scoring.METHODS}")
+                 max_batch: Optional[int] = None, view_maker=None, method: str = "runa", head=None):
+        if scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
-        if not (isinstance(lam, (int, float)) and 0.0 <= float(lam) <= 1.0):
-            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+        lam = check_lam(lam)
         if max_boxes is not None and (int(max_boxes) != max_boxes or max_boxes < 0):
             raise ValueError(f"max_boxes must be None or an integer >= 0, got {max_boxes!r}")
         if not (math.isfinite(temperature) and temperature > 0):
@@ -289,6 +328,8 @@ class OodScorer:
         if not (math.isfinite(min_box_size) and min_box_size >= 0):
             raise ValueError(f"min_box_size must be >= 0 px, got {min_box_size!r}")
         self.encoder = encoder
+        self.method = make_method(method, encoder, head=head)
+        self.method.check_ablation(ablation)
         self.label_set: LabelSet = load_label_set(label_set)
         self.scorer = scorer
         self.lam = float(lam)
@@ -301,6 +342,9 @@ class OodScorer:
         self.view_maker = view_maker if view_maker is not None else ViewMaker(
             encoder.input_size, encoder.mean, encoder.std, blur_radius)
         self.text_emb = encoder.text_embeddings(self.label_set)  # [K, D], computed/cached once
+        prepare = getattr(self.method, "prepare", None)  # per label set work of a method (e.g. text attention)
+        if callable(prepare):
+            prepare(self.label_set, self.text_emb)
         self._label_thresholds = self._resolve_thresholds()
         self._other_thresholds: Dict[str, np.ndarray] = {}  # per-label thresholds of overridden scorers
 
@@ -369,17 +413,19 @@ class OodScorer:
         status[drop] = BoxStatus.NOT_SCORED
 
     def resolve_views(self, views=None) -> Tuple[str, ...]:
-        """``views`` argument of :meth:`encode` -> canonical tuple (regional first); None = the
-        views this scorer's ablation needs. Raises ValueError for anything but a non-empty
-        subset of ``("regional", "global")``."""
+        """``views`` argument of :meth:`encode` -> canonical tuple (``core.registry.VIEWS`` order); None =
+        the views this scorer's method and ablation need. Raises ValueError for anything but a
+        non-empty subset of the method's views (RUNA: ``("regional", "global")``)."""
         if views is None:
-            return VIEWS_FOR_ABLATION[self.ablation]
+            return self.method.views_for(self.ablation)
         if isinstance(views, str):
             views = (views,)
         views = tuple(views)
-        unknown = set(views) - set(VIEWS)
+        accepted = self.method.accepted_views()
+        unknown = set(views) - set(accepted)
         if unknown or not views:
-            raise ValueError(f"views must be a non-empty subset of {VIEWS}, got {views!r}")
+            raise ValueError(f"views must be a non-empty subset of {accepted} for method {self.method.name!r}, "
+                             f"got {views!r}")
         return tuple(v for v in VIEWS if v in views)
 
     def encode(self, image_rgb: np.ndarray, boxes, box_format: str = "xyxy", detector_scores=None,
@@ -391,10 +437,10 @@ class OodScorer:
             boxes: ``[N,4]`` boxes in ``box_format`` (original image pixels); list/array/tensor.
             box_format: ``"xyxy"``, ``"xywh"`` or ``"cxcywh"``.
             detector_scores: optional ``[N]`` detector confidences, used by the ``max_boxes`` cap.
-            views: which pre-projection features to compute, a subset of ``("regional", "global")``;
-                None = the ones this scorer's ablation needs. Pass both to score several ablations
-                from this one encoding with :meth:`score_features`. All requested views of the
-                frame go through the visual trunk in **one** backend call (regional first).
+            views: which view kinds to encode, a subset of the method's (RUNA: ``("regional", "global")``);
+                None = the ones this scorer's method and ablation need. Pass both of RUNA's to score
+                several ablations from this one encoding with :meth:`score_features`. All requested
+                views of the frame go through the visual trunk in **one** backend call.
 
         Returns:
             :class:`BoxFeatures` with N entries, in input order.
@@ -418,8 +464,9 @@ class OodScorer:
             ValueError: as :meth:`encode`, for the first malformed frame.
         """
         views = self.resolve_views(views)
-        width = int(self.encoder.width)
-        prepared, parts = [], []
+        method = self.method
+        pairs_kinds = method.pairs(views)
+        prepared, parts, pairs, n_rows, n_pairs = [], [], [], 0, 0
         for fr in frames:
             t0 = time.perf_counter()
             ViewMaker.check_image(fr.image_rgb)
@@ -432,30 +479,42 @@ class OodScorer:
                 if det.shape[0] != n:
                     raise ValueError(f"detector_scores has {det.shape[0]} values for {n} boxes")
             self._cap(status, det)
-            feats = {v: torch.full((n, width), float("nan"), dtype=torch.float32) for v in views}
             idx = np.flatnonzero(status == BoxStatus.OK)
-            error, n_views, views_ms = None, 0, 0.0
+            error, n_views, views_ms, rows, pair_rows = None, 0, 0.0, {}, {}
             if idx.size:
                 tv = time.perf_counter()
                 try:  # a GPU view maker can fail like a backend: only this frame's boxes are lost
-                    made = dict(zip(("regional", "global"), self.view_maker.make(fr.image_rgb, xyxy[idx])))
-                    parts.extend(made[v] for v in VIEWS if v in views)
-                    n_views = idx.size * len(views)
+                    made = make_views(self.view_maker, fr.image_rgb, xyxy[idx], views)
+                    for v in views:  # VIEWS order, as the outputs are read back below
+                        rows[v] = n_rows
+                        parts.append(made[v])
+                        n_rows += int(made[v].shape[0])
+                        n_views += int(made[v].shape[0])
+                    for q, k in pairs_kinds:  # inter-image attention rows: box i's q view against its k view
+                        box = torch.arange(idx.size)
+                        key = rows[k] + (torch.zeros_like(box) if k in PER_IMAGE_VIEWS else box)
+                        pair_rows[(q, k)] = n_pairs
+                        pairs.append(torch.stack([rows[q] + box, key], 1))
+                        n_pairs += idx.size
                 except Exception as exc:
                     msg = f"{type(exc).__name__}: {exc}"
                     who = f"view maker {type(self.view_maker).__name__}"
                     LOG.error("%s failed on %d boxes: %s", who, idx.size, msg)
                     error = f"{who} failed: {msg}"
                     status[idx] = BoxStatus.BACKEND_ERROR
+                    del parts[len(parts) - len(rows):]
+                    n_rows -= n_views
+                    n_views, rows, pair_rows = 0, {}, {}
                 views_ms = (time.perf_counter() - tv) * 1e3
-            prepared.append(dict(xyxy=xyxy, status=status, det=det, idx=idx, feats=feats, error=error,
-                                 n_views=n_views, views_ms=views_ms, own_ms=(time.perf_counter() - t0) * 1e3))
+            prepared.append(dict(xyxy=xyxy, status=status, det=det, idx=idx, error=error, rows=rows,
+                                 pair_rows=pair_rows, n_views=n_views, views_ms=views_ms, wh=(W, H),
+                                 own_ms=(time.perf_counter() - t0) * 1e3))
         encode_ms, out = 0.0, None
         if parts:
             t1 = time.perf_counter()
             try:
-                out = self.encoder.visual_features(parts[0] if len(parts) == 1 else torch.cat(parts, 0),
-                                                   max_batch=self.max_batch)
+                out = self._backbone(parts[0] if len(parts) == 1 else torch.cat(parts, 0),
+                                     torch.cat(pairs, 0) if pairs else None)
             except Exception as exc:  # backend failure: keep the frames, flag their boxes
                 msg = f"{type(exc).__name__}: {exc}"
                 who = f"backend {self.encoder.backend_name!r}"
@@ -466,25 +525,52 @@ class OodScorer:
                         p["status"][p["idx"]] = BoxStatus.BACKEND_ERROR
                         p["error"] = f"{who} failed: {msg}"
             encode_ms = (time.perf_counter() - t1) * 1e3
-        results, off = [], 0
+        shapes = self._feature_shapes(views)
+        results = []
         for p in prepared:
+            n = p["status"].shape[0]
+            data = {k: _nan_like(like, n) for k, like in shapes.items()}
             if out is not None and p["n_views"]:
-                rows, M = torch.from_numpy(p["idx"]), p["idx"].size
-                for v in VIEWS:  # regional first, as the parts were appended
-                    if v in p["feats"]:
-                        p["feats"][v][rows] = out[off:off + M]
-                        off += M
+                M = p["idx"].size
+                per_view = {}
+                for v, start in p["rows"].items():
+                    m = 1 if v in PER_IMAGE_VIEWS else M
+                    per_view[v] = {o: t[start:start + m] for o, t in out.items() if o != "xattn"}
+                if p["pair_rows"]:
+                    per_view["xattn"] = {qk: out["xattn"][s0:s0 + M] for qk, s0 in p["pair_rows"].items()}
+                rows = torch.from_numpy(p["idx"])
+                for k, t in method.box_features(per_view, p["xyxy"][p["idx"]], p["wh"]).items():
+                    if k not in data:
+                        data[k] = _nan_like(t, n)
+                    data[k][rows] = t.to(data[k].dtype)
             timings = {"views": p["views_ms"], "encode": encode_ms if p["n_views"] else 0.0,
                        "total": p["own_ms"] + (encode_ms if p["n_views"] else 0.0)}
             if len(prepared) > 1:
                 timings["batch_frames"] = float(len(prepared))
-            results.append(BoxFeatures(boxes_xyxy=p["xyxy"], status=p["status"], f_r=p["feats"].get("regional"),
-                                       f_g=p["feats"].get("global"), timings=timings, error=p["error"],
-                                       detector_scores=p["det"]))
+            results.append(BoxFeatures(boxes_xyxy=p["xyxy"], status=p["status"], data=data, timings=timings,
+                                       error=p["error"], detector_scores=p["det"],
+                                       image_wh=np.tile(np.asarray(p["wh"], np.int32), (n, 1)), views=views))
         return results
 
+    def _backbone(self, batch: torch.Tensor, pairs: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """THE backend call: the method's named outputs of every view of the batch. RUNA's ``cls``
+        alone goes through ``visual_features`` (every backend serves it); other output sets through
+        ``visual_outputs``."""
+        outputs = tuple(self.method.outputs)
+        if outputs == ("cls",):
+            return {"cls": self.encoder.visual_features(batch, max_batch=self.max_batch)}
+        return self.encoder.visual_outputs(batch, outputs, pairs=pairs, max_batch=self.max_batch)
+
+    def _feature_shapes(self, views) -> Dict[str, torch.Tensor]:
+        """One empty row per tensor the method stores for ``views`` (so frames whose boxes were not
+        encoded carry the same keys as the others)."""
+        shapes = getattr(self.method, "feature_shapes", None)
+        if callable(shapes):
+            return shapes(views)
+        return {f"{v}.cls": torch.zeros((0, int(self.encoder.width)), dtype=torch.float32) for v in views}
+
     def score_features(self, features: BoxFeatures, scorer: Optional[str] = None, ablation: Optional[str] = None,
-                       lam: Optional[float] = None, temperature: Optional[float] = None) -> FrameResult:
+                       lam: Optional[float] = None, temperature: Optional[float] = None, head=None) -> FrameResult:
         """Score encoded boxes (steps 6-7 of the module docstring); no image, no visual trunk.
 
         Args:
@@ -492,6 +578,9 @@ class OodScorer:
             scorer, ablation, lam, temperature: override this OodScorer's settings for this call
                 (None = its own). The result equals what a fresh ``OodScorer`` built with those
                 settings returns from :meth:`score` on the same frame.
+            head: another head of this scorer's method for this call only (RUNA: a Head or a
+                ``[width, D]`` regional projection), e.g. a before / after comparison; nothing shared
+                (encoder, method) is changed.
 
         Thresholds: this scorer's per-label thresholds, as in :meth:`score`. With another
         ``scorer`` they apply only when their metadata does not name a different scorer (NaN
@@ -504,25 +593,25 @@ class OodScorer:
             of the encoding time.
 
         Raises:
-            ValueError: an invalid setting, or ``features`` lacks a view the ablation needs
-                (encode with ``views=("regional", "global")`` to score every ablation).
+            ValueError: an invalid setting, or ``features`` lacks a view the method / ablation needs
+                (encode with ``views=("regional", "global")`` to score every RUNA ablation).
         """
         t0 = time.perf_counter()
         scorer = self.scorer if scorer is None else scorer
         ablation = self.ablation if ablation is None else ablation
         lam = self.lam if lam is None else lam
         temperature = self.temperature if temperature is None else temperature
-        if scorer not in scoring.METHODS:
-            raise ValueError(f"unknown scorer {scorer!r}; expected one of {scoring.METHODS}")
-        if not (isinstance(lam, numbers.Real) and 0.0 <= float(lam) <= 1.0):
-            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+        if scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
+        lam = check_lam(lam)
         if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        lam_e = effective_lam(ablation, lam)  # raises for an unknown ablation
-        for need, have, name in ((lam_e > 0, features.f_r, "regional"), (lam_e < 1, features.f_g, "global")):
-            if need and have is None:
-                raise ValueError(f"ablation {ablation!r} (lam={lam_e:g}) needs the {name} view, but these features "
-                                 f"hold only {features.views}; encode with views=('regional', 'global')")
+        effective_lam(ablation, lam)  # raises for an unknown ablation
+        self.method.check_ablation(ablation)
+        missing = self.method.missing(tuple(features.data), ablation, lam)
+        if missing:
+            raise ValueError(f"{missing}, but these features hold only the views {features.views}; encode with "
+                             f"views={self.method.accepted_views()!r}")
         status = features.status.copy()
         det = None if features.detector_scores is None else features.detector_scores.copy()
         res = _empty_result(features.boxes_xyxy.copy(), status, det)
@@ -530,18 +619,17 @@ class OodScorer:
         idx = np.flatnonzero(status == BoxStatus.OK)
 
         if idx.size:
-            rows = torch.from_numpy(idx)
-            emb = None
+            sims = None
             try:
-                emb = self.encoder.fuse(features.f_r[rows] if lam_e > 0 else None,
-                                        features.f_g[rows] if lam_e < 1 else None, lam_e)
+                kw = {} if head is None else {"head": head}
+                sims = self.method.similarities(features.rows(idx), self.text_emb, ablation=ablation, lam=lam, **kw)
             except Exception as exc:  # wrong feature width for this encoder: flag, never crash a frame
-                msg = f"fusion failed: {type(exc).__name__}: {exc}"
+                msg = f"{self.method.name} similarities failed: {type(exc).__name__}: {exc}"
                 LOG.error("%s (%d boxes)", msg, idx.size)
                 res.error = msg if not res.error else f"{res.error}; {msg}"
                 status[idx] = BoxStatus.BACKEND_ERROR
-            if emb is not None:
-                finite = torch.isfinite(emb).all(dim=1).numpy()
+            if sims is not None:
+                finite = torch.isfinite(torch.as_tensor(sims)).all(dim=1).numpy()
                 if not finite.all():
                     status[idx[~finite]] = BoxStatus.BACKEND_ERROR
                     msg = (f"backend {self.encoder.backend_name!r} returned non-finite features for "
@@ -550,13 +638,12 @@ class OodScorer:
                     res.error = msg if not res.error else f"{res.error}; {msg}"
                 good = idx[finite]
                 if good.size:
-                    sims = scoring.cosine_similarities(emb[torch.from_numpy(finite)], self.text_emb)
-                    out = scoring.score(sims, method=scorer, temperature=float(temperature))
+                    out = scoring.score(sims[torch.from_numpy(finite)], method=scorer, temperature=float(temperature))
                     unc = np.asarray(_to_numpy(out.uncertainty), np.float32).reshape(-1)
                     lab = np.asarray(_to_numpy(out.label_idx), np.int64).reshape(-1)
                     sim = np.asarray(_to_numpy(out.similarity), np.float32).reshape(-1)
                     bad = ~np.isfinite(unc) | (lab < 0)
-                    if bad.any():  # scorer could not score a row (should not happen with finite embeddings)
+                    if bad.any():  # scorer could not score a row (should not happen with finite features)
                         status[good[bad]] = BoxStatus.BACKEND_ERROR
                     ok = ~bad
                     g = good[ok]

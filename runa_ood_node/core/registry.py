@@ -20,8 +20,9 @@ from typing import Dict, Optional, Tuple
 from .alerts import AlertLevel
 from .boxes import STATUS_TEXT, BoxStatus
 
-__all__ = ["SCORERS", "TEMPERATURE_SCORERS", "ABLATIONS", "VIEWS", "VIEWS_FOR_ABLATION", "BACKENDS", "PRECISIONS", "DEVICES",
-           "BACKBONE_OUTPUTS", "BoxStatus", "STATUS_TEXT", "BOX_STATUSES", "AlertLevel", "ALERT_LEVELS", "resolve_device",
+__all__ = ["METHODS", "DEFAULT_METHOD", "SCORERS", "TEMPERATURE_SCORERS", "ABLATIONS", "VIEWS", "PER_IMAGE_VIEWS",
+           "BACKBONE_OUTPUTS", "VIEWS_FOR_ABLATION", "BACKENDS", "PRECISIONS", "DEVICES",
+           "BoxStatus", "STATUS_TEXT", "BOX_STATUSES", "AlertLevel", "ALERT_LEVELS", "resolve_device",
            "resolve_precision"]
 
 #: uncertainty scores (``core.scoring.score(method=...)``); ``runa`` is the paper's (Eq. 6)
@@ -30,8 +31,16 @@ SCORERS: Tuple[str, ...] = ("runa", "mcm", "energy", "sum")
 TEMPERATURE_SCORERS: Tuple[str, ...] = ("mcm", "energy")
 #: which views a box embedding fuses: dual (RUNA, lam), regional (crop only), global (blurred frame only)
 ABLATIONS: Tuple[str, ...] = ("dual", "regional", "global")
-VIEWS: Tuple[str, ...] = ("regional", "global")
-#: views (pre-projection features) each ablation needs
+#: OOD methods (``core.methods``: one file each, ``core.methods.get_method(name)``); ``runa`` is the default
+METHODS: Tuple[str, ...] = ("runa", "uni-ood", "tagood")
+DEFAULT_METHOD = "runa"
+#: view kinds a method may ask for (``core.views.ViewMaker.make_views``), in batch order: the box's crop
+#: (``regional``), the blurred frame with the box sharp (``global``), the frame with the box masked out
+#: (``background``), and the whole frame, made once per image (``frame``)
+VIEWS: Tuple[str, ...] = ("regional", "global", "background", "frame")
+#: view kinds made once per image, not once per box
+PER_IMAGE_VIEWS: Tuple[str, ...] = ("frame",)
+#: views (pre-projection features) each RUNA ablation needs
 VIEWS_FOR_ABLATION: Dict[str, Tuple[str, ...]] = {"dual": ("regional", "global"), "regional": ("regional",),
                                                   "global": ("global",)}
 #: visual backends; ``auto`` tries tensorrt, then onnxruntime, then torch

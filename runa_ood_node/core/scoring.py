@@ -12,7 +12,7 @@ Conventions (shared with ``thresholds`` and ``metrics``):
 * a row containing NaN or +-inf (a box that could not be embedded) yields ``uncertainty = NaN``,
   ``label_idx = -1``, ``similarity = NaN`` instead of a misleading number.
 
-Methods (``METHODS``), with ``s_i = cos(I_t, T(t_i))`` and temperature ``T > 0``:
+Scorers (``SCORERS``), with ``s_i = cos(I_t, T(t_i))`` and temperature ``T > 0``:
 
 ========== ==================================== ===================================================
 method     uncertainty                          notes
@@ -45,11 +45,11 @@ try:  # torch is optional for this module: numpy-only callers (metrics, tools) n
 except ImportError:  # pragma: no cover - torch is a hard dependency of the package
     torch = None
 
-__all__ = ["METHODS", "ScoreOutput", "cosine_similarities", "score"]
-
-from .registry import SCORERS as METHODS, TEMPERATURE_SCORERS  # noqa: E402
+__all__ = ["SCORERS", "ScoreOutput", "cosine_similarities", "score"]
 
 #: Valid values of ``score(..., method=...)`` (``core.registry.SCORERS``); ``runa`` is the paper's (Eq. 6).
+#: (Named SCORERS, not METHODS: the OOD methods are ``core.registry.METHODS``, ``core.methods``.)
+from .registry import SCORERS, TEMPERATURE_SCORERS  # noqa: E402
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]
 
@@ -145,7 +145,7 @@ def score(sims: ArrayLike, method: str = "runa", temperature: float = 1.0) -> Sc
     Args:
         sims: ``[M, K]`` cosine similarities (``cosine_similarities`` output), torch or numpy.
             M may be 0; K must be >= 1.
-        method: one of :data:`METHODS` (see the module docstring for the formulas).
+        method: one of :data:`SCORERS` (see the module docstring for the formulas).
         temperature: T > 0 for ``mcm`` and ``energy`` (dimensionless, divides the cosines);
             ignored by ``runa`` and ``sum``.
 
@@ -156,8 +156,8 @@ def score(sims: ArrayLike, method: str = "runa", temperature: float = 1.0) -> Sc
         ValueError: unknown method (the message lists the valid ones), bad temperature, or
             ``sims`` not 2-D with K >= 1.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown scoring method {method!r}; valid methods: {', '.join(METHODS)}")
+    if method not in SCORERS:
+        raise ValueError(f"unknown scoring method {method!r}; valid methods: {', '.join(SCORERS)}")
     t = float(temperature)
     if method in TEMPERATURE_SCORERS and not (np.isfinite(t) and t > 0.0):
         raise ValueError(f"temperature must be a finite number > 0 for {method!r}, got {temperature!r}")

@@ -47,6 +47,7 @@ __all__ = [
     "Thresholds",
     "ThresholdsMismatchError",
     "fit_identity",
+    "projection_identity",
     "check_fit",
     "ThresholdsFileError",
     "fit_threshold",
@@ -79,8 +80,11 @@ class ThresholdsMismatchError(ValueError):
 
 #: what a threshold's units depend on (``meta.fitted_for`` keys, :func:`fit_identity`)
 IDENTITY_KEYS = ("model", "weights", "scorer", "ablation", "lam", "blur_radius", "temperature", "label_set",
-                 "label_set_hash", "projection")
+                 "label_set_hash", "projection", "method", "head")
 OFF_THE_SHELF = "off-the-shelf"
+#: what a file written before a key existed was fitted for (every such file is RUNA's; its head is its
+#: projection). A callable reads the default from the file's other keys.
+_LEGACY_DEFAULTS = {"method": lambda fitted: "runa", "head": lambda fitted: fitted.get("projection")}
 
 
 def _tensor_hash(t) -> str:
@@ -90,13 +94,21 @@ def _tensor_hash(t) -> str:
     return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()[:16]
 
 
+def projection_identity(proj_regional, proj_global) -> str:
+    """``off-the-shelf`` when ``P_r == P_g``, else ``sha256:<16 hex>`` of ``P_r`` (RUNA's head identity)."""
+    same = tuple(proj_regional.shape) == tuple(proj_global.shape) and bool((proj_regional == proj_global).all())
+    return OFF_THE_SHELF if same else "sha256:" + _tensor_hash(proj_regional)
+
+
 def fit_identity(scorer, scorer_name: Optional[str] = None, ablation: Optional[str] = None) -> dict:
     """What thresholds fitted on (or applied to) the scores of ``scorer`` (a ``core.pipeline.OodScorer``)
     depend on: model name, weights identity (``DualEncoder.weights_id``: the pretrained tag, the
     checkpoint's sha256, or the seeded random model's hash), scorer, ablation, the fusion weight actually
     used (1 for regional, 0 for global), blur radius (None for the regional ablation, which has no
     global view), temperature (mcm / energy only, else None), label set name and content hash, and the
-    regional projection (``off-the-shelf`` or the sha256 of the fine-tuned one).
+    regional projection (``off-the-shelf`` or the sha256 of the fine-tuned one), the method
+    (``core.registry.METHODS``) and its head (``Method.head_identity``: RUNA's is its projection; the
+    others' ``none`` or ``sha256:`` of the head's weights file).
 
     ``scorer_name`` / ``ablation``: the identity of ``scorer.score_features(scorer=..., ablation=...)``
     (tools that score several configurations from one encoding)."""
@@ -106,19 +118,22 @@ def fit_identity(scorer, scorer_name: Optional[str] = None, ablation: Optional[s
     enc = scorer.encoder
     name = scorer_name or scorer.scorer
     ablation = ablation or scorer.ablation
-    proj_r, proj_g = enc.proj_regional, enc.proj_global
-    same = tuple(proj_r.shape) == tuple(proj_g.shape) and bool((proj_r == proj_g).all())
+    method = getattr(scorer, "method", None)
+    proj_r = getattr(method, "proj_regional", enc.proj_regional)
+    runa = getattr(method, "name", "runa") == "runa"  # lam and blur are RUNA's fusion and global view
     return {
         "model": str(enc.model_name),
         "weights": str(enc.weights_id),
         "scorer": str(name),
         "ablation": str(ablation),
-        "lam": effective_lam(ablation, scorer.lam),
-        "blur_radius": None if ablation == "regional" else float(scorer.blur_radius),
+        "lam": effective_lam(ablation, scorer.lam) if runa else None,
+        "blur_radius": None if ablation == "regional" or not runa else float(scorer.blur_radius),
         "temperature": float(scorer.temperature) if name in TEMPERATURE_SCORERS else None,
         "label_set": str(scorer.label_set.name),
         "label_set_hash": scorer.label_set.content_hash(),
-        "projection": OFF_THE_SHELF if same else "sha256:" + _tensor_hash(proj_r),
+        "projection": projection_identity(proj_r, enc.proj_global),
+        "method": str(getattr(method, "name", "runa")),
+        "head": method.head_identity() if method is not None else projection_identity(proj_r, enc.proj_global),
     }
 
 
@@ -234,6 +249,8 @@ class Thresholds:
                     "which model, scorer, lam, blur, label set or projection its thresholds belong to"]
         wrong = []
         for key, want in expected.items():
+            if key not in fitted and key in _LEGACY_DEFAULTS:  # written before the key existed
+                fitted = {**fitted, key: _LEGACY_DEFAULTS[key](fitted)}
             if key not in fitted:
                 wrong.append(f"{key}: not recorded in the file, in use is {want!r}")
             elif not _same(fitted[key], want):

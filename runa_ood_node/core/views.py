@@ -1,6 +1,7 @@
-"""The two views RUNA encodes per box: a regional crop and a blurred global view.
+"""The views a method encodes per box (``core.registry.VIEWS``): RUNA's regional crop and blurred global
+view, UNI-OOD's masked background, and the whole frame (once per image, TagOOD).
 
-Both views are ``S x S`` (the encoder's input size), made by **squashing** (no aspect-preserving
+Every view is ``S x S`` (the encoder's input size), made by **squashing** (no aspect-preserving
 centre crop, so nothing near a border is cut away), converted to float in ``[0,1]`` and normalised
 with the encoder's mean/std: ``(x / 255 - mean) / std``, channel order RGB, layout ``[3,S,S]``.
 
@@ -19,6 +20,15 @@ Global view (batched path, :meth:`ViewMaker.make`)
     frame, plus one block copy per box (measured on the 2-core dev machine at S=224, 640x480:
     10 boxes 6 ms batched vs 22 ms naive, 1 box ~2.5 ms either way).
 
+Background view (``background``, :meth:`ViewMaker.make_views`)
+    The whole frame resized to ``S x S`` (sharp, no blur) with the box's scaled pixel block (as for the
+    global view) **filled with the normalised mean colour** (0 after normalisation, i.e. the encoder's
+    mean): what surrounds the object, without it. UNI-OOD's paper does not say how the object is
+    removed; the mean fill is the value the tower sees as "no signal" and adds no edges of its own.
+
+Frame view (``frame``)
+    The whole frame resized to ``S x S``, one ``[1,3,S,S]`` view per image whatever the number of boxes.
+
 Naive path (:meth:`ViewMaker.make_naive`)
     The obvious per-box implementation the benchmark compares against: for one box, resize the
     frame, blur it, paste the sharp box region, crop and resize the box, normalise, all repeated per
@@ -28,13 +38,29 @@ Naive path (:meth:`ViewMaker.make_naive`)
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 
 from .boxes import pixel_bounds
+
+#: view kinds :meth:`ViewMaker.make` returns, in its order
+_MAKE_KINDS = ("regional", "global")
+
+
+def make_views(view_maker, image_rgb: np.ndarray, boxes_xyxy, kinds: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """``{kind: views}`` of ``kinds`` (``core.registry.VIEWS``) from any view maker: its ``make_views``
+    when it has one, else its ``make`` (RUNA's regional and global views only; any other kind raises
+    ValueError naming the view maker)."""
+    fn = getattr(view_maker, "make_views", None)
+    if callable(fn):
+        return fn(image_rgb, boxes_xyxy, kinds)
+    other = [k for k in kinds if k not in _MAKE_KINDS]
+    if other:
+        raise ValueError(f"view maker {type(view_maker).__name__} makes only {_MAKE_KINDS}, not {other}")
+    return dict(zip(_MAKE_KINDS, view_maker.make(image_rgb, boxes_xyxy)))
 
 
 def gaussian_kernel_size(sigma: float) -> int:
@@ -161,6 +187,35 @@ class ViewMaker:
             x0, y0, x1, y1 = self.scaled_bounds(b, W, H)
             global_[i, :, y0:y1, x0:x1] = sharp_t[:, y0:y1, x0:x1]
         return regional, global_
+
+    def make_views(self, image_rgb: np.ndarray, boxes_xyxy, kinds: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Views of ``kinds`` for every box: ``regional`` / ``global`` / ``background`` ``[M,3,S,S]``,
+        ``frame`` ``[1,3,S,S]`` (see the module docstring). The frame is resized once for all kinds.
+
+        Raises:
+            ValueError: a bad image or an unknown kind.
+        """
+        image_rgb = self.check_image(image_rgb)
+        unknown = [k for k in kinds if k not in ("regional", "global", "background", "frame")]
+        if unknown:
+            raise ValueError(f"unknown view kinds {unknown}")
+        out: Dict[str, torch.Tensor] = {}
+        if any(k in kinds for k in _MAKE_KINDS):
+            out.update(zip(_MAKE_KINDS, self.make(image_rgb, boxes_xyxy)))
+        if "background" in kinds or "frame" in kinds:
+            boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+            H, W = image_rgb.shape[:2]
+            S = self.input_size
+            sharp = self._normalise(_resize(image_rgb, S, S).astype(np.float32))
+            if "frame" in kinds:
+                out["frame"] = sharp.unsqueeze(0)
+            if "background" in kinds:
+                bg = sharp.unsqueeze(0).repeat(boxes.shape[0], 1, 1, 1)
+                for i, b in enumerate(boxes):
+                    x0, y0, x1, y1 = self.scaled_bounds(b, W, H)
+                    bg[i, :, y0:y1, x0:x1] = 0.0
+                out["background"] = bg
+        return {k: out[k] for k in kinds}
 
     # ------------------------------------------------------------------ naive path
     def make_naive(self, image_rgb: np.ndarray, box_xyxy) -> Tuple[torch.Tensor, torch.Tensor]:

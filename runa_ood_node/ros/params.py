@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..core.alerts import AlertConfig
-from ..core.registry import BACKENDS, DEVICES, PRECISIONS, SCORERS, resolve_precision
+from ..core.registry import BACKENDS, DEVICES, METHODS, PRECISIONS, SCORERS, resolve_precision
 from ..core.roi import parse_roi
 
 __all__ = [
@@ -192,6 +192,13 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ),
     *_section(
         "method",
+        _P("method", "runa", "OOD method (core/methods/): runa (paper 001, crop + blurred global view per box), "
+           "uni-ood (paper 002, crop + masked background per box, needs a trained head), tagood (paper 003 "
+           "adapted to detector boxes: one pass of the whole frame, needs a trained head).", read_only=True,
+           choices=METHODS),
+        _P("head", "", "Trained head of the method (`runa-ood finetune --method M --out DIR`; folder, or name in "
+           "calibration/); refused when made for another method, model or label set, or damaged. Empty = none "
+           "(runa: the projection parameter, its alias).", read_only=True),
         _P("lam", 0.5, "Fusion weight of the regional view: I = lam*regional + (1-lam)*global (paper: 0.5).",
            0.0, 1.0),
         _P("blur_radius", 1.0, "Gaussian sigma (px at the encoder input size) of the global view's blur "
@@ -324,6 +331,8 @@ class _SettingsBase:
             "allow_download": self.allow_download,
             "label_set": self.label_set,
             "projection": self.projection or None,
+            "method": self.method,
+            "head": self.head or None,
             "scorer": self.scorer,
             "lam": self.lam,
             "blur_radius": self.blur_radius,
@@ -414,6 +423,9 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         resolve_precision(v["precision"], v["device"])
     except ValueError as exc:
         problems.append(f"precision: {exc}")
+    if v["method"] != "runa" and not v["head"]:
+        problems.append(f"head: method {v['method']!r} needs a trained head (`runa-ood finetune --method "
+                        f"{v['method']} --out DIR`, then head:=DIR)")
     if v["scorer"] != "runa" and not v["thresholds_file"]:
         problems.append(f"thresholds_file: scorer {v['scorer']!r} needs a thresholds file calibrated for it "
                         f"(`runa-ood calibrate --scorer {v['scorer']}`); default_threshold is in runa units "
@@ -504,6 +516,13 @@ def _check_files(s: Dict[str, Any], problems: List[str]) -> None:
             Thresholds.load(resolve_calibration_file(s["thresholds_file"], (".yaml", ".yml", ".json")))
         except (ValueError, OSError) as exc:
             problems.append(f"thresholds_file: {exc}")
+    if s["head"]:  # method and label set refusals at validation; the model's at configure (factory)
+        from ..core.methods.heads import load_head
+
+        try:
+            load_head(s["head"], method=s["method"], label_set=load_label_set(s["label_set"]))
+        except (ValueError, OSError) as exc:
+            problems.append(f"head: {exc}")
     if s["engine_path"] and not os.path.isfile(os.path.expanduser(s["engine_path"])):
         problems.append(f"engine_path: file not found: {s['engine_path']} (build it with `runa-ood build-engine`)")
 

@@ -30,6 +30,13 @@ after the timed variants in the same run; then every variant's achieved GFLOP/s 
 frame p50) as a share of its peak, and the ceiling: the fastest frame if every FLOP ran at the int8
 peak, with its speed-ups over both baselines next to the goals (:func:`roofline_section`).
 
+Methods (``--method all`` or a list, :func:`bench_methods`): every OOD method of ``core.methods`` scores the
+same frames through :meth:`OodScorer.score` on the same backend (torch), interleaved, with RUNA as the
+reference: per box count the p50 / p95, the trunk passes (views) per frame, the speed-up over RUNA and
+over the two naive baselines, and the goals at 10 boxes (TagOOD <= 1/8 of RUNA's frame time, UNI-OOD
+<= 1.5x). Methods that need a trained head get an untrained one (``fit`` with 0 epochs): the same
+cost as a trained head, meaningless scores.
+
 Variants run interleaved (round robin over variants inside every round, ``--rounds`` rounds of
 ``--repeats`` frames each) so the machine's slow bursts hit every variant alike; p50/p95 are over
 all frames of a variant. Weights are random by default: latency does not depend on the weight
@@ -49,7 +56,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.registry import VIEWS
+from ..core.registry import METHODS, PER_IMAGE_VIEWS, VIEWS_FOR_ABLATION
 
 LOG = logging.getLogger("runa_ood_node.tools.bench")
 DEFAULT_BENCH_MODEL = "ViT-B-32"
@@ -88,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", default="voc", help="ID label set (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="cache root for ONNX exports (default $RUNA_OOD_CACHE_DIR)")
     parser.add_argument("--json", dest="json_path", default=None, help="write all figures to this JSON file")
+    parser.add_argument("--method", default="runa",
+                        help="OOD methods to time side by side on the torch backend: 'all' or a comma list of "
+                             f"{', '.join(METHODS)} (default %(default)s: RUNA's variants only)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -296,7 +306,7 @@ def build_backend(variant: str, encoder, args, calib=None, threads=None, executi
 # How close every variant is to what this CPU can do: the trunk's FLOPs per view (counted), this
 # machine's fp32 and int8 GEMM peaks (measured in the same run, same thread settings as the
 # variants), each variant's achieved GFLOP/s and the fastest a frame could be at the int8 peak.
-VIEWS_PER_BOX = len(VIEWS)  # crop + blurred global view
+VIEWS_PER_BOX = len(VIEWS_FOR_ABLATION["dual"])  # RUNA: crop + blurred global view (the variants bench RUNA)
 PEAK_FP32_SIZE = 1536  # torch.mm on [n,n] x [n,n] float32 (about 50 ms a call on 2 Zen3 cores)
 # int8 GEMM shape: ViT-B-32's MLP up-projection over a 10-box frame (20 views x 50 tokens, 768 -> 3072)
 PEAK_INT8_SHAPE = (1000, 768, 3072)
@@ -568,6 +578,7 @@ def run(args) -> int:
     try:
         variants = available_variants(args.variants, cuda)
         models = parse_models(args.model, args.pretrained)
+        methods = parse_methods(getattr(args, "method", "runa"))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -600,6 +611,9 @@ def run(args) -> int:
             except Exception as exc:  # the roofline must not cost the benchmark
                 LOG.warning("%s: FLOPs not counted, no roofline: %s: %s", name, type(exc).__name__, exc)
         sections[name] = bench_model(encoder, variants, box_counts, image, ann_boxes, args, cuda)
+        if methods != ["runa"]:
+            sections[name]["methods"] = bench_methods(encoder, methods, box_counts, image, ann_boxes, args, cuda,
+                                                      sections[name]["results"])
         del encoder
     peaks = None
     if roofline:  # after the timed variants: the peaks' bursts do not precede any variant's frames
@@ -625,6 +639,8 @@ def run(args) -> int:
     }
     for name in report["models"]:
         _print_table(report, name)
+        if report["per_model"][name].get("methods"):
+            _print_methods(report["per_model"][name]["methods"], name)
     _print_summary(report)
     if report["roofline"]:
         _print_roofline(report)
@@ -715,23 +731,8 @@ def bench_model(encoder, variants: Sequence[str], box_counts: Sequence[int], ima
         fidelity["onnxruntime-int8_vs_onnxruntime_fp32"] = embedding_fidelity(
             backends["onnxruntime"], backends["onnxruntime-int8"], fid_views, encoder.proj_global)
 
-    samples: Dict[str, Dict[int, List[float]]] = {v: {n: [] for n in box_counts} for v in variants}
     frames = {n: cycle_boxes(ann_boxes, n) for n in box_counts}
-    for v in variants:  # warm-up: first-call allocations, ORT/TensorRT lazy init
-        for _ in range(args.warmup):
-            run_frame(v, frames[min(box_counts)])
-    total = args.rounds * len(box_counts) * len(variants) * args.repeats
-    bar = _bar(total, f"bench {model}", args)
-    for r in range(args.rounds):
-        for n in box_counts:
-            order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate who goes first
-            for v in order:
-                for _ in range(args.repeats):
-                    samples[v][n].append(run_frame(v, frames[n]))
-                    if bar is not None:
-                        bar.update(1)
-    if bar is not None:
-        bar.close()
+    samples = interleaved(run_frame, variants, frames, args, f"bench {model}")
     encoder.set_backend(None)
 
     results: Dict[str, Dict[str, Any]] = {}
@@ -791,6 +792,126 @@ def bench_model(encoder, variants: Sequence[str], box_counts: Sequence[int], ima
                   "embedding_cos_min_ge_0.999": fid_ok,
                   "int8_embedding_cos_min_ge_0.99": None if int8_cos is None else int8_cos >= 0.99},
     }
+
+
+def parse_methods(arg: str) -> List[str]:
+    """``--method``: ``all`` or a comma list of ``core.registry.METHODS`` -> the list, RUNA first (the
+    reference). ValueError for an unknown name."""
+    names = list(METHODS) if str(arg).strip() == "all" else [m.strip() for m in str(arg).split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown --method {unknown or arg!r}; choose among {list(METHODS)} or 'all'")
+    return ["runa"] + [m for m in dict.fromkeys(names) if m != "runa"]
+
+
+def trunk_passes(method, n_boxes: int) -> int:
+    """Views through the trunk per frame of ``n_boxes`` boxes: per-box views once per box, per-image once."""
+    return sum(1 if v in PER_IMAGE_VIEWS else int(n_boxes) for v in method.views_for("dual"))
+
+
+def _untrained_head(scorer, image: np.ndarray, boxes: np.ndarray):
+    """A head of the scorer's method with 0 training epochs (its initial weights): the cost of a trained
+    head, meaningless scores (benchmarks only)."""
+    import torch
+
+    from ..core.methods.heads import Head
+
+    feats = scorer.encode(image, boxes, views=getattr(scorer.method, "fit_views", None))
+    ok = np.flatnonzero(feats.status == 0)
+    y = torch.arange(ok.size) % len(scorer.label_set)
+    state, _, hyper = scorer.method.fit(feats.rows(ok), y, scorer.text_emb, epochs=0)
+    return Head(scorer.method.name, state, {"hyper": hyper}, f"untrained {scorer.method.name} head (bench)")
+
+
+def bench_methods(encoder, methods: Sequence[str], box_counts: Sequence[int], image: np.ndarray,
+                  ann_boxes: np.ndarray, args, cuda: bool, baselines: Dict[str, Any]) -> Dict[str, Any]:
+    """Every method's frame time on the torch backend, interleaved (see the module docstring).
+
+    Returns ``{"backend", "results": {method: {box count: percentiles, trunk_passes, speedup_vs_runa_p50,
+    speedup_vs_naive_p50, speedup_vs_naive_b2_p50}}, "goals", "untrained_heads"}``; ``baselines`` are
+    :func:`bench_model`'s results (the naive loops, timed in that run)."""
+    import torch
+
+    from ..core.pipeline import OodScorer
+
+    encoder.set_backend(None)
+    scorers, untrained = {}, []
+    for m in methods:
+        sc = OodScorer(encoder, args.labels, method=m)
+        if sc.method.needs_head:
+            sc.method.set_head(_untrained_head(sc, image, cycle_boxes(ann_boxes, 4)))
+            untrained.append(m)
+        scorers[m] = sc
+    frames = {n: cycle_boxes(ann_boxes, n) for n in box_counts}
+
+    def run_frame(m: str, boxes: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        res = scorers[m].score(image, boxes)
+        if res.error:
+            raise RuntimeError(f"{m}: {res.error}")
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    samples = interleaved(run_frame, list(methods), frames, args, f"methods {encoder.model_name}")
+    results: Dict[str, Dict[str, Any]] = {}
+    for m in methods:
+        results[m] = {}
+        for n in box_counts:
+            st = percentiles(samples[m][n])
+            st["trunk_passes"] = trunk_passes(scorers[m].method, n)
+            results[m][str(n)] = st
+    for m in methods:
+        for n in box_counts:
+            r = results[m][str(n)]
+            r["speedup_vs_runa_p50"] = results["runa"][str(n)]["p50_ms"] / r["p50_ms"]
+            for base in BASELINES:
+                r[f"speedup_vs_{base.replace('-', '_')}_p50"] = baselines[base][str(n)]["p50_ms"] / r["p50_ms"]
+    goals = {}
+    if 10 in box_counts:
+        t10 = {m: results[m]["10"]["p50_ms"] for m in methods}
+        if "tagood" in t10:
+            goals["tagood_le_1/8_of_runa_at_10_boxes"] = t10["tagood"] <= t10["runa"] / 8
+        if "uni-ood" in t10:
+            goals["uni-ood_le_1.5x_runa_at_10_boxes"] = t10["uni-ood"] <= 1.5 * t10["runa"]
+    return {"backend": "torch", "methods": list(methods), "results": results, "goals": goals,
+            "untrained_heads": untrained}
+
+
+def _print_methods(sec: Dict[str, Any], model: str) -> None:
+    counts = list(next(iter(sec["results"].values())))
+    print(f"\n{model}: methods on the {sec['backend']} backend (p50 ms per frame; trunk passes; speed-up vs RUNA)")
+    print(f"{'method':<10}" + "".join(f"{n + ' boxes':>28}" for n in counts))
+    for m, res in sec["results"].items():
+        print(f"{m:<10}" + "".join(f"{res[n]['p50_ms']:>12.1f} ms {res[n]['trunk_passes']:>4} pass "
+                                   f"{res[n]['speedup_vs_runa_p50']:>5.2f}x" for n in counts))
+    if sec["untrained_heads"]:
+        print(f"  untrained heads (speed only): {', '.join(sec['untrained_heads'])}")
+    for goal, met in sec["goals"].items():
+        print(f"  goal {goal}: {'met' if met else 'NOT met'}")
+
+
+def interleaved(run_frame, names: List[str], frames: Dict[int, np.ndarray], args, desc: str
+                ) -> Dict[str, Dict[int, List[float]]]:
+    """``{name: {box count: [ms, ...]}}``: ``args.warmup`` untimed frames per name first (first-call
+    allocations, lazy runtime init), then ``args.rounds`` rounds, each over every box count and every name
+    (who goes first rotates per round), ``args.repeats`` frames each, so slow bursts hit all names alike."""
+    counts = list(frames)
+    for name in names:
+        for _ in range(args.warmup):
+            run_frame(name, frames[min(counts)])
+    samples: Dict[str, Dict[int, List[float]]] = {v: {n: [] for n in counts} for v in names}
+    bar = _bar(args.rounds * len(counts) * len(names) * args.repeats, desc, args)
+    for r in range(args.rounds):
+        for n in counts:
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                for _ in range(args.repeats):
+                    samples[name][n].append(run_frame(name, frames[n]))
+                    if bar is not None:
+                        bar.update(1)
+    if bar is not None:
+        bar.close()
+    return samples
 
 
 def _bar(total: int, desc: str, args):

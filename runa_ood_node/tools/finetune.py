@@ -30,7 +30,13 @@ LOG = logging.getLogger("runa_ood_node.tools.finetune")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..core.registry import DEFAULT_METHOD, METHODS
+
     common.add_common_arguments(parser)
+    if "--method" not in parser._option_string_actions:  # the shared arguments may already offer it
+        parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                            help="the method whose head is trained (default %(default)s); every method writes a head "
+                                 "folder (head.pt + head.yaml) for --head / the node's head parameter")
     g = parser.add_argument_group("fine-tuning (paper defaults)")
     g.add_argument("--shots", type=int, default=10, help="ID boxes drawn per class (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of the shot draw and the batch order (default %(default)s)")
@@ -87,7 +93,6 @@ def shot_features(scorer, dataset, shots, use_cache: bool = True, progress: bool
     """
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     from ..core.boxes import BoxStatus
     from ..core.paths import cache_dir
@@ -109,17 +114,7 @@ def shot_features(scorer, dataset, shots, use_cache: bool = True, progress: bool
     n = len(shots)
     feats = torch.full((n, encoder.width), float("nan"))
     keep = np.zeros(n, bool)
-    groups = shots.by_frame()
-    for fi, positions in tqdm(groups.items(), desc="shot features", unit="img", disable=not progress, leave=False):
-        fr = dataset.frames[fi]
-        try:
-            img = dataset.load_image(fr)
-        except Exception as exc:
-            LOG.warning("dropping %d shot(s) of %s: %s", len(positions), fr.path, exc)
-            continue
-        enc = scorer.encode(img, fr.boxes[shots.box_idx[positions]], box_format="xywh", views=("regional",))
-        if enc.error:
-            LOG.error("shots of %s: %s", fr.path, enc.error)
+    for fr, positions, enc in _encoded_shots(scorer, dataset, shots, ("regional",), progress):
         good = (enc.status == BoxStatus.OK) & torch.isfinite(enc.f_r).all(dim=1).numpy()
         if not good.all():
             LOG.warning("dropping %d unencodable shot box(es) of %s", int((~good).sum()), fr.path)
@@ -134,6 +129,25 @@ def shot_features(scorer, dataset, shots, use_cache: bool = True, progress: bool
         except OSError as exc:
             LOG.warning("cannot write feature cache %s: %s", path, exc)
     return feats, keep
+
+
+def _encoded_shots(scorer, dataset, shots, views, progress: bool = False):
+    """``(frame, shot positions, BoxFeatures)`` per image holding shots: ``scorer.encode`` of its shot
+    boxes (xywh) with ``views``; images that cannot be read are logged and skipped."""
+    from tqdm import tqdm
+
+    groups = shots.by_frame()
+    for fi, positions in tqdm(groups.items(), desc="shot features", unit="img", disable=not progress, leave=False):
+        fr = dataset.frames[fi]
+        try:
+            img = dataset.load_image(fr)
+        except Exception as exc:
+            LOG.warning("dropping %d shot(s) of %s: %s", len(positions), fr.path, exc)
+            continue
+        enc = scorer.encode(img, fr.boxes[shots.box_idx[positions]], box_format="xywh", views=views)
+        if enc.error:
+            LOG.error("shots of %s: %s", fr.path, enc.error)
+        yield fr, positions, enc
 
 
 def run(args) -> int:
@@ -169,6 +183,8 @@ def _run(args) -> int:
     LOG.info("%d shots over %d classes (%d per class requested; short: %s)", len(shots), len(label_set),
              args.shots, shots.report["short_classes"] or "none")
 
+    if scorer.method.name != "runa":  # the other methods' heads: the method's own fit on its own features
+        return _fit_head(args, scorer, dataset, shots, out)
     t0 = time.perf_counter()
     feats, keep = shot_features(scorer, dataset, shots, use_cache=not args.no_feature_cache,
                                 progress=not args.no_progress)
@@ -202,6 +218,7 @@ def _run(args) -> int:
     if rw:
         meta["warning"] = common.RANDOM_LABEL
     pt = ft.save_projection(out, proj, meta)
+    _save_head(out, scorer, label_set, {"proj_regional": proj}, curve, meta)
     lp = plots.loss_plot(curve, out / "loss_curve.png",
                          title=f"Eq. 7 loss, {len(kept_pos)} shots, {label_set.name} ({encoder.model_name})",
                          random_weights=rw)
@@ -244,4 +261,63 @@ def _run(args) -> int:
     print(f"wrote {pt}, {lp} and {out / 'finetune_report.json'}")
     if rw:
         common.banner([common.RANDOM_LABEL, "this projection was trained on a RANDOM model: plumbing check only"])
+    return 0
+
+
+def _save_head(out, scorer, label_set, state, curve, extra):
+    """The head folder files (``core.methods.heads``) of any method: head.pt + head.yaml."""
+    from ..core.methods.heads import head_meta, save_head
+
+    hyper = {k: extra[k] for k in ("lr", "epochs", "batch_size", "tau", "weight_decay", "seed") if k in extra}
+    hyper.update(extra.get("hyper") or {})
+    meta = head_meta(scorer.encoder, label_set, hyper, curve, shots=extra.get("shots"), n_shots=extra.get("n_shots"))
+    return save_head(out, scorer.method.name, state, meta)
+
+
+def _fit_head(args, scorer, dataset, shots, out) -> int:
+    """Few-shot fit of a non-RUNA method: encode the shot boxes with the views the method fits on (the
+    scorer's own view maker and backend, one backend call per image), ``method.fit`` -> head folder."""
+    import numpy as np
+    import torch
+
+    from ..core.boxes import BoxStatus
+    from ..core.pipeline import BoxFeatures
+    from . import plots
+
+    method, encoder, label_set = scorer.method, scorer.encoder, dataset.label_set
+    rw = bool(encoder.random_weights)
+    t0 = time.perf_counter()
+    parts, labels = [], []
+    for fr, positions, enc in _encoded_shots(scorer, dataset, shots, getattr(method, "fit_views", None),
+                                             not args.no_progress):
+        good = np.flatnonzero(enc.status == BoxStatus.OK)
+        if good.size < len(positions):
+            LOG.warning("dropping %d unencodable shot box(es) of %s", len(positions) - good.size, fr.path)
+        if good.size:
+            parts.append(BoxFeatures(enc.boxes_xyxy[good], enc.status[good], enc.rows(good), {}, views=enc.views,
+                                     image_wh=enc.image_wh[good]))
+            labels.extend(int(v) for v in np.asarray(shots.label_idx)[np.asarray(positions)[good]])
+    if not parts:
+        raise common.fail(["no shot could be encoded (see the warnings above)"])
+    feats = BoxFeatures.concat(parts)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    feat_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    state, curve, hyper = method.fit(feats.data, y, scorer.text_emb, progress=not args.no_progress,
+                                     epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    train_s = time.perf_counter() - t1
+    folder = _save_head(out, scorer, label_set, state, curve, {"hyper": hyper, "shots": args.shots, "n_shots": len(labels)})
+    lp = plots.loss_plot(curve, out / "loss_curve.png", title=f"{method.name} loss, {len(labels)} shots, "
+                         f"{label_set.name} ({encoder.model_name})", random_weights=rw)
+    report = {"random_weights": rw, "warning": common.RANDOM_LABEL if rw else None, "method": method.name,
+              "config": common.tool_config(args, encoder), "head": str(folder), "loss_curve_png": lp.name,
+              "shots": shots.report, "n_shots_used": len(labels), "hyper": hyper,
+              "seconds": {"features": feat_s, "training": train_s},
+              "loss_first_epoch": curve[0] if curve else None, "loss_last_epoch": curve[-1] if curve else None}
+    common.write_json(out / "finetune_report.json", report)
+    print(f"{method.name} head on {len(labels)} shots: loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else
+          f"{method.name} head on {len(labels)} shots (no epochs)")
+    print(f"wrote {folder}, {lp} and {out / 'finetune_report.json'}")
+    if rw:
+        common.banner([common.RANDOM_LABEL, "this head was trained on a RANDOM model: plumbing check only"])
     return 0
