@@ -661,19 +661,11 @@ def score_boxes(enc: EncodedBoxes, scorer: Optional[str] = None, ablation: Optio
 
     ``scorer`` / ``ablation`` / ``lam`` / ``temperature``: None = the pipeline's own settings.
     ``regional_projection``: optional ``[width, D]`` to use as ``P_r`` for this call only, e.g.
-    ``finetune``'s before/after comparison. It is given to a shallow copy of the pipeline and its
-    encoder (same model, own projection): the shared encoder is never changed, so a scorer used
-    elsewhere (another thread, a later call) keeps its own ``P_r``.
+    ``finetune``'s before/after comparison: passed as ``score_features(head=...)``, so nothing shared
+    (encoder, method) is changed and a scorer used elsewhere keeps its own ``P_r``.
     """
-    import copy
-
-    pipe = enc.pipeline
-    if regional_projection is not None:
-        encoder = copy.copy(pipe.encoder)
-        encoder.set_regional_projection(regional_projection)  # rebinds the copy's attribute only
-        pipe = copy.copy(pipe)
-        pipe.encoder = encoder
-    res = pipe.score_features(enc.features, scorer=scorer, ablation=ablation, lam=lam, temperature=temperature)
+    res = enc.pipeline.score_features(enc.features, scorer=scorer, ablation=ablation, lam=lam,
+                                      temperature=temperature, head=regional_projection)
     return ScoredBoxes(res.uncertainty, res.label_idx, list(res.label), res.similarity, res.status,
                        res.timings["score"] / 1e3, res)
 
