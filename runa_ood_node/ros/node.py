@@ -686,6 +686,8 @@ class RunaOodNode(LifecycleNode):
                             self._frame_done(cam, "internal_error")
                         else:  # already accounted (scored): the failure came after its results were out
                             cam.counters["secondary_output_errors"] += 1
+                if not self.context.ok():  # ROS is shutting down (Ctrl-C) under the worker
+                    continue
                 self.get_logger().error(f"internal error while scoring the frames stamped "
                                         f"{', '.join(f'{p.image_stamp_ns * 1e-9:.3f} s{c.tag}' for c, p, _ in batch)}: "
                                         f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}",
@@ -834,6 +836,8 @@ class RunaOodNode(LifecycleNode):
             except Exception as exc:
                 with self._lock:
                     cam.counters["secondary_output_errors"] += 1
+                if not self.context.ok():  # ROS is shutting down (Ctrl-C) under the worker: nothing to report
+                    return
                 log.error(f"internal error in alerts/drawing for the frame{cam.tag} stamped "
                           f"{pair.image_stamp_ns * 1e-9:.3f} s (scores were published): {type(exc).__name__}: {exc}\n"
                           f"{traceback.format_exc(limit=6)}", throttle_duration_sec=5.0)
