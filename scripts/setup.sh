@@ -65,10 +65,11 @@ PYEOF
   touch "$VENV/.runa_cmake_fixed"
 fi
 
-# 3. Interface packages (runa_ood_msgs, vision_msgs) with colcon
+# 3. Interface packages (runa_ood_msgs, vision_msgs, foxglove_msgs) with colcon
 WS="$ROOT/ros2_ws"
 if [ -d "$WS/src" ] && [ -n "$(ls -A "$WS/src" 2>/dev/null)" ]; then
-  WS_HASH=$( { find "$WS/src" -type f | sort | xargs cat; echo "system_vision_msgs=${RUNA_SYSTEM_VISION_MSGS:-}"; } \
+  WS_HASH=$( { find "$WS/src" -type f | sort | xargs cat; echo "system_vision_msgs=${RUNA_SYSTEM_VISION_MSGS:-}"
+              [ -z "${RUNA_SYSTEM_FOXGLOVE_MSGS:-}" ] || echo "system_foxglove_msgs=$RUNA_SYSTEM_FOXGLOVE_MSGS"; } \
             | sha256sum | cut -c1-16)
   if [ "$(cat "$WS/.runa_built" 2>/dev/null)" != "$WS_HASH" ] || [ ! -f "$WS/install/setup.bash" ]; then
     log "building interface packages in ros2_ws (colcon)"
@@ -76,11 +77,13 @@ if [ -d "$WS/src" ] && [ -n "$(ls -A "$WS/src" 2>/dev/null)" ]; then
       cd "$WS"
       export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" AMENT_PREFIX_PATH="$VENV"
       export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
-      # On a ROS installation that already has vision_msgs, use that one (same type hashes):
-      # RUNA_SYSTEM_VISION_MSGS=1 [RUNA_SYSTEM_PREFIX=/opt/ros/<distro>] bash scripts/setup.sh
+      # On a ROS installation that already has vision_msgs / foxglove_msgs, use those (same type hashes):
+      # RUNA_SYSTEM_VISION_MSGS=1 RUNA_SYSTEM_FOXGLOVE_MSGS=1 [RUNA_SYSTEM_PREFIX=/opt/ros/<distro>] bash scripts/setup.sh
       SKIP=()
-      if [ -n "${RUNA_SYSTEM_VISION_MSGS:-}" ]; then
-        SKIP=(--packages-skip vision_msgs)
+      [ -n "${RUNA_SYSTEM_VISION_MSGS:-}" ] && SKIP+=(vision_msgs)
+      [ -n "${RUNA_SYSTEM_FOXGLOVE_MSGS:-}" ] && SKIP+=(foxglove_msgs)
+      if [ ${#SKIP[@]} -gt 0 ]; then
+        SKIP=(--packages-skip "${SKIP[@]}")
         AMENT_PREFIX_PATH="$VENV:${RUNA_SYSTEM_PREFIX:-/opt/ros/${ROS_DISTRO:-kilted}}"
       fi
       "$VENV/bin/colcon" --log-base log build --merge-install "${SKIP[@]}" \

@@ -37,28 +37,34 @@ def _installed_hashes(package):
 
 
 def test_rosidl_hashes_equal_upstream():
-    hashes = _installed_hashes("vision_msgs")
     for name, want in msgdefs.UPSTREAM_TYPE_HASHES.items():
-        assert hashes[name] == want, name
+        assert _installed_hashes(name.split("/")[0])[name] == want, name
 
 
 def test_rclpy_reports_upstream_hash_on_the_wire():
-    """The hash a running publisher advertises (what a real detector's subscriber compares)."""
+    """The hash a running publisher advertises (what a real detector's or Foxglove consumer's
+    subscriber compares), for every type with a known upstream hash."""
+    import importlib
+
     import rclpy
 
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     try:
         node = rclpy.create_node("hash_probe", context=ctx)
-        node.create_publisher(vision_msg.Detection2DArray, "hash_probe_detections", 1)
-        infos, deadline = [], time.monotonic() + 10.0
-        while not infos and time.monotonic() < deadline:
-            infos = node.get_publishers_info_by_topic("/hash_probe_detections")
-            if not infos:
-                time.sleep(0.05)
-        assert infos, "own publisher never appeared in the graph"
-        assert infos[0].topic_type == "vision_msgs/msg/Detection2DArray"
-        assert str(infos[0].topic_type_hash) == UPSTREAM_DETECTION2DARRAY
+        for i, (name, want) in enumerate(sorted(msgdefs.UPSTREAM_TYPE_HASHES.items())):
+            package, _, typ = name.split("/")
+            topic = f"/hash_probe_{i}"
+            node.create_publisher(getattr(importlib.import_module(package + ".msg"), typ), topic, 1)
+            infos, deadline = [], time.monotonic() + 10.0
+            while not infos and time.monotonic() < deadline:
+                infos = node.get_publishers_info_by_topic(topic)
+                if not infos:
+                    time.sleep(0.05)
+            assert infos, f"own {name} publisher never appeared in the graph"
+            assert infos[0].topic_type == name
+            assert str(infos[0].topic_type_hash) == want, name
+        assert msgdefs.UPSTREAM_TYPE_HASHES["vision_msgs/msg/Detection2DArray"] == UPSTREAM_DETECTION2DARRAY
         node.destroy_node()
     finally:
         rclpy.shutdown(context=ctx)

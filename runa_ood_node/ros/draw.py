@@ -1,4 +1,4 @@
-"""Debug drawing for runa_ood_node: the annotated image and RViz markers.
+"""Debug drawing for runa_ood_node: the annotated image, RViz markers and Foxglove image annotations.
 
 Colours (RGB): in-distribution boxes green :data:`ID_RGB`, OOD boxes red :data:`OOD_RGB`, boxes that
 were not scored (any status other than OK) grey :data:`NOT_SCORED_RGB`. Each box carries a label:
@@ -12,8 +12,23 @@ With ``random_weights`` a yellow banner "RANDOM WEIGHTS - NOT A QUALITY RESULT" 
 bottom of the image (OpenCV's Hershey fonts are ASCII-only, so the banner uses a hyphen where
 :data:`WATERMARK` has an em dash).
 
-:func:`annotate` needs only NumPy and OpenCV; :func:`make_markers` imports the message packages
-when called (nothing ROS is imported at module import).
+:func:`annotate` needs only NumPy and OpenCV; :func:`make_markers` and :func:`make_image_annotations`
+import the message packages when called (nothing ROS is imported at module import).
+
+Foxglove image annotations
+--------------------------
+:func:`make_image_annotations` gives the same boxes, colours and labels as a
+``foxglove_msgs/ImageAnnotations`` that Foxglove / Lichtblick draw on the client over the image
+(Image panel, "annotations" of the camera topic). Every annotation carries the image's stamp (the
+panel pairs annotations with the image by it). Per box one ``PointsAnnotation`` ``LINE_LOOP`` of the 4
+corners ``(x1,y1) (x2,y1) (x2,y2) (x1,y2)`` in the image's pixel coordinates (origin at the top-left
+corner of the top-left pixel, as core's boxes), outlined in the box's colour, no fill; and one
+``TextAnnotation`` with the label, its bottom-left corner at the box's top-left corner (inside the
+box when it touches the image's top), text on a background of the box's colour, as in the annotated
+image. Then, top-left, "+N boxes not drawn"
+when :func:`select_boxes` left boxes out, and with ``random_weights`` the :data:`WATERMARK` text.
+:func:`annotation_items` decides all of it; :func:`make_image_annotations` makes the rclpy
+message of it and ``wire.write_image_annotations`` its CDR bytes (what the node publishes).
 
 Marker frame
 ------------
@@ -94,11 +109,21 @@ def _box_style(frame_result, i: int) -> Tuple[Tuple[int, int, int], str]:
     return ID_RGB, f"{label} {u:.2f}"
 
 
+def _ink(color: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    """Text colour on a label background of ``color``: black on green and grey, white on red."""
+    return (0, 0, 0) if color == ID_RGB or color == NOT_SCORED_RGB else (255, 255, 255)
+
+
 def _finite_box(frame_result, i: int) -> Optional[Tuple[float, float, float, float]]:
-    b = np.asarray(frame_result.boxes_xyxy[i], dtype=np.float64)
-    if b.shape != (4,) or not np.all(np.isfinite(b)):
+    """Box ``i`` as 4 finite floats, else None (per box and plain floats: cheaper than NumPy on
+    one row, and every drawing calls it for each box it draws)."""
+    try:
+        b = tuple(float(v) for v in frame_result.boxes_xyxy[i])
+    except (TypeError, ValueError):
         return None
-    return tuple(float(v) for v in b)
+    if len(b) != 4 or not all(map(math.isfinite, b)):
+        return None
+    return b
 
 
 def annotate(rgb: np.ndarray, frame_result, random_weights: bool = False,
@@ -147,8 +172,7 @@ def annotate(rgb: np.ndarray, frame_result, random_weights: bool = False,
         ty = y1 - pad - base if y1 - th - base - 2 * pad >= 0 else y1 + th + pad + thick
         tx = min(max(0, x1), max(0, w - tw - 2 * pad))
         cv2.rectangle(out, (tx, ty - th - pad), (tx + tw + 2 * pad, ty + base), color, cv2.FILLED)
-        ink = (0, 0, 0) if color == ID_RGB or color == NOT_SCORED_RGB else (255, 255, 255)
-        cv2.putText(out, text, (tx + pad, ty), font, fscale, ink, 1, cv2.LINE_AA)
+        cv2.putText(out, text, (tx + pad, ty), font, fscale, _ink(color), 1, cv2.LINE_AA)
     if omitted:
         text = f"+{omitted} boxes not drawn"
         (tw, th), base = cv2.getTextSize(text, font, fscale, 1)
@@ -248,3 +272,74 @@ def make_markers(header, frame_result, width: int, height: int, ns: str = "runa_
         markers += [rect, label]
     out.markers = markers
     return out
+
+
+#: stroke of the Foxglove box outlines and size of their label texts, in image pixels
+ANNOTATION_THICKNESS = 2.0
+ANNOTATION_FONT_SIZE = 14.0
+
+
+def annotation_items(frame_result, indices: Optional[np.ndarray] = None, random_weights: bool = False):
+    """What the Foxglove annotations draw (see the module docstring), free of any message type:
+    ``(outlines, texts)``, ``outlines`` a list of ``(x1, y1, x2, y2, rgb)`` boxes in drawing order,
+    ``texts`` a list of ``(x, y, text, ink_rgb, background_rgb)`` (``(x, y)``: the text's bottom-left
+    corner). :func:`make_image_annotations` turns them into a message, ``wire.write_image_annotations``
+    into its bytes. Arguments as :func:`make_image_annotations`."""
+    omitted = 0
+    if indices is None:
+        indices, omitted = select_boxes(frame_result)
+    outlines, texts = [], []
+    for i in np.asarray(indices, np.intp).tolist():
+        box = _finite_box(frame_result, i)
+        if box is None:
+            continue
+        rgb, label = _box_style(frame_result, i)
+        x1, y1, x2, y2 = box
+        outlines.append((x1, y1, x2, y2, rgb))
+        # above the box; inside it, under its top edge, when the box touches the image's top
+        ty = y1 if y1 >= ANNOTATION_FONT_SIZE else y1 + ANNOTATION_FONT_SIZE + ANNOTATION_THICKNESS
+        texts.append((x1, ty, label, _ink(rgb), rgb))
+    line = ANNOTATION_FONT_SIZE + 4.0
+    row = 1
+    if omitted:
+        texts.append((0.0, line * row, f"+{omitted} boxes not drawn", (0, 0, 0), NOT_SCORED_RGB))
+        row += 1
+    if random_weights:
+        texts.append((0.0, line * row, WATERMARK, WATERMARK_RGB, (0, 0, 0)))
+    return outlines, texts
+
+
+def make_image_annotations(header, frame_result, indices: Optional[np.ndarray] = None,
+                           random_weights: bool = False):
+    """``foxglove_msgs/ImageAnnotations`` of the boxes (see the module docstring), as an rclpy
+    message. A publisher on the hot path should send the same message as bytes,
+    ``wire.write_image_annotations`` (equal to this message's serialization): rclpy's message
+    objects (six per box) cost far more to build and serialize than the bytes do.
+
+    Args:
+        header: the source image's header (``std_msgs/Header`` or ``wire.Header``); its stamp is
+            every annotation's ``timestamp``.
+        frame_result: core ``FrameResult`` (or any object with ``boxes_xyxy``, ``status``,
+            ``uncertainty``, ``label``, ``is_ood``); None: no boxes (only the watermark, if asked).
+        indices: the boxes to draw, in drawing order (default :func:`select_boxes`: bounded, OOD
+            last so on top; the boxes it leaves out are named in a "+N boxes not drawn" text).
+        random_weights: add the :data:`WATERMARK` text (the model is untrained).
+    """
+    Time = _msg("builtin_interfaces", "Time")
+    Color, Point2 = _msg("foxglove_msgs", "Color"), _msg("foxglove_msgs", "Point2")
+    PointsAnnotation, TextAnnotation = _msg("foxglove_msgs", "PointsAnnotation"), _msg("foxglove_msgs", "TextAnnotation")
+    sec, nanosec = int(header.stamp.sec), int(header.stamp.nanosec)
+
+    def color(rgb: Tuple[int, int, int], alpha: float = 1.0):
+        return Color(r=rgb[0] / 255.0, g=rgb[1] / 255.0, b=rgb[2] / 255.0, a=float(alpha))
+
+    outlines, texts = annotation_items(frame_result, indices, random_weights)
+    points = [PointsAnnotation(
+        timestamp=Time(sec=sec, nanosec=nanosec), type=PointsAnnotation.LINE_LOOP,
+        points=[Point2(x=x, y=y) for x, y in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))],
+        outline_color=color(rgb), outline_colors=[], fill_color=color((0, 0, 0), 0.0),
+        thickness=ANNOTATION_THICKNESS) for x1, y1, x2, y2, rgb in outlines]
+    labels = [TextAnnotation(timestamp=Time(sec=sec, nanosec=nanosec), position=Point2(x=x, y=y), text=text,
+                             font_size=ANNOTATION_FONT_SIZE, text_color=color(ink), background_color=color(bg))
+              for x, y, text, ink, bg in texts]
+    return _msg("foxglove_msgs", "ImageAnnotations")(circles=[], points=points, texts=labels)

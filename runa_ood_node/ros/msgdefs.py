@@ -1,4 +1,4 @@
-"""Message definitions of ``vision_msgs`` and ``runa_ood_msgs`` for offline (rosbags) tools.
+"""Message definitions of ``vision_msgs``, ``runa_ood_msgs`` and ``foxglove_msgs`` for offline (rosbags) tools.
 
 The bag tools (make-bag, replay, evaluate) read and write ROS 2 bags with ``rosbags``, which needs
 the ``.msg`` text of every non-standard type. This module finds those files and registers them in
@@ -27,11 +27,13 @@ import pathlib
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
-#: Packages registered by :func:`register_types`, in dependency order.
-PACKAGES = ("vision_msgs", "runa_ood_msgs")
+#: Packages registered by :func:`register_types`, in dependency order (foxglove_msgs: the image
+#: annotations the node publishes for Foxglove, ``ros2_ws/src/foxglove_msgs``).
+PACKAGES = ("vision_msgs", "runa_ood_msgs", "foxglove_msgs")
 
-#: Upstream (ros-perception/vision_msgs, ros2 branch) type hashes, as rosidl computes them.
-#: Used by tests and by tools that warn when a local vision_msgs is not wire-compatible.
+#: Upstream type hashes, as rosidl computes them (ros-perception/vision_msgs, ros2 branch;
+#: foxglove_msgs 3.x as released, see ros2_ws/src/foxglove_msgs). Used by tests and by tools that
+#: warn when a local package is not wire-compatible.
 UPSTREAM_TYPE_HASHES = {
     "vision_msgs/msg/Detection2DArray":
         "RIHS01_214274120007f4a683866481336b70310268cfa107aebe9d594a6acf75bda968",
@@ -39,6 +41,8 @@ UPSTREAM_TYPE_HASHES = {
         "RIHS01_3d37df4015cdf660cc851c51897f2acd957e1ca6205ba0a99aebffb9406b0783",
     "vision_msgs/msg/VisionClass":
         "RIHS01_1e4a11f0fed50b5623cb8ff26ca0e37952a48a9c074d16f804b44e9164c2037a",
+    "foxglove_msgs/msg/ImageAnnotations":
+        "RIHS01_47c6c0891ba263ec1b20d9b785c4261d4bc41051cbcc01668130e36aa2dcaee3",
 }
 
 MSG_PATH_ENV = "RUNA_OOD_MSG_PATH"

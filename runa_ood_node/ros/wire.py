@@ -16,6 +16,8 @@ of those outputs, for the node and the offline tools alike:
   ``DriverAlert`` with its objects). Each detection is embedded **as its bytes**: copied when it
   lands at the same offset modulo 8 as in the input, else re-laid with the 8-byte-aligned blocks
   (hypothesis scores and poses, the box) moved by 4 bytes - never deserialized and rebuilt.
+* :func:`write_image_annotations`: ``foxglove_msgs/ImageAnnotations`` of the drawn boxes
+  (``draw.annotation_items``), what ``draw.make_image_annotations`` builds as message objects.
 
 Why: ``runa-ood bench-node`` measured the generic deserializers (rclpy's and ``rosbags``') at
 several times the cost of this flat reading on the node's critical path (numbers in the README).
@@ -408,5 +410,51 @@ def write_alert(header, level: int, source: int, reason: str, dets: Optional[Det
     return bytes(o.buf)
 
 
+def write_image_annotations(header, frame_result, indices=None, random_weights: bool = False) -> bytes:
+    """``foxglove_msgs/ImageAnnotations`` bytes of ``draw.make_image_annotations`` (the same
+    arguments; equal to rclpy's serialization of that message, byte for byte), written from
+    ``draw.annotation_items``: every annotation stamped with ``header``'s stamp, per box a 4-point
+    ``LINE_LOOP`` outline (no fill) and a label text."""
+    from . import draw
+
+    outlines, texts = draw.annotation_items(frame_result, indices, random_weights)
+    stamp = _STAMP.pack(int(header.stamp.sec), int(header.stamp.nanosec))
+    thick, size = float(draw.ANNOTATION_THICKNESS), float(draw.ANNOTATION_FONT_SIZE)
+    o = _Out()
+    o.count(0)  # circles
+    o.count(len(outlines))
+    for x1, y1, x2, y2, rgb in outlines:
+        o.align(4)
+        o.buf += stamp
+        o.buf += b"\x02"  # PointsAnnotation.LINE_LOOP
+        o.count(4)
+        o.align(8)
+        o.buf += _OUTLINE.pack(x1, y1, x2, y1, x2, y2, x1, y2, *_rgba(rgb))
+        o.count(0)  # outline_colors
+        o.align(8)
+        o.buf += _FILL_THICKNESS.pack(0.0, 0.0, 0.0, 0.0, thick)
+    o.count(len(texts))
+    for x, y, text, ink, bg in texts:
+        o.align(4)
+        o.buf += stamp
+        o.align(8)
+        o.buf += _XY.pack(x, y)
+        o.string(text)
+        o.align(8)
+        o.buf += _TEXT_TAIL.pack(size, *_rgba(ink), *_rgba(bg))
+    return bytes(o.buf)
+
+
+def _rgba(rgb) -> Tuple[float, float, float, float]:
+    return rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0, 1.0
+
+
+_OUTLINE = struct.Struct("<12d")  # 4 corners, outline_color
+_FILL_THICKNESS = struct.Struct("<5d")  # fill_color, thickness
+_XY = struct.Struct("<2d")
+_TEXT_TAIL = struct.Struct("<9d")  # font_size, text_color, background_color
+
+
 __all__ = ["CdrError", "Header", "Time", "ImageView", "Detections", "header_stamp_ns", "read_image",
-           "read_compressed", "read_detections", "ood_fields", "write_ood_array", "write_ood_only", "write_alert"]
+           "read_compressed", "read_detections", "ood_fields", "write_ood_array", "write_ood_only", "write_alert",
+           "write_image_annotations"]

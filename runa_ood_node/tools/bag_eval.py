@@ -58,6 +58,7 @@ OUTPUT_TOPICS: Dict[str, str] = {
     "/ood/monitor_health": "runa_ood_msgs/msg/DriverAlert",
     "/ood/annotated_image": "sensor_msgs/msg/Image",
     "/ood/markers": "visualization_msgs/msg/MarkerArray",
+    "/ood/image_annotations": "foxglove_msgs/msg/ImageAnnotations",
     "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
 }
 NODE_EXECUTABLE = "runa_ood_node"

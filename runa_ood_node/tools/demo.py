@@ -11,7 +11,9 @@
 3. starts the node (``runa_ood_node`` subprocess), replays the bag into it and collects its outputs;
 4. prints the per-box table and the driver-alert timeline, writes one annotated PNG per frame
    (``ros.draw.annotate``), a contact sheet, ``report.txt``, ``demo.json`` and the node's outputs
-   as a bag (``output_bag``, for Foxglove / RViz) under ``--out`` (default ``out/demo``).
+   as a bag (``output_bag``, for Foxglove / RViz: the input image, ``/ood/image_annotations``
+   that Foxglove draws over it, the alerts, ...) under ``--out`` (default ``out/demo``), with
+   ``foxglove_layout.json``, the Foxglove / Lichtblick layout that shows that bag.
 
 Random weights: every table, image and file is marked (banner, watermark, ``random_weights`` in
 the JSON) and no quality figure (FPR95 / AUROC) is printed, because none would mean anything.
@@ -35,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import bagio, bag_eval, make_bag
+from . import bagio, bag_eval, foxglove_layout, make_bag
 
 LOG = logging.getLogger("runa_ood_node.tools.demo")
 
@@ -333,6 +335,11 @@ def run(args) -> int:
         print(f"demo failed: {exc}\nInstall/build first: bash scripts/setup.sh && source scripts/env.sh", file=sys.stderr)
         return 1
 
+    layout_path = out / "foxglove_layout.json"
+    # every frame of the demo has boxes: the panel pairs each image with its own annotations
+    layout_path.write_text(foxglove_layout.dumps(foxglove_layout.layout([(None, live["image_topic"])],
+                                                                        synchronize=True)))
+
     # 5) tables
     gt = bag_eval.ground_truth_map(bag_path)
     records = bag_eval.live_records(live, gt)
@@ -402,8 +409,8 @@ def run(args) -> int:
         head.append(f"on these {m['n_id']} ID / {m['n_ood']} OOD boxes (a handful, not a benchmark): "
                     f"FPR95 {m['fpr95']:.3f}  AUROC {m['auroc']:.3f}")
     report_text = "\n".join(head) + "\n\nPER-BOX TABLE\n" + table + "\n\nALERT TIMELINE\n" + alerts_text + \
-        f"\n\nfiles: {sheet_path}, {frames_dir}/frame_*.png, {out / 'output_bag'} (Foxglove/RViz), " \
-        f"{out / 'demo.json'}\n"
+        f"\n\nfiles: {sheet_path}, {frames_dir}/frame_*.png, {out / 'output_bag'} (Foxglove/RViz; " \
+        f"Foxglove layout {layout_path}), {out / 'demo.json'}\n"
     (out / "report.txt").write_text(report_text, encoding="utf-8")
     common.write_json(out / "demo.json", {
         "random_weights": rw, "random_label": RANDOM_BANNER if rw else None, "model": params["model"],
@@ -413,7 +420,7 @@ def run(args) -> int:
         "frames_answered": len(received), "latency_ms": lat,
         "node_vs_inprocess_max_abs_diff": max(diffs) if diffs else None,
         "records": rows, "alerts": timeline, "pngs": pngs, "contact_sheet": str(sheet_path),
-        "output_bag": live.get("out_bag"), "node_log": live["node_log"],
+        "output_bag": live.get("out_bag"), "foxglove_layout": str(layout_path), "node_log": live["node_log"],
         "seconds": round(time.perf_counter() - t_start, 1)})
     print()
     print(report_text)
