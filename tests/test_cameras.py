@@ -27,6 +27,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 
+from conftest import wait_until  # noqa: E402
 from runa_ood_node.ros import convert  # noqa: E402
 
 TIMEOUT = 60.0
@@ -44,12 +45,7 @@ PARAMS = {
 
 
 def wait_for(pred, timeout=TIMEOUT, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    wait_until(pred, timeout, what, interval=0.02)
 
 
 class CamRig:

@@ -91,6 +91,28 @@ def _wait_discovered(node):
     time.sleep(0.5)  # its endpoints follow the participant
 
 
+def _send_until_answered(pub_img, pub_det, got, lock, stamp_ns: int, frame_id: str):
+    """Publish an image and its detections (one box) until an answer with their stamp arrives in
+    ``got`` (the image subscription is best effort: a sample can be lost); the answers with it."""
+    from runa_ood_node.ros import convert
+
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for attempt in range(5):
+        h = convert.copy_header(None)
+        h.stamp = convert.ns_to_stamp(stamp_ns + attempt * 100_000_000)
+        h.frame_id = frame_id
+        pub_img.publish(convert.rgb_to_image(rgb, h))
+        pub_det.publish(convert.boxes_to_detections(h, np.array([[4.0, 4.0, 40.0, 30.0]]), class_ids=["dog"],
+                                                    scores=[0.9]))
+        try:
+            wait_until(lambda: any(m.header.stamp == h.stamp for m in list(got)), 10, "an answer")
+            break
+        except AssertionError:
+            continue
+    with lock:
+        return [m for m in got if m.header.stamp == h.stamp]
+
+
 @pytest.fixture(scope="module")
 def probe():
     from runa_ood_node.ros.spin import spinning_node
@@ -125,8 +147,6 @@ def test_vehicle_launch_remaps_loads_yaml_and_answers_with_the_source_header(veh
     from sensor_msgs.msg import Image
     from vision_msgs.msg import Detection2DArray
 
-    from runa_ood_node.ros import convert
-
     assert f"image '{IMAGE_TOPIC}'" in vehicle.log and f"detections '{DET_TOPIC}'" in vehicle.log, vehicle.log[-2000:]
     _wait_discovered(probe)
     subs = dict(probe.get_subscriber_names_and_types_by_node("runa_ood", f"/{NS}"))
@@ -140,21 +160,7 @@ def test_vehicle_launch_remaps_loads_yaml_and_answers_with_the_source_header(veh
     try:
         wait_until(lambda: pub_img.get_subscription_count() and pub_det.get_subscription_count()
                    and sub.get_publisher_count(), 30, "the node's inputs and output to match")
-        rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        for attempt in range(5):  # the image subscription is best effort (sensor data)
-            h = convert.copy_header(None)
-            h.stamp = convert.ns_to_stamp(1_700_000_000_000_000_000 + attempt * 100_000_000)
-            h.frame_id = "front_camera"
-            pub_img.publish(convert.rgb_to_image(rgb, h))
-            pub_det.publish(convert.boxes_to_detections(h, np.array([[4.0, 4.0, 40.0, 30.0]]), class_ids=["dog"],
-                                                        scores=[0.9]))
-            try:
-                wait_until(lambda: any(m.header.stamp == h.stamp for m in list(got)), 10, "ood/detections")
-                break
-            except AssertionError:
-                continue
-        with lock:
-            out = [m for m in got if m.header.stamp == h.stamp]
+        out = _send_until_answered(pub_img, pub_det, got, lock, 1_700_000_000_000_000_000, "front_camera")
         assert out, vehicle.log[-2000:]
         assert out[0].header.frame_id == "front_camera" and len(out[0].detections) == 1
     finally:
@@ -328,8 +334,6 @@ def test_rig_launch_one_node_three_cameras_with_remaps_overrides_and_typo_warnin
     from sensor_msgs.msg import Image
     from vision_msgs.msg import Detection2DArray
 
-    from runa_ood_node.ros import convert
-
     rig_file = ros2_cli.prefix / "share" / "runa_ood_node" / "config" / "camera_rig.example.yaml"
     assert rig_file.is_file()
     params_file = tmp_path / "rig_params.yaml"
@@ -366,20 +370,7 @@ def test_rig_launch_one_node_three_cameras_with_remaps_overrides_and_typo_warnin
         try:
             wait_until(lambda: pub_img.get_subscription_count() and pub_det.get_subscription_count()
                        and sub.get_publisher_count(), 30, "front's inputs and output to match")
-            rgb = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-            for attempt in range(5):  # the image subscription is best effort (sensor data)
-                h = convert.copy_header(None)
-                h.stamp = convert.ns_to_stamp(1_800_000_000_000_000_000 + attempt * 100_000_000)
-                h.frame_id = "front_optical"
-                pub_img.publish(convert.rgb_to_image(rgb, h))
-                pub_det.publish(convert.boxes_to_detections(h, np.array([[4.0, 4.0, 40.0, 30.0]]), scores=[0.9]))
-                try:
-                    wait_until(lambda: any(m.header.stamp == h.stamp for m in list(got)), 10, "front/ood/detections")
-                    break
-                except AssertionError:
-                    continue
-            with lock:
-                out = [m for m in got if m.header.stamp == h.stamp]
+            out = _send_until_answered(pub_img, pub_det, got, lock, 1_800_000_000_000_000_000, "front_optical")
             assert out and out[0].header.frame_id == "front_optical", _log(log_path)[-2000:]
         finally:
             probe.destroy_subscription(sub)

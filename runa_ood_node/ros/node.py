@@ -19,8 +19,10 @@ Outputs (every header is a copy of the **source image's header**: stamp and fram
                             pipeline is degraded (no frame for ``health.frame_timeout_s`` of wall time,
                             backend failing, p95 processing time over budget), CLEAR when recovered;
                             transient local depth 1
-    ``ood/annotated_image`` sensor_msgs/Image rgb8 and ``ood/markers`` (MarkerArray); with ``lazy`` only
-                            drawn while someone subscribes
+    ``ood/annotated_image`` sensor_msgs/Image rgb8, ``ood/markers`` (MarkerArray) and
+                            ``ood/image_annotations`` (foxglove_msgs/ImageAnnotations, every annotation
+                            stamped like the image: Foxglove / Lichtblick draw them on the image); with
+                            ``lazy`` only drawn while someone subscribes
     ``ood/label_info``      vision_msgs/LabelInfo (transient local) at activation: the ID label set;
                             ``threshold`` carries the global OOD threshold in uncertainty units (not a
                             [0, 1] confidence)
@@ -472,6 +474,7 @@ class RunaOodNode(LifecycleNode):
     # ================================================================== entities
     def _create_publishers(self) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
+        from foxglove_msgs.msg import ImageAnnotations
         from runa_ood_msgs.msg import DriverAlert, OodDetectionArray
         from sensor_msgs.msg import Image
         from vision_msgs.msg import Detection2DArray, LabelInfo
@@ -493,6 +496,7 @@ class RunaOodNode(LifecycleNode):
                 "ood_only": p(Detection2DArray, c + "ood/ood_only", _reliable(10)),
                 "annotated": p(Image, c + "ood/annotated_image", _reliable(2)),
                 "markers": p(MarkerArray, c + "ood/markers", _reliable(5)),
+                "annotations": p(ImageAnnotations, c + "ood/image_annotations", _reliable(5)),
             }
         if not self._multi:  # one stream: its publishers under their old keys too
             self._pubs.update(self._cams[0].pubs)
@@ -873,7 +877,8 @@ class RunaOodNode(LifecycleNode):
         if s.publish_annotated:
             want_img = not s.lazy or pubs["annotated"].get_subscription_count() > 0
             want_mk = not s.lazy or pubs["markers"].get_subscription_count() > 0
-            if want_img or want_mk:
+            want_ann = not s.lazy or pubs["annotations"].get_subscription_count() > 0
+            if want_img or want_mk or want_ann:
                 from . import draw
 
                 drawn, not_drawn = draw.select_boxes(res)  # bounded: OOD, then ID, few not scored
@@ -882,9 +887,12 @@ class RunaOodNode(LifecycleNode):
                         draw.annotate(rgb, res, self.random_weights, indices=drawn), header))
                 if want_mk:
                     pubs["markers"].publish(draw.make_markers(header, res, w, h, indices=drawn))
+                if want_ann:  # Foxglove: the same boxes drawn on the client, stamped like the image (as bytes)
+                    pubs["annotations"].publish(wire.write_image_annotations(header, res, drawn, self.random_weights))
                 with self._lock:
                     cam.counters["annotated_frames"] += int(want_img)
                     cam.counters["marker_frames"] += int(want_mk)
+                    cam.counters["annotation_frames"] += int(want_ann)
                     cam.counters["boxes_not_drawn"] += not_drawn
 
     # ================================================================== alerts, health, diagnostics

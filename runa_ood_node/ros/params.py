@@ -268,8 +268,10 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ),
     *_section(
         "outputs",
-        _P("publish_annotated", True, "Publish ood/annotated_image and ood/markers."),
-        _P("lazy", True, "Only draw the annotated image / markers while someone subscribes to them."),
+        _P("publish_annotated", True, "Publish ood/annotated_image, ood/markers and ood/image_annotations "
+           "(foxglove_msgs/ImageAnnotations; per camera under C/ with cameras)."),
+        _P("lazy", True, "Only draw the annotated image / markers / image annotations while someone subscribes "
+           "to them."),
         _P("autostart", True, "Configure and activate at start-up (standalone use without a lifecycle "
            "manager). false = wait for lifecycle transitions.", read_only=True),
     ),

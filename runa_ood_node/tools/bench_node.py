@@ -249,9 +249,39 @@ def _consumer(conn, cfg: dict) -> None:
         rclpy.shutdown(context=ctx)
 
 
-def _run_once(args, out: Optional[dict] = None) -> int:
+def _ros_messages():
+    """Discovery kept on this machine, a DDS domain of the benchmark's own; the message classes it
+    uses (a namespace), or None (said on stderr) when the message packages are not built."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")  # never discover off this machine
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
+    import types
+
+    try:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from runa_ood_msgs.msg import OodDetectionArray
+        from sensor_msgs.msg import Image
+        from std_msgs.msg import Header
+        from vision_msgs.msg import Detection2DArray
+    except ImportError as exc:
+        print(f"message packages not found ({exc}): run `bash scripts/setup.sh` and `source scripts/env.sh`",
+              file=sys.stderr)
+        return None
+    return types.SimpleNamespace(DiagnosticArray=DiagnosticArray, OodDetectionArray=OodDetectionArray, Image=Image,
+                                 Header=Header, Detection2DArray=Detection2DArray)
+
+
+def _node_params(args) -> dict:
+    """The node's parameters in every benchmark: the model of the arguments, no health verdicts."""
+    return {"model": args.model, "pretrained": args.pretrained, "allow_random_weights": not args.pretrained,
+            "backend": args.backend, "device": args.device, "default_threshold": -0.24, "image_qos": "reliable",
+            "health.latency_budget_ms": 1e6, "health.frame_timeout_s": 3600.0, "max_boxes": max(args.boxes, 1)}
+
+
+def _run_once(args, out: Optional[dict] = None) -> int:
+    msgs = _ros_messages()
+    if msgs is None:
+        return 2
+    Image, Header, Detection2DArray = msgs.Image, msgs.Header, msgs.Detection2DArray
     import multiprocessing
 
     import rclpy
@@ -264,24 +294,11 @@ def _run_once(args, out: Optional[dict] = None) -> int:
     from ..ros import convert
     from ..ros.node import RunaOodNode
 
-    try:
-        from runa_ood_msgs.msg import OodDetectionArray  # noqa: F401  (the consumer needs them too)
-        from sensor_msgs.msg import Image
-        from std_msgs.msg import Header
-        from vision_msgs.msg import Detection2DArray
-    except ImportError as exc:
-        print(f"message packages not found ({exc}): run `bash scripts/setup.sh` and `source scripts/env.sh`",
-              file=sys.stderr)
-        return 2
-
     rgb = _find_photo(args.image)
     boxes = _boxes(args.boxes)
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
-    params = {"model": args.model, "pretrained": args.pretrained, "allow_random_weights": not args.pretrained,
-              "backend": args.backend, "device": args.device, "default_threshold": -0.24, "image_qos": "reliable",
-              "image_queue_size": 10, "processing_queue_size": 10, "health.latency_budget_ms": 1e6,
-              "health.frame_timeout_s": 3600.0, "max_boxes": max(args.boxes, 1)}
+    params = dict(_node_params(args), image_queue_size=10, processing_queue_size=10)
     # every node of the benchmark in a namespace of its own: no other node on this machine (a running
     # runa_ood, another benchmark, a test's node) hears its frames or answers on its topics
     ns = f"/runa_ood_bench_{os.getpid()}_{random.SystemRandom().randint(0, 1 << 30)}"
@@ -582,33 +599,17 @@ def summarize_cameras_run(sent: Dict[str, Dict[int, float]], answered: Dict[str,
 def _run_cameras(args) -> int:
     """One node serving N cameras against N single-camera nodes (each its own process), same frames:
     resident memory, frames scored per second, per-camera p50 / p95 latency, frames per backend call."""
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
     import tempfile
 
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.node import Node
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-    from ..ros import convert, wire
-
-    try:
-        from diagnostic_msgs.msg import DiagnosticArray
-        from runa_ood_msgs.msg import OodDetectionArray
-        from sensor_msgs.msg import Image
-        from vision_msgs.msg import Detection2DArray
-    except ImportError as exc:
-        print(f"message packages not found ({exc}): run `bash scripts/setup.sh` and `source scripts/env.sh`",
-              file=sys.stderr)
-        return 2
     counts = _parse_counts(args.cameras)
+    msgs = _ros_messages()
+    if msgs is None:
+        return 2
     rgb = _find_photo(args.image)
     boxes = _boxes(args.boxes)
-    base = {"model": args.model, "pretrained": args.pretrained, "allow_random_weights": not args.pretrained,
-            "backend": args.backend, "device": args.device, "default_threshold": -0.24, "image_qos": "reliable",
-            "health.latency_budget_ms": 1e6, "health.frame_timeout_s": 3600.0, "max_boxes": max(args.boxes, 1),
-            "publish_annotated": False}
+    base = dict(_node_params(args), publish_annotated=False)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="runa_ood_bench_cams_"))
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
@@ -626,9 +627,7 @@ def _run_cameras(args) -> int:
                     else:
                         for c in cams:
                             procs.append(_start_node_process(f"{ns}/{c}", dict(base), workdir, f"n{n}_{c}"))
-                    row = _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, Node, SingleThreadedExecutor,
-                                         QoSProfile, ReliabilityPolicy, convert, wire, Image, Detection2DArray,
-                                         OodDetectionArray, DiagnosticArray)
+                    row = _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs)
                 finally:
                     for p, log in procs:
                         if p.poll() is None:
@@ -662,10 +661,17 @@ def _run_cameras(args) -> int:
     return code
 
 
-def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, Node, SingleThreadedExecutor, QoSProfile,
-                   ReliabilityPolicy, convert, wire, Image, Detection2DArray, OodDetectionArray, DiagnosticArray) -> dict:
+def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
     """Publish every camera's frames at ``--rate`` for ``--duration`` s to the node(s) in ``ns`` and
     time the answers (this process sends and receives: one clock)."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    from ..ros import convert, wire
+
+    Image, Detection2DArray = msgs.Image, msgs.Detection2DArray
+    OodDetectionArray, DiagnosticArray = msgs.OodDetectionArray, msgs.DiagnosticArray
     qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
     drv = Node("runa_ood_bench_cams_driver", namespace=ns, context=ctx)
     lock = threading.Lock()
