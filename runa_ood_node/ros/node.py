@@ -1062,8 +1062,8 @@ class RunaOodNode(LifecycleNode):
         stream's.
         """
         with self._lock:
-            if not self._cams:  # not configured yet
-                return {"received": {"image": 0, "detections": 0}, "frames_scored": 0, "balanced": True}
+            if not self._cams:  # not configured yet: nothing happened (the single stream's keys, all zero)
+                return self._camera_accounting(_Camera(validate({}, check_files=False).inputs[0]))
             if camera is not None or not self._multi:
                 return self._camera_accounting(self._cam(camera))
             cams = {c.name: self._camera_accounting(c) for c in self._cams}

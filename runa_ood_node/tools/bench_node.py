@@ -593,7 +593,7 @@ def summarize_cameras_run(sent: Dict[str, Dict[int, float]], answered: Dict[str,
     return {"frames_sent": sum(c["sent"] for c in per_cam.values()), "frames_answered": n_ans,
             "fps": n_ans / duration_s if duration_s > 0 else math.nan,
             "p50_ms_mean_over_cameras": float(np.mean(p50s)) if p50s else math.nan,
-            "p95_ms_worst_camera": max(p95s) if p95s else math.nan, "cameras": per_cam}
+            "p95_ms_worst_camera": max(p95s) if p95s else math.nan, "per_camera": per_cam}
 
 
 def _run_cameras(args) -> int:
