@@ -579,7 +579,8 @@ def _start_node_process(ns: str, params: dict, workdir: pathlib.Path, tag: str):
 def summarize_cameras_run(sent: Dict[str, Dict[int, float]], answered: Dict[str, Dict[int, float]],
                           duration_s: float) -> dict:
     """Figures of one --cameras run from the send and answer times (perf_counter s) per camera and
-    stamp: frames answered per second, per-camera p50 / p95 latency (ms), frames not answered."""
+    stamp: frames answered per second over ``duration_s`` (first frame sent -> last answer),
+    per-camera p50 / p95 latency (ms), frames not answered (dropped to keep the answers fresh)."""
     per_cam = {}
     n_ans = 0
     for cam, s in sent.items():
@@ -760,12 +761,21 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
             if time.perf_counter() >= next_rss:
                 rss_max = [max(m, _rss_mb(p.pid)) for m, (p, _) in zip(rss_max, procs)]
                 next_rss = time.perf_counter() + 0.5
-        duration = time.perf_counter() - t0
-        time.sleep(min(5.0, 1.0 + 20 * period))  # the answers of the last frames
+        # the answers of the frames still queued: until none came for twice the slowest latency so far
+        # (at least 3 s, at most --timeout); frames/s = answers / (last answer - first frame sent)
+        end = time.perf_counter() + args.timeout
+        while time.perf_counter() < end:
+            with lock:
+                times = [(t - sent[c][st]) for c, v in answered.items() for st, t in v.items() if st in sent[c]]
+                last = max((t for v in answered.values() for t in v.values()), default=t0)
+            if time.perf_counter() - last > max(3.0, 2.0 * max(times, default=0.0)):
+                break
+            time.sleep(0.2)
         with lock:
             got = {c: dict(v) for c, v in answered.items()}
             fpc = list(calls.values())
-        out = summarize_cameras_run(sent, got, duration)
+        last = max((t for v in got.values() for t in v.values()), default=t0)
+        out = summarize_cameras_run(sent, got, max(last - t0, args.duration))
         out.update({"offered_fps": len(cams) * args.rate, "rss_mb_total": float(sum(rss_max)),
                     "rss_mb_per_process": rss_max,
                     "frames_per_backend_call": float(np.mean(fpc)) if fpc and len(procs) == 1 else 1.0})
