@@ -369,3 +369,34 @@ def test_bench_node_stats_report_the_worst_frame():
     s = _stats([1.0, 2.0, float("nan"), 3.0, 40.0])
     assert s["n"] == 4 and s["max"] == 40.0 and s["p50"] == 2.5 and s["p95"] > 3.0
     assert _stats([])["n"] == 0
+
+
+def test_bench_node_cameras_figures_from_send_and_answer_times(capsys):
+    """bench-node --cameras: frames/s, per-camera p50/p95 and unanswered frames from the send and
+    answer times; the table and the goal lines from the rows; bad --cameras refused."""
+    import argparse
+
+    from runa_ood_node.tools.bench_node import _parse_counts, _print_cameras_table, summarize_cameras_run
+
+    sent = {"a": {1: 0.0, 2: 0.1, 3: 0.2}, "b": {1: 0.0, 2: 0.1}}
+    answered = {"a": {1: 0.010, 2: 0.130, 3: 0.250}, "b": {1: 0.100}}  # b's stamp 2 never answered
+    out = summarize_cameras_run(sent, answered, duration_s=2.0)
+    assert out["frames_sent"] == 5 and out["frames_answered"] == 4 and out["fps"] == pytest.approx(2.0)
+    assert out["per_camera"]["a"]["p50_ms"] == pytest.approx(30.0)
+    assert out["per_camera"]["b"] == {"sent": 2, "answered": 1, "p50_ms": pytest.approx(100.0),
+                                      "p95_ms": pytest.approx(100.0)}
+    assert out["p95_ms_worst_camera"] == pytest.approx(100.0)
+    assert out["p50_ms_mean_over_cameras"] == pytest.approx(65.0)
+    assert _parse_counts("1, 3,6") == [1, 3, 6]
+    for bad in ("0", "x", "", "40"):
+        with pytest.raises(SystemExit):
+            _parse_counts(bad)
+    rows = [dict(out, cameras=2, setup="one node", processes=1, rss_mb_total=900.0, offered_fps=4.0,
+                 frames_per_backend_call=1.5),
+            dict(out, cameras=2, setup="2 nodes", processes=2, rss_mb_total=1600.0, offered_fps=4.0,
+                 frames_per_backend_call=1.0, fps=1.0)]
+    args = argparse.Namespace(model="m", pretrained="", backend="torch", device="cpu", boxes=5, rate=2.0, duration=2.0)
+    _print_cameras_table(args, rows)
+    text = capsys.readouterr().out
+    assert "| 2 | one node | 1 | 900 | 2.0 (4) |" in text
+    assert "N=2: one node's RSS = 1.12x one single-camera node's (meets <= 1.3x); its throughput = 2.00x" in text

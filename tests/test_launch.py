@@ -91,6 +91,28 @@ def _wait_discovered(node):
     time.sleep(0.5)  # its endpoints follow the participant
 
 
+def _send_until_answered(pub_img, pub_det, got, lock, stamp_ns: int, frame_id: str):
+    """Publish an image and its detections (one box) until an answer with their stamp arrives in
+    ``got`` (the image subscription is best effort: a sample can be lost); the answers with it."""
+    from runa_ood_node.ros import convert
+
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for attempt in range(5):
+        h = convert.copy_header(None)
+        h.stamp = convert.ns_to_stamp(stamp_ns + attempt * 100_000_000)
+        h.frame_id = frame_id
+        pub_img.publish(convert.rgb_to_image(rgb, h))
+        pub_det.publish(convert.boxes_to_detections(h, np.array([[4.0, 4.0, 40.0, 30.0]]), class_ids=["dog"],
+                                                    scores=[0.9]))
+        try:
+            wait_until(lambda: any(m.header.stamp == h.stamp for m in list(got)), 10, "an answer")
+            break
+        except AssertionError:
+            continue
+    with lock:
+        return [m for m in got if m.header.stamp == h.stamp]
+
+
 @pytest.fixture(scope="module")
 def probe():
     from runa_ood_node.ros.spin import spinning_node
@@ -125,8 +147,6 @@ def test_vehicle_launch_remaps_loads_yaml_and_answers_with_the_source_header(veh
     from sensor_msgs.msg import Image
     from vision_msgs.msg import Detection2DArray
 
-    from runa_ood_node.ros import convert
-
     assert f"image '{IMAGE_TOPIC}'" in vehicle.log and f"detections '{DET_TOPIC}'" in vehicle.log, vehicle.log[-2000:]
     _wait_discovered(probe)
     subs = dict(probe.get_subscriber_names_and_types_by_node("runa_ood", f"/{NS}"))
@@ -140,21 +160,7 @@ def test_vehicle_launch_remaps_loads_yaml_and_answers_with_the_source_header(veh
     try:
         wait_until(lambda: pub_img.get_subscription_count() and pub_det.get_subscription_count()
                    and sub.get_publisher_count(), 30, "the node's inputs and output to match")
-        rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        for attempt in range(5):  # the image subscription is best effort (sensor data)
-            h = convert.copy_header(None)
-            h.stamp = convert.ns_to_stamp(1_700_000_000_000_000_000 + attempt * 100_000_000)
-            h.frame_id = "front_camera"
-            pub_img.publish(convert.rgb_to_image(rgb, h))
-            pub_det.publish(convert.boxes_to_detections(h, np.array([[4.0, 4.0, 40.0, 30.0]]), class_ids=["dog"],
-                                                        scores=[0.9]))
-            try:
-                wait_until(lambda: any(m.header.stamp == h.stamp for m in list(got)), 10, "ood/detections")
-                break
-            except AssertionError:
-                continue
-        with lock:
-            out = [m for m in got if m.header.stamp == h.stamp]
+        out = _send_until_answered(pub_img, pub_det, got, lock, 1_700_000_000_000_000_000, "front_camera")
         assert out, vehicle.log[-2000:]
         assert out[0].header.frame_id == "front_camera" and len(out[0].detections) == 1
     finally:
@@ -316,3 +322,72 @@ def test_replay_launch_matches_offline_evaluation(ros2_cli, probe, tmp_path):
             assert r["status"] != "OK"
         else:
             assert float(d.uncertainty) == pytest.approx(r["uncertainty"], abs=1e-5), key
+
+
+def test_rig_launch_one_node_three_cameras_with_remaps_overrides_and_typo_warning(ros2_cli, probe, tmp_path):
+    """The shipped example rig under real `ros2 launch`: one node, one model, three cameras; each
+    camera's topics remapped, left on compressed transport, right's detections best effort; an answer
+    on front's output with front's header; a params-file key the node does not declare is warned about
+    naming the closest parameter."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from runa_ood_msgs.msg import OodDetectionArray
+    from sensor_msgs.msg import Image
+    from vision_msgs.msg import Detection2DArray
+
+    rig_file = ros2_cli.prefix / "share" / "runa_ood_node" / "config" / "camera_rig.example.yaml"
+    assert rig_file.is_file()
+    params_file = tmp_path / "rig_params.yaml"
+    params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": dict(
+        TINY_NODE_PARAMS, **{"health.frame_timeout_s": 30.0, "alert.kk": 3})}}))
+    log_path = tmp_path / "rig.log"
+    proc = ros2_cli.popen("launch", "runa_ood_node", "runa_ood.launch.py", "namespace:=rig",
+                          f"params_file:={params_file}", f"rig_file:={rig_file}", log_path=log_path)
+    try:
+        wait_until(lambda: _log(log_path).count("active (") >= 3 or proc.poll() is not None, START_TIMEOUT,
+                   "the three cameras to become active")
+        log = _log(log_path)
+        assert proc.poll() is None, log[-3000:]
+        assert log.count("configured in") == 1 and "one model for 3 cameras: front, left, right" in log, log[-3000:]
+        assert "'alert.kk' is not a parameter of this node and is IGNORED; did you mean 'alert.k'?" in log, log[-3000:]
+        wait_until(lambda: ("runa_ood", "/rig") in probe.get_node_names_and_namespaces(), 30, "the node in the graph")
+        wait_until(lambda: len(dict(probe.get_subscriber_names_and_types_by_node("runa_ood", "/rig"))) >= 6, 30,
+                   "the node's subscriptions in the graph")
+        subs = dict(probe.get_subscriber_names_and_types_by_node("runa_ood", "/rig"))
+        assert subs.get("/sensing/camera/front/image_raw") == ["sensor_msgs/msg/Image"], sorted(subs)
+        assert subs.get("/sensing/camera/left/image_raw/compressed") == ["sensor_msgs/msg/CompressedImage"], sorted(subs)
+        assert subs.get("/perception/right/detections") == ["vision_msgs/msg/Detection2DArray"], sorted(subs)
+        pubs = dict(probe.get_publisher_names_and_types_by_node("runa_ood", "/rig"))
+        for c in ("front", "left", "right"):
+            assert pubs.get(f"/rig/{c}/ood/detections") == ["runa_ood_msgs/msg/OodDetectionArray"], sorted(pubs)
+        assert "/rig/ood/driver_alert" in pubs and "/rig/ood/detections" not in pubs
+
+        got, lock = [], threading.Lock()
+        qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+        sub = probe.create_subscription(OodDetectionArray, "/rig/front/ood/detections",
+                                        lambda m: (lock.acquire(), got.append(m), lock.release()), qos)
+        pub_img = probe.create_publisher(Image, "/sensing/camera/front/image_raw", qos)
+        pub_det = probe.create_publisher(Detection2DArray, "/perception/front/detections", qos)
+        try:
+            wait_until(lambda: pub_img.get_subscription_count() and pub_det.get_subscription_count()
+                       and sub.get_publisher_count(), 30, "front's inputs and output to match")
+            out = _send_until_answered(pub_img, pub_det, got, lock, 1_800_000_000_000_000_000, "front_optical")
+            assert out and out[0].header.frame_id == "front_optical", _log(log_path)[-2000:]
+        finally:
+            probe.destroy_subscription(sub)
+            probe.destroy_publisher(pub_img)
+            probe.destroy_publisher(pub_det)
+    finally:
+        rc = _end(proc)
+    log = _log(log_path)
+    assert rc == 0 and "Traceback" not in log, log[-3000:]
+
+
+def test_a_bad_rig_file_ends_the_launch_with_an_error_naming_the_key(ros2_cli, tmp_path):
+    rig = tmp_path / "rig.yaml"
+    rig.write_text(yaml.safe_dump({"cameras": [{"name": "front", "image_topc": "/cam/front"}]}))
+    res = subprocess.run([ros2_cli.exe, "launch", "runa_ood_node", "runa_ood.launch.py", "namespace:=badrig",
+                          f"rig_file:={rig}"], env=ros2_cli.env, capture_output=True, text=True, timeout=START_TIMEOUT,
+                         start_new_session=True)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "unknown key 'image_topc' (did you mean 'image_topic'?)" in out, out[-3000:]

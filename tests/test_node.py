@@ -14,6 +14,7 @@ import array
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -327,6 +328,12 @@ def test_monitor_health_when_frames_stop_and_when_backend_fails(rig):
                          for m in rig.since("health", start)), what="health CAUTION after frames stop")
     msgs = rig.since("health", start)
     assert all(m.source == DriverAlert.SOURCE_MONITOR_HEALTH for m in msgs)
+    # the heartbeat (0.25 s) re-publishes the CAUTION with CURRENT figures: the silence it reports
+    # grows with the silence (it used to repeat the text of the transition, "... for 0.61 s", forever)
+    time.sleep(1.5)
+    silences = [float(re.search(r"no frame processed for ([0-9.]+) s", m.reason).group(1))
+                for m in rig.since("health", start) if m.level == DriverAlert.LEVEL_CAUTION]
+    assert len(silences) >= 3 and silences == sorted(silences) and silences[-1] > silences[0] + 1.0, silences
     # recovery: frames flowing again clear it. Keep publishing until CLEAR arrives (on a loaded
     # machine one frame may take longer than frame_timeout_s to be scored, re-raising the timeout)
     start = rig.n("health")

@@ -23,7 +23,8 @@ from runa_ood_node.ros.node import RunaOodNode  # noqa: E402
 NAME = "runa_ood_param_probe"
 _VALUE_FIELD = {ParameterType.PARAMETER_BOOL: "bool_value", ParameterType.PARAMETER_INTEGER: "integer_value",
                 ParameterType.PARAMETER_DOUBLE: "double_value", ParameterType.PARAMETER_STRING: "string_value",
-                ParameterType.PARAMETER_DOUBLE_ARRAY: "double_array_value"}
+                ParameterType.PARAMETER_DOUBLE_ARRAY: "double_array_value",
+                ParameterType.PARAMETER_STRING_ARRAY: "string_array_value"}
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def _call(client, srv_type, service, request):
 def _value(v: ParameterValue):
     field = _VALUE_FIELD[v.type]
     out = getattr(v, field)
-    return list(out) if v.type == ParameterType.PARAMETER_DOUBLE_ARRAY else out
+    return list(out) if v.type in (ParameterType.PARAMETER_DOUBLE_ARRAY, ParameterType.PARAMETER_STRING_ARRAY) else out
 
 
 def test_list_get_and_describe_every_parameter_over_dds(served):

@@ -248,3 +248,53 @@ def test_one_roi_parser_for_the_parameter_and_the_alert_config(roi, polygon):
         assert s.alert.roi == (None if polygon is None else tuple(polygon))
         assert s.alert.to_alert_config()._roi_poly == polygon
     assert AlertConfig(roi=roi)._roi_poly == polygon
+
+
+def test_cameras_give_one_input_stream_each_with_per_camera_overrides():
+    single = P.validate({})
+    assert single.cameras == () and len(single.inputs) == 1
+    (one,) = single.inputs
+    assert one.name == "" and one.prefix == "" and one.image_topic_resolved == "image" and one.detections_topic == "detections"
+    s = P.validate({"cameras": ["front", "left"], "image_transport": "compressed", "image_qos": "reliable",
+                    "camera.left.image_transport": "raw", "camera.left.image_queue_size": 7})
+    front, left = s.inputs
+    assert (front.name, front.image_topic_resolved, front.detections_topic) == ("front", "front/image/compressed",
+                                                                              "front/detections")
+    assert front.image_qos == "reliable" and front.image_queue_size == 5  # the node-wide values
+    assert left.image_topic_resolved == "left/image" and left.image_queue_size == 7 and left.image_qos == "reliable"
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"cameras": ["front", "front"]}, "duplicate"),
+    ({"cameras": ["front/left"]}, "letters, digits"),
+    ({"cameras": ["1cam"]}, "letters, digits"),
+    ({"cameras": "front"}, "list of names"),
+    ({"cameras": ["front"], "camera.rear.image_qos": "reliable"}, "camera.rear.image_qos: 'rear' is not in cameras"),
+    ({"cameras": ["front"], "camera.front.image_transprt": "raw"}, "did you mean camera.front.image_transport"),
+    ({"cameras": ["front"], "camera.front.model": "ViT-B-32"}, "only image_transport"),
+    ({"cameras": ["front"], "camera.front.image_qos": "best"}, "camera.front.image_qos: 'best' is not one of"),
+])
+def test_bad_cameras_and_overrides_are_refused(values, needle):
+    with pytest.raises(P.ParameterValidationError) as e:
+        P.validate(dict(values, pretrained="", allow_random_weights=True), check_files=False)
+    assert needle in str(e.value)
+
+
+def test_closest_parameter_names_the_declared_one():
+    names = [p.name for p in P.PARAMETERS]
+    assert P.closest_parameter("camers", names) == "cameras"
+    assert P.closest_parameter("alert.kk", names) == "alert.k"
+    assert P.closest_parameter("alrt.hold_s", names) == "alert.hold_s"
+    assert P.closest_parameter("health.frame_timeout", names) == "health.frame_timeout_s"
+    assert P.closest_parameter("zzzzzz", names) is None
+
+
+def test_schema_accepts_per_camera_overrides_and_refuses_unknown_ones():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = __import__("json").loads((REPO / "config" / "runa_ood.schema.json").read_text())
+    ok = {"/**": {"ros__parameters": {"cameras": ["front"], "camera": {"front": {"image_transport": "compressed"}}}}}
+    jsonschema.validate(ok, schema)
+    for bad in ({"camera": {"front": {"model": "x"}}}, {"camera": {"front": {"image_qos": "best"}}},
+                {"cameras": ["a/b"]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"/**": {"ros__parameters": bad}}, schema)

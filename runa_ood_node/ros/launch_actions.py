@@ -11,22 +11,31 @@ monitor never came up. :func:`fail_launch_on_error` makes a process of these lau
 ``ros2 launch`` exits with status 1. A clean exit (status 0) shuts the launch down normally.
 Launch argument ``required:=false`` turns this off (the node's failure is then only logged), for
 including these launch files in a larger stack that must keep running.
+
+**Camera rigs.** :func:`read_rig` reads a camera rig file (``config/camera_rig.example.yaml``): per
+camera its name, image and detections topics, and optionally the per-camera input overrides
+(``image_transport``, ``image_qos``, ``detections_qos``, ``image_queue_size``,
+``detections_queue_size``); :func:`camera_setup` turns it (or a plain ``cameras:=front,left`` list)
+into the node's ``cameras`` / ``camera.<C>.*`` parameters and the remaps of ``<C>/image``,
+``<C>/image/compressed`` and ``<C>/detections``.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["LaunchFailure", "monitor_node", "fail_launch_on_error", "lifecycle_failure_ends_launch"]
+__all__ = ["LaunchFailure", "monitor_node", "fail_launch_on_error", "lifecycle_failure_ends_launch",
+           "read_rig", "parse_camera_list", "camera_setup", "RIG_KEYS"]
 
 
 class LaunchFailure(RuntimeError):
     """Raised inside the launch loop: ``ros2 launch`` logs it and exits with status 1."""
 
 
-def monitor_node(image_topic, detections_topic, parameters: List):
+def monitor_node(image_topic, detections_topic, parameters: List, camera_remaps: Sequence[Tuple[str, str]] = ()):
     """The ``runa_ood`` LifecycleNode both launch files start: namespace and log level from the
     ``namespace`` / ``log_level`` launch arguments, ``parameters`` as given, and the inputs remapped
-    (``image`` and ``image/compressed`` follow ``image_topic``, ``detections`` ``detections_topic``)."""
+    (``image`` and ``image/compressed`` follow ``image_topic``, ``detections`` ``detections_topic``;
+    ``camera_remaps`` (:func:`camera_setup`) the cameras' inputs)."""
     from launch.substitutions import LaunchConfiguration, PythonExpression
     from launch_ros.actions import LifecycleNode
 
@@ -42,9 +51,86 @@ def monitor_node(image_topic, detections_topic, parameters: List):
             ("image", image_topic),
             ("image/compressed", PythonExpression(["'", image_topic, "' + '/compressed'"])),
             ("detections", detections_topic),
+            *camera_remaps,
         ],
         ros_arguments=["--log-level", LaunchConfiguration("log_level")],  # launch_ros (>= Humble) adds --ros-args
     )
+
+
+#: keys of a camera in a rig file: name, its topics, and the per-camera input overrides
+RIG_KEYS = ("name", "image_topic", "detections_topic", "image_transport", "image_qos", "detections_qos",
+            "image_queue_size", "detections_queue_size")
+
+
+def parse_camera_list(text: str) -> List[str]:
+    """``front,left right`` or ``['front', 'left']`` (the ``cameras`` launch argument) -> names."""
+    text = (text or "").strip().strip("[]")
+    return [t.strip().strip("'\"") for t in text.replace(",", " ").split() if t.strip().strip("'\"")]
+
+
+def read_rig(path: str) -> List[Dict[str, Any]]:
+    """The cameras of a rig file: ``cameras:`` a list of ``{name, image_topic, detections_topic,
+    image_transport, ...}`` (only ``name`` required). Raises :class:`LaunchFailure` naming the file and
+    the problem (unknown key, with the closest known one; missing / duplicate name)."""
+    import difflib
+    import os
+
+    import yaml
+
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise LaunchFailure(f"camera rig file {path!r}: {exc}") from None
+    cams = data.get("cameras") if isinstance(data, dict) else None
+    if not isinstance(cams, list) or not cams:
+        raise LaunchFailure(f"camera rig file {path!r}: needs a non-empty list 'cameras:' of "
+                            f"{{name, image_topic, detections_topic, ...}}")
+    out, seen = [], set()
+    for i, cam in enumerate(cams):
+        if not isinstance(cam, dict) or not isinstance(cam.get("name"), str) or not cam["name"].strip():
+            raise LaunchFailure(f"camera rig file {path!r}: camera #{i + 1} needs a 'name'")
+        for key in cam:
+            if key not in RIG_KEYS:
+                near = difflib.get_close_matches(str(key), RIG_KEYS, n=1, cutoff=0.5)
+                raise LaunchFailure(f"camera rig file {path!r}: camera {cam['name']!r}: unknown key {key!r}"
+                                    + (f" (did you mean {near[0]!r}?)" if near else "")
+                                    + f"; known keys: {', '.join(RIG_KEYS)}")
+        if cam["name"] in seen:
+            raise LaunchFailure(f"camera rig file {path!r}: camera {cam['name']!r} appears twice")
+        seen.add(cam["name"])
+        out.append(dict(cam))
+    return out
+
+
+def camera_setup(cameras: str = "", rig_file: str = "") -> Tuple[Dict[str, Any], List[Tuple[str, str]]]:
+    """The node parameters (``cameras``, ``camera.<C>.<override>``) and remaps for the ``cameras``
+    and ``rig_file`` launch arguments: a rig file gives every camera's topics and overrides (with
+    ``cameras`` too: only those of its cameras); ``cameras`` alone gives names whose inputs keep
+    their default names ``<C>/image``, ``<C>/detections``. Neither: ``({}, [])`` (one stream)."""
+    names = parse_camera_list(cameras)
+    rig = read_rig(rig_file) if rig_file.strip() else []
+    if rig:
+        by_name = {c["name"]: c for c in rig}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise LaunchFailure(f"cameras {missing} are not in the rig file {rig_file!r} ({', '.join(by_name)})")
+        rig = [by_name[n] for n in names] if names else rig
+        names = [c["name"] for c in rig]
+    if not names:
+        return {}, []
+    params: Dict[str, Any] = {"cameras": names}
+    remaps: List[Tuple[str, str]] = []
+    for cam in rig:
+        c = cam["name"]
+        for key, value in cam.items():
+            if key not in ("name", "image_topic", "detections_topic"):
+                params[f"camera.{c}.{key}"] = value
+        if cam.get("image_topic"):
+            remaps += [(f"{c}/image", str(cam["image_topic"])), (f"{c}/image/compressed", f"{cam['image_topic']}/compressed")]
+        if cam.get("detections_topic"):
+            remaps.append((f"{c}/detections", str(cam["detections_topic"])))
+    return params, remaps
 
 
 def _is_required(context, required) -> bool:

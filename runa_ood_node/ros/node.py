@@ -19,13 +19,30 @@ Outputs (every header is a copy of the **source image's header**: stamp and fram
                             pipeline is degraded (no frame for ``health.frame_timeout_s`` of wall time,
                             backend failing, p95 processing time over budget), CLEAR when recovered;
                             transient local depth 1
-    ``ood/annotated_image`` sensor_msgs/Image rgb8 and ``ood/markers`` (MarkerArray); with ``lazy`` only
-                            drawn while someone subscribes
+    ``ood/annotated_image`` sensor_msgs/Image rgb8, ``ood/markers`` (MarkerArray) and
+                            ``ood/image_annotations`` (foxglove_msgs/ImageAnnotations, every annotation
+                            stamped like the image: Foxglove / Lichtblick draw them on the image); with
+                            ``lazy`` only drawn while someone subscribes
     ``ood/label_info``      vision_msgs/LabelInfo (transient local) at activation: the ID label set;
                             ``threshold`` carries the global OOD threshold in uncertainty units (not a
                             [0, 1] confidence)
     ``/diagnostics``        diagnostic_msgs/DiagnosticArray at 1 Hz: latency p50/p95, frames scored,
                             drops by reason, boxes by status, backend, model, random_weights
+
+Cameras (parameter ``cameras``; empty = the one stream above, topics unchanged)
+    With ``cameras:=['front','left','right']`` ONE node and ONE model serve every camera. Per camera C
+    the inputs are ``C/image`` (``C/image/compressed``) and ``C/detections`` (``<image_topic>``,
+    ``<detections_topic>`` under ``C/``; transport, QoS and queue sizes overridable per camera as
+    ``camera.C.<name>``), and the outputs ``C/ood/detections``, ``C/ood/ood_only``,
+    ``C/ood/annotated_image``, ``C/ood/markers``, ``C/ood/image_annotations``, each with that camera's
+    image header. Each camera has its own pairer, bounded processing queue (its own
+    ``processing_overload``), counters, alert tracks and health; ``/diagnostics`` carries one status
+    per camera (``<node>: OOD monitor (C)``), each balanced on its own. The worker takes the frame at
+    the head of every camera's queue (at most one per camera: a flooding camera delays the others by
+    at most one batch) and scores them in ONE backend call (``OodScorer.score_frames``), then
+    publishes each camera's answer. ``ood/driver_alert`` and ``ood/monitor_health`` stay single,
+    vehicle-level: the level is the highest over the cameras and the reason names the camera(s);
+    health is degraded when any camera is, and says which. ``ood/label_info`` is shared.
 
 Lifecycle
     configure: validate parameters, load model / projection / thresholds (``factory.build_node_scorer``,
@@ -101,8 +118,8 @@ from ..core.metrics import percentile as _percentile
 from ..core.registry import AlertLevel, BoxStatus
 from . import convert, wire
 from .pairing import REASONS as PAIRER_REASONS, StampPairer
-from .params import (LIVE_PARAMETERS, NodeSettings, ParameterValidationError, declare_parameters,
-                     read_parameters, validate)
+from .params import (LIVE_PARAMETERS, CameraInputs, NodeSettings, ParameterValidationError, closest_parameter,
+                     declare_camera_parameters, declare_parameters, read_parameters, validate)
 
 NODE_NAME = "runa_ood"
 #: frame-level drop reasons (besides ``image_<ImageConversionError.reason>``)
@@ -134,6 +151,53 @@ class FrameRecord:
     t_pair: float = math.nan  # time.perf_counter() when the pair was formed (s)
     t_published: float = math.nan  # time.perf_counter() after ood/detections was published (s)
     frame_ms: float = math.nan  # pair formed -> everything done for the frame (alerts, drawing too): health's latency
+    camera: str = ""  # "" = the single stream
+    batch_frames: int = 1  # frames scored in the same backend call (one per camera at most)
+
+
+#: parameters every rclpy node may be given that are not this node's to declare
+_FOREIGN_PARAMETERS = ("use_sim_time", "start_type_description_service")
+
+
+class _Camera:
+    """One input stream and everything the node keeps per stream (see "Cameras" above): its
+    inputs' settings, pairer, processing queue, counters, alert and health monitors, publishers and
+    subscriptions. Touched under the node's lock, except ``pubs`` (worker) and ``subs``."""
+
+    def __init__(self, inputs: CameraInputs):
+        self.inputs = inputs
+        self.name = inputs.name
+        self.prefix = inputs.prefix
+        self.queue: Deque = collections.deque()
+        self.in_flight = 0
+        self.pairer: Optional[StampPairer] = None
+        self.alerts = None
+        self.alert_reason = ""
+        self.health = None
+        self.pubs: Dict[str, Any] = {}
+        self.subs: List[Any] = []
+        self.reset_stats()
+
+    @property
+    def tag(self) -> str:
+        """`` (front)`` for log lines; empty for the single stream."""
+        return f" ({self.name})" if self.name else ""
+
+    def reset_stats(self) -> None:
+        self.frames_scored = 0
+        self.boxes_total = 0
+        self.boxes_ood = 0
+        self.box_status: Dict[int, int] = collections.Counter()
+        self.frame_drops: Dict[str, int] = collections.Counter()
+        self.counters: Dict[str, int] = collections.Counter()
+        self.received: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
+        self.input_drops: Dict[str, int] = collections.Counter()
+        self.lat_node: Deque[float] = collections.deque(maxlen=200)
+        self.lat_pipeline: Deque[float] = collections.deque(maxlen=200)
+        self.lat_frame: Deque[float] = collections.deque(maxlen=200)
+        self.lost_event: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
+        self.lost_gap: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
+        self.pub_seq: Dict[str, Dict[bytes, int]] = {"image": {}, "detections": {}}
 
 
 def _reliable(depth: int, latched: bool = False) -> QoSProfile:
@@ -169,25 +233,63 @@ class RunaOodNode(LifecycleNode):
     def __init__(self, node_name: str = NODE_NAME, **kwargs):
         super().__init__(node_name, **kwargs)
         declare_parameters(self)
+        declare_camera_parameters(self)
+        self.unknown_overrides = self._warn_unknown_overrides()
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.settings: Optional[NodeSettings] = None
         self.scorer = None
         self.last_error: Optional[str] = None  # last configure failure (also logged)
         #: optional callable(FrameRecord) called from the worker thread after each scored frame
         self.frame_observer: Optional[Callable[[FrameRecord], None]] = None
-        self._lock = threading.RLock()  # pairer, counters, queue
+        self._lock = threading.RLock()  # pairers, counters, queues
         self._cv = threading.Condition(self._lock)
-        self._queue: Deque = collections.deque()
+        self._cams: List[_Camera] = []
         self._handoff = threading.Event()  # set by the worker once it has entered the model (HANDOFF_WAIT_S)
-        self._in_flight = 0
         self._active = False
         self._worker: Optional[threading.Thread] = None
         self._stop_worker = False
-        self._pubs: Dict[str, Any] = {}
-        self._subs: List[Any] = []
+        self._pubs: Dict[str, Any] = {}  # vehicle-level publishers (+ the single stream's, same objects)
         self._timers: List[Any] = []
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._reset_stats()
+
+    def _warn_unknown_overrides(self) -> List[str]:
+        """Warn about every parameter override (``-p``, YAML, launch) that is not a parameter of
+        this node, naming the closest one: rclpy ignores them silently, so a typo would go unnoticed."""
+        declared = sorted(self._parameters)
+        unknown = []
+        for name in sorted(getattr(self, "_parameter_overrides", {}) or {}):
+            if name in self._parameters or name in _FOREIGN_PARAMETERS or name.startswith("qos_overrides."):
+                continue
+            unknown.append(name)
+            near = closest_parameter(name, declared)
+            self.get_logger().warning(
+                f"parameter override '{name}' is not a parameter of this node and is IGNORED"
+                + (f"; did you mean '{near}'?" if near else "")
+                + (" (per-camera overrides need the camera in 'cameras')" if name.startswith("camera.") else ""))
+        return unknown
+
+    # ------------------------------------------------------------------ compatibility with one stream
+    @property
+    def _alerts(self):
+        """The single stream's (first camera's) alert monitor."""
+        return self._cams[0].alerts
+
+    def camera_names(self) -> List[str]:
+        """The configured cameras (``[""]`` for the single stream)."""
+        return [c.name for c in self._cams]
+
+    def _cam(self, name: Optional[str]) -> _Camera:
+        if name is None:
+            return self._cams[0]
+        for c in self._cams:
+            if c.name == name:
+                return c
+        raise KeyError(f"no camera {name!r} (cameras: {self.camera_names()})")
+
+    @property
+    def _multi(self) -> bool:
+        return bool(self.settings is not None and self.settings.cameras)
 
     # ================================================================== lifecycle
     def autostart(self) -> bool:
@@ -231,20 +333,25 @@ class RunaOodNode(LifecycleNode):
         self.model_name = settings.model
         self.backend_name = str(getattr(enc, "backend_name", settings.backend))
         self.random_weights = bool(getattr(enc, "random_weights", False))
-        self._pairer = StampPairer(slop_ns=int(round(settings.pairing_slop_s * 1e9)),
-                                   max_buffer=settings.pairing_buffer,
-                                   max_age_ns=int(round(settings.pairing_max_age_s * 1e9)),
-                                   max_future_ns=int(round(settings.pairing_max_future_s * 1e9)))
         import dataclasses
 
         from ..core.alerts import AlertMonitor
         from ..core.health import HealthMonitor
 
-        # a stamp jump back larger than the pairer's window resets the alert history (AlertMonitor)
-        self._alerts = AlertMonitor(dataclasses.replace(settings.alert.to_alert_config(),
-                                                        jump_back_reset_s=settings.pairing_max_age_s))
+        cams = [_Camera(ci) for ci in settings.inputs]
+        for cam in cams:  # per camera: its own pairing, alert tracks (an object seen by two cameras
+            #               is two tracks) and health
+            cam.pairer = StampPairer(slop_ns=int(round(settings.pairing_slop_s * 1e9)),
+                                     max_buffer=settings.pairing_buffer,
+                                     max_age_ns=int(round(settings.pairing_max_age_s * 1e9)),
+                                     max_future_ns=int(round(settings.pairing_max_future_s * 1e9)))
+            # a stamp jump back larger than the pairer's window resets the alert history (AlertMonitor)
+            cam.alerts = AlertMonitor(dataclasses.replace(settings.alert.to_alert_config(),
+                                                          jump_back_reset_s=settings.pairing_max_age_s))
+            cam.health = HealthMonitor(settings.health_frame_timeout_s, settings.health_latency_budget_ms)
+        with self._lock:
+            self._cams = cams
         self._alert_use_ids = bool(settings.alert.use_detection_ids)
-        self._health = HealthMonitor(settings.health_frame_timeout_s, settings.health_latency_budget_ms)
         self._reset_stats()
         self._create_publishers()
         self._stop_worker = False
@@ -255,7 +362,8 @@ class RunaOodNode(LifecycleNode):
         log.info(f"configured in {load_s:.2f} s + warm-up {warmup_s:.2f} s: model {settings.model} ({settings.pretrained or 'no weights'}), "
                  f"backend {self.backend_name} on {settings.device} ({settings.resolved_precision}), "
                  f"label set {scorer.label_set.name} ({len(scorer.label_set)} labels), scorer {settings.scorer}, "
-                 f"lam {settings.lam}, blur {settings.blur_radius} px, {thr}")
+                 f"lam {settings.lam}, blur {settings.blur_radius} px, {thr}"
+                 + (f"; one model for {len(cams)} cameras: {', '.join(c.name for c in cams)}" if settings.cameras else ""))
         if not settings.thresholds_file:
             log.warning("no thresholds_file: every label uses default_threshold="
                         f"{settings.default_threshold}; calibrate with `runa-ood calibrate` for real use")
@@ -271,14 +379,18 @@ class RunaOodNode(LifecycleNode):
             if ret != _SUCCESS:
                 return ret
             self._create_subscriptions()
-            self._health = type(self._health)(s.health_frame_timeout_s, s.health_latency_budget_ms)
+            for cam in self._cams:
+                cam.health = type(cam.health)(s.health_frame_timeout_s, s.health_latency_budget_ms)
             period = min(0.25, max(0.02, s.health_frame_timeout_s / 4.0))
             self._timers.append(self.create_timer(period, self._safe(self._on_health_timer), clock=self._steady))
             self._timers.append(self.create_timer(1.0, self._safe(self._publish_diagnostics), clock=self._steady))
             self._timers.append(self.create_timer(s.health_heartbeat_period_s, self._safe(self._on_heartbeat),
                                                   clock=self._steady))
             self._publish_label_info()
-            self._alerts.reset()  # the latched CLEAR below must match the monitor's state
+            for cam in self._cams:
+                cam.alerts.reset()  # the latched CLEAR below must match the monitors' state
+                cam.alert_reason = ""
+            self._vehicle_alert = (0, ())
             self._publish_alert({"level": 0, "reason": "CLEAR: node activated, no OOD object seen yet",
                                  "object_indices": []}, None, None, None, health=False)
             self._health_key = None
@@ -286,10 +398,12 @@ class RunaOodNode(LifecycleNode):
                                  "object_indices": []}, None, None, None, health=True)
             with self._lock:
                 self._active = True
-            self.get_logger().info(
-                f"active: image '{self.resolve_topic_name(s.image_topic_resolved)}' ({s.image_transport}, "
-                f"{s.image_qos} QoS) + detections '{self.resolve_topic_name(s.detections_topic)}' "
-                f"({s.detections_qos} QoS), pairing {'exact' if s.pairing_slop_s == 0 else f'slop {s.pairing_slop_s} s'}")
+            for cam in self._cams:
+                ci = cam.inputs
+                self.get_logger().info(
+                    f"active{cam.tag}: image '{self.resolve_topic_name(ci.image_topic_resolved)}' ({ci.image_transport}, "
+                    f"{ci.image_qos} QoS) + detections '{self.resolve_topic_name(ci.detections_topic)}' "
+                    f"({ci.detections_qos} QoS), pairing {'exact' if s.pairing_slop_s == 0 else f'slop {s.pairing_slop_s} s'}")
             return _SUCCESS
         except Exception as exc:
             self._destroy_inputs()
@@ -299,10 +413,11 @@ class RunaOodNode(LifecycleNode):
         self._destroy_inputs()
         with self._lock:
             self._active = False
-            self._account_pairer(self._pairer.flush())
-            while self._queue:
-                self._queue.popleft()
-                self._frame_drops["deactivated"] += 1
+            for cam in self._cams:
+                self._account_pairer(cam, cam.pairer.flush())
+                while cam.queue:
+                    cam.queue.popleft()
+                    cam.frame_drops["deactivated"] += 1
         self._publish_diagnostics()
         return super().on_deactivate(state)
 
@@ -330,29 +445,36 @@ class RunaOodNode(LifecycleNode):
         with self._cv:
             self._active = False
             self._stop_worker = True
-            self._queue.clear()
+            for cam in self._cams:
+                cam.queue.clear()
             self._cv.notify_all()
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(timeout=30.0)
         self._worker = None
-        for pub in self._pubs.values():
+        pubs = {id(p): p for p in list(self._pubs.values()) + [p for c in self._cams for p in c.pubs.values()]}
+        for pub in pubs.values():
             try:
                 self.destroy_lifecycle_publisher(pub)
             except Exception:  # already destroyed with the node
                 pass
         self._pubs = {}
+        for cam in self._cams:
+            cam.pubs = {}
         self.scorer = None
 
     def _destroy_inputs(self) -> None:
-        for sub in self._subs:
-            self.destroy_subscription(sub)
+        for cam in self._cams:
+            for sub in cam.subs:
+                self.destroy_subscription(sub)
+            cam.subs = []
         for t in self._timers:
             self.destroy_timer(t)
-        self._subs, self._timers = [], []
+        self._timers = []
 
     # ================================================================== entities
     def _create_publishers(self) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
+        from foxglove_msgs.msg import ImageAnnotations
         from runa_ood_msgs.msg import DriverAlert, OodDetectionArray
         from sensor_msgs.msg import Image
         from vision_msgs.msg import Detection2DArray, LabelInfo
@@ -360,34 +482,47 @@ class RunaOodNode(LifecycleNode):
 
         p = self.create_lifecycle_publisher
         lease = self.settings.health_liveliness_lease_s
-        self._pubs = {
-            "detections": p(OodDetectionArray, "ood/detections", _reliable(10)),
-            "ood_only": p(Detection2DArray, "ood/ood_only", _reliable(10)),
+        self._pubs = {  # vehicle level: one of each whatever the number of cameras
             # silence is an alarm: liveliness lease on both, deadline + heartbeat on monitor_health
             "alert": p(DriverAlert, "ood/driver_alert", _monitored(_reliable(1, latched=True), lease)),
             "health": p(DriverAlert, "ood/monitor_health", _monitored(_reliable(1, latched=True), lease, True)),
-            "annotated": p(Image, "ood/annotated_image", _reliable(2)),
-            "markers": p(MarkerArray, "ood/markers", _reliable(5)),
             "label_info": p(LabelInfo, "ood/label_info", _reliable(1, latched=True)),
             "diagnostics": p(DiagnosticArray, "/diagnostics", _reliable(10)),
         }
+        for cam in self._cams:  # per camera: "<C>/ood/..." (the single stream: "ood/...")
+            c = cam.prefix
+            cam.pubs = {
+                "detections": p(OodDetectionArray, c + "ood/detections", _reliable(10)),
+                "ood_only": p(Detection2DArray, c + "ood/ood_only", _reliable(10)),
+                "annotated": p(Image, c + "ood/annotated_image", _reliable(2)),
+                "markers": p(MarkerArray, c + "ood/markers", _reliable(5)),
+                "annotations": p(ImageAnnotations, c + "ood/image_annotations", _reliable(5)),
+            }
+        if not self._multi:  # one stream: its publishers under their old keys too
+            self._pubs.update(self._cams[0].pubs)
 
     def _create_subscriptions(self) -> None:
+        for cam in self._cams:
+            cam.subs = self._camera_subscriptions(cam)
+
+    def _camera_subscriptions(self, cam: _Camera) -> List[Any]:
         from rclpy.event_handler import SubscriptionEventCallbacks
         from sensor_msgs.msg import CompressedImage, Image
         from vision_msgs.msg import Detection2DArray
 
-        s = self.settings
-        img_type = CompressedImage if s.image_transport == "compressed" else Image
+        ci = cam.inputs
+        img_type = CompressedImage if ci.image_transport == "compressed" else Image
 
         def incompatible(topic, param):
+            name = f"camera.{cam.name}.{param}" if cam.name else param
+
             def cb(event):
                 with self._lock:
-                    self._counters["qos_incompatible"] += 1
+                    cam.counters["qos_incompatible"] += 1
                 self.get_logger().warning(
-                    f"a publisher on '{topic}' offers QoS incompatible with ours ({param}="
-                    f"{getattr(s, param)}; policy {getattr(event, 'last_policy_kind', '?')}): its messages are "
-                    f"NOT delivered. Set {param} to match the publisher (sensor_data accepts best effort).",
+                    f"a publisher on '{topic}' offers QoS incompatible with ours ({name}="
+                    f"{getattr(ci, param)}; policy {getattr(event, 'last_policy_kind', '?')}): its messages are "
+                    f"NOT delivered. Set {name} to match the publisher (sensor_data accepts best effort).",
                     throttle_duration_sec=10.0)
 
             stream = "detections" if param == "detections_qos" else "image"
@@ -396,20 +531,22 @@ class RunaOodNode(LifecycleNode):
                 n = int(getattr(event, "total_count_change", 0) or 0)
                 if n > 0:
                     with self._lock:
-                        self._lost_event[stream] += n
+                        cam.lost_event[stream] += n
                     self.get_logger().warning(f"{n} message(s) on '{topic}' lost before reaching the node "
                                               "(DDS queue / network)", throttle_duration_sec=5.0)
             return SubscriptionEventCallbacks(incompatible_qos=cb, message_lost=lost)
 
         # both inputs are taken raw (the CDR bytes): the executor thread reads only their stamps for
-        # the pairing, the worker reads them with ros.wire (see _process)
-        self._subs = [
-            self.create_subscription(img_type, s.image_topic_resolved, self._safe(self._on_image, "image"),
-                                     _input_qos(s.image_qos, s.image_queue_size),
-                                     event_callbacks=incompatible(s.image_topic_resolved, "image_qos"), raw=True),
-            self.create_subscription(Detection2DArray, s.detections_topic, self._safe(self._on_detections, "detections"),
-                                     _input_qos(s.detections_qos, s.detections_queue_size),
-                                     event_callbacks=incompatible(s.detections_topic, "detections_qos"), raw=True),
+        # the pairing, the worker reads them with ros.wire (see _process_batch)
+        return [
+            self.create_subscription(img_type, ci.image_topic_resolved,
+                                     self._safe(lambda m: self._on_input(cam, m, True), "image", cam),
+                                     _input_qos(ci.image_qos, ci.image_queue_size),
+                                     event_callbacks=incompatible(ci.image_topic_resolved, "image_qos"), raw=True),
+            self.create_subscription(Detection2DArray, ci.detections_topic,
+                                     self._safe(lambda m: self._on_input(cam, m, False), "detections", cam),
+                                     _input_qos(ci.detections_qos, ci.detections_queue_size),
+                                     event_callbacks=incompatible(ci.detections_topic, "detections_qos"), raw=True),
         ]
 
     def _on_set_parameters(self, params) -> SetParametersResult:
@@ -432,39 +569,38 @@ class RunaOodNode(LifecycleNode):
         return SetParametersResult(successful=True)
 
     # ================================================================== callbacks (executor thread)
-    def _safe(self, fn: Callable, stream: Optional[str] = None) -> Callable:
+    def _safe(self, fn: Callable, stream: Optional[str] = None, cam: Optional[_Camera] = None) -> Callable:
         """Wrap a callback: an unexpected exception is logged and counted, never raised.
 
-        ``stream`` ("image" / "detections") marks subscription callbacks: the message is counted as
-        received first (and the publisher's sequence number checked for messages lost on the
-        way), and as an ``internal_error`` input drop if the callback fails."""
+        ``stream`` ("image" / "detections") marks subscription callbacks of camera ``cam``: the
+        message is counted as received first (and the publisher's sequence number checked for
+        messages lost on the way), and as an ``internal_error`` input drop if the callback fails."""
+        what = f"the {stream} callback{cam.tag}" if stream is not None else getattr(fn, "__name__", "callback")
         if stream is not None:
             def wrapped_input(msg, info):  # two arguments: rclpy passes the MessageInfo
                 with self._lock:
-                    self._note_sequence(stream, info)
+                    self._note_sequence(cam, stream, info)
                 wrapped(msg)
-
-            wrapped_input.__name__ = getattr(fn, "__name__", "callback")
 
         def wrapped(*args):
             if stream is not None:
                 with self._lock:
-                    self._received[stream] += 1
+                    cam.received[stream] += 1
             try:
                 fn(*args)
             except Exception as exc:
                 with self._lock:
                     if stream is not None:
-                        self._input_drops["internal_error"] += 1
+                        cam.input_drops["internal_error"] += 1
                     else:
-                        self._counters["timer_internal_error"] += 1
-                self.get_logger().error(f"internal error in {fn.__name__}: {type(exc).__name__}: {exc}\n"
+                        self._node_counters["timer_internal_error"] += 1
+                self.get_logger().error(f"internal error in {what}: {type(exc).__name__}: {exc}\n"
                                         f"{traceback.format_exc(limit=4)}", throttle_duration_sec=5.0)
 
         wrapped.__name__ = getattr(fn, "__name__", "callback")
         return wrapped if stream is None else wrapped_input
 
-    def _note_sequence(self, stream: str, info) -> None:  # holds the lock
+    def _note_sequence(self, cam: _Camera, stream: str, info) -> None:  # holds the lock
         """Count messages lost between the publisher and this callback (DDS history / queue
         overflow, undecodable payloads, network loss): gaps in each publisher's sequence numbers."""
         try:
@@ -474,228 +610,290 @@ class RunaOodNode(LifecycleNode):
             return
         if seq <= 0:  # not provided by this middleware
             return
-        seen = self._pub_seq[stream]
+        seen = cam.pub_seq[stream]
         last = seen.pop(gid, None)
         if last is not None and seq > last + 1:
-            self._lost_gap[stream] += seq - last - 1
-            self.get_logger().warning(f"{seq - last - 1} {stream} message(s) lost before reaching the node "
+            cam.lost_gap[stream] += seq - last - 1
+            self.get_logger().warning(f"{seq - last - 1} {stream} message(s){cam.tag} lost before reaching the node "
                                       "(DDS queue overflow / undecodable data)", throttle_duration_sec=5.0)
         seen[gid] = seq if last is None else max(seq, last)
         if len(seen) > 64:  # bounded: the least recently heard publisher is forgotten
             seen.pop(next(iter(seen)))
 
-    def _on_image(self, msg) -> None:
-        self._on_input(msg, image=True)
-
-    def _on_detections(self, msg) -> None:
-        self._on_input(msg, image=False)
-
-    def _on_input(self, msg, image: bool) -> None:
+    def _on_input(self, cam: _Camera, msg, image: bool) -> None:
         handoff = None
         with self._cv:
             if not self._active:
-                self._input_drops["inactive"] += 1
+                cam.input_drops["inactive"] += 1
                 return
             try:  # raw CDR bytes: only the stamp is read here, the worker decodes the rest
                 stamp = wire.header_stamp_ns(msg)
             except wire.CdrError as exc:
                 stream = "image" if image else "detections"
-                self._input_drops[f"undecodable_{stream}"] += 1
-                self.get_logger().warning(f"dropped an {stream} message: {exc}", throttle_duration_sec=5.0)
+                cam.input_drops[f"undecodable_{stream}"] += 1
+                self.get_logger().warning(f"dropped an {stream} message{cam.tag}: {exc}", throttle_duration_sec=5.0)
                 return
-            out = (self._pairer.add_image if image else self._pairer.add_detections)(stamp, msg)
-            idle = not self._busy and not self._queue
-            self._handle_pairer_output(out)
+            out = (cam.pairer.add_image if image else cam.pairer.add_detections)(stamp, msg)
+            idle = not self._busy and not any(c.queue for c in self._cams)
+            self._handle_pairer_output(cam, out)
             if out.pairs and idle and HANDOFF_WAIT_S is not None:
                 handoff = self._handoff
                 handoff.clear()
         if handoff is not None:  # outside the lock: let the worker read its inputs (see HANDOFF_WAIT_S)
             handoff.wait(HANDOFF_WAIT_S)
 
-    def _handle_pairer_output(self, out) -> None:  # holds the lock
-        self._account_pairer(out.drops)
+    def _handle_pairer_output(self, cam: _Camera, out) -> None:  # holds the lock
+        self._account_pairer(cam, out.drops)
         now = time.perf_counter()
-        for pair in out.pairs:
-            if len(self._queue) >= self.settings.processing_queue_size:
-                old = self._queue.popleft()
-                self._frame_drops["processing_overload"] += 1
+        for pair in out.pairs:  # each camera's own bounded queue: a flooding camera drops its own frames
+            if len(cam.queue) >= self.settings.processing_queue_size:
+                old = cam.queue.popleft()
+                cam.frame_drops["processing_overload"] += 1
                 self.get_logger().warning(
-                    f"scoring is slower than the input: dropped the frame stamped {old[0].image_stamp_ns * 1e-9:.3f} s "
-                    f"(processing_queue_size={self.settings.processing_queue_size})", throttle_duration_sec=5.0)
-            self._queue.append((pair, now))
+                    f"scoring is slower than the input{cam.tag}: dropped the frame stamped "
+                    f"{old[0].image_stamp_ns * 1e-9:.3f} s (processing_queue_size={self.settings.processing_queue_size})",
+                    throttle_duration_sec=5.0)
+            cam.queue.append((pair, now))
         if out.pairs:
             self._cv.notify()
 
-    def _account_pairer(self, drops) -> None:  # holds the lock
+    def _account_pairer(self, cam: _Camera, drops) -> None:  # holds the lock
         for d in drops:
             if d.reason in ("out_of_order", "duplicate_stamp", "buffer_overflow"):
                 self.get_logger().warning(
-                    f"dropped {d.kind} stamped {d.stamp_ns * 1e-9:.3f} s: {d.reason}", throttle_duration_sec=5.0)
+                    f"dropped {d.kind}{cam.tag} stamped {d.stamp_ns * 1e-9:.3f} s: {d.reason}", throttle_duration_sec=5.0)
 
     # ================================================================== worker thread
     def _worker_loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._stop_worker:
+                while not any(c.queue for c in self._cams) and not self._stop_worker:
                     self._cv.wait(timeout=0.5)
                 if self._stop_worker:
                     return
-                pair, t_pair = self._queue.popleft()
-                self._in_flight = 1  # taken from the queue, not yet accounted for
+                # the frame at the head of every camera's queue (stamp order within a camera; at most
+                # one per camera, so a flooding camera delays the others by at most one batch)
+                batch = []
+                t_take = time.perf_counter()  # under the lock: every frame paired before it is in this batch
+                for cam in self._cams:
+                    if cam.queue:
+                        pair, t_pair = cam.queue.popleft()
+                        cam.in_flight = 1  # taken from the queue, not yet accounted for
+                        batch.append((cam, pair, t_pair))
                 self._busy = True
             try:
-                self._process(pair, t_pair)
+                self._process_batch(batch, t_take)
             except Exception as exc:  # never let the worker die
                 with self._lock:
-                    if self._in_flight:
-                        self._frame_done("internal_error")
-                    else:  # already accounted (scored): the failure came after its results were out
-                        self._counters["secondary_output_errors"] += 1
-                self.get_logger().error(f"internal error while scoring the frame stamped "
-                                        f"{pair.image_stamp_ns * 1e-9:.3f} s: {type(exc).__name__}: {exc}\n"
-                                        f"{traceback.format_exc(limit=6)}", throttle_duration_sec=5.0)
+                    for cam, _, _ in batch:
+                        if cam.in_flight:
+                            self._frame_done(cam, "internal_error")
+                        else:  # already accounted (scored): the failure came after its results were out
+                            cam.counters["secondary_output_errors"] += 1
+                if not self.context.ok():  # ROS is shutting down (Ctrl-C) under the worker
+                    continue
+                self.get_logger().error(f"internal error while scoring the frames stamped "
+                                        f"{', '.join(f'{p.image_stamp_ns * 1e-9:.3f} s{c.tag}' for c, p, _ in batch)}: "
+                                        f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}",
+                                        throttle_duration_sec=5.0)
             finally:
-                self._handoff.set()  # also when the frame was dropped before the model
+                self._handoff.set()  # also when the frames were dropped before the model
                 with self._lock:
-                    if self._in_flight:  # left without a verdict (no scorer any more: deactivated)
-                        self._frame_done("deactivated")
+                    for cam, _, _ in batch:
+                        if cam.in_flight:  # left without a verdict (no scorer any more: deactivated)
+                            self._frame_done(cam, "deactivated")
                     self._busy = False
 
-    def _frame_done(self, drop_reason: Optional[str] = None) -> None:  # holds the lock
-        """Account for the frame in flight, in the same step that ends its flight (so every
-        snapshot balances): scored (``drop_reason`` None) or dropped with that reason."""
+    def _frame_done(self, cam: _Camera, drop_reason: Optional[str] = None) -> None:  # holds the lock
+        """Account for camera ``cam``'s frame in flight, in the same step that ends its flight (so
+        every snapshot balances): scored (``drop_reason`` None) or dropped with that reason."""
         if drop_reason is None:
-            self._frames_scored += 1
+            cam.frames_scored += 1
         else:
-            self._frame_drops[drop_reason] += 1
-        self._in_flight = 0
+            cam.frame_drops[drop_reason] += 1
+        cam.in_flight = 0
 
-    def _process(self, pair, t_pair: float) -> None:
-        s, scorer = self.settings, self.scorer
-        if scorer is None:
-            return
-        img_raw, det_raw = pair.image, pair.detections
-        log = self.get_logger()
-        t_start = time.perf_counter()
-        # ---- convert: ros.wire reads the bytes (as offline evaluation does; the image data stays a
-        #      view of the received bytes), then the one pixel reader
+    def _read_inputs(self, cam: _Camera, pair):
+        """A frame's inputs read from their CDR bytes: (header, rgb, Detections, boxes, scores,
+        class_ids, ids), or None when the frame was dropped (accounted and logged here)."""
+        ci, s, log = cam.inputs, self.settings, self.get_logger()
+        compressed = ci.image_transport == "compressed"
+        # ros.wire reads the bytes (as offline evaluation does; the image data stays a view of the
+        # received bytes), then the one pixel reader
         try:
-            img_msg = (wire.read_compressed if s.image_transport == "compressed" else wire.read_image)(img_raw)
+            img_msg = (wire.read_compressed if compressed else wire.read_image)(pair.image)
         except wire.CdrError as exc:
             with self._lock:
-                self._frame_done("image_undecodable")
-            log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: {exc}", throttle_duration_sec=5.0)
-            return
+                self._frame_done(cam, "image_undecodable")
+            log.warning(f"dropped frame{cam.tag} stamped {pair.image_stamp_ns * 1e-9:.3f} s: {exc}",
+                        throttle_duration_sec=5.0)
+            return None
         header = img_msg.header
         try:
-            if s.image_transport == "compressed":
+            if compressed:
                 rgb = convert.compressed_to_rgb(img_msg, max_pixels=s.max_image_pixels)
             else:
                 # unpadded rgb8: a read-only view of the message buffer; anything else: one copy
                 rgb = convert.image_to_rgb(img_msg, copy=not ZERO_COPY_RGB8, max_pixels=s.max_image_pixels)
         except convert.ImageConversionError as exc:
             with self._lock:
-                self._frame_done(f"image_{exc.reason}")
-            log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: cannot convert image "
+                self._frame_done(cam, f"image_{exc.reason}")
+            log.warning(f"dropped frame{cam.tag} stamped {pair.image_stamp_ns * 1e-9:.3f} s: cannot convert image "
                         f"({'format' if img_msg.format else 'encoding'} {img_msg.format or img_msg.encoding!r}): {exc}",
                         throttle_duration_sec=5.0)
-            return
+            return None
         try:
-            dets = wire.read_detections(det_raw)
+            dets = wire.read_detections(pair.detections)
             boxes, scores, class_ids, ids = dets.arrays()
         except Exception as exc:
             with self._lock:
-                self._frame_done("bad_detections")
-            log.warning(f"dropped frame stamped {pair.image_stamp_ns * 1e-9:.3f} s: unreadable detections: "
+                self._frame_done(cam, "bad_detections")
+            log.warning(f"dropped frame{cam.tag} stamped {pair.image_stamp_ns * 1e-9:.3f} s: unreadable detections: "
                         f"{type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
-            return
+            return None
         if dets.header.frame_id != header.frame_id:
             with self._lock:
-                self._counters["frame_id_mismatch"] += 1
-            log.warning(f"detections frame_id {dets.header.frame_id!r} differs from the image's "
+                cam.counters["frame_id_mismatch"] += 1
+            log.warning(f"detections frame_id{cam.tag} {dets.header.frame_id!r} differs from the image's "
                         f"{header.frame_id!r}; outputs use the image's", throttle_duration_sec=10.0)
+        return header, rgb, dets, boxes, scores, class_ids, ids
+
+    def _score(self, scorer, frames: List) -> List:
+        """FrameResults of ``frames`` ((cam, pair, ..., inputs) rows) in ONE backend call; when the
+        batch is refused (a malformed frame: ValueError), each frame alone, so that only the
+        malformed one fails (its slot then holds the exception)."""
+        if len(frames) == 1:  # the single stream's path, as before: OodScorer.score
+            _, _, _, _, (_, rgb, _, boxes, scores, class_ids, _) = frames[0]
+            return [scorer.score(rgb, boxes, box_format="cxcywh", detector_scores=scores, detector_labels=class_ids)]
+        from ..core.pipeline import FrameInput
+
+        inputs = [FrameInput(rgb, boxes, "cxcywh", scores, class_ids)
+                  for _, _, _, _, (_, rgb, _, boxes, scores, class_ids, _) in frames]
+        try:
+            return scorer.score_frames(inputs)
+        except ValueError:
+            out = []
+            for fr in inputs:
+                try:
+                    out.append(scorer.score(fr.image_rgb, fr.boxes, box_format=fr.box_format,
+                                            detector_scores=fr.detector_scores, detector_labels=fr.detector_labels))
+                except Exception as exc:  # noqa: BLE001 - this frame only
+                    out.append(exc)
+            return out
+
+    def _process_batch(self, batch: List, t_start: float) -> None:
+        """Score the frames of ``batch`` ([(camera, pair, t_pair)], one per camera, taken from the
+        queues at ``t_start``) in one backend call, then publish each camera's answer, alerts,
+        drawings and health."""
+        s, scorer = self.settings, self.scorer
+        if scorer is None:
+            return
+        log = self.get_logger()
+        frames = []
+        for cam, pair, t_pair in batch:
+            got = self._read_inputs(cam, pair)
+            if got is not None:
+                frames.append((cam, pair, t_pair, t_start, got))
+        if not frames:
+            return
         # ---- score
         self._handoff.set()  # the executor thread may go on (HANDOFF_WAIT_S)
         t_conv = time.perf_counter()
-        res = scorer.score(rgb, boxes, box_format="cxcywh", detector_scores=scores, detector_labels=class_ids)
+        results = self._score(scorer, frames)
         t_score = time.perf_counter()
-        h, w = rgb.shape[:2]
-        # ---- publish (every header is the source image's)
-        # outputs that embed the detections are written as CDR bytes (ros.wire), each detection copied
-        # in as the bytes it came as; ood/ood_only goes out after ood/detections (not on its path)
-        pubs = self._pubs
-        pubs["detections"].publish(wire.write_ood_array(header, dets, res, s.model, self.backend_name, s.scorer,
-                                                        self.random_weights))
-        t_pub = time.perf_counter()
-        node_ms = (t_pub - t_pair) * 1e3
-        pipeline_ms = float(res.timings.get("total", math.nan))
-        with self._lock:  # the frame is scored and its results are out: account for it now
-            self._frame_done()
-            self._boxes_total += len(res)
-            if len(res):
-                for code, n in enumerate(np.bincount(np.asarray(res.status, np.intp)).tolist()):
-                    if n:
-                        self._box_status[code] += n
-            self._boxes_ood += int(np.count_nonzero(res.is_ood))
-            self._lat_node.append(node_ms)
-            self._lat_pipeline.append(pipeline_ms)
-            if res.error:
-                self._counters["backend_error_frames"] += 1
-        # ---- secondary outputs: a failure here is logged and counted, the frame stays scored
-        try:
-            if pubs["ood_only"].get_subscription_count() > 0:  # volatile: nobody listening = nobody misses it
-                pubs["ood_only"].publish(wire.write_ood_only(header, dets, res))
-            # a frame that is no evidence (core.health.unscored_reason) holds the current level
-            # (AlertMonitor): a failing model must never look like "no OOD object" to the driver;
-            # a stamp jump back resets the alert history (AlertMonitor.config.jump_back_reset_s)
-            alerts = self._alerts
-            resets = alerts.n_jump_resets
-            alert = alerts.update(pair.image_stamp_ns * 1e-9, res, w, h,
-                                  object_ids=ids if self._alert_use_ids else None)
-            if alerts.n_jump_resets != resets:
-                log.warning(f"image stamps jumped back to {pair.image_stamp_ns * 1e-9:.3f} s; alert history reset")
-            if alert.changed:
-                self._publish_alert(alert, header, dets, res, health=False)
-                lvl = AlertLevel(int(alert.level)).name
-                if int(alert.level):
-                    log.warning(f"driver alert -> {lvl}: {alert.reason}")
-                else:
-                    log.info(f"driver alert -> {lvl}: {alert.reason}")
-            if s.publish_annotated:
-                want_img = not s.lazy or pubs["annotated"].get_subscription_count() > 0
-                want_mk = not s.lazy or pubs["markers"].get_subscription_count() > 0
-                if want_img or want_mk:
-                    from . import draw
-
-                    drawn, not_drawn = draw.select_boxes(res)  # bounded: OOD, then ID, few not scored
-                    if want_img:
-                        pubs["annotated"].publish(convert.rgb_to_image(
-                            draw.annotate(rgb, res, self.random_weights, indices=drawn), header))
-                    if want_mk:
-                        pubs["markers"].publish(draw.make_markers(header, res, w, h, indices=drawn))
-                    with self._lock:
-                        self._counters["annotated_frames"] += int(want_img)
-                        self._counters["marker_frames"] += int(want_mk)
-                        self._counters["boxes_not_drawn"] += not_drawn
-        except Exception as exc:
-            with self._lock:
-                self._counters["secondary_output_errors"] += 1
-            log.error(f"internal error in alerts/drawing for the frame stamped {pair.image_stamp_ns * 1e-9:.3f} s "
-                      f"(scores were published): {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}",
-                      throttle_duration_sec=5.0)
-        # ---- health: the whole per-frame time (queue wait, conversion, scoring, alerts, drawing,
-        #      publishing) and whether the frame was evidence (core.health decides both)
-        t_end = time.perf_counter()
-        frame_ms = (t_end - t_pair) * 1e3
+        n_batch = len(frames)
         with self._lock:
-            self._lat_frame.append(frame_ms)
-            self._health.frame(time.monotonic(), frame_ms, res)
-        if self.frame_observer is not None:
-            stages = {"wait": (t_start - t_pair) * 1e3, "convert": (t_conv - t_start) * 1e3,
-                      "score": (t_score - t_conv) * 1e3, "publish": (t_pub - t_score) * 1e3,
-                      "secondary": (t_end - t_pub) * 1e3}
-            self.frame_observer(FrameRecord(pair.image_stamp_ns, len(res), pipeline_ms, node_ms, res.error, stages,
-                                            t_pair, t_pub, frame_ms))
+            self._backend_calls += 1
+            self._batched_frames += n_batch
+        # ---- publish every camera's ood/detections first (every header is the source image's):
+        # written as CDR bytes (ros.wire), each detection copied in as the bytes it came as
+        done = []
+        for (cam, pair, t_pair, _, (header, rgb, dets, *_rest)), res in zip(frames, results):
+            if isinstance(res, Exception):
+                with self._lock:
+                    self._frame_done(cam, "internal_error")
+                log.error(f"internal error while scoring the frame{cam.tag} stamped {pair.image_stamp_ns * 1e-9:.3f} s: "
+                          f"{type(res).__name__}: {res}", throttle_duration_sec=5.0)
+                continue
+            cam.pubs["detections"].publish(wire.write_ood_array(header, dets, res, s.model, self.backend_name,
+                                                                s.scorer, self.random_weights))
+            t_pub = time.perf_counter()
+            node_ms = (t_pub - t_pair) * 1e3
+            pipeline_ms = float(res.timings.get("total", math.nan))
+            with self._lock:  # the frame is scored and its results are out: account for it now
+                self._frame_done(cam)
+                cam.boxes_total += len(res)
+                if len(res):
+                    for code, n in enumerate(np.bincount(np.asarray(res.status, np.intp)).tolist()):
+                        if n:
+                            cam.box_status[code] += n
+                cam.boxes_ood += int(np.count_nonzero(res.is_ood))
+                cam.lat_node.append(node_ms)
+                cam.lat_pipeline.append(pipeline_ms)
+                if res.error:
+                    cam.counters["backend_error_frames"] += 1
+            done.append((cam, pair, t_pair, header, rgb, dets, _rest[-1], res, t_pub, node_ms, pipeline_ms))
+        # ---- secondary outputs, per camera: a failure is logged and counted, the frame stays scored
+        for cam, pair, t_pair, header, rgb, dets, ids, res, t_pub, node_ms, pipeline_ms in done:
+            try:
+                self._secondary_outputs(cam, pair, header, rgb, dets, ids, res)
+            except Exception as exc:
+                with self._lock:
+                    cam.counters["secondary_output_errors"] += 1
+                if not self.context.ok():  # ROS is shutting down (Ctrl-C) under the worker: nothing to report
+                    return
+                log.error(f"internal error in alerts/drawing for the frame{cam.tag} stamped "
+                          f"{pair.image_stamp_ns * 1e-9:.3f} s (scores were published): {type(exc).__name__}: {exc}\n"
+                          f"{traceback.format_exc(limit=6)}", throttle_duration_sec=5.0)
+            # ---- health: the whole per-frame time (queue wait, conversion, scoring, alerts, drawing,
+            #      publishing) and whether the frame was evidence (core.health decides both)
+            t_end = time.perf_counter()
+            frame_ms = (t_end - t_pair) * 1e3
+            with self._lock:
+                cam.lat_frame.append(frame_ms)
+                cam.health.frame(time.monotonic(), frame_ms, res)
+            if self.frame_observer is not None:
+                stages = {"wait": (t_start - t_pair) * 1e3, "convert": (t_conv - t_start) * 1e3,
+                          "score": (t_score - t_conv) * 1e3, "publish": (t_pub - t_score) * 1e3,
+                          "secondary": (t_end - t_pub) * 1e3}
+                self.frame_observer(FrameRecord(pair.image_stamp_ns, len(res), pipeline_ms, node_ms, res.error, stages,
+                                                t_pair, t_pub, frame_ms, cam.name, n_batch))
+
+    def _secondary_outputs(self, cam: _Camera, pair, header, rgb, dets, ids, res) -> None:
+        """ood/ood_only, the alert update and the drawings of one scored frame of camera ``cam``."""
+        s, pubs, log = self.settings, cam.pubs, self.get_logger()
+        h, w = rgb.shape[:2]
+        if pubs["ood_only"].get_subscription_count() > 0:  # volatile: nobody listening = nobody misses it
+            pubs["ood_only"].publish(wire.write_ood_only(header, dets, res))
+        # a frame that is no evidence (core.health.unscored_reason) holds the current level
+        # (AlertMonitor): a failing model must never look like "no OOD object" to the driver;
+        # a stamp jump back resets the alert history (AlertMonitor.config.jump_back_reset_s)
+        alerts = cam.alerts
+        resets = alerts.n_jump_resets
+        alert = alerts.update(pair.image_stamp_ns * 1e-9, res, w, h, object_ids=ids if self._alert_use_ids else None)
+        if alerts.n_jump_resets != resets:
+            log.warning(f"image stamps{cam.tag} jumped back to {pair.image_stamp_ns * 1e-9:.3f} s; alert history reset")
+        self._vehicle_alert_update(cam, alert, header, dets, res)
+        if s.publish_annotated:
+            want_img = not s.lazy or pubs["annotated"].get_subscription_count() > 0
+            want_mk = not s.lazy or pubs["markers"].get_subscription_count() > 0
+            want_ann = not s.lazy or pubs["annotations"].get_subscription_count() > 0
+            if want_img or want_mk or want_ann:
+                from . import draw
+
+                drawn, not_drawn = draw.select_boxes(res)  # bounded: OOD, then ID, few not scored
+                if want_img:
+                    pubs["annotated"].publish(convert.rgb_to_image(
+                        draw.annotate(rgb, res, self.random_weights, indices=drawn), header))
+                if want_mk:
+                    pubs["markers"].publish(draw.make_markers(header, res, w, h, indices=drawn))
+                if want_ann:  # Foxglove: the same boxes drawn on the client, stamped like the image (as bytes)
+                    pubs["annotations"].publish(wire.write_image_annotations(header, res, drawn, self.random_weights))
+                with self._lock:
+                    cam.counters["annotated_frames"] += int(want_img)
+                    cam.counters["marker_frames"] += int(want_mk)
+                    cam.counters["annotation_frames"] += int(want_ann)
+                    cam.counters["boxes_not_drawn"] += not_drawn
 
     # ================================================================== alerts, health, diagnostics
     def _publish_alert(self, alert, header, dets, res, health: bool) -> None:
@@ -716,30 +914,88 @@ class RunaOodNode(LifecycleNode):
                 header, int(_get(alert, "level", 0)), DriverAlert.SOURCE_OOD_OBJECT,
                 str(_get(alert, "reason", "") or ""), dets, res, _get(alert, "object_indices", None) or ()))
 
+    def _vehicle_alert_update(self, cam: _Camera, alert, header, dets, res) -> None:
+        """ood/driver_alert after camera ``cam``'s alert monitor saw a frame. One stream: published
+        when its level changes. Cameras: the vehicle level is the highest camera level; published
+        when it or the set of cameras at it changes, the reason naming them (the OOD objects of this
+        frame embedded when this camera is one of them)."""
+        if not self._multi:
+            if alert.changed:
+                self._publish_alert(alert, header, dets, res, health=False)
+                self._log_alert(int(alert.level), alert.reason)
+            return
+        cam.alert_reason = str(alert.reason or "")
+        top = max(int(c.alerts.level) for c in self._cams)
+        named = [c for c in self._cams if top and int(c.alerts.level) == top]
+        key = (top, tuple(c.name for c in named))
+        if key == self._vehicle_alert:
+            return
+        self._vehicle_alert = key
+        lvl = AlertLevel(top).name
+        if top:
+            reason = (f"{lvl}: OOD object ahead ({', '.join(c.name for c in named)}): "
+                      + "; ".join(f"{c.name}: {c.alert_reason}" for c in named))
+        else:
+            reason = f"CLEAR: no OOD object on any camera ({cam.name}: {cam.alert_reason})"
+        if cam in named or not top:
+            self._publish_alert({"level": top, "reason": reason,
+                                 "object_indices": list(alert.object_indices) if cam in named else []},
+                                header, dets, res, health=False)
+        else:  # this camera went down while others hold the level: no objects of this frame in it
+            self._publish_alert({"level": top, "reason": reason, "object_indices": []}, None, None, None, health=False)
+        self._log_alert(top, reason)
+
+    def _log_alert(self, level: int, reason: str) -> None:
+        text = f"driver alert -> {AlertLevel(level).name}: {reason}"
+        if level:  # (rclpy: one severity per call site)
+            self.get_logger().warning(text)
+        else:
+            self.get_logger().info(text)
+
     def _on_heartbeat(self) -> None:
-        """Re-publish the current ood/monitor_health message with a fresh stamp (the topic's deadline)."""
+        """Re-publish the current ood/monitor_health message with a fresh stamp (the topic's
+        deadline) and current figures (its reason re-read from the health monitors now)."""
+        if self._on_health_timer():  # a transition was just published
+            return
         msg = getattr(self, "_last_health_msg", None)
         if msg is not None and "health" in self._pubs:
             msg.header.stamp = self.get_clock().now().to_msg()
             self._pubs["health"].publish(msg)
 
-    def _on_health_timer(self) -> None:
+    def _on_health_timer(self) -> bool:
+        """Check every camera's health; publish ood/monitor_health when the *kind* of problem
+        changes (the cameras and their codes), else only refresh the figures in the reason that the
+        heartbeat re-publishes. True when a message was published."""
+        if not self._cams or self._cams[0].health is None:
+            return False
+        now = time.monotonic()
         with self._lock:
-            problems = self._health.check(time.monotonic())
-        # publish when the *kind* of problem changes (its code), not when a number in the text does
-        key = tuple(sorted(p.code.value for p in problems))
+            per = [(cam, cam.health.check(now)) for cam in self._cams]
+        per = [(cam, probs) for cam, probs in per if probs]
+        key = tuple((cam.name, tuple(sorted(p.code.value for p in probs))) for cam, probs in per)
+        if per:
+            if self._multi:
+                text = (f"CAUTION: OOD monitor degraded ({', '.join(cam.name for cam, _ in per)}): "
+                        + "; ".join(f"{cam.name}: " + "; ".join(p.text for p in probs) for cam, probs in per))
+            else:
+                text = "CAUTION: OOD monitor degraded: " + "; ".join(p.text for _, probs in per for p in probs)
         if key == self._health_key:
-            return
+            msg = getattr(self, "_last_health_msg", None)
+            if per and msg is not None:
+                msg.reason = text  # current figures: a 40 s silence reads 40 s, not the 1.02 s of the transition
+            return False
         first = self._health_key is None
         self._health_key = key
-        if problems:
-            text = "CAUTION: OOD monitor degraded: " + "; ".join(p.text for p in problems)
+        if per:
             self.get_logger().warning(text)
             self._publish_alert({"level": 1, "reason": text, "object_indices": []}, None, None, None, health=True)
-        elif not first:
+            return True
+        if not first:
             self.get_logger().info("OOD monitor healthy again")
             self._publish_alert({"level": 0, "reason": "CLEAR: OOD monitor healthy", "object_indices": []},
                                 None, None, None, health=True)
+            return True
+        return False
 
     def _publish_label_info(self) -> None:
         header = convert.copy_header(None)
@@ -748,24 +1004,45 @@ class RunaOodNode(LifecycleNode):
         self._pubs["label_info"].publish(convert.to_label_info(header, list(self.scorer.label_set.labels), thr))
 
     def _reset_stats(self) -> None:
-        self._frames_scored = 0
-        self._boxes_total = 0
-        self._boxes_ood = 0
-        self._box_status: Dict[int, int] = collections.Counter()
-        self._frame_drops: Dict[str, int] = collections.Counter()
-        self._counters: Dict[str, int] = collections.Counter()
-        self._received: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
-        self._input_drops: Dict[str, int] = collections.Counter()
-        self._lat_node: Deque[float] = collections.deque(maxlen=200)
-        self._lat_pipeline: Deque[float] = collections.deque(maxlen=200)
-        self._lat_frame: Deque[float] = collections.deque(maxlen=200)
-        self._lost_event: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
-        self._lost_gap: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
-        self._pub_seq: Dict[str, Dict[bytes, int]] = {"image": {}, "detections": {}}
+        for cam in self._cams:
+            cam.reset_stats()
+        self._node_counters: Dict[str, int] = collections.Counter()  # e.g. timer_internal_error
+        self._backend_calls = 0
+        self._batched_frames = 0
+        self._vehicle_alert = (0, ())
         self._busy = False
         self._health_key = None
 
-    def accounting(self) -> Dict[str, Any]:
+    def _camera_accounting(self, cam: _Camera) -> Dict[str, Any]:  # holds the lock
+        pc = dict(cam.pairer.counters) if cam.pairer is not None else {}
+        frame_drops, input_drops = dict(cam.frame_drops), dict(cam.input_drops)
+        queued, in_flight = len(cam.queue), cam.in_flight
+        lost = {k: max(cam.lost_gap[k], cam.lost_event[k]) for k in ("image", "detections")}
+        inputs_ok = (cam.received["image"] + cam.received["detections"]
+                     == pc.get("images_received", 0) + pc.get("detections_received", 0) + sum(input_drops.values()))
+        pairer_ok = cam.pairer.check_accounting() if cam.pairer is not None else True
+        frames_ok = pc.get("pairs", 0) == cam.frames_scored + sum(frame_drops.values()) + queued + in_flight
+        return {
+            "received": dict(cam.received),
+            "lost": lost,
+            "lost_detail": {"sequence_gaps": dict(cam.lost_gap), "message_lost_events": dict(cam.lost_event)},
+            "input_drops": input_drops,
+            "pairer": pc,
+            "pairer_by_stream": cam.pairer.dropped_by_stream() if cam.pairer is not None else {},
+            "frames_scored": cam.frames_scored,
+            "frame_drops": frame_drops,
+            "queued": queued,
+            "in_flight": in_flight,
+            "worker_busy": bool(self._busy),
+            "boxes_total": cam.boxes_total,
+            "boxes_by_status": {BoxStatus(c).name if c in BoxStatus._value2member_map_ else str(c): n
+                                for c, n in sorted(cam.box_status.items())},
+            "boxes_ood": cam.boxes_ood,
+            "counters": {**self._node_counters, **cam.counters},
+            "balanced": bool(inputs_ok and pairer_ok and frames_ok),
+        }
+
+    def accounting(self, camera: Optional[str] = None) -> Dict[str, Any]:
         """Snapshot of what happened to every message (thread-safe).
 
         Keys: ``received`` {stream: n}, ``lost`` {stream: n} (messages that never reached the node:
@@ -778,49 +1055,45 @@ class RunaOodNode(LifecycleNode):
         received == paired + image-side drops + pending (same for detections) and pairs == frames
         scored + frame drops + queued + in flight. A frame is counted as scored (or dropped) in the
         same locked step that ends its flight, so every snapshot balances.
+
+        With ``cameras``: ``accounting("front")`` is camera front's (the keys above, balanced on its
+        own); ``accounting()`` is ``{"cameras": {name: that}, "balanced": all balanced,
+        "backend_calls": n, "frames_per_backend_call": mean}``. One stream: ``accounting()`` is the
+        stream's.
         """
         with self._lock:
-            has = hasattr(self, "_pairer")
-            pc = dict(self._pairer.counters) if has else {}
-            frame_drops = dict(self._frame_drops)
-            input_drops = dict(self._input_drops)
-            queued, in_flight = len(self._queue), self._in_flight
-            lost = {k: max(self._lost_gap[k], self._lost_event[k]) for k in ("image", "detections")}
-            inputs_ok = (self._received["image"] + self._received["detections"]
-                         == pc.get("images_received", 0) + pc.get("detections_received", 0) + sum(input_drops.values()))
-            pairer_ok = self._pairer.check_accounting() if has else True
-            frames_ok = pc.get("pairs", 0) == self._frames_scored + sum(frame_drops.values()) + queued + in_flight
-            return {
-                "received": dict(self._received),
-                "lost": lost,
-                "lost_detail": {"sequence_gaps": dict(self._lost_gap), "message_lost_events": dict(self._lost_event)},
-                "input_drops": input_drops,
-                "pairer": pc,
-                "pairer_by_stream": self._pairer.dropped_by_stream() if hasattr(self, "_pairer") else {},
-                "frames_scored": self._frames_scored,
-                "frame_drops": frame_drops,
-                "queued": queued,
-                "in_flight": in_flight,
-                "worker_busy": bool(self._busy),
-                "boxes_total": self._boxes_total,
-                "boxes_by_status": {BoxStatus(c).name if c in BoxStatus._value2member_map_ else str(c): n
-                                    for c, n in sorted(self._box_status.items())},
-                "boxes_ood": self._boxes_ood,
-                "counters": dict(self._counters),
-                "balanced": bool(inputs_ok and pairer_ok and frames_ok),
-            }
+            if not self._cams:  # not configured yet: nothing happened (the single stream's keys, all zero)
+                return self._camera_accounting(_Camera(validate({}, check_files=False).inputs[0]))
+            if camera is not None or not self._multi:
+                return self._camera_accounting(self._cam(camera))
+            cams = {c.name: self._camera_accounting(c) for c in self._cams}
+            return {"cameras": cams, "balanced": all(a["balanced"] for a in cams.values()),
+                    "backend_calls": self._backend_calls,
+                    "frames_per_backend_call": self._batched_frames / self._backend_calls if self._backend_calls else 0.0}
 
     def _publish_diagnostics(self) -> None:
-        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+        from diagnostic_msgs.msg import DiagnosticArray
 
         if not self._pubs or self.settings is None:
             return
-        acc = self.accounting()
+        arr = DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        arr.status = [self._camera_status(cam) for cam in self._cams]
+        self._pubs["diagnostics"].publish(arr)
+
+    def _camera_status(self, cam: _Camera):
+        """Camera ``cam``'s DiagnosticStatus (the single stream: ``<node>: OOD monitor``; camera C:
+        ``<node>: OOD monitor (C)``)."""
+        from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
         with self._lock:
-            lat_node, lat_pipe, lat_frame = list(self._lat_node), list(self._lat_pipeline), list(self._lat_frame)
-            health = [p.text for p in self._health.problems]
+            acc = self._camera_accounting(cam)
+            lat_node, lat_pipe, lat_frame = list(cam.lat_node), list(cam.lat_pipeline), list(cam.lat_frame)
+            health = [p.text for p in cam.health.problems]
+            calls, batched = self._backend_calls, self._batched_frames
         s = self.settings
-        kv: Dict[str, Any] = {
+        kv: Dict[str, Any] = {"camera": cam.name} if self._multi else {}
+        kv.update({
             "model": s.model,
             "pretrained": s.pretrained or "(none)",
             "random_weights": self.random_weights,
@@ -849,12 +1122,18 @@ class RunaOodNode(LifecycleNode):
             "frame_time_p95_ms": _percentile(lat_frame, 95),
             "boxes_total": acc["boxes_total"],
             "boxes_ood": acc["boxes_ood"],
-            "alert_level": AlertLevel(int(self._alerts.level)).name,
+            "alert_level": AlertLevel(int(cam.alerts.level)).name,
             "thresholds_mismatch": "; ".join(getattr(self, "thresholds_mismatch", [])) or "none",
-            "alert_boxes_untracked": self._alerts.n_boxes_untracked,
-            "alert_jump_resets": self._alerts.n_jump_resets,
+            "alert_boxes_untracked": cam.alerts.n_boxes_untracked,
+            "alert_jump_resets": cam.alerts.n_jump_resets,
             "accounting_balanced": acc["balanced"],
-        }
+        })
+        if self._multi:  # the shared model: how many frames (cameras) each backend call scored
+            kv["vehicle_alert_level"] = AlertLevel(int(self._vehicle_alert[0])).name
+            kv["backend_calls"] = calls
+            kv["frames_per_backend_call"] = batched / calls if calls else 0.0
+        if self.unknown_overrides:
+            kv["unknown_parameters"] = ", ".join(self.unknown_overrides)
         for r in PAIRER_REASONS:
             kv[f"drops.{r}"] = acc["pairer"].get(r, 0)
         for r in FRAME_REASONS:
@@ -869,7 +1148,7 @@ class RunaOodNode(LifecycleNode):
         for k, n in acc["counters"].items():
             kv[k] = n
         st = DiagnosticStatus()
-        st.name = f"{self.get_fully_qualified_name()}: OOD monitor"
+        st.name = f"{self.get_fully_qualified_name()}: OOD monitor" + (f" ({cam.name})" if cam.name else "")
         st.hardware_id = f"{self.backend_name}@{s.device}"
         if health:
             st.level, st.message = DiagnosticStatus.WARN, "degraded: " + "; ".join(health)
@@ -879,10 +1158,7 @@ class RunaOodNode(LifecycleNode):
             st.level, st.message = DiagnosticStatus.OK, f"{acc['frames_scored']} frames scored"
         st.values = [KeyValue(key=k, value=(f"{v:.2f}" if isinstance(v, float) else str(v).lower()
                                              if isinstance(v, bool) else str(v))) for k, v in kv.items()]
-        arr = DiagnosticArray()
-        arr.header.stamp = self.get_clock().now().to_msg()
-        arr.status = [st]
-        self._pubs["diagnostics"].publish(arr)
+        return st
 
 
 # ====================================================================== entry point

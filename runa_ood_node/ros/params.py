@@ -48,6 +48,7 @@ from ..core.roi import parse_roi
 __all__ = [
     "ParamSpec", "PARAMETERS", "NodeSettings", "AlertSettings", "ParameterValidationError", "validate",
     "defaults", "declare_parameters", "read_parameters", "LIVE_PARAMETERS", "UNCALIBRATED_DEFAULT_THRESHOLD",
+    "CAMERA_OVERRIDES", "CameraInputs", "camera_parameter", "declare_camera_parameters", "closest_parameter",
 ]
 
 QOS_CHOICES = ("sensor_data", "reliable")
@@ -94,10 +95,11 @@ class ParamSpec:
     choices: Tuple[str, ...] = ()
     nonempty: bool = False
     section: str = ""
+    string_items: bool = False  # a list default is an array of strings (else of doubles)
 
     @property
     def kind(self) -> str:
-        """``bool``, ``int``, ``float``, ``str`` or ``double_array``."""
+        """``bool``, ``int``, ``float``, ``str``, ``double_array`` or ``string_array``."""
         d = self.default
         if isinstance(d, bool):
             return "bool"
@@ -108,7 +110,7 @@ class ParamSpec:
         if isinstance(d, str):
             return "str"
         if isinstance(d, (list, tuple)):
-            return "double_array"
+            return "string_array" if self.string_items else "double_array"
         raise TypeError(f"parameter {self.name}: unsupported default {d!r}")
 
     @property
@@ -136,6 +138,15 @@ _P = ParamSpec
 PARAMETERS: Tuple[ParamSpec, ...] = (
     *_section(
         "inputs",
+        _P("cameras", [], "Camera names: empty = one stream (the topics below). With ['front', 'left'] ONE node "
+           "and ONE model serve every camera: per camera C it subscribes to C/<image_topic> and "
+           "C/<detections_topic> and publishes C/ood/detections, C/ood/ood_only, C/ood/annotated_image, "
+           "C/ood/markers, C/ood/image_annotations; the frames of several cameras are scored in one backend "
+           "call; ood/driver_alert and ood/monitor_health stay single (vehicle level, naming the cameras); "
+           "/diagnostics has one status per camera. Per-camera overrides: camera.<C>.image_transport, "
+           "camera.<C>.image_qos, camera.<C>.detections_qos, camera.<C>.image_queue_size, "
+           "camera.<C>.detections_queue_size (default: the value above). Names: letters, digits, '_'.",
+           read_only=True, string_items=True),
         _P("image_topic", "image", "Input image topic (relative names follow the node's namespace). With "
            "image_transport=compressed the node subscribes to '<image_topic>/compressed'.", read_only=True,
            nonempty=True),
@@ -264,8 +275,10 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ),
     *_section(
         "outputs",
-        _P("publish_annotated", True, "Publish ood/annotated_image and ood/markers."),
-        _P("lazy", True, "Only draw the annotated image / markers while someone subscribes to them."),
+        _P("publish_annotated", True, "Publish ood/annotated_image, ood/markers and ood/image_annotations "
+           "(foxglove_msgs/ImageAnnotations; per camera under C/ with cameras)."),
+        _P("lazy", True, "Only draw the annotated image / markers / image annotations while someone subscribes "
+           "to them."),
         _P("autostart", True, "Configure and activate at start-up (standalone use without a lifecycle "
            "manager). false = wait for lifecycle transitions.", read_only=True),
     ),
@@ -277,7 +290,7 @@ _ALERT_PREFIX = "alert."
 
 def defaults() -> Dict[str, Any]:
     """Parameter name -> default value (arrays as new lists)."""
-    return {p.name: list(p.default) if p.kind == "double_array" else p.default for p in PARAMETERS}
+    return {p.name: list(p.default) if p.kind.endswith("_array") else p.default for p in PARAMETERS}
 
 
 @dataclass(frozen=True)
@@ -376,8 +389,86 @@ class _SettingsBase:
                          source=self.thresholds_file)
 
 
+#: input parameters a camera of ``cameras`` may override (``camera.<C>.<name>``); the model is one for all
+CAMERA_OVERRIDES = ("image_transport", "image_qos", "detections_qos", "image_queue_size", "detections_queue_size")
+_CAMERA_PREFIX = "camera."
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def camera_parameter(camera: str, name: str) -> str:
+    """The ROS name of camera ``camera``'s override of input parameter ``name`` (``camera.front.image_qos``)."""
+    return f"{_CAMERA_PREFIX}{camera}.{name}"
+
+
+@dataclass(frozen=True)
+class CameraInputs:
+    """One input stream of the node (built by :func:`validate`): ``name`` "" = the single stream
+    (``cameras`` empty: today's topics); else camera ``name``, whose topics are ``<name>/<topic>``
+    and whose outputs are ``<name>/ood/...``."""
+
+    name: str
+    image_topic: str
+    detections_topic: str
+    image_transport: str
+    image_qos: str
+    detections_qos: str
+    image_queue_size: int
+    detections_queue_size: int
+
+    @property
+    def prefix(self) -> str:
+        """``""`` or ``"<name>/"``: prepended to the node's relative topic names."""
+        return f"{self.name}/" if self.name else ""
+
+    @property
+    def image_topic_resolved(self) -> str:
+        """The image topic actually subscribed (``<image_topic>/compressed`` for compressed transport)."""
+        return self.image_topic + "/compressed" if self.image_transport == "compressed" else self.image_topic
+
+
+def _camera_inputs(v: Mapping[str, Any], overrides: Mapping[str, Any], problems: List[str]) -> Tuple[CameraInputs, ...]:
+    """The node's input streams from the checked values ``v`` and the ``camera.<C>.<name>`` overrides."""
+    cams = list(v["cameras"])
+    for key in sorted(overrides):
+        cam, _, name = key[len(_CAMERA_PREFIX):].rpartition(".")
+        if cam not in cams:
+            problems.append(f"{key}: {cam!r} is not in cameras {cams}")
+        elif name not in CAMERA_OVERRIDES:
+            problems.append(f"{key}: only {', '.join(CAMERA_OVERRIDES)} can be set per camera"
+                            + (f" (did you mean {camera_parameter(cam, closest_parameter(name, CAMERA_OVERRIDES))}?)"
+                               if closest_parameter(name, CAMERA_OVERRIDES) else ""))
+    out = []
+    for cam in cams or [""]:
+        vals = {}
+        for name in CAMERA_OVERRIDES:
+            key = camera_parameter(cam, name)
+            vals[name] = v[name]
+            if cam and key in overrides:
+                vals[name] = _check_value(dataclasses.replace(_BY_NAME[name], name=key), overrides[key], problems)
+        prefix = f"{cam}/" if cam else ""
+        out.append(CameraInputs(name=cam, image_topic=prefix + v["image_topic"],
+                                detections_topic=prefix + v["detections_topic"], **vals))
+    return tuple(out)
+
+
+def closest_parameter(name: str, names: Sequence[str]) -> Optional[str]:
+    """The name in ``names`` closest to ``name`` (difflib), or None when none is close; a name whose
+    prefix is wrong (``alrt.k``, ``k``) is matched on its last component too."""
+    import difflib
+
+    names = list(names)
+    hit = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if hit:
+        return hit[0]
+    shorts: Dict[str, str] = {}
+    for n in names:
+        shorts.setdefault(n.rpartition(".")[2], n)
+    hit = difflib.get_close_matches(name.rpartition(".")[2], list(shorts), n=1, cutoff=0.6)
+    return shorts[hit[0]] if hit else None
+
+
 def _settings_default(spec: ParamSpec):
-    if spec.kind == "double_array":
+    if spec.kind.endswith("_array"):
         return field(default_factory=lambda: tuple(spec.default))
     return field(default=spec.default)
 
@@ -387,7 +478,8 @@ def _settings_default(spec: ParamSpec):
 NodeSettings = dataclasses.make_dataclass(
     "NodeSettings",
     [(p.attr, Any, _settings_default(p)) for p in PARAMETERS if not p.name.startswith(_ALERT_PREFIX)]
-    + [("alert", AlertSettings, field(default_factory=lambda: validate({}, check_files=False).alert))],
+    + [("alert", AlertSettings, field(default_factory=lambda: validate({}, check_files=False).alert)),
+       ("inputs", Tuple[CameraInputs, ...], field(default_factory=lambda: validate({}, check_files=False).inputs))],
     bases=(_SettingsBase,), frozen=True)
 NodeSettings.__module__ = __name__
 NodeSettings.__doc__ = """Validated node settings (see :data:`PARAMETERS` for meanings and units)."""
@@ -398,7 +490,8 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
     """Validate raw parameter values (missing names take their defaults) into :class:`NodeSettings`.
 
     Args:
-        values: parameter name -> value (ROS names, e.g. ``"alert.k"``).
+        values: parameter name -> value (ROS names, e.g. ``"alert.k"``; per-camera overrides
+            ``camera.<C>.<name>`` for the :data:`CAMERA_OVERRIDES` of a camera in ``cameras``).
         check_files: also check that ``label_set`` / ``thresholds_file`` / ``projection`` /
             ``engine_path`` exist and parse (label sets and thresholds are read; cheap).
 
@@ -406,8 +499,10 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         ParameterValidationError: listing every invalid parameter with the reason.
     """
     raw = defaults()
-    unknown = sorted(set(values or {}) - set(raw))
-    raw.update(values or {})
+    values = dict(values or {})
+    overrides = {k: values.pop(k) for k in list(values) if k.startswith(_CAMERA_PREFIX)}
+    unknown = sorted(set(values) - set(raw))
+    raw.update(values)
     problems: List[str] = [f"{n}: unknown parameter" for n in unknown]
     v: Dict[str, Any] = {spec.name: _check_value(spec, raw[spec.name], problems) for spec in PARAMETERS}
 
@@ -447,11 +542,13 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         roi=None if roi is None else tuple(roi), takeover_k=tk or None, match_iou=v["alert.match_iou"],
         use_detection_ids=v["alert.use_detection_ids"])
 
+    inputs = _camera_inputs(v, overrides, problems)
+
     if check_files:
         _check_files(v, problems)
     if problems:
         raise ParameterValidationError(problems)
-    return NodeSettings(alert=alert, **{spec.attr: v[spec.name] for spec in PARAMETERS
+    return NodeSettings(alert=alert, inputs=inputs, **{spec.attr: v[spec.name] for spec in PARAMETERS
                                         if not spec.name.startswith(_ALERT_PREFIX)})
 
 
@@ -462,7 +559,7 @@ def _check_value(spec: ParamSpec, value: Any, problems: List[str]) -> Any:
 
     def bad(msg):
         problems.append(f"{name}: {msg}")
-        return tuple(spec.default) if kind == "double_array" else spec.default
+        return tuple(spec.default) if kind.endswith("_array") else spec.default
 
     if kind == "bool":
         return value if isinstance(value, bool) else bad(f"must be true or false, got {value!r}")
@@ -477,6 +574,18 @@ def _check_value(spec: ParamSpec, value: Any, problems: List[str]) -> Any:
         if (spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi):
             return bad(f"{value!r} is outside [{spec.lo:g}, {spec.hi:g}]")
         return value
+    if kind == "string_array":  # camera names: ROS name tokens, unique
+        if value is None:
+            return ()
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            return bad(f"must be a list of names, got {value!r}")
+        vals = [x.strip() if isinstance(x, str) else x for x in value]
+        wrong = [x for x in vals if not isinstance(x, str) or not x or x[0].isdigit() or set(x) - _NAME_CHARS]
+        if wrong:
+            return bad(f"{wrong!r}: each name must be letters, digits and '_' (not starting with a digit)")
+        if len(set(vals)) != len(vals):
+            return bad(f"duplicate names in {vals!r}")
+        return tuple(vals)
     if kind == "double_array":
         if value is None:
             return ()
@@ -537,7 +646,8 @@ def _descriptor(spec: ParamSpec):
     kind = spec.kind
     d.type = {"bool": ParameterType.PARAMETER_BOOL, "int": ParameterType.PARAMETER_INTEGER,
               "float": ParameterType.PARAMETER_DOUBLE, "str": ParameterType.PARAMETER_STRING,
-              "double_array": ParameterType.PARAMETER_DOUBLE_ARRAY}[kind]
+              "double_array": ParameterType.PARAMETER_DOUBLE_ARRAY,
+              "string_array": ParameterType.PARAMETER_STRING_ARRAY}[kind]
     if kind == "int" and spec.lo is not None:
         d.integer_range = [IntegerRange(from_value=int(spec.lo), to_value=int(spec.hi), step=0)]
     elif kind == "float" and spec.lo is not None:
@@ -557,13 +667,37 @@ def declare_parameters(node) -> None:
     for spec in PARAMETERS:
         if node.has_parameter(spec.name):
             continue
-        if spec.kind == "double_array":
-            p = node.declare_parameter(spec.name, Parameter.Type.DOUBLE_ARRAY, _descriptor(spec))
+        if spec.kind.endswith("_array"):
+            typ = Parameter.Type.STRING_ARRAY if spec.kind == "string_array" else Parameter.Type.DOUBLE_ARRAY
+            desc = _descriptor(spec)
+            writable = dataclasses.replace(spec, read_only=False)  # a read-only one cannot be given its value
+            p = node.declare_parameter(spec.name, typ, _descriptor(writable))
             if p.value is None:
-                node.set_parameters([Parameter(spec.name, Parameter.Type.DOUBLE_ARRAY,
-                                               [float(x) for x in spec.default])])
+                node.set_parameters([Parameter(spec.name, typ, [float(x) for x in spec.default]
+                                               if typ == Parameter.Type.DOUBLE_ARRAY else list(spec.default))])
+            if spec.read_only:
+                node.set_descriptor(spec.name, desc)
         else:
             node.declare_parameter(spec.name, spec.default, _descriptor(spec))
+
+
+def declare_camera_parameters(node) -> List[str]:
+    """Declare ``camera.<C>.<name>`` for each camera C of the node's ``cameras`` parameter and each
+    of :data:`CAMERA_OVERRIDES`, defaulting to the node-wide value (after :func:`declare_parameters`;
+    malformed camera names are left to :func:`validate`). Returns the names declared."""
+    cams = node.get_parameter("cameras").value or []
+    declared = []
+    for cam in cams:
+        if not isinstance(cam, str) or not cam or set(cam) - _NAME_CHARS:
+            continue
+        for name in CAMERA_OVERRIDES:
+            spec = _BY_NAME[name]
+            key = camera_parameter(cam, name)
+            if not node.has_parameter(key):
+                desc = dataclasses.replace(spec, name=key, description=f"Camera {cam}: {spec.description}")
+                node.declare_parameter(key, node.get_parameter(name).value, _descriptor(desc))
+            declared.append(key)
+    return declared
 
 
 def read_parameters(node) -> Dict[str, Any]:
@@ -571,5 +705,7 @@ def read_parameters(node) -> Dict[str, Any]:
     out = {}
     for spec in PARAMETERS:
         v = node.get_parameter(spec.name).value
-        out[spec.name] = list(v) if spec.kind == "double_array" and v is not None else v
+        out[spec.name] = list(v) if spec.kind.endswith("_array") and v is not None else v
+    for suffix, prm in node.get_parameters_by_prefix(_CAMERA_PREFIX[:-1]).items():  # camera.<C>.<name>
+        out[_CAMERA_PREFIX + suffix] = prm.value
     return out

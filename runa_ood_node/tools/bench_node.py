@@ -41,6 +41,17 @@ publish, and SIGTERM does not end it). Random weights cost the same time as real
 ``--model ViT-B-32`` with random weights is a fair speed test; the numbers say nothing about
 quality. Run on an otherwise idle machine; the first ``--warmup`` frames are not counted.
 
+``--cameras 1,3,6`` (issue 19) measures, for each N, ONE node serving N cameras (parameter ``cameras``)
+against N single-camera nodes, each node its own process (``python -m runa_ood_node.ros.node``, as on
+a vehicle), fed the same frames: this process publishes every camera's image and detections at
+``--rate`` Hz (open loop, as cameras do) for ``--duration`` s and times each answer on
+``<C>/ood/detections`` (one clock: it sends and receives). Printed: resident memory (the largest
+VmRSS seen during the run, summed over the processes), frames scored per second, each camera's p50 /
+p95 latency (publish -> answer, queueing included), frames per backend call (the N-camera node's
+/diagnostics), and the issue's goals (memory <= 1.3x one single-camera node's, throughput >= the N
+nodes'). With an offered rate the nodes keep up with, the throughputs are equal and the latencies
+tell; raise ``--rate`` to saturate.
+
 ``--ab N`` measures, in one run, N alternating rounds with the node's latency optimisations switched
 off (image converted with a copy, no hand-off wait: ``ros.node.ZERO_COPY_RGB8`` /
 ``HANDOFF_WAIT_S``) and on, and prints both side by side.
@@ -80,6 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gap-ms", type=float, default=20.0,
                    help="idle time after each answer before the next frame, as between camera frames [20]")
     p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--cameras", default="", metavar="N[,N...]",
+                   help="one node serving N cameras against N single-camera nodes (each its own process), same "
+                        "frames: resident memory, frames/s scored, per-camera p50/p95 latency, frames per backend "
+                        "call; e.g. 1,3,6 ['' = the single-node latency benchmark]")
+    p.add_argument("--rate", type=float, default=15.0, help="--cameras: frames per second per camera [15]")
+    p.add_argument("--duration", type=float, default=20.0, help="--cameras: seconds measured per setup [20]")
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="A/B in one run: alternate ROUNDS times between the node's latency optimisations "
                         "switched off (copying image conversion, no hand-off wait) and on, and print both "
@@ -122,7 +139,10 @@ def _stats(values: List[float]) -> Dict[str, float]:
 
 
 def run(args) -> int:
-    """Run the benchmark (``--ab``: the A/B comparison); exit status 0 when no frame was lost."""
+    """Run the benchmark (``--ab``: the A/B comparison; ``--cameras``: one node for N cameras against
+    N nodes); exit status 0 when no frame was lost."""
+    if args.cameras:
+        return _run_cameras(args)
     if not args.ab:
         return _run_once(args)
     from ..ros import node as node_mod
@@ -229,9 +249,39 @@ def _consumer(conn, cfg: dict) -> None:
         rclpy.shutdown(context=ctx)
 
 
-def _run_once(args, out: Optional[dict] = None) -> int:
+def _ros_messages():
+    """Discovery kept on this machine, a DDS domain of the benchmark's own; the message classes it
+    uses (a namespace), or None (said on stderr) when the message packages are not built."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")  # never discover off this machine
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
+    import types
+
+    try:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from runa_ood_msgs.msg import OodDetectionArray
+        from sensor_msgs.msg import Image
+        from std_msgs.msg import Header
+        from vision_msgs.msg import Detection2DArray
+    except ImportError as exc:
+        print(f"message packages not found ({exc}): run `bash scripts/setup.sh` and `source scripts/env.sh`",
+              file=sys.stderr)
+        return None
+    return types.SimpleNamespace(DiagnosticArray=DiagnosticArray, OodDetectionArray=OodDetectionArray, Image=Image,
+                                 Header=Header, Detection2DArray=Detection2DArray)
+
+
+def _node_params(args) -> dict:
+    """The node's parameters in every benchmark: the model of the arguments, no health verdicts."""
+    return {"model": args.model, "pretrained": args.pretrained, "allow_random_weights": not args.pretrained,
+            "backend": args.backend, "device": args.device, "default_threshold": -0.24, "image_qos": "reliable",
+            "health.latency_budget_ms": 1e6, "health.frame_timeout_s": 3600.0, "max_boxes": max(args.boxes, 1)}
+
+
+def _run_once(args, out: Optional[dict] = None) -> int:
+    msgs = _ros_messages()
+    if msgs is None:
+        return 2
+    Image, Header, Detection2DArray = msgs.Image, msgs.Header, msgs.Detection2DArray
     import multiprocessing
 
     import rclpy
@@ -244,24 +294,11 @@ def _run_once(args, out: Optional[dict] = None) -> int:
     from ..ros import convert
     from ..ros.node import RunaOodNode
 
-    try:
-        from runa_ood_msgs.msg import OodDetectionArray  # noqa: F401  (the consumer needs them too)
-        from sensor_msgs.msg import Image
-        from std_msgs.msg import Header
-        from vision_msgs.msg import Detection2DArray
-    except ImportError as exc:
-        print(f"message packages not found ({exc}): run `bash scripts/setup.sh` and `source scripts/env.sh`",
-              file=sys.stderr)
-        return 2
-
     rgb = _find_photo(args.image)
     boxes = _boxes(args.boxes)
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
-    params = {"model": args.model, "pretrained": args.pretrained, "allow_random_weights": not args.pretrained,
-              "backend": args.backend, "device": args.device, "default_threshold": -0.24, "image_qos": "reliable",
-              "image_queue_size": 10, "processing_queue_size": 10, "health.latency_budget_ms": 1e6,
-              "health.frame_timeout_s": 3600.0, "max_boxes": max(args.boxes, 1)}
+    params = dict(_node_params(args), image_queue_size=10, processing_queue_size=10)
     # every node of the benchmark in a namespace of its own: no other node on this machine (a running
     # runa_ood, another benchmark, a test's node) hears its frames or answers on its topics
     ns = f"/runa_ood_bench_{os.getpid()}_{random.SystemRandom().randint(0, 1 << 30)}"
@@ -500,3 +537,277 @@ def _run_once(args, out: Optional[dict] = None) -> int:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"  written {args.json}")
     return 0 if not lost else 1
+
+
+# ============================================================================ --cameras: one node vs N nodes
+def _parse_counts(text: str) -> List[int]:
+    try:
+        counts = [int(t) for t in str(text).replace(" ", "").split(",") if t]
+    except ValueError:
+        raise SystemExit(f"--cameras: a comma-separated list of camera counts (1,3,6), got {text!r}") from None
+    if not counts or min(counts) < 1 or max(counts) > 32:
+        raise SystemExit(f"--cameras: counts in [1, 32], got {text!r}")
+    return counts
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` (MB), NaN when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return math.nan
+
+
+def _start_node_process(ns: str, params: dict, workdir: pathlib.Path, tag: str):
+    """``runa_ood_node`` as its own process (as on a vehicle) in namespace ``ns``, its log in ``workdir``."""
+    import subprocess
+
+    import yaml
+
+    pfile = workdir / f"{tag}.yaml"
+    pfile.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+    log = open(workdir / f"{tag}.log", "w")
+    cmd = [sys.executable, "-m", "runa_ood_node.ros.node", "--ros-args", "-r", f"__ns:={ns}",
+           "--params-file", str(pfile), "--log-level", "warn"]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log
+
+
+def summarize_cameras_run(sent: Dict[str, Dict[int, float]], answered: Dict[str, Dict[int, float]],
+                          duration_s: float) -> dict:
+    """Figures of one --cameras run from the send and answer times (perf_counter s) per camera and
+    stamp: frames answered per second over ``duration_s`` (first frame sent -> last answer),
+    per-camera p50 / p95 latency (ms), frames not answered (dropped to keep the answers fresh)."""
+    per_cam = {}
+    n_ans = 0
+    for cam, s in sent.items():
+        got = answered.get(cam, {})
+        lat = [(got[st] - t) * 1e3 for st, t in s.items() if st in got]
+        n_ans += len(lat)
+        st = _stats(lat)
+        per_cam[cam] = {"sent": len(s), "answered": len(lat), "p50_ms": st["p50"], "p95_ms": st["p95"]}
+    p50s = [c["p50_ms"] for c in per_cam.values() if math.isfinite(c["p50_ms"])]
+    p95s = [c["p95_ms"] for c in per_cam.values() if math.isfinite(c["p95_ms"])]
+    return {"frames_sent": sum(c["sent"] for c in per_cam.values()), "frames_answered": n_ans,
+            "fps": n_ans / duration_s if duration_s > 0 else math.nan,
+            "p50_ms_mean_over_cameras": float(np.mean(p50s)) if p50s else math.nan,
+            "p95_ms_worst_camera": max(p95s) if p95s else math.nan, "per_camera": per_cam}
+
+
+def _run_cameras(args) -> int:
+    """One node serving N cameras against N single-camera nodes (each its own process), same frames:
+    resident memory, frames scored per second, per-camera p50 / p95 latency, frames per backend call."""
+    import tempfile
+
+    import rclpy
+
+    counts = _parse_counts(args.cameras)
+    msgs = _ros_messages()
+    if msgs is None:
+        return 2
+    rgb = _find_photo(args.image)
+    boxes = _boxes(args.boxes)
+    base = dict(_node_params(args), publish_annotated=False)
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="runa_ood_bench_cams_"))
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    rows: List[dict] = []
+    code = 0
+    try:
+        for n in counts:
+            for setup in ("one node", f"{n} nodes"):
+                ns = f"/runa_ood_bench_cams_{os.getpid()}_{random.SystemRandom().randint(0, 1 << 30)}"
+                cams = [f"cam{i}" for i in range(n)]
+                procs = []
+                try:
+                    if setup == "one node":
+                        procs.append(_start_node_process(ns, dict(base, cameras=cams), workdir, f"n{n}_one"))
+                    else:
+                        for c in cams:
+                            procs.append(_start_node_process(f"{ns}/{c}", dict(base), workdir, f"n{n}_{c}"))
+                    row = _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs)
+                finally:
+                    for p, log in procs:
+                        if p.poll() is None:
+                            import signal
+
+                            os.killpg(p.pid, signal.SIGINT)
+                    for p, log in procs:
+                        try:
+                            p.wait(timeout=30)
+                        except Exception:
+                            os.killpg(p.pid, 9)
+                            p.wait(timeout=10)
+                        log.close()
+                row.update({"cameras": n, "setup": setup, "processes": len(procs)})
+                rows.append(row)
+                if row.get("error"):
+                    print(f"  N={n} {setup}: {row['error']} (logs in {workdir})", file=sys.stderr)
+                    code = 1
+                else:
+                    print(f"  N={n} {setup:>9}: RSS {row['rss_mb_total']:7.0f} MB, {row['fps']:6.1f} frames/s scored "
+                          f"(offered {row['offered_fps']:.0f}), p50 {row['p50_ms_mean_over_cameras']:7.1f} ms, "
+                          f"p95 {row['p95_ms_worst_camera']:7.1f} ms, {row['frames_per_backend_call']:.2f} frames/call",
+                          flush=True)
+    finally:
+        rclpy.shutdown(context=ctx)
+    _print_cameras_table(args, rows)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"args": {k: getattr(args, k) for k in (
+            "cameras", "model", "pretrained", "backend", "device", "boxes", "rate", "duration")}, "rows": rows}, indent=2))
+        print(f"  written {args.json}")
+    return code
+
+
+def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
+    """Publish every camera's frames at ``--rate`` for ``--duration`` s to the node(s) in ``ns`` and
+    time the answers (this process sends and receives: one clock)."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    from ..ros import convert, wire
+
+    Image, Detection2DArray = msgs.Image, msgs.Detection2DArray
+    OodDetectionArray, DiagnosticArray = msgs.OodDetectionArray, msgs.DiagnosticArray
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    drv = Node("runa_ood_bench_cams_driver", namespace=ns, context=ctx)
+    lock = threading.Lock()
+    answered: Dict[str, Dict[int, float]] = {c: {} for c in cams}
+    calls: Dict[str, float] = {}
+
+    def on_answer(cam):
+        def cb(raw):
+            t = time.perf_counter()
+            st = wire.header_stamp_ns(raw)
+            with lock:
+                answered[cam][st] = t
+        return cb
+
+    def on_diag(msg):
+        for st in msg.status:
+            if st.name.startswith(ns + "/"):
+                kv = {k.key: k.value for k in st.values}
+                with lock:
+                    calls[st.name] = float(kv.get("frames_per_backend_call", 1.0))
+
+    pubs = {}
+    for c in cams:
+        pubs[c] = (drv.create_publisher(Image, f"{c}/image", qos), drv.create_publisher(Detection2DArray, f"{c}/detections", qos))
+        drv.create_subscription(OodDetectionArray, f"{c}/ood/detections", on_answer(c), qos, raw=True)
+    drv.create_subscription(DiagnosticArray, "/diagnostics", on_diag, QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(drv)
+    spinner = threading.Thread(target=ex.spin, daemon=True)
+    spinner.start()
+    header = convert.copy_header(None)
+    img = convert.rgb_to_image(rgb, header)
+    dets = convert.boxes_to_detections(header, boxes.astype(np.float64), scores=[0.9] * len(boxes))
+    stamp = [int(time.time() * 1e9)]
+
+    def send(cam) -> int:
+        stamp[0] += 1000
+        s = convert.ns_to_stamp(stamp[0])
+        img.header.stamp = s
+        dets.header.stamp = s
+        pi, pd = pubs[cam]
+        pi.publish(img)
+        pd.publish(dets)
+        return stamp[0]
+
+    rss_max = [0.0] * len(procs)
+    try:
+        end = time.monotonic() + max(args.timeout, 300.0)  # N processes importing torch on a shared CPU
+        while not all(pi.get_subscription_count() and pd.get_subscription_count()
+                      and drv.count_publishers(f"{ns}/{c}/ood/detections") for c, (pi, pd) in pubs.items()):
+            if time.monotonic() > end or any(p.poll() is not None for p, _ in procs):
+                return {"error": "the node(s) did not come up"}
+            time.sleep(0.2)
+        # warm-up: every camera answered at least once (model loaded, first frames through)
+        end = time.monotonic() + max(args.timeout, 300.0)
+        while True:
+            with lock:
+                ready = all(answered[c] for c in cams)
+            if ready:
+                break
+            if time.monotonic() > end:
+                return {"error": "no answers during the warm-up"}
+            for c in cams:
+                send(c)
+            time.sleep(0.3)
+        time.sleep(1.0)
+        with lock:
+            for c in cams:
+                answered[c].clear()
+        sent: Dict[str, Dict[int, float]] = {c: {} for c in cams}
+        period = 1.0 / args.rate
+        t0 = time.perf_counter()
+        next_rss = 0.0
+        k = 0
+        while True:  # open loop: every camera at --rate, as cameras do
+            due = t0 + k * period
+            now = time.perf_counter()
+            if due - t0 >= args.duration:
+                break
+            if due > now:
+                time.sleep(due - now)
+            for c in cams:
+                t = time.perf_counter()
+                sent[c][send(c)] = t
+            k += 1
+            if time.perf_counter() >= next_rss:
+                rss_max = [max(m, _rss_mb(p.pid)) for m, (p, _) in zip(rss_max, procs)]
+                next_rss = time.perf_counter() + 0.5
+        # the answers of the frames still queued: until none came for twice the slowest latency so far
+        # (at least 3 s, at most --timeout); frames/s = answers / (last answer - first frame sent)
+        end = time.perf_counter() + args.timeout
+        while time.perf_counter() < end:
+            with lock:
+                times = [(t - sent[c][st]) for c, v in answered.items() for st, t in v.items() if st in sent[c]]
+                last = max((t for v in answered.values() for t in v.values()), default=t0)
+            if time.perf_counter() - last > max(3.0, 2.0 * max(times, default=0.0)):
+                break
+            time.sleep(0.2)
+        with lock:
+            got = {c: dict(v) for c, v in answered.items()}
+            fpc = list(calls.values())
+        last = max((t for v in got.values() for t in v.values()), default=t0)
+        out = summarize_cameras_run(sent, got, max(last - t0, args.duration))
+        out.update({"offered_fps": len(cams) * args.rate, "rss_mb_total": float(sum(rss_max)),
+                    "rss_mb_per_process": rss_max,
+                    "frames_per_backend_call": float(np.mean(fpc)) if fpc and len(procs) == 1 else 1.0})
+        return out
+    finally:
+        ex.shutdown()
+        spinner.join(timeout=5)
+        drv.destroy_node()
+
+
+def _print_cameras_table(args, rows: List[dict]) -> None:
+    print(f"\nbench-node --cameras: {args.model} ({'pretrained' if args.pretrained else 'RANDOM weights: speed only'}), "
+          f"{args.backend}/{args.device}, 640x480 rgb8, {args.boxes} boxes, every camera at {args.rate:g} Hz for "
+          f"{args.duration:g} s; each node its own process")
+    print("| cameras | setup | processes | RSS (MB) | frames/s scored (offered) | p50 ms (mean over cameras) "
+          "| p95 ms (worst camera) | frames per backend call |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("error"):
+            print(f"| {r['cameras']} | {r['setup']} | {r['processes']} | {r['error']} | | | | |")
+            continue
+        print(f"| {r['cameras']} | {r['setup']} | {r['processes']} | {r['rss_mb_total']:.0f} | {r['fps']:.1f} "
+              f"({r['offered_fps']:.0f}) | {r['p50_ms_mean_over_cameras']:.1f} | {r['p95_ms_worst_camera']:.1f} "
+              f"| {r['frames_per_backend_call']:.2f} |")
+    one = {r["cameras"]: r for r in rows if r["setup"] == "one node" and not r.get("error")}
+    many = {r["cameras"]: r for r in rows if r["setup"] != "one node" and not r.get("error")}
+    single = [r["rss_mb_total"] / r["processes"] for r in many.values()]
+    for n in sorted(one):
+        if n not in many:
+            continue
+        a, b = one[n], many[n]
+        ref = float(np.mean(single)) if single else math.nan
+        mem, thr = a["rss_mb_total"] / ref, a["fps"] / b["fps"] if b["fps"] else math.nan
+        print(f"  N={n}: one node's RSS = {mem:.2f}x one single-camera node's ({'meets' if mem <= 1.3 else 'MISSES'} "
+              f"<= 1.3x); its throughput = {thr:.2f}x the {n} nodes' ({'meets' if thr >= 1.0 else 'MISSES'} >= 1x)")

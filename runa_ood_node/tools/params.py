@@ -24,7 +24,7 @@ from typing import Dict, List
 
 import yaml
 
-from ..ros.params import PARAMETERS, ParamSpec
+from ..ros.params import CAMERA_OVERRIDES, PARAMETERS, ParamSpec
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 YAML_PATH = pathlib.Path("config/runa_ood.yaml")
@@ -45,7 +45,7 @@ _HEADER = f"""\
 
 def _scalar(value) -> str:
     if isinstance(value, (list, tuple)):
-        value = [float(v) for v in value]
+        value = [v if isinstance(v, str) else float(v) for v in value]
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
@@ -89,10 +89,13 @@ def render_yaml(specs=None) -> str:
 def _schema_of(s: ParamSpec) -> dict:
     kind = s.kind
     d: Dict = {"type": {"bool": "boolean", "int": "integer", "float": "number", "str": "string",
-                        "double_array": "array"}[kind],
-               "description": s.describe(), "default": list(s.default) if kind == "double_array" else s.default}
+                        "double_array": "array", "string_array": "array"}[kind],
+               "description": s.describe(), "default": list(s.default) if kind.endswith("_array") else s.default}
     if kind == "double_array":
         d["items"] = {"type": "number"}
+    if kind == "string_array":
+        d["items"] = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}
+        d["uniqueItems"] = True
     if kind in ("int", "float") and s.lo is not None:
         d["minimum"], d["maximum"] = s.lo, s.hi
     if s.choices:
@@ -112,6 +115,13 @@ def render_schema(specs=None) -> str:
             target = params["properties"].setdefault(
                 p, {"type": "object", "properties": {}, "additionalProperties": False})
         target["properties"][key] = _schema_of(s)
+    by_name = {s.name: s for s in specs}
+    if "cameras" in by_name:  # camera.<C>.<name>: per-camera overrides of the input parameters
+        one = {"type": "object", "additionalProperties": False,
+               "properties": {n: _schema_of(by_name[n]) for n in CAMERA_OVERRIDES if n in by_name}}
+        params["properties"]["camera"] = {
+            "type": "object", "description": "Per-camera overrides camera.<C>.<name> for a camera C of cameras.",
+            "patternProperties": {"^[A-Za-z_][A-Za-z0-9_]*$": one}, "additionalProperties": False}
     schema = {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "Parameters of runa_ood_node",
