@@ -252,31 +252,40 @@ def parse_node_params(items: Optional[Sequence[str]]) -> Dict[str, Any]:
     return out
 
 
-def settings_from_parameters(params: Dict[str, Any], apply_thresholds: bool = True):
+def settings_from_parameters(params: Dict[str, Any], apply_thresholds: bool = True, fit_head: bool = False):
     """``ros.params.NodeSettings`` of ``params``: the node's own validation (``ros.params.validate``;
     raises ``ParameterValidationError``, a ValueError, listing every bad value).
 
-    ``apply_thresholds=False`` (tools that fit thresholds or compare several scorers and apply
-    ``--thresholds`` per run themselves): the node's rule that a scorer other than ``runa`` needs a
-    ``thresholds_file`` does not apply, since no threshold is used."""
+    Two of the node's rules are about what a running node needs, and are lifted for the tools that
+    make it (each checked under the rule's neutral value, then the real value put back):
+
+    * ``apply_thresholds=False`` (tools that fit thresholds or compare several scorers and apply
+      ``--thresholds`` per run themselves): a scorer other than ``runa`` needs no ``thresholds_file``;
+    * ``fit_head=True`` (``finetune``, which trains the head): a method other than ``runa`` needs no
+      ``head``."""
+    from ..core.registry import METHODS
     from ..ros.params import validate
 
-    if apply_thresholds or params.get("thresholds_file") or params.get("scorer", "runa") == "runa":
+    lifted: Dict[str, str] = {}
+    if not apply_thresholds and not params.get("thresholds_file") and params.get("scorer", "runa") in SCORERS:
+        lifted["scorer"] = params.get("scorer", "runa")
+    if fit_head and not params.get("head") and params.get("method", "runa") in METHODS:
+        lifted["method"] = params.get("method", "runa")
+    lifted = {k: v for k, v in lifted.items() if v != "runa"}
+    if not lifted:
         return validate(params)
-    if params["scorer"] not in SCORERS:
-        return validate(params)  # reports the bad name
-    return dataclasses.replace(validate({**params, "scorer": "runa"}), scorer=params["scorer"])
+    return dataclasses.replace(validate({**params, **{k: "runa" for k in lifted}}), **lifted)
 
 
 def scorer_from_parameters(params: Dict[str, Any], ablation: Optional[str] = None, encoder=None,
-                           apply_thresholds: bool = True):
+                           apply_thresholds: bool = True, fit_head: bool = False):
     """``(OodScorer, NodeSettings)``: :func:`settings_from_parameters` -> ``factory.build_node_scorer``
     (the node's construction). ``ablation`` (a tool's ``--ablation``; None = dual, the node's views),
     ``encoder`` (an already loaded model to build around): passed on. Raises as they do; Ray actors
     and tests call this, command-line tools :func:`scorer_from_args`."""
     from ..factory import build_node_scorer
 
-    settings = settings_from_parameters(params, apply_thresholds)
+    settings = settings_from_parameters(params, apply_thresholds, fit_head)
     return (build_node_scorer(settings, encoder=encoder, ablation=ablation, apply_thresholds=apply_thresholds),
             settings)
 
@@ -305,7 +314,7 @@ def ablation_of(args, overrides: Optional[str] = None) -> str:
 
 def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablation: Optional[str] = None,
                      apply_thresholds: bool = True, image_topic: Optional[str] = None,
-                     n_frames: int = 100) -> ToolScorer:
+                     n_frames: int = 100, fit_head: bool = False) -> ToolScorer:
     """THE way a tool turns its command-line arguments into a scorer: arguments -> node parameters
     (:func:`node_parameters_from_args`) -> ``ros.params`` validation -> ``factory.build_node_scorer``
     (:func:`scorer_from_parameters`) -> the node's thresholds fit check (``check_fit``;
@@ -320,6 +329,8 @@ def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablati
     ``ablation``: None = ``--ablation`` (``all`` -> dual); ``apply_thresholds``: False for tools that
     apply ``--thresholds`` themselves or fit them (no thresholds on the scorer, no check here);
     ``image_topic`` / ``n_frames``: the bag's (topics, pairing buffer).
+    ``fit_head``: True for ``finetune``, which builds a method's scorer to train its head (a method
+    other than ``runa`` then needs no ``head``).
 
     Raises:
         SystemExit(2): invalid settings, unusable weights, CUDA missing, an unavailable backend, an
@@ -345,7 +356,7 @@ def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablati
                      f"{getattr(args, 'pretrained', None)})"
         else:
             reason = None
-        settings_from_parameters(params, apply_thresholds)  # every bad value listed before a model loads
+        settings_from_parameters(params, apply_thresholds, fit_head)  # every bad value listed before a model loads
     except ValueError as exc:
         raise fail([f"invalid settings: {exc}"])
     model = params["model"]
@@ -354,7 +365,7 @@ def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablati
         if not params.get("allow_random_weights"):
             _log_weights_source(model, params["pretrained"], params["allow_download"])
         try:
-            built = _build(params, ablation, apply_thresholds)
+            built = _build(params, ablation, apply_thresholds, fit_head)
         except WeightsUnavailableError as exc:
             reason = str(exc)
     if built is None:
@@ -371,7 +382,7 @@ def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablati
             ])
         params = node_parameters_from_args(args, overrides, random_weights=True, **kw)
         try:
-            built = _build(params, ablation, apply_thresholds)
+            built = _build(params, ablation, apply_thresholds, fit_head)
         except WeightsUnavailableError as exc:  # cannot happen with allow_random; be explicit anyway
             raise fail([f"cannot build a random {model!r}: {exc}"])
         banner([RANDOM_LABEL, f"model {model!r} runs with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}) because:",
@@ -417,12 +428,12 @@ def _log_weights_source(model: str, pretrained: str, download: bool) -> None:
                  "takes about a minute to fail; --offline fails at once)", model, pretrained)
 
 
-def _build(params: Dict[str, Any], ablation: str, apply_thresholds: bool):
+def _build(params: Dict[str, Any], ablation: str, apply_thresholds: bool, fit_head: bool = False):
     """:func:`scorer_from_parameters`; every failure but missing weights becomes ``fail`` (exit 2)."""
     from ..core.encoder import WeightsUnavailableError
 
     try:
-        return scorer_from_parameters(params, ablation, apply_thresholds=apply_thresholds)
+        return scorer_from_parameters(params, ablation, apply_thresholds=apply_thresholds, fit_head=fit_head)
     except WeightsUnavailableError:
         raise
     except Exception as exc:

@@ -176,7 +176,7 @@ def _run(args) -> int:
     except ValueError as exc:
         raise common.fail([f"cannot draw shots: {exc}"])
     label_set = dataset.label_set
-    scorer = common.scorer_from_args(args, apply_thresholds=False).scorer
+    scorer = common.scorer_from_args(args, apply_thresholds=False, fit_head=True).scorer
     encoder = scorer.encoder
     rw = bool(encoder.random_weights)
     text_emb = scorer.text_emb
