@@ -49,8 +49,8 @@ from ..ros.params import defaults as _node_defaults  # noqa: E402 (plain Python:
 NODE_DEFAULTS = _node_defaults()
 DEFAULT_MODEL = NODE_DEFAULTS["model"]
 DEFAULT_PRETRAINED = NODE_DEFAULTS["pretrained"]
-from ..core.registry import (ABLATIONS, BACKENDS, PRECISIONS, SCORERS, resolve_device as _resolve_device,  # noqa: E402
-                             resolve_precision)
+from ..core.registry import (ABLATIONS, BACKENDS, METHODS, PRECISIONS, SCORERS,  # noqa: E402
+                             resolve_device as _resolve_device, resolve_precision)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_ANNOTATIONS = (REPO_ROOT.parent / "shared" / "data" / "ood_pack" / "annotations.json")
@@ -80,6 +80,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--projection", default=None,
                    help="fine-tuned regional projection (a calibration/<domain> folder name or path), "
                         "see `runa-ood finetune`")
+    g.add_argument("--method", default=NODE_DEFAULTS["method"], choices=METHODS,
+                   help="OOD method, the node's `method` parameter: runa (default), uni-ood, tagood "
+                        "(the last two need --head)")
+    g.add_argument("--head", default=None,
+                   help="trained head of the method, the node's `head` parameter (a folder written by "
+                        "`runa-ood finetune --method M --out DIR`, or its name in calibration/)")
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
@@ -263,7 +269,6 @@ def settings_from_parameters(params: Dict[str, Any], apply_thresholds: bool = Tr
       ``--thresholds`` per run themselves): a scorer other than ``runa`` needs no ``thresholds_file``;
     * ``fit_head=True`` (``finetune``, which trains the head): a method other than ``runa`` needs no
       ``head``."""
-    from ..core.registry import METHODS
     from ..ros.params import validate
 
     lifted: Dict[str, str] = {}

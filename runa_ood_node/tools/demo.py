@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..core.registry import METHODS
 from . import bagio, bag_eval, foxglove_layout, make_bag
 
 LOG = logging.getLogger("runa_ood_node.tools.demo")
@@ -64,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skimage", action="store_true", help="use scikit-image's photographs even if the pack exists")
     p.add_argument("--threshold", type=float, default=None, help="use this OOD threshold instead of the default")
     p.add_argument("--thresholds", default=None, help="calibrated thresholds file (real weights only)")
+    p.add_argument("--method", default="runa", choices=METHODS,
+                   help="OOD method of the node (default %(default)s; uni-ood and tagood need --head)")
+    p.add_argument("--head", default=None, help="trained head of the method (`runa-ood finetune --method M --out DIR`)")
     p.add_argument("--rate", type=float, default=1.0, help="replay speed factor (bag at 5 fps; default 1)")
     p.add_argument("--node-timeout", type=float, default=300.0, help="seconds for the node to load and subscribe")
     p.add_argument("--no-progress", action="store_true")
@@ -296,7 +300,8 @@ def run(args) -> int:
     # 2) weights (real, else random + prominent notice)
     ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set=args.id_set,
                                thresholds=args.thresholds, min_box_size=2.0, pretrained=args.pretrained,
-                               projection=None, backend="torch", device="cpu", node_params=[], model=args.model)
+                               projection=None, backend="torch", device="cpu", node_params=[], model=args.model,
+                               method=args.method, head=args.head)
     base = common.node_parameters_from_args(ns, image_topic=bag_summary["image_topic"], n_frames=len(bag_frames))
     scorer, params, rw, weights_note = load_scorer(args, base)
 

@@ -30,13 +30,7 @@ LOG = logging.getLogger("runa_ood_node.tools.finetune")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..core.registry import DEFAULT_METHOD, METHODS
-
-    common.add_common_arguments(parser)
-    if "--method" not in parser._option_string_actions:  # the shared arguments may already offer it
-        parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
-                            help="the method whose head is trained (default %(default)s); every method writes a head "
-                                 "folder (head.pt + head.yaml) for --head / the node's head parameter")
+    common.add_common_arguments(parser)  # --method M: the method whose head is trained (head folder in --out)
     g = parser.add_argument_group("fine-tuning (paper defaults)")
     g.add_argument("--shots", type=int, default=10, help="ID boxes drawn per class (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of the shot draw and the batch order (default %(default)s)")
