@@ -125,6 +125,15 @@ class Method:
             raise ValueError(f"head {head.source} was trained for method {head.method!r}, not {self.name!r}")
         self.head = head
 
+    def trained_modules(self, head=None):
+        """The trained modules of ``head`` for one call (the subclass's ``_build``), else those of the head in
+        use (``_modules``). A method without a head raises ValueError saying how to train one."""
+        modules = getattr(self, "_modules", None) if head is None else self._build(head)
+        if modules is None:
+            raise ValueError(f"method {self.name!r} needs a trained head: `runa-ood finetune --method {self.name} "
+                             "--out DIR`, then head DIR")
+        return modules
+
     def head_identity(self) -> str:
         """What the thresholds record as ``head``: ``none`` or ``sha256:<weights file sha256>``."""
         return "none" if self.head is None else f"sha256:{self.head.sha256}"

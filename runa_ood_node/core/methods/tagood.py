@@ -100,11 +100,7 @@ class TagOodMethod(Method):
     def similarities(self, feats: Mapping[str, torch.Tensor], text_emb: torch.Tensor, ablation: str = "dual",
                      lam: float = 0.5, head=None) -> torch.Tensor:
         """``[M, K]`` mean pattern cosine of the boxes' projected features to the class centres."""
-        modules = self._modules if head is None else self._build(head)
-        if modules is None:
-            raise ValueError("method 'tagood' needs a trained head: `runa-ood finetune --method tagood --out DIR`, "
-                             "then head DIR")
-        proj, centres = modules
+        proj, centres = self.trained_modules(head)
         if centres.shape[0] != text_emb.shape[0]:
             raise ValueError(f"the TagOOD head has {centres.shape[0]} class centres, the label set {text_emb.shape[0]}")
         tokens, mask = feats[TOKENS], feats[MASK]

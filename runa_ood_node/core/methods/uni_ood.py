@@ -128,11 +128,7 @@ class UniOodMethod(Method):
     def similarities(self, feats: Mapping[str, torch.Tensor], text_emb: torch.Tensor, ablation: str = "dual",
                      lam: float = 0.5, head=None) -> torch.Tensor:
         """``Omega [M, K]`` (module docstring), K combiner passes per box per branch."""
-        modules = self._modules if head is None else self._build(head)
-        if modules is None:
-            raise ValueError("method 'uni-ood' needs a trained head: `runa-ood finetune --method uni-ood --out DIR`, "
-                             "then head DIR")
-        tc, bc = modules
+        tc, bc = self.trained_modules(head)
         tok, att, xat, bg = (feats[k] for k in self._keys)
         P = self.encoder.proj_global
         with torch.no_grad():
