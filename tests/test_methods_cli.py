@@ -50,3 +50,33 @@ def test_finetune_calibrate_evaluate_bag_for_a_method(tmp_path, ood_pack, photo_
     # thresholds fitted for this method and head are refused for another method (the node's check_fit)
     assert main(["evaluate", "--bag", str(photo_bag), *TINY, "--thresholds", str(thr_path),
                  "--out", str(tmp_path / "other")]) == 2
+
+
+def test_evaluate_method_all_compares_the_methods_in_one_run(tmp_path, ood_pack, photo_bag):
+    ann = ["--annotations", str(ood_pack / "annotations.json")]
+    heads = {}
+    for method in ("uni-ood", "tagood"):
+        heads[method] = tmp_path / method
+        assert main(["finetune", *TINY, *ann, "--method", method, "--max-images", "20", "--shots", "1",
+                     "--epochs", "1", "--out", str(heads[method])]) == 0
+    out = tmp_path / "all"
+    assert main(["evaluate", *TINY, *ann, "--max-images", "8", "--method", "all", "--scorer", "all",
+                 "--head", f"uni-ood={heads['uni-ood']}", "--head", f"tagood={heads['tagood']}",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["methods"] == ["runa", "uni-ood", "tagood"]
+    runs = {(r["method"], r["scorer"]) for r in rep["runs"]}
+    assert runs == {(m, s) for m in rep["methods"] for s in ("runa", "mcm", "energy", "sum")}
+    n_boxes = {m: rep["encoding"][m]["boxes"] for m in rep["methods"]}
+    assert len(set(n_boxes.values())) == 1 and n_boxes["runa"] > 0  # the same boxes for every method
+    for r in rep["runs"]:
+        assert sum(r["status_counts"].values()) == n_boxes["runa"]
+        assert (out / r["histogram"]).is_file() and r["histogram"].startswith(f"hist_{r['method']}_")
+    assert (out / "roc.png").is_file()
+
+    # refusals: a bare head with several methods, a head for a method not compared, --method all on a bag
+    assert main(["evaluate", *TINY, *ann, "--max-images", "2", "--method", "all", "--head", str(heads["tagood"]),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert main(["evaluate", *TINY, *ann, "--max-images", "2", "--method", "runa",
+                 "--head", f"tagood={heads['tagood']}", "--out", str(tmp_path / "y")]) == 2
+    assert main(["evaluate", "--bag", str(photo_bag), *TINY, "--method", "all", "--out", str(tmp_path / "z")]) == 2

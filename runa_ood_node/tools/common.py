@@ -57,8 +57,10 @@ DEFAULT_ANNOTATIONS = (REPO_ROOT.parent / "shared" / "data" / "ood_pack" / "anno
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model --pretrained --device --precision --backend --offline --allow-random-weights --projection``."""
+def add_model_arguments(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
+    """``--model --pretrained --device --precision --backend --offline --allow-random-weights --projection
+    --method --head``; ``allow_all``: ``--method all`` and ``--head METHOD=DIR`` (repeatable), for a tool
+    that compares the methods (``evaluate``)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="open_clip ViT architecture, e.g. ViT-B-16 (paper), ViT-B-32, ViT-L-14 (default %(default)s)")
@@ -80,12 +82,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--projection", default=None,
                    help="fine-tuned regional projection (a calibration/<domain> folder name or path), "
                         "see `runa-ood finetune`")
-    g.add_argument("--method", default=NODE_DEFAULTS["method"], choices=METHODS,
+    g.add_argument("--method", default=NODE_DEFAULTS["method"], choices=METHODS + (("all",) if allow_all else ()),
                    help="OOD method, the node's `method` parameter: runa (default), uni-ood, tagood "
-                        "(the last two need --head)")
-    g.add_argument("--head", default=None,
+                        "(the last two need --head)" + ("; all = every method side by side" if allow_all else ""))
+    g.add_argument("--head", default=None, action="append" if allow_all else "store",
                    help="trained head of the method, the node's `head` parameter (a folder written by "
-                        "`runa-ood finetune --method M --out DIR`, or its name in calibration/)")
+                        "`runa-ood finetune --method M --out DIR`, or its name in calibration/)"
+                        + ("; with --method all: METHOD=DIR, once per method" if allow_all else ""))
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
@@ -125,7 +128,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 def add_common_arguments(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
     """All shared arguments: dataset, model, scoring."""
     add_dataset_arguments(parser)
-    add_model_arguments(parser)
+    add_model_arguments(parser, allow_all=allow_all)
     add_scoring_arguments(parser, allow_all=allow_all)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -742,6 +745,29 @@ def score_dataset(scorer, dataset, progress: bool = True) -> Records:
     enc = encode_boxes(scorer, dataset, views=None, progress=progress)
     scored = score_boxes(enc)
     return make_records(enc, scored, enc.seconds_for(scorer.ablation) + scored.seconds)
+
+
+def method_heads(args) -> Dict[str, str]:
+    """The methods a run compares and their heads: ``{method: head}`` from ``--method`` (``all`` = every
+    method) and ``--head`` (one value ``DIR`` for one method; ``METHOD=DIR`` per method, repeatable).
+    A method without a head maps to ``""`` (the node's empty ``head``). Exits 2 on a head that names no
+    compared method, or a bare ``DIR`` with several methods."""
+    methods = expand_choice(getattr(args, "method", None) or "runa", METHODS)
+    given = getattr(args, "head", None)
+    given = [given] if isinstance(given, str) else list(given or ())
+    heads = {m: "" for m in methods}
+    for h in given:
+        m, sep, path = h.partition("=")
+        if sep and m in METHODS:
+            if m not in heads:
+                raise fail([f"--head {h}: method {m!r} is not compared here (--method {args.method})"])
+            heads[m] = path
+        elif len(methods) == 1:
+            heads[methods[0]] = h
+        else:
+            raise fail([f"--head {h}: with several methods, give each head as METHOD=DIR "
+                        f"(methods: {', '.join(methods)})"])
+    return heads
 
 
 def expand_choice(value: str, choices: Iterable[str]) -> List[str]:

@@ -18,6 +18,11 @@ Outputs in ``--out`` (default ``out/evaluate``): ``report.json`` (``random_weigh
 dataset counts, per-run metrics and box status counts), ``roc.png`` (one line per run),
 ``hist_<scorer>_<ablation>.png`` (ID vs OOD uncertainty, as the paper's Fig. 4).
 
+Methods: ``--method all`` (with ``--head METHOD=DIR`` for each trained method) evaluates every method
+side by side in one run: one encoding pass per method (each method's own views and backbone outputs),
+the rows of every method in one table and report, and one ROC plot overlaying them
+(``<method>/<scorer>/<ablation>``). ``--thresholds`` are fitted for one method and are refused there.
+
 Bag mode: ``--bag PATH`` (with ``--live`` to go through the running node) is delegated to
 ``tools.bag_eval.run_bag``.
 """
@@ -60,9 +65,15 @@ def _add_bag_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--live", action="store_true", help="with --bag: replay through the running node")
 
 
-def _format_table(rows, random_weights: bool) -> str:
-    head = f"{'scorer':<8} {'ablation':<9} {'FPR95':>7} {'AUROC':>7} {'AUPR-In':>8} {'AUPR-Out':>8} " \
-           f"{'#ID':>6} {'#OOD':>6} {'boxes/s':>9}"
+def _encoding_entry(enc) -> dict:
+    return {"seconds": enc.seconds, "image_errors": enc.image_errors, "boxes": len(enc), "views": list(enc.views)}
+
+
+def _format_table(rows, random_weights: bool, with_method: bool = False) -> str:
+    mcol = (lambda r: f"{r['method']:<8} ") if with_method else (lambda r: "")
+    head = (f"{'method':<8} " if with_method else "") + \
+        f"{'scorer':<8} {'ablation':<9} {'FPR95':>7} {'AUROC':>7} {'AUPR-In':>8} {'AUPR-Out':>8} " \
+        f"{'#ID':>6} {'#OOD':>6} {'boxes/s':>9}"
     lines = [head, "-" * len(head)]
 
     def f(v):
@@ -70,7 +81,7 @@ def _format_table(rows, random_weights: bool) -> str:
 
     for r in rows:
         m = r["metrics"]
-        lines.append(f"{r['scorer']:<8} {r['ablation']:<9} {f(m['fpr95']):>7} {f(m['auroc']):>7} "
+        lines.append(f"{mcol(r)}{r['scorer']:<8} {r['ablation']:<9} {f(m['fpr95']):>7} {f(m['auroc']):>7} "
                      f"{f(m['aupr_in']):>8} {f(m['aupr_out']):>8} {m['n_id']:>6} {m['n_ood']:>6} "
                      f"{r['boxes_per_s']:>9.1f}")
     for r in rows:
@@ -88,7 +99,17 @@ def _format_table(rows, random_weights: bool) -> str:
 
 
 def run(args) -> int:
+    try:
+        heads = common.method_heads(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if len(heads) == 1:  # one method: --head is its one value, as the node's `head` parameter
+        (args.method, args.head), = heads.items()
     if getattr(args, "bag", None):
+        if len(heads) > 1:
+            print("error: bag mode evaluates one configuration: give one --method (`all` compares the methods "
+                  "on a dataset: runa-ood evaluate without --bag)", file=sys.stderr)
+            return 2
         try:
             from . import bag_eval
         except Exception as exc:
@@ -117,83 +138,100 @@ def _run_dataset(args) -> int:
     from ..core.boxes import BoxStatus
     from . import plots
 
+    from ..core.methods import get_method
+
+    heads = common.method_heads(args)
+    methods = list(heads)
+    several = len(methods) > 1
     scorers = common.expand_choice(args.scorer, common.SCORERS)
     ablations = common.expand_choice(args.ablation, common.ABLATIONS)
+    if several and args.thresholds:
+        raise common.fail(["--thresholds are fitted for one method and head: compare --method all without them"])
     dataset = common.load_dataset_or_exit(args)
     if args.max_images:
         dataset = dataset.subset(args.max_images)
     if dataset.n_boxes == 0:
         raise common.fail([f"no labelled boxes in {dataset.annotation_path} for ID set {args.id_set!r}"])
     thresholds = common.load_thresholds_or_exit(args)
-    # one pipeline (the tools' one path, common.scorer_from_args -> factory.build_node_scorer): its
-    # encode() runs once per frame, its score_features() once per scorer x ablation; --thresholds
-    # are checked and applied per run below (_check_thresholds), not by the pipeline
-    ref = common.scorer_from_args(args, {"scorer": scorers[0]}, ablation=ablations[0], apply_thresholds=False).scorer
-    encoder = ref.encoder
-    th_report, th_wrong = _check_thresholds(args, thresholds, ref, scorers, ablations)
-    rw = bool(encoder.random_weights)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    LOG.info("evaluating %d images, %d boxes (%d ID / %d OOD), ID set %s, scorers %s, ablations %s",
-             dataset.n_images, dataset.n_boxes, dataset.n_id, dataset.n_ood, dataset.label_set.name, scorers,
-             ablations)
-
-    from ..core.pipeline import VIEWS_FOR_ABLATION
-
-    views = {v for ab in ablations for v in VIEWS_FOR_ABLATION[ab]}
-    t0 = time.perf_counter()
-    enc = common.encode_boxes(ref, dataset, views=tuple(views), progress=not args.no_progress, desc="encoding boxes")
-    LOG.info("encoded %d boxes of %d images (%s views) in %.1f s", len(enc), enc.n_images, "+".join(enc.views),
-             time.perf_counter() - t0)
-
-    rows, curves, all_records = [], {}, {}
-    for ab in ablations:
-        for sc in scorers:
-            scored = common.score_boxes(enc, scorer=sc, ablation=ab)
-            ok = scored.status == BoxStatus.OK
-            id_s = scored.uncertainty[ok & enc.is_id]
-            ood_s = scored.uncertainty[ok & ~enc.is_id]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", metrics.MetricsWarning)
-                summ = metrics.summary(id_s, ood_s, tpr=args.tpr)
-                fpr, tpr, _ = metrics.roc_curve(id_s, ood_s)
-            secs = enc.seconds_for(ab) + scored.seconds
-            n_ok = int(ok.sum())
-            names, counts = np.unique(scored.status, return_counts=True)
-            row = {"scorer": sc, "ablation": ab, "lam": common.effective_lam(ab, args.lam), "metrics": summ,
-                   "boxes_per_s": n_ok / secs if secs > 0 else float("nan"), "seconds": secs,
-                   "status_counts": {BoxStatus(int(s)).name: int(c) for s, c in zip(names, counts)},
-                   "nearest_label_accuracy_on_id": _label_accuracy(enc, scored, dataset.label_set)}
-            gthr = None
-            wrong = th_wrong.get((sc, ab))
-            if wrong is not None and (not wrong or args.allow_threshold_mismatch):
-                row["at_thresholds"] = _operating_point(thresholds, scored, ok, enc.is_id)
-                row["at_thresholds"]["mismatch"] = wrong
-                gthr = thresholds.global_threshold
-            rows.append(row)
-            name = f"{sc}/{ab}"
-            curves[name] = (fpr, tpr, summ)
-            hp = plots.hist_plot(id_s, ood_s, out / f"hist_{sc}_{ab}.png",
-                                 title=f"{sc} / {ab} — {dataset.label_set.name} ID vs OOD boxes",
-                                 threshold=gthr, random_weights=rw)
-            row["histogram"] = hp.name
-            if args.save_scores:
-                all_records[name] = common.make_records(enc, scored, secs)
+    rows, curves, all_records, encodings, th_report = [], {}, {}, {}, None
+    for method in methods:
+        # the method's ablations among those asked (RUNA's views ablation; the others score both views)
+        abls = [ab for ab in ablations if ab in get_method(method).ablations]
+        if not abls:
+            LOG.warning("method %s has none of the ablations %s: skipped", method, ablations)
+            continue
+        # one pipeline per method (the tools' one path, common.scorer_from_args ->
+        # factory.build_node_scorer): its encode() runs once per frame, its score_features() once per
+        # scorer x ablation; --thresholds are checked and applied per run below (_check_thresholds)
+        ref = common.scorer_from_args(args, {"scorer": scorers[0], "method": method, "head": heads[method]},
+                                      ablation=abls[0], apply_thresholds=False).scorer
+        encoder = ref.encoder
+        th_report, th_wrong = _check_thresholds(args, thresholds, ref, scorers, abls)
+        rw = bool(encoder.random_weights)
+        LOG.info("evaluating %d images, %d boxes (%d ID / %d OOD), ID set %s, method %s, scorers %s, ablations %s",
+                 dataset.n_images, dataset.n_boxes, dataset.n_id, dataset.n_ood, dataset.label_set.name, method,
+                 scorers, abls)
+        views = tuple(dict.fromkeys(v for ab in abls for v in ref.method.views_for(ab)))
+        t0 = time.perf_counter()
+        enc = common.encode_boxes(ref, dataset, views=views, progress=not args.no_progress,
+                                  desc=f"encoding boxes ({method})" if several else "encoding boxes")
+        LOG.info("encoded %d boxes of %d images (%s views) in %.1f s", len(enc), enc.n_images, "+".join(enc.views),
+                 time.perf_counter() - t0)
+        encodings[method] = enc
+        for ab in abls:
+            for sc in scorers:
+                scored = common.score_boxes(enc, scorer=sc, ablation=ab)
+                ok = scored.status == BoxStatus.OK
+                id_s = scored.uncertainty[ok & enc.is_id]
+                ood_s = scored.uncertainty[ok & ~enc.is_id]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", metrics.MetricsWarning)
+                    summ = metrics.summary(id_s, ood_s, tpr=args.tpr)
+                    fpr, tpr, _ = metrics.roc_curve(id_s, ood_s)
+                secs = enc.seconds_for(ab) + scored.seconds
+                n_ok = int(ok.sum())
+                names, counts = np.unique(scored.status, return_counts=True)
+                row = {"method": method, "head": heads[method] or None, "scorer": sc, "ablation": ab,
+                       "lam": common.effective_lam(ab, args.lam), "metrics": summ,
+                       "boxes_per_s": n_ok / secs if secs > 0 else float("nan"), "seconds": secs,
+                       "status_counts": {BoxStatus(int(s)).name: int(c) for s, c in zip(names, counts)},
+                       "nearest_label_accuracy_on_id": _label_accuracy(enc, scored, dataset.label_set)}
+                gthr = None
+                wrong = th_wrong.get((sc, ab))
+                if wrong is not None and (not wrong or args.allow_threshold_mismatch):
+                    row["at_thresholds"] = _operating_point(thresholds, scored, ok, enc.is_id)
+                    row["at_thresholds"]["mismatch"] = wrong
+                    gthr = thresholds.global_threshold
+                rows.append(row)
+                name = f"{method}/{sc}/{ab}" if several else f"{sc}/{ab}"
+                curves[name] = (fpr, tpr, summ)
+                stem = f"{method}_{sc}_{ab}" if several else f"{sc}_{ab}"
+                hp = plots.hist_plot(id_s, ood_s, out / f"hist_{stem}.png",
+                                     title=f"{name} — {dataset.label_set.name} ID vs OOD boxes",
+                                     threshold=gthr, random_weights=rw)
+                row["histogram"] = hp.name
+                if args.save_scores:
+                    all_records[name] = common.make_records(enc, scored, secs)
+    if not rows:
+        raise common.fail([f"no method of {methods} accepts the ablations {ablations}"])
     roc = plots.roc_plot(curves, out / "roc.png",
                          title=f"ROC, ID = {dataset.label_set.name} ({encoder.model_name})", random_weights=rw)
 
-    table = _format_table(rows, rw)
+    table = _format_table(rows, rw, several)
     print(table)
     report = {
         "random_weights": rw,
         "warning": common.RANDOM_LABEL if rw else None,
         "config": common.tool_config(args, encoder),
         "dataset": dataset.describe(),
-        "encoding": {"seconds": enc.seconds, "image_errors": enc.image_errors, "boxes": len(enc),
-                     "views": list(enc.views),
-                     "note": "features computed once per box (OodScorer.encode: one trunk pass per frame over "
-                             "the views listed), shared by all scorers and ablations; each run scored with "
-                             "OodScorer.score_features"},
+        "methods": methods,
+        "encoding": {**({m: _encoding_entry(e) for m, e in encodings.items()} if several else
+                        _encoding_entry(enc)),
+                     "note": "features computed once per box and method (OodScorer.encode: one trunk pass per "
+                             "frame over the views listed), shared by all scorers and ablations; each run "
+                             "scored with OodScorer.score_features"},
         "tpr": args.tpr,
         "thresholds": th_report,
         "runs": rows,
@@ -203,8 +241,8 @@ def _run_dataset(args) -> int:
     common.write_json(out / "report.json", report)
     if args.save_scores:
         common.write_json(out / "scores.json", {k: list(v) for k, v in all_records.items()})
-    if enc.image_errors:
-        LOG.warning("%d frame problem(s), see report.json encoding.image_errors", len(enc.image_errors))
+    if any(e.image_errors for e in encodings.values()):
+        LOG.warning("frame problem(s), see report.json encoding image_errors")
     print(f"wrote {out / 'report.json'}, {roc} and {len(rows)} histogram(s)")
     if rw:
         common.banner([common.RANDOM_LABEL, "the table above is a plumbing check, not a quality result"])
