@@ -9,7 +9,7 @@ pytest.importorskip("rclpy")
 pytest.importorskip("vision_msgs.msg")
 pytest.importorskip("runa_ood_msgs.msg")
 
-from test_offline_equivalence import TINY, _raw_images, _write_bag  # noqa: E402
+from test_offline_equivalence import TINY, _raw_images, _write_bag, assert_live_equals_offline  # noqa: E402
 
 from runa_ood_node.tools import bag_eval, bagio, common  # noqa: E402
 
@@ -48,14 +48,5 @@ def test_running_node_with_a_method_scores_what_offline_evaluation_scores(tmp_pa
     off = bag_eval.evaluate_offline(bag, scorer, progress=False, params=params)
     assert len(off["frames"]) == 2
     live = bag_eval.run_live(bag, params, tmp_path, progress=False, drain_timeout_s=5.0)
-    recs = bag_eval.live_records(live, {})
-    a = {(r["stamp_ns"], r["id"]): r for r in off["records"]}
-    b = {(r["stamp_ns"], r["id"]): r for r in recs}
-    assert set(a) == set(b) and len(a) == 2 * 5
+    a = assert_live_equals_offline(off, live, n_boxes=2 * 5)
     assert sum(r["status"] == "OK" for r in a.values()) == 4
-    for k in a:
-        assert b[k]["status"] == a[k]["status"], k
-        if a[k]["uncertainty"] is None:
-            assert b[k]["uncertainty"] is None, k
-        else:
-            assert b[k]["uncertainty"] == pytest.approx(a[k]["uncertainty"], abs=1e-5), k

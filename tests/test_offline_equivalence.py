@@ -159,16 +159,7 @@ def test_running_node_scores_what_offline_evaluation_scores(tmp_path, tiny_encod
     assert off["skipped"] == {"image_too_large": 1} and len(off["frames"]) == 3
     # one frame is refused, so the drain ends on silence: 5 s of it are plenty for a scored frame
     live = bag_eval.run_live(bag, params, tmp_path, progress=False, drain_timeout_s=5.0)
-    recs = bag_eval.live_records(live, {})
-    a = {(r["stamp_ns"], r["id"]): r for r in off["records"]}
-    b = {(r["stamp_ns"], r["id"]): r for r in recs}
-    assert set(a) == set(b) and len(a) == 3 * 5
-    for k in a:
-        assert b[k]["status"] == a[k]["status"], k
-        if a[k]["uncertainty"] is None:
-            assert b[k]["uncertainty"] is None, k
-        else:
-            assert b[k]["uncertainty"] == pytest.approx(a[k]["uncertainty"], abs=1e-5), k
+    a = assert_live_equals_offline(off, live, n_boxes=3 * 5)
     by_id = {}
     for (_, i), r in a.items():
         by_id.setdefault(i, set()).add(r["status"])
@@ -176,3 +167,18 @@ def test_running_node_scores_what_offline_evaluation_scores(tmp_path, tiny_encod
     diag = bag_eval.diagnostics_summary(live["diagnostics"])
     values = next(iter(diag.values()))
     assert values.get("drops.image_too_large") == "1"
+
+
+def assert_live_equals_offline(off, live, n_boxes: int):
+    """Every box of the offline report (``evaluate_offline``) answered live (``run_live``) with the same
+    status and uncertainty (1e-5), keyed by (stamp, detection id); returns the offline records by key."""
+    a = {(r["stamp_ns"], r["id"]): r for r in off["records"]}
+    b = {(r["stamp_ns"], r["id"]): r for r in bag_eval.live_records(live, {})}
+    assert set(a) == set(b) and len(a) == n_boxes
+    for k in a:
+        assert b[k]["status"] == a[k]["status"], k
+        if a[k]["uncertainty"] is None:
+            assert b[k]["uncertainty"] is None, k
+        else:
+            assert b[k]["uncertainty"] == pytest.approx(a[k]["uncertainty"], abs=1e-5), k
+    return a
