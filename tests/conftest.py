@@ -205,6 +205,27 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+class NodeRig:
+    """What the node test rigs (``test_node.Rig``, ``test_cameras.CamRig``) share: ``node`` (the
+    RunaOodNode under test), ``t`` (the tester node) and ``ex`` (the executor spinning both)."""
+
+    timeout = 30.0
+
+    def _idle(self, queues_done, what: str):
+        """Wait until ``queues_done()`` (every frame sent so far received and processed); the accounting."""
+        import time
+
+        time.sleep(0.05)  # the last publish reaches the node
+        wait_until(queues_done, self.timeout, what, interval=0.02)
+        return self.node.accounting()
+
+    def close(self):
+        self.ex.shutdown()
+        self.node.trigger_shutdown()
+        self.node.destroy_node()
+        self.t.destroy_node()
+
+
 def flatten_params(d: dict, prefix: str = ""):
     """``(dotted.name, value)`` pairs of a nested ``ros__parameters`` dict (YAML file or ``ros2 param dump``)."""
     for k, v in d.items():

@@ -400,3 +400,23 @@ def test_bench_node_cameras_figures_from_send_and_answer_times(capsys):
     text = capsys.readouterr().out
     assert "| 2 | one node | 1 | 900 | 2.0 (4) |" in text
     assert "N=2: one node's RSS = 1.12x one single-camera node's (meets <= 1.3x); its throughput = 2.00x" in text
+
+
+def test_bench_node_cameras_node_counts_are_the_change_over_the_window():
+    """bench-node --cameras: what the node(s) received, scored and dropped over the measured window
+    is the change of their /diagnostics counters between two snapshots, summed over the statuses
+    (one per camera or per node); counters that did not move are left out, except the ones that
+    reconcile the run (received, paired, scored); values that are not counts are skipped."""
+    from runa_ood_node.tools.bench_node import _diag_delta
+
+    start = {"/ns/a/runa_ood: OOD monitor": {"frames_scored": "10", "frames_paired": "12", "messages_received.image": "12",
+                                             "messages_lost.image": "0", "drops.processing_overload": "2",
+                                             "drops.bad_detections": "1", "model": "m", "latency_p50_ms": "3.50"}}
+    end = {"/ns/a/runa_ood: OOD monitor": {"frames_scored": "40", "frames_paired": "50", "messages_received.image": "51",
+                                           "messages_lost.image": "0", "drops.processing_overload": "10",
+                                           "drops.bad_detections": "1", "model": "m", "latency_p50_ms": "4.00"},
+           "/ns/b/runa_ood: OOD monitor": {"frames_scored": "5", "frames_paired": "5", "messages_received.image": "6",
+                                           "drops.image_without_detections": "1"}}  # no snapshot at the start
+    d = _diag_delta(start, end)
+    assert d == {"drops.image_without_detections": 1, "drops.processing_overload": 8, "frames_paired": 43,
+                 "frames_scored": 35, "messages_lost.image": 0, "messages_received.image": 45}

@@ -27,7 +27,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 
-from conftest import wait_until  # noqa: E402
+from conftest import NodeRig, wait_until  # noqa: E402
 from runa_ood_node.ros import convert  # noqa: E402
 
 TIMEOUT = 60.0
@@ -48,7 +48,7 @@ def wait_for(pred, timeout=TIMEOUT, what="condition"):
     wait_until(pred, timeout, what, interval=0.02)
 
 
-class CamRig:
+class CamRig(NodeRig):
     """The node under test with three cameras + a tester publishing every camera's inputs and
     recording every output (per camera and vehicle level)."""
 
@@ -127,19 +127,13 @@ class CamRig:
         self.pub_img[cam].publish(img)
         self.pub_det[cam].publish(det)
 
+    timeout = TIMEOUT
+
     def idle(self):
         def done():
             acc = self.node.accounting()
             return all(a["queued"] == 0 and a["in_flight"] == 0 and not a["worker_busy"] for a in acc["cameras"].values())
-        time.sleep(0.05)
-        wait_for(done, what="the node to finish its queues")
-        return self.node.accounting()
-
-    def close(self):
-        self.ex.shutdown()
-        self.node.trigger_shutdown()
-        self.node.destroy_node()
-        self.t.destroy_node()
+        return self._idle(done, "the node to finish its queues")
 
 
 @pytest.fixture(scope="module")

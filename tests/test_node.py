@@ -31,6 +31,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 
+from conftest import NodeRig, wait_until  # noqa: E402
 from runa_ood_node.ros import convert  # noqa: E402
 
 TIMEOUT = 30.0  # s; generous: the machine is shared and slow
@@ -48,15 +49,10 @@ NODE_PARAMS = {
 
 
 def wait_for(pred, timeout=TIMEOUT, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    wait_until(pred, timeout, what, interval=0.02)
 
 
-class Rig:
+class Rig(NodeRig):
     """The node under test + a tester node publishing inputs and recording every output."""
 
     def __init__(self, ctx, photos):
@@ -145,26 +141,19 @@ class Rig:
     def gray(self):
         return np.full((H, W, 3), 127, np.uint8)
 
+    timeout = TIMEOUT
+
     def idle(self):
         """Wait until every message sent so far has been received and processed."""
         def done():
             a = self.node.accounting()
             return a["queued"] == 0 and a["in_flight"] == 0 and not a["worker_busy"]
-
-        time.sleep(0.05)
-        wait_for(done, what="the node to finish its queue")
-        return self.node.accounting()
+        return self._idle(done, "the node to finish its queue")
 
     def wait_received(self, n_images, n_dets):
         wait_for(lambda: self.node.accounting()["received"]["image"] >= n_images
                  and self.node.accounting()["received"]["detections"] >= n_dets, what="inputs to arrive")
         return self.idle()
-
-    def close(self):
-        self.ex.shutdown()
-        self.node.trigger_shutdown()
-        self.node.destroy_node()
-        self.t.destroy_node()
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,14 @@ VmRSS seen during the run, summed over the processes), frames scored per second,
 p95 latency (publish -> answer, queueing included), frames per backend call (the N-camera node's
 /diagnostics), and the issue's goals (memory <= 1.3x one single-camera node's, throughput >= the N
 nodes'). With an offered rate the nodes keep up with, the throughputs are equal and the latencies
-tell; raise ``--rate`` to saturate.
+and the CPU tell; raise ``--rate`` to saturate. Per setup it also prints the CPU the node processes,
+this driver and the whole machine used while sending, and what the node(s) received, paired, scored
+and dropped (by reason) over the measured window, from the change of their /diagnostics counters,
+so a frame not answered has a reason. Every process of the run uses one Fast DDS profile
+(``--fastdds-profile``; default ``config/fastdds_one_host.xml``, images through shared memory in one
+piece): with Fast DDS's default transports a 640x480 image is cut into fragments and arrives in
+bursts (p95 ~0.4-1 s on this machine) that overflow the node's queue, and the run then measures the
+transport instead of the node.
 
 ``--ab N`` measures, in one run, N alternating rounds with the node's latency optimisations switched
 off (image converted with a copy, no hand-off wait: ``ros.node.ZERO_COPY_RGB8`` /
@@ -97,6 +104,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "call; e.g. 1,3,6 ['' = the single-node latency benchmark]")
     p.add_argument("--rate", type=float, default=15.0, help="--cameras: frames per second per camera [15]")
     p.add_argument("--duration", type=float, default=20.0, help="--cameras: seconds measured per setup [20]")
+    p.add_argument("--fastdds-profile", default="one-host", metavar="one-host|env|PATH",
+                   help="--cameras: the Fast DDS profile of every process of the run (driver and nodes): one-host = "
+                        "config/fastdds_one_host.xml (images through shared memory in one piece), env = whatever "
+                        "FASTDDS_DEFAULT_PROFILES_FILE says (unset: Fast DDS's defaults, which cut a 640x480 image "
+                        "into fragments), or a profile file [one-host]")
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="A/B in one run: alternate ROUNDS times between the node's latency optimisations "
                         "switched off (copying image conversion, no hand-off wait) and on, and print both "
@@ -550,6 +562,23 @@ def _parse_counts(text: str) -> List[int]:
     return counts
 
 
+#: the shipped Fast DDS profile for a pipeline on one computer (see the file's comment)
+ONE_HOST_PROFILE = pathlib.Path(__file__).resolve().parents[2] / "config" / "fastdds_one_host.xml"
+
+
+def fastdds_profile(choice: str) -> Optional[str]:
+    """The profile file ``--fastdds-profile`` names (``one-host``: the shipped one; ``env``: the
+    environment's FASTDDS_DEFAULT_PROFILES_FILE, None when unset = Fast DDS's defaults; else a path).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+    """
+    path = {"one-host": str(ONE_HOST_PROFILE), "env": os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")}.get(choice, choice)
+    if path and not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"Fast DDS profile {path!r} (--fastdds-profile {choice}) does not exist")
+    return path or None
+
+
 def _rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` (MB), NaN when it is gone."""
     try:
@@ -574,6 +603,23 @@ def _start_node_process(ns: str, params: dict, workdir: pathlib.Path, tag: str):
     cmd = [sys.executable, "-m", "runa_ood_node.ros.node", "--ros-args", "-r", f"__ns:={ns}",
            "--params-file", str(pfile), "--log-level", "warn"]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU time (user + system, s) process ``pid`` has used, NaN when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+def _system_busy_s() -> float:
+    """CPU time (s, summed over the cores) the machine has spent busy (not idle or waiting on I/O)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def summarize_cameras_run(sent: Dict[str, Dict[int, float]], answered: Dict[str, Dict[int, float]],
@@ -605,6 +651,17 @@ def _run_cameras(args) -> int:
     import rclpy
 
     counts = _parse_counts(args.cameras)
+    try:
+        profile = fastdds_profile(args.fastdds_profile)
+    except FileNotFoundError as exc:
+        print(f"bench-node: {exc}", file=sys.stderr)
+        return 2
+    # before this process's first DDS participant; the node processes inherit it
+    if profile:
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = profile
+    else:
+        os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+    args.transport = f"Fast DDS profile {profile}" if profile else "Fast DDS default transports"
     msgs = _ros_messages()
     if msgs is None:
         return 2
@@ -652,12 +709,18 @@ def _run_cameras(args) -> int:
                           f"(offered {row['offered_fps']:.0f}), p50 {row['p50_ms_mean_over_cameras']:7.1f} ms, "
                           f"p95 {row['p95_ms_worst_camera']:7.1f} ms, {row['frames_per_backend_call']:.2f} frames/call",
                           flush=True)
+                    print(f"      CPU while sending (% of one core): node(s) {row['cpu_pct_nodes']:.0f}, driver "
+                          f"{row['cpu_pct_driver']:.0f}, machine {row['cpu_pct_machine']:.0f} of {100 * (os.cpu_count() or 1)}", flush=True)
+                    nc = row.get("node_counts") or {}
+                    if nc:
+                        print("      the node(s) over the window: " + ", ".join(f"{k} {v}" for k, v in nc.items()), flush=True)
     finally:
         rclpy.shutdown(context=ctx)
     _print_cameras_table(args, rows)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"args": {k: getattr(args, k) for k in (
-            "cameras", "model", "pretrained", "backend", "device", "boxes", "rate", "duration")}, "rows": rows}, indent=2))
+            "cameras", "model", "pretrained", "backend", "device", "boxes", "rate", "duration", "transport")},
+            "rows": rows}, indent=2))
         print(f"  written {args.json}")
     return code
 
@@ -687,12 +750,15 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
                 answered[cam][st] = t
         return cb
 
+    diag: Dict[str, Dict[str, str]] = {}
+
     def on_diag(msg):
         for st in msg.status:
             if st.name.startswith(ns + "/"):
                 kv = {k.key: k.value for k in st.values}
                 with lock:
                     calls[st.name] = float(kv.get("frames_per_backend_call", 1.0))
+                    diag[st.name] = kv
 
     pubs = {}
     for c in cams:
@@ -742,8 +808,10 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
         with lock:
             for c in cams:
                 answered[c].clear()
+            diag_start = {k: dict(v) for k, v in diag.items()}
         sent: Dict[str, Dict[int, float]] = {c: {} for c in cams}
         period = 1.0 / args.rate
+        cpu0 = [_cpu_s(p.pid) for p, _ in procs] + [_cpu_s(os.getpid()), _system_busy_s()]
         t0 = time.perf_counter()
         next_rss = 0.0
         k = 0
@@ -761,6 +829,8 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
             if time.perf_counter() >= next_rss:
                 rss_max = [max(m, _rss_mb(p.pid)) for m, (p, _) in zip(rss_max, procs)]
                 next_rss = time.perf_counter() + 0.5
+        cpu1 = [_cpu_s(p.pid) for p, _ in procs] + [_cpu_s(os.getpid()), _system_busy_s()]  # CPU while sending
+        t_cpu = time.perf_counter() - t0
         # the answers of the frames still queued: until none came for twice the slowest latency so far
         # (at least 3 s, at most --timeout); frames/s = answers / (last answer - first frame sent)
         end = time.perf_counter() + args.timeout
@@ -771,13 +841,20 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
             if time.perf_counter() - last > max(3.0, 2.0 * max(times, default=0.0)):
                 break
             time.sleep(0.2)
+        time.sleep(1.5)  # one more /diagnostics (published every second) after the last answer
         with lock:
             got = {c: dict(v) for c, v in answered.items()}
             fpc = list(calls.values())
+            diag_end = {k: dict(v) for k, v in diag.items()}
         last = max((t for v in got.values() for t in v.values()), default=t0)
         out = summarize_cameras_run(sent, got, max(last - t0, args.duration))
+        out["node_counts"] = _diag_delta(diag_start, diag_end)
         out.update({"offered_fps": len(cams) * args.rate, "rss_mb_total": float(sum(rss_max)),
                     "rss_mb_per_process": rss_max,
+                    # CPU while sending (% of one core): the node processes together, this driver, the machine
+                    "cpu_pct_nodes": 100.0 * sum(b - a for a, b in zip(cpu0[:-2], cpu1[:-2])) / t_cpu if cpu1 else math.nan,
+                    "cpu_pct_driver": 100.0 * (cpu1[-2] - cpu0[-2]) / t_cpu if cpu1 else math.nan,
+                    "cpu_pct_machine": 100.0 * (cpu1[-1] - cpu0[-1]) / t_cpu if cpu1 else math.nan,
                     "frames_per_backend_call": float(np.mean(fpc)) if fpc and len(procs) == 1 else 1.0})
         return out
     finally:
@@ -786,10 +863,31 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
         drv.destroy_node()
 
 
+#: /diagnostics keys whose change over the measured window the --cameras run reports (summed over
+#: the cameras' statuses): what the node(s) received, scored and dropped, by reason
+_COUNT_KEYS = ("messages_received.image", "messages_lost.image", "frames_paired", "frames_scored")
+
+
+def _diag_delta(start: Dict[str, Dict[str, str]], end: Dict[str, Dict[str, str]]) -> Dict[str, int]:
+    """Change of the counting /diagnostics keys (``_COUNT_KEYS`` and every ``drops.*``) between two
+    snapshots {status name: {key: value}}, summed over the statuses; zero changes left out."""
+    out: Dict[str, int] = {}
+    for name, kv in end.items():
+        before = start.get(name, {})
+        for k, v in kv.items():
+            if k in _COUNT_KEYS or k.startswith("drops."):
+                try:
+                    d = int(v) - int(before.get(k, 0))
+                except ValueError:
+                    continue
+                out[k] = out.get(k, 0) + d
+    return {k: n for k, n in sorted(out.items()) if n or k in _COUNT_KEYS}
+
+
 def _print_cameras_table(args, rows: List[dict]) -> None:
     print(f"\nbench-node --cameras: {args.model} ({'pretrained' if args.pretrained else 'RANDOM weights: speed only'}), "
           f"{args.backend}/{args.device}, 640x480 rgb8, {args.boxes} boxes, every camera at {args.rate:g} Hz for "
-          f"{args.duration:g} s; each node its own process")
+          f"{args.duration:g} s; each node its own process; {getattr(args, 'transport', 'transport as the environment says')}")
     print("| cameras | setup | processes | RSS (MB) | frames/s scored (offered) | p50 ms (mean over cameras) "
           "| p95 ms (worst camera) | frames per backend call |")
     print("|---|---|---|---|---|---|---|---|")
