@@ -117,6 +117,13 @@ def one_thread():
 # ------------------------------------------------------------------ the real ROS 2 tools (ros2 CLI)
 TINY_NODE_PARAMS = {"model": TINY_MODEL, "pretrained": "", "allow_random_weights": True, "backend": "torch",
                     "max_boxes": 0}
+#: the live node rigs' parameters (test_node.Rig, test_cameras.CamRig; each adds its alert and health
+#: timings): the tiny model, every box scored, queues deep enough that nothing is dropped while a slow
+#: machine catches up, reliable images
+RIG_NODE_PARAMS = dict(TINY_NODE_PARAMS, **{
+    "default_threshold": -10.0, "max_boxes": 50, "image_qos": "reliable", "image_queue_size": 50,
+    "detections_queue_size": 50, "processing_queue_size": 50, "pairing_buffer": 50,
+    "alert.k": 2, "alert.n": 3, "health.latency_budget_ms": 1e5})
 
 
 class Ros2Cli:

@@ -27,21 +27,15 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 
-from conftest import NodeRig, wait_until  # noqa: E402
+from conftest import RIG_NODE_PARAMS, NodeRig, wait_until  # noqa: E402
 from runa_ood_node.ros import convert  # noqa: E402
 
 TIMEOUT = 60.0
 W, H = 320, 240
 BOX = [100.0, 60.0, 140.0, 100.0]  # small, high in the image: CAUTION only
 CAMS = ("front", "left", "right")
-PARAMS = {
-    "model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True, "backend": "torch",
-    "default_threshold": -10.0, "max_boxes": 50, "image_qos": "reliable", "image_queue_size": 50,
-    "detections_queue_size": 50, "processing_queue_size": 50, "pairing_buffer": 50,
-    "alert.k": 2, "alert.n": 3, "alert.hold_s": 0.0, "alert.clear_s": 0.25,
-    "health.frame_timeout_s": 0.5, "health.latency_budget_ms": 1e5,
-    "cameras": list(CAMS),
-}
+PARAMS = dict(RIG_NODE_PARAMS, **{"alert.hold_s": 0.0, "alert.clear_s": 0.25, "health.frame_timeout_s": 0.5},
+              cameras=list(CAMS))
 
 
 def wait_for(pred, timeout=TIMEOUT, what="condition"):

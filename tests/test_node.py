@@ -31,7 +31,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 
-from conftest import NodeRig, wait_until  # noqa: E402
+from conftest import RIG_NODE_PARAMS, NodeRig, wait_until  # noqa: E402
 from runa_ood_node.ros import convert  # noqa: E402
 
 TIMEOUT = 30.0  # s; generous: the machine is shared and slow
@@ -39,13 +39,7 @@ W, H = 640, 480
 SMALL = [300.0, 100.0, 340.0, 140.0]  # 0.5 % of the image, bottom at 29 %: CAUTION only
 BIG = [100.0, 200.0, 500.0, 470.0]  # 35 % of the image, bottom at 98 %: TAKE_OVER
 
-NODE_PARAMS = {
-    "model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True, "backend": "torch",
-    "default_threshold": -10.0, "max_boxes": 50, "image_qos": "reliable", "image_queue_size": 50,
-    "detections_queue_size": 50, "processing_queue_size": 50, "pairing_buffer": 50,
-    "alert.k": 2, "alert.n": 3, "alert.hold_s": 0.25, "alert.clear_s": 0.45,
-    "health.frame_timeout_s": 0.6, "health.latency_budget_ms": 1e5,
-}
+NODE_PARAMS = dict(RIG_NODE_PARAMS, **{"alert.hold_s": 0.25, "alert.clear_s": 0.45, "health.frame_timeout_s": 0.6})
 
 
 def wait_for(pred, timeout=TIMEOUT, what="condition"):
