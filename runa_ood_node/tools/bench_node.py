@@ -622,6 +622,11 @@ def _system_busy_s() -> float:
     return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_snapshot(pids: List[int]) -> np.ndarray:
+    """CPU seconds used so far by: the processes ``pids`` together, this process, the whole machine."""
+    return np.array([sum(_cpu_s(pid) for pid in pids), _cpu_s(os.getpid()), _system_busy_s()])
+
+
 def summarize_cameras_run(sent: Dict[str, Dict[int, float]], answered: Dict[str, Dict[int, float]],
                           duration_s: float) -> dict:
     """Figures of one --cameras run from the send and answer times (perf_counter s) per camera and
@@ -740,7 +745,6 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
     drv = Node("runa_ood_bench_cams_driver", namespace=ns, context=ctx)
     lock = threading.Lock()
     answered: Dict[str, Dict[int, float]] = {c: {} for c in cams}
-    calls: Dict[str, float] = {}
 
     def on_answer(cam):
         def cb(raw):
@@ -757,7 +761,6 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
             if st.name.startswith(ns + "/"):
                 kv = {k.key: k.value for k in st.values}
                 with lock:
-                    calls[st.name] = float(kv.get("frames_per_backend_call", 1.0))
                     diag[st.name] = kv
 
     pubs = {}
@@ -811,7 +814,8 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
             diag_start = {k: dict(v) for k, v in diag.items()}
         sent: Dict[str, Dict[int, float]] = {c: {} for c in cams}
         period = 1.0 / args.rate
-        cpu0 = [_cpu_s(p.pid) for p, _ in procs] + [_cpu_s(os.getpid()), _system_busy_s()]
+        pids = [p.pid for p, _ in procs]
+        cpu0 = _cpu_snapshot(pids)
         t0 = time.perf_counter()
         next_rss = 0.0
         k = 0
@@ -829,8 +833,8 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
             if time.perf_counter() >= next_rss:
                 rss_max = [max(m, _rss_mb(p.pid)) for m, (p, _) in zip(rss_max, procs)]
                 next_rss = time.perf_counter() + 0.5
-        cpu1 = [_cpu_s(p.pid) for p, _ in procs] + [_cpu_s(os.getpid()), _system_busy_s()]  # CPU while sending
-        t_cpu = time.perf_counter() - t0
+        # CPU while sending, % of one core: the node processes together, this driver, the machine
+        cpu_nodes, cpu_driver, cpu_machine = 100.0 * (_cpu_snapshot(pids) - cpu0) / (time.perf_counter() - t0)
         # the answers of the frames still queued: until none came for twice the slowest latency so far
         # (at least 3 s, at most --timeout); frames/s = answers / (last answer - first frame sent)
         end = time.perf_counter() + args.timeout
@@ -844,17 +848,15 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
         time.sleep(1.5)  # one more /diagnostics (published every second) after the last answer
         with lock:
             got = {c: dict(v) for c, v in answered.items()}
-            fpc = list(calls.values())
             diag_end = {k: dict(v) for k, v in diag.items()}
         last = max((t for v in got.values() for t in v.values()), default=t0)
         out = summarize_cameras_run(sent, got, max(last - t0, args.duration))
         out["node_counts"] = _diag_delta(diag_start, diag_end)
+        fpc = [float(kv.get("frames_per_backend_call", 1.0)) for kv in diag_end.values()]
         out.update({"offered_fps": len(cams) * args.rate, "rss_mb_total": float(sum(rss_max)),
                     "rss_mb_per_process": rss_max,
-                    # CPU while sending (% of one core): the node processes together, this driver, the machine
-                    "cpu_pct_nodes": 100.0 * sum(b - a for a, b in zip(cpu0[:-2], cpu1[:-2])) / t_cpu if cpu1 else math.nan,
-                    "cpu_pct_driver": 100.0 * (cpu1[-2] - cpu0[-2]) / t_cpu if cpu1 else math.nan,
-                    "cpu_pct_machine": 100.0 * (cpu1[-1] - cpu0[-1]) / t_cpu if cpu1 else math.nan,
+                    "cpu_pct_nodes": float(cpu_nodes), "cpu_pct_driver": float(cpu_driver),
+                    "cpu_pct_machine": float(cpu_machine),
                     "frames_per_backend_call": float(np.mean(fpc)) if fpc and len(procs) == 1 else 1.0})
         return out
     finally:
