@@ -576,16 +576,8 @@ class RunaOodNode(LifecycleNode):
         message is counted as received first (and the publisher's sequence number checked for
         messages lost on the way), and as an ``internal_error`` input drop if the callback fails."""
         what = f"the {stream} callback{cam.tag}" if stream is not None else getattr(fn, "__name__", "callback")
-        if stream is not None:
-            def wrapped_input(msg, info):  # two arguments: rclpy passes the MessageInfo
-                with self._lock:
-                    self._note_sequence(cam, stream, info)
-                wrapped(msg)
 
         def wrapped(*args):
-            if stream is not None:
-                with self._lock:
-                    cam.received[stream] += 1
             try:
                 fn(*args)
             except Exception as exc:
@@ -598,7 +590,16 @@ class RunaOodNode(LifecycleNode):
                                         f"{traceback.format_exc(limit=4)}", throttle_duration_sec=5.0)
 
         wrapped.__name__ = getattr(fn, "__name__", "callback")
-        return wrapped if stream is None else wrapped_input
+        if stream is None:
+            return wrapped
+
+        def wrapped_input(msg, info):  # two arguments: rclpy passes the MessageInfo
+            with self._lock:  # lost on the way and received, counted in one step
+                self._note_sequence(cam, stream, info)
+                cam.received[stream] += 1
+            wrapped(msg)
+
+        return wrapped_input
 
     def _note_sequence(self, cam: _Camera, stream: str, info) -> None:  # holds the lock
         """Count messages lost between the publisher and this callback (DDS history / queue
