@@ -72,6 +72,8 @@ class Frame:
         is_id: bool ``[N]``: True = in-distribution box, False = OOD box.
         ann_ids: N annotation ids.
         source: the image's ``source`` field ("" when absent).
+        groups: N OOD groups of the boxes (an annotation's ``group`` field, e.g. ``"id"`` / ``"near"`` /
+            ``"far"`` in the proving ground; ``""`` where absent): evaluation reports metrics per group.
     """
 
     image_id: int
@@ -83,6 +85,7 @@ class Frame:
     is_id: np.ndarray
     ann_ids: List[int]
     source: str = ""
+    groups: List[str] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -374,7 +377,7 @@ def load_dataset(path: Union[str, os.PathLike], id_set: Union[str, os.PathLike, 
             is_id = bool(v)
         else:
             is_id = normalize_name(cat) in lookup
-        per_image.setdefault(a["image_id"], []).append((box, str(cat), is_id, a.get("id", i)))
+        per_image.setdefault(a["image_id"], []).append((box, str(cat), is_id, a.get("id", i), str(a.get("group") or "")))
 
     frames: List[Frame] = []
     seen_ids = set()
@@ -393,7 +396,7 @@ def load_dataset(path: Union[str, os.PathLike], id_set: Union[str, os.PathLike, 
             image_id=img["id"], path=fp, width=w, height=h,
             boxes=np.stack([r[0] for r in rows]).astype(np.float32) if rows else np.zeros((0, 4), np.float32),
             categories=[r[1] for r in rows], is_id=np.asarray([r[2] for r in rows], dtype=bool),
-            ann_ids=[r[3] for r in rows], source=str(img.get("source", ""))))
+            ann_ids=[r[3] for r in rows], source=str(img.get("source", "")), groups=[r[4] for r in rows]))
         stats["images"] += 1
         stats["boxes"] += len(rows)
         stats["id"] += sum(1 for r in rows if r[2])

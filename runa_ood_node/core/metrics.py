@@ -237,6 +237,58 @@ def summary(id_scores, ood_scores, tpr: float = 0.95) -> dict:
     return out
 
 
+#: box size bins of :func:`breakdown` (``sqrt(w * h)`` in pixels; COCO's small / medium / large areas)
+SIZE_BINS = (("<32", 0.0, 32.0), ("32-96", 32.0, 96.0), (">96", 96.0, float("inf")))
+
+
+def size_bin_names(sizes) -> np.ndarray:
+    """The :data:`SIZE_BINS` name of each box size ``sqrt(w * h)`` (``""`` for NaN)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    out = np.full(sizes.shape, "", dtype=object)
+    for name, lo, hi in SIZE_BINS:
+        out[(sizes >= lo) & (sizes < hi)] = name
+    return out
+
+
+def breakdown(uncertainty, is_id, groups=None, sizes=None, size_mask=None, tpr: float = 0.95) -> dict:
+    """Metrics per OOD group and per box size: which OOD is found, and how small it may be.
+
+    Args:
+        uncertainty: ``[B]`` scores (higher = more OOD); NaN = not scored (dropped and counted by
+            :func:`summary`).
+        is_id: bool ``[B]``; ID is the positive class, as everywhere here.
+        groups: ``[B]`` OOD group names of the boxes (``""`` unknown; ID boxes' group is ignored).
+        sizes: ``[B]`` box sizes ``sqrt(w * h)`` in pixels, for the size bins :data:`SIZE_BINS`.
+        size_mask: bool ``[B]``: the boxes the size bins are computed on (e.g. the frames of one
+            resolution, since a pixel size means something else at another); None = all.
+
+    Returns:
+        ``{"by_group": {group: summary(ID boxes, OOD boxes of that group)},
+        "by_size": {bin: {"all": summary(ID in bin, OOD in bin), group: summary(ID in bin, that
+        group's OOD in bin), ...}}}``: each a :func:`summary` dict with its counts, so every figure
+        says how many boxes it stands on. Groups named only on ID boxes (``"id"``) are not OOD groups.
+    """
+    u = np.asarray(uncertainty, dtype=np.float64)
+    is_id = np.asarray(is_id, dtype=bool)
+    g = np.asarray(groups if groups is not None else [""] * len(u), dtype=object)
+    ood_groups = sorted({str(x) for x in g[~is_id] if x})
+    out: dict = {"by_group": {}, "by_size": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricsWarning)
+        for name in ood_groups:
+            out["by_group"][name] = summary(u[is_id], u[~is_id & (g == name)], tpr)
+        if sizes is not None:
+            bins = size_bin_names(sizes)
+            keep = np.ones(len(u), bool) if size_mask is None else np.asarray(size_mask, dtype=bool)
+            for name, _, _ in SIZE_BINS:
+                inb = keep & (bins == name)
+                row = {"all": summary(u[is_id & inb], u[~is_id & inb], tpr)}
+                for gname in ood_groups:
+                    row[gname] = summary(u[is_id & inb], u[~is_id & inb & (g == gname)], tpr)
+                out["by_size"][name] = row
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # percentiles of timings (the one implementation: node diagnostics, health, bag evaluation, benches)
 

@@ -544,6 +544,9 @@ class EncodedBoxes:
         seconds: wall time per stage in seconds: ``load`` (image reading + box sanitising),
             ``views`` (view making), ``encode`` (the visual trunk passes of the encoded views).
         n_images: frames processed; ``image_errors``: list of ``(path, message)``.
+        group: B OOD group names (the annotations' ``group``, ``""`` where absent).
+        size: float ``[B]`` annotated box size ``sqrt(w * h)`` in pixels; ``frame_wh`` int ``[B, 2]``
+            the annotated size of the box's frame (``metrics.breakdown``'s size bins).
     """
 
     image_id: list
@@ -556,6 +559,9 @@ class EncodedBoxes:
     seconds: Dict[str, float]
     n_images: int
     image_errors: list
+    group: List[str] = dataclasses.field(default_factory=list)
+    size: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    frame_wh: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), np.int64))
 
     def __len__(self) -> int:
         return len(self.features)
@@ -597,9 +603,11 @@ def encode_boxes(pipeline, dataset, views=None, progress: bool = True, desc: str
     views = pipeline.resolve_views(views)
     width = pipeline.encoder.width
     B = dataset.n_boxes
-    image_id, ann_id, category = [], [], []
+    image_id, ann_id, category, group = [], [], [], []
     is_id = np.zeros(B, bool)
     frame_idx = np.zeros(B, np.int64)
+    size = np.zeros(B, np.float32)
+    frame_wh = np.zeros((B, 2), np.int64)
     secs = {"load": 0.0, "views": 0.0, "encode": 0.0}
     errors = []
     parts = []
@@ -612,8 +620,12 @@ def encode_boxes(pipeline, dataset, views=None, progress: bool = True, desc: str
         image_id.extend([fr.image_id] * n)
         ann_id.extend(fr.ann_ids)
         category.extend(fr.categories)
+        group.extend(fr.groups or [""] * n)
         is_id[sl] = fr.is_id
         frame_idx[sl] = fi
+        if n:
+            size[sl] = np.sqrt(np.clip(fr.boxes[:, 2], 0, None) * np.clip(fr.boxes[:, 3], 0, None))
+        frame_wh[sl] = (fr.width, fr.height)
         pos += n
         if n == 0:
             continue
@@ -650,7 +662,7 @@ def encode_boxes(pipeline, dataset, views=None, progress: bool = True, desc: str
     # frames without boxes are skipped above, so the joined features hold exactly the B boxes
     assert len(features) == B, (len(features), B)
     return EncodedBoxes(image_id, ann_id, category, is_id, frame_idx, features, pipeline, secs, dataset.n_images,
-                        errors)
+                        errors, group, size, frame_wh)
 
 
 @dataclasses.dataclass

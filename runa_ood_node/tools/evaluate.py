@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/evaluate", help="output folder (default %(default)s)")
     parser.add_argument("--tpr", type=float, default=0.95, help="TPR of the FPR@TPR metric (default %(default)s)")
     parser.add_argument("--save-scores", action="store_true", help="also write scores.json (one record per box)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also score the zero-shot baselines beside the methods: MCM on the crop alone "
+                             "(mcm-crop: runa, scorer mcm, ablation regional, no head) and RUNA without "
+                             "fine-tuning (runa-0shot)")
+    parser.add_argument("--size-frame", default="1280x720",
+                        help="frame size WxH whose boxes the by-size metrics use (a pixel size means something "
+                             "else at another resolution); 'all' = every frame (default %(default)s)")
     _add_bag_arguments(parser)
 
 
@@ -69,9 +76,13 @@ def _encoding_entry(enc) -> dict:
     return {"seconds": enc.seconds, "image_errors": enc.image_errors, "boxes": len(enc), "views": list(enc.views)}
 
 
+#: zero-shot baseline runs of ``--baselines``: (run name, method, scorer, ablation); no head
+BASELINES = (("mcm-crop", "runa", "mcm", "regional"), ("runa-0shot", "runa", "runa", "dual"))
+
+
 def _format_table(rows, random_weights: bool, with_method: bool = False) -> str:
-    mcol = (lambda r: f"{r['method']:<8} ") if with_method else (lambda r: "")
-    head = (f"{'method':<8} " if with_method else "") + \
+    mcol = (lambda r: f"{r['run']:<10} ") if with_method else (lambda r: "")
+    head = (f"{'method':<10} " if with_method else "") + \
         f"{'scorer':<8} {'ablation':<9} {'FPR95':>7} {'AUROC':>7} {'AUPR-In':>8} {'AUPR-Out':>8} " \
         f"{'#ID':>6} {'#OOD':>6} {'boxes/s':>9}"
     lines = [head, "-" * len(head)]
@@ -96,6 +107,56 @@ def _format_table(rows, random_weights: bool, with_method: bool = False) -> str:
         lines.insert(0, f"*** {common.RANDOM_LABEL} ***")
         lines.append(f"*** {common.RANDOM_LABEL} ***")
     return "\n".join(lines)
+
+
+def _format_breakdown(rows, random_weights: bool) -> str:
+    """AUROC / FPR95 per OOD group and per box size (``metrics.breakdown``), one line per run; empty
+    when the dataset names no group and no size bin holds boxes."""
+    groups = sorted({g for r in rows for g in r.get("breakdown", {}).get("by_group", {})})
+    bins = [b for b in rows[0].get("breakdown", {}).get("by_size", {})] if rows else []
+    if not groups and not bins:
+        return ""
+
+    def cell(m):
+        if not m or m.get("auroc") is None or m["auroc"] != m["auroc"]:
+            return f"{'n/a':>13}"
+        return f"{m['auroc']:.3f}/{m['fpr95']:.3f}".rjust(13)
+
+    cols = [f"{g} OOD" for g in groups] + [f"size {b}" for b in bins] + \
+        [f"{b} {g}" for b in bins for g in groups]
+    head = f"{'run':<30} " + " ".join(f"{c:>13}" for c in cols)
+    lines = ["AUROC/FPR95 by OOD group and by box size sqrt(w*h) px (ID boxes of the same size bin as positives)",
+             head, "-" * len(head)]
+    for r in rows:
+        bd = r.get("breakdown", {})
+        vals = [cell(bd.get("by_group", {}).get(g)) for g in groups] + \
+            [cell(bd.get("by_size", {}).get(b, {}).get("all")) for b in bins] + \
+            [cell(bd.get("by_size", {}).get(b, {}).get(g)) for b in bins for g in groups]
+        lines.append(f"{r['run'] + '/' + r['scorer'] + '/' + r['ablation']:<30} " + " ".join(vals))
+    counts = rows[0]["breakdown"]["by_size"] if bins else {}
+    if counts:
+        lines.append("boxes per size bin (ID/OOD): " + ", ".join(
+            f"{b} {c['all']['n_id']}/{c['all']['n_ood']}" for b, c in counts.items()))
+    if random_weights:
+        lines.append(f"*** {common.RANDOM_LABEL} ***")
+    return "\n".join(lines)
+
+
+def _size_mask(enc, size_frame: str):
+    """Boxes whose frame is ``size_frame`` (``WxH``), for the by-size bins; all boxes for ``all`` or when
+    no frame has that size (said in the report's ``size_frame``)."""
+    import numpy as np
+
+    if not size_frame or size_frame == "all":
+        return np.ones(len(enc), bool), "all frames"
+    try:
+        w, h = (int(v) for v in size_frame.lower().split("x"))
+    except ValueError:
+        raise common.fail([f"--size-frame {size_frame!r}: expected WxH (e.g. 1280x720) or 'all'"])
+    mask = (enc.frame_wh[:, 0] == w) & (enc.frame_wh[:, 1] == h) if len(enc) else np.zeros(0, bool)
+    if not mask.any():
+        return np.ones(len(enc), bool), f"all frames (none is {w}x{h})"
+    return mask, f"{w}x{h} frames ({int(mask.sum())} of {len(enc)} boxes)"
 
 
 def run(args) -> int:
@@ -145,6 +206,8 @@ def _run_dataset(args) -> int:
     several = len(methods) > 1
     scorers = common.expand_choice(args.scorer, common.SCORERS)
     ablations = common.expand_choice(args.ablation, common.ABLATIONS)
+    if getattr(args, "baselines", False) and args.thresholds:
+        raise common.fail(["--thresholds are fitted for one configuration: --baselines compares without them"])
     if several and args.thresholds:
         raise common.fail(["--thresholds are fitted for one method and head: compare --method all without them"])
     dataset = common.load_dataset_or_exit(args)
@@ -156,32 +219,38 @@ def _run_dataset(args) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, curves, all_records, encodings, th_report = [], {}, {}, {}, None
-    for method in methods:
+    # runs: (name, method, head, scorers, ablations); --baselines adds the zero-shot ones (no head)
+    runs = [(m, m, heads[m], scorers, [ab for ab in ablations if ab in get_method(m).ablations]) for m in methods]
+    if getattr(args, "baselines", False):
+        runs += [(name, m, "", [sc], [ab]) for name, m, sc, ab in BASELINES]
+    several = len(runs) > 1
+    size_info = None
+    for run_name, method, head, run_scorers, abls in runs:
         # the method's ablations among those asked (RUNA's views ablation; the others score both views)
-        abls = [ab for ab in ablations if ab in get_method(method).ablations]
         if not abls:
             LOG.warning("method %s has none of the ablations %s: skipped", method, ablations)
             continue
         # one pipeline per method (the tools' one path, common.scorer_from_args ->
         # factory.build_node_scorer): its encode() runs once per frame, its score_features() once per
         # scorer x ablation; --thresholds are checked and applied per run below (_check_thresholds)
-        ref = common.scorer_from_args(args, {"scorer": scorers[0], "method": method, "head": heads[method]},
+        ref = common.scorer_from_args(args, {"scorer": run_scorers[0], "method": method, "head": head},
                                       ablation=abls[0], apply_thresholds=False).scorer
         encoder = ref.encoder
-        th_report, th_wrong = _check_thresholds(args, thresholds, ref, scorers, abls)
+        th_report, th_wrong = _check_thresholds(args, thresholds, ref, run_scorers, abls)
         rw = bool(encoder.random_weights)
         LOG.info("evaluating %d images, %d boxes (%d ID / %d OOD), ID set %s, method %s, scorers %s, ablations %s",
-                 dataset.n_images, dataset.n_boxes, dataset.n_id, dataset.n_ood, dataset.label_set.name, method,
-                 scorers, abls)
+                 dataset.n_images, dataset.n_boxes, dataset.n_id, dataset.n_ood, dataset.label_set.name, run_name,
+                 run_scorers, abls)
         views = tuple(dict.fromkeys(v for ab in abls for v in ref.method.views_for(ab)))
         t0 = time.perf_counter()
         enc = common.encode_boxes(ref, dataset, views=views, progress=not args.no_progress,
-                                  desc=f"encoding boxes ({method})" if several else "encoding boxes")
+                                  desc=f"encoding boxes ({run_name})" if several else "encoding boxes")
         LOG.info("encoded %d boxes of %d images (%s views) in %.1f s", len(enc), enc.n_images, "+".join(enc.views),
                  time.perf_counter() - t0)
-        encodings[method] = enc
+        encodings[run_name] = enc
+        size_mask, size_info = _size_mask(enc, getattr(args, "size_frame", "all"))
         for ab in abls:
-            for sc in scorers:
+            for sc in run_scorers:
                 scored = common.score_boxes(enc, scorer=sc, ablation=ab)
                 ok = scored.status == BoxStatus.OK
                 id_s = scored.uncertainty[ok & enc.is_id]
@@ -193,11 +262,13 @@ def _run_dataset(args) -> int:
                 secs = enc.seconds_for(ab) + scored.seconds
                 n_ok = int(ok.sum())
                 names, counts = np.unique(scored.status, return_counts=True)
-                row = {"method": method, "head": heads[method] or None, "scorer": sc, "ablation": ab,
+                row = {"run": run_name, "method": method, "head": head or None, "scorer": sc, "ablation": ab,
                        "lam": common.effective_lam(ab, args.lam), "metrics": summ,
                        "boxes_per_s": n_ok / secs if secs > 0 else float("nan"), "seconds": secs,
                        "status_counts": {BoxStatus(int(s)).name: int(c) for s, c in zip(names, counts)},
-                       "nearest_label_accuracy_on_id": _label_accuracy(enc, scored, dataset.label_set)}
+                       "nearest_label_accuracy_on_id": _label_accuracy(enc, scored, dataset.label_set),
+                       "breakdown": metrics.breakdown(np.where(ok, scored.uncertainty, np.nan), enc.is_id, enc.group,
+                                                      enc.size, size_mask, tpr=args.tpr)}
                 gthr = None
                 wrong = th_wrong.get((sc, ab))
                 if wrong is not None and (not wrong or args.allow_threshold_mismatch):
@@ -205,9 +276,9 @@ def _run_dataset(args) -> int:
                     row["at_thresholds"]["mismatch"] = wrong
                     gthr = thresholds.global_threshold
                 rows.append(row)
-                name = f"{method}/{sc}/{ab}" if several else f"{sc}/{ab}"
+                name = f"{run_name}/{sc}/{ab}" if several else f"{sc}/{ab}"
                 curves[name] = (fpr, tpr, summ)
-                stem = f"{method}_{sc}_{ab}" if several else f"{sc}_{ab}"
+                stem = f"{run_name}_{sc}_{ab}" if several else f"{sc}_{ab}"
                 hp = plots.hist_plot(id_s, ood_s, out / f"hist_{stem}.png",
                                      title=f"{name} — {dataset.label_set.name} ID vs OOD boxes",
                                      threshold=gthr, random_weights=rw)
@@ -221,12 +292,16 @@ def _run_dataset(args) -> int:
 
     table = _format_table(rows, rw, several)
     print(table)
+    bd_table = _format_breakdown(rows, rw)
+    if bd_table:
+        print(bd_table)
     report = {
         "random_weights": rw,
         "warning": common.RANDOM_LABEL if rw else None,
         "config": common.tool_config(args, encoder),
         "dataset": dataset.describe(),
         "methods": methods,
+        "runs_compared": [r[0] for r in runs],
         "encoding": {**({m: _encoding_entry(e) for m, e in encodings.items()} if several else
                         _encoding_entry(enc)),
                      "note": "features computed once per box and method (OodScorer.encode: one trunk pass per "
@@ -237,6 +312,9 @@ def _run_dataset(args) -> int:
         "runs": rows,
         "plots": {"roc": roc.name},
         "table": table,
+        "breakdown_table": bd_table,
+        "size_frame": size_info,
+        "size_bins": {name: [lo, hi] for name, lo, hi in metrics.SIZE_BINS},
     }
     common.write_json(out / "report.json", report)
     if args.save_scores:
