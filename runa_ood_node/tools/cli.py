@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "regenerate / check config/runa_ood.yaml, its schema and the README table from the parameter table"),
     "fleet": ("fleet", "score, mine and evaluate many bags on Ray Data (Parquet, summary, top-K OOD, metrics)"),
     "fuzz": ("fuzz", "hostile input against the node over DDS, every message accounted for (--soak: RSS curve)"),
+    "proving-ground": ("proving_ground", "the synthetic proving ground: its world's COCO splits and bag (world), its CLIP (train)"),
     "foxglove-layout": ("foxglove_layout", "a Foxglove / Lichtblick layout: every camera's image with its OOD annotations, alert, health"),
 }
 

@@ -1,0 +1,202 @@
+"""`runa-ood proving-ground`: the synthetic proving ground of issue 22.
+
+Subcommands
+-----------
+``world``  writes the COCO splits (``runa_ood_node.proving_ground.world.write_split``: frame i of a
+           split from seed ``SPLIT_SEEDS[split] + i``), a contact sheet PNG of a few test frames
+           with boxes coloured by group (ID green, near-OOD orange, far-OOD red) and a bag of the
+           test split written by ``make-bag``'s writer (so ``evaluate --bag``, ``replay`` and
+           ``fleet`` run on it). The ID label set is ``calibration/proving_ground/labels.yaml``.
+``train``  trains the proving-ground CLIP (``runa_ood_node.proving_ground.clip_train``).
+
+Synthetic world: evidence that the pipeline works, not real-world quality.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import pathlib
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+#: group -> box colour (RGB) on the contact sheet
+GROUP_RGB = {"id": (40, 220, 40), "near": (255, 150, 0), "far": (255, 30, 30)}
+DEFAULT_FRAMES = "train=150,calibration=150,test=300"
+
+
+def _clip_train_module():
+    """``runa_ood_node.proving_ground.clip_train`` if it exists, else None."""
+    try:
+        return importlib.import_module("runa_ood_node.proving_ground.clip_train")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.endswith("clip_train"):
+            return None
+        raise
+
+
+def parse_frames(text: str) -> Dict[str, int]:
+    """``"train=150,calibration=150,test=300"`` -> ``{"train": 150, ...}`` (splits of ``SPLIT_SEEDS``)."""
+    from runa_ood_node.proving_ground.world import SPLIT_SEEDS
+
+    out: Dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, n = part.partition("=")
+        name = name.strip()
+        if not sep or name not in SPLIT_SEEDS:
+            raise ValueError(f"--frames: {part!r} is not <split>=<count> with a split in {sorted(SPLIT_SEEDS)}")
+        try:
+            count = int(n)
+        except ValueError:
+            raise ValueError(f"--frames: {part!r}: count {n!r} is not an integer") from None
+        if count < 0:
+            raise ValueError(f"--frames: {part!r}: count must be >= 0")
+        out[name] = count
+    if not out:
+        raise ValueError("--frames: no split given")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="pg_command", metavar="SUBCOMMAND")
+    w = sub.add_parser("world", help="write the COCO splits, a contact sheet and a bag of the test split",
+                       description="write the proving-ground COCO splits, a contact sheet PNG and a bag of the "
+                                   "test split (synthetic world)")
+    w.add_argument("--out", "-o", default="out/proving_ground", help="output folder (default out/proving_ground)")
+    w.add_argument("--frames", default=DEFAULT_FRAMES,
+                   help=f"frames per split, <split>=<n>,... (default {DEFAULT_FRAMES})")
+    w.add_argument("--bag-split", default="test", help="split written as a bag (default test; '' = no bag)")
+    w.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="bag storage (default mcap)")
+    w.add_argument("--fps", type=float, default=5.0, help="bag frame rate of the header stamps (Hz)")
+    w.add_argument("--sheet-frames", type=int, default=8, help="frames on the contact sheet (default 8)")
+    w.add_argument("--no-progress", action="store_true", help="no progress bars")
+    w.set_defaults(_pg_run=run_world)
+    t = sub.add_parser("train", help="train the proving-ground CLIP",
+                       description="train the proving-ground CLIP (runa_ood_node.proving_ground.clip_train)")
+    mod = _clip_train_module()
+    if mod is not None and hasattr(mod, "add_arguments"):
+        mod.add_arguments(t)
+    t.set_defaults(_pg_run=run_train)
+
+
+def run_train(args) -> int:
+    mod = _clip_train_module()
+    if mod is None:
+        print("proving-ground train: runa_ood_node.proving_ground.clip_train is not there yet", file=sys.stderr)
+        return 2
+    return int(mod.run(args) or 0)
+
+
+def draw_boxes(rgb: np.ndarray, boxes, classes: List[str]) -> np.ndarray:
+    """A copy of ``rgb`` with every box outlined in its group's colour and its class name."""
+    import cv2
+
+    from runa_ood_node.proving_ground.world import CLASS_BY_NAME
+
+    img = np.ascontiguousarray(rgb).copy()
+    th = max(1, int(round(img.shape[1] / 640)))
+    for (x, y, w, h), c in zip(np.asarray(boxes, float).reshape(-1, 4), classes):
+        col = GROUP_RGB[CLASS_BY_NAME[c].group]
+        cv2.rectangle(img, (int(x), int(y)), (int(round(x + w)) - 1, int(round(y + h)) - 1), col, th)
+        cv2.putText(img, c, (int(x), max(int(y) - 4, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * th, col, th, cv2.LINE_AA)
+    return img
+
+
+def contact_sheet_png(annotations: pathlib.Path, out_png: pathlib.Path, n: int) -> pathlib.Path:
+    """Contact sheet of the first ``n`` frames of a written split, boxes coloured by group."""
+    import cv2
+
+    from .demo import contact_sheet
+
+    data = json.loads(pathlib.Path(annotations).read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    per: Dict[int, list] = {}
+    for a in data["annotations"]:
+        per.setdefault(a["image_id"], []).append(a)
+    images, captions = [], []
+    for img in data["images"][:max(n, 0)]:
+        bgr = cv2.imread(str(pathlib.Path(annotations).parent / img["file_name"]), cv2.IMREAD_COLOR)
+        if bgr is None:
+            LOG.warning("cannot read %s; left off the contact sheet", img["file_name"])
+            continue
+        anns = per.get(img["id"], [])
+        images.append(draw_boxes(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), [a["bbox"] for a in anns],
+                                 [names[a["category_id"]] for a in anns]))
+        groups = [a["group"] for a in anns]
+        captions.append(f"{pathlib.Path(img['file_name']).name} {img['width']}x{img['height']}: "
+                        f"{groups.count('id')} ID {groups.count('near')} near {groups.count('far')} far")
+    title = ["PROVING GROUND (synthetic world): ground-truth boxes",
+             "green: ID (the label set)   orange: near-OOD   red: far-OOD"]
+    sheet = contact_sheet(images, captions, title, cols=4) if images else np.zeros((32, 32, 3), np.uint8)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_png), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return out_png
+
+
+def split_summary(annotations: pathlib.Path) -> dict:
+    data = json.loads(pathlib.Path(annotations).read_text())
+    groups = [a["group"] for a in data["annotations"]]
+    sizes = [(i["width"], i["height"]) for i in data["images"]]
+    return {"annotations": str(annotations), "frames": len(data["images"]), "boxes": len(groups),
+            "id": groups.count("id"), "near": groups.count("near"), "far": groups.count("far"),
+            "frame_sizes": {f"{w}x{h}": sizes.count((w, h)) for w, h in sorted(set(sizes))}}
+
+
+def run_world(args) -> int:
+    from runa_ood_node.proving_ground import world
+
+    from . import bagio, make_bag
+
+    try:
+        frames = parse_frames(args.frames)
+    except ValueError as exc:
+        print(f"proving-ground world: {exc}", file=sys.stderr)
+        return 2
+    if args.bag_split and args.bag_split not in frames:
+        print(f"proving-ground world: --bag-split {args.bag_split!r} is not among --frames ({sorted(frames)})",
+              file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out)
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    summary: dict = {"out": str(out), "label_set": str(world.LABELS_PATH),
+                     "note": "synthetic world: evidence that the pipeline works, not real-world quality",
+                     "splits": {}}
+    paths = {}
+    try:
+        for split, n in frames.items():
+            t = time.perf_counter()
+            paths[split] = world.write_split(out, split, n, progress=progress)
+            summary["splits"][split] = dict(split_summary(paths[split]), base_seed=world.SPLIT_SEEDS[split],
+                                            seconds=round(time.perf_counter() - t, 2))
+        sheet_split = "test" if "test" in paths else next(iter(paths))
+        summary["contact_sheet"] = str(contact_sheet_png(paths[sheet_split], out / "contact_sheet.png",
+                                                         args.sheet_frames))
+        if args.bag_split:
+            bag_frames = make_bag.pack_frames(paths[args.bag_split], id_set=str(world.LABELS_PATH),
+                                              require_boxes=False)
+            summary["bag"] = make_bag.write_bag(bag_frames, out / f"{args.bag_split}_bag", fps=args.fps,
+                                                storage=args.storage, overwrite=True, progress=progress)
+    except (bagio.BagError, ValueError, OSError) as exc:
+        print(f"proving-ground world failed: {exc}", file=sys.stderr)
+        return 1
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    fn = getattr(args, "_pg_run", None)
+    if fn is None:
+        print("runa-ood proving-ground: choose a subcommand: world (the world's splits and bag) or train "
+              "(the proving-ground CLIP); see --help", file=sys.stderr)
+        return 2
+    return fn(args)
