@@ -61,6 +61,9 @@ OUTPUT_TOPICS: Dict[str, str] = {
     "/ood/image_annotations": "foxglove_msgs/msg/ImageAnnotations",
     "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
 }
+#: outputs the node publishes once per scored frame (to a listener): the drain waits for each of them
+PER_FRAME_TOPICS = ("/ood/detections", "/ood/ood_only", "/ood/annotated_image", "/ood/markers",
+                    "/ood/image_annotations")
 NODE_EXECUTABLE = "runa_ood_node"
 from ..core.metrics import LATENCY_PERCENTILES  # noqa: E402
 
@@ -321,20 +324,27 @@ def run_live(bag, params: Dict[str, Any], out_dir, out_bag=None, rate: float = 1
             player.play(rate=rate, progress=progress)
             player.wait_acked(10.0)
             n_frames = player.published[image_topic]
-            # 3) drain: until every frame has its output, or nothing new arrives for drain_timeout_s
+            # 3) drain: until every frame has its output on every per-frame topic (ood_only and the
+            # drawings follow ood/detections), or nothing new arrives for drain_timeout_s
+            from .common import NODE_DEFAULTS
+
+            drawn = bool(params.get("publish_annotated", NODE_DEFAULTS["publish_annotated"]))
+            per_frame = PER_FRAME_TOPICS if drawn else PER_FRAME_TOPICS[:2]
             last_n, last_change = -1, time.monotonic()
             while True:
                 with lock:
-                    n = len(got["/ood/detections"])
+                    counts = {t: len(got[t]) for t in per_frame}
+                n = min(counts.values())
                 if n >= n_frames:
                     break
-                if n != last_n:
-                    last_n, last_change = n, time.monotonic()
+                if sum(counts.values()) != last_n:
+                    last_n, last_change = sum(counts.values()), time.monotonic()
                 elif time.monotonic() - last_change > drain_timeout_s or not proc.alive():
-                    LOG.warning("received %d of %d frames' ood/detections; giving up waiting", n, n_frames)
+                    LOG.warning("received %s of %d frames' outputs; giving up waiting",
+                                ", ".join(f"{t} {c}" for t, c in counts.items()), n_frames)
                     break
                 time.sleep(0.05)
-            time.sleep(0.5)  # trailing alerts / annotated images / diagnostics
+            time.sleep(0.5)  # trailing alerts / health / diagnostics
             if not proc.alive():
                 LOG.error("node exited early (%s); log %s:\n%s", proc.proc.returncode, log_path, proc.log_tail())
         result["node_returncode"] = proc.proc.returncode
