@@ -227,10 +227,11 @@ def _draw_background(rng: np.random.Generator, width: int, height: int):
                            rng, 20), np.float32)
     bottom = np.array(_jitter((200, 210, 220), rng, 25), np.float32)
     t = np.linspace(0.0, 1.0, hy, dtype=np.float32)[:, None]
-    img[:hy] = (top * (1 - t) + bottom * t).astype(np.uint8)[:, None, :]
+    col = np.ascontiguousarray((top * (1 - t) + bottom * t).astype(np.uint8)[:, None, :])
+    img[:hy] = cv2.resize(col, (W, hy), interpolation=cv2.INTER_NEAREST)
     # ground: grass colour, the road drawn over it
     grass = _jitter((88, 118, 58), rng, 18)  # muted, darker than the class green
-    img[hy:] = grass
+    cv2.rectangle(img, (0, hy), (W - 1, H - 1), grass, -1)
     vx = W * rng.uniform(0.35, 0.65)
     slope = rng.uniform(1.3, 2.6)  # road half-width per pixel below the horizon
     bottom_y = H - 1
@@ -408,6 +409,7 @@ class _Obj:
     angle: float
     mask: np.ndarray  # (h, w) uint8
     base_y: float
+    extent: Tuple[int, int, int, int] = (0, 0, 0, 0)  # the mask's (x, y, w, h) inside the patch
 
 
 def _place(rng, cls, W, H, hy, vx, slope, size_range) -> _Obj:
@@ -429,16 +431,19 @@ def _place(rng, cls, W, H, hy, vx, slope, size_range) -> _Obj:
     x0 = int(round(cx - w / 2))
     y0 = int(round(base_y - h))
     angle = rng.uniform(-0.2, 0.2) if cls.shape not in ("disc", "ring") else 0.0
-    return _Obj(cls, x0, y0, w, h, angle, _shape_mask(cls.shape, w, h, angle), base_y)
+    import cv2
+
+    mask = _shape_mask(cls.shape, w, h, angle)
+    return _Obj(cls, x0, y0, w, h, angle, mask, base_y, tuple(int(v) for v in cv2.boundingRect(mask)))
 
 
 def _clip(o: _Obj, W, H):
     """Frame-clipped (x0, y0, x1, y1) of the object's mask extent, and the mask slice."""
-    ys, xs = np.nonzero(o.mask)
-    if len(xs) == 0:
+    ex, ey, ew, eh = o.extent
+    if ew <= 0 or eh <= 0:
         return None
-    gx0, gx1 = o.x0 + xs.min(), o.x0 + xs.max() + 1
-    gy0, gy1 = o.y0 + ys.min(), o.y0 + ys.max() + 1
+    gx0, gx1 = o.x0 + ex, o.x0 + ex + ew
+    gy0, gy1 = o.y0 + ey, o.y0 + ey + eh
     cx0, cy0, cx1, cy1 = max(gx0, 0), max(gy0, 0), min(gx1, W), min(gy1, H)
     if cx1 <= cx0 or cy1 <= cy0:
         return None
@@ -448,18 +453,25 @@ def _clip(o: _Obj, W, H):
 def _occlusion(objs: List[_Obj], W, H):
     """Fraction of every object's in-frame mask area hidden by objects drawn after it."""
     idmap = np.full((H, W), -1, np.int16)
-    areas = []
+    parts = []
     for i, o in enumerate(objs):
         x0, y0 = max(o.x0, 0), max(o.y0, 0)
         x1, y1 = min(o.x0 + o.w, W), min(o.y0 + o.h, H)
         if x1 <= x0 or y1 <= y0:
-            areas.append(0)
+            parts.append(None)
             continue
         m = o.mask[y0 - o.y0:y1 - o.y0, x0 - o.x0:x1 - o.x0] > 0
-        areas.append(int(m.sum()))
+        parts.append((x0, y0, x1, y1, m))
         idmap[y0:y1, x0:x1][m] = i
-    vis = np.bincount(idmap[idmap >= 0].ravel(), minlength=len(objs))
-    return np.array([1.0 - v / a if a else 1.0 for v, a in zip(vis, areas)], np.float32)
+    occ = np.ones(len(objs), np.float32)
+    for i, part in enumerate(parts):
+        if part is None:
+            continue
+        x0, y0, x1, y1, m = part
+        area = np.count_nonzero(m)
+        if area:
+            occ[i] = 1.0 - np.count_nonzero(idmap[y0:y1, x0:x1][m] == i) / area
+    return occ
 
 
 def _draw_object(img: np.ndarray, o: _Obj, rng: np.random.Generator) -> None:
@@ -530,13 +542,8 @@ def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.8:
         b = _banks()
         level = rng.uniform(0.3, 1.4)
-        pos = _crop(b["sensor_pos"], rng, H, W)
-        neg = _crop(b["sensor_neg"], rng, H, W)
-        if abs(level - 1.0) > 0.05:
-            pos = cv2.convertScaleAbs(pos, alpha=level)
-            neg = cv2.convertScaleAbs(neg, alpha=level)
-        cv2.add(img, pos, dst=img)
-        cv2.subtract(img, neg, dst=img)
+        cv2.addWeighted(img, 1.0, _crop(b["sensor_pos"], rng, H, W), level, 0.0, dst=img)
+        cv2.addWeighted(img, 1.0, _crop(b["sensor_neg"], rng, H, W), -level, 0.0, dst=img)
     return img
 
 
