@@ -274,7 +274,7 @@ def _draw_background(rng: np.random.Generator, width: int, height: int):
     items = []
     for _ in range(int(rng.integers(2, 9))):
         kind = rng.choice(["building", "pole", "tree", "bush"], p=[0.25, 0.3, 0.25, 0.2])
-        depth = rng.uniform(0.02, 1.0) ** 2  # (y - hy) / (H - hy): most far away
+        depth = rng.uniform(0.02, 0.85) ** 2  # (y - hy) / (H - hy): most far away, none at the camera
         side = rng.choice([-1, 1])
         items.append((depth, kind, side, rng.uniform(1.2, 3.0)))
     for depth, kind, side, lateral in sorted(items):
