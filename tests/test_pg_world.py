@@ -144,6 +144,18 @@ def test_textures_scale_with_the_object():
     assert (world._texture("solid", 30, 20, np.random.default_rng(0), 0.0) == 1).all()
 
 
+def test_render_object_draws_the_class():
+    tiles = {c.name: world.render_object(c.name, 64) for c in CLASSES}
+    assert all(t.shape == (80, 80, 3) and t.dtype == np.uint8 for t in tiles.values())
+    # the object's base colour dominates its centre; the classes differ pairwise
+    car = tiles["car"][30:50, 30:50].reshape(-1, 3).mean(0)
+    assert car[0] > 150 and car[1] < 80 and car[2] < 80
+    names = list(tiles)
+    assert all(not np.array_equal(tiles[a], tiles[b]) for i, a in enumerate(names) for b in names[i + 1:])
+    with pytest.raises(ValueError, match="unknown class"):
+        world.render_object("unicorn")
+
+
 def test_classes_restrict_and_errors():
     s = render_scene(5, 640, 360, classes=["car", "moose", "tire"], n_objects=6, size_range=(12, 120))
     assert s.image.shape == (360, 640, 3) and set(s.classes) <= {"car", "moose", "tire"} and len(s.classes) >= 1
@@ -205,6 +217,7 @@ def test_tool_world_end_to_end(tmp_path):
     assert summary["splits"]["test"]["frames"] == 4 and summary["splits"]["train"]["frames"] == 2
     assert summary["label_set"].endswith("calibration/proving_ground/labels.yaml")
     assert (out / "contact_sheet.png").stat().st_size > 1000
+    assert (out / "class_atlas.png").stat().st_size > 1000
     test_data = json.loads((out / "test" / "annotations.json").read_text())
     ann_groups = {str(a["id"]): a["group"] for a in test_data["annotations"]}
     frames = [f for f in bagio.iter_frames(out / "test_bag", decode=False)]

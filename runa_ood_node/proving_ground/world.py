@@ -607,6 +607,29 @@ def render_scene(seed: int, width: int = 1280, height: int = 720, *, classes: Op
                  occlusion=np.asarray(occ, np.float32).reshape(-1))
 
 
+def render_object(name: str, size: int = 128, *, seed: int = 0,
+                  background: Tuple[int, int, int] = (128, 128, 128)) -> np.ndarray:
+    """One object of class ``name`` (longest side ``size`` px, drawn as in scenes, no lighting or
+    noise) centred on a ``size + 16`` px square of ``background``: an RGB uint8 tile (the class atlas)."""
+    import cv2
+
+    if name not in CLASS_BY_NAME:
+        raise ValueError(f"unknown class {name!r}; expected one of {sorted(CLASS_BY_NAME)}")
+    cls = CLASS_BY_NAME[name]
+    rng = np.random.default_rng(int(seed))
+    a0, a1 = _ASPECT[cls.shape]
+    aspect = (a0 + a1) / 2
+    w, h = (size, int(round(size / aspect))) if aspect >= 1 else (int(round(size * aspect)), size)
+    side = size + 16
+    tile = np.empty((side, side, 3), np.uint8)
+    tile[:] = background
+    mask = _shape_mask(cls.shape, w, h, 0.0)
+    o = _Obj(cls, (side - w) // 2, (side - h) // 2, w, h, 0.0, mask, float((side + h) // 2),
+             tuple(int(v) for v in cv2.boundingRect(mask)))
+    _draw_object(tile, o, rng)
+    return tile
+
+
 # --------------------------------------------------------------------------- splits
 LABELS_PATH = pathlib.Path(__file__).resolve().parents[2] / "calibration" / "proving_ground" / "labels.yaml"
 

@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--bag-split", default="test", help="split written as a bag (default test; '' = no bag)")
     w.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="bag storage (default mcap)")
     w.add_argument("--fps", type=float, default=5.0, help="bag frame rate of the header stamps (Hz)")
+    w.add_argument("--compressed", action="store_true",
+                   help="bag images as JPEG CompressedImage (~10x smaller; default raw rgb8 Image, "
+                        "about 2.5 MB per 1280x720 frame)")
     w.add_argument("--sheet-frames", type=int, default=8, help="frames on the contact sheet (default 8)")
     w.add_argument("--no-progress", action="store_true", help="no progress bars")
     w.set_defaults(_pg_run=run_world)
@@ -139,6 +142,24 @@ def contact_sheet_png(annotations: pathlib.Path, out_png: pathlib.Path, n: int) 
     return out_png
 
 
+def class_atlas_png(out_png: pathlib.Path, size: int = 112) -> pathlib.Path:
+    """Every class drawn once (``world.render_object``), captioned with its name, attributes and group."""
+    import cv2
+
+    from runa_ood_node.proving_ground import world
+
+    from .demo import contact_sheet
+
+    images = [world.render_object(c.name, size) for c in world.CLASSES]
+    captions = [f"{c.name} [{c.group}] {c.shape}/{c.texture}/{c.colour}" for c in world.CLASSES]
+    title = ["PROVING GROUND (synthetic world): the classes, one per tile",
+             "rows: ID (the label set), near-OOD (two attributes of an ID class), far-OOD (at most one)"]
+    sheet = contact_sheet(images, captions, title, tile_w=270, cols=6)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_png), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return out_png
+
+
 def split_summary(annotations: pathlib.Path) -> dict:
     data = json.loads(pathlib.Path(annotations).read_text())
     groups = [a["group"] for a in data["annotations"]]
@@ -178,11 +199,13 @@ def run_world(args) -> int:
         sheet_split = "test" if "test" in paths else next(iter(paths))
         summary["contact_sheet"] = str(contact_sheet_png(paths[sheet_split], out / "contact_sheet.png",
                                                          args.sheet_frames))
+        summary["class_atlas"] = str(class_atlas_png(out / "class_atlas.png"))
         if args.bag_split:
             bag_frames = make_bag.pack_frames(paths[args.bag_split], id_set=str(world.LABELS_PATH),
                                               require_boxes=False)
             summary["bag"] = make_bag.write_bag(bag_frames, out / f"{args.bag_split}_bag", fps=args.fps,
-                                                storage=args.storage, overwrite=True, progress=progress)
+                                                storage=args.storage, compressed=args.compressed, overwrite=True,
+                                                progress=progress)
     except (bagio.BagError, ValueError, OSError) as exc:
         print(f"proving-ground world failed: {exc}", file=sys.stderr)
         return 1
