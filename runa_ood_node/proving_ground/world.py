@@ -181,17 +181,19 @@ _BANKS: Dict[str, np.ndarray] = {}
 def _banks() -> Dict[str, np.ndarray]:
     import cv2
 
-    if not _BANKS:
+    if len(_BANKS) < 4:  # built once, into a local dict first (threads never see half a bank set)
+        banks: Dict[str, np.ndarray] = {}
         r = np.random.default_rng(1234567)
         n = r.normal(0.0, 1.0, (_BANK_H, _BANK_W, 3)).astype(np.float32)
-        _BANKS["sensor_pos"] = np.clip(n * 8, 0, 255).astype(np.uint8)
-        _BANKS["sensor_neg"] = np.clip(-n * 8, 0, 255).astype(np.uint8)
+        banks["sensor_pos"] = np.clip(n * 8, 0, 255).astype(np.uint8)
+        banks["sensor_neg"] = np.clip(-n * 8, 0, 255).astype(np.uint8)
         g = r.normal(0.0, 1.0, (_BANK_H, _BANK_W)).astype(np.float32) * 10
         g += cv2.resize(r.normal(0.0, 1.0, (_BANK_H // 32, _BANK_W // 32)).astype(np.float32),
                         (_BANK_W, _BANK_H), interpolation=cv2.INTER_CUBIC) * 10
         g = cv2.merge([g, g, g])
-        _BANKS["grain_pos"] = np.clip(g, 0, 255).astype(np.uint8)
-        _BANKS["grain_neg"] = np.clip(-g, 0, 255).astype(np.uint8)
+        banks["grain_pos"] = np.clip(g, 0, 255).astype(np.uint8)
+        banks["grain_neg"] = np.clip(-g, 0, 255).astype(np.uint8)
+        _BANKS.update(banks)
     return _BANKS
 
 
@@ -375,6 +377,16 @@ def _texture(texture: str, w: int, h: int, rng: np.random.Generator, angle: floa
     if texture == "solid":
         return np.ones((h, w), np.float32)
     s = max(w, h)
+    if texture == "speckle":
+        # blobs of a random low-resolution field (n cells across the longest side); one cell of
+        # margin each side, cropped off, so the blobs do not smear into streaks at the edges
+        n = int(rng.integers(7, 11))
+        cell = s / n
+        low = rng.random((n + 3, n + 3)).astype(np.float32)
+        side = int(np.ceil(cell * (n + 3)))
+        up = cv2.resize(low, (side, side), interpolation=cv2.INTER_LINEAR)
+        oy, ox = int(cell) + (s - h) // 2, int(cell) + (s - w) // 2
+        return (up[oy:oy + h, ox:ox + w] > 0.35).astype(np.float32)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     u = (x - w / 2.0) / s
     v = (y - h / 2.0) / s
@@ -391,11 +403,6 @@ def _texture(texture: str, w: int, h: int, rng: np.random.Generator, angle: floa
         return ((np.floor(u * k) + np.floor(v * k)) % 2).astype(np.float32)
     if texture == "waves":
         return (np.sin(2 * np.pi * k * (v + 0.1 * np.sin(2 * np.pi * 2.0 * u))) > 0).astype(np.float32)
-    if texture == "speckle":
-        n = int(rng.integers(7, 11))
-        low = rng.random((n, n)).astype(np.float32)
-        up = cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR)
-        return (up > 0.35).astype(np.float32)
     raise ValueError(f"unknown texture {texture!r}")
 
 
