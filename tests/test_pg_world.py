@@ -90,6 +90,7 @@ def test_scene_boxes_sizes_and_occlusion(scenes):
         assert (longest >= 12).all() and (longest <= 300).all()
         assert ((s.occlusion >= 0) & (s.occlusion <= world.MAX_OCCLUSION)).all()
         assert set(s.classes) <= set(CLASS_BY_NAME)
+        assert set(s.dropped) == {"outside", "occluded", "small"} and min(s.dropped.values()) >= 0
         all_sizes += list(longest)
         bottoms += list((y + h - H * 0.4) / H)
         occ += list(s.occlusion)
@@ -195,6 +196,8 @@ def test_write_split_loads_with_the_label_set(tmp_path):
     sc = render_scene(SPLIT_SEEDS["calibration"] + 3, *world.frame_size(3))
     anns3 = [a for a in data["annotations"] if a["image_id"] == data["images"][3]["id"]]
     assert [cats[a["category_id"]]["name"] for a in anns3] == sc.classes
+    info = data["info"]
+    assert info["objects_placed"] == len(data["annotations"]) + sum(info["objects_dropped"].values())
     ds = load_dataset(ann, id_set=str(world.LABELS_PATH))
     assert len(ds.frames) == 5
     n = 0

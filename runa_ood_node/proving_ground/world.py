@@ -167,6 +167,10 @@ class Scene:
     boxes: np.ndarray          # float32 [N, 4] xywh (full extent clipped to the frame)
     classes: List[str]         # N class names
     occlusion: np.ndarray      # float32 [N] fraction hidden by objects in front
+    #: candidate objects placed but not drawn, by reason: "outside" (no part in the frame),
+    #: "occluded" (hidden more than MAX_OCCLUSION), "small" (clipped box under size_range[0]);
+    #: placed = len(classes) + sum(dropped.values())
+    dropped: Dict[str, int] = dataclasses.field(default_factory=lambda: {"outside": 0, "occluded": 0, "small": 0})
 
     @property
     def groups(self) -> List[str]:
@@ -589,6 +593,7 @@ def render_scene(seed: int, width: int = 1280, height: int = 720, *, classes: Op
     n = int(rng.integers(3, 11)) if n_objects is None else int(n_objects)
 
     kept: List[_Obj] = []
+    dropped = {"outside": 0, "occluded": 0, "small": 0}
     for _round in range(4):
         need = n - len(kept)
         if need <= 0:
@@ -600,9 +605,12 @@ def render_scene(seed: int, width: int = 1280, height: int = 720, *, classes: Op
         kept = []
         for o, oc in zip(cand, occ):
             box = _clip(o, W, H)
-            if box is None or oc > MAX_OCCLUSION or max(box[2] - box[0], box[3] - box[1]) < lo:
-                continue
-            kept.append(o)
+            reason = ("outside" if box is None else "occluded" if oc > MAX_OCCLUSION
+                      else "small" if max(box[2] - box[0], box[3] - box[1]) < lo else None)
+            if reason:
+                dropped[reason] += 1
+            else:
+                kept.append(o)
     occ = _occlusion(kept, W, H) if kept else np.zeros(0, np.float32)
     boxes = []
     for o in kept:
@@ -611,7 +619,7 @@ def render_scene(seed: int, width: int = 1280, height: int = 720, *, classes: Op
         boxes.append((x0, y0, x1 - x0, y1 - y0))
     img = _finish(img, rng)
     return Scene(image=img, boxes=np.asarray(boxes, np.float32).reshape(-1, 4), classes=[o.cls.name for o in kept],
-                 occlusion=np.asarray(occ, np.float32).reshape(-1))
+                 occlusion=np.asarray(occ, np.float32).reshape(-1), dropped=dropped)
 
 
 def render_object(name: str, size: int = 128, *, seed: int = 0,
@@ -654,6 +662,7 @@ def write_split(out_dir, split: str, n_frames: int, *, progress: bool = True, jp
     (root / "images").mkdir(parents=True, exist_ok=True)
     cat_id = {c.name: i + 1 for i, c in enumerate(CLASSES)}
     images, anns = [], []
+    dropped = {"outside": 0, "occluded": 0, "small": 0}
     for i in tqdm(range(n_frames), desc=f"proving-ground {split}", unit="frame", disable=not progress):
         seed, (w, h) = split_frame(split, i)
         sc = render_scene(seed, w, h)
@@ -663,6 +672,8 @@ def write_split(out_dir, split: str, n_frames: int, *, progress: bool = True, jp
         if not ok:
             raise OSError(f"JPEG encoding failed for frame {i}")
         (root / name).write_bytes(buf.tobytes())
+        for k, v in sc.dropped.items():
+            dropped[k] += v
         images.append({"id": i + 1, "file_name": name, "width": w, "height": h, "seed": seed})
         for b, c, oc in zip(sc.boxes, sc.classes, sc.occlusion):
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat_id[c],
@@ -672,7 +683,9 @@ def write_split(out_dir, split: str, n_frames: int, *, progress: bool = True, jp
              "texture": c.texture, "colour": c.colour, "group": c.group} for c in CLASSES]
     data = {"info": {"description": f"runa_ood_node proving ground, split {split!r} (synthetic)",
                      "split": split, "base_seed": SPLIT_SEEDS[split], "frames": n_frames,
-                     "label_set": str(LABELS_PATH)},
+                     "label_set": str(LABELS_PATH),
+                     # objects placed = annotations + dropped (never drawn), by reason
+                     "objects_placed": len(anns) + sum(dropped.values()), "objects_dropped": dropped},
             "images": images, "annotations": anns, "categories": cats}
     path = root / "annotations.json"
     path.write_text(json.dumps(data), encoding="utf-8")

@@ -166,7 +166,8 @@ def split_summary(annotations: pathlib.Path) -> dict:
     sizes = [(i["width"], i["height"]) for i in data["images"]]
     return {"annotations": str(annotations), "frames": len(data["images"]), "boxes": len(groups),
             "id": groups.count("id"), "near": groups.count("near"), "far": groups.count("far"),
-            "frame_sizes": {f"{w}x{h}": sizes.count((w, h)) for w, h in sorted(set(sizes))}}
+            "frame_sizes": {f"{w}x{h}": sizes.count((w, h)) for w, h in sorted(set(sizes))},
+            "objects_placed": data["info"].get("objects_placed"), "objects_dropped": data["info"].get("objects_dropped")}
 
 
 def run_world(args) -> int:
