@@ -90,14 +90,6 @@ def build_scorer(config: Mapping[str, Any], encoder: Optional[DualEncoder] = Non
         encoder = DualEncoder.load(cfg["model"], pretrained=opt("pretrained"), device=device,
                                    allow_random=bool(cfg.get("allow_random", False)),
                                    precision=opt("precision", "fp32"), allow_download=cfg.get("allow_download"))
-        backend_kind = opt("backend", "torch")
-        if backend_kind != "torch":
-            from .backends.base import make_backend  # optional runtimes
-
-            options = {"device": device, "precision": opt("precision", "fp32"),
-                       **dict(cfg.get("backend_options") or {})}
-            backend = make_backend(backend_kind, encoder, **options)
-            encoder.set_backend(backend, getattr(backend, "name", backend_kind))
     else:
         model = opt("model")
         if model is not None and str(model).replace("/", "-") != str(encoder.model_name).replace("/", "-"):
@@ -124,11 +116,37 @@ def build_scorer(config: Mapping[str, Any], encoder: Optional[DualEncoder] = Non
     if view_maker is None:
         view_maker = _view_maker(encoder, opt("views", "gpu" if device.startswith("cuda") else "cpu"), device,
                                  blur_radius)
-    return OodScorer(encoder, labels, scorer=opt("scorer", "runa"), method=method, head=head,
-                     lam=float(opt("lam", 0.5)), blur_radius=blur_radius, ablation=opt("ablation", "dual"),
-                     thresholds=thresholds, max_boxes=opt("max_boxes"),
-                     min_box_size=float(opt("min_box_size", 2.0)), temperature=float(opt("temperature", 1.0)),
-                     max_batch=opt("max_batch"), view_maker=view_maker)
+    scorer = OodScorer(encoder, labels, scorer=opt("scorer", "runa"), method=method, head=head,
+                       lam=float(opt("lam", 0.5)), blur_radius=blur_radius, ablation=opt("ablation", "dual"),
+                       thresholds=thresholds, max_boxes=opt("max_boxes"),
+                       min_box_size=float(opt("min_box_size", 2.0)), temperature=float(opt("temperature", 1.0)),
+                       max_batch=opt("max_batch"), view_maker=view_maker)
+    backend = None
+    if loaded_here and opt("backend", "torch") != "torch":
+        # built once the scorer exists: the backend serves the method's output set, and backend: auto
+        # measures its CPU variants on this method's own views (samples.method_sample), bounded and logged
+        from .backends.base import make_backend  # optional runtimes
+        from .backends.samples import method_sample
+
+        options = {"device": device, "precision": opt("precision", "fp32"), "outputs": tuple(scorer.method.outputs),
+                   "auto_sample": lambda: method_sample(scorer), **dict(cfg.get("backend_options") or {})}
+        backend = make_backend(opt("backend"), encoder, **options)
+        encoder.set_backend(backend, getattr(backend, "name", opt("backend")))
+    scorer.backend_choice = backend_choice(backend if backend is not None else getattr(encoder, "_backend", None))
+    return scorer
+
+
+def backend_choice(backend) -> dict:
+    """``{"backend", "variant", "reason", "detail"}`` of a scorer's visual backend (None = the encoder's
+    torch trunk): which variant runs and why (``explicit``, ``measured``, ``recorded``, ``fallback``; see
+    ``backends.base.VisualBackend.variant``). :func:`build_scorer` stores it as ``scorer.backend_choice``
+    for the node's log and /diagnostics."""
+    if backend is None:
+        return {"backend": "torch", "variant": "torch", "reason": "explicit", "detail": "backend: torch"}
+    return {"backend": str(getattr(backend, "name", type(backend).__name__)),
+            "variant": str(getattr(backend, "variant", "") or getattr(backend, "name", "")),
+            "reason": str(getattr(backend, "variant_reason", "explicit")),
+            "detail": str(getattr(backend, "variant_detail", ""))}
 
 
 def build_node_scorer(settings, encoder: Optional[DualEncoder] = None, view_maker=None,
@@ -176,4 +194,4 @@ def _view_maker(encoder: DualEncoder, views: str, device: str, blur_radius: floa
         return None
 
 
-__all__ = ["build_scorer", "build_node_scorer", "CONFIG_KEYS"]
+__all__ = ["build_scorer", "build_node_scorer", "backend_choice", "CONFIG_KEYS"]

@@ -72,6 +72,13 @@ class VisualBackend(abc.ABC):
     width: int = 0
 
     num_tokens: int = 0
+    #: which variant this is (``plain``, ``fused``, ``int8``, ``fused-int8``, ``int8-static``, ``torch``, ...)
+    #: and why it runs: ``explicit`` (the configuration named it), ``measured`` / ``recorded`` (``backend:
+    #: auto`` chose it by measuring now / from an earlier measurement on this CPU) or ``fallback``;
+    #: ``variant_detail`` says more (timings, what was skipped). Logged, and in :meth:`describe`.
+    variant: str = ""
+    variant_reason: str = "explicit"
+    variant_detail: str = ""
 
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
         return self.outputs(views, ("cls",))["cls"]
@@ -127,7 +134,8 @@ class VisualBackend(abc.ABC):
     def describe(self) -> dict:
         """Plain dict for logs / diagnostics / benchmark JSON."""
         return {"name": self.name, "device": str(self.device), "precision": self.precision,
-                "max_batch": self.max_batch}
+                "max_batch": self.max_batch, "variant": self.variant or self.name,
+                "variant_reason": self.variant_reason, "variant_detail": self.variant_detail}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={self.device!r}, precision={self.precision!r})"
@@ -228,15 +236,20 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
                  int8: Union[bool, str] = False, logger: Optional[logging.Logger] = None,
                  max_batch: Optional[int] = None, fused: bool = False,
                  calibration_views: Optional[torch.Tensor] = None,
-                 ort_execution_mode: str = "sequential", outputs: Sequence[str] = ("cls",)) -> VisualBackend:
+                 ort_execution_mode: str = "sequential", outputs: Sequence[str] = ("cls",),
+                 auto_sample=None, auto_budget_s: Optional[float] = None) -> VisualBackend:
     """Build a visual backend for ``encoder`` (a ``DualEncoder`` or its ``visual_trunk``).
 
     Args:
-        kind: ``"auto"`` (TensorRT with a cached engine -> ONNX Runtime with a cached export ->
-            PyTorch, each fallback logged with its reason; on a CPU without ``int8`` / ``fused``
-            options, ONNX Runtime opens the variant ``runa-ood build-engine --auto-choice`` measured
-            fastest among those holding embedding cosine >= 0.999, when recorded), ``"tensorrt"``, ``"onnxruntime"`` or
-            ``"torch"`` (no fallback: raise if unavailable).
+        kind: ``"auto"`` (TensorRT with a cached engine -> ONNX Runtime -> PyTorch, each fallback
+            logged with its reason; on a CPU in fp32 without ``int8`` / ``fused`` / ``onnx_path``,
+            ONNX Runtime opens the variant measured fastest on this CPU among those holding
+            embedding cosine >= 0.999 to torch: the recorded measurement of this model and output
+            set (``runa-ood build-engine --auto-choice`` or an earlier start), else one made now on
+            ``auto_sample`` (exporting the variants first, within ``auto_budget_s``, when none is
+            cached) and recorded; :func:`ort_backend.ensure_auto_choice`), ``"tensorrt"``,
+            ``"onnxruntime"`` or ``"torch"`` (no fallback: raise if unavailable). The backend's
+            ``variant`` / ``variant_reason`` / ``variant_detail`` say which variant runs and why.
         device: ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
         precision: ``"fp32"`` or ``"fp16"`` (torch: autocast, needs CUDA; ONNX Runtime: the fp16
             ONNX; TensorRT: an fp16 engine).
@@ -260,6 +273,11 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
             ONNX Runtime opens that set's graph and TensorRT loads that set's engine (``auto`` needs
             them cached, as for ``("cls",)``). Every backend still serves every set: ONNX Runtime
             opens another set's graph on first use; torch computes any set directly.
+        auto_sample: ``auto`` on a CPU, when it must measure: a callable returning the real views to
+            measure on (a ``samples.Sample`` of the method's own calls, or a views tensor); default:
+            RUNA's views of the sample photographs (``samples.calibration_views``).
+        auto_budget_s: ``auto`` on a CPU with no variant cached: seconds it may spend exporting them
+            (default ``ort_backend.AUTO_EXPORT_BUDGET_S``; 0: export nothing, measure what is cached).
 
     Raises:
         BackendUnavailableError: an explicit kind cannot run here (message says why and what to do).
@@ -285,12 +303,16 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
         "onnxruntime": lambda: _make_ort(info, onnx_path=onnx_path, threads=ort_threads, int8=int8,
                                          allow_export=not auto, logger=log, fused=fused,
                                          calibration_views=calibration_views,
-                                         execution_mode=ort_execution_mode, outputs=outputs, **common),
+                                         execution_mode=ort_execution_mode, outputs=outputs,
+                                         auto_sample=lambda: _auto_sample(encoder, auto_sample, outputs),
+                                         auto_budget_s=auto_budget_s,
+                                         auto_projection=getattr(encoder, "proj_global", None), **common),
         # int8 is an ONNX Runtime option: auto's last resort runs the torch trunk in fp32 instead
         "torch": lambda: _make_torch(info, int8=bool(int8) and not auto, **common),
     }
     if not auto:
         backend = builders[kind]()
+        backend.variant = backend.variant or _variant_name(kind, fused, int8)
         log.info("visual backend: %s (%s)", backend.name, backend.describe())
         return backend
 
@@ -307,8 +329,16 @@ def make_backend(kind: str, encoder: Any, *, device: str = "cpu", precision: str
             log.warning("backend auto: %s failed (%s: %s), falling back", k, type(exc).__name__, exc)
             continue
         backend.fallback_reasons = reasons  # type: ignore[attr-defined]
-        log.info("backend auto: using %s%s", backend.name,
-                 "" if not reasons else " (skipped: " + "; ".join(f"{k}: {r}" for k, r in reasons) + ")")
+        if not backend.variant:
+            backend.variant = _variant_name(k, fused, int8)
+            if reasons:
+                backend.variant_reason = "fallback"
+                backend.variant_detail = "; ".join(f"{k2}: {r}" for k2, r in reasons)
+            else:
+                backend.variant_reason = "explicit"
+        log.info("backend auto: using %s (variant %s, %s%s)%s", backend.name, backend.variant, backend.variant_reason,
+                 f": {backend.variant_detail}" if backend.variant_detail and backend.variant_reason != "fallback"
+                 else "", "" if not reasons else " (skipped: " + "; ".join(f"{k}: {r}" for k, r in reasons) + ")")
         return backend
     raise BackendUnavailableError("no visual backend could be built: "
                                   + "; ".join(f"{k}: {r}" for k, r in reasons))
@@ -322,43 +352,62 @@ def _make_torch(info: ModelInfo, *, device, precision, cache_dir, max_batch, int
     return TorchBackend(info, device=device, precision=precision, max_batch=max_batch)
 
 
+def _variant_name(kind: str, fused: bool, int8) -> str:
+    """The variant label of an explicitly configured backend (``plain``, ``fused-int8``, ``torch``, ...)."""
+    if kind != "onnxruntime":
+        return kind
+    mode = "int8-static" if int8 == "static" else ("int8" if int8 else "")
+    return "-".join(p for p in ("fused" if fused else "", mode) if p) or "plain"
+
+
+def _auto_sample(encoder: Any, given, outputs: Sequence[str]):
+    """What ``auto`` measures on: ``given()`` / ``given`` when set, else RUNA's views of the sample
+    photographs (``samples.calibration_views``; needs a ``DualEncoder``, not a bare trunk)."""
+    if given is not None:
+        return given() if callable(given) else given
+    from .samples import Sample, calibration_views
+
+    views, where = calibration_views(encoder, max_images=4)
+    return Sample.of_views(views, outputs, source=where)
+
+
 def _make_ort(info: ModelInfo, *, device, precision, cache_dir, max_batch, onnx_path, threads, int8,
               allow_export, logger, fused=False, calibration_views=None,
-              execution_mode="sequential", outputs=("cls",)) -> VisualBackend:
+              execution_mode="sequential", outputs=("cls",), auto_sample=None, auto_budget_s=None,
+              auto_projection=None) -> VisualBackend:
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailableError(f"onnxruntime is not installed ({exc})") from exc
-    from .ort_backend import OrtBackend, auto_choice
+    from .ort_backend import AUTO_EXPORT_BUDGET_S, OrtBackend, ensure_auto_choice
 
+    log = logger or LOG
+    opts = dict(device=device, precision=precision, cache_dir=cache_dir, threads=threads, max_batch=max_batch,
+                logger=logger, execution_mode=execution_mode, outputs=outputs)
     if (not allow_export and not int8 and not fused and onnx_path is None and device == "cpu"
             and precision == "fp32"):
-        # backend: auto on a CPU without options: the variant `runa-ood build-engine --auto-choice`
-        # measured fastest among those holding fidelity, when that record and its graph still hold
-        choice = auto_choice(info, cache_dir, outputs)
-        if choice is not None and choice["name"] != "plain":
-            from .engine_cache import file_sha256
-
+        # backend: auto on a CPU without options: the fastest variant that holds fidelity, measured on
+        # this CPU (recorded earlier, or now: ort_backend.ensure_auto_choice)
+        budget = AUTO_EXPORT_BUDGET_S if auto_budget_s is None else float(auto_budget_s)
+        choice, reason, detail = ensure_auto_choice(info, auto_sample, cache_dir=cache_dir, outputs=outputs,
+                                                    threads=threads, budget_s=budget, logger=log,
+                                                    projection=auto_projection)
+        if choice is not None:
             try:
-                be = OrtBackend.from_model(info, device=device, precision=precision, cache_dir=cache_dir,
-                                           threads=threads, max_batch=max_batch, allow_export=False, logger=logger,
-                                           execution_mode=execution_mode, outputs=outputs, **choice["options"])
-                if file_sha256(be.onnx_path, memo=True) == choice["sha256"]:
-                    (logger or LOG).info("backend auto: %s, measured fastest on this CPU at %.1f ms with embedding "
-                                         "cos %.5f to torch fp32", be.name, choice["ms_median"], choice["cos_min"])
-                    return be
-                (logger or LOG).warning("backend auto: the recorded choice %s was measured on another graph; "
-                                        "using the plain graph (run `runa-ood build-engine --auto-choice` again)",
-                                        choice["name"])
+                be = OrtBackend.from_model(info, allow_export=False, **opts, **choice["options"])
+                be.variant, be.variant_reason, be.variant_detail = choice["name"], reason, detail
+                log.info("backend auto: variant %s (%s), %s: %.1f ms per sample round on this CPU, embedding cos "
+                         "%.5f to torch fp32", choice["name"], be.name, reason, choice["ms_median"], choice["cos_min"])
+                return be
             except BackendUnavailableError as exc:
-                (logger or LOG).warning("backend auto: recorded choice %s unavailable (%s); using the plain graph",
-                                        choice["name"], exc)
+                detail = f"the chosen variant {choice['name']} cannot be opened ({exc})"
+        log.warning("backend auto: no measured CPU variant (%s); trying the plain ONNX graph", detail)
+        be = OrtBackend.from_model(info, allow_export=False, **opts)
+        be.variant, be.variant_reason, be.variant_detail = "plain", "fallback", detail
+        return be
 
-    return OrtBackend.from_model(info, device=device, precision=precision, onnx_path=onnx_path,
-                                 cache_dir=cache_dir, threads=threads, int8=int8, max_batch=max_batch,
-                                 allow_export=allow_export, logger=logger, fused=fused,
-                                 calibration_views=calibration_views, execution_mode=execution_mode,
-                                 outputs=outputs)
+    return OrtBackend.from_model(info, onnx_path=onnx_path, int8=int8, allow_export=allow_export, fused=fused,
+                                 calibration_views=calibration_views, **opts)
 
 
 def _make_tensorrt(info: ModelInfo, *, device, precision, cache_dir, max_batch, engine_path, int8,

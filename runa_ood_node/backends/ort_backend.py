@@ -27,7 +27,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -490,11 +490,45 @@ def embedding_fidelity(reference, candidate, views: torch.Tensor,
 
 
 # ---------------------------------------------------------------------- backend: auto on a CPU
-#: the CPU variants ``backend: auto`` chooses between (each only when already in the cache)
+#: the CPU variants ``backend: auto`` chooses between, fastest first as usually measured (each only when
+#: in the cache; :func:`export_variants` makes them in this order when none is)
 AUTO_VARIANTS: Dict[str, Dict[str, object]] = {"fused-int8": {"fused": True, "int8": "dynamic"},
-                                               "int8": {"int8": "dynamic"}, "fused": {"fused": True}, "plain": {}}
+                                               "int8": {"int8": "dynamic"}, "int8-static": {"int8": "static"},
+                                               "fused": {"fused": True}, "plain": {}}
 #: the embedding cosine to torch fp32 (min over real views) a variant must hold to be chosen
 AUTO_FIDELITY_MIN = 0.999
+#: and the attention averages' max |delta| to torch fp32 (outputs attn_cls / xattn; the int8 bound of
+#: tests/test_backbone_backends.py: ViT-B-32 int8 stays near 1e-4)
+AUTO_ATTN_MAX = 5e-3
+#: seconds ``backend: auto`` may spend exporting CPU variants when none is cached (steps are not
+#: started past it; a ViT-B-32 on 2 cores: plain ~40 s, int8 ~10 s, static ~30 s, fused ~60 s)
+AUTO_EXPORT_BUDGET_S = 240.0
+#: timed rounds of every variant when auto measures at start-up (each round: every sample call once)
+AUTO_REPEATS = 3
+#: calls of the sample auto times (one per photograph, as the node's one call per frame)
+AUTO_TIMED_CALLS = 4
+
+
+def cpu_identity() -> Dict[str, object]:
+    """What makes a CPU measurement valid elsewhere: model name, logical CPUs, the SIMD flags the
+    int8 / fp32 kernels dispatch on, ONNX Runtime's version. A record made on another CPU is re-measured."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and val.strip():
+                name = val.strip()
+            elif key.strip() == "flags":
+                flags = set(val.split())
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    simd = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "vnni", "sse4_2"))
+    return {"model": name, "logical_cpus": os.cpu_count(), "simd": simd, "onnxruntime": onnxruntime.__version__}
 
 
 def auto_record_path(model_id: str, cache_dir=None, outputs: Sequence[str] = ("cls",)) -> pathlib.Path:
@@ -504,30 +538,71 @@ def auto_record_path(model_id: str, cache_dir=None, outputs: Sequence[str] = ("c
     return default_cache_dir(cache_dir) / "onnx" / f"{model_id}-auto-cpu{outputs_file_tag(outputs)}.json"
 
 
-def choose_auto_variant(model, views: torch.Tensor, *, projection: Optional[torch.Tensor] = None, cache_dir=None,
-                        outputs: Sequence[str] = ("cls",), threads: Optional[int] = None, repeats: int = 5,
-                        fidelity_min: float = AUTO_FIDELITY_MIN) -> Dict[str, object]:
-    """Time every CPU variant already in the cache on ``views``, check its fidelity to torch fp32,
-    and record the fastest one that holds ``fidelity_min`` for ``backend: auto`` (never exports).
+def output_fidelity(ref: Dict[str, torch.Tensor], cand: Dict[str, torch.Tensor],
+                    projection: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """``cos_min``: min cosine of the embeddings (``cls`` and every ``tokens`` row, projected by
+    ``projection`` when given) of ``cand`` to ``ref``; ``attn_max_abs``: max |delta| of the attention
+    averages (``attn_cls``, ``xattn``; None when the set has none)."""
+    cos = []
+    for n in ("cls", "tokens"):
+        if n in ref:
+            a, b = ref[n].reshape(-1, ref[n].shape[-1]), cand[n].reshape(-1, cand[n].shape[-1])
+            if projection is not None:
+                P = projection.to("cpu", torch.float64)
+                a, b = a.to("cpu", torch.float64) @ P, b.to("cpu", torch.float64) @ P
+            cos.append(float(cosine_rows(a, b).min()))
+    attn = [float((ref[n].double() - cand[n].double()).abs().max()) for n in ("attn_cls", "xattn")
+            if n in ref and ref[n].numel()]
+    return {"cos_min": min(cos) if cos else 1.0, "attn_max_abs": max(attn) if attn else None}
 
-    Each variant runs the same output set on the same views in this one process, alternating
-    (``repeats`` rounds, median ms per call); the fidelity is the min embedding cosine (``projection``
-    given; else the feature cosine) to the torch trunk on ``views``. The record (JSON next to the
-    graphs, :func:`auto_record_path`) names each graph with its sha256, so a re-exported graph
-    invalidates the choice. Returns the record.
+
+def _as_sample(views, outputs, pairs=None):
+    from .samples import Sample
+
+    if isinstance(views, Sample):
+        return views
+    if pairs is None:
+        return Sample.of_views(views, outputs)
+    return Sample(views=views, pairs=pairs, calls=[(views, pairs)], source="views")
+
+
+def choose_auto_variant(model, views, *, projection: Optional[torch.Tensor] = None, cache_dir=None,
+                        outputs: Sequence[str] = ("cls",), threads: Optional[int] = None, repeats: int = 5,
+                        fidelity_min: float = AUTO_FIDELITY_MIN, attn_max: float = AUTO_ATTN_MAX,
+                        timed_calls: Optional[int] = None) -> Dict[str, object]:
+    """Time every CPU variant already in the cache on real views, check its fidelity to torch fp32,
+    and record the fastest one that holds it for ``backend: auto`` (never exports). The one
+    implementation behind ``runa-ood build-engine --auto-choice`` and ``backend: auto``'s measurement
+    at start-up (:func:`ensure_auto_choice`).
+
+    ``views``: a ``[B,3,S,S]`` tensor (one call; with ``xattn`` each view against its neighbour) or a
+    :class:`samples.Sample` (a method's own calls: fidelity on all its views and pairs, timing on
+    its first ``timed_calls`` calls, one after the other as the node makes them). Each variant serves
+    the output set, alternating with the others (``repeats`` rounds, median ms per round); fidelity:
+    :func:`output_fidelity` to the torch trunk (embedding cosine >= ``fidelity_min``, attention
+    max |delta| <= ``attn_max``). The torch trunk's own time is recorded as ``torch_ms_median`` (a
+    reference, not a candidate). The record (JSON next to the graphs, :func:`auto_record_path`) names
+    each graph with its sha256 (a re-exported graph invalidates the choice) and this CPU
+    (:func:`cpu_identity`: a record made on another CPU is measured again). Returns the record.
     """
     from .engine_cache import file_sha256
     from .torch_backend import TorchBackend
 
     info = model if isinstance(model, ModelInfo) else describe_model(model)
     names = output_set(outputs)
-    B = int(views.shape[0])
-    pairs = torch.tensor([[i, (i + 1) % B] for i in range(B)]) if "xattn" in names else None
+    sample = _as_sample(views, names)
+    timed = sample.calls if timed_calls is None else sample.calls[:max(1, int(timed_calls))]
+    pairs = sample.pairs if "xattn" in names else None
+    call_pairs = [(v, p if "xattn" in names else None) for v, p in timed]
     ref = TorchBackend(info)
+    t0 = time.perf_counter()
+    ref_out = ref.outputs(sample.views, names, pairs)
     record: Dict[str, object] = {"model_id": info.model_id, "outputs": list(names), "fidelity_min": fidelity_min,
-                                 "views": B, "repeats": int(repeats), "threads": threads, "variants": {},
-                                 "chosen": None}
-    opened = {}
+                                 "attn_max": attn_max, "views": int(sample.views.shape[0]),
+                                 "timed_calls": len(call_pairs), "timed_views": sum(int(v.shape[0]) for v, _ in timed),
+                                 "sample": sample.source, "repeats": int(repeats), "threads": threads,
+                                 "cpu": cpu_identity(), "variants": {}, "chosen": None}
+    opened: Dict[str, object] = {"torch": ref}
     for name, kw in AUTO_VARIANTS.items():
         try:
             be = OrtBackend.from_model(info, cache_dir=cache_dir, threads=threads, allow_export=False, outputs=names,
@@ -535,44 +610,170 @@ def choose_auto_variant(model, views: torch.Tensor, *, projection: Optional[torc
         except BackendUnavailableError as exc:
             record["variants"][name] = {"error": str(exc)}
             continue
-        fid = embedding_fidelity(ref, be, views, projection)
-        cos = float(fid.get("embedding_cos_min", fid["feature_cos_min"]))
+        fid = output_fidelity(ref_out, be.outputs(sample.views, names, pairs), projection)
         record["variants"][name] = {"onnx": str(be.onnx_path), "sha256": file_sha256(be.onnx_path, memo=True),
-                                    "cos_min": cos, "ms": []}
-        be.outputs(views, names, pairs)  # warm-up
+                                    "cos_min": fid["cos_min"], "attn_max_abs": fid["attn_max_abs"], "ms": []}
         opened[name] = be
-    for _ in range(max(1, int(repeats))):  # interleaved rounds: every variant sees the same machine load
-        for name, be in opened.items():
-            t0 = time.perf_counter()
-            be.outputs(views, names, pairs)
-            record["variants"][name]["ms"].append(round((time.perf_counter() - t0) * 1e3, 2))
+    ms: Dict[str, List[float]] = {n: [] for n in opened}
+    for r in range(max(1, int(repeats))):  # interleaved rounds: every variant sees the same machine load
+        order = list(opened)
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            be = opened[name]
+            t1 = time.perf_counter()
+            for v, p in call_pairs:
+                be.outputs(v, names, p)
+            ms[name].append((time.perf_counter() - t1) * 1e3)
+    record["torch_ms_median"] = float(np.median(ms.pop("torch")))
     ok = []
-    for name in opened:
+    for name in ms:
         v = record["variants"][name]
-        v["ms_median"] = float(np.median(v.pop("ms")))
-        v["holds_fidelity"] = v["cos_min"] >= fidelity_min
+        v.pop("ms")
+        v["ms_median"] = float(np.median(ms[name]))
+        v["holds_fidelity"] = bool(v["cos_min"] >= fidelity_min and (v["attn_max_abs"] or 0.0) <= attn_max)
         if v["holds_fidelity"]:
             ok.append((v["ms_median"], name))
     record["chosen"] = min(ok)[1] if ok else None
+    record["measured_s"] = round(time.perf_counter() - t0, 2)
     path = auto_record_path(info.model_id, cache_dir, names)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
     os.replace(tmp, path)
-    LOG.info("backend auto on CPU will use %s (%s)", record["chosen"],
-             ", ".join(f"{n}: {v.get('ms_median', '-')} ms, cos {v.get('cos_min', '-')}"
-                       for n, v in record["variants"].items()))
+    LOG.info("backend auto on CPU (%s, outputs %s) will use %s; measured in %.1f s on %s: %s; torch %.1f ms",
+             info.model_name, ",".join(names), record["chosen"], record["measured_s"], sample.source,
+             ", ".join(f"{n}: {v['ms_median']:.1f} ms, cos {v['cos_min']:.5f}" + ("" if v["holds_fidelity"] else
+                                                                                   " (below fidelity)")
+                       for n, v in record["variants"].items() if "ms_median" in v), record["torch_ms_median"])
     return record
+
+
+def auto_choice_status(info: ModelInfo, cache_dir=None, outputs: Sequence[str] = ("cls",)
+                       ) -> Tuple[Optional[Dict[str, object]], str]:
+    """``(choice, why)``: the recorded choice of :func:`choose_auto_variant` for this model and output
+    set (``{"name", "options", "sha256", "ms_median", "cos_min", ...}``) when it holds here, else
+    ``(None, why not)``: no record, unreadable, made on another CPU, no variant held the fidelity."""
+    path = auto_record_path(info.model_id, cache_dir, outputs)
+    if not path.is_file():
+        return None, "no recorded measurement"
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable record {path.name} ({exc})"
+    cpu = rec.get("cpu")
+    if cpu is not None and cpu != cpu_identity():
+        return None, f"recorded on another CPU ({cpu.get('model')}, {cpu.get('logical_cpus')} CPUs)"
+    chosen = rec.get("chosen")
+    if chosen not in AUTO_VARIANTS or not rec.get("variants", {}).get(chosen, {}).get("holds_fidelity"):
+        return None, "no recorded variant held the fidelity"
+    from .engine_cache import file_sha256
+
+    graph = pathlib.Path(str(rec["variants"][chosen].get("onnx", "")))
+    if not graph.is_file() or file_sha256(graph, memo=True) != rec["variants"][chosen].get("sha256"):
+        return None, f"the recorded {chosen} graph changed or is gone since it was measured"
+    return {"name": chosen, "options": AUTO_VARIANTS[chosen], "record": str(path), **rec["variants"][chosen]}, \
+        "recorded"
 
 
 def auto_choice(info: ModelInfo, cache_dir=None, outputs: Sequence[str] = ("cls",)) -> Optional[Dict[str, object]]:
     """The recorded choice of :func:`choose_auto_variant` for this model and output set, or None
-    (no record, unreadable, or no variant held the fidelity)."""
+    (see :func:`auto_choice_status`)."""
+    return auto_choice_status(info, cache_dir, outputs)[0]
+
+
+def cached_variants(info: ModelInfo, cache_dir=None, outputs: Sequence[str] = ("cls",)) -> List[str]:
+    """The :data:`AUTO_VARIANTS` whose graph is in the cache for this model and output set (never exports)."""
+    from .onnx_export import find_cached_fused, find_cached_onnx
+
+    names = output_set(outputs)
+    plain = find_cached_onnx(info, cache_dir=cache_dir, outputs=names)
+    fused = find_cached_fused(info, cache_dir=cache_dir, outputs=names)
+    have = {"plain": plain is not None, "fused": fused is not None,
+            "int8": plain is not None and int8_cached(plain), "fused-int8": fused is not None and int8_cached(fused),
+            "int8-static": plain is not None and int8_static_cached(plain)}
+    return [n for n in AUTO_VARIANTS if have[n]]
+
+
+def export_variants(info: ModelInfo, sample, *, cache_dir=None, outputs: Sequence[str] = ("cls",),
+                    budget_s: float = AUTO_EXPORT_BUDGET_S, logger: Optional[logging.Logger] = None
+                    ) -> Dict[str, object]:
+    """Export the CPU variants of this output set into the cache, in the order plain, int8 (dynamic),
+    int8-static (calibrated on ``sample``'s views: the method's own), fused, fused-int8, starting no
+    step once ``budget_s`` seconds have passed (a step under way finishes). Returns
+    ``{"made": {variant: seconds}, "skipped": [variant, ...], "seconds": total}``, logged."""
+    from .onnx_export import export_fused_onnx, export_onnx
+
+    log = logger or LOG
+    names = output_set(outputs)
+    t0 = time.perf_counter()
+    made: Dict[str, float] = {}
+    skipped: List[str] = []
+    paths: Dict[str, pathlib.Path] = {}
+    steps = [("plain", lambda: export_onnx(info, cache_dir=cache_dir, outputs=names)),
+             ("int8", lambda: quantize_int8(paths["plain"])),
+             ("int8-static", lambda: quantize_int8_static(paths["plain"], sample.views)),
+             ("fused", lambda: export_fused_onnx(info, cache_dir=cache_dir, outputs=names)),
+             ("fused-int8", lambda: quantize_int8(paths["fused"]))]
+    for name, step in steps:
+        base = "fused" if name.startswith("fused") else "plain"
+        if time.perf_counter() - t0 >= budget_s or (name != base and base not in paths):
+            skipped.append(name)
+            continue
+        t1 = time.perf_counter()
+        try:
+            paths[name] = step()
+        except Exception as exc:  # one variant failing to export must not stop the others
+            log.warning("backend auto: exporting the %s variant failed (%s: %s)", name, type(exc).__name__, exc)
+            skipped.append(name)
+            continue
+        made[name] = round(time.perf_counter() - t1, 1)
+    total = round(time.perf_counter() - t0, 1)
+    log.warning("backend auto: no CPU variant of %s (outputs %s) was cached: exported %s in %.1f s (budget %.0f s)%s",
+                info.model_name, ",".join(names), ", ".join(f"{n} {s} s" for n, s in made.items()) or "nothing",
+                total, budget_s, f"; not made: {', '.join(skipped)}" if skipped else "")
+    return {"made": made, "skipped": skipped, "seconds": total}
+
+
+def ensure_auto_choice(model, sample_fn: Callable[[], object], *, projection: Optional[torch.Tensor] = None,
+                       cache_dir=None, outputs: Sequence[str] = ("cls",), threads: Optional[int] = None,
+                       budget_s: float = AUTO_EXPORT_BUDGET_S, logger: Optional[logging.Logger] = None
+                       ) -> Tuple[Optional[Dict[str, object]], str, str]:
+    """``backend: auto`` on a CPU: the variant to open, and why. Returns ``(choice or None, reason, detail)``:
+
+    * ``"recorded"``: a measurement of this model, output set and CPU is on record
+      (:func:`auto_choice_status`; made by ``runa-ood build-engine --auto-choice`` or an earlier start);
+    * ``"measured"``: no valid record, so the variants in the cache are measured now on ``sample_fn()``
+      (a :class:`samples.Sample` of the method's own calls, or a views tensor) by
+      :func:`choose_auto_variant`, which records the choice; when none is cached, they are exported
+      first within ``budget_s`` (:func:`export_variants`);
+    * ``"fallback"`` (choice None): nothing could be measured or nothing held the fidelity; ``detail`` says why.
+    """
+    log = logger or LOG
+    info = model if isinstance(model, ModelInfo) else describe_model(model)
+    names = output_set(outputs)
+    choice, why = auto_choice_status(info, cache_dir, names)
+    if choice is not None:
+        return choice, "recorded", f"measured earlier ({choice['record']})"
+    t0 = time.perf_counter()
     try:
-        rec = json.loads(auto_record_path(info.model_id, cache_dir, outputs).read_text())
-    except (OSError, ValueError):
-        return None
-    chosen = rec.get("chosen")
-    if chosen not in AUTO_VARIANTS or not rec.get("variants", {}).get(chosen, {}).get("holds_fidelity"):
-        return None
-    return {"name": chosen, "options": AUTO_VARIANTS[chosen], **rec["variants"][chosen]}
+        sample = _as_sample(sample_fn(), names)
+        cached = cached_variants(info, cache_dir, names)
+        exported = None
+        if not cached and budget_s > 0:
+            exported = export_variants(info, sample, cache_dir=cache_dir, outputs=names, budget_s=budget_s,
+                                       logger=log)
+        rec = choose_auto_variant(info, sample, projection=projection, cache_dir=cache_dir, outputs=names,
+                                  threads=threads, repeats=AUTO_REPEATS, timed_calls=AUTO_TIMED_CALLS)
+    except Exception as exc:
+        return None, "fallback", f"{why}; measuring failed ({type(exc).__name__}: {exc})"
+    seconds = time.perf_counter() - t0
+    if rec["chosen"] is None:
+        return None, "fallback", f"{why}; measured in {seconds:.1f} s but no cached variant held the fidelity"
+    choice = auto_choice(info, cache_dir, names)
+    if choice is None:  # pragma: no cover - the record was just written
+        return None, "fallback", "the record just written could not be read back"
+    v = rec["variants"]
+    detail = (f"{why}: measured {len([n for n in v if 'ms_median' in v[n]])} cached variants in {seconds:.1f} s"
+              + (f" after exporting {', '.join(exported['made'])} in {exported['seconds']} s" if exported else "")
+              + f" on {rec['sample']}: " + ", ".join(f"{n} {v[n]['ms_median']:.1f} ms" for n in v if "ms_median" in v[n])
+              + f" (torch {rec['torch_ms_median']:.1f} ms)")
+    return choice, "measured", detail

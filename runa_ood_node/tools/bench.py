@@ -31,11 +31,15 @@ frame p50) as a share of its peak, and the ceiling: the fastest frame if every F
 peak, with its speed-ups over both baselines next to the goals (:func:`roofline_section`).
 
 Methods (``--method all`` or a list, :func:`bench_methods`): every OOD method of ``core.methods`` scores the
-same frames through :meth:`OodScorer.score` on the same backend (torch), interleaved, with RUNA as the
-reference: per box count the p50 / p95, the trunk passes (views) per frame, the speed-up over RUNA and
-over the two naive baselines, and the goals at 10 boxes (TagOOD <= 1/8 of RUNA's frame time, UNI-OOD
-<= 1.5x). Methods that need a trained head get an untrained one (``fit`` with 0 epochs): the same
-cost as a trained head, meaningless scores.
+same frames through :meth:`OodScorer.score` on every CPU backend (torch, ONNX Runtime plain, int8, fused,
+fused int8, static int8 calibrated on the method's own views, and ``auto`` as the node would pick it),
+all (method, backend) rows interleaved in one run, at every box count: p50 / p95, the frame time over
+RUNA's best backend, each backend's fidelity to torch (embedding cosine, attention max |delta|), the
+roofline share (trunk FLOPs per frame from the model config, :func:`trunk_flops_per_call`, over the
+frame p50, as a share of the measured GEMM peak of its class), each method's best backend, auto over
+that best, and the goals (TagOOD <= 1/10 of RUNA's best at 10 boxes and <= 1/30 at 50, UNI-OOD <=
+1.5x, auto within 10 %). Methods that need a trained head get an untrained one (``fit`` with 0
+epochs): the same cost as a trained head, meaningless scores.
 
 Variants run interleaved (round robin over variants inside every round, ``--rounds`` rounds of
 ``--repeats`` frames each) so the machine's slow bursts hit every variant alike; p50/p95 are over
@@ -63,6 +67,9 @@ DEFAULT_BENCH_MODEL = "ViT-B-32"
 BASELINES = ["naive", "naive-b2"]
 CPU_VARIANTS = BASELINES + ["torch", "onnxruntime", "onnxruntime-int8", "onnxruntime-fused", "onnxruntime-fused-int8",
                             "onnxruntime-int8-static"]
+#: the backends every method is timed on with ``--method`` (CPU; ``auto`` = what ``backend: auto`` picks)
+METHOD_BACKENDS = ["torch", "onnxruntime", "onnxruntime-int8", "onnxruntime-fused", "onnxruntime-fused-int8",
+                   "onnxruntime-int8-static", "auto"]
 GPU_VARIANTS = ["torch-cuda", "torch-cuda-fp16", "onnxruntime-cuda", "tensorrt"]
 FIDELITY_GOAL = 0.999
 
@@ -96,8 +103,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="cache root for ONNX exports (default $RUNA_OOD_CACHE_DIR)")
     parser.add_argument("--json", dest="json_path", default=None, help="write all figures to this JSON file")
     parser.add_argument("--method", default="runa",
-                        help="OOD methods to time side by side on the torch backend: 'all' or a comma list of "
-                             f"{', '.join(METHODS)} (default %(default)s: RUNA's variants only)")
+                        help="OOD methods to time side by side, each on every CPU backend (--method-backends), in "
+                             f"one interleaved run: 'all' or a comma list of {', '.join(METHODS)} (default "
+                             "%(default)s: RUNA's variants only)")
+    parser.add_argument("--method-backends", default="all",
+                        help="with --method: comma list among " + ",".join(METHOD_BACKENDS) + " or 'all' "
+                             "(default %(default)s; 'auto' = what backend: auto picks, measured in this run)")
+    parser.add_argument("--auto-recorded", action="store_true",
+                        help="with --method: let the auto row use a choice recorded earlier on this CPU instead of "
+                             "measuring again (default: its record is removed first, so auto measures now)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -232,36 +246,11 @@ def open_clip_preprocess(encoder):
 
 
 def calibration_views(encoder, max_images: int = 16, annotations=None):
-    """Real views (regional + global of every annotated box) for static int8 calibration: the data
-    pack's photographs when present, else the demo's scikit-image sample photographs.
-    Returns ``(views [B,3,S,S], description)``."""
-    import torch
+    """``backends.samples.calibration_views`` (the one implementation; imported when called, so that
+    building the CLI's parser does not import torch)."""
+    from ..backends.samples import calibration_views as views
 
-    from ..core.boxes import sanitize_boxes
-    from ..core.views import ViewMaker
-    from . import make_bag
-
-    ann = annotations or make_bag.DEFAULT_ANNOTATIONS
-    if make_bag.pack_available(ann):
-        frames = make_bag.pack_frames(ann, "voc", max_images=max_images)
-        where = f"{len(frames)} data-pack photographs"
-    else:
-        frames = make_bag.skimage_frames("voc")[:max_images]
-        where = f"{len(frames)} scikit-image sample photographs"
-    vm = ViewMaker(encoder.input_size, encoder.mean, encoder.std, 1.0)
-    regs, globs = [], []
-    for f in frames:
-        img = f.load()
-        xyxy, st = sanitize_boxes(np.asarray(f.boxes, np.float32).reshape(-1, 4), img.shape[1], img.shape[0], fmt="xywh")
-        if not np.any(st == 0):
-            continue
-        r, g = vm.make(img, xyxy[st == 0][:4])
-        regs.append(r)
-        globs.append(g)
-    if not regs:
-        raise ValueError("no calibration boxes found")
-    views = torch.cat(regs + globs, 0)
-    return views, f"{views.shape[0]} views from {where}"
+    return views(encoder, max_images, annotations)
 
 
 def available_variants(requested: str, cuda: bool) -> List[str]:
@@ -288,14 +277,16 @@ VARIANT_SPECS = {  # kind, device, precision, int8, fused
 }
 
 
-def build_backend(variant: str, encoder, args, calib=None, threads=None, execution_mode: str = "sequential"):
-    """The VisualBackend of a batched variant (None for plain torch CPU = the encoder's own trunk)."""
+def build_backend(variant: str, encoder, args, calib=None, threads=None, execution_mode: str = "sequential",
+                  outputs: Sequence[str] = ("cls",)):
+    """The VisualBackend of a batched variant serving ``outputs`` first (``calib``: the static int8
+    calibration views, or a callable giving them)."""
     from ..backends.base import make_backend
 
     kind, device, precision, int8, fused = VARIANT_SPECS[variant]
-    extra = {}
+    extra = {"outputs": tuple(outputs)}
     if kind == "onnxruntime":
-        extra = {"fused": fused, "ort_execution_mode": execution_mode}
+        extra.update({"fused": fused, "ort_execution_mode": execution_mode})
         if int8 == "static":
             extra["calibration_views"] = calib() if callable(calib) else calib
     return make_backend(kind, encoder, device=device, precision=precision, int8=int8, cache_dir=args.cache_dir,
@@ -622,6 +613,8 @@ def run(args) -> int:
         LOG.info("roofline: peaks measured in %.1f s", time.perf_counter() - t0)
     for name, sec in sections.items():
         sec["roofline"] = roofline_section(sec, work[name], peaks, box_counts) if peaks and work[name] else None
+        if sec.get("methods"):
+            sec["methods"]["roofline"] = methods_roofline(sec["methods"], peaks) if peaks else None
     ref_n = 10 if 10 in box_counts else box_counts[len(box_counts) // 2]
     report = {
         "models": [m for m, _ in models],
@@ -823,70 +816,245 @@ def _untrained_head(scorer, image: np.ndarray, boxes: np.ndarray):
     return Head(scorer.method.name, state, {"hyper": hyper}, f"untrained {scorer.method.name} head (bench)")
 
 
+#: the issue's goals of the methods table (frame p50 of each method's best CPU backend)
+METHOD_GOALS = {"tagood_best_le_1/10_of_runa_best_at_10_boxes": ("tagood", 10, 1 / 10),
+                "tagood_best_le_1/30_of_runa_best_at_50_boxes": ("tagood", 50, 1 / 30),
+                "uni-ood_best_le_1.5x_runa_best_at_10_boxes": ("uni-ood", 10, 1.5),
+                "uni-ood_best_le_1.5x_runa_best_at_50_boxes": ("uni-ood", 50, 1.5)}
+AUTO_WITHIN = 1.10  # auto's frame p50 within 10 % of the hand-picked best of the same method
+
+
+def model_config(encoder) -> Dict[str, Any]:
+    """The trunk's shape from the model config (open_clip's ``vision_cfg`` of the model name, the
+    built tower's attributes where the config is silent): image size S, patch p, width W, layers L,
+    MLP width, grid G and tokens T = 1 + G^2."""
+    visual = encoder.model.visual
+    try:
+        import open_clip
+
+        vc = dict((open_clip.get_model_config(encoder.model_name) or {}).get("vision_cfg") or {})
+    except Exception:  # pragma: no cover - a model open_clip does not list
+        vc = {}
+    S = int(vc.get("image_size", encoder.input_size))
+    p = int(vc.get("patch_size", visual.conv1.kernel_size[0]))
+    W = int(vc.get("width", visual.transformer.width))
+    L = int(vc.get("layers", len(visual.transformer.resblocks)))
+    mlp = int(W * float(vc.get("mlp_ratio", 4.0)))
+    G = S // p
+    return {"image_size": S, "patch_size": p, "width": W, "layers": L, "mlp_width": mlp, "grid": G, "tokens": 1 + G * G}
+
+
+def trunk_flops_per_call(cfg: Dict[str, Any], outputs: Sequence[str], views: int, pairs: int = 0) -> int:
+    """FLOPs (multiply-add = 2, matrix products only, as :data:`FLOP_COUNTER_NOTE`) of one backbone call
+    of ``views`` views and ``pairs`` xattn pairs for the output set ``outputs``, from :func:`model_config`.
+
+    Per view: the patch embedding ``2 G^2 (3 p^2) W``; per block ``2T W 3W`` (q, k, v) + ``2T W W``
+    (out) + ``2 * 2 T^2 W`` (QK^T, AV) + ``2 * 2 T W M`` (MLP), all L blocks when ``cls`` / ``tokens``
+    are asked for, L-1 otherwise (the last block only feeds them). Attention outputs
+    (``core.backbone``) add per block and view the CLS query ``2 W^2`` and the keys ``2 T W^2``,
+    ``attn_cls`` its scores ``2 T W``, and ``xattn`` ``2 T W`` per pair and block."""
+    S, p, W, L, M, G, T = (cfg[k] for k in ("image_size", "patch_size", "width", "layers", "mlp_width", "grid",
+                                            "tokens"))
+    names = set(outputs)
+    block = 2 * T * W * 3 * W + 2 * T * W * W + 4 * T * T * W + 4 * T * W * M
+    blocks = L if names & {"cls", "tokens"} else L - 1
+    per_view = 2 * G * G * 3 * p * p * W + blocks * block
+    if names & {"attn_cls", "xattn"}:
+        per_view += L * (2 * W * W + 2 * T * W * W)
+    if "attn_cls" in names:
+        per_view += L * 2 * T * W
+    per_pair = L * 2 * T * W if "xattn" in names else 0
+    return int(views) * per_view + int(pairs) * per_pair
+
+
+def frame_calls(method, n_boxes: int) -> Tuple[int, int]:
+    """``(views, pairs)`` of one frame's backbone call with ``n_boxes`` boxes (every box kept)."""
+    views = method.views_for("dual")
+    return trunk_passes(method, n_boxes), len(method.pairs(views)) * int(n_boxes)
+
+
 def bench_methods(encoder, methods: Sequence[str], box_counts: Sequence[int], image: np.ndarray,
                   ann_boxes: np.ndarray, args, cuda: bool, baselines: Dict[str, Any]) -> Dict[str, Any]:
-    """Every method's frame time on the torch backend, interleaved (see the module docstring).
+    """Every method on every CPU backend (:data:`METHOD_BACKENDS`, ``--method-backends``), one
+    interleaved run over all (method, backend) rows and box counts (see the module docstring).
 
-    Returns ``{"backend", "results": {method: {box count: percentiles, trunk_passes, speedup_vs_runa_p50,
-    speedup_vs_naive_p50, speedup_vs_naive_b2_p50}}, "goals", "untrained_heads"}``; ``baselines`` are
-    :func:`bench_model`'s results (the naive loops, timed in that run)."""
+    Each method's ONNX Runtime variants serve its own output set (one graph per set); its static
+    int8 graph is calibrated on its own views (``samples.method_sample``: the calls its scorer makes
+    on real photographs), and the same sample gives each backend's fidelity to torch fp32
+    (``ort_backend.output_fidelity``: embedding cosine of cls / tokens, attention max |delta|).
+    ``auto`` is ``backend: auto`` as the node builds it: its record of this model and output set is
+    removed first (``--auto-recorded`` keeps it), so it measures the cached variants now and picks.
+
+    Returns ``{"backends", "methods", "results": {method: {backend: {box count: percentiles,
+    trunk_passes, pairs, gflop_per_frame}}}, "fidelity", "best", "auto", "goals", "untrained_heads",
+    "skipped", "sample"}``; ``baselines`` are :func:`bench_model`'s results (the naive loops)."""
     import torch
 
+    from ..backends.base import make_backend
+    from ..backends.ort_backend import auto_record_path, output_fidelity
+    from ..backends.samples import method_sample
     from ..core.pipeline import OodScorer
 
     encoder.set_backend(None)
-    scorers, untrained = {}, []
+    wanted = METHOD_BACKENDS if getattr(args, "method_backends", "all") == "all" else \
+        [b.strip() for b in str(args.method_backends).split(",") if b.strip()]
+    scorers, untrained, samples = {}, [], {}
     for m in methods:
         sc = OodScorer(encoder, args.labels, method=m)
         if sc.method.needs_head:
             sc.method.set_head(_untrained_head(sc, image, cycle_boxes(ann_boxes, 4)))
             untrained.append(m)
         scorers[m] = sc
+        samples[m] = method_sample(sc, max_images=args.calibration_images, annotations=args.annotations)
+    cfg = model_config(encoder)
+    backends: Dict[Tuple[str, str], Any] = {}
+    skipped: Dict[str, str] = {}
+    fidelity: Dict[str, Dict[str, Any]] = {m: {} for m in methods}
+    auto_info: Dict[str, Dict[str, Any]] = {}
+    for m in methods:
+        outs = tuple(scorers[m].method.outputs)
+        check = samples[m].head(4)
+        ref = None
+        for b in wanted:
+            t0 = time.perf_counter()
+            try:
+                if b == "torch":
+                    be = None
+                elif b == "auto":
+                    rec = auto_record_path(encoder.model_id, args.cache_dir, outs)
+                    if not getattr(args, "auto_recorded", False) and rec.is_file():
+                        rec.unlink()
+                    be = make_backend("auto", encoder, cache_dir=args.cache_dir, ort_threads=args.ort_threads,
+                                      outputs=outs, auto_sample=lambda m=m: samples[m])
+                    auto_info[m] = {"variant": be.variant, "reason": be.variant_reason, "detail": be.variant_detail,
+                                    "backend": be.name}
+                else:
+                    be = build_backend(b, encoder, args, samples[m].views, outputs=outs)
+            except Exception as exc:
+                skipped[f"{m}/{b}"] = f"{type(exc).__name__}: {exc}"
+                LOG.warning("%s: %s on %s skipped: %s", encoder.model_name, m, b, skipped[f"{m}/{b}"])
+                continue
+            backends[(m, b)] = be
+            LOG.info("%s: %s on %s ready in %.1f s", encoder.model_name, m, b, time.perf_counter() - t0)
+            with torch.no_grad():
+                out = (be.outputs if be is not None else encoder.visual_outputs)(check.views, outs,
+                                                                                  check.pairs)
+            if ref is None and b == "torch":
+                ref = out
+            if ref is not None:
+                fidelity[m][b] = output_fidelity(ref, out, encoder.proj_global)
+    encoder.set_backend(None)
+    rows = [(m, b) for m in methods for b in wanted if (m, b) in backends]
     frames = {n: cycle_boxes(ann_boxes, n) for n in box_counts}
 
-    def run_frame(m: str, boxes: np.ndarray) -> float:
+    def run_frame(key: str, boxes: np.ndarray) -> float:
+        m, b = key.split("|")
+        be = backends[(m, b)]
+        encoder.set_backend(be, None if be is None else be.name)
         t0 = time.perf_counter()
         res = scorers[m].score(image, boxes)
         if res.error:
-            raise RuntimeError(f"{m}: {res.error}")
+            raise RuntimeError(f"{m} on {b}: {res.error}")
         if cuda:
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1e3
 
-    samples = interleaved(run_frame, list(methods), frames, args, f"methods {encoder.model_name}")
-    results: Dict[str, Dict[str, Any]] = {}
-    for m in methods:
-        results[m] = {}
+    samples_ms = interleaved(run_frame, [f"{m}|{b}" for m, b in rows], frames, args,
+                             f"methods x backends {encoder.model_name}")
+    encoder.set_backend(None)
+    results: Dict[str, Dict[str, Any]] = {m: {} for m in methods}
+    for m, b in rows:
+        results[m][b] = {}
         for n in box_counts:
-            st = percentiles(samples[m][n])
-            st["trunk_passes"] = trunk_passes(scorers[m].method, n)
-            results[m][str(n)] = st
-    for m in methods:
-        for n in box_counts:
-            r = results[m][str(n)]
-            r["speedup_vs_runa_p50"] = results["runa"][str(n)]["p50_ms"] / r["p50_ms"]
+            st = percentiles(samples_ms[f"{m}|{b}"][n])
+            views, pairs = frame_calls(scorers[m].method, n)
+            st.update({"trunk_passes": views, "pairs": pairs,
+                       "gflop_per_frame": trunk_flops_per_call(cfg, scorers[m].method.outputs, views, pairs) / 1e9})
             for base in BASELINES:
-                r[f"speedup_vs_{base.replace('-', '_')}_p50"] = baselines[base][str(n)]["p50_ms"] / r["p50_ms"]
-    goals = {}
-    if 10 in box_counts:
-        t10 = {m: results[m]["10"]["p50_ms"] for m in methods}
-        if "tagood" in t10:
-            goals["tagood_le_1/8_of_runa_at_10_boxes"] = t10["tagood"] <= t10["runa"] / 8
-        if "uni-ood" in t10:
-            goals["uni-ood_le_1.5x_runa_at_10_boxes"] = t10["uni-ood"] <= 1.5 * t10["runa"]
-    return {"backend": "torch", "methods": list(methods), "results": results, "goals": goals,
-            "untrained_heads": untrained}
+                st[f"speedup_vs_{base.replace('-', '_')}_p50"] = baselines[base][str(n)]["p50_ms"] / st["p50_ms"]
+            results[m][b][str(n)] = st
+    best: Dict[str, Dict[str, Any]] = {}
+    for m in methods:
+        best[m] = {}
+        for n in box_counts:
+            hand = [b for b in results[m] if b != "auto"]
+            if hand:
+                bb = min(hand, key=lambda b: results[m][b][str(n)]["p50_ms"])
+                best[m][str(n)] = {"backend": bb, "p50_ms": results[m][bb][str(n)]["p50_ms"]}
+    for m in methods:
+        for b in results[m]:
+            for n in box_counts:
+                r = results[m][b][str(n)]
+                ref = best.get("runa", {}).get(str(n))
+                r["vs_runa_best"] = r["p50_ms"] / ref["p50_ms"] if ref else None
+        if m in auto_info and "auto" in results[m]:
+            auto_info[m]["vs_best"] = {str(n): results[m]["auto"][str(n)]["p50_ms"] / best[m][str(n)]["p50_ms"]
+                                       for n in box_counts if str(n) in best[m]}
+    goals: Dict[str, Optional[bool]] = {}
+    for goal, (m, n, bound) in METHOD_GOALS.items():
+        if m in best and "runa" in best and str(n) in best[m] and str(n) in best["runa"]:
+            goals[goal] = best[m][str(n)]["p50_ms"] <= bound * best["runa"][str(n)]["p50_ms"]
+    for m, a in auto_info.items():
+        if a.get("vs_best"):
+            goals[f"{m}_auto_within_10%_of_best"] = all(r <= AUTO_WITHIN for r in a["vs_best"].values())
+    return {"backends": wanted, "methods": list(methods), "results": results, "fidelity": fidelity, "best": best,
+            "auto": auto_info, "goals": goals, "untrained_heads": untrained, "skipped": skipped,
+            "model_config": cfg, "sample": {m: samples[m].source for m in methods},
+            "variant_of": {f"{m}|{b}": (be.variant if be is not None else "torch") for (m, b), be in backends.items()}}
+
+
+def methods_roofline(sec: Dict[str, Any], peaks: Dict[str, Any]) -> Dict[str, Any]:
+    """Each (method, backend, box count): the trunk's achieved GFLOP/s (frame FLOPs from the model
+    config, :func:`trunk_flops_per_call`, over the frame p50) and its share of the measured peak
+    of its class (int8 variants: the int8 GEMM peak, the others: the fp32 GEMM peak)."""
+    pk = {c: (peaks.get(c) or {}).get("gflops") for c in ("fp32", "int8")}
+    out: Dict[str, Any] = {"peaks_gflops": pk, "rows": {}}
+    for m, per_b in sec["results"].items():
+        for b, cells in per_b.items():
+            variant = sec["variant_of"].get(f"{m}|{b}", b)
+            cls = "int8" if "int8" in variant else "fp32"
+            row = {}
+            for n, r in cells.items():
+                achieved = r["gflop_per_frame"] / (r["p50_ms"] / 1e3)
+                row[n] = {"peak": cls, "achieved_gflops": achieved,
+                          "fraction_of_peak": achieved / pk[cls] if pk.get(cls) else None}
+            out["rows"][f"{m}|{b}"] = row
+    return out
 
 
 def _print_methods(sec: Dict[str, Any], model: str) -> None:
-    counts = list(next(iter(sec["results"].values())))
-    print(f"\n{model}: methods on the {sec['backend']} backend (p50 ms per frame; trunk passes; speed-up vs RUNA)")
-    print(f"{'method':<10}" + "".join(f"{n + ' boxes':>28}" for n in counts))
-    for m, res in sec["results"].items():
-        print(f"{m:<10}" + "".join(f"{res[n]['p50_ms']:>12.1f} ms {res[n]['trunk_passes']:>4} pass "
-                                   f"{res[n]['speedup_vs_runa_p50']:>5.2f}x" for n in counts))
+    counts = list(next(iter(next(iter(sec["results"].values())).values())))
+    rf = sec.get("roofline")
+    print(f"\n{model}: every method on every CPU backend, one interleaved run (p50 ms per frame; x = frame time over "
+          f"RUNA's best at that box count; % = trunk GFLOP/s over the measured GEMM peak of its class)")
+    head = f"{'method':<9}{'backend':<25}" + "".join(f"| {n + ' boxes':>10} {'x RUNA':>7} {'% peak':>7} " for n in counts)
+    print(head + f"| {'cos min':>8} {'attn |d|':>8}")
+    print("-" * (len(head) + 20))
+    for m, per_b in sec["results"].items():
+        for b, cells in per_b.items():
+            label = b if b != "auto" else f"auto->{sec['auto'].get(m, {}).get('variant', '?')}"
+            row = f"{m:<9}{label:<25}"
+            for n in counts:
+                c = cells[n]
+                share = None if not rf else rf["rows"][f"{m}|{b}"][n]["fraction_of_peak"]
+                row += (f"| {c['p50_ms']:>10.1f} {c['vs_runa_best'] or float('nan'):>7.3f} "
+                        f"{'-' if share is None else f'{100 * share:.1f}%':>7} ")
+            f = sec["fidelity"].get(m, {}).get(b)
+            attn = "-" if f is None or f["attn_max_abs"] is None else f"{f['attn_max_abs']:.1e}"
+            row += "|" + ("" if f is None else f" {f['cos_min']:>8.5f} {attn:>8}")
+            print(row)
+    print("trunk GFLOP per frame (from the model config): " + "; ".join(
+        f"{m} " + "/".join(f"{next(iter(per_b.values()))[n]['gflop_per_frame']:.3g}" for n in counts)
+        for m, per_b in sec["results"].items()) + f" at {'/'.join(counts)} boxes")
+    for m, bst in sec["best"].items():
+        print(f"best {m}: " + ", ".join(f"{n} boxes {v['backend']} {v['p50_ms']:.1f} ms" for n, v in bst.items()))
+    for m, a in sec["auto"].items():
+        vs = ", ".join(f"{n} boxes {r:.3f}x" for n, r in (a.get("vs_best") or {}).items())
+        print(f"auto {m}: {a['variant']} ({a['reason']}); auto / best: {vs}")
     if sec["untrained_heads"]:
         print(f"  untrained heads (speed only): {', '.join(sec['untrained_heads'])}")
+    for k, why in sec["skipped"].items():
+        print(f"  skipped {k}: {why}")
     for goal, met in sec["goals"].items():
         print(f"  goal {goal}: {'met' if met else 'NOT met'}")
 
