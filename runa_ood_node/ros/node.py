@@ -65,9 +65,15 @@ Accounting (diagnostics and :meth:`RunaOodNode.accounting`)
     ``deactivated``, ``internal_error``). A frame is counted (scored or dropped) in the same locked
     step that ends its flight, so every /diagnostics message balances. Messages that never reached
     the node (DDS queue overflow, network loss) are counted per stream as
-    ``lost_in_transport``: from gaps in each publisher's sequence numbers and the subscription's
-    message-lost event (published = received + lost). A callback never raises: unexpected errors
-    are logged and counted as ``internal_error``.
+    ``lost_in_transport`` (:mod:`.transport`): from gaps in each publisher's 64-bit sequence numbers
+    (reordering tolerated; a jump beyond ``transport.max_sequence_gap`` is a ``sequence_jump``, not
+    losses) and the subscription's message-lost event where plausible (published = received + lost).
+    A loss figure that cannot be true (the middleware reporting a negative count, gaps beyond what
+    the publishers numbered) makes the camera's status ERROR and ``accounting_balanced`` false. When
+    ``transport.loss_warn_fraction`` of a stream is lost over ``transport.loss_window_s``, the node
+    says so once in its log and with a WARN in /diagnostics, naming the likely cause (Fast DDS's
+    default transports; the shipped profile config/fastdds_one_host.xml). A callback never raises:
+    unexpected errors are logged and counted as ``internal_error``.
 
 Threading (why not a MultiThreadedExecutor)
     ROS callbacks (subscriptions, timers) run in a SingleThreadedExecutor and only do cheap work:
@@ -118,6 +124,7 @@ from ..core.metrics import percentile as _percentile
 from ..core.registry import AlertLevel, BoxStatus
 from . import convert, wire
 from .pairing import REASONS as PAIRER_REASONS, StampPairer
+from .transport import LossWatch, StreamLoss, loss_advice
 from .params import (LIVE_PARAMETERS, CameraInputs, NodeSettings, ParameterValidationError, closest_parameter,
                      declare_camera_parameters, declare_parameters, read_parameters, validate)
 
@@ -164,8 +171,9 @@ class _Camera:
     inputs' settings, pairer, processing queue, counters, alert and health monitors, publishers and
     subscriptions. Touched under the node's lock, except ``pubs`` (worker) and ``subs``."""
 
-    def __init__(self, inputs: CameraInputs):
+    def __init__(self, inputs: CameraInputs, settings: Optional[NodeSettings] = None):
         self.inputs = inputs
+        self.settings = settings  # transport.* for the loss counters (None: the table's defaults)
         self.name = inputs.name
         self.prefix = inputs.prefix
         self.queue: Deque = collections.deque()
@@ -195,9 +203,13 @@ class _Camera:
         self.lat_node: Deque[float] = collections.deque(maxlen=200)
         self.lat_pipeline: Deque[float] = collections.deque(maxlen=200)
         self.lat_frame: Deque[float] = collections.deque(maxlen=200)
-        self.lost_event: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
-        self.lost_gap: Dict[str, int] = collections.Counter({"image": 0, "detections": 0})
-        self.pub_seq: Dict[str, Dict[bytes, int]] = {"image": {}, "detections": {}}
+        s = self.settings if self.settings is not None else validate({}, check_files=False)
+        # messages lost before reaching the node, per stream (.transport), and the watch on their share
+        self.loss: Dict[str, StreamLoss] = {k: StreamLoss(max_gap=s.transport_max_sequence_gap)
+                                            for k in ("image", "detections")}
+        self.loss_watch: Dict[str, LossWatch] = {k: LossWatch(s.transport_loss_warn_fraction, s.transport_loss_window_s)
+                                                 for k in ("image", "detections")}
+        self.transport_warning = ""  # set while a stream's share lost in transport is over the threshold
 
 
 def _reliable(depth: int, latched: bool = False) -> QoSProfile:
@@ -338,7 +350,7 @@ class RunaOodNode(LifecycleNode):
         from ..core.alerts import AlertMonitor
         from ..core.health import HealthMonitor
 
-        cams = [_Camera(ci) for ci in settings.inputs]
+        cams = [_Camera(ci, settings) for ci in settings.inputs]
         for cam in cams:  # per camera: its own pairing, alert tracks (an object seen by two cameras
             #               is two tracks) and health
             cam.pairer = StampPairer(slop_ns=int(round(settings.pairing_slop_s * 1e9)),
@@ -528,12 +540,7 @@ class RunaOodNode(LifecycleNode):
             stream = "detections" if param == "detections_qos" else "image"
 
             def lost(event):  # the middleware's own count of samples it lost for this subscription
-                n = int(getattr(event, "total_count_change", 0) or 0)
-                if n > 0:
-                    with self._lock:
-                        cam.lost_event[stream] += n
-                    self.get_logger().warning(f"{n} message(s) on '{topic}' lost before reaching the node "
-                                              "(DDS queue / network)", throttle_duration_sec=5.0)
+                self._note_lost_report(cam, stream, getattr(event, "total_count_change", 0), topic)
             return SubscriptionEventCallbacks(incompatible_qos=cb, message_lost=lost)
 
         # both inputs are taken raw (the CDR bytes): the executor thread reads only their stamps for
@@ -603,23 +610,40 @@ class RunaOodNode(LifecycleNode):
 
     def _note_sequence(self, cam: _Camera, stream: str, info) -> None:  # holds the lock
         """Count messages lost between the publisher and this callback (DDS history / queue
-        overflow, undecodable payloads, network loss): gaps in each publisher's sequence numbers."""
+        overflow, undecodable payloads, network loss): gaps in each publisher's sequence numbers
+        (:class:`.transport.StreamLoss`: 64-bit, per publisher GID, reordering tolerated, a jump
+        beyond ``transport.max_sequence_gap`` counted as a sequence jump, not as losses)."""
         try:
-            seq = int(info["publication_sequence_number"])
+            seq = info["publication_sequence_number"]
             gid = bytes(info["publisher_gid"]["data"])
         except (KeyError, TypeError, ValueError):
             return
-        if seq <= 0:  # not provided by this middleware
-            return
-        seen = cam.pub_seq[stream]
-        last = seen.pop(gid, None)
-        if last is not None and seq > last + 1:
-            cam.lost_gap[stream] += seq - last - 1
-            self.get_logger().warning(f"{seq - last - 1} {stream} message(s){cam.tag} lost before reaching the node "
+        loss = cam.loss[stream]
+        jumps = loss.sequence_jumps
+        gap = loss.note(gid, seq)
+        if gap > 0:
+            self.get_logger().warning(f"{gap} {stream} message(s){cam.tag} lost before reaching the node "
                                       "(DDS queue overflow / undecodable data)", throttle_duration_sec=5.0)
-        seen[gid] = seq if last is None else max(seq, last)
-        if len(seen) > 64:  # bounded: the least recently heard publisher is forgotten
-            seen.pop(next(iter(seen)))
+        elif loss.sequence_jumps != jumps:
+            before, after = loss.last_jump
+            self.get_logger().warning(
+                f"{stream} sequence numbers{cam.tag} of one publisher jumped from {before} to {after} (more than "
+                f"transport.max_sequence_gap={loss.max_gap}): counted as a new epoch of that publisher, not as "
+                "lost messages", throttle_duration_sec=5.0)
+
+    def _note_lost_report(self, cam: _Camera, stream: str, n, topic: str = "") -> None:
+        """The middleware's message-lost event: ``n`` more messages lost on ``stream``; taken when
+        plausible, else rejected and shown as an error (:meth:`.transport.StreamLoss.report`)."""
+        with self._lock:
+            ok = cam.loss[stream].report(n)
+        if not ok:
+            self.get_logger().error(
+                f"the middleware reported an impossible number of lost {stream} messages{cam.tag} ({n}): not "
+                "counted (losses are counted from sequence numbers); /diagnostics shows transport_error. "
+                + loss_advice(), throttle_duration_sec=30.0)
+        elif int(n) > 0:
+            self.get_logger().warning(f"{int(n)} message(s) on '{topic or stream}'{cam.tag} lost before reaching the "
+                                      "node (DDS queue / network)", throttle_duration_sec=5.0)
 
     def _on_input(self, cam: _Camera, msg, image: bool) -> None:
         handoff = None
@@ -1018,7 +1042,8 @@ class RunaOodNode(LifecycleNode):
         pc = dict(cam.pairer.counters) if cam.pairer is not None else {}
         frame_drops, input_drops = dict(cam.frame_drops), dict(cam.input_drops)
         queued, in_flight = len(cam.queue), cam.in_flight
-        lost = {k: max(cam.lost_gap[k], cam.lost_event[k]) for k in ("image", "detections")}
+        lost = {k: cam.loss[k].lost for k in ("image", "detections")}
+        transport_problems = [f"{k}: {p}" for k in ("image", "detections") for p in cam.loss[k].problems()]
         inputs_ok = (cam.received["image"] + cam.received["detections"]
                      == pc.get("images_received", 0) + pc.get("detections_received", 0) + sum(input_drops.values()))
         pairer_ok = cam.pairer.check_accounting() if cam.pairer is not None else True
@@ -1026,7 +1051,9 @@ class RunaOodNode(LifecycleNode):
         return {
             "received": dict(cam.received),
             "lost": lost,
-            "lost_detail": {"sequence_gaps": dict(cam.lost_gap), "message_lost_events": dict(cam.lost_event)},
+            "lost_detail": {k: cam.loss[k].detail() for k in ("image", "detections")},
+            "transport_problems": transport_problems,
+            "transport_warning": cam.transport_warning,
             "input_drops": input_drops,
             "pairer": pc,
             "pairer_by_stream": cam.pairer.dropped_by_stream() if cam.pairer is not None else {},
@@ -1040,21 +1067,24 @@ class RunaOodNode(LifecycleNode):
                                 for c, n in sorted(cam.box_status.items())},
             "boxes_ood": cam.boxes_ood,
             "counters": {**self._node_counters, **cam.counters},
-            "balanced": bool(inputs_ok and pairer_ok and frames_ok),
+            "balanced": bool(inputs_ok and pairer_ok and frames_ok and not transport_problems),
         }
 
     def accounting(self, camera: Optional[str] = None) -> Dict[str, Any]:
         """Snapshot of what happened to every message (thread-safe).
 
         Keys: ``received`` {stream: n}, ``lost`` {stream: n} (messages that never reached the node:
-        the larger of the gaps in the publishers' sequence numbers and the middleware's
-        message-lost count; published = received + lost), ``pairer`` (StampPairer counters),
+        the larger of the gaps in the publishers' sequence numbers and the middleware's plausible
+        message-lost counts; published = received + lost), ``lost_detail`` {stream: figures of
+        :class:`.transport.StreamLoss`}, ``transport_problems`` (loss figures that cannot be true:
+        non-empty = not balanced), ``transport_warning`` (set while a stream's share lost in
+        transport is over ``transport.loss_warn_fraction``), ``pairer`` (StampPairer counters),
         ``frames_scored``, ``frame_drops`` {reason: n}, ``queued``, ``in_flight`` (taken by the
         worker, not yet accounted for), ``worker_busy`` (still publishing secondary outputs),
         ``boxes_by_status`` {name: n}, ``boxes_ood``, ``counters`` (``qos_incompatible``,
         ``frame_id_mismatch``, ``backend_error_frames``, ...), and ``balanced``: True when images
-        received == paired + image-side drops + pending (same for detections) and pairs == frames
-        scored + frame drops + queued + in flight. A frame is counted as scored (or dropped) in the
+        received == paired + image-side drops + pending (same for detections), pairs == frames
+        scored + frame drops + queued + in flight, and no loss figure is untrue. A frame is counted as scored (or dropped) in the
         same locked step that ends its flight, so every snapshot balances.
 
         With ``cameras``: ``accounting("front")`` is camera front's (the keys above, balanced on its
@@ -1077,10 +1107,34 @@ class RunaOodNode(LifecycleNode):
 
         if not self._pubs or self.settings is None:
             return
+        self._watch_transport()
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         arr.status = [self._camera_status(cam) for cam in self._cams]
         self._pubs["diagnostics"].publish(arr)
+
+    def _watch_transport(self) -> None:
+        """Each stream's share of messages lost in transport over ``transport.loss_window_s``
+        (:class:`.transport.LossWatch`, run with the diagnostics): past
+        ``transport.loss_warn_fraction`` the node says so once in the log (with the likely cause
+        and the shipped profile) and keeps a WARN in /diagnostics while it lasts."""
+        now = time.monotonic()
+        log = self.get_logger()
+        for cam in self._cams:
+            with self._lock:
+                events = {k: cam.loss_watch[k].update(now, cam.received[k], cam.loss[k].lost)
+                          for k in ("image", "detections")}
+                over = [(k, w) for k, w in cam.loss_watch.items() if w.over]
+                was = cam.transport_warning
+                cam.transport_warning = (
+                    "; ".join(f"{w.share:.0%} of {k} messages lost in transport over the last "
+                              f"{w.window_s:g} s ({w.counts[0]} of {w.counts[1]})" for k, w in over)
+                    + f": {loss_advice()}") if over else ""
+            if any(e == "raised" for e in events.values()) and cam.transport_warning:
+                log.warning(f"messages lost in transport{cam.tag}: {cam.transport_warning}")
+            elif was and not cam.transport_warning:
+                log.info(f"messages lost in transport{cam.tag}: back under "
+                         f"transport.loss_warn_fraction={self.settings.transport_loss_warn_fraction:g}")
 
     def _camera_status(self, cam: _Camera):
         """Camera ``cam``'s DiagnosticStatus (the single stream: ``<node>: OOD monitor``; camera C:
@@ -1144,6 +1198,12 @@ class RunaOodNode(LifecycleNode):
         for r, n in acc["input_drops"].items():
             kv[f"drops.input_{r}"] = n
         kv["drops.lost_in_transport"] = acc["lost"]["image"] + acc["lost"]["detections"]
+        for k in ("image", "detections"):  # how the loss figures were made (.transport.StreamLoss)
+            d = acc["lost_detail"][k]
+            for name in ("sequence_gaps", "middleware_reports", "rejected_reports", "sequence_jumps", "late"):
+                kv[f"transport.{name}.{k}"] = d[name]
+        kv["transport_warning"] = acc["transport_warning"] or "none"
+        kv["transport_error"] = "; ".join(acc["transport_problems"]) or "none"
         for b in BoxStatus:
             kv[f"boxes.{b.name}"] = acc["boxes_by_status"].get(b.name, 0)
         for k, n in acc["counters"].items():
@@ -1151,8 +1211,13 @@ class RunaOodNode(LifecycleNode):
         st = DiagnosticStatus()
         st.name = f"{self.get_fully_qualified_name()}: OOD monitor" + (f" ({cam.name})" if cam.name else "")
         st.hardware_id = f"{self.backend_name}@{s.device}"
-        if health:
-            st.level, st.message = DiagnosticStatus.WARN, "degraded: " + "; ".join(health)
+        warn = (["degraded: " + "; ".join(health)] if health else []) + (
+            ["messages lost in transport: " + acc["transport_warning"]] if acc["transport_warning"] else [])
+        if acc["transport_problems"]:  # a loss figure that cannot be true: never a balance
+            st.level = DiagnosticStatus.ERROR
+            st.message = " | ".join(["transport accounting untrue: " + "; ".join(acc["transport_problems"])] + warn)
+        elif warn:
+            st.level, st.message = DiagnosticStatus.WARN, " | ".join(warn)
         elif self.random_weights:
             st.level, st.message = DiagnosticStatus.WARN, "RANDOM WEIGHTS: scores are meaningless (demo/test)"
         else:

@@ -274,6 +274,19 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
            "at least this often (s, wall time); must be < health.liveliness_lease_s.", 0.01, 600.0),
     ),
     *_section(
+        "transport (messages lost between the publishers and the node)",
+        _P("transport.loss_warn_fraction", 0.2, "When at least this share of a stream's messages (image or "
+           "detections, per camera) is lost in transport over transport.loss_window_s, the node says so once in "
+           "its log and shows a WARN in /diagnostics naming the likely cause (Fast DDS's default transports cut "
+           "images into fragments: use config/fastdds_one_host.xml for every process). 0 disables.", 0.0, 1.0),
+        _P("transport.loss_window_s", 10.0, "Sliding window (s, wall time) of transport.loss_warn_fraction.",
+           1.0, 3600.0),
+        _P("transport.max_sequence_gap", 10000, "Largest believable gap between the sequence numbers of two "
+           "messages of one publisher (and largest message-lost count accepted from the middleware): a larger "
+           "jump is counted as transport.sequence_jumps (a new epoch of that publisher), not as lost messages; "
+           "a larger or negative middleware count is rejected and shown as an ERROR.", 1, 1_000_000_000),
+    ),
+    *_section(
         "outputs",
         _P("publish_annotated", True, "Publish ood/annotated_image, ood/markers and ood/image_annotations "
            "(foxglove_msgs/ImageAnnotations; per camera under C/ with cameras)."),

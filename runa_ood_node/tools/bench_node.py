@@ -79,6 +79,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..core.metrics import percentile
+from ..ros.transport import ONE_HOST_PROFILE, fastdds_profile  # noqa: F401 - shared with the launch file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,11 +105,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "call; e.g. 1,3,6 ['' = the single-node latency benchmark]")
     p.add_argument("--rate", type=float, default=15.0, help="--cameras: frames per second per camera [15]")
     p.add_argument("--duration", type=float, default=20.0, help="--cameras: seconds measured per setup [20]")
-    p.add_argument("--fastdds-profile", default="one-host", metavar="one-host|env|PATH",
+    p.add_argument("--fastdds-profile", default="one-host", metavar="one-host|env|none|PATH",
                    help="--cameras: the Fast DDS profile of every process of the run (driver and nodes): one-host = "
                         "config/fastdds_one_host.xml (images through shared memory in one piece), env = whatever "
                         "FASTDDS_DEFAULT_PROFILES_FILE says (unset: Fast DDS's defaults, which cut a 640x480 image "
-                        "into fragments), or a profile file [one-host]")
+                        "into fragments), none = Fast DDS's defaults, or a profile file [one-host]")
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="A/B in one run: alternate ROUNDS times between the node's latency optimisations "
                         "switched off (copying image conversion, no hand-off wait) and on, and print both "
@@ -560,23 +561,6 @@ def _parse_counts(text: str) -> List[int]:
     if not counts or min(counts) < 1 or max(counts) > 32:
         raise SystemExit(f"--cameras: counts in [1, 32], got {text!r}")
     return counts
-
-
-#: the shipped Fast DDS profile for a pipeline on one computer (see the file's comment)
-ONE_HOST_PROFILE = pathlib.Path(__file__).resolve().parents[2] / "config" / "fastdds_one_host.xml"
-
-
-def fastdds_profile(choice: str) -> Optional[str]:
-    """The profile file ``--fastdds-profile`` names (``one-host``: the shipped one; ``env``: the
-    environment's FASTDDS_DEFAULT_PROFILES_FILE, None when unset = Fast DDS's defaults; else a path).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-    """
-    path = {"one-host": str(ONE_HOST_PROFILE), "env": os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")}.get(choice, choice)
-    if path and not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"Fast DDS profile {path!r} (--fastdds-profile {choice}) does not exist")
-    return path or None
 
 
 def _rss_mb(pid: int) -> float:

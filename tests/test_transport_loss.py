@@ -1,0 +1,345 @@
+"""Messages lost in transport: counted right (64-bit, per publisher, bounded, reordering tolerated),
+untrue figures shown as errors, heavy losses announced (runa_ood_node/ros/transport.py and the node).
+
+The counting and the announcing are plain Python and tested without DDS; the live tests run the
+node over real DDS (loopback, one process) with its subscription queue overflowing while the
+executor is held busy: the publisher's sequence numbers then skip the overwritten messages.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from runa_ood_node.ros.transport import (ONE_HOST_PROFILE, LossWatch, StreamLoss, active_profile, fastdds_profile,
+                                         loss_advice)
+
+A, B = b"publisher-A", b"publisher-B"
+HI = 2 ** 32
+
+
+# ------------------------------------------------------------------ sequence numbers (no DDS)
+def test_in_order_messages_lose_nothing():
+    s = StreamLoss()
+    for seq in range(1, 101):
+        assert s.note(A, seq) == 0
+    assert (s.lost, s.received, s.problems()) == (0, 100, [])
+
+
+def test_a_gap_is_lost_and_a_late_arrival_takes_it_back():
+    s = StreamLoss()
+    for seq in (1, 2, 3, 7, 8):
+        s.note(A, seq)
+    assert s.gap_lost == 3 and s.lost == 3
+    assert s.note(A, 5) == -1  # reordered, not lost
+    assert (s.lost, s.late) == (2, 1)
+    assert s.note(A, 5) == 0 and s.duplicates == 1 and s.lost == 2  # a duplicate takes nothing back twice
+    assert s.note(A, 8) == 0 and s.duplicates == 2
+    assert s.problems() == []
+
+
+def test_sequence_numbers_across_the_32_bit_boundary_are_64_bit():
+    s = StreamLoss()
+    for seq in (HI - 2, HI - 1, HI, HI + 1, HI + 4):  # the high word ticks over: no jump, 2 lost
+        s.note(A, seq)
+    assert (s.lost, s.sequence_jumps) == (2, 0)
+    s2 = StreamLoss()
+    for seq in (13 * HI + 5, 13 * HI + 6, 13 * HI + 9):  # a publisher met far into its numbering
+        s2.note(A, seq)
+    assert (s2.lost, s2.sequence_jumps, s2.problems()) == (2, 0, [])
+
+
+def test_a_high_word_jump_is_an_epoch_not_billions_of_losses():
+    """The field report: 13 x 2^32 'lost' after 560 images. A jump beyond max_gap is counted as a
+    sequence jump (a new epoch of the publisher), never as losses; counting goes on from there."""
+    s = StreamLoss(max_gap=10_000)
+    for seq in range(1, 11):
+        s.note(A, seq)
+    s.note(A, 13 * HI + 11)  # the high word set: 55,834,574,848 numbers ahead
+    assert (s.lost, s.sequence_jumps, s.last_jump) == (0, 1, (10, 13 * HI + 11))
+    s.note(A, 13 * HI + 14)
+    assert s.lost == 2
+    s.note(A, 12)  # and back: a jump again, not a late arrival
+    assert (s.lost, s.sequence_jumps) == (2, 2)
+    assert s.problems() == []
+    s.note(A, 10_012)  # a gap of exactly max_gap - 1 ... still believable
+    assert s.lost == 2 + 9_999 and s.sequence_jumps == 2
+
+
+def test_publishers_are_counted_apart_and_interleaving_is_no_loss():
+    s = StreamLoss()
+    for a, b in zip(range(1, 51), range(1000, 1050)):
+        s.note(A, a)
+        s.note(B, b)
+    assert (s.lost, s.publishers) == (0, 2)
+    s.note(A, 53)  # A skips 2; B's numbers are its own
+    s.note(B, 1050)
+    assert s.lost == 2
+
+
+def test_forgotten_publishers_keep_their_losses():
+    s = StreamLoss(max_publishers=2)
+    s.note(A, 1)
+    s.note(A, 5)  # 3 lost
+    for i in range(5):  # A is forgotten among new publishers
+        s.note(bytes([i]), 1)
+    assert s.lost == 3 and s.span >= 5 and s.problems() == []
+    s.note(A, 6)  # A again: a new publisher as far as the counter knows, nothing lost
+    assert s.lost == 3
+
+
+def test_messages_without_a_sequence_number_are_not_counted():
+    s = StreamLoss()
+    for seq in (0, 2 ** 64 - 1, None, "x", -5):
+        assert s.note(A, seq) == 0
+    assert (s.no_sequence, s.received, s.lost) == (5, 0, 0)
+
+
+def test_reorder_window_is_bounded():
+    s = StreamLoss(reorder_window=10)
+    s.note(A, 1)
+    s.note(A, 500)  # 498 lost, only the last 10 numbers kept for late arrivals
+    assert s.lost == 498
+    assert s.note(A, 495) == -1 and s.lost == 497
+    assert s.note(A, 100) == 0 and s.lost == 497 and s.duplicates == 1  # too late to tell: counted lost
+
+
+# ------------------------------------------------------------------ the middleware's reports
+def test_plausible_middleware_reports_count_and_the_larger_figure_wins():
+    s = StreamLoss()
+    s.note(A, 1)
+    s.note(A, 4)  # 2 from the gap
+    assert s.report(5) and s.report(0)
+    assert (s.gap_lost, s.reported_lost, s.lost) == (2, 5, 5)
+    assert s.problems() == []
+
+
+def test_an_impossible_middleware_report_is_rejected_and_is_an_error():
+    """Fast DDS 3.2 under its default transports reported total_count_change 2^64 - 2^31 (a negative
+    32-bit count, sign-extended) when fragmented images were lost: never added, always an error."""
+    s = StreamLoss(max_gap=10_000)
+    s.note(A, 1)
+    s.note(A, 3)
+    for bad in (2 ** 64 - 2 ** 31, 2 ** 31 - 1, -1, 10_001):
+        assert not s.report(bad)
+    assert (s.lost, s.rejected_reports) == (1, 4)
+    problems = s.problems()
+    assert len(problems) == 1 and "impossible" in problems[0] and "4" in problems[0]
+    s2 = StreamLoss()
+    s2.report(2 ** 64 - 2 ** 31)
+    assert "-2147483648" in s2.problems()[0]
+
+
+def test_untrue_gap_figures_are_problems():
+    s = StreamLoss()
+    s.note(A, 1)
+    s.note(A, 3)
+    s.gap_lost = -1  # what a counting bug would leave
+    assert any("negative" in p for p in s.problems())
+    s.gap_lost = 10 ** 6
+    assert any("exceeds" in p for p in s.problems())
+
+
+# ------------------------------------------------------------------ the announcement
+def test_loss_watch_raises_once_and_clears():
+    w = LossWatch(fraction=0.2, window_s=5.0, min_messages=20)
+    assert w.update(0.0, 0, 0) is None
+    assert w.update(1.0, 10, 1) is None  # too few to judge
+    assert w.update(2.0, 20, 2) is None and not w.over  # 2 of 22 lost: 9 %
+    assert w.update(3.0, 22, 40) == "raised" and w.over  # since t=0: 40 lost of 62 published
+    assert round(w.share, 2) == 0.65 and w.counts == (40, 62)
+    assert w.update(4.0, 24, 60) is None and w.over  # still over: said once
+    for t in range(5, 12):
+        out = w.update(float(t), 24 + 30 * (t - 4), 60)  # 30 received a second, none lost
+        if out is not None:
+            break
+    assert out == "cleared" and not w.over
+    assert LossWatch(fraction=0.0).update(0.0, 0, 10 ** 6) is None  # 0 disables
+
+
+def test_loss_advice_names_the_default_transports_and_the_shipped_profile():
+    text = loss_advice({"RMW_IMPLEMENTATION": "rmw_fastrtps_cpp"})
+    assert "default transports" in text and str(ONE_HOST_PROFILE) in text and "FASTDDS_DEFAULT_PROFILES_FILE" in text
+    text = loss_advice({"FASTDDS_DEFAULT_PROFILES_FILE": "/x/p.xml"})
+    assert "/x/p.xml" in text and "queue" in text
+    assert "rmw_cyclonedds_cpp" in loss_advice({"RMW_IMPLEMENTATION": "rmw_cyclonedds_cpp"})
+    assert active_profile({"FASTRTPS_DEFAULT_PROFILES_FILE": "/y.xml"}) == "/y.xml"
+    assert active_profile({"FASTDDS_DEFAULT_PROFILES_FILE": " "}) is None
+
+
+def test_profile_choice_none_and_empty_apply_nothing():
+    assert fastdds_profile("none") is None and fastdds_profile("") is None and fastdds_profile("NONE") is None
+    assert fastdds_profile("one-host") == str(ONE_HOST_PROFILE) and ONE_HOST_PROFILE.is_file()
+
+
+# ------------------------------------------------------------------ the node over real DDS
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("runa_ood_msgs.msg", reason="interface packages not built (bash scripts/setup.sh)")
+
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+
+from conftest import RIG_NODE_PARAMS, NodeRig, wait_until  # noqa: E402
+from runa_ood_node.ros import convert  # noqa: E402
+
+NODE_PARAMS = dict(RIG_NODE_PARAMS, **{"image_queue_size": 2, "transport.loss_warn_fraction": 0.2,
+                                       "transport.loss_window_s": 3.0, "health.frame_timeout_s": 60.0})
+
+
+class _Recorder:
+    """The node's logger, every warning / error kept instead of printed (rclpy's logger tells its
+    call sites apart by the caller's line: one forwarding line with different throttles is refused)."""
+
+    def __init__(self, logger):
+        self._logger = logger
+        self.lines = []
+
+    def __getattr__(self, name):
+        return getattr(self._logger, name)
+
+    def warning(self, msg, **kw):
+        self.lines.append(("warning", msg))
+
+    def error(self, msg, **kw):
+        self.lines.append(("error", msg))
+
+
+class LossRig(NodeRig):
+    def __init__(self, ctx):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.node import Node
+        from sensor_msgs.msg import Image
+
+        from runa_ood_node.ros.node import RunaOodNode
+
+        self.node = RunaOodNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in NODE_PARAMS.items()])
+        self.log = _Recorder(self.node.get_logger())
+        self.node.get_logger = lambda: self.log
+        assert self.node.autostart(), self.node.last_error
+        self.t = Node("runa_ood_loss_tester", context=ctx)
+        self.diag = []
+        self.lock = threading.Lock()
+        self.pub_img = self.t.create_publisher(Image, "image", QoSProfile(depth=300, reliability=ReliabilityPolicy.RELIABLE))
+        self.t.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag,
+                                   QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+        self.ex = SingleThreadedExecutor(context=ctx)
+        self.ex.add_node(self.node)
+        self.ex.add_node(self.t)
+        threading.Thread(target=self.ex.spin, daemon=True).start()
+        wait_until(lambda: self.pub_img.get_subscription_count() > 0, self.timeout, "the node's image subscription")
+        self.stamp_s = 2000.0
+
+    def _on_diag(self, msg):
+        with self.lock:
+            self.diag.extend(msg.status)
+
+    def statuses(self, start=0):
+        with self.lock:
+            return list(self.diag[start:])
+
+    def image(self):
+        self.stamp_s = round(self.stamp_s + 0.01, 3)
+        h = convert.copy_header(None)
+        h.stamp = convert.ns_to_stamp(int(round(self.stamp_s * 1e9)))
+        h.frame_id = "camera"
+        return convert.rgb_to_image(np.full((48, 64, 3), 100, np.uint8), h)
+
+    def hold_executor(self, seconds):
+        """Keep the executor busy for ``seconds`` (nothing is taken from the subscription queues)."""
+        blocked = threading.Event()
+
+        def block():
+            timer.cancel()
+            blocked.set()
+            time.sleep(seconds)
+
+        timer = self.t.create_timer(0.01, block)
+        wait_until(blocked.is_set, self.timeout, "the executor to be busy")
+        return timer
+
+
+@pytest.fixture(scope="module")
+def loss_rig():
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    rig = LossRig(ctx)
+    try:
+        yield rig
+    finally:
+        rig.close()
+        rclpy.shutdown(context=ctx)
+
+
+def _kv(status):
+    return {v.key: v.value for v in status.values}
+
+
+def test_queue_overflow_is_counted_from_sequence_gaps_and_announced_once(loss_rig):
+    """40 images into a 2-deep queue while the executor is held: the publisher's sequence numbers
+    skip the overwritten ones, the node counts them (published = received + lost), says so ONCE in
+    its log naming the likely cause and the shipped profile, and /diagnostics shows a WARN."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    rig = loss_rig
+    rig.pub_img.publish(rig.image())  # the node learns this publisher
+    wait_until(lambda: rig.node.accounting()["received"]["image"] >= 1, rig.timeout, "the first image")
+    a0 = rig.node.accounting()
+    n = 40
+    timer = rig.hold_executor(1.5)
+    for _ in range(n):
+        rig.pub_img.publish(rig.image())
+    rig.pub_img.publish(rig.image())  # after the hold: reveals any loss at the tail
+    n += 1
+
+    def seen():
+        a = rig.node.accounting()
+        return (a["received"]["image"] - a0["received"]["image"]) + (a["lost"]["image"] - a0["lost"]["image"]) == n
+
+    wait_until(seen, rig.timeout, "every published image received or counted as lost")
+    rig.t.destroy_timer(timer)
+    a = rig.node.accounting()
+    lost = a["lost"]["image"] - a0["lost"]["image"]
+    assert n // 2 < lost < n  # most overwritten in the 2-deep queue, not all
+    assert a["lost_detail"]["image"]["sequence_gaps"] == a["lost"]["image"]
+    assert a["transport_problems"] == [] and a["balanced"]
+    start = len(rig.statuses())
+    wait_until(lambda: any(_kv(st).get("transport_warning", "none") != "none" for st in rig.statuses(start)),
+               rig.timeout, "the transport warning in /diagnostics")
+    st = next(st for st in rig.statuses(start) if _kv(st)["transport_warning"] != "none")
+    kv = _kv(st)
+    assert st.level == DiagnosticStatus.WARN and "lost in transport" in st.message
+    assert "fastdds_one_host.xml" in kv["transport_warning"] and kv["transport_error"] == "none"
+    assert int(kv["messages_lost.image"]) >= lost and int(kv["transport.sequence_gaps.image"]) >= lost
+    assert kv["accounting_balanced"] == "true"
+    n_diag = len(rig.statuses())
+    wait_until(lambda: len(rig.statuses()) >= n_diag + 2, rig.timeout, "two more /diagnostics")
+    said = [m for lvl, m in rig.log.lines if lvl == "warning" and m.startswith("messages lost in transport")]
+    assert len(said) == 1, said  # once, not at every diagnostics tick
+    assert "default transports" in said[0] or "profile" in said[0]
+    assert "fastdds_one_host.xml" in said[0]
+
+
+def test_an_impossible_middleware_loss_report_is_an_error_not_a_balance(loss_rig):
+    """The message-lost event with a count that cannot be true (Fast DDS's sign-extended negative
+    count): not added to lost_in_transport; the accounting is not balanced and /diagnostics says
+    ERROR naming it."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    rig = loss_rig
+    before = rig.node.accounting()["lost"]["image"]
+    cam = rig.node._cams[0]
+    rig.node._note_lost_report(cam, "image", 2 ** 64 - 2 ** 31, "image")
+    a = rig.node.accounting()
+    assert a["lost"]["image"] == before and not a["balanced"]
+    assert any("impossible" in p and "-2147483648" in p for p in a["transport_problems"])
+    start = len(rig.statuses())
+    wait_until(lambda: len(rig.statuses()) > start, rig.timeout, "/diagnostics")
+    st = rig.statuses(start)[-1]
+    kv = _kv(st)
+    assert st.level == DiagnosticStatus.ERROR and "untrue" in st.message
+    assert kv["accounting_balanced"] == "false" and "impossible" in kv["transport_error"]
+    assert kv["transport.rejected_reports.image"] == "1"
+    assert any(lvl == "error" and "impossible" in m for lvl, m in rig.log.lines)
