@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from runa_ood_node.core.methods.uni_ood_ops import (Combiner, background_text, background_weights,  # noqa: E402
-                                                    clip_contrastive_loss, fit_uni_ood, target_weights,
+                                                    clip_contrastive_loss, context_counts, exclusion_counts,
+                                                    fit_uni_ood, inter_text_weights, target_weights,
                                                     text_eot_attention, uni_ood_similarities)
 from runa_ood_node.core.scoring import score  # noqa: E402
 
@@ -65,10 +66,47 @@ def test_background_text_one_hot_picks_the_prompt_and_weights_mix():
     # normalised texts are the unit axes: row k = normalize(w[k])
     assert torch.allclose(bg, torch.nn.functional.normalize(w, dim=1), atol=1e-6)
     assert torch.allclose(bg.norm(dim=1), torch.ones(3))
-    # without the target's own prompt: the row renormalised over the others
-    ex = background_text(text, w, exclude_self=True)
-    assert torch.allclose(ex[0], torch.tensor([0.0, R2, R2]), atol=1e-6)
-    assert torch.allclose(ex[1], torch.tensor([R2, 0.0, R2]), atol=1e-6)
+    # per-object weights [N, K, K] give per-object texts [N, K, D]; a zero row gives a zero text
+    wn = torch.stack([w, torch.zeros(3, 3)])
+    bn = background_text(text, wn)
+    assert bn.shape == (2, 3, 3) and torch.allclose(bn[0], bg) and torch.equal(bn[1], torch.zeros(3, 3))
+
+
+def test_inter_text_weights_softmax_over_the_members_of_each_term_then_mean():
+    """Exclusion and subsets are exact: the softmax of every layer/head term runs over the background's members
+    only (counts weigh duplicates), THEN the terms are averaged (not the renormalised average over all)."""
+    lg = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [3.0, 0.0, 1.0]],
+                       [[2.0, 0.0, 0.0], [0.0, 2.0, 1.0], [0.0, 1.0, 0.0]]])          # [T=2, K=3, K=3]
+    sm = lambda v: torch.softmax(torch.tensor(v), 0)  # noqa: E731
+    full = inter_text_weights(lg)
+    assert torch.allclose(full, lg.softmax(-1).mean(0))
+    ex = inter_text_weights(lg, exclusion_counts(3, True))
+    # row 0 without prompt 0: terms (1, 2) and (0, 0)
+    row0 = 0.5 * (sm([1.0, 2.0]) + sm([0.0, 0.0]))
+    assert torch.allclose(ex[0], torch.cat([torch.zeros(1), row0]), atol=1e-6)
+    renorm = full[0, 1:] / full[0, 1:].sum()
+    assert not torch.allclose(row0, renorm, atol=1e-3)   # the old renormalisation was an approximation
+    assert torch.allclose(ex.diagonal(), torch.zeros(3)) and torch.allclose(ex.sum(1), torch.ones(3))
+    # one image's other objects: two of class 2, none of class 1 -> only prompts 0 and 2, class 2 counted twice
+    sub = inter_text_weights(lg, torch.tensor([1.0, 0.0, 2.0]))
+    r = 0.5 * (sm([0.0, 2.0 + math.log(2)]) + sm([2.0, math.log(2)]))
+    assert torch.allclose(sub[0], torch.tensor([r[0], 0.0, r[1]]), atol=1e-6)
+    # per-object counts [N, K, K]; an empty background row is zeros
+    per = inter_text_weights(lg, torch.stack([torch.ones(3, 3), torch.zeros(3, 3)]))
+    assert torch.allclose(per[0], full) and torch.equal(per[1], torch.zeros(3, 3))
+    assert exclusion_counts(3, False) is None
+    with pytest.raises(ValueError, match="two prompts"):
+        exclusion_counts(1, True)
+
+
+def test_context_counts_from_the_other_objects_and_the_alone_fallback():
+    counts, alone = context_counts([[2, 2, 0], [], [1]], 3)
+    assert alone == 1 and counts.shape == (3, 3, 3)
+    assert torch.equal(counts[0], torch.tensor([1.0, 0.0, 2.0]).expand(3, 3))
+    assert torch.equal(counts[1], 1.0 - torch.eye(3))      # alone: every prompt but the candidate's own
+    assert torch.equal(counts[2], torch.tensor([0.0, 1.0, 0.0]).expand(3, 3))
+    with pytest.raises(ValueError, match="outside"):
+        context_counts([[3]], 3)
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ __all__ = [
     "own_class_cosine",
     "train_projection",
     "sample_shots",
+    "shot_context",
     "save_projection",
     "load_projection",
     "PROJECTION_FILE",
@@ -247,6 +248,26 @@ def sample_shots(labels: Sequence[int], shots: int, seed: int = 0) -> np.ndarray
         warnings.warn(f"fewer than {shots} samples for class(es): {', '.join(short)}; using all of them",
                       RuntimeWarning, stacklevel=2)
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def shot_context(dataset, shots) -> List[List[int]]:
+    """Per shot, the label-set indices of the OTHER ID objects of its image (UNI-OOD's training background
+    text is built from them: the paper's ``X^I \\ {x}``, each object by its ID label's prompt).
+
+    Every ID ground-truth box of the shot's frame but the shot itself counts (shot or not, any size); OOD
+    boxes are left out (they have no ID prompt; the paper trains on ID data only). Duplicates stay: two other
+    cars are two cars. An empty list = the shot is alone in its image (``Method.fit_shots`` passes this to
+    the methods that read it).
+    """
+    from .dataset import label_lookup, normalize_name
+
+    lookup = label_lookup(dataset.label_set)
+    out: List[List[int]] = []
+    for fi, bi in zip(shots.frame_idx, shots.box_idx):
+        fr = dataset.frames[int(fi)]
+        ids = (lookup.get(normalize_name(fr.categories[j])) for j in np.flatnonzero(fr.is_id) if j != int(bi))
+        out.append([int(k) for k in ids if k is not None])
+    return out
 
 
 def save_projection(out_dir: Union[str, os.PathLike], proj: torch.Tensor, meta: Optional[Dict] = None) -> pathlib.Path:

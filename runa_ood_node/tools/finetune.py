@@ -186,13 +186,14 @@ def _run(args) -> int:
     if feats.shape[0] == 0:
         raise common.fail(["no shot could be encoded (see the warnings above)"])
     feat_s = time.perf_counter() - t0
-    init = encoder.proj_regional.clone()
+    init = scorer.method.proj_regional.clone()  # where RunaMethod.fit starts (the encoder's P_r without a head)
     loss_before = float(ft.eq7_loss(feats, y, text_emb, init, args.tau))
     cos_before = ft.own_class_cosine(feats, y, text_emb, init)
     t1 = time.perf_counter()
-    proj, curve = ft.train_projection(feats, y, text_emb, init, tau=args.tau, lr=args.lr, batch_size=args.batch_size,
-                                      epochs=args.epochs, weight_decay=args.weight_decay, seed=args.seed,
-                                      progress=not args.no_progress)
+    fitted = scorer.method.fit_shots({"regional.cls": feats}, y, text_emb, progress=not args.no_progress,
+                                     tau=args.tau, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+                                     weight_decay=args.weight_decay, seed=args.seed)
+    proj, curve = fitted.state["proj_regional"], fitted.loss_curve
     train_s = time.perf_counter() - t1
     loss_after = float(ft.eq7_loss(feats, y, text_emb, proj, args.tau))
     cos_after = ft.own_class_cosine(feats, y, text_emb, proj)
@@ -208,7 +209,7 @@ def _run(args) -> int:
             "epochs": args.epochs, "batch_size": args.batch_size, "tau": args.tau, "weight_decay": args.weight_decay,
             "loss_curve": [float(v) for v in curve], "loss_before": loss_before, "loss_after": loss_after,
             "annotations": str(dataset.annotation_path), "id_rule": dataset.id_rule,
-            "shots_per_class": shots.report["per_class"], "shot_list": shot_list}
+            "shots_per_class": shots.report["per_class"], "shot_list": shot_list, "warnings": fitted.warnings}
     if rw:
         meta["warning"] = common.RANDOM_LABEL
     pt = ft.save_projection(out, proj, meta)
@@ -223,7 +224,8 @@ def _run(args) -> int:
               "seconds": {"features": feat_s, "training": train_s},
               "loss_before": loss_before, "loss_after": loss_after,
               "own_class_cosine_before": cos_before.tolist(), "own_class_cosine_after": cos_after.tolist(),
-              "shots_with_higher_own_class_cosine": improved, "held_out": None}
+              "shots_with_higher_own_class_cosine": improved, "held_out": None, "warnings": fitted.warnings}
+    _print_warnings(fitted.warnings)
     print(f"Eq. 7 loss on {len(kept_pos)} shots: {loss_before:.4f} -> {loss_after:.4f}; own-class cosine "
           f"mean {float(cos_before.mean()):.4f} -> {float(cos_after.mean()):.4f} "
           f"(higher for {improved}/{len(kept_pos)} shots)")
@@ -264,8 +266,17 @@ def _save_head(out, scorer, label_set, state, curve, extra):
 
     hyper = {k: extra[k] for k in ("lr", "epochs", "batch_size", "tau", "weight_decay", "seed") if k in extra}
     hyper.update(extra.get("hyper") or {})
-    meta = head_meta(scorer.encoder, label_set, hyper, curve, shots=extra.get("shots"), n_shots=extra.get("n_shots"))
+    meta = head_meta(scorer.encoder, label_set, hyper, curve, shots=extra.get("shots"), n_shots=extra.get("n_shots"),
+                     warnings=list(extra.get("warnings") or []))
     return save_head(out, scorer.method.name, state, meta)
+
+
+def _print_warnings(warnings) -> None:
+    """The fit's warnings (``Method.fit_shots``; already logged) in the tool's output."""
+    for w in warnings:
+        print(f"WARNING: {w}")
+    if warnings:
+        common.banner(["WARNING", *warnings])
 
 
 def _fit_head(args, scorer, dataset, shots, out) -> int:
@@ -278,10 +289,13 @@ def _fit_head(args, scorer, dataset, shots, out) -> int:
     from ..core.pipeline import BoxFeatures
     from . import plots
 
+    from ..core.finetune import shot_context
+
     method, encoder, label_set = scorer.method, scorer.encoder, dataset.label_set
     rw = bool(encoder.random_weights)
     t0 = time.perf_counter()
-    parts, labels = [], []
+    context = shot_context(dataset, shots)  # per shot, its image's other ID objects (UNI-OOD's background text)
+    parts, labels, contexts = [], [], []
     for fr, positions, enc in _encoded_shots(scorer, dataset, shots, getattr(method, "fit_views", None),
                                              not args.no_progress):
         good = np.flatnonzero(enc.status == BoxStatus.OK)
@@ -291,24 +305,29 @@ def _fit_head(args, scorer, dataset, shots, out) -> int:
             parts.append(BoxFeatures(enc.boxes_xyxy[good], enc.status[good], enc.rows(good), {}, views=enc.views,
                                      image_wh=enc.image_wh[good]))
             labels.extend(int(v) for v in np.asarray(shots.label_idx)[np.asarray(positions)[good]])
+            contexts.extend(context[int(p)] for p in np.asarray(positions)[good])
     if not parts:
         raise common.fail(["no shot could be encoded (see the warnings above)"])
     feats = BoxFeatures.concat(parts)
     y = torch.as_tensor(labels, dtype=torch.long)
     feat_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    state, curve, hyper = method.fit(feats.data, y, scorer.text_emb, progress=not args.no_progress,
-                                     epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    fitted = method.fit_shots(feats.data, y, scorer.text_emb, context=contexts, progress=not args.no_progress,
+                              epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    state, curve, hyper = fitted.state, fitted.loss_curve, fitted.hyper
     train_s = time.perf_counter() - t1
-    folder = _save_head(out, scorer, label_set, state, curve, {"hyper": hyper, "shots": args.shots, "n_shots": len(labels)})
+    folder = _save_head(out, scorer, label_set, state, curve, {"hyper": hyper, "shots": args.shots, "n_shots": len(labels),
+                                                               "warnings": fitted.warnings})
     lp = plots.loss_plot(curve, out / "loss_curve.png", title=f"{method.name} loss, {len(labels)} shots, "
                          f"{label_set.name} ({encoder.model_name})", random_weights=rw)
     report = {"random_weights": rw, "warning": common.RANDOM_LABEL if rw else None, "method": method.name,
               "config": common.tool_config(args, encoder), "head": str(folder), "loss_curve_png": lp.name,
               "shots": shots.report, "n_shots_used": len(labels), "hyper": hyper,
               "seconds": {"features": feat_s, "training": train_s},
-              "loss_first_epoch": curve[0] if curve else None, "loss_last_epoch": curve[-1] if curve else None}
+              "loss_first_epoch": curve[0] if curve else None, "loss_last_epoch": curve[-1] if curve else None,
+              "warnings": fitted.warnings}
     common.write_json(out / "finetune_report.json", report)
+    _print_warnings(fitted.warnings)
     print(f"{method.name} head on {len(labels)} shots: loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else
           f"{method.name} head on {len(labels)} shots (no epochs)")
     print(f"wrote {folder}, {lp} and {out / 'finetune_report.json'}")

@@ -13,18 +13,21 @@
   ``BoxFeatures.data`` under ``"<view>.<name>"``, leading dimension = boxes);
 * :meth:`Method.similarities` - per-box features -> class similarities ``[M, K]`` (higher = closer
   to the ID class); the shared scorers turn them into uncertainties;
-* :meth:`Method.fit` - few-shot ID boxes -> a trained head (``core.methods.heads.Head``).
+* :meth:`Method.fit` - few-shot ID boxes -> a trained head (``core.methods.heads.Head``); callers go through
+  :meth:`Method.fit_shots`, the one fitting path (the label-set check, the per-box image context).
 
 Nothing here imports ``backends`` or ROS.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+import dataclasses
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..registry import VIEWS
+from .fitting import label_set_warnings
 
 #: backbone outputs that are per view (``xattn`` is per (query, key) pair of views)
 PER_VIEW_OUTPUTS = ("cls", "tokens", "attn_cls")
@@ -34,6 +37,17 @@ def grid_size(encoder) -> int:
     """G, the side of the encoder's patch grid (``T = 1 + G*G`` tokens)."""
     g = getattr(encoder, "grid_size", None)
     return int(g if g is not None else encoder.model.visual.grid_size[0])
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :meth:`Method.fit_shots` returns: the head's weights, the per-epoch loss, the hyper-parameters and
+    settings to record, and the warnings about the fit (also logged; the finetune tool prints and records them)."""
+
+    state: Dict[str, torch.Tensor]
+    loss_curve: List[float]
+    hyper: Dict
+    warnings: List[str]
 
 
 def feature_key(view: str, name: str) -> str:
@@ -60,6 +74,8 @@ class Method:
     outputs: Tuple[str, ...] = ("cls",)
     ablations: Tuple[str, ...] = ("dual",)
     needs_head: bool = False
+    #: whether :meth:`fit` reads ``context`` (per box, the label-set indices of the other ID objects of its image)
+    uses_context: bool = False
 
     def __init__(self, encoder, head=None):
         self.encoder = encoder
@@ -139,8 +155,21 @@ class Method:
         return "none" if self.head is None else f"sha256:{self.head.sha256}"
 
     def fit(self, *args, **kwargs):
-        """Few-shot ID boxes -> a trained :class:`core.methods.heads.Head`."""
+        """The method's own training: ``fit(feats, labels, text_emb, progress=False, [context=...,] **hyper)``
+        -> ``(state, loss_curve, hyper)``. Call :meth:`fit_shots`, which checks what every method shares."""
         raise NotImplementedError(f"method {self.name!r} cannot be fitted yet")
+
+    def fit_shots(self, feats: Mapping[str, torch.Tensor], labels: torch.Tensor, text_emb: torch.Tensor,
+                  context: Optional[Sequence[Sequence[int]]] = None, progress: bool = False, **hyper) -> FitResult:
+        """THE fitting path of every method (the finetune tool's): the label-set check
+        (``fitting.label_set_warnings``: a one-class label set is warned about, logged and returned), then
+        :meth:`fit` with ``context`` (per box, the label-set indices of the other ID objects of its image;
+        ``core.finetune.shot_context``) for the methods that read it (:attr:`uses_context`)."""
+        warnings = label_set_warnings(self.name, int(text_emb.shape[0]), labels)
+        if self.uses_context:
+            hyper["context"] = context
+        state, curve, hp = self.fit(feats, labels, text_emb, progress=progress, **hyper)
+        return FitResult(state, [float(v) for v in curve], dict(hp), warnings)
 
     def describe(self) -> dict:
         return {"method": self.name, "views": list(self.views), "outputs": list(self.outputs),

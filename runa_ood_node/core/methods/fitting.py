@@ -2,16 +2,41 @@
 
 :func:`seeded` makes everything random inside it (module init, dropout) depend on one seed without touching
 the caller's global RNG; :func:`run_epochs` shuffles with its own generator, steps the optimiser per batch
-and returns the per-epoch loss curve.
+and returns the per-epoch loss curve; :func:`label_set_warnings` is the check every fit passes
+(``base.Method.fit_shots``).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable, Iterator, List, Optional
 
 import torch
 
-__all__ = ["seeded", "run_epochs"]
+__all__ = ["seeded", "run_epochs", "label_set_warnings"]
+
+LOG = logging.getLogger(__name__)
+
+
+def label_set_warnings(method: str, n_classes: int, labels=None) -> List[str]:
+    """What is wrong with fitting ``method``'s head on a label set of ``n_classes`` classes (shots ``labels``),
+    as warning messages (empty: nothing), each also logged with ``logging.warning``. Called once for every
+    method by ``base.Method.fit_shots``, the one fitting path.
+
+    One class: every method's loss contrasts a box's class with the other classes (RUNA's Eq. 7 and TagOOD's
+    cross-entropy are softmaxes over the K classes, identically 0 for K = 1 with zero gradient; UNI-OOD's
+    contrastive loss then pairs every box with the same text and has no wrong text to push away from), so
+    the head learns nothing that separates the class from anything else.
+    """
+    out: List[str] = []
+    if int(n_classes) == 1:
+        out.append(f"{method} head fitted on a ONE-class label set: its loss has no other class to contrast "
+                   "(RUNA's Eq. 7 and TagOOD's cross-entropy are identically 0, UNI-OOD's contrastive loss has no "
+                   "negative text), so the head learns nothing that separates ID from OOD; add classes to the "
+                   "label set (e.g. the other classes the detector reports) before fine-tuning")
+    for msg in out:
+        LOG.warning("%s", msg)
+    return out
 
 
 @contextlib.contextmanager

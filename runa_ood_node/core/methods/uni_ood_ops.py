@@ -15,10 +15,13 @@ ID class ``c``:
 * background weights (:func:`background_weights`): ``beta_i`` from inter-image attention (the crop's CLS
   query at layer l, head h against the background's keys at the same layer and head, softmax over the
   background's tokens, averaged), ``mu_i = max(cos(P z_i^bg, t~_c), 0)`` against the background text
-  ``t~_c`` (:func:`background_text`): the ID prompts aggregated with inter-text attention weights
-  (:func:`text_eot_attention`: the target prompt's [EOT] query against each prompt's [EOT] key in the text
-  tower, averaged over layers and heads). At inference the background objects are unknown, so all ID prompts
-  are aggregated, weighted by their relevance to the candidate class (the paper's approximation);
+  ``t~_c`` (:func:`background_text`): the background objects' prompts aggregated with inter-text attention
+  weights (:func:`text_eot_logits`, :func:`inter_text_weights`: the target prompt's [EOT] query against each
+  background prompt's [EOT] key in the text tower, softmax over the background's prompts, averaged over
+  layers and heads). At training the background is the image's other objects (their ID labels, as the
+  paper's training; :func:`context_counts`); at inference the background objects are unknown, so all ID
+  prompts are aggregated, weighted by their relevance to the candidate class (the paper's approximation;
+  ``exclude_self`` drops the candidate's own prompt, :func:`exclusion_counts`);
 * combiner (:class:`Combiner`): ``z = MLP([w_0 z_0 ; CNN({w_i z_i}_{i>=1})])``: the weighted patch tokens on
   their grid through a three-layer CNN, concatenated with the weighted CLS, an MLP; one combiner for the
   target, one (same structure, own weights) for the background;
@@ -50,8 +53,13 @@ __all__ = [
     "token_text_alignment",
     "target_weights",
     "background_weights",
+    "text_eot_logits",
     "text_eot_attention",
+    "inter_text_weights",
     "background_text",
+    "exclusion_counts",
+    "context_counts",
+    "TRAIN_BACKGROUND_TEXTS",
     "Combiner",
     "uni_ood_similarities",
     "clip_contrastive_loss",
@@ -62,16 +70,19 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- weights
 def token_text_alignment(tokens: torch.Tensor, proj: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """``mu [M, K, T] = max(cos(tokens @ proj, text_k), 0)``: image-text alignment of every token (CLS and
-    patches) with every class text, as the paper's ``mu_i = max(cos(P z_i^L, M_text(t)), 0)``."""
-    if tokens.ndim != 3 or proj.ndim != 2 or text.ndim != 2:
-        raise ValueError(f"need tokens [M,T,W], proj [W,D], text [K,D]; got {tuple(tokens.shape)}, "
+    patches) with every class text, as the paper's ``mu_i = max(cos(P z_i^L, M_text(t)), 0)``.
+    ``text``: ``[K, D]`` (the same texts for every object) or ``[M, K, D]`` (per object, e.g. the training
+    background text of each object's image)."""
+    per_obj = text.ndim == 3
+    if tokens.ndim != 3 or proj.ndim != 2 or text.ndim not in (2, 3) or (per_obj and text.shape[0] != tokens.shape[0]):
+        raise ValueError(f"need tokens [M,T,W], proj [W,D], text [K,D] or [M,K,D]; got {tuple(tokens.shape)}, "
                          f"{tuple(proj.shape)}, {tuple(text.shape)}")
-    if tokens.shape[-1] != proj.shape[0] or proj.shape[1] != text.shape[1]:
-        raise ValueError(f"tokens width {tokens.shape[-1]}, proj {tuple(proj.shape)} and text dim {text.shape[1]} "
+    if tokens.shape[-1] != proj.shape[0] or proj.shape[1] != text.shape[-1]:
+        raise ValueError(f"tokens width {tokens.shape[-1]}, proj {tuple(proj.shape)} and text dim {text.shape[-1]} "
                          "do not chain")
     emb = F.normalize(tokens.float() @ proj.float(), dim=-1)          # [M, T, D]
-    txt = F.normalize(text.float(), dim=-1)                            # [K, D]
-    return torch.einsum("mtd,kd->mkt", emb, txt).clamp_min(0.0)
+    txt = F.normalize(text.float(), dim=-1)                            # [K, D] or [M, K, D]
+    return torch.einsum("mtd,mkd->mkt" if per_obj else "mtd,kd->mkt", emb, txt).clamp_min(0.0)
 
 
 def _attention_times_alignment(attn: torch.Tensor, tokens: torch.Tensor, proj: torch.Tensor,
@@ -99,7 +110,7 @@ def background_weights(xattn: torch.Tensor, bg_tokens: torch.Tensor, proj: torch
     """``[M, K, T]`` background-branch token weights: inter-image ``beta`` (``xattn [M, T]``: the crop's CLS
     query against the background's keys, per layer and head, softmax over the background's tokens,
     averaged) times ``mu`` of the background tokens against the background text ``bg_text [K, D]``
-    (:func:`background_text`, row k for candidate class k)."""
+    (:func:`background_text`, row k for candidate class k; ``[M, K, D]``: one per object, at training)."""
     return _attention_times_alignment(xattn, bg_tokens, proj, bg_text)
 
 
@@ -142,90 +153,185 @@ def _eot_index(model, token_ids: torch.Tensor) -> torch.Tensor:
     return token_ids.argmax(dim=-1)  # CLIP's tokenizer: the EOT id is the largest in the vocabulary
 
 
+def _text_dtype(model) -> torch.dtype:
+    """The dtype the text tower computes in: open_clip's ``encode_text`` casts its activations to the
+    transformer's weight dtype (``get_cast_dtype``: fp16 / bf16 Linear weights for ``precision`` fp16 / bf16,
+    while its LayerNorms and token embedding stay fp32)."""
+    get = getattr(model.transformer, "get_cast_dtype", None)
+    if callable(get):
+        return get()
+    return model.transformer.resblocks[0].attn.in_proj_weight.dtype
+
+
 @torch.no_grad()
-def _text_eot_attention_2d(model, token_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _text_eot_logits_2d(model, token_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [L*H, K, K], features [K, D])`` of K prompts, float32 CPU (see :func:`text_eot_logits`)."""
     k, ctx = token_ids.shape
     dev = model.token_embedding.weight.device
     ids = token_ids.to(dev).long()
     eot = _eot_index(model, ids)
     rows = torch.arange(k, device=dev)
-    x = model.token_embedding(ids).float() + model.positional_embedding[:ctx].float()
+    dtype = _text_dtype(model)  # activations follow the tower's weights, as encode_text does
+    x = model.token_embedding(ids).to(dtype) + model.positional_embedding[:ctx].to(dtype)
     mask = getattr(model, "attn_mask", None)
     if mask is not None:
-        mask = mask[:ctx, :ctx].float().to(dev)
-    w = torch.zeros(k, k, dtype=torch.float32, device=dev)
-    n_terms = 0
+        mask = mask[:ctx, :ctx].to(dev, torch.float32)
+    terms = []
     for block in model.transformer.resblocks:
         attn, ls_1, ls_2 = _block_parts(block)
         heads, width = attn.num_heads, attn.embed_dim
         dh = width // heads
         y = block.ln_1(x)
-        q, kk, v = F.linear(y, attn.in_proj_weight.float(), attn.in_proj_bias.float()
-                            if attn.in_proj_bias is not None else None).chunk(3, dim=-1)
+        q, kk, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         q, kk, v = (t.reshape(k, ctx, heads, dh).transpose(1, 2) for t in (q, kk, v))    # [K, H, ctx, dh]
-        logits = q @ kk.transpose(-1, -2) / math.sqrt(dh)
+        # scores and softmax in fp32 (as the fused attention kernels accumulate), the rest in the tower's dtype
+        logits = q.float() @ kk.float().transpose(-1, -2) / math.sqrt(dh)
         if mask is not None:
             logits = logits + mask
-        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(k, ctx, width)
-        x = x + ls_1(attn.out_proj(out))
-        x = x + ls_2(block.mlp(block.ln_2(x)))
+        out = (logits.softmax(-1).to(dtype) @ v).transpose(1, 2).reshape(k, ctx, width)
+        x = (x + ls_1(attn.out_proj(out))).to(dtype)
+        x = (x + ls_2(block.mlp(block.ln_2(x)))).to(dtype)
         # inter-text attention: prompt a's [EOT] query against prompt b's [EOT] key, same layer and head
-        q_eot = q[rows, :, eot]                                     # [K, H, dh]
-        k_eot = kk[rows, :, eot]                                    # [K, H, dh]
-        a = torch.einsum("ahd,bhd->hab", q_eot, k_eot) / math.sqrt(dh)
-        w += a.softmax(-1).sum(0)
-        n_terms += heads
+        q_eot = q[rows, :, eot].float()                             # [K, H, dh]
+        k_eot = kk[rows, :, eot].float()                            # [K, H, dh]
+        terms.append(torch.einsum("ahd,bhd->hab", q_eot, k_eot) / math.sqrt(dh))
     feats = model.ln_final(x)[rows, eot]
     tp = model.text_projection
-    feats = tp(feats) if isinstance(tp, nn.Linear) else feats @ tp.float()
-    return (w / n_terms).cpu(), feats.float().cpu()
+    feats = tp(feats) if isinstance(tp, nn.Linear) else feats @ tp.to(feats.dtype)
+    return torch.cat(terms, 0).float().cpu(), feats.float().cpu()
 
 
-def text_eot_attention(encoder_model, token_ids: torch.Tensor, return_features: bool = False):
-    """``W [K, K]``: inter-text attention between K prompts in the text tower (UNI-OOD's inter-text attention).
+def text_eot_logits(encoder_model, token_ids: torch.Tensor, return_features: bool = False):
+    """``[L*H*P, K, K]`` inter-text attention logits between K prompts in the text tower, one ``[K, K]`` per
+    layer l, head h (and template p): ``q_eot(a) . k_eot(b) / sqrt(d_head)``, prompt a's [EOT] query against
+    prompt b's [EOT] key (UNI-OOD's inter-text attention before its softmax).
 
     open_clip runs attention with ``need_weights=False``, so the tower is re-run here layer by layer from the
     layers' own weights (``ln_1``, ``attn.in_proj``, ``attn.out_proj``, ``ln_2``, ``mlp``, causal mask); each
-    prompt runs on its own, as in the tower. At every layer l and head h, prompt a's [EOT] query meets every
-    prompt b's [EOT] key: ``softmax_b(q_eot(a) . k_eot(b) / sqrt(d_head))``; ``W[a, b]`` is its mean over the
-    layers and heads (rows sum to 1). It depends only on the prompts: compute once per label set.
+    prompt runs on its own, as in the tower. Activations follow the tower's weight dtype as ``encode_text``
+    does (open_clip's ``precision`` fp16 / bf16 turns the Linear weights to fp16 / bf16 and keeps LayerNorms
+    fp32); the attention scores and the returned logits and features are float32 CPU.
+
+    The logits are kept per layer and head so that the softmax can run over any subset of the prompts (the
+    other objects of an image at training, all ID prompts at inference, :func:`inter_text_weights`): the
+    mean over layers and heads of a softmax over a subset is not the renormalised mean over all prompts.
 
     Args:
         encoder_model: an open_clip ``CLIP`` (or an object holding it as ``.model``, e.g. ``DualEncoder``).
         token_ids: ``[K, ctx]`` tokenised prompts (one per class), or ``[K, P, ctx]`` with P templates per
-            class: then W is computed among the K prompts of each template and averaged over the templates.
+            class: then the logits of each template are computed among the K prompts of that template and the
+            templates' terms are concatenated (so a mean over terms averages the templates).
         return_features: also return the re-run tower's text features ``[K, D]`` (``[K, P, D]``), unnormalised,
             which equal ``encode_text`` (the check that the re-run is the tower).
     """
     model = _text_model(encoder_model)
     ids = torch.as_tensor(token_ids)
     if ids.ndim == 2:
-        w, f = _text_eot_attention_2d(model, ids)
+        lg, f = _text_eot_logits_2d(model, ids)
     elif ids.ndim == 3:
-        per = [_text_eot_attention_2d(model, ids[:, p]) for p in range(ids.shape[1])]
-        w = torch.stack([p[0] for p in per]).mean(0)
+        per = [_text_eot_logits_2d(model, ids[:, p]) for p in range(ids.shape[1])]
+        lg = torch.cat([p[0] for p in per], 0)
         f = torch.stack([p[1] for p in per], dim=1)
     else:
         raise ValueError(f"token_ids must be [K, ctx] or [K, P, ctx], got {tuple(ids.shape)}")
-    return (w, f) if return_features else w
+    return (lg, f) if return_features else lg
 
 
-def background_text(text: torch.Tensor, w: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
-    """``[K, D]``: ``t~_k = normalize(sum_j w[k, j] * t_j)`` with the text embeddings ``t_j`` normalised first.
+def text_eot_attention(encoder_model, token_ids: torch.Tensor, return_features: bool = False):
+    """``W [K, K]``: inter-text attention among all K prompts, ``W[a, b]`` = the mean over layers and heads
+    (and templates) of ``softmax_b(q_eot(a) . k_eot(b) / sqrt(d_head))`` (rows sum to 1); it depends only on
+    the prompts. ``inter_text_weights(text_eot_logits(...))``; arguments as :func:`text_eot_logits`."""
+    out = text_eot_logits(encoder_model, token_ids, return_features)
+    lg = out[0] if return_features else out
+    w = inter_text_weights(lg)
+    return (w, out[1]) if return_features else w
 
-    The paper aggregates all ID prompts, weighted by their relevance to the candidate class, the target's own
-    prompt included (default). ``exclude_self=True`` drops ``j = k`` and renormalises the row, which equals a
-    softmax over the other prompts only (the same logits without the diagonal).
+
+def inter_text_weights(logits: torch.Tensor, counts=None) -> torch.Tensor:
+    """Inter-text attention weights over a set of background prompts, from :func:`text_eot_logits`.
+
+    ``w[c, j] = mean_t softmax_j(logits[t, c, j] + log counts[c, j])``: candidate (target) prompt c's [EOT]
+    query against the background prompts' keys, the softmax over the background's members only, averaged
+    over the terms (layers, heads, templates). ``counts[c, j]`` is how often prompt j appears in the
+    background of target c (0 = absent; an image with two cars holds the car prompt twice, the paper's sum
+    over the objects ``x'``); a row with no member is all zeros.
+
+    Args:
+        logits: ``[T, K, K]``.
+        counts: None (every prompt once: the inference aggregate over all ID prompts), ``[K]`` (the same
+            background for every target c), ``[K, K]`` (per target; ``1 - eye`` = all ID prompts but the
+            target's own, ``exclude_self``) or ``[N, K, K]`` (one background per object) -> ``[N, K, K]``.
+    Returns:
+        ``[K, K]`` (``[N, K, K]`` for per-object counts), float32; rows sum to 1 or are 0.
     """
-    if text.ndim != 2 or w.shape != (text.shape[0], text.shape[0]):
-        raise ValueError(f"need text [K, D] and w [K, K]; got {tuple(text.shape)}, {tuple(w.shape)}")
-    w = w.float()
-    if exclude_self:
-        if text.shape[0] < 2:
-            raise ValueError("exclude_self needs at least two prompts")
-        w = w * (1.0 - torch.eye(w.shape[0], dtype=w.dtype))
-        w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-    return F.normalize(w @ F.normalize(text.float(), dim=-1), dim=-1)
+    lg = torch.as_tensor(logits).float()
+    if lg.ndim != 3 or lg.shape[1] != lg.shape[2]:
+        raise ValueError(f"logits must be [T, K, K], got {tuple(lg.shape)}")
+    if counts is None:
+        return lg.softmax(-1).mean(0)
+    k = lg.shape[1]
+    c = torch.as_tensor(counts, dtype=torch.float32)
+    if c.ndim == 1:
+        c = c[None].expand(k, k)
+    if c.ndim == 3:
+        return torch.stack([inter_text_weights(lg, ci) for ci in c]) if c.shape[0] else torch.zeros(0, k, k)
+    if c.shape != (k, k) or bool((c < 0).any()):
+        raise ValueError(f"counts must be non-negative [K], [K, K] or [N, K, K] with K = {k}, got {tuple(c.shape)}")
+    log_c = torch.where(c > 0, c.clamp_min(1e-30).log(), torch.full_like(c, float("-inf")))
+    w = (lg + log_c[None]).softmax(-1)
+    return torch.nan_to_num(w, nan=0.0).mean(0)  # an empty row: softmax of all -inf is NaN -> 0
+
+
+def background_text(text: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``t~[..., k] = normalize(sum_j w[..., k, j] * t_j)`` with the text embeddings ``t_j`` normalised first.
+
+    ``text [K, D]``; ``w [K, K]`` (-> ``[K, D]``) or ``[N, K, K]`` (one background per object -> ``[N, K, D]``),
+    the weights of :func:`inter_text_weights`: all ID prompts at inference (the paper's approximation, the
+    target's own prompt included unless ``exclude_self``), the image's other objects at training.
+    A row of zero weights gives a zero vector (its ``mu`` is then 0).
+    """
+    if text.ndim != 2 or w.ndim not in (2, 3) or w.shape[-2:] != (text.shape[0], text.shape[0]):
+        raise ValueError(f"need text [K, D] and w [K, K] or [N, K, K]; got {tuple(text.shape)}, {tuple(w.shape)}")
+    return F.normalize(w.float() @ F.normalize(text.float(), dim=-1), dim=-1)
+
+
+#: the training background text of a box (``fit``): the image's other objects (``others``, the paper's
+#: training) or the inference aggregate over all ID prompts (``aggregate``, this package's first version)
+TRAIN_BACKGROUND_TEXTS = ("others", "aggregate")
+
+
+def exclusion_counts(k: int, exclude_self: bool) -> Optional[torch.Tensor]:
+    """The ``counts`` of the inference aggregate: None (all K prompts) or ``1 - eye(K)`` (``exclude_self``:
+    every prompt but the candidate's own). Raises ValueError for ``exclude_self`` with one prompt."""
+    if not exclude_self:
+        return None
+    if int(k) < 2:
+        raise ValueError("exclude_self needs at least two prompts (a one-class label set has no other prompt)")
+    return 1.0 - torch.eye(int(k))
+
+
+def context_counts(context: Sequence[Sequence[int]], k: int) -> Tuple[torch.Tensor, int]:
+    """``([N, K, K] counts, alone)`` of the training background text from each object's image context.
+
+    ``context[n]``: the label-set indices of the OTHER ID objects of object n's image (duplicates count:
+    two other cars weigh the car prompt twice). An object alone in its image (empty context) falls back to
+    the inference aggregate without the candidate's own prompt (``1 - eye``; with one class: nothing, a zero
+    background text); ``alone`` counts them.
+    """
+    k = int(k)
+    out = torch.zeros(len(context), k, k)
+    alone = 0
+    fallback = 1.0 - torch.eye(k)
+    for n, others in enumerate(context):
+        idx = torch.as_tensor([int(v) for v in others], dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k):
+            raise ValueError(f"context[{n}] holds a class index outside [0, K={k}): {idx.tolist()}")
+        if idx.numel():
+            out[n] = torch.bincount(idx, minlength=k).float()[None].expand(k, k)
+        else:
+            out[n] = fallback
+            alone += 1
+    return out, alone
 
 
 # ---------------------------------------------------------------------------------------------- combiner
@@ -386,15 +492,17 @@ def fit_uni_ood(target_tokens: torch.Tensor, target_attn: torch.Tensor, bg_token
       aligned with their text, random backgrounds) neither reached 0.9 accuracy, so the choice is a
       reasoned default, not a measured one.
 
-    The paper trains with the background text of the *other objects in the image* (inter-text attention over
-    their prompts). Here ``bg_text`` is the inference-time aggregate over all ID prompts (row c for class c),
-    so training and inference see the same background text, and no per-image object lists are needed.
+    Background text: the paper trains with the background text of the *other objects in the image*
+    (inter-text attention over their prompts): pass ``bg_text [N, K, D]``, one per object (row c: its
+    image's other objects aggregated with candidate c's [EOT] query; ``UniOodMethod.fit`` builds it with
+    :func:`context_counts`). ``bg_text [K, D]`` gives every object the same background text (the inference
+    aggregate over all ID prompts: the ``aggregate`` training choice).
 
     Args:
         target_tokens: ``[N, T, W]`` crop-pass tokens; target_attn: ``[N, T]`` its CLS->token attention.
         bg_tokens: ``[N, T, W]`` background-pass tokens; bg_xattn: ``[N, T]`` crop CLS vs background keys.
         labels: ``[N]`` class indices into ``text``.
-        proj: ``[W, D]`` the (frozen) visual projection; text: ``[K, D]``; bg_text: ``[K, D]``.
+        proj: ``[W, D]`` the (frozen) visual projection; text: ``[K, D]``; bg_text: ``[K, D]`` or ``[N, K, D]``.
         grid: G, with ``T = 1 + G*G``.
         epochs, batch, lr, weight_decay: AdamW on the combiners' parameters, constant lr (the paper gives
             none; 1e-3 is Adam's usual rate for small freshly initialised networks, 0.01 PyTorch's AdamW decay;
@@ -422,6 +530,8 @@ def fit_uni_ood(target_tokens: torch.Tensor, target_attn: torch.Tensor, bg_token
                     ("bg_xattn", bg_xattn)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or inf")
+    if bg_text.shape[-2:] != text.shape or (bg_text.ndim == 3 and bg_text.shape[0] != n) or bg_text.ndim not in (2, 3):
+        raise ValueError(f"bg_text must be [K, D] = {tuple(text.shape)} or [N={n}, K, D], got {tuple(bg_text.shape)}")
     if pairing not in ("candidate", "own"):
         raise ValueError(f"pairing must be 'candidate' or 'own', got {pairing!r}")
     p = proj.detach().float()
