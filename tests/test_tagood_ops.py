@@ -173,7 +173,9 @@ def test_fit_lowers_loss_and_separates_synthetic_classes(one_thread):
     sets, labels = _synthetic(k, 12, width, seed=1)
     id_sets = [s for s, y in zip(sets, labels) if y < k]
     id_labels = labels[labels < k]
-    kw = dict(epochs=40, batch=16, lr=1e-3, dim=32, heads=4, mlp=64, dropout=0.0, momentum=0.9, seed=0)
+    # TagOOD's default momentum (0.999; was 0.9 here, which hid centres that stayed ~90 % random):
+    # the EMA rate is capped by the number of updates, the centres start at the class means
+    kw = dict(epochs=40, batch=16, lr=1e-3, dim=32, heads=4, mlp=64, dropout=0.0, seed=0)
     proj, centres, curve = fit_tagood(id_sets, id_labels, k, **kw)
     assert len(curve) == 40 and all(math.isfinite(v) for v in curve)
     assert curve[-1] < 0.5 * curve[0]
@@ -188,6 +190,11 @@ def test_fit_lowers_loss_and_separates_synthetic_classes(one_thread):
         feat, _ = proj(tokens, mask)
     sims = tagood_similarities(feat, centres)
     unc = torch.as_tensor(score(sims, "runa").uncertainty)
+    # the centres end at the ID class means of the trained features (each class, each pattern)
+    with torch.no_grad():
+        ftr = proj(*pad_token_sets(id_sets))[0].reshape(len(id_sets), 4, 8)
+    means = torch.stack([ftr[id_labels == c].mean(0) for c in range(k)])
+    assert float(torch.nn.functional.cosine_similarity(centres.centres, means, dim=-1).min()) > 0.95
     is_id = test_labels < k
     acc = (sims[is_id].argmax(1) == test_labels[is_id]).float().mean().item()
     assert acc >= 0.9

@@ -39,7 +39,8 @@ from .registry import BACKBONE_OUTPUTS
 
 __all__ = ["BACKBONE_OUTPUTS", "ATTENTION_OUTPUTS", "PER_VIEW_OUTPUTS", "output_set", "output_set_tag",
            "check_pairs", "empty_outputs", "attention_weights", "cls_attention", "backbone_forward",
-           "BackboneGraph", "run_chunked", "serve_outputs", "grid_size"]
+           "BackboneGraph", "run_chunked", "serve_outputs", "grid_size", "embed_views",
+           "interpolated_pos_embed"]
 
 #: outputs that need the attention probabilities (not available from fused attention kernels)
 ATTENTION_OUTPUTS: Tuple[str, ...] = ("attn_cls", "xattn")
@@ -170,6 +171,39 @@ def _standard_cls_pool(visual: nn.Module) -> bool:
             and getattr(visual, "pool_type", "tok") == "tok")
 
 
+def interpolated_pos_embed(visual: nn.Module, grid: int) -> torch.Tensor:
+    """The tower's positional embedding ``[1 + g*g, W]`` for a ``grid x grid`` patch grid: the CLS row as it
+    is, the patch rows resized bicubically (antialias, ``align_corners=False``: open_clip's
+    ``resize_pos_embed``). ``grid`` = the tower's own: the embedding itself."""
+    pos = visual.positional_embedding
+    g0 = grid_size(visual)
+    if int(grid) == g0:
+        return pos
+    img = pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    img = F.interpolate(img, size=(int(grid), int(grid)), mode="bicubic", antialias=True, align_corners=False)
+    img = img.permute(0, 2, 3, 1).reshape(int(grid) * int(grid), -1).to(pos.dtype)
+    return torch.cat([pos[:1], img], dim=0)
+
+
+def embed_views(visual: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    """The tower's ``_embeds`` (patchify, CLS, positions, ``ln_pre``). At the tower's own image size exactly
+    open_clip's; at another square size (a multiple of the patch size; TagOOD's ``frame_size``) the same
+    steps with :func:`interpolated_pos_embed`."""
+    size = getattr(visual, "image_size", None)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if tuple(views.shape[-2:]) == size:
+        return visual._embeds(views)
+    if views.shape[-1] != views.shape[-2]:
+        raise ValueError(f"only square views are supported, got {tuple(views.shape[-2:])}")
+    x = visual.conv1(views)                                  # [B, W, g, g]
+    g = int(x.shape[-1])
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.reshape(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + interpolated_pos_embed(visual, g).to(x.dtype)
+    x = visual.patch_dropout(x)
+    return visual.ln_pre(x)
+
+
 def backbone_forward(visual: nn.Module, views: torch.Tensor, names: Sequence[str],
                      pairs: Optional[torch.Tensor] = None, blocks: Optional[Sequence[nn.Module]] = None
                      ) -> Dict[str, torch.Tensor]:
@@ -193,7 +227,7 @@ def backbone_forward(visual: nn.Module, views: torch.Tensor, names: Sequence[str
     tr = v.transformer
     blocks = list(tr.resblocks if blocks is None else blocks)
     batch_first = getattr(tr, "batch_first", True)
-    x = v._embeds(views)
+    x = embed_views(v, views)
     if not batch_first:
         x = x.transpose(0, 1).contiguous()
     acc_self = acc_x = None

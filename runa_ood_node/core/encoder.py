@@ -469,9 +469,16 @@ class DualEncoder:
         if not isinstance(views, torch.Tensor):
             views = torch.as_tensor(np.asarray(views), dtype=torch.float32)
         if views.ndim != 4 or tuple(views.shape[1:]) != (3, S, S):
-            raise ValueError(f"views must be [B,3,{S},{S}], got {tuple(views.shape)}")
+            size = int(views.shape[-1]) if views.ndim == 4 else 0
+            patch = S // self.grid_size
+            # a larger square size (a multiple of the patch): the torch trunk only, positional embeddings
+            # interpolated (backbone.backbone_forward); the exported graphs are traced at S
+            if not (views.ndim == 4 and tuple(views.shape[1:]) == (3, size, size) and size > S
+                    and size % patch == 0 and self._backend is None):
+                raise ValueError(f"views must be [B,3,{S},{S}] (larger square sizes, multiples of {patch}, on the "
+                                 f"torch backend only; this one is {self.backend_name!r}), got {tuple(views.shape)}")
         names = output_set(outputs)
-        T, W = self.num_tokens, self.width
+        T, W = 1 + (int(views.shape[-1]) // (S // self.grid_size)) ** 2, self.width
         run = self._outputs_runner(names)
         views = views.float().contiguous()
         out = serve_outputs(run, views, names, pairs, max_batch, T, W)

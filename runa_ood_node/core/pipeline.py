@@ -60,6 +60,8 @@ LOG = logging.getLogger(__name__)
 from .registry import ABLATIONS, PER_IMAGE_VIEWS, SCORERS, VIEWS, VIEWS_FOR_ABLATION  # noqa: E402,F401 (re-exported)
 
 _RUNA_VIEWS = VIEWS_FOR_ABLATION["dual"]
+#: ``BoxFeatures.data`` key of the token centres inside each box (``core.methods.tagood``), -> FrameResult
+TOKENS_IN_BOX = "frame.tokens_in_box"
 
 
 def _nan_like(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -89,6 +91,10 @@ class FrameResult:
         detector_scores: float32 ``[N]`` detector confidences if given (NaN otherwise).
         detector_labels: the detector's N class names if given (carried through for tables,
             logs and consumers comparing them with ``label``; RUNA itself does not use them).
+        tokens_in_box: float32 ``[N]`` for methods that read a box's patch tokens from one frame pass
+            (TagOOD): how many token centres lie inside the box; 0 = the box is smaller than a token and
+            was given its nearest token (shared with its neighbours); NaN when not encoded; None for
+            the other methods. :attr:`boxes_below_token` counts the scored boxes with 0.
     """
 
     boxes_xyxy: np.ndarray
@@ -103,9 +109,17 @@ class FrameResult:
     error: Optional[str] = None
     detector_scores: Optional[np.ndarray] = None
     detector_labels: Optional[List[str]] = None
+    tokens_in_box: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.status.shape[0])
+
+    @property
+    def boxes_below_token(self) -> int:
+        """Scored (``OK``) boxes covering no patch-token centre (``tokens_in_box`` < 1); 0 when not applicable."""
+        if self.tokens_in_box is None:
+            return 0
+        return int(np.count_nonzero(self.ok & (np.nan_to_num(self.tokens_in_box, nan=1.0) < 1)))
 
     @property
     def ok(self) -> np.ndarray:
@@ -141,6 +155,7 @@ class FrameResult:
                 "is_ood": bool(self.is_ood[i]),
                 "detector_score": None if self.detector_scores is None else f(self.detector_scores[i]),
                 "detector_label": None if self.detector_labels is None else self.detector_labels[i],
+                "tokens_in_box": None if self.tokens_in_box is None else f(self.tokens_in_box[i]),
             })
         return recs
 
@@ -466,6 +481,8 @@ class OodScorer:
         views = self.resolve_views(views)
         method = self.method
         pairs_kinds = method.pairs(views)
+        frame_vm = self._frame_view_maker(views)  # None: the frame view is the view maker's S x S
+        kinds = views if frame_vm is None else tuple(v for v in views if v != "frame")
         prepared, parts, pairs, n_rows, n_pairs = [], [], [], 0, 0
         for fr in frames:
             t0 = time.perf_counter()
@@ -484,7 +501,9 @@ class OodScorer:
             if idx.size:
                 tv = time.perf_counter()
                 try:  # a GPU view maker can fail like a backend: only this frame's boxes are lost
-                    made = make_views(self.view_maker, fr.image_rgb, xyxy[idx], views)
+                    made = make_views(self.view_maker, fr.image_rgb, xyxy[idx], kinds) if kinds else {}
+                    if frame_vm is not None:
+                        made["frame"] = frame_vm.make_views(fr.image_rgb, xyxy[idx][:0], ("frame",))["frame"]
                     for v in views:  # VIEWS order, as the outputs are read back below
                         rows[v] = n_rows
                         parts.append(made[v])
@@ -552,6 +571,21 @@ class OodScorer:
                                        image_wh=np.tile(np.asarray(p["wh"], np.int32), (n, 1)), views=views))
         return results
 
+    def _frame_view_maker(self, views) -> Optional[ViewMaker]:
+        """A CPU ``ViewMaker`` at the method's ``frame_size`` when it differs from the view maker's input size
+        (TagOOD's higher-resolution frame pass), else None. Only for frame-only methods (one batch holds
+        views of one size)."""
+        size = getattr(self.method, "frame_size", None)
+        own = int(getattr(self.view_maker, "input_size", self.encoder.input_size))
+        if "frame" not in views or size is None or int(size) == own:
+            return None
+        if tuple(views) != ("frame",):
+            raise ValueError(f"a frame_size ({size}) other than the input size needs a frame-only method, got {views}")
+        vm = getattr(self, "_frame_vm", None)
+        if vm is None or vm.input_size != int(size):
+            vm = self._frame_vm = ViewMaker(int(size), self.encoder.mean, self.encoder.std, 0.0)
+        return vm
+
     def _backbone(self, batch: torch.Tensor, pairs: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """THE backend call: the method's named outputs of every view of the batch. RUNA's ``cls``
         alone goes through ``visual_features`` (every backend serves it); other output sets through
@@ -616,6 +650,8 @@ class OodScorer:
         det = None if features.detector_scores is None else features.detector_scores.copy()
         res = _empty_result(features.boxes_xyxy.copy(), status, det)
         res.error = features.error
+        if TOKENS_IN_BOX in features.data:  # one-pass methods (TagOOD): token centres per box
+            res.tokens_in_box = features.data[TOKENS_IN_BOX].numpy().astype(np.float32).reshape(-1)
         idx = np.flatnonzero(status == BoxStatus.OK)
 
         if idx.size:
