@@ -15,6 +15,17 @@ Arguments (`ros2 launch runa_ood_node runa_ood.launch.py --show-args`):
     use_sim_time      use /clock (bag replay)                                         [false]
     log_level         debug | info | warn | error (also filters Python logging)       [info]
     required          end the launch with an error when the node fails                [true]
+    fastdds_profile   Fast DDS profile for the node's process: a file, `none` (or '') = apply none
+                      (the environment's own FASTDDS_DEFAULT_PROFILES_FILE stays)
+                      [share/runa_ood_node/config/fastdds_one_host.xml]
+
+Transport: by default the node's process uses the shipped Fast DDS profile (images through shared
+memory in one piece; UDP on loopback only): with Fast DDS's default transports a 640x480 image is
+cut into 512 KiB fragments that are lost in bursts (a three-camera rig answered 1 of 150 frames).
+The publishers decide how a message is cut: point the camera drivers and the detector at the same
+file (export FASTDDS_DEFAULT_PROFILES_FILE=...). On a vehicle whose pipeline spans several
+computers use `fastdds_profile:=none` (or a profile allowing their interfaces). The node counts
+what is lost in transport and warns naming the cause (parameters transport.*).
 
 The node configures and activates itself (parameter ``autostart``, default true). If the model
 cannot be loaded it logs the error and exits with status 1; with ``required:=true`` the launch then
@@ -32,11 +43,11 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.parameter_descriptions import ParameterValue
 
-from runa_ood_node.ros.launch_actions import camera_setup, fail_launch_on_error, monitor_node
+from runa_ood_node.ros.launch_actions import camera_setup, fail_launch_on_error, fastdds_profile_env, monitor_node
 
 
 def _node(context):
@@ -47,8 +58,13 @@ def _node(context):
               {"use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)}]
     if cam_params:
         params.append(cam_params)
-    node = monitor_node(LaunchConfiguration("image_topic"), LaunchConfiguration("detections_topic"), params, remaps)
-    return [node, fail_launch_on_error(node, "the OOD monitor runa_ood_node", LaunchConfiguration("required"))]
+    env = fastdds_profile_env(LaunchConfiguration("fastdds_profile").perform(context))
+    node = monitor_node(LaunchConfiguration("image_topic"), LaunchConfiguration("detections_topic"), params, remaps,
+                        additional_env=env)
+    said = (f"runa_ood_node: Fast DDS profile {next(iter(env.values()))} (fastdds_profile:=none to apply none)"
+            if env else "runa_ood_node: no Fast DDS profile applied (fastdds_profile:=none); the environment's stays")
+    return [LogInfo(msg=said), node,
+            fail_launch_on_error(node, "the OOD monitor runa_ood_node", LaunchConfiguration("required"))]
 
 
 def generate_launch_description():
@@ -76,5 +92,9 @@ def generate_launch_description():
         DeclareLaunchArgument("required", default_value="true",
                               description="true: when the node exits with an error (e.g. start-up failed), end "
                                           "the launch and exit with status 1; false: only log it"),
+        DeclareLaunchArgument("fastdds_profile", default_value=os.path.join(share, "config", "fastdds_one_host.xml"),
+                              description="Fast DDS profile file for the node's process (FASTDDS_DEFAULT_PROFILES_FILE): "
+                                          "default the shipped one (images through shared memory in one piece, UDP on "
+                                          "loopback only); none or '' = apply none (pipelines spanning computers)"),
         OpaqueFunction(function=_node),
     ])

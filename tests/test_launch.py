@@ -148,6 +148,9 @@ def test_vehicle_launch_remaps_loads_yaml_and_answers_with_the_source_header(veh
     from vision_msgs.msg import Detection2DArray
 
     assert f"image '{IMAGE_TOPIC}'" in vehicle.log and f"detections '{DET_TOPIC}'" in vehicle.log, vehicle.log[-2000:]
+    # the launch file applies the shipped Fast DDS profile to the node's process by default
+    assert re.search(r"transport: Fast DDS profile \S*share/runa_ood_node/config/fastdds_one_host\.xml", vehicle.log), \
+        vehicle.log[-2000:]
     _wait_discovered(probe)
     subs = dict(probe.get_subscriber_names_and_types_by_node("runa_ood", f"/{NS}"))
     assert subs.get(IMAGE_TOPIC) == ["sensor_msgs/msg/Image"] and subs.get(DET_TOPIC) == ["vision_msgs/msg/Detection2DArray"]
@@ -340,8 +343,10 @@ def test_rig_launch_one_node_three_cameras_with_remaps_overrides_and_typo_warnin
     params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": dict(
         TINY_NODE_PARAMS, **{"health.frame_timeout_s": 30.0, "alert.kk": 3})}}))
     log_path = tmp_path / "rig.log"
+    env = {k: v for k, v in ros2_cli.env.items() if k not in ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")}
     proc = ros2_cli.popen("launch", "runa_ood_node", "runa_ood.launch.py", "namespace:=rig",
-                          f"params_file:={params_file}", f"rig_file:={rig_file}", log_path=log_path)
+                          f"params_file:={params_file}", f"rig_file:={rig_file}", "fastdds_profile:=none",
+                          log_path=log_path, env=env)
     try:
         wait_until(lambda: _log(log_path).count("active (") >= 3 or proc.poll() is not None, START_TIMEOUT,
                    "the three cameras to become active")
@@ -349,6 +354,7 @@ def test_rig_launch_one_node_three_cameras_with_remaps_overrides_and_typo_warnin
         assert proc.poll() is None, log[-3000:]
         assert log.count("configured in") == 1 and "one model for 3 cameras: front, left, right" in log, log[-3000:]
         assert "'alert.kk' is not a parameter of this node and is IGNORED; did you mean 'alert.k'?" in log, log[-3000:]
+        assert "transport: Fast DDS default transports" in log, log[-3000:]  # fastdds_profile:=none applies none
         wait_until(lambda: ("runa_ood", "/rig") in probe.get_node_names_and_namespaces(), 30, "the node in the graph")
         wait_until(lambda: len(dict(probe.get_subscriber_names_and_types_by_node("runa_ood", "/rig"))) >= 6, 30,
                    "the node's subscriptions in the graph")

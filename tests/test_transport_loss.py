@@ -174,6 +174,18 @@ def test_profile_choice_none_and_empty_apply_nothing():
     assert fastdds_profile("one-host") == str(ONE_HOST_PROFILE) and ONE_HOST_PROFILE.is_file()
 
 
+def test_launch_argument_applies_the_profile_to_the_node_process_unless_none(tmp_path):
+    from runa_ood_node.ros.launch_actions import LaunchFailure, fastdds_profile_env
+
+    env = fastdds_profile_env(str(ONE_HOST_PROFILE))
+    assert env == {"FASTDDS_DEFAULT_PROFILES_FILE": str(ONE_HOST_PROFILE),
+                   "FASTRTPS_DEFAULT_PROFILES_FILE": str(ONE_HOST_PROFILE)}
+    assert fastdds_profile_env("one-host") == env
+    assert fastdds_profile_env("none") == {} and fastdds_profile_env("") == {} and fastdds_profile_env(" None ") == {}
+    with pytest.raises(LaunchFailure, match="missing.xml"):
+        fastdds_profile_env(str(tmp_path / "missing.xml"))
+
+
 # ------------------------------------------------------------------ the node over real DDS
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("runa_ood_msgs.msg", reason="interface packages not built (bash scripts/setup.sh)")

@@ -18,24 +18,33 @@ camera its name, image and detections topics, and optionally the per-camera inpu
 ``detections_queue_size``); :func:`camera_setup` turns it (or a plain ``cameras:=front,left`` list)
 into the node's ``cameras`` / ``camera.<C>.*`` parameters and the remaps of ``<C>/image``,
 ``<C>/image/compressed`` and ``<C>/detections``.
+
+**Transport.** :func:`fastdds_profile_env` turns the ``fastdds_profile`` launch argument into the
+environment of the node's process: by default the shipped ``config/fastdds_one_host.xml`` (images
+through shared memory in one piece, UDP on loopback only), so that the node does not lose images
+in Fast DDS's default 512 KiB fragments (``runa_ood_node.ros.transport``); ``none`` or empty
+applies nothing (the process inherits the environment: on a vehicle whose pipeline spans several
+computers, where loopback-only UDP would cut the node off).
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["LaunchFailure", "monitor_node", "fail_launch_on_error", "lifecycle_failure_ends_launch",
-           "read_rig", "parse_camera_list", "camera_setup", "RIG_KEYS"]
+           "read_rig", "parse_camera_list", "camera_setup", "RIG_KEYS", "fastdds_profile_env"]
 
 
 class LaunchFailure(RuntimeError):
     """Raised inside the launch loop: ``ros2 launch`` logs it and exits with status 1."""
 
 
-def monitor_node(image_topic, detections_topic, parameters: List, camera_remaps: Sequence[Tuple[str, str]] = ()):
+def monitor_node(image_topic, detections_topic, parameters: List, camera_remaps: Sequence[Tuple[str, str]] = (),
+                 additional_env: Optional[Dict[str, str]] = None):
     """The ``runa_ood`` LifecycleNode both launch files start: namespace and log level from the
     ``namespace`` / ``log_level`` launch arguments, ``parameters`` as given, and the inputs remapped
     (``image`` and ``image/compressed`` follow ``image_topic``, ``detections`` ``detections_topic``;
-    ``camera_remaps`` (:func:`camera_setup`) the cameras' inputs)."""
+    ``camera_remaps`` (:func:`camera_setup`) the cameras' inputs); ``additional_env`` (e.g.
+    :func:`fastdds_profile_env`) added to the process's environment."""
     from launch.substitutions import LaunchConfiguration, PythonExpression
     from launch_ros.actions import LifecycleNode
 
@@ -54,7 +63,26 @@ def monitor_node(image_topic, detections_topic, parameters: List, camera_remaps:
             *camera_remaps,
         ],
         ros_arguments=["--log-level", LaunchConfiguration("log_level")],  # launch_ros (>= Humble) adds --ros-args
+        **({"additional_env": dict(additional_env)} if additional_env else {}),
     )
+
+
+def fastdds_profile_env(choice: str) -> Dict[str, str]:
+    """The environment that makes a process use the Fast DDS profile ``choice`` (the
+    ``fastdds_profile`` launch argument): a profile file (``one-host`` = the shipped
+    config/fastdds_one_host.xml) in FASTDDS_DEFAULT_PROFILES_FILE (Fast DDS 3) and
+    FASTRTPS_DEFAULT_PROFILES_FILE (Fast DDS 2); ``none``, empty or ``env``: ``{}`` (nothing applied,
+    the environment's own setting stays). Raises :class:`LaunchFailure` naming a missing file."""
+    from .transport import PROFILE_ENV_VARS, fastdds_profile
+
+    choice = (choice or "").strip()
+    if choice.lower() in ("", "none", "env"):
+        return {}
+    try:
+        path = fastdds_profile(choice)
+    except FileNotFoundError as exc:
+        raise LaunchFailure(f"launch argument fastdds_profile: {exc} (none = apply no profile)") from None
+    return {var: path for var in PROFILE_ENV_VARS} if path else {}
 
 
 #: keys of a camera in a rig file: name, its topics, and the per-camera input overrides

@@ -212,6 +212,19 @@ class _Camera:
         self.transport_warning = ""  # set while a stream's share lost in transport is over the threshold
 
 
+def _transport_name() -> str:
+    """This process's middleware transport setting, for the start-up log line."""
+    import os
+
+    from .transport import active_profile
+
+    rmw = os.environ.get("RMW_IMPLEMENTATION", "") or "rmw_fastrtps_cpp"
+    if "fastrtps" not in rmw and "fastdds" not in rmw:
+        return rmw
+    profile = active_profile()
+    return f"Fast DDS profile {profile}" if profile else "Fast DDS default transports (no FASTDDS_DEFAULT_PROFILES_FILE)"
+
+
 def _reliable(depth: int, latched: bool = False) -> QoSProfile:
     return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
@@ -375,7 +388,8 @@ class RunaOodNode(LifecycleNode):
                  f"backend {self.backend_name} on {settings.device} ({settings.resolved_precision}), "
                  f"label set {scorer.label_set.name} ({len(scorer.label_set)} labels), scorer {settings.scorer}, "
                  f"lam {settings.lam}, blur {settings.blur_radius} px, {thr}"
-                 + (f"; one model for {len(cams)} cameras: {', '.join(c.name for c in cams)}" if settings.cameras else ""))
+                 + (f"; one model for {len(cams)} cameras: {', '.join(c.name for c in cams)}" if settings.cameras else "")
+                 + f"; transport: {_transport_name()}")
         if not settings.thresholds_file:
             log.warning("no thresholds_file: every label uses default_threshold="
                         f"{settings.default_threshold}; calibrate with `runa-ood calibrate` for real use")
