@@ -266,3 +266,24 @@ def backbone_calls_tag(tiny_encoder, monkeypatch):
 
     monkeypatch.setattr(tiny_encoder, "visual_outputs", visual_outputs)
     return calls
+
+
+# ---------------------------------------------------------------------------------------------- the tool
+def test_finetune_method_options_reach_the_head(ood_pack, tmp_path, one_thread):
+    """`runa-ood finetune --method tagood --method-option frame_size=128 --method-option selection=all`: the
+    head records them and a scorer built from it runs at that resolution; bad options end the run."""
+    import yaml
+
+    from runa_ood_node.tools.cli import main
+
+    args = ["finetune", "--model", "runa-tiny-vit", "--pretrained", "none", "--allow-random-weights", "--no-progress",
+            "--id-set", "voc", "--max-images", "12", "--shots", "1", "--epochs", "2", "--method", "tagood",
+            "--annotations", str(ood_pack / "annotations.json")]
+    out = tmp_path / "tag"
+    assert main(args + ["--out", str(out), "--method-option", "frame_size=128", "--method-option", "selection=all",
+                        "--method-option", "ema_span=0"]) == 0
+    hyper = yaml.safe_load((out / "head.yaml").read_text())["hyper"]
+    assert hyper["frame_size"] == 128 and hyper["selection"] == "all" and hyper["ema_span"] == 0.0
+    assert hyper["momentum_used"] == 0.999
+    assert main(args + ["--out", str(tmp_path / "bad"), "--method-option", "frame_size=100"]) != 0
+    assert main(args + ["--out", str(tmp_path / "bad"), "--method-option", "colour=red"]) != 0

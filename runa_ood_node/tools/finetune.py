@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default %(default)s)")
     g.add_argument("--max-images", type=int, default=None,
                    help="draw shots (and held-out images) from at most this many images, evenly spread (default all)")
+    g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the method's head, recorded in it (repeatable; not for runa). tagood: "
+                        "frame_size=448 (the frame pass's side in px, a multiple of the patch size; torch backend), "
+                        "selection=attn|all|mu (token selection), thr=0.5, centre_init=class_means|randn, "
+                        "ema_span=0.1 (0 = TagOOD's plain EMA)")
     o = parser.add_argument_group("output")
     o.add_argument("--domain", default=None, help="write to <calibration dir>/<DOMAIN>/ (see core.paths)")
     o.add_argument("--out", default=None, help="write to this folder instead of the calibration directory")
@@ -177,6 +182,7 @@ def _run(args) -> int:
     LOG.info("%d shots over %d classes (%d per class requested; short: %s)", len(shots), len(label_set),
              args.shots, shots.report["short_classes"] or "none")
 
+    _configure_method(scorer.method, args.method_option)
     if scorer.method.name != "runa":  # the other methods' heads: the method's own fit on its own features
         return _fit_head(args, scorer, dataset, shots, out)
     t0 = time.perf_counter()
@@ -277,6 +283,23 @@ def _print_warnings(warnings) -> None:
         print(f"WARNING: {w}")
     if warnings:
         common.banner(["WARNING", *warnings])
+
+
+def _configure_method(method, options) -> None:
+    """``--method-option KEY=VALUE`` -> ``method.configure(KEY=VALUE, ...)`` before the shots are encoded
+    (settings such as TagOOD's ``frame_size`` change the features); bad ones end the run with the reason."""
+    if not options:
+        return
+    pairs = dict(o.split("=", 1) for o in options if "=" in o)
+    bad = [o for o in options if "=" not in o]
+    configure = getattr(method, "configure", None)
+    if bad or not callable(configure):
+        raise common.fail([f"--method-option: {'expected KEY=VALUE, got ' + repr(bad) if bad else ''}"
+                           f"{'' if callable(configure) else f'method {method.name!r} has no options'}"])
+    try:
+        configure(**pairs)
+    except (TypeError, ValueError) as exc:
+        raise common.fail([f"--method-option: {exc}"])
 
 
 def _fit_head(args, scorer, dataset, shots, out) -> int:
