@@ -449,7 +449,7 @@ def _place(rng, cls, W, H, hy, vx, slope, size_range) -> _Obj:
 
 
 def _clip(o: _Obj, W, H):
-    """Frame-clipped (x0, y0, x1, y1) of the object's mask extent, and the mask slice."""
+    """Frame-clipped (x0, y0, x1, y1) of the object's mask extent; None when no part is in the frame."""
     ex, ey, ew, eh = o.extent
     if ew <= 0 or eh <= 0:
         return None
