@@ -117,13 +117,22 @@ class TagOodMethod(Method):
         if size < patch or size % patch:
             raise ValueError(f"TagOOD frame_size must be a multiple of the patch size {patch} px "
                              f"(the encoder's input {S} px), got {size}")
-        backend = str(getattr(self.encoder, "backend_name", "torch"))
+        self._refuse_backend(size, str(getattr(self.encoder, "backend_name", "torch")))
+        self.frame_size = size
+        self.grid = size // patch
+
+    def _refuse_backend(self, size: int, backend: str) -> None:
+        S = int(self.encoder.input_size)
         if size != S and backend != "torch":
             raise ValueError(f"TagOOD frame_size {size} needs the torch backend: the {backend!r} graph is exported "
                              f"at the encoder's {S} px, so it cannot run a {size} px frame; use backend torch, or a "
                              f"head fitted at frame_size {S}")
-        self.frame_size = size
-        self.grid = size // patch
+
+    def check_backend(self, kind: str) -> None:
+        """Raise ValueError when the visual backend ``kind`` (``torch``, ``onnxruntime``, ``tensorrt``, ``auto``)
+        cannot serve these settings: a ``frame_size`` other than the encoder's input size needs torch (the
+        exported graphs are traced at S). ``factory.build_scorer`` calls it before building the backend."""
+        self._refuse_backend(self.frame_size, str(kind))
 
     def settings(self) -> Dict:
         """The head settings in use (recorded in a fitted head's hyper-parameters)."""
