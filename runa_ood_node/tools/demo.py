@@ -15,6 +15,14 @@
    that Foxglove draws over it, the alerts, ...) under ``--out`` (default ``out/demo``), with
    ``foxglove_layout.json``, the Foxglove / Lichtblick layout that shows that bag.
 
+Without real weights the demo runs on the **proving ground** (``--fallback proving-ground``, the
+default): procedurally generated driving scenes (``proving_ground.world``, split ``demo``) scored by
+the small CLIP trained there (``runa-pg-vit`` / ``pretrained: proving-ground``) with the committed
+few-shot head and calibrated thresholds of ``calibration/proving_ground/``: known objects green,
+unknown ones red, the synthetic FPR95 / AUROC printed, every output labelled "synthetic world, model
+trained here: evidence that the pipeline works, not real-world quality". ``--fallback random`` (or
+``--tiny``) keeps the photographs on random weights instead.
+
 Random weights: every table, image and file is marked (banner, watermark, ``random_weights`` in
 the JSON) and no quality figure (FPR95 / AUROC) is printed, because none would mean anything.
 There is no calibrated threshold for a random model either: the demo uses the median uncertainty
@@ -59,7 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pretrained tag or local checkpoint path; 'none' = go straight to random weights")
     p.add_argument("--random-model", default="ViT-B-32",
                    help="model used with random weights when no real weights load (default %(default)s)")
-    p.add_argument("--tiny", action="store_true", help="random fallback uses the tiny test ViT (CI, seconds)")
+    p.add_argument("--tiny", action="store_true",
+                   help="random fallback on the tiny test ViT (CI, seconds); implies --fallback random")
+    p.add_argument("--fallback", default="proving-ground", choices=("proving-ground", "random"),
+                   help="without real weights: the proving ground (synthetic scenes, the CLIP trained there, "
+                        "its committed head and thresholds) or random weights on the photographs "
+                        "(default %(default)s)")
     p.add_argument("--frames", type=int, default=12, help="frames in the demo bag (default %(default)s)")
     p.add_argument("--id-set", default="voc", help="ID label set (default %(default)s)")
     p.add_argument("--skimage", action="store_true", help="use scikit-image's photographs even if the pack exists")
@@ -110,6 +123,35 @@ def _spread(items: Sequence, k: int) -> list:
     return [items[i] for i in np.unique(np.floor(np.arange(k) * (len(items) / k)).astype(int))]
 
 
+#: what every proving-ground output says of its figures
+SYNTHETIC_LABEL = "SYNTHETIC WORLD, MODEL TRAINED HERE: evidence that the pipeline works, not real-world quality"
+
+
+def proving_ground_setup(method: str):
+    """The proving ground's model, label set, head and thresholds for ``method`` (the committed
+    artefacts of ``calibration/proving_ground/``), or None with the reason when they are missing."""
+    from ..proving_ground import artefacts
+
+    return artefacts.for_method(method)
+
+
+def proving_ground_frames(n: int, out: pathlib.Path, progress: bool = True):
+    """(frames, description): ``n`` frames of the proving ground's ``demo`` split written as a COCO
+    split (``world.write_split``) and read back as bag frames (``make_bag.pack_frames``: one reader)."""
+    from ..proving_ground import world
+
+    ann = world.write_split(out, "demo", max(1, n), progress=progress)
+    frames = make_bag.pack_frames(ann, str(world.LABELS_PATH))
+    return frames, f"proving-ground scenes, split 'demo' ({len(frames)} frames, synthetic: ID = " \
+                   f"{', '.join(l for l in _labels(world.LABELS_PATH))})"
+
+
+def _labels(path) -> List[str]:
+    from runa_ood_node.core.labels import load_label_set
+
+    return list(load_label_set(str(path)).labels)
+
+
 # =========================================================================== weights
 def _internet_reachable(host: str = "huggingface.co", timeout_s: float = 2.0) -> bool:
     try:
@@ -117,6 +159,21 @@ def _internet_reachable(host: str = "huggingface.co", timeout_s: float = 2.0) ->
         return True
     except OSError:
         return False
+
+
+def _real_weights_available(args) -> bool:
+    """Whether ``--pretrained`` can give real weights here without trying a download that cannot work:
+    a checkpoint file that exists, a tag already in the local cache, or any tag with internet access."""
+    from runa_ood_node.core.encoder import find_cached_tag_weights
+
+    pretrained = (args.pretrained or "").strip()
+    if pretrained.lower() in ("", "none", "random"):
+        return False
+    if os.path.isfile(os.path.expanduser(pretrained)):
+        return True
+    if find_cached_tag_weights(args.model.replace("/", "-"), pretrained):
+        return True
+    return _internet_reachable()
 
 
 def _banner(lines: Sequence[str], char: str = "#") -> None:
@@ -239,10 +296,15 @@ def format_alerts(timeline: List[Dict], t0_ns: int, t_end_ns: int, random_weight
     return "\n".join(lines)
 
 
+#: RGB of the contact sheet's title block: random weights (warning), proving ground (synthetic)
+WARN_RGB, SYNTHETIC_RGB = (120, 0, 0), (10, 40, 110)
+
+
 def contact_sheet(images: List[np.ndarray], captions: List[str], title: List[str], tile_w: int = 400,
-                  cols: int = 4, warn: bool = False) -> np.ndarray:
+                  cols: int = 4, warn: bool = False, synthetic: bool = False) -> np.ndarray:
     """Grid of RGB images (each scaled to ``tile_w`` wide, letterboxed to a common height) with a
-    caption under every tile and a title block on top (yellow on dark red when ``warn``)."""
+    caption under every tile and a title block on top (yellow on dark red when ``warn``; white on
+    dark blue when ``synthetic``: the proving ground)."""
     import cv2
 
     tile_h = int(round(tile_w * 0.75))
@@ -254,7 +316,9 @@ def contact_sheet(images: List[np.ndarray], captions: List[str], title: List[str
     H = title_h + rows * (tile_h + cap_h + pad) + pad
     sheet = np.full((H, W, 3), 32, np.uint8)
     if warn:
-        sheet[:title_h] = (120, 0, 0)
+        sheet[:title_h] = WARN_RGB
+    elif synthetic:
+        sheet[:title_h] = SYNTHETIC_RGB
     for k, line in enumerate(title):
         cv2.putText(sheet, line, (pad + 4, 28 + 26 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.65,
                     (255, 220, 0) if warn else (255, 255, 255), 2 if k == 0 else 1, cv2.LINE_AA)
@@ -287,8 +351,21 @@ def run(args) -> int:
     progress = not args.no_progress
     t_start = time.perf_counter()
 
-    # 1) bag from real photographs
-    frames, source_note = demo_frames(args.frames, args.id_set, args.skimage)
+    # 1) bag: real photographs, or the proving ground's scenes when no real weights exist here
+    pg = None
+    if not args.tiny and args.fallback == "proving-ground" and not _real_weights_available(args):
+        try:
+            pg = proving_ground_setup(args.method)
+        except FileNotFoundError as exc:
+            print(f"proving ground unavailable ({exc}); falling back to random weights", file=sys.stderr)
+    if pg is not None:
+        _banner(["NO PRETRAINED WEIGHTS HERE: this demo runs on the PROVING GROUND.", SYNTHETIC_LABEL,
+                 f"model {pg.model} / {pg.pretrained} (trained in the synthetic world), method {args.method}, "
+                 f"head {pg.head}", f"thresholds {pg.thresholds} (calibrated at 95% ID TPR on synthetic scenes)",
+                 "", *HOW_TO_PROVIDE], char="=")
+        frames, source_note = proving_ground_frames(args.frames, out / "world", progress)
+    else:
+        frames, source_note = demo_frames(args.frames, args.id_set, args.skimage)
     if not frames:
         print("no demo frames could be selected", file=sys.stderr)
         return 1
@@ -302,8 +379,15 @@ def run(args) -> int:
                                thresholds=args.thresholds, min_box_size=2.0, pretrained=args.pretrained,
                                projection=None, backend="torch", device="cpu", node_params=[], model=args.model,
                                method=args.method, head=args.head)
+    if pg is not None:
+        ns.id_set, ns.model, ns.pretrained, ns.head, ns.thresholds = (str(pg.labels), pg.model, pg.pretrained,
+                                                                      str(pg.head), str(pg.thresholds))
     base = common.node_parameters_from_args(ns, image_topic=bag_summary["image_topic"], n_frames=len(bag_frames))
-    scorer, params, rw, weights_note = load_scorer(args, base)
+    if pg is not None:
+        scorer, params, rw = _scorer(base), base, False
+        weights_note = f"{pg.model} / {pg.pretrained} ({SYNTHETIC_LABEL})"
+    else:
+        scorer, params, rw, weights_note = load_scorer(args, base)
 
     # 3) threshold
     first = bag_frames[0]
@@ -391,13 +475,15 @@ def run(args) -> int:
              "green = ID, red = flagged OOD, grey = not scored; threshold: " + threshold_note[:90]]
     if rw:
         title.insert(0, "RANDOM WEIGHTS - NOT A QUALITY RESULT (no pretrained weights could be loaded)")
-    sheet = contact_sheet(tiles, caps, title, warn=rw)
+    if pg is not None:
+        title.insert(0, SYNTHETIC_LABEL)
+    sheet = contact_sheet(tiles, caps, title, warn=rw, synthetic=pg is not None)
     sheet_path = out / "contact_sheet.png"
     cv2.imwrite(str(sheet_path), np.ascontiguousarray(sheet[:, :, ::-1]))
 
     # 7) report
     head = [f"runa_ood_node demo ({time.strftime('%Y-%m-%d %H:%M:%S')})",
-            f"photographs: {source_note}",
+            f"{'frames' if pg is not None else 'photographs'}: {source_note}",
             f"model: {params['model']} / " + ("RANDOM WEIGHTS (seeded)" if rw else str(params["pretrained"])),
             f"weights: {'NOT LOADED: ' + str(weights_note)[:300] if rw else weights_note}",
             f"frames: published {len(live['published_frames'])}, answered {len(received)}, "
@@ -413,12 +499,18 @@ def run(args) -> int:
         m = bag_eval.metrics_from_records(records)
         head.append(f"on these {m['n_id']} ID / {m['n_ood']} OOD boxes (a handful, not a benchmark): "
                     f"FPR95 {m['fpr95']:.3f}  AUROC {m['auroc']:.3f}")
+        if pg is not None:
+            head.insert(0, "*** " + SYNTHETIC_LABEL + " ***")
+            head.append("(" + SYNTHETIC_LABEL + "; the proving ground's full table: README, "
+                        "`bash scripts/proving_ground.sh`)")
     report_text = "\n".join(head) + "\n\nPER-BOX TABLE\n" + table + "\n\nALERT TIMELINE\n" + alerts_text + \
         f"\n\nfiles: {sheet_path}, {frames_dir}/frame_*.png, {out / 'output_bag'} (Foxglove/RViz; " \
         f"Foxglove layout {layout_path}), {out / 'demo.json'}\n"
     (out / "report.txt").write_text(report_text, encoding="utf-8")
     common.write_json(out / "demo.json", {
         "random_weights": rw, "random_label": RANDOM_BANNER if rw else None, "model": params["model"],
+        "proving_ground": pg is not None, "synthetic_label": SYNTHETIC_LABEL if pg is not None else None,
+        "metrics": None if rw else bag_eval.metrics_from_records(records),
         "pretrained": params["pretrained"], "weights_note": weights_note, "photographs": source_note,
         "threshold": params.get("default_threshold"), "threshold_note": threshold_note,
         "node_parameters": params, "bag": bag_summary, "frames_published": len(live["published_frames"]),
