@@ -4,6 +4,7 @@ strongly typed TensorRT engine is built from, run here with ORT), dynamic and st
 graph per output set, keyed by it, with today's ``("cls",)`` files keeping their names and keys.
 Random weights (tiny model): the figures are fidelity of arithmetic, never detection quality."""
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -220,30 +221,83 @@ def test_auto_on_cpu_uses_the_measured_fastest_variant_that_holds_fidelity(tiny_
     cache = tmp_path / "auto"
     export_onnx(tiny_encoder, cache_dir=cache)
     make_backend("onnxruntime", tiny_encoder, cache_dir=cache, int8="dynamic")   # quantised graph cached
-    assert make_backend("auto", tiny_encoder, cache_dir=cache).name == "onnxruntime-cpu-fp32"  # no record yet
+    path = auto_record_path(tiny_encoder.model_id, cache)
+    # no record yet: auto measures the cached variants now (never the uncached ones) and records the choice
+    be = make_backend("auto", tiny_encoder, cache_dir=cache, auto_sample=real_views)
+    rec = json.loads(path.read_text())
+    assert be.variant_reason == "measured" and be.variant == rec["chosen"] in ("plain", "int8")
+    assert "error" in rec["variants"]["fused"] and "error" in rec["variants"]["int8-static"]
+    assert rec["cpu"]["logical_cpus"] >= 1 and rec["torch_ms_median"] > 0
     rec = choose_auto_variant(tiny_encoder, real_views, projection=tiny_encoder.proj_global, cache_dir=cache,
                               repeats=2)
     v = rec["variants"]
     assert "error" in v["fused"] and "error" in v["fused-int8"]           # not cached: never exported here
-    assert v["plain"]["holds_fidelity"] and v["plain"]["cos_min"] > 0.99999
+    assert v["plain"]["holds_fidelity"] and v["plain"]["cos_min"] > 0.99999 and v["plain"]["attn_max_abs"] is None
     assert rec["chosen"] == min((v[n]["ms_median"], n) for n in ("plain", "int8") if v[n]["holds_fidelity"])[1]
-    # pin the choice to int8 (timings on a shared CI machine decide nothing): auto opens it
+    # pin the choice to int8 (timings on a shared CI machine decide nothing): auto opens it, from the record
     rec["chosen"] = "int8"
     rec["variants"]["int8"]["holds_fidelity"] = True
-    path = auto_record_path(tiny_encoder.model_id, cache)
     path.write_text(json.dumps(rec))
     with caplog.at_level(logging.INFO):
         be = make_backend("auto", tiny_encoder, cache_dir=cache)
-    assert be.name == "onnxruntime-cpu-int8" and "measured fastest" in caplog.text
+    assert be.name == "onnxruntime-cpu-int8" and be.variant == "int8" and be.variant_reason == "recorded"
+    assert "variant int8" in caplog.text and "recorded" in caplog.text
+    assert json.loads(path.read_text())["chosen"] == "int8"   # a recorded choice is not measured again
     # explicit options still win; a variant below the fidelity bar is never chosen
     assert make_backend("auto", tiny_encoder, cache_dir=cache, int8=False, fused=False).name == be.name
     strict = choose_auto_variant(tiny_encoder, real_views, cache_dir=cache, repeats=1, fidelity_min=1.01)
     assert strict["chosen"] is None and auto_choice(describe(tiny_encoder), cache) is None
-    assert make_backend("auto", tiny_encoder, cache_dir=cache).name == "onnxruntime-cpu-fp32"
-    # a re-exported graph invalidates the record
-    rec["variants"]["int8"]["sha256"] = "0" * 64
-    path.write_text(json.dumps(rec))
-    assert make_backend("auto", tiny_encoder, cache_dir=cache).name == "onnxruntime-cpu-fp32"
+    # ... and then auto measures again at its own bar
+    again = make_backend("auto", tiny_encoder, cache_dir=cache, auto_sample=real_views)
+    assert again.variant_reason == "measured" and json.loads(path.read_text())["chosen"] == again.variant
+    # a re-exported graph, or a record made on another CPU, is measured again
+    for field, value in (("sha256", "0" * 64), ("cpu", {"model": "another CPU", "logical_cpus": 64})):
+        rec = json.loads(path.read_text())
+        if field == "cpu":
+            rec["cpu"] = value
+        else:
+            rec["variants"][rec["chosen"]]["sha256"] = value
+        path.write_text(json.dumps(rec))
+        assert auto_choice(describe(tiny_encoder), cache) is None
+        assert make_backend("auto", tiny_encoder, cache_dir=cache, auto_sample=real_views).variant_reason == "measured"
+        assert auto_choice(describe(tiny_encoder), cache) is not None
+
+
+def test_auto_static_int8_is_calibrated_on_the_methods_own_views(tiny_encoder, tmp_path, ood_pack, monkeypatch):
+    """backend: auto through the factory with nothing cached: every CPU variant of the method's own
+    output set is exported (static int8 calibrated on the views the method's scorer sends), measured on
+    those views, and the choice recorded; the next build reuses the record without measuring."""
+    from runa_ood_node.backends.ort_backend import AUTO_VARIANTS, auto_record_path
+    from runa_ood_node.backends.samples import method_sample
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.factory import build_scorer
+
+    cache = tmp_path / "cache"
+    outs = ("tokens", "attn_cls")
+    sample = method_sample(OodScorer(tiny_encoder, "voc", method="tagood"), max_images=3,
+                           annotations=ood_pack / "annotations.json")
+    # TagOOD's calls: one whole-frame view per photograph, no pairs
+    assert len(sample.calls) == 3 and all(v.shape[0] == 1 for v, _ in sample.calls) and sample.pairs is None
+    assert "tagood's views of 3 photographs" in sample.source
+    be = make_backend("auto", tiny_encoder, cache_dir=cache, outputs=outs, auto_sample=lambda: sample)
+    rec = json.loads(auto_record_path(tiny_encoder.model_id, cache, outs).read_text())
+    assert be.variant_reason == "measured" and "exporting" in be.variant_detail
+    assert set(rec["variants"]) == set(AUTO_VARIANTS) and all("ms_median" in v for v in rec["variants"].values())
+    assert rec["sample"] == sample.source and rec["outputs"] == list(outs)
+    static = json.loads(pathlib.Path(rec["variants"]["int8-static"]["onnx"]).with_suffix(".json").read_text())
+    from runa_ood_node.backends.ort_backend import _views_sha
+
+    assert static["key"]["calibration_sha256"] == _views_sha(sample.views)   # calibrated on TagOOD's own views
+    for v in rec["variants"].values():
+        assert v["cos_min"] > 0.99 and v["attn_max_abs"] < 5e-3
+    # the factory's way: the node's scorer measures on its method's views once, then reads the record
+    monkeypatch.setenv("RUNA_OOD_CACHE_DIR", str(cache))
+    cfg = {"model": tiny_encoder.model_name, "allow_random": True, "backend": "auto", "method": "uni-ood"}
+    first, second = build_scorer(cfg), build_scorer(cfg)
+    assert first.backend_choice["reason"] == "measured" and "uni-ood's views" in first.backend_choice["detail"]
+    assert second.backend_choice["reason"] == "recorded"
+    assert second.backend_choice["variant"] == first.backend_choice["variant"]
+    assert second.encoder._backend.graph_outputs == ("tokens", "attn_cls", "xattn")   # the method's own set
 
 
 def describe(encoder):

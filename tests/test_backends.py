@@ -140,40 +140,58 @@ def test_auto_falls_back_from_tensorrt_to_ort_and_logs_why(tiny_encoder, cache, 
 
 
 @no_trt
-def test_auto_never_exports_at_startup_and_uses_ort_once_pre_exported(tiny_encoder, tmp_path, caplog, capsys):
-    """A vehicle without TensorRT and without a cached export starts at once on the torch trunk
-    (saying how to pre-export); after `runa-ood build-engine --onnx-only` auto picks ONNX Runtime."""
+def test_auto_with_nothing_cached_exports_within_its_budget_measures_and_records(tiny_encoder, tmp_path, caplog,
+                                                                                  capsys):
+    """A first start without TensorRT and without a cached export: with a budget of 0 it starts at once
+    on the torch trunk, saying why and how to pre-export (the fallback); with the default budget it
+    exports the CPU variants (logged with their times), measures them, records the fastest that holds
+    fidelity and opens it; the next start reads the record (no export, no measurement); after
+    `runa-ood build-engine --onnx-only --auto-choice` the record is the tool's."""
     import argparse
+    import json
 
+    from runa_ood_node.backends.ort_backend import auto_record_path
     from runa_ood_node.tools import build_engine as tool
 
     cache = tmp_path / "cache"
     before, q0 = dict(EXPORT_STATS), QUANT_STATS["quantizations"]
     with caplog.at_level(logging.WARNING, logger="runa_ood_node.backends"):
-        be = make_backend("auto", tiny_encoder, cache_dir=cache)
-    assert be.name == "torch-cpu-fp32"
-    assert EXPORT_STATS == before  # nothing exported
-    assert not list(cache.rglob("*.onnx"))
+        be = make_backend("auto", tiny_encoder, cache_dir=cache, auto_budget_s=0)
+    assert be.name == "torch-cpu-fp32" and be.variant == "torch" and be.variant_reason == "fallback"
+    assert EXPORT_STATS == before and not list(cache.rglob("*.onnx"))   # budget 0: nothing exported
     why = dict(be.fallback_reasons)["onnxruntime"]
     assert f"no exported ONNX for model {tiny_encoder.model_name}" in why
-    assert "runa-ood build-engine" in why and "--onnx-only" in why
-    assert any("onnxruntime unavailable" in r.getMessage() and "--onnx-only" in r.getMessage()
-               for r in caplog.records if r.levelno == logging.WARNING)
-    # int8 in auto: no quantised graph cached either -> torch fp32, not an error
+    assert "runa-ood build-engine" in why and "--onnx-only" in why and "--onnx-only" in be.variant_detail
+    # int8 in auto: an explicit option, no quantised graph cached -> torch fp32, not an error, no export
     be8 = make_backend("auto", tiny_encoder, cache_dir=cache, int8=True)
     assert be8.name == "torch-cpu-fp32" and "--int8" in dict(be8.fallback_reasons)["onnxruntime"]
     assert EXPORT_STATS == before and QUANT_STATS["quantizations"] == q0
 
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="runa_ood_node.backends"):
+        be = make_backend("auto", tiny_encoder, cache_dir=cache)
+    rec = json.loads(auto_record_path(tiny_encoder.model_id, cache).read_text())
+    assert be.name.startswith("onnxruntime-cpu") and be.variant == rec["chosen"] and be.variant_reason == "measured"
+    assert EXPORT_STATS["exports"] == before["exports"] + 1 and EXPORT_STATS.get("fused", 0) == before.get("fused", 0) + 1
+    assert all("ms_median" in v and v["holds_fidelity"] for v in rec["variants"].values())  # all five made
+    exported = [r.getMessage() for r in caplog.records if "was cached: exported plain" in r.getMessage()]
+    assert exported and "budget 240 s" in exported[0]
+    assert any(f"using {be.name} (variant {be.variant}, measured" in r.getMessage() for r in caplog.records)
+    n = dict(EXPORT_STATS), QUANT_STATS["quantizations"]
+    again = make_backend("auto", tiny_encoder, cache_dir=cache)
+    assert again.variant == be.variant and again.variant_reason == "recorded"
+    assert (dict(EXPORT_STATS), QUANT_STATS["quantizations"]) == n   # loaded, not re-exported
+    assert json.loads(auto_record_path(tiny_encoder.model_id, cache).read_text()) == rec   # not measured again
+
     p = argparse.ArgumentParser()
     tool.add_arguments(p)
     args = p.parse_args(["--model", tiny_encoder.model_name, "--pretrained", "none", "--allow-random-weights",
-                         "--cache-dir", str(cache), "--onnx-only", "--int8"])
+                         "--cache-dir", str(cache), "--onnx-only", "--int8", "--auto"])
     assert tool.run(args) == 0
     capsys.readouterr()
-    n = EXPORT_STATS["exports"] + EXPORT_STATS["fp16_conversions"]
-    assert make_backend("auto", tiny_encoder, cache_dir=cache).name == "onnxruntime-cpu-fp32"
+    tool_rec = json.loads(auto_record_path(tiny_encoder.model_id, cache).read_text())
+    assert tool_rec != rec and make_backend("auto", tiny_encoder, cache_dir=cache).variant == tool_rec["chosen"]
     assert make_backend("auto", tiny_encoder, cache_dir=cache, int8=True).name == "onnxruntime-cpu-int8"
-    assert EXPORT_STATS["exports"] + EXPORT_STATS["fp16_conversions"] == n  # loaded, not re-exported
 
 
 @no_trt

@@ -110,10 +110,12 @@ def test_gpu_views_work_or_fall_back(image):
 
 
 def test_auto_backend_without_exports_runs_torch_and_scores_alike(image, tmp_path, monkeypatch):
-    """backend auto on a machine without an engine or an ONNX export falls back to torch (never
-    exports at start-up) and scores exactly like the torch backend."""
+    """backend auto on a machine without an engine or an ONNX export, told not to export (export
+    budget 0; by default it exports and measures, tests/test_backbone_backends.py), falls back to
+    torch and scores exactly like the torch backend."""
     monkeypatch.setenv("RUNA_OOD_CACHE_DIR", str(tmp_path / "empty_cache"))
-    auto = build_scorer(_cfg(backend="auto", precision="fp32"))
+    auto = build_scorer(_cfg(backend="auto", precision="fp32", backend_options={"auto_budget_s": 0}))
+    assert auto.backend_choice["variant"] == "torch" and auto.backend_choice["reason"] == "fallback"
     assert auto.encoder.backend_name.startswith("torch")
     assert not any((tmp_path / "empty_cache").rglob("*.onnx"))
     np.testing.assert_allclose(auto.score(image, BOXES).uncertainty,

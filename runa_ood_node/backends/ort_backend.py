@@ -761,8 +761,8 @@ def ensure_auto_choice(model, sample_fn: Callable[[], object], *, projection: Op
         if not cached and budget_s > 0:
             exported = export_variants(info, sample, cache_dir=cache_dir, outputs=names, budget_s=budget_s,
                                        logger=log)
-        rec = choose_auto_variant(info, sample, projection=projection, cache_dir=cache_dir, outputs=names,
-                                  threads=threads, repeats=AUTO_REPEATS, timed_calls=AUTO_TIMED_CALLS)
+        rec = choose_auto_variant(info, sample.head(AUTO_TIMED_CALLS), projection=projection, cache_dir=cache_dir,
+                                  outputs=names, threads=threads, repeats=AUTO_REPEATS)
     except Exception as exc:
         return None, "fallback", f"{why}; measuring failed ({type(exc).__name__}: {exc})"
     seconds = time.perf_counter() - t0

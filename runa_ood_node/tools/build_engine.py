@@ -8,13 +8,16 @@ builds one at start-up. Files land in the cache (``$RUNA_OOD_CACHE_DIR``, defaul
     onnx/<model_id>-<opset>-<precision>.onnx (+ .json)     engines/<...>.engine (+ .json)
 
 ``--onnx-only`` exports (and checks) the ONNX graphs without TensorRT: on machines without
-TensorRT this is the step that lets ``backend: auto`` use ONNX Runtime (auto never exports at
-start-up; without a cached export it runs the torch trunk), and the fp16 graph (LayerNorm and
+TensorRT this is the step that lets ``backend: auto`` start on ONNX Runtime without exporting (with no
+cached export, auto's first start exports the CPU variants itself within a time budget, logged), and the fp16 graph (LayerNorm and
 Softmax kept in fp32) can be built with ``trtexec --stronglyTyped`` elsewhere. ``--int8`` also
 writes the dynamically quantised graph for ONNX Runtime's ``int8`` option (``--int8 static``: the
 calibrated QDQ graph), ``--fused`` the graph with ONNX Runtime's transformer fusions (``fused`` option).
 ``--outputs`` picks the backbone output set (``cls`` by default, today's files; a method that needs
 tokens or attention asks for e.g. ``--outputs tokens,attn_cls``): one graph and engine per set.
+``--method M`` takes M's output set and calibrates / measures on M's own views (its scorer's calls on
+real photographs). ``--auto`` (``--auto-choice``) measures the CPU variants in the cache now and records
+the fastest that holds fidelity, what ``backend: auto`` would otherwise measure on its first start.
 
 Exit status: 0 ok, 2 bad arguments or weights, 3 TensorRT/CUDA unavailable, 1 build failure.
 """
@@ -64,10 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated backbone output set of the graphs / engine (cls, tokens, attn_cls, "
                              "xattn; one graph / engine per set, what a method asks the backend for) "
                              "(default %(default)s)")
-    parser.add_argument("--auto-choice", action="store_true",
-                        help="after exporting, time every CPU variant in the cache (plain, fused, int8, fused int8) "
-                             "on real crops in one interleaved run and record the fastest whose embeddings keep "
-                             "cosine >= 0.999 to torch fp32: what `backend: auto` then uses on a CPU")
+    parser.add_argument("--auto-choice", "--auto", dest="auto_choice", action="store_true",
+                        help="after exporting, time every CPU variant in the cache (plain, int8, static int8, fused, "
+                             "fused int8) on real views in one interleaved run and record the fastest whose "
+                             "embeddings keep cosine >= 0.999 to torch fp32: what `backend: auto` then uses on a CPU "
+                             "(without this, the node measures once on its first start, bounded, and records it)")
+    parser.add_argument("--method", default=None,
+                        help="the OOD method the graphs are for: its backbone output set (instead of --outputs) and "
+                             "its own views of real photographs for --int8 static calibration and --auto-choice "
+                             "(default: --outputs, with RUNA's views)")
     parser.add_argument("--force", action="store_true", help="re-export / rebuild even when cached")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -98,8 +106,12 @@ def run(args) -> int:
 
     try:
         outputs = output_set([n.strip() for n in str(args.outputs).split(",") if n.strip()])
+        if args.method is not None:
+            from ..core.methods import get_method
+
+            outputs = output_set(get_method(args.method).outputs)
     except ValueError as exc:
-        print(f"error: --outputs: {exc}", file=sys.stderr)
+        print(f"error: --outputs / --method: {exc}", file=sys.stderr)
         return 2
 
     enc_args = argparse.Namespace(model=args.model, pretrained=args.pretrained, device="cpu", backend="torch",
@@ -110,6 +122,22 @@ def run(args) -> int:
         return int(exc.code or 2)
 
     from ..backends.onnx_export import export_onnx
+
+    def real_views():
+        """The calibration / measurement sample: the method's own backend calls, else RUNA's views."""
+        if "sample" not in memo:
+            from ..backends.samples import Sample, calibration_views, method_sample
+
+            if args.method is not None:
+                from ..core.pipeline import OodScorer
+
+                memo["sample"] = method_sample(OodScorer(encoder, "voc", method=args.method))
+            else:
+                views, where = calibration_views(encoder)
+                memo["sample"] = Sample.of_views(views, outputs, source=where)
+        return memo["sample"]
+
+    memo = {}
 
     strongly = args.precision == "fp16" and args.fp16_mode == "strongly-typed"
     onnx_precisions = ["fp32"] + (["fp16"] if strongly else [])
@@ -136,22 +164,20 @@ def run(args) -> int:
         print(f"ONNX (int8, dynamic): {path}")
     elif args.int8 == "static":
         from ..backends.ort_backend import quantize_int8_static
-        from .bench import calibration_views
 
-        views, where = calibration_views(encoder)
-        path = quantize_int8_static(src, views, force=args.force)
+        sample = real_views()
+        path = quantize_int8_static(src, sample.views, force=args.force)
         summary["onnx"]["int8-static"] = str(path)
-        print(f"ONNX (int8, static QDQ, calibrated on {where}): {path}")
+        print(f"ONNX (int8, static QDQ, calibrated on {sample.source}): {path}")
     if args.auto_choice:
         from ..backends.ort_backend import auto_record_path, choose_auto_variant
-        from .bench import calibration_views
 
-        views, where = calibration_views(encoder)
-        rec = choose_auto_variant(encoder, views, projection=encoder.proj_global, cache_dir=args.cache_dir,
+        sample = real_views()
+        rec = choose_auto_variant(encoder, sample, projection=encoder.proj_global, cache_dir=args.cache_dir,
                                   outputs=outputs)
         summary["auto_choice"] = {"chosen": rec["chosen"], "record": str(auto_record_path(
-            encoder.model_id, args.cache_dir, outputs)), "views": where, "variants": rec["variants"]}
-        print(f"backend auto on this CPU: {rec['chosen']} (measured on {where})")
+            encoder.model_id, args.cache_dir, outputs)), "views": sample.source, "variants": rec["variants"]}
+        print(f"backend auto on this CPU: {rec['chosen']} (measured on {sample.source})")
     if args.onnx_only:
         print(json.dumps(summary, indent=2))
         return 0
