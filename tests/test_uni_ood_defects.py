@@ -289,10 +289,10 @@ def test_finetune_tool_trains_uni_ood_on_each_shots_image_context(tmp_path, ood_
 
     monkeypatch.setattr(uni_ood.UniOodMethod, "fit", spy)
     out = tmp_path / "head"
-    assert main(["finetune", "--model", "runa-tiny-vit", "--pretrained", "none", "--allow-random-weights",
-                 "--no-progress", "--id-set", "voc", "--annotations", str(ood_pack / "annotations.json"),
-                 "--method", "uni-ood", "--max-images", "20", "--shots", "1", "--epochs", "1",
-                 "--out", str(out)]) == 0
+    args = ["--model", "runa-tiny-vit", "--pretrained", "none", "--allow-random-weights", "--no-progress",
+            "--id-set", "voc", "--annotations", str(ood_pack / "annotations.json"), "--max-images", "20",
+            "--shots", "1"]
+    assert main(["finetune", *args, "--method", "uni-ood", "--epochs", "1", "--out", str(out)]) == 0
     ds = load_dataset(ood_pack / "annotations.json", "voc").subset(20)
     shots = ds.sample_shots(1, seed=0)
     # the tool encodes the shots image by image: each label arrives with ITS image's context (every shot is
@@ -305,6 +305,13 @@ def test_finetune_tool_trains_uni_ood_on_each_shots_image_context(tmp_path, ood_
     hyper = yaml.safe_load((out / "head.yaml").read_text())["hyper"]
     assert hyper["train_background_text"] == "others" and hyper["exclude_self"] is False
     assert hyper["train_boxes_alone"] == sum(1 for c in seen["context"] if not c)
+    # the flags set the head's settings (the first version's training text, for a before/after comparison)
+    out2 = tmp_path / "head2"
+    assert main(["finetune", *args, "--method", "uni-ood", "--epochs", "0", "--train-background-text", "aggregate", "--exclude-self",
+                 "--out", str(out2)]) == 0
+    hyper = yaml.safe_load((out2 / "head.yaml").read_text())["hyper"]
+    assert hyper["train_background_text"] == "aggregate" and hyper["exclude_self"] is True
+    assert main(["finetune", *args, "--method", "runa", "--exclude-self", "--out", str(tmp_path / "h3")]) == 2
 
 
 # ============================================================================================== defect 6
