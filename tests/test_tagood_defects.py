@@ -287,6 +287,16 @@ def test_finetune_method_options_reach_the_head(ood_pack, tmp_path, one_thread):
     assert hyper["momentum_used"] == 0.999
     assert main(args + ["--out", str(tmp_path / "bad"), "--method-option", "frame_size=100"]) != 0
     assert main(args + ["--out", str(tmp_path / "bad"), "--method-option", "colour=red"]) != 0
+    # evaluate with that head: the report counts the scored boxes smaller than a token
+    import json
+
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", "runa-tiny-vit", "--pretrained", "none", "--allow-random-weights",
+                 "--no-progress", "--id-set", "voc", "--annotations", str(ood_pack / "annotations.json"),
+                 "--max-images", "3", "--method", "tagood", "--head", str(out), "--out", str(ev)]) == 0
+    row = json.loads((ev / "report.json").read_text())["runs"][0]
+    assert row["boxes_below_token"] == sum(row["boxes_below_token_id_ood"]) >= 0
+    assert row["boxes_below_token"] <= row["status_counts"].get("OK", 0)
 
 
 def test_factory_refuses_frame_size_on_an_exported_backend_at_build(tiny_encoder, tmp_path, one_thread):

@@ -269,6 +269,11 @@ def _run_dataset(args) -> int:
                        "nearest_label_accuracy_on_id": _label_accuracy(enc, scored, dataset.label_set),
                        "breakdown": metrics.breakdown(np.where(ok, scored.uncertainty, np.nan), enc.is_id, enc.group,
                                                       enc.size, size_mask, tpr=args.tpr)}
+                tib = scored.result.tokens_in_box if scored.result is not None else None
+                if tib is not None:  # one-pass methods (TagOOD): scored boxes that cover no token centre
+                    row["boxes_below_token"] = scored.result.boxes_below_token
+                    row["boxes_below_token_id_ood"] = [int(np.count_nonzero(ok & (tib < 1) & m))
+                                                       for m in (enc.is_id, ~enc.is_id)]
                 gthr = None
                 wrong = th_wrong.get((sc, ab))
                 if wrong is not None and (not wrong or args.allow_threshold_mismatch):
@@ -295,6 +300,12 @@ def _run_dataset(args) -> int:
     bd_table = _format_breakdown(rows, rw)
     if bd_table:
         print(bd_table)
+    for r in rows:
+        if "boxes_below_token" in r:
+            n_ok = sum(v for k, v in r["status_counts"].items() if k == "OK")
+            print(f"{r['run']}: {r['boxes_below_token']} of {n_ok} scored boxes cover no token centre (ID/OOD "
+                  f"{r['boxes_below_token_id_ood'][0]}/{r['boxes_below_token_id_ood'][1]}): scored from their "
+                  "nearest token, shared with neighbours")
     report = {
         "random_weights": rw,
         "warning": common.RANDOM_LABEL if rw else None,
