@@ -90,6 +90,7 @@ class CamRig(NodeRig):
                  and self.node._pubs["alert"].get_subscription_count() > 0, what="the tester's subscriptions")
 
     def _observe(self, rec):
+        rec.thread = threading.current_thread().name  # which scoring thread (parameter scoring_threads)
         with self.lock:
             self.records.append(rec)
 
@@ -257,6 +258,37 @@ def test_a_flooding_camera_is_throttled_by_its_own_queue(ctx):
             checked += 1
         assert checked == 10
         assert any(rec.batch_frames > 1 for rec in recs if rec.camera != "left")  # scored with the flood's frames
+    finally:
+        r.close()
+
+
+def test_scoring_threads_share_out_the_cameras_and_gather_their_frames(ctx):
+    """scoring_threads=2 with three cameras: front and right on one thread, left on the other (camera
+    i to thread i mod 2); each camera answered on its own topic, in stamp order, every frame scored
+    and balanced; with a gather window the thread serving two cameras scores their frames together."""
+    r = CamRig(ctx, params={"scoring_threads": 2, "gather_window_ms": 50.0}, ns="/threads")
+    try:
+        sent = {c: [] for c in CAMS}
+        for _ in range(6):
+            for c in CAMS:
+                st = r.next_stamp(0.01)
+                r.publish(c, st, [BOX])
+                sent[c].append(st)
+            time.sleep(0.05)
+        wait_for(lambda: all(r.n(c) >= len(sent[c]) for c in CAMS), what="every camera's answers")
+        acc = r.idle()
+        assert acc["balanced"]
+        for c in CAMS:
+            assert [_stamp(m) for m in r.since(c)] == sent[c]  # its own frames, in stamp order
+            assert acc["cameras"][c]["frames_scored"] == len(sent[c])
+        with r.lock:
+            recs = list(r.records)
+        threads = {c: {rec.thread for rec in recs if rec.camera == c} for c in CAMS}
+        assert all(len(t) == 1 for t in threads.values()), threads  # a camera stays on its thread
+        assert threads["front"] == threads["right"] != threads["left"], threads
+        assert all(rec.batch_frames == 1 for rec in recs if rec.camera == "left")
+        assert max(rec.batch_frames for rec in recs if rec.camera == "front") == 2  # gathered with right's
+        assert len(r.node._workers) == 2
     finally:
         r.close()
 

@@ -268,14 +268,17 @@ class RunaOodNode(LifecycleNode):
         self.frame_observer: Optional[Callable[[FrameRecord], None]] = None
         self._lock = threading.RLock()  # pairers, counters, queues
         self._cv = threading.Condition(self._lock)
+        self._alert_lock = threading.Lock()  # ood/driver_alert's vehicle level (scoring threads)
         self._cams: List[_Camera] = []
         self._handoff = threading.Event()  # set by the worker once it has entered the model (HANDOFF_WAIT_S)
         self._active = False
-        self._worker: Optional[threading.Thread] = None
+        self._workers: List[threading.Thread] = []  # scoring threads (parameter scoring_threads)
+        self._score_lock: Optional[threading.Lock] = None  # backend calls one at a time (see on_configure)
         self._stop_worker = False
         self._pubs: Dict[str, Any] = {}  # vehicle-level publishers (+ the single stream's, same objects)
         self._timers: List[Any] = []
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self._log_next: Dict[Any, float] = {}  # _log_every: next time each hot-path warning may be logged
         self._reset_stats()
 
     def _warn_unknown_overrides(self) -> List[str]:
@@ -380,8 +383,15 @@ class RunaOodNode(LifecycleNode):
         self._reset_stats()
         self._create_publishers()
         self._stop_worker = False
-        self._worker = threading.Thread(target=self._worker_loop, name="runa_ood_worker", daemon=True)
-        self._worker.start()
+        # scoring threads: camera i to thread i mod n (each camera's frames in stamp order on one thread)
+        n_threads = max(1, min(settings.scoring_threads, len(cams)))
+        # torch and ONNX Runtime run concurrent calls; anything else (a TensorRT execution context) one at a time
+        thread_safe = self.backend_name.split("-")[0].split("_")[0] in ("torch", "onnxruntime", "ort")
+        self._score_lock = threading.Lock() if n_threads > 1 and not thread_safe else None
+        self._workers = [threading.Thread(target=self._worker_loop, args=(cams[k::n_threads],),
+                                          name=f"runa_ood_worker{k if k else ''}", daemon=True) for k in range(n_threads)]
+        for w in self._workers:
+            w.start()
         thr = "thresholds " + (settings.thresholds_file if settings.thresholds_file else
                                f"default_threshold={settings.default_threshold} (UNCALIBRATED)")
         log.info(f"configured in {load_s:.2f} s + warm-up {warmup_s:.2f} s: model {settings.model} ({settings.pretrained or 'no weights'}), "
@@ -462,6 +472,17 @@ class RunaOodNode(LifecycleNode):
         self._release()
         return _SUCCESS
 
+    def _log_every(self, key, period_s: float, msg: Callable[[], str], level: str = "warning") -> None:
+        """Log ``msg()`` at most once per ``period_s`` per ``key`` (a hot-path warning: a dropped or
+        lost message at saturation). The time is checked here, before the message is built and
+        before rclpy's logger, which inspects the caller's source file on EVERY call, throttled or
+        not: at saturation that cost the executor thread a sixth of its time."""
+        now = time.monotonic()
+        if now < self._log_next.get(key, 0.0):
+            return
+        self._log_next[key] = now + period_s
+        getattr(self.get_logger(), level)(msg())
+
     def _fail(self, msg: str) -> TransitionCallbackReturn:
         self.last_error = msg
         self.get_logger().error(msg)
@@ -474,9 +495,10 @@ class RunaOodNode(LifecycleNode):
             for cam in self._cams:
                 cam.queue.clear()
             self._cv.notify_all()
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join(timeout=30.0)
-        self._worker = None
+        for w in self._workers:
+            if w is not threading.current_thread():
+                w.join(timeout=30.0)
+        self._workers = []
         pubs = {id(p): p for p in list(self._pubs.values()) + [p for c in self._cams for p in c.pubs.values()]}
         for pub in pubs.values():
             try:
@@ -636,14 +658,15 @@ class RunaOodNode(LifecycleNode):
         jumps = loss.sequence_jumps
         gap = loss.note(gid, seq)
         if gap > 0:
-            self.get_logger().warning(f"{gap} {stream} message(s){cam.tag} lost before reaching the node "
-                                      "(DDS queue overflow / undecodable data)", throttle_duration_sec=5.0)
+            self._log_every(("gap", cam.name, stream), 5.0,
+                            lambda: f"{gap} {stream} message(s){cam.tag} lost before reaching the node "
+                                    "(DDS queue overflow / undecodable data)")
         elif loss.sequence_jumps != jumps:
             before, after = loss.last_jump
-            self.get_logger().warning(
+            self._log_every(("jump", cam.name, stream), 5.0, lambda: (
                 f"{stream} sequence numbers{cam.tag} of one publisher jumped from {before} to {after} (more than "
                 f"transport.max_sequence_gap={loss.max_gap}): counted as a new epoch of that publisher, not as "
-                "lost messages", throttle_duration_sec=5.0)
+                "lost messages"))
 
     def _note_lost_report(self, cam: _Camera, stream: str, n, topic: str = "") -> None:
         """The middleware's message-lost event: ``n`` more messages lost on ``stream``; taken when
@@ -656,8 +679,9 @@ class RunaOodNode(LifecycleNode):
                 "counted (losses are counted from sequence numbers); /diagnostics shows transport_error. "
                 + loss_advice(), throttle_duration_sec=30.0)
         elif int(n) > 0:
-            self.get_logger().warning(f"{int(n)} message(s) on '{topic or stream}'{cam.tag} lost before reaching the "
-                                      "node (DDS queue / network)", throttle_duration_sec=5.0)
+            self._log_every(("lost", cam.name, stream), 5.0,
+                            lambda: f"{int(n)} message(s) on '{topic or stream}'{cam.tag} lost before reaching the "
+                                    "node (DDS queue / network)")
 
     def _on_input(self, cam: _Camera, msg, image: bool) -> None:
         handoff = None
@@ -670,7 +694,8 @@ class RunaOodNode(LifecycleNode):
             except wire.CdrError as exc:
                 stream = "image" if image else "detections"
                 cam.input_drops[f"undecodable_{stream}"] += 1
-                self.get_logger().warning(f"dropped an {stream} message{cam.tag}: {exc}", throttle_duration_sec=5.0)
+                self._log_every(("undecodable", cam.name, stream), 5.0,
+                                lambda: f"dropped an {stream} message{cam.tag}: {exc}")
                 return
             out = (cam.pairer.add_image if image else cam.pairer.add_detections)(stamp, msg)
             idle = not self._busy and not any(c.queue for c in self._cams)
@@ -688,38 +713,47 @@ class RunaOodNode(LifecycleNode):
             if len(cam.queue) >= self.settings.processing_queue_size:
                 old = cam.queue.popleft()
                 cam.frame_drops["processing_overload"] += 1
-                self.get_logger().warning(
-                    f"scoring is slower than the input{cam.tag}: dropped the frame stamped "
-                    f"{old[0].image_stamp_ns * 1e-9:.3f} s (processing_queue_size={self.settings.processing_queue_size})",
-                    throttle_duration_sec=5.0)
+                self._log_every(("overload", cam.name), 5.0, lambda: (
+                    f"scoring is slower than the input{cam.tag}: dropped the frame stamped {old[0].image_stamp_ns * 1e-9:.3f} "
+                    f"s (processing_queue_size={self.settings.processing_queue_size})"))
             cam.queue.append((pair, now))
         if out.pairs:
-            self._cv.notify()
+            self._cv.notify_all()  # every scoring thread: the one serving this camera may be any of them
 
     def _account_pairer(self, cam: _Camera, drops) -> None:  # holds the lock
         for d in drops:
             if d.reason in ("out_of_order", "duplicate_stamp", "buffer_overflow"):
-                self.get_logger().warning(
-                    f"dropped {d.kind}{cam.tag} stamped {d.stamp_ns * 1e-9:.3f} s: {d.reason}", throttle_duration_sec=5.0)
+                self._log_every(("pairer", cam.name, d.reason), 5.0,
+                                lambda: f"dropped {d.kind}{cam.tag} stamped {d.stamp_ns * 1e-9:.3f} s: {d.reason}")
 
     # ================================================================== worker thread
-    def _worker_loop(self) -> None:
+    def _worker_loop(self, cams: Optional[List[_Camera]] = None) -> None:
+        """A scoring thread: the frames of ``cams`` (default every camera), one batch at a time."""
+        cams = list(self._cams) if cams is None else cams
+        window = self.settings.gather_window_ms * 1e-3 if len(cams) > 1 else 0.0
         while True:
             with self._cv:
-                while not any(c.queue for c in self._cams) and not self._stop_worker:
+                while not any(c.queue for c in cams) and not self._stop_worker:
                     self._cv.wait(timeout=0.5)
                 if self._stop_worker:
                     return
+                if window > 0:  # gather: wait (bounded) for the other cameras' next frames, one call for all
+                    end = time.monotonic() + window
+                    while not all(c.queue for c in cams) and not self._stop_worker:
+                        left = end - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(timeout=left)
                 # the frame at the head of every camera's queue (stamp order within a camera; at most
                 # one per camera, so a flooding camera delays the others by at most one batch)
                 batch = []
                 t_take = time.perf_counter()  # under the lock: every frame paired before it is in this batch
-                for cam in self._cams:
+                for cam in cams:
                     if cam.queue:
                         pair, t_pair = cam.queue.popleft()
                         cam.in_flight = 1  # taken from the queue, not yet accounted for
                         batch.append((cam, pair, t_pair))
-                self._busy = True
+                self._busy += 1
             try:
                 self._process_batch(batch, t_take)
             except Exception as exc:  # never let the worker die
@@ -741,7 +775,7 @@ class RunaOodNode(LifecycleNode):
                     for cam, _, _ in batch:
                         if cam.in_flight:  # left without a verdict (no scorer any more: deactivated)
                             self._frame_done(cam, "deactivated")
-                    self._busy = False
+                    self._busy -= 1
 
     def _frame_done(self, cam: _Camera, drop_reason: Optional[str] = None) -> None:  # holds the lock
         """Account for camera ``cam``'s frame in flight, in the same step that ends its flight (so
@@ -838,7 +872,11 @@ class RunaOodNode(LifecycleNode):
         # ---- score
         self._handoff.set()  # the executor thread may go on (HANDOFF_WAIT_S)
         t_conv = time.perf_counter()
-        results = self._score(scorer, frames)
+        if self._score_lock is not None:  # a backend that must not run twice at once (TensorRT contexts)
+            with self._score_lock:
+                results = self._score(scorer, frames)
+        else:
+            results = self._score(scorer, frames)
         t_score = time.perf_counter()
         n_batch = len(frames)
         with self._lock:
@@ -912,7 +950,8 @@ class RunaOodNode(LifecycleNode):
         alert = alerts.update(pair.image_stamp_ns * 1e-9, res, w, h, object_ids=ids if self._alert_use_ids else None)
         if alerts.n_jump_resets != resets:
             log.warning(f"image stamps{cam.tag} jumped back to {pair.image_stamp_ns * 1e-9:.3f} s; alert history reset")
-        self._vehicle_alert_update(cam, alert, header, dets, res)
+        with self._alert_lock:  # the vehicle level spans the cameras of every scoring thread
+            self._vehicle_alert_update(cam, alert, header, dets, res)
         if s.publish_annotated:
             want_img = not s.lazy or pubs["annotated"].get_subscription_count() > 0
             want_mk = not s.lazy or pubs["markers"].get_subscription_count() > 0
@@ -1049,7 +1088,7 @@ class RunaOodNode(LifecycleNode):
         self._backend_calls = 0
         self._batched_frames = 0
         self._vehicle_alert = (0, ())
-        self._busy = False
+        self._busy = 0  # scoring threads working on a batch
         self._health_key = None
 
     def _camera_accounting(self, cam: _Camera) -> Dict[str, Any]:  # holds the lock

@@ -172,6 +172,15 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
         _P("pairing_buffer", 30, "Messages buffered per stream while waiting for their partner.", 1, 1000),
         _P("processing_queue_size", 2, "Paired frames waiting to be scored; when full the oldest is dropped "
            "(counted as processing_overload) so the output stays fresh.", 1, 100),
+        _P("gather_window_ms", 0.0, "With cameras: once a frame waits, its scoring thread waits up to this long (ms) "
+           "for the next frames of its other cameras, to score them in the same backend call (fewer, larger calls; "
+           "adds up to this much latency, and a camera that stopped sending costs every batch this wait). 0 = score "
+           "what is waiting at once.", 0.0, 100.0),
+        _P("scoring_threads", 1, "With cameras: threads scoring frames. The cameras are shared out among them "
+           "(camera i to thread i mod n: each camera's frames stay in stamp order on one thread), each thread scores "
+           "its cameras' frames in one backend call, and while one thread's backend call runs without Python's "
+           "GIL (torch, ONNX Runtime) another prepares its views (OpenCV, numpy) or publishes. 1 = one thread for "
+           "every camera. One model either way.", 1, 16),
         _P("max_image_pixels", 16_777_216, "Images with more pixels (raw: declared height x width; compressed: "
            "the JPEG/PNG header) are refused before any allocation or decoding, counted as image_too_large. "
            "Default 4096 x 4096.", 1, 1_073_741_824),

@@ -110,6 +110,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "config/fastdds_one_host.xml (images through shared memory in one piece), env = whatever "
                         "FASTDDS_DEFAULT_PROFILES_FILE says (unset: Fast DDS's defaults, which cut a 640x480 image "
                         "into fragments), none = Fast DDS's defaults, or a profile file [one-host]")
+    p.add_argument("--rig-variants", default="", metavar="K=V[,K=V][;...]",
+                   help="--cameras: more one-node setups in the same run, each with these node parameters on top "
+                        "(e.g. 'scoring_threads=2;scoring_threads=2,gather_window_ms=5'), each compared with the N "
+                        "nodes [none]")
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="A/B in one run: alternate ROUNDS times between the node's latency optimisations "
                         "switched off (copying image conversion, no hand-off wait) and on, and print both "
@@ -663,14 +667,21 @@ def _run_cameras(args) -> int:
     rows: List[dict] = []
     code = 0
     try:
+        variants = _parse_variants(args.rig_variants)
+    except ValueError as exc:
+        print(f"bench-node: --rig-variants: {exc}", file=sys.stderr)
+        return 2
+    try:
         for n in counts:
-            for setup in ("one node", f"{n} nodes"):
+            setups = [("one node", {})] + [(f"one node [{_variant_name(v)}]", v) for v in variants] + [(f"{n} nodes", None)]
+            for setup, extra in setups:
                 ns = f"/runa_ood_bench_cams_{os.getpid()}_{random.SystemRandom().randint(0, 1 << 30)}"
                 cams = [f"cam{i}" for i in range(n)]
                 procs = []
                 try:
-                    if setup == "one node":
-                        procs.append(_start_node_process(ns, dict(base, cameras=cams), workdir, f"n{n}_one"))
+                    if extra is not None:  # one node for every camera (+ the variant's parameters)
+                        tag = f"n{n}_one" + (f"_v{variants.index(extra)}" if extra else "")
+                        procs.append(_start_node_process(ns, dict(base, cameras=cams, **extra), workdir, tag))
                     else:
                         for c in cams:
                             procs.append(_start_node_process(f"{ns}/{c}", dict(base), workdir, f"n{n}_{c}"))
@@ -688,13 +699,13 @@ def _run_cameras(args) -> int:
                             os.killpg(p.pid, 9)
                             p.wait(timeout=10)
                         log.close()
-                row.update({"cameras": n, "setup": setup, "processes": len(procs)})
+                row.update({"cameras": n, "setup": setup, "processes": len(procs), "rig": extra is not None})
                 rows.append(row)
                 if row.get("error"):
                     print(f"  N={n} {setup}: {row['error']} (logs in {workdir})", file=sys.stderr)
                     code = 1
                 else:
-                    print(f"  N={n} {setup:>9}: RSS {row['rss_mb_total']:7.0f} MB, {row['fps']:6.1f} frames/s scored "
+                    print(f"  N={n} {setup}: RSS {row['rss_mb_total']:7.0f} MB, {row['fps']:6.1f} frames/s scored "
                           f"(offered {row['offered_fps']:.0f}), p50 {row['p50_ms_mean_over_cameras']:7.1f} ms, "
                           f"p95 {row['p95_ms_worst_camera']:7.1f} ms, {row['frames_per_backend_call']:.2f} frames/call",
                           flush=True)
@@ -854,6 +865,36 @@ def _drive_cameras(args, ctx, ns, cams, procs, rgb, boxes, msgs) -> dict:
 _COUNT_KEYS = ("messages_received.image", "messages_lost.image", "frames_paired", "frames_scored")
 
 
+def _parse_variants(text: str) -> List[Dict[str, object]]:
+    """``'scoring_threads=2;scoring_threads=2,gather_window_ms=5'`` -> one parameter dict per variant
+    (values read as YAML scalars, then as the parameter table's type: ``5`` for a float parameter is 5.0,
+    which ROS would otherwise refuse as an integer)."""
+    import yaml
+
+    from ..ros.params import PARAMETERS
+
+    kinds = {spec.name: spec.kind for spec in PARAMETERS}
+    out = []
+    for part in (text or "").split(";"):
+        if not part.strip():
+            continue
+        params: Dict[str, object] = {}
+        for kv in part.split(","):
+            key, sep, value = kv.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{kv!r} is not NAME=VALUE")
+            key, value = key.strip(), yaml.safe_load(value.strip())
+            if key not in kinds:
+                raise ValueError(f"{key!r} is not a node parameter")
+            params[key] = float(value) if kinds[key] == "float" and isinstance(value, int) else value
+        out.append(params)
+    return out
+
+
+def _variant_name(params: Dict[str, object]) -> str:
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
 def _diag_delta(start: Dict[str, Dict[str, str]], end: Dict[str, Dict[str, str]]) -> Dict[str, int]:
     """Change of the counting /diagnostics keys (``_COUNT_KEYS`` and every ``drops.*``) between two
     snapshots {status name: {key: value}}, summed over the statuses; zero changes left out."""
@@ -884,14 +925,17 @@ def _print_cameras_table(args, rows: List[dict]) -> None:
         print(f"| {r['cameras']} | {r['setup']} | {r['processes']} | {r['rss_mb_total']:.0f} | {r['fps']:.1f} "
               f"({r['offered_fps']:.0f}) | {r['p50_ms_mean_over_cameras']:.1f} | {r['p95_ms_worst_camera']:.1f} "
               f"| {r['frames_per_backend_call']:.2f} |")
-    one = {r["cameras"]: r for r in rows if r["setup"] == "one node" and not r.get("error")}
-    many = {r["cameras"]: r for r in rows if r["setup"] != "one node" and not r.get("error")}
+    rigs = [r for r in rows if r.get("rig", r["setup"].startswith("one node")) and not r.get("error")]
+    many = {r["cameras"]: r for r in rows if not r.get("rig", r["setup"].startswith("one node")) and not r.get("error")}
     single = [r["rss_mb_total"] / r["processes"] for r in many.values()]
-    for n in sorted(one):
+    for a in rigs:
+        n = a["cameras"]
         if n not in many:
             continue
-        a, b = one[n], many[n]
+        b = many[n]
         ref = float(np.mean(single)) if single else math.nan
         mem, thr = a["rss_mb_total"] / ref, a["fps"] / b["fps"] if b["fps"] else math.nan
-        print(f"  N={n}: one node's RSS = {mem:.2f}x one single-camera node's ({'meets' if mem <= 1.3 else 'MISSES'} "
-              f"<= 1.3x); its throughput = {thr:.2f}x the {n} nodes' ({'meets' if thr >= 1.0 else 'MISSES'} >= 1x)")
+        print(f"  N={n} {a['setup']}: RSS = {mem:.2f}x one single-camera node's ({'meets' if mem <= 1.3 else 'MISSES'} "
+              f"<= 1.3x); throughput = {thr:.2f}x the {n} nodes' ({'meets' if thr >= 1.0 else 'MISSES'} >= 1x); "
+              f"p50 {a['p50_ms_mean_over_cameras']:.0f} / p95 {a['p95_ms_worst_camera']:.0f} ms against the nodes' "
+              f"{b['p50_ms_mean_over_cameras']:.0f} / {b['p95_ms_worst_camera']:.0f} ms")
