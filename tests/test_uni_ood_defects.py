@@ -240,6 +240,16 @@ def test_exclude_self_is_a_head_setting_applied_at_inference_and_refused_on_mism
         ex.fit_shots(feats.data, torch.tensor([0, 1, 2] * 2), sc.text_emb, exclude_self=False, epochs=0)
     # agreeing settings are accepted
     assert UniOodMethod(tiny_encoder, head=head_ex, exclude_self=True).exclude_self is True
+    # configure (finetune --method-option) asks as the constructor does
+    cfg = UniOodMethod(tiny_encoder)
+    cfg.configure(exclude_self="yes", train_background_text="aggregate")
+    assert cfg.exclude_self is True and cfg.train_background_text == "aggregate"
+    with pytest.raises(ValueError, match="exclude_self"):
+        cfg.set_head(head_in)
+    with pytest.raises(ValueError, match="no option"):
+        cfg.configure(frame_size=448)
+    with pytest.raises(ValueError, match="true or false"):
+        cfg.configure(exclude_self="maybe")
 
 
 def test_a_head_made_before_the_settings_loads_with_the_old_behaviour(tmp_path, tiny_encoder, uni_feats):
@@ -307,11 +317,12 @@ def test_finetune_tool_trains_uni_ood_on_each_shots_image_context(tmp_path, ood_
     assert hyper["train_boxes_alone"] == sum(1 for c in seen["context"] if not c)
     # the flags set the head's settings (the first version's training text, for a before/after comparison)
     out2 = tmp_path / "head2"
-    assert main(["finetune", *args, "--method", "uni-ood", "--epochs", "0", "--train-background-text", "aggregate", "--exclude-self",
-                 "--out", str(out2)]) == 0
+    assert main(["finetune", *args, "--method", "uni-ood", "--epochs", "0", "--method-option",
+                 "train_background_text=aggregate", "--method-option", "exclude_self=true", "--out", str(out2)]) == 0
     hyper = yaml.safe_load((out2 / "head.yaml").read_text())["hyper"]
     assert hyper["train_background_text"] == "aggregate" and hyper["exclude_self"] is True
-    assert main(["finetune", *args, "--method", "runa", "--exclude-self", "--out", str(tmp_path / "h3")]) == 2
+    assert main(["finetune", *args, "--method", "uni-ood", "--method-option", "exclude_self=maybe",
+                 "--out", str(tmp_path / "h3")]) == 2
 
 
 # ============================================================================================== defect 6

@@ -17,7 +17,7 @@ Eq. 7 loss and each shot's cosine to its own class text embedding before and aft
 Every method is fitted through ``Method.fit_shots`` (the one fitting path): a one-class label set is
 warned about there (logged, printed here, recorded in the report and the head); UNI-OOD also gets each
 shot's image context (``core.finetune.shot_context``: the other ID objects of its image, its training
-background text; ``--train-background-text``, ``--exclude-self`` set its head settings).
+background text; ``--method-option train_background_text=...``, ``exclude_self=...`` set its head settings).
 """
 from __future__ import annotations
 
@@ -50,13 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a setting of the method's head, recorded in it (repeatable; not for runa). tagood: "
                         "frame_size=448 (the frame pass's side in px, a multiple of the patch size; torch backend), "
                         "selection=attn|all|mu (token selection), thr=0.5, centre_init=class_means|randn, "
-                        "ema_span=0.1 (0 = TagOOD's plain EMA)")
-    u = parser.add_argument_group("UNI-OOD head settings (recorded in the head, applied at inference from it)")
-    u.add_argument("--train-background-text", choices=("others", "aggregate"), default=None,
-                   help="training background text of a shot: its image's other ID objects (others, default; a shot "
-                        "alone in its image: all ID prompts but its own) or the inference aggregate (aggregate)")
-    u.add_argument("--exclude-self", action="store_true",
-                   help="inference background text of a candidate class without its own prompt (default: with it)")
+                        "ema_span=0.1 (0 = TagOOD's plain EMA). uni-ood: train_background_text=others|aggregate (a shot's "
+                        "training background text: its image's other ID objects, default, or the inference aggregate), "
+                        "exclude_self=true|false (inference background text without the candidate's own prompt)")
     o = parser.add_argument_group("output")
     o.add_argument("--domain", default=None, help="write to <calibration dir>/<DOMAIN>/ (see core.paths)")
     o.add_argument("--out", default=None, help="write to this folder instead of the calibration directory")
@@ -194,8 +190,6 @@ def _run(args) -> int:
              args.shots, shots.report["short_classes"] or "none")
 
     _configure_method(scorer.method, args.method_option)
-    if _uni_ood_settings(args) and scorer.method.name != "uni-ood":
-        raise common.fail(["--train-background-text and --exclude-self are UNI-OOD head settings (--method uni-ood)"])
     if scorer.method.name != "runa":  # the other methods' heads: the method's own fit on its own features
         return _fit_head(args, scorer, dataset, shots, out)
     t0 = time.perf_counter()
@@ -315,16 +309,6 @@ def _configure_method(method, options) -> None:
         raise common.fail([f"--method-option: {exc}"])
 
 
-def _uni_ood_settings(args) -> dict:
-    """UNI-OOD's head settings from the flags (only the ones given: the method's defaults otherwise)."""
-    out = {}
-    if getattr(args, "train_background_text", None):
-        out["train_background_text"] = args.train_background_text
-    if getattr(args, "exclude_self", False):
-        out["exclude_self"] = True
-    return out
-
-
 def _fit_head(args, scorer, dataset, shots, out) -> int:
     """Few-shot fit of a non-RUNA method: encode the shot boxes with the views the method fits on (the
     scorer's own view maker and backend, one backend call per image), ``method.fit`` -> head folder."""
@@ -359,7 +343,7 @@ def _fit_head(args, scorer, dataset, shots, out) -> int:
     feat_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     fitted = method.fit_shots(feats.data, y, scorer.text_emb, context=contexts, progress=not args.no_progress,
-                              epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, **_uni_ood_settings(args))
+                              epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     state, curve, hyper = fitted.state, fitted.loss_curve, fitted.hyper
     train_s = time.perf_counter() - t1
     folder = _save_head(out, scorer, label_set, state, curve, {"hyper": hyper, "shots": args.shots, "n_shots": len(labels),

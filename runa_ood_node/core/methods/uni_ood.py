@@ -160,6 +160,28 @@ class UniOodMethod(Method):
         return self.background_text_for()
 
     # ------------------------------------------------------------------ head
+    def configure(self, **options) -> None:
+        """Set the background-text head settings before fitting a head (``runa-ood finetune --method-option
+        KEY=VALUE``): ``exclude_self`` (a bool, or true / false / 1 / 0 / yes / no) and ``train_background_text``
+        (``others`` / ``aggregate``). Like the constructor's arguments: recorded by :meth:`fit`, and a head
+        recording another value is refused. Raises ValueError for an unknown key or a bad value."""
+        unknown = sorted(set(options) - set(BG_TEXT_SETTINGS))
+        if unknown:
+            raise ValueError(f"method 'uni-ood' has no option {unknown}; settings {sorted(BG_TEXT_SETTINGS)}")
+        if "exclude_self" in options:
+            v = options["exclude_self"]
+            if not isinstance(v, bool):
+                words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+                if str(v).strip().lower() not in words:
+                    raise ValueError(f"UNI-OOD exclude_self must be true or false, got {v!r}")
+                v = words[str(v).strip().lower()]
+            self._asked["exclude_self"] = self.exclude_self = v
+        if "train_background_text" in options:
+            v = str(options["train_background_text"])
+            if v not in TRAIN_BACKGROUND_TEXTS:
+                raise ValueError(f"UNI-OOD train_background_text must be one of {TRAIN_BACKGROUND_TEXTS}, got {v!r}")
+            self._asked["train_background_text"] = self.train_background_text = v
+
     @staticmethod
     def head_settings(head) -> Dict[str, object]:
         """The background-text settings a head records (``BG_TEXT_SETTINGS`` for heads made before them)."""
