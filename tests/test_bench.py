@@ -244,35 +244,99 @@ def test_bench_no_roofline(tmp_path, ood_pack, capsys):
     assert "roofline:" not in capsys.readouterr().out
 
 
-def test_bench_methods_side_by_side_on_one_backend(tmp_path, ood_pack, capsys):
-    """--method: every method scores the same frames (torch backend); trunk passes per frame are the
-    method's views (RUNA 2 per box, TagOOD 1 per frame); ratios are the p50s' ratios."""
+def test_bench_methods_every_method_on_every_backend_in_one_table(tmp_path, ood_pack, capsys):
+    """--method all: every (method, CPU backend) row is timed at every box count in one interleaved run,
+    with its fidelity to torch, its roofline share, each method's best backend, auto over that best and
+    the goals; trunk passes per frame are the method's views (RUNA 2 per box, TagOOD 1 per frame)."""
     from runa_ood_node.tools import bench
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     out = tmp_path / "bench.json"
     args = p.parse_args(["--model", "runa-tiny-vit", "--boxes", "1,10", "--rounds", "1", "--repeats", "1",
-                         "--warmup", "0", "--variants", "torch", "--no-thread-sweep", "--no-roofline",
+                         "--warmup", "0", "--variants", "torch", "--no-thread-sweep", "--ort-threads", "1",
                          "--method", "all", "--annotations", str(ood_pack / "annotations.json"), "--no-progress",
-                         "--json", str(out)])
+                         "--calibration-images", "3", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
     assert bench.run(args) == 0
-    sec = json.loads(out.read_text())["per_model"]["runa-tiny-vit"]
+    report = json.loads(out.read_text())
+    sec = report["per_model"]["runa-tiny-vit"]
     ms = sec["methods"]
-    assert ms["methods"] == ["runa", "uni-ood", "tagood"] and ms["backend"] == "torch"
+    methods = ["runa", "uni-ood", "tagood"]
+    assert ms["methods"] == methods and ms["backends"] == bench.METHOD_BACKENDS and not ms["skipped"]
     assert ms["untrained_heads"] == ["uni-ood", "tagood"]
-    assert [ms["results"]["runa"][n]["trunk_passes"] for n in ("1", "10")] == [2, 20]
-    assert [ms["results"]["tagood"][n]["trunk_passes"] for n in ("1", "10")] == [1, 1]
-    assert [ms["results"]["uni-ood"][n]["trunk_passes"] for n in ("1", "10")] == [2, 20]
-    for m in ("runa", "uni-ood", "tagood"):
-        for n in ("1", "10"):
-            r = ms["results"][m][n]
-            assert r["speedup_vs_runa_p50"] == pytest.approx(ms["results"]["runa"][n]["p50_ms"] / r["p50_ms"])
-            assert r["speedup_vs_naive_p50"] == pytest.approx(sec["results"]["naive"][n]["p50_ms"] / r["p50_ms"])
-    assert set(ms["goals"]) == {"tagood_le_1/8_of_runa_at_10_boxes", "uni-ood_le_1.5x_runa_at_10_boxes"}
+    for m in methods:
+        assert list(ms["results"][m]) == bench.METHOD_BACKENDS     # every row, in order
+        assert set(ms["fidelity"][m]) == set(bench.METHOD_BACKENDS)
+        assert "views of 3 photographs" in ms["sample"][m] and m in ms["sample"][m]
+        for b in bench.METHOD_BACKENDS:
+            for n in ("1", "10"):
+                r = ms["results"][m][b][n]
+                assert r["n"] == 1 and r["p50_ms"] > 0
+                assert r["vs_runa_best"] == pytest.approx(r["p50_ms"] / ms["best"]["runa"][n]["p50_ms"])
+                assert r["speedup_vs_naive_p50"] == pytest.approx(sec["results"]["naive"][n]["p50_ms"] / r["p50_ms"])
+                c = ms["roofline"]["rows"][f"{m}|{b}"][n]
+                assert c["achieved_gflops"] == pytest.approx(r["gflop_per_frame"] / (r["p50_ms"] / 1e3))
+                assert c["fraction_of_peak"] == pytest.approx(c["achieved_gflops"] / ms["roofline"]["peaks_gflops"][c["peak"]])
+            f = ms["fidelity"][m][b]
+            assert f["cos_min"] >= 0.99 and (f["attn_max_abs"] is None) == (m == "runa")
+        assert ms["roofline"]["rows"][f"{m}|onnxruntime-int8-static"]["1"]["peak"] == "int8"
+        assert ms["roofline"]["rows"][f"{m}|onnxruntime-fused"]["1"]["peak"] == "fp32"
+        a = ms["auto"][m]
+        assert a["reason"] == "measured" and a["variant"] in ("plain", "int8", "int8-static", "fused", "fused-int8")
+        assert a["vs_best"]["10"] == pytest.approx(ms["results"][m]["auto"]["10"]["p50_ms"] / ms["best"][m]["10"]["p50_ms"])
+        hand = {b: ms["results"][m][b]["10"]["p50_ms"] for b in bench.METHOD_BACKENDS if b != "auto"}
+        assert ms["best"][m]["10"]["backend"] == min(hand, key=hand.get)
+    assert [ms["results"]["runa"]["torch"][n]["trunk_passes"] for n in ("1", "10")] == [2, 20]
+    assert [ms["results"]["tagood"]["torch"][n]["trunk_passes"] for n in ("1", "10")] == [1, 1]
+    assert [ms["results"]["uni-ood"]["torch"][n]["pairs"] for n in ("1", "10")] == [1, 10]
+    assert ms["results"]["tagood"]["torch"]["10"]["gflop_per_frame"] == ms["results"]["tagood"]["torch"]["1"]["gflop_per_frame"]
+    # static int8 graphs: one per output set, calibrated on that method's own views
+    from runa_ood_node.backends.ort_backend import _views_sha  # noqa: F401  (key of the calibration)
+
+    keys = {json.loads(pth.read_text())["key"]["calibration_sha256"]
+            for pth in (tmp_path / "cache" / "onnx").glob("*-int8qdq.json")}
+    assert len(keys) == 3
+    assert set(ms["goals"]) == {"tagood_best_le_1/10_of_runa_best_at_10_boxes",
+                                "uni-ood_best_le_1.5x_runa_best_at_10_boxes", "runa_auto_within_10%_of_best",
+                                "uni-ood_auto_within_10%_of_best", "tagood_auto_within_10%_of_best"}
     printed = capsys.readouterr().out
-    assert "methods on the torch backend" in printed and "untrained heads (speed only): uni-ood, tagood" in printed
+    assert "every method on every CPU backend, one interleaved run" in printed
+    table = printed[printed.index("every method on every CPU backend"):]
+    assert sum(1 for line in table.splitlines() if line.split()[:1] in (["runa"], ["uni-ood"], ["tagood"])) == 21
+    assert "untrained heads (speed only): uni-ood, tagood" in printed and "auto tagood:" in printed
     assert bench.run(p.parse_args(["--method", "lenet"])) == 2
+
+
+@pytest.mark.parametrize("outputs", [("cls",), ("tokens",), ("tokens", "attn_cls"), ("tokens", "attn_cls", "xattn"),
+                                     ("attn_cls",)])
+def test_trunk_flops_from_the_model_config_equal_the_counted_ones(tiny_encoder, outputs):
+    """The FLOPs per call the methods' roofline uses (from the model config) equal FlopCounterMode's count
+    of the backbone forward that serves the output set (attention branch and pairs included), and the
+    cls set is the hand count of a ViT (and ViT-B-32's known 8.82 GFLOP)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from runa_ood_node.core.backbone import backbone_forward
+    from runa_ood_node.tools.bench import model_config, trunk_flops_per_call
+
+    cfg = model_config(tiny_encoder)
+    assert cfg["tokens"] == tiny_encoder.num_tokens and cfg["width"] == tiny_encoder.width
+    B, P = 3, 2
+    x = torch.zeros((B, 3, tiny_encoder.input_size, tiny_encoder.input_size))
+    pairs = torch.tensor([[0, 1], [2, 0]]) if "xattn" in outputs else None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    counter = FlopCounterMode(display=False)
+    # as bench.count_view_flops: grad on and SDPA's math kernel, or the fused paths hide QK^T and AV
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
+        backbone_forward(tiny_encoder.model.visual, x, outputs, pairs)
+    assert trunk_flops_per_call(cfg, outputs, B, P if pairs is not None else 0) == pytest.approx(
+        counter.get_total_flops(), rel=1e-6)
+    if outputs == ("cls",):
+        assert trunk_flops_per_call(cfg, outputs, 1) == vit_trunk_flops(_vision_cfg("runa-tiny-vit"))
+        b32 = {"image_size": 224, "patch_size": 32, "width": 768, "layers": 12, "mlp_width": 3072, "grid": 7,
+               "tokens": 50}
+        assert trunk_flops_per_call(b32, ("cls",), 1) == 2 * 4_408_418_304
 
 
 def test_parse_models():

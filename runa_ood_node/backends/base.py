@@ -20,10 +20,14 @@ Contract of :class:`VisualBackend`:
   output set, keyed by it); batches over ``max_batch`` are split keeping each pair in one call.
 
 :func:`make_backend` picks and builds a backend. ``kind="auto"`` tries TensorRT (needs the
-``tensorrt`` module, CUDA and an engine already built by ``runa-ood build-engine``), then ONNX
-Runtime (needs the ONNX export already in the cache, made by ``runa-ood build-engine --onnx-only``,
-or ``onnx_path``), then PyTorch, and logs every fallback with its reason: ``auto`` never spends
-start-up time building an engine or exporting a graph. An explicit kind never falls back: it raises
+``tensorrt`` module, CUDA and an engine already built by ``runa-ood build-engine``: never built at
+start-up), then ONNX Runtime, then PyTorch, and logs every fallback with its reason. On a CPU, ONNX
+Runtime runs the variant measured fastest on this CPU among those holding fidelity to torch
+(:func:`ort_backend.ensure_auto_choice`): the recorded measurement of this model and output set,
+else one made at start-up on the method's own views (when no variant is cached, they are exported
+first within a time budget, ``auto_budget_s``; all of it logged with its time), then recorded for
+the next start. The backend's ``variant`` / ``variant_reason`` (``measured``, ``recorded``,
+``fallback``, ``explicit``) say which variant runs and why. An explicit kind never falls back: it raises
 :class:`BackendUnavailableError` with a message saying what is missing; explicit ``onnxruntime``
 exports into the cache when needed (logged as a WARNING: 30-60 s for a ViT-B on a small CPU).
 """
