@@ -68,6 +68,51 @@ def register_model_configs() -> None:
         _CONFIGS_REGISTERED = True
 
 
+#: registered weights names (``pretrained: <name>``) -> {model: checkpoint file relative to the calibration
+#: directory}. The file loads as any checkpoint path does (weights id = the file's sha256).
+REGISTERED_WEIGHTS: Dict[str, Dict[str, str]] = {
+    # the CLIP trained in the proving-ground world (runa_ood_node/proving_ground/clip_train.py)
+    "proving-ground": {"runa-pg-vit": "proving_ground/runa-pg-vit.pt"},
+}
+
+
+def registered_weights_file(name: str, model_name: str) -> pathlib.Path:
+    """The checkpoint file of a registered weights name (:data:`REGISTERED_WEIGHTS`) for ``model_name``.
+
+    Looked up in ``paths.calibration_dir()`` (``$RUNA_OOD_CALIBRATION_DIR``, the source checkout's
+    ``calibration/``, the installed ``share/runa_ood_node/calibration``), then in the source checkout's
+    and the installed calibration folders (a calibration directory of one's own need not copy it).
+
+    Raises:
+        WeightsUnavailableError: the name is not registered for this model, or the file is missing
+            (every place tried is named).
+    """
+    from .paths import _installed_calibration_dir, _repo_calibration_dir, calibration_dir
+
+    models = REGISTERED_WEIGHTS.get(name.strip().lower())
+    if models is None:
+        raise WeightsUnavailableError(f"{name!r} is not a registered weights name ({sorted(REGISTERED_WEIGHTS)})")
+    rel = models.get(model_name.replace("/", "-"))
+    if rel is None:
+        raise WeightsUnavailableError(
+            f"pretrained={name!r} names weights of {sorted(models)}, not of model {model_name!r}; use "
+            + " or ".join(f"model: {m}" for m in sorted(models)))
+    tried = []
+    for root in (calibration_dir(), _repo_calibration_dir(), _installed_calibration_dir()):
+        if root is None:
+            continue
+        cand = root / rel
+        if str(cand) in tried:
+            continue
+        tried.append(str(cand))
+        if cand.is_file():
+            return cand
+    raise WeightsUnavailableError(
+        f"the checkpoint of pretrained={name!r} (model {model_name!r}) is missing; tried {', '.join(tried)}. It is "
+        "committed in the repository's calibration/ folder and installed with the package (colcon build); "
+        "remake it with `runa-ood proving-ground train`, or pass pretrained=<path to the file>.")
+
+
 def _how_to_provide(model_name: str) -> str:
     return (
         f"Provide weights for {model_name!r} by passing pretrained=<path to a local open_clip checkpoint "
@@ -264,7 +309,8 @@ class DualEncoder:
             model_name: open_clip architecture (``"ViT-B-16"``) or one of this package's configs
                 (``"runa-tiny-vit"``); see ``open_clip.list_models()``.
             pretrained: an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``...), a path to a
-                local checkpoint file, or None for no pretrained weights.
+                local checkpoint file, a registered name (:data:`REGISTERED_WEIGHTS`:
+                ``"proving-ground"`` with ``runa-pg-vit``), or None for no pretrained weights.
             device: torch device for the trunk and text tower (``"cpu"``, ``"cuda"``).
             allow_random: when ``pretrained`` is None, build randomly initialised weights (tests,
                 benchmarks of speed only). Never used as a silent fallback for failed loading.
@@ -324,6 +370,10 @@ class DualEncoder:
             random_weights = True
             weights_id = None  # filled from the state dict below
             kwargs = {"pretrained": None}
+        elif pretrained.strip().lower() in REGISTERED_WEIGHTS:
+            path = registered_weights_file(pretrained, arch)
+            weights_id = f"file:{file_sha256(path, memo=True)}"
+            kwargs = {"pretrained": str(path)}
         else:
             path = pathlib.Path(pretrained).expanduser()
             known_tags = open_clip.list_pretrained_tags_by_model(arch)
