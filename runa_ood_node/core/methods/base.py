@@ -165,7 +165,7 @@ class Method:
         (``fitting.label_set_warnings``: a one-class label set is warned about, logged and returned), then
         :meth:`fit` with ``context`` (per box, the label-set indices of the other ID objects of its image;
         ``core.finetune.shot_context``) for the methods that read it (:attr:`uses_context`)."""
-        warnings = label_set_warnings(self.name, int(text_emb.shape[0]), labels)
+        warnings = label_set_warnings(self.name, int(text_emb.shape[0]))
         if self.uses_context:
             hyper["context"] = context
         state, curve, hp = self.fit(feats, labels, text_emb, progress=progress, **hyper)

@@ -18,10 +18,10 @@ __all__ = ["seeded", "run_epochs", "label_set_warnings"]
 LOG = logging.getLogger(__name__)
 
 
-def label_set_warnings(method: str, n_classes: int, labels=None) -> List[str]:
-    """What is wrong with fitting ``method``'s head on a label set of ``n_classes`` classes (shots ``labels``),
-    as warning messages (empty: nothing), each also logged with ``logging.warning``. Called once for every
-    method by ``base.Method.fit_shots``, the one fitting path.
+def label_set_warnings(method: str, n_classes: int) -> List[str]:
+    """What is wrong with fitting ``method``'s head on a label set of ``n_classes`` classes, as warning
+    messages (empty: nothing), each also logged with ``logging.warning``. Called once for every method by
+    ``base.Method.fit_shots``, the one fitting path.
 
     One class: every method's loss contrasts a box's class with the other classes (RUNA's Eq. 7 and TagOOD's
     cross-entropy are softmaxes over the K classes, identically 0 for K = 1 with zero gradient; UNI-OOD's
