@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fleet": ("fleet", "score, mine and evaluate many bags on Ray Data (Parquet, summary, top-K OOD, metrics)"),
     "fuzz": ("fuzz", "hostile input against the node over DDS, every message accounted for (--soak: RSS curve)"),
     "proving-ground": ("proving_ground", "the synthetic proving ground: its world's COCO splits and bag (world), its CLIP (train)"),
+    "gpu-check": ("gpu_check", "every method's scorer on a GPU vs CPU fp32, GPU views, timings, TensorRT where it imports "
+                               "(one call: scripts/gpu_check.sh [--dry-run] OUTDIR)"),
     "foxglove-layout": ("foxglove_layout", "a Foxglove / Lichtblick layout: every camera's image with its OOD annotations, alert, health"),
 }
 
