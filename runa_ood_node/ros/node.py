@@ -40,7 +40,11 @@ Cameras (parameter ``cameras``; empty = the one stream above, topics unchanged)
     per camera (``<node>: OOD monitor (C)``), each balanced on its own. The worker takes the frame at
     the head of every camera's queue (at most one per camera: a flooding camera delays the others by
     at most one batch) and scores them in ONE backend call (``OodScorer.score_frames``), then
-    publishes each camera's answer. ``ood/driver_alert`` and ``ood/monitor_health`` stay single,
+    publishes each camera's answer. ``gather_window_ms`` lets it wait (bounded) for the cameras whose
+    next frame has not arrived yet, so that one call scores every camera's frame;
+    ``scoring_threads`` shares the cameras out among several workers (camera i to worker i mod n,
+    so each camera's frames stay in stamp order), whose backend calls and image preparation
+    overlap where they release the GIL. ``ood/driver_alert`` and ``ood/monitor_health`` stay single,
     vehicle-level: the level is the highest over the cameras and the reason names the camera(s);
     health is degraded when any camera is, and says which. ``ood/label_info`` is shared.
 
@@ -1137,8 +1141,9 @@ class RunaOodNode(LifecycleNode):
         ``boxes_by_status`` {name: n}, ``boxes_ood``, ``counters`` (``qos_incompatible``,
         ``frame_id_mismatch``, ``backend_error_frames``, ...), and ``balanced``: True when images
         received == paired + image-side drops + pending (same for detections), pairs == frames
-        scored + frame drops + queued + in flight, and no loss figure is untrue. A frame is counted as scored (or dropped) in the
-        same locked step that ends its flight, so every snapshot balances.
+        scored + frame drops + queued + in flight, and no loss figure is untrue. A frame is counted
+        as scored (or dropped) in the same locked step that ends its flight, so every snapshot
+        balances.
 
         With ``cameras``: ``accounting("front")`` is camera front's (the keys above, balanced on its
         own); ``accounting()`` is ``{"cameras": {name: that}, "balanced": all balanced,
