@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed frames per cell first (default 3; 1 with --dry-run)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="run-time budget in seconds: remaining timings are skipped with a note rather than "
-                             "overrunning (default 330; 45 with --dry-run)")
+                             "overrunning (default 330; 120 with --dry-run)")
     parser.add_argument("--labels", default="voc", help="label set (default %(default)s)")
     parser.add_argument("--timing-variants", default=None,
                         help="variants timed: 'all' or a comma list of names (fp32, 'auto (fp16)' / fp16, bf16, "
@@ -205,7 +205,7 @@ class Plan:
                    if "runa" in methods else list(dict.fromkeys(methods)),
                    repeats=int(args.repeats if args.repeats is not None else (2 if dry else 10)),
                    warmup=int(args.warmup if args.warmup is not None else (1 if dry else 3)),
-                   budget_s=float(args.budget_s if args.budget_s is not None else (45.0 if dry else 330.0)),
+                   budget_s=float(args.budget_s if args.budget_s is not None else (120.0 if dry else 330.0)),
                    labels=str(args.labels), node_methods=node_methods,
                    timing_variants=None if (args.timing_variants or ("" if dry else "all")) == "all" else
                    [t.strip() for t in str(args.timing_variants or "fp32,node defaults").split(",") if t.strip()])
