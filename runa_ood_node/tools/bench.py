@@ -626,10 +626,13 @@ def run(args) -> int:
         "per_model": sections,
         "roofline": None if peaks is None else {"peaks": peaks, "flop_counter": FLOP_COUNTER_NOTE,
                                                 "views_per_box": VIEWS_PER_BOX},
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": cuda,
+        "machine": {"cpu_count": os.cpu_count(), "cpu": _cpu(), "torch_threads": torch.get_num_threads(), "cuda": cuda,
                     "gpu": torch.cuda.get_device_name(0) if cuda else None, "python": platform.python_version(),
                     "torch": torch.__version__},
     }
+    cpu = report["machine"]["cpu"] or {}
+    print(f"CPU: {cpu.get('model', platform.processor())}, {report['machine']['cpu_count']} logical CPUs, "
+          f"SIMD {' '.join(cpu.get('simd', []))}")
     for name in report["models"]:
         _print_table(report, name)
         if report["per_model"][name].get("methods"):
@@ -641,6 +644,16 @@ def run(args) -> int:
         path = write_json(args.json_path, report)
         print(f"wrote {path}")
     return 0
+
+
+def _cpu() -> Optional[Dict[str, Any]]:
+    """This CPU as ``backend: auto`` records it (model name, SIMD flags, ONNX Runtime version)."""
+    try:
+        from ..backends.ort_backend import cpu_identity
+
+        return cpu_identity()
+    except ImportError:  # pragma: no cover - without onnxruntime
+        return None
 
 
 def bench_model(encoder, variants: Sequence[str], box_counts: Sequence[int], image: np.ndarray,
