@@ -423,8 +423,12 @@ def _log_weights_source(model: str, pretrained: str, download: bool) -> None:
         LOG.info("loading %s weights from file %s", model, pretrained)
         return
     try:
-        from ..core.encoder import find_cached_tag_weights, register_model_configs
+        from ..core.encoder import (REGISTERED_WEIGHTS, find_cached_tag_weights, register_model_configs,
+                                    registered_weights_file)
 
+        if pretrained.strip().lower() in REGISTERED_WEIGHTS:
+            LOG.info("loading %s weights %r from file %s", model, pretrained, registered_weights_file(pretrained, model))
+            return
         register_model_configs()
         cached = find_cached_tag_weights(model.replace("/", "-"), pretrained)
     except Exception:  # unknown tag etc.: DualEncoder.load says why
