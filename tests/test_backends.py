@@ -486,3 +486,34 @@ def test_vit_b32_every_cpu_variant_within_0999_of_torch_on_real_crops(photos, vi
         print(f"\nViT-B-32 {name} vs torch fp32 on {fid['n']} held-out real views: embedding cos min "
               f"{fid['embedding_cos_min']:.6f}")
         assert fid["embedding_cos_min"] >= 0.999, name
+
+
+def test_build_engine_method_calibrates_and_measures_on_the_methods_own_views(tiny_encoder, tmp_path, capsys):
+    """`runa-ood build-engine --method tagood --int8 static --auto`: TagOOD's output set, its static
+    int8 graph calibrated on TagOOD's own views (one whole frame per photograph) and the auto record
+    measured on them, ahead of the node's first start (which then reads the record)."""
+    import argparse
+    import json
+
+    from runa_ood_node.backends.ort_backend import _views_sha
+    from runa_ood_node.backends.samples import method_sample
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.tools import build_engine as tool
+
+    cache = tmp_path / "cache"
+    p = argparse.ArgumentParser()
+    tool.add_arguments(p)
+    args = p.parse_args(["--model", tiny_encoder.model_name, "--pretrained", "none", "--allow-random-weights",
+                         "--cache-dir", str(cache), "--onnx-only", "--precision", "fp32", "--method", "tagood",
+                         "--int8", "static", "--auto"])
+    assert tool.run(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("\n{") + 1:])
+    assert summary["outputs"] == ["tokens", "attn_cls"] and "tagood's views" in summary["auto_choice"]["views"]
+    assert set(summary["auto_choice"]["variants"]["int8-static"]) >= {"ms_median", "cos_min", "attn_max_abs"}
+    key = json.loads(open(summary["onnx"]["int8-static"].replace(".onnx", ".json")).read())["key"]
+    views = method_sample(OodScorer(tiny_encoder, "voc", method="tagood")).views
+    assert key["calibration_sha256"] == _views_sha(views)
+    be = make_backend("auto", tiny_encoder, cache_dir=cache, outputs=("tokens", "attn_cls"))
+    assert be.variant_reason == "recorded" and be.variant == summary["auto_choice"]["chosen"]
+    assert p.parse_args(["--method", "lenet"]) and tool.run(p.parse_args(["--method", "lenet", "--onnx-only"])) == 2
