@@ -99,6 +99,16 @@ def test_training_smoke_run_lowers_the_loss(one_thread):
     assert np.mean(hist["loss"][-3:]) < hist["loss"][0] - 0.1, hist["loss"]
 
 
+def test_training_is_seeded():
+    """Same seed, same pool: the same losses step by step (the checkpoint is remade by its command)."""
+    pool = _tiny_pool()
+    runs = []
+    for _ in range(2):
+        model, tok = ct.build_model("runa-tiny-vit", seed=3)
+        runs.append(ct.train(model, tok, ct.Sampler(pool, size=64, seed=3), steps=3, batch_size=8, progress=False)["loss"])
+    assert runs[0] == runs[1]
+
+
 def test_train_command_writes_a_loadable_checkpoint_and_its_report(tmp_path, one_thread):
     import argparse
     import json
