@@ -156,13 +156,22 @@ def test_committed_checkpoint_loads_by_path_and_by_registered_name(pg_encoder):
     assert torch.equal(by_path.proj_global, pg_encoder.proj_global)
 
 
+#: ONNX Runtime variants: (make_backend options, embedding cosine min, attention max |delta|), the
+#: tolerances of tests/test_backbone_backends.py (measured here: fp32 / fused 1.0 and 2e-7, fp16 graph
+#: 1.0 and 5e-5, dynamic int8 0.9997 and 1.6e-3)
+ORT_VARIANTS = {"plain": ({}, 0.9999, 1e-3), "fused": ({"fused": True}, 0.9999, 1e-3),
+                "fp16": ({"precision": "fp16"}, 0.999, 1e-3), "int8": ({"int8": "dynamic"}, 0.99, 5e-3)}
+
+
 @needs_ckpt
-def test_committed_checkpoint_through_onnx_runtime_equals_torch(pg_encoder, tmp_path):
+@pytest.mark.parametrize("variant", list(ORT_VARIANTS))
+def test_committed_checkpoint_through_onnx_runtime_equals_torch(variant, pg_encoder, tmp_path):
     pytest.importorskip("onnxruntime")
     from runa_ood_node.backends import make_backend
     from runa_ood_node.backends.ort_backend import cosine_rows
     from runa_ood_node.core.views import ViewMaker
 
+    kw, cos_min, attn_max = ORT_VARIANTS[variant]
     sc = world.render_scene(world.SPLIT_SEEDS["gate"] + 7)
     b = sc.boxes.copy()
     b[:, 2:] += b[:, :2]
@@ -172,10 +181,11 @@ def test_committed_checkpoint_through_onnx_runtime_equals_torch(pg_encoder, tmp_
     pairs = torch.tensor([[i, i + n] for i in range(n)])
     names = ("cls", "tokens", "attn_cls", "xattn")
     ref = pg_encoder.visual_outputs(views, names, pairs=pairs)
-    be = make_backend("onnxruntime", pg_encoder, cache_dir=tmp_path, ort_threads=2, outputs=names)
+    be = make_backend("onnxruntime", pg_encoder, cache_dir=tmp_path, ort_threads=2, outputs=names, **kw)
     out = be.outputs(views, names, pairs=pairs)
     P = pg_encoder.proj_global
-    assert float(cosine_rows(ref["cls"] @ P, out["cls"] @ P).min()) >= 0.9999
-    assert float(cosine_rows((ref["tokens"] @ P).reshape(-1, P.shape[1]), (out["tokens"] @ P).reshape(-1, P.shape[1])).min()) >= 0.9999
-    assert float((ref["attn_cls"] - out["attn_cls"]).abs().max()) <= 1e-3
-    assert float((ref["xattn"] - out["xattn"]).abs().max()) <= 1e-3
+    D = P.shape[1]
+    assert float(cosine_rows(ref["cls"] @ P, out["cls"] @ P).min()) >= cos_min
+    assert float(cosine_rows((ref["tokens"] @ P).reshape(-1, D), (out["tokens"] @ P).reshape(-1, D)).min()) >= cos_min
+    assert float((ref["attn_cls"] - out["attn_cls"]).abs().max()) <= attn_max
+    assert float((ref["xattn"] - out["xattn"]).abs().max()) <= attn_max
