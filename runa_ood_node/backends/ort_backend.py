@@ -580,8 +580,8 @@ def choose_auto_variant(model, views, *, projection: Optional[torch.Tensor] = No
     its first ``timed_calls`` calls, one after the other as the node makes them). Each variant serves
     the output set, alternating with the others (``repeats`` rounds, median ms per round); fidelity:
     :func:`output_fidelity` to the torch trunk (embedding cosine >= ``fidelity_min``, attention
-    max |delta| <= ``attn_max``). The torch trunk's own time is recorded as ``torch_ms_median`` (a
-    reference, not a candidate). The record (JSON next to the graphs, :func:`auto_record_path`) names
+    max |delta| <= ``attn_max``). The torch trunk's own time (first round only) is recorded as
+    ``torch_ms_median`` (a reference, not a candidate). The record (JSON next to the graphs, :func:`auto_record_path`) names
     each graph with its sha256 (a re-exported graph invalidates the choice) and this CPU
     (:func:`cpu_identity`: a record made on another CPU is measured again). Returns the record.
     """
@@ -616,7 +616,7 @@ def choose_auto_variant(model, views, *, projection: Optional[torch.Tensor] = No
         opened[name] = be
     ms: Dict[str, List[float]] = {n: [] for n in opened}
     for r in range(max(1, int(repeats))):  # interleaved rounds: every variant sees the same machine load
-        order = list(opened)
+        order = list(opened) if r == 0 else [n for n in opened if n != "torch"]  # torch: a reference, timed once
         for name in order[r % len(order):] + order[:r % len(order)]:
             be = opened[name]
             t1 = time.perf_counter()

@@ -60,7 +60,10 @@ class Sample:
 
     def head(self, calls: int) -> "Sample":
         """The first ``calls`` calls only (views and pairs re-assembled from them)."""
-        return _assemble(self.calls[:max(1, int(calls))], self.source)
+        n = max(1, int(calls))
+        if n >= len(self.calls):
+            return self
+        return _assemble(self.calls[:n], f"the first {n} calls of {self.source}")
 
 
 def _assemble(calls, source: str) -> Sample:
