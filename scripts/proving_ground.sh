@@ -37,7 +37,7 @@ for m in runa uni-ood tagood; do
   runa-ood finetune "${M[@]}" --method "$m" --annotations "$OUT/train/annotations.json" --shots 10 --seed 0 \
     --eval-images 0 --out "$PG/heads/$m"
   runa-ood calibrate "${M[@]}" --method "$m" --head "$PG/heads/$m" \
-    --annotations "$OUT/calibration/annotations.json" --out "$PG/thresholds/$m.yaml"
+    --annotations "$OUT/calibration/annotations.json" --out "$PG/thresholds/$m/thresholds.yaml"
   HEADS+=(--head "$m=$PG/heads/$m")
 done
 runa-ood evaluate "${M[@]}" --method all "${HEADS[@]}" --baselines \

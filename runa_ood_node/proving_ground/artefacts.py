@@ -28,7 +28,7 @@ def head_dir(method: str) -> pathlib.Path:
 
 def thresholds_path(method: str) -> pathlib.Path:
     """The thresholds of ``method`` with its committed head, calibrated at 95 % ID TPR."""
-    return ROOT / "thresholds" / f"{method}.yaml"
+    return ROOT / "thresholds" / method / "thresholds.yaml"
 
 
 @dataclasses.dataclass(frozen=True)
