@@ -133,3 +133,32 @@ def test_contact_sheet_layout():
     sheet = demo.contact_sheet(imgs, ["a", "b", "c"], ["title"], tile_w=200, cols=2, warn=True)
     assert sheet.dtype == np.uint8 and sheet.shape[1] == 2 * (200 + 6) + 6
     assert tuple(sheet[2, 2]) == (120, 0, 0)
+
+
+def test_demo_without_real_weights_runs_on_the_proving_ground(tmp_path, capsys):
+    """No real weights here: the default fallback is the proving ground (its CLIP, head, thresholds and
+    scenes), labelled synthetic everywhere, with its FPR95 / AUROC printed; never the random banner."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("runa_ood_msgs.msg")
+    import cv2
+
+    from runa_ood_node.tools import cli
+
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--pretrained", "none", "--frames", "3", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    report = (out / "report.txt").read_text()
+    for text in (printed, report):
+        assert demo.SYNTHETIC_LABEL in text and "RANDOM WEIGHTS" not in text
+        assert re.search(r"FPR95 [0-9.]+\s+AUROC [0-9.]+", text), "the synthetic quality figures are printed"
+    js = json.loads((out / "demo.json").read_text())
+    assert js["proving_ground"] is True and js["random_weights"] is False
+    assert (js["model"], js["pretrained"]) == ("runa-pg-vit", "proving-ground")
+    assert js["frames_published"] == 3 and js["frames_answered"] == 3
+    assert js["node_parameters"]["thresholds_file"].endswith("thresholds.yaml")
+    assert js["metrics"]["n_id"] > 0 and js["metrics"]["n_ood"] > 0
+    # ground truth of the synthetic frames reached the table: both kinds of object were scored
+    assert {r["gt_is_ood"] for r in js["records"]} == {True, False}
+    sheet = cv2.imread(str(out / "contact_sheet.png"))
+    assert tuple(int(v) for v in sheet[3, 3][::-1]) == demo.SYNTHETIC_RGB  # the synthetic title block
