@@ -32,6 +32,10 @@ def _head(tmp_path, encoder, method):
     return save_head(tmp_path / f"{method}_head", method, state, head_meta(encoder, load_label_set("voc"), hyper, curve))
 
 
+#: boxes scored per frame: TagOOD all but the malformed one (its small boxes included, for the count below)
+CAP = {"uni-ood": 2, "tagood": 5}
+
+
 @pytest.mark.parametrize("method", ["tagood", "uni-ood"])
 def test_running_node_with_a_method_scores_what_offline_evaluation_scores(tmp_path, tiny_encoder, method):
     head = _head(tmp_path, tiny_encoder, method)
@@ -40,7 +44,7 @@ def test_running_node_with_a_method_scores_what_offline_evaluation_scores(tmp_pa
     ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set="voc",
                                thresholds=None, min_box_size=2.0, pretrained="none", projection=None,
                                backend="torch", device="cpu",
-                               node_params=["max_boxes:=2", f"method:={method}", f"head:={head}"])
+                               node_params=[f"max_boxes:={CAP[method]}", f"method:={method}", f"head:={head}"])
     params = common.node_parameters_from_args(ns, {"model": TINY}, random_weights=True, image_topic=bagio.IMAGE_TOPIC,
                                               n_frames=len(images))
     scorer = common.scorer_from_parameters(params, encoder=tiny_encoder)[0]
@@ -49,4 +53,21 @@ def test_running_node_with_a_method_scores_what_offline_evaluation_scores(tmp_pa
     assert len(off["frames"]) == 2
     live = bag_eval.run_live(bag, params, tmp_path, progress=False, drain_timeout_s=5.0)
     a = assert_live_equals_offline(off, live, n_boxes=2 * 5)
-    assert sum(r["status"] == "OK" for r in a.values()) == 4
+    assert sum(r["status"] == "OK" for r in a.values()) == {"uni-ood": 4, "tagood": 8}[method]
+    # a one-pass method counts the boxes smaller than one of its tokens in /diagnostics; the others do not
+    kv = {v.key: v.value for st in live["diagnostics"].status for v in st.values}
+    if method == "tagood":
+        expected = _boxes_below_token(bag, scorer, params)
+        assert int(kv["boxes_below_token"]) == expected > 0, expected
+    else:
+        assert "boxes_below_token" not in kv
+
+
+def _boxes_below_token(bag, scorer, params):
+    """The boxes the offline scorer counts below a token (``FrameResult.boxes_below_token``) over the bag."""
+    n = 0
+    for fr in bagio.iter_frames(bag, params=params):
+        if fr.ok:
+            res = scorer.score(fr.rgb, fr.boxes_cxcywh, box_format="cxcywh", detector_scores=fr.scores)
+            n += res.boxes_below_token
+    return n

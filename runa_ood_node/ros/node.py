@@ -909,6 +909,8 @@ class RunaOodNode(LifecycleNode):
                         if n:
                             cam.box_status[code] += n
                 cam.boxes_ood += int(np.count_nonzero(res.is_ood))
+                if res.tokens_in_box is not None:  # one-pass methods: boxes smaller than a token, counted
+                    cam.counters["boxes_below_token"] += res.boxes_below_token
                 cam.lat_node.append(node_ms)
                 cam.lat_pipeline.append(pipeline_ms)
                 if res.error:

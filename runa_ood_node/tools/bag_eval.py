@@ -344,7 +344,17 @@ def run_live(bag, params: Dict[str, Any], out_dir, out_bag=None, rate: float = 1
                                 ", ".join(f"{t} {c}" for t, c in counts.items()), n_frames)
                     break
                 time.sleep(0.05)
-            time.sleep(0.5)  # trailing alerts / health / diagnostics
+            time.sleep(0.5)  # trailing alerts / health
+            # a /diagnostics snapshot taken after the last answer (published at 1 Hz), so its counts hold
+            # every frame; bounded
+            with lock:
+                last_answer = got["/ood/detections"][-1][0] if got["/ood/detections"] else 0
+            t_diag = time.monotonic() + 3.0
+            while time.monotonic() < t_diag and proc.alive():
+                with lock:
+                    if got["/diagnostics"] and got["/diagnostics"][-1][0] > last_answer:
+                        break
+                time.sleep(0.05)
             if not proc.alive():
                 LOG.error("node exited early (%s); log %s:\n%s", proc.proc.returncode, log_path, proc.log_tail())
         result["node_returncode"] = proc.proc.returncode
