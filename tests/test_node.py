@@ -477,6 +477,7 @@ def test_bad_input_is_counted_and_never_kills_the_node(rig):
         assert int(kv[key]) >= 1, key
     assert int(kv["boxes.NOT_SCORED"]) >= 950 and int(kv["boxes.NAN"]) >= 1 and int(kv["boxes.OUTSIDE_IMAGE"]) >= 1
     assert kv["random_weights"] == "true" and kv["backend"] == "torch" and kv["model"] == "runa-tiny-vit"
+    assert (kv["backend_variant"], kv["backend_variant_reason"]) == ("torch", "explicit")  # which variant, and why
     assert kv["accounting_balanced"] == "true"
     assert math.isfinite(float(kv["latency_p95_ms"])) and float(kv["latency_p50_ms"]) > 0
     assert float(kv["frame_time_p95_ms"]) >= float(kv["latency_p50_ms"]) > 0

@@ -1,7 +1,6 @@
 """TagOOD's review defects (issue 22, items 1-3) and the small-box count, each with a test that fails on the
 code before the fix: centres that stayed ~90 % random, one 224 px frame pass with no other resolution, one
 token selection rule, and boxes smaller than a token that nothing counted. Tiny random models only."""
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -14,17 +13,10 @@ from runa_ood_node.core.methods.tagood_ops import (ClassCentres, ema_momentum, f
                                                    tokens_in_boxes)
 from runa_ood_node.core.pipeline import OodScorer  # noqa: E402
 
+from test_methods import BOXES, _image  # noqa: E402  (the methods' test frame and boxes, one copy)
+
 SMALL = {"dim": 32, "heads": 4, "mlp": 64, "epochs": 3, "batch_size": 8}
 
-
-def _image(h=96, w=128):
-    rng = np.random.default_rng(3)
-    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    img[20:60, 30:90] = (220, 40, 40)
-    return img
-
-
-BOXES = [[30, 20, 90, 60], [5, 5, 40, 50], [70, 40, 120, 90]]
 TINY_BOX = [100, 70, 108, 78]  # 8 x 8 px of a 128 x 96 frame: between the 4 x 4 grid's centres (32 x 24 px cells)
 
 

@@ -364,6 +364,8 @@ class RunaOodNode(LifecycleNode):
         enc = scorer.encoder
         self.model_name = settings.model
         self.backend_name = str(getattr(enc, "backend_name", settings.backend))
+        # which variant of the backend runs, and why (explicit / measured / recorded / fallback: factory)
+        self.backend_choice = dict(getattr(scorer, "backend_choice", None) or {})
         self.random_weights = bool(getattr(enc, "random_weights", False))
         import dataclasses
 
@@ -399,7 +401,10 @@ class RunaOodNode(LifecycleNode):
         thr = "thresholds " + (settings.thresholds_file if settings.thresholds_file else
                                f"default_threshold={settings.default_threshold} (UNCALIBRATED)")
         log.info(f"configured in {load_s:.2f} s + warm-up {warmup_s:.2f} s: model {settings.model} ({settings.pretrained or 'no weights'}), "
-                 f"backend {self.backend_name} on {settings.device} ({settings.resolved_precision}), "
+                 f"backend {self.backend_name} on {settings.device} ({settings.resolved_precision}"
+                 + (f"; variant {self.backend_choice.get('variant')}, {self.backend_choice.get('reason')}"
+                    + (f": {self.backend_choice['detail']}" if self.backend_choice.get("detail") else "")
+                    if self.backend_choice else "") + "), "
                  f"label set {scorer.label_set.name} ({len(scorer.label_set)} labels), scorer {settings.scorer}, "
                  f"lam {settings.lam}, blur {settings.blur_radius} px, {thr}"
                  + (f"; one model for {len(cams)} cameras: {', '.join(c.name for c in cams)}" if settings.cameras else "")
@@ -1213,6 +1218,8 @@ class RunaOodNode(LifecycleNode):
             "pretrained": s.pretrained or "(none)",
             "random_weights": self.random_weights,
             "backend": self.backend_name,
+            "backend_variant": self.backend_choice.get("variant", self.backend_name),
+            "backend_variant_reason": self.backend_choice.get("reason", "explicit"),
             "device": s.device,
             "scorer": s.scorer,
             "label_set": s.label_set,
