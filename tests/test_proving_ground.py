@@ -16,7 +16,6 @@ Every figure goes through the package's own tools (`runa-ood evaluate`, `runa-oo
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -58,12 +57,12 @@ def gate_split(tmp_path_factory):
 
 def evaluate(ann, out, methods=("runa", "uni-ood", "tagood"), extra=(), heads=None):
     """`runa-ood evaluate` in this process (monkeypatches apply) -> {run/scorer/ablation: figures}."""
+    if len(methods) not in (1, 3):
+        raise ValueError("evaluate one method or all three")
     heads = heads or {m: str(artefacts.head_dir(m)) for m in methods}
     argv = ["evaluate", *MODEL, "--id-set", str(world.LABELS_PATH), "--annotations", str(ann), "--no-progress",
             "--out", str(out), "--method", methods[0] if len(methods) == 1 else "all", "--ablation", "all",
             *[a for m in methods for a in ("--head", f"{m}={heads[m]}" if len(methods) > 1 else heads[m])], *extra]
-    if len(methods) not in (1, 3):
-        raise ValueError("evaluate one method or all three")
     assert main(argv) == 0
     rep = json.loads((out / "report.json").read_text())
     figures = {}

@@ -127,14 +127,6 @@ def _spread(items: Sequence, k: int) -> list:
 SYNTHETIC_LABEL = "SYNTHETIC WORLD, MODEL TRAINED HERE: evidence that the pipeline works, not real-world quality"
 
 
-def proving_ground_setup(method: str):
-    """The proving ground's model, label set, head and thresholds for ``method`` (the committed
-    artefacts of ``calibration/proving_ground/``), or None with the reason when they are missing."""
-    from ..proving_ground import artefacts
-
-    return artefacts.for_method(method)
-
-
 def proving_ground_frames(n: int, out: pathlib.Path, progress: bool = True):
     """(frames, description): ``n`` frames of the proving ground's ``demo`` split written as a COCO
     split (``world.write_split``) and read back as bag frames (``make_bag.pack_frames``: one reader)."""
@@ -143,13 +135,7 @@ def proving_ground_frames(n: int, out: pathlib.Path, progress: bool = True):
     ann = world.write_split(out, "demo", max(1, n), progress=progress)
     frames = make_bag.pack_frames(ann, str(world.LABELS_PATH))
     return frames, f"proving-ground scenes, split 'demo' ({len(frames)} frames, synthetic: ID = " \
-                   f"{', '.join(l for l in _labels(world.LABELS_PATH))})"
-
-
-def _labels(path) -> List[str]:
-    from runa_ood_node.core.labels import load_label_set
-
-    return list(load_label_set(str(path)).labels)
+                   f"{', '.join(c.name for c in world.ID_CLASSES)})"
 
 
 # =========================================================================== weights
@@ -354,8 +340,10 @@ def run(args) -> int:
     # 1) bag: real photographs, or the proving ground's scenes when no real weights exist here
     pg = None
     if not args.tiny and args.fallback == "proving-ground" and not _real_weights_available(args):
-        try:
-            pg = proving_ground_setup(args.method)
+        from ..proving_ground import artefacts
+
+        try:  # the committed model, label set, head and thresholds of the method
+            pg = artefacts.for_method(args.method)
         except FileNotFoundError as exc:
             print(f"proving ground unavailable ({exc}); falling back to random weights", file=sys.stderr)
     if pg is not None:
@@ -379,10 +367,8 @@ def run(args) -> int:
                                thresholds=args.thresholds, min_box_size=2.0, pretrained=args.pretrained,
                                projection=None, backend="torch", device="cpu", node_params=[], model=args.model,
                                method=args.method, head=args.head)
-    if pg is not None:
-        ns.id_set, ns.model, ns.pretrained, ns.head, ns.thresholds = (str(pg.labels), pg.model, pg.pretrained,
-                                                                      str(pg.head), str(pg.thresholds))
-    base = common.node_parameters_from_args(ns, image_topic=bag_summary["image_topic"], n_frames=len(bag_frames))
+    base = common.node_parameters_from_args(ns, pg.node_parameters() if pg is not None else None,
+                                            image_topic=bag_summary["image_topic"], n_frames=len(bag_frames))
     if pg is not None:
         scorer, params, rw = _scorer(base), base, False
         weights_note = f"{pg.model} / {pg.pretrained} ({SYNTHETIC_LABEL})"

@@ -267,8 +267,8 @@ def _run_dataset(args) -> int:
                        "boxes_per_s": n_ok / secs if secs > 0 else float("nan"), "seconds": secs,
                        "status_counts": {BoxStatus(int(s)).name: int(c) for s, c in zip(names, counts)},
                        "nearest_label_accuracy_on_id": _label_accuracy(enc, scored, dataset.label_set),
-                       "breakdown": metrics.breakdown(np.where(ok, scored.uncertainty, np.nan), enc.is_id, enc.group,
-                                                      enc.size, size_mask, tpr=args.tpr)}
+                       "breakdown": metrics.breakdown(scored.uncertainty, enc.is_id, enc.group, enc.size, size_mask,
+                                                      tpr=args.tpr)}  # NaN unless scored (ScoredBoxes)
                 tib = scored.result.tokens_in_box if scored.result is not None else None
                 if tib is not None:  # one-pass methods (TagOOD): scored boxes that cover no token centre
                     row["boxes_below_token"] = scored.result.boxes_below_token
@@ -302,8 +302,7 @@ def _run_dataset(args) -> int:
         print(bd_table)
     for r in rows:
         if "boxes_below_token" in r:
-            n_ok = sum(v for k, v in r["status_counts"].items() if k == "OK")
-            print(f"{r['run']}: {r['boxes_below_token']} of {n_ok} scored boxes cover no token centre (ID/OOD "
+            print(f"{r['run']}: {r['boxes_below_token']} of {r['status_counts'].get('OK', 0)} scored boxes cover no token centre (ID/OOD "
                   f"{r['boxes_below_token_id_ood'][0]}/{r['boxes_below_token_id_ood'][1]}): scored from their "
                   "nearest token, shared with neighbours")
     report = {
