@@ -128,9 +128,8 @@ def build_scorer(config: Mapping[str, Any], encoder: Optional[DualEncoder] = Non
         from .backends.base import make_backend  # optional runtimes
         from .backends.samples import method_sample
 
-        check = getattr(scorer.method, "check_backend", None)
-        if callable(check):  # a method setting this backend cannot serve (TagOOD's frame_size) fails here
-            check(str(opt("backend")))
+        # a method setting this backend cannot serve (TagOOD's frame_size) fails here
+        scorer.method.check_backend(str(opt("backend")))
         options = {"device": device, "precision": opt("precision", "fp32"), "outputs": tuple(scorer.method.outputs),
                    "auto_sample": lambda: method_sample(scorer), **dict(cfg.get("backend_options") or {})}
         backend = make_backend(opt("backend"), encoder, **options)

@@ -89,6 +89,11 @@ class Method:
             raise ValueError(f"method {self.name!r} has no ablation {ablation!r}; it accepts {list(self.ablations)}")
         return ablation
 
+    def check_backend(self, kind: str) -> None:
+        """Raise ValueError when the visual backend ``kind`` (``torch``, ``onnxruntime``, ``tensorrt``,
+        ``auto``) cannot serve this method's settings; ``factory.build_scorer`` calls it before building
+        the backend. Default: every backend serves every setting."""
+
     def views_for(self, ablation: str = "dual") -> Tuple[str, ...]:
         """View kinds a box needs for ``ablation``, in ``core.registry.VIEWS`` order."""
         self.check_ablation(ablation)
