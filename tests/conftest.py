@@ -45,6 +45,27 @@ OOD_PACK = (REPO.parent / "shared" / "data" / "ood_pack").resolve()
 TINY_MODEL = "runa-tiny-vit"
 
 
+#: The rooms of the suite (a folder each, a marker each): ``pytest -m unit`` or ``pytest tests/unit``
+#: runs the unit tests alone (no rclpy, no subprocess; tests/unit/test_architecture.py keeps them so).
+ROOMS = {
+    "unit": "core, methods, backends, factory: no rclpy, no subprocess, no DDS",
+    "ros": "the node, its messages, parameters and launch files over real rclpy / ros2 launch",
+    "tools": "the runa-ood commands, bags, fleet, demo, benchmarks and the proving-ground gate",
+}
+
+
+def pytest_configure(config):
+    for room, what in ROOMS.items():
+        config.addinivalue_line("markers", f"{room}: {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        room = pathlib.Path(str(item.fspath)).parent.name
+        if room in ROOMS:
+            item.add_marker(getattr(pytest.mark, room))
+
+
 def pytest_sessionstart(session):
     """Under scripts/test.sh (and so in CI) the ROS parts must be there: a missing interface build
     fails the run instead of silently skipping the node, bag and type-hash tests."""

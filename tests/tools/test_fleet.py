@@ -21,7 +21,7 @@ import pytest
 from runa_ood_node.tools import bagio, fleet, make_bag
 
 TINY = "runa-tiny-vit"
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 MODEL_ARGS = ["--model", TINY, "--pretrained", "none", "--allow-random-weights"]
 S0 = 1_700_000_000_000_000_000
 

@@ -6,7 +6,7 @@ import pytest
 from runa_ood_node.core.labels import (BDD_ORIGINAL_TO_SET, BUILTIN_SETS, COCO_LABELS, DEFAULT_TEMPLATES, LabelSet,
                                        LabelSetError, label_set_from_dict, load_label_set)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_builtin_sets_match_pack(ood_pack_annotations):

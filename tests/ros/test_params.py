@@ -8,7 +8,7 @@ import yaml
 from conftest import flatten_params
 from runa_ood_node.ros import params as P
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_defaults_validate_and_map_to_scorer_config():

@@ -14,7 +14,7 @@ from runa_ood_node.core.registry import METHODS
 from runa_ood_node.core.registry import VIEWS as VIEW_KINDS
 from runa_ood_node.tools import gpu_check
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_ros_blocker_refuses_ros_and_the_scorer_path_imports_without_it():

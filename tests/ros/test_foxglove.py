@@ -22,7 +22,7 @@ from runa_ood_node.ros import draw, msgdefs
 from runa_ood_node.tools import foxglove_layout
 from test_draw import _fr  # boxes: 0 ID, 1 OOD, 2 TOO_SMALL, 3 NaN coordinates (never drawn)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 UPSTREAM = {
     "foxglove_msgs/msg/Color": """\

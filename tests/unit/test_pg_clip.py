@@ -18,7 +18,7 @@ from runa_ood_node.core.encoder import (REGISTERED_WEIGHTS, DualEncoder, Weights
 from runa_ood_node.proving_ground import clip_train as ct  # noqa: E402
 from runa_ood_node.proving_ground import world  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 CKPT = REPO / "calibration" / ct.CHECKPOINT
 MAX_MB = 40.0
 needs_ckpt = pytest.mark.skipif(not CKPT.is_file(), reason=f"{CKPT} not committed yet (remake it with "

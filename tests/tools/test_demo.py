@@ -56,7 +56,7 @@ def test_demo_end_to_end_tiny_marks_random_weights(tmp_path, capsys):
 
 #: the node publishes ood/image_annotations once its per-camera publishers are wired (issue 19)
 NODE_PUBLISHES_ANNOTATIONS = re.search(r"(write|make)_image_annotations\(", (
-    pathlib.Path(__file__).resolve().parents[1] / "runa_ood_node" / "ros" / "node.py").read_text()) is not None
+    pathlib.Path(__file__).resolve().parents[2] / "runa_ood_node" / "ros" / "node.py").read_text()) is not None
 
 
 def _bag_carries_image_annotations(bag, js):
