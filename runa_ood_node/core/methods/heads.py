@@ -142,6 +142,12 @@ def _check_fit(head: Head, method: Optional[str], encoder, label_set) -> None:
                             f"(hash {label_set.content_hash()}): its classes or prompts differ")
 
 
+def check_head(head: Head, encoder=None, method: Optional[str] = None, label_set=None) -> None:
+    """Refuse (``HeadError``) a loaded ``head`` made for another ``method``, model (``encoder.model_id``) or
+    label set: for a head loaded before its model (``core.config``; the factory checks the model)."""
+    _check_fit(head, method, encoder, label_set)
+
+
 def _legacy_projection(name_or_path) -> Head:
     """A ``core.finetune`` projection file as a RUNA head (FileNotFoundError when there is none)."""
     from ..finetune import load_projection
