@@ -28,4 +28,9 @@ fi
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
 export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 export RUNA_OOD_ROOT="$_RUNA_ROOT"
+# A development checkout with the shared data pack beside it: the tools' default --annotations.
+if [ -z "${RUNA_OOD_DATA_PACK:-}" ] && [ -f "$_RUNA_ROOT/../shared/data/ood_pack/annotations.json" ]; then
+  RUNA_OOD_DATA_PACK="$(cd "$_RUNA_ROOT/../shared/data/ood_pack" && pwd)/annotations.json"
+  export RUNA_OOD_DATA_PACK
+fi
 unset _RUNA_ROOT

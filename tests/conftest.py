@@ -43,6 +43,8 @@ os.environ.setdefault("RUNA_OOD_CACHE_DIR", str(_TMP / "cache"))
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OOD_PACK = (REPO.parent / "shared" / "data" / "ood_pack").resolve()
 TINY_MODEL = "runa-tiny-vit"
+if (OOD_PACK / "annotations.json").exists():  # the tools' default --annotations (core.paths.data_pack_annotations)
+    os.environ.setdefault("RUNA_OOD_DATA_PACK", str(OOD_PACK / "annotations.json"))
 
 
 #: The rooms of the suite (a folder each, a marker each): ``pytest -m unit`` or ``pytest tests/unit``

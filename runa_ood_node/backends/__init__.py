@@ -4,6 +4,7 @@
 PyTorch with logged fallbacks); see :mod:`runa_ood_node.backends.base` for the contract.
 Runtimes (onnxruntime, tensorrt) are imported lazily, only when a backend needs them.
 """
-from .base import BackendUnavailableError, VisualBackend, make_backend
+from .base import BackendUnavailableError, VisualBackend
+from .select import make_backend
 
 __all__ = ["BackendUnavailableError", "VisualBackend", "make_backend"]

@@ -26,6 +26,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..core import photos
+from ..core.paths import data_pack_annotations
+
 LOG = logging.getLogger(__name__)
 
 #: photographs and boxes per photograph of a sample (bounded: auto measures at start-up)
@@ -78,15 +81,14 @@ def _assemble(calls, source: str) -> Sample:
 
 
 def sample_frames(max_images: int = 16, annotations=None):
-    """``(frames, description)``: ``tools.make_bag`` frame specs (``.load()`` -> RGB, ``.boxes`` xywh)
-    of the data pack when present, else of scikit-image's sample photographs."""
-    from ..tools import make_bag
-
-    ann = annotations or make_bag.DEFAULT_ANNOTATIONS
-    if make_bag.pack_available(ann):
-        frames = make_bag.pack_frames(ann, "voc", max_images=max_images)
+    """``(frames, description)``: ``core.photos`` frame specs (``.load()`` -> RGB, ``.boxes`` xywh)
+    of the data pack when there is one (``annotations``, else ``$RUNA_OOD_DATA_PACK``), else of
+    scikit-image's sample photographs."""
+    ann = annotations or data_pack_annotations()
+    if photos.pack_available(ann):
+        frames = photos.pack_frames(ann, "voc", max_images=max_images)
         return frames, f"{len(frames)} data-pack photographs"
-    frames = make_bag.skimage_frames("voc")[:max_images]
+    frames = photos.skimage_frames("voc")[:max_images]
     return frames, f"{len(frames)} scikit-image sample photographs"
 
 

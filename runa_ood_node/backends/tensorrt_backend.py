@@ -2,7 +2,7 @@
 
 TensorRT is imported lazily: importing this module never needs it. Engines are built offline with
 ``runa-ood build-engine`` (minutes), never at node start-up; the node loads a cached engine and
-falls back to another backend when none fits (see :func:`base.make_backend`).
+falls back to another backend when none fits (see :func:`select.make_backend`).
 
 Precision
     * ``fp32``: built from the fp32 ONNX; TF32 disabled so results match PyTorch fp32.

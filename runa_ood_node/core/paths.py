@@ -9,6 +9,10 @@ Environment variables
 ``RUNA_OOD_CACHE_DIR``
     Root of writable caches (text embeddings, file hashes, engines). Default
     ``~/.cache/runa_ood_node``.
+``RUNA_OOD_DATA_PACK``
+    An annotation file (COCO-style or the ood_pack's ``annotations.json``) the tools and the
+    backends' measurement samples use when no ``--annotations`` is given. Unset: none (nothing
+    guesses a path; ``scripts/env.sh`` sets it in a development checkout with the pack beside it).
 ``RUNA_OOD_CALIBRATION_DIR``
     Directory holding label sets, thresholds and projection pointers. Default: the repository's
     ``calibration/`` folder when running from a source checkout, else the installed
@@ -23,6 +27,7 @@ from typing import Iterable, Optional, Sequence, Union
 PACKAGE_NAME = "runa_ood_node"
 CACHE_ENV = "RUNA_OOD_CACHE_DIR"
 CALIBRATION_ENV = "RUNA_OOD_CALIBRATION_DIR"
+DATA_PACK_ENV = "RUNA_OOD_DATA_PACK"
 
 PathLike = Union[str, os.PathLike]
 
@@ -38,6 +43,12 @@ def cache_dir(create: bool = True) -> pathlib.Path:
     if create:
         root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def data_pack_annotations() -> Optional[pathlib.Path]:
+    """The annotation file named by ``$RUNA_OOD_DATA_PACK`` (None when unset or empty)."""
+    env = os.environ.get(DATA_PACK_ENV, "").strip()
+    return pathlib.Path(env).expanduser() if env else None
 
 
 def _repo_calibration_dir() -> pathlib.Path:

@@ -135,7 +135,7 @@ def load_photo(image: Optional[str] = None, annotations: Optional[str] = None
     from .common import DEFAULT_ANNOTATIONS
 
     ann_path = pathlib.Path(annotations) if annotations else DEFAULT_ANNOTATIONS
-    if ann_path.is_file():
+    if ann_path is not None and ann_path.is_file():
         import json
 
         ann = json.loads(ann_path.read_text())
@@ -281,7 +281,7 @@ def build_backend(variant: str, encoder, args, calib=None, threads=None, executi
                   outputs: Sequence[str] = ("cls",)):
     """The VisualBackend of a batched variant serving ``outputs`` first (``calib``: the static int8
     calibration views, or a callable giving them)."""
-    from ..backends.base import make_backend
+    from ..backends.select import make_backend
 
     kind, device, precision, int8, fused = VARIANT_SPECS[variant]
     extra = {"outputs": tuple(outputs)}
@@ -903,7 +903,7 @@ def bench_methods(encoder, methods: Sequence[str], box_counts: Sequence[int], im
     "skipped", "sample"}``; ``baselines`` are :func:`bench_model`'s results (the naive loops)."""
     import torch
 
-    from ..backends.base import make_backend
+    from ..backends.select import make_backend
     from ..backends.ort_backend import auto_record_path, output_fidelity
     from ..backends.samples import method_sample
     from ..core.pipeline import OodScorer

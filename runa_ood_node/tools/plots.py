@@ -114,3 +114,30 @@ def loss_plot(curve: Sequence[float], path, title: str = "fine-tuning loss (Eq. 
     ax.set_ylabel("mean cross-entropy (nats / box)")
     ax.grid(alpha=0.3)
     return _finish(fig, ax, path, title, random_weights)
+
+
+def loss_curve_png(hist: Dict[str, list], path, title: str) -> pathlib.Path:
+    """The per-step loss (and its 25-step running mean) and the logit scale, one PNG."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    y = np.asarray(hist["loss"], np.float64)
+    x = np.arange(1, y.size + 1)
+    ax.plot(x, y, lw=0.6, alpha=0.4, color="tab:blue", label="loss per step")
+    k = min(25, max(1, y.size // 10))
+    if y.size >= k:
+        ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), lw=1.6, color="tab:blue",
+                label=f"running mean ({k} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("symmetric InfoNCE (nats)")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(x, hist["logit_scale"], lw=1.0, color="tab:orange", label="logit scale")
+    ax2.set_ylabel("logit scale", color="tab:orange")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.subplots_adjust(left=0.1, right=0.88, bottom=0.12, top=0.88)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

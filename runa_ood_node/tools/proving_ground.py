@@ -14,7 +14,6 @@ Synthetic world: evidence that the pipeline works, not real-world quality.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import pathlib
@@ -23,22 +22,18 @@ import time
 from typing import Dict, List
 
 import numpy as np
+import torch
+
+from ..core.encoder import DualEncoder
+from ..core.paths import _repo_calibration_dir
+from ..proving_ground import clip_train as ct
+from . import plots
 
 LOG = logging.getLogger(__name__)
 
 #: group -> box colour (RGB) on the contact sheet
 GROUP_RGB = {"id": (40, 220, 40), "near": (255, 150, 0), "far": (255, 30, 30)}
 DEFAULT_FRAMES = "train=150,calibration=150,test=300"
-
-
-def _clip_train_module():
-    """``runa_ood_node.proving_ground.clip_train`` if it exists, else None."""
-    try:
-        return importlib.import_module("runa_ood_node.proving_ground.clip_train")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.endswith("clip_train"):
-            return None
-        raise
 
 
 def parse_frames(text: str) -> Dict[str, int]:
@@ -82,18 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.set_defaults(_pg_run=run_world)
     t = sub.add_parser("train", help="train the proving-ground CLIP",
                        description="train the proving-ground CLIP (runa_ood_node.proving_ground.clip_train)")
-    mod = _clip_train_module()
-    if mod is not None and hasattr(mod, "add_arguments"):
-        mod.add_arguments(t)
+    add_train_arguments(t)
     t.set_defaults(_pg_run=run_train)
-
-
-def run_train(args) -> int:
-    mod = _clip_train_module()
-    if mod is None:
-        print("proving-ground train: runa_ood_node.proving_ground.clip_train is not there yet", file=sys.stderr)
-        return 2
-    return int(mod.run(args) or 0)
 
 
 def draw_boxes(rgb: np.ndarray, boxes, classes: List[str]) -> np.ndarray:
@@ -224,3 +209,93 @@ def run(args) -> int:
               "(the proving-ground CLIP); see --help", file=sys.stderr)
         return 2
     return fn(args)
+
+
+# ---------------------------------------------------------------------------------------------- train
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """``runa-ood proving-ground train``'s options (the trainer: ``proving_ground.clip_train``)."""
+    p.add_argument("--out", default=None,
+                   help=f"checkpoint to write (default: the repository's calibration/{ct.CHECKPOINT}); the sha256, "
+                        "loss curve PNG and run JSON go beside it")
+    p.add_argument("--model", default=ct.MODEL_NAME, help="open_clip model config to train (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, the sampler and the augmentations")
+    p.add_argument("--scenes", type=int, default=800, help="'clip'-split scenes rendered into the pool")
+    p.add_argument("--steps", type=int, default=560, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=40, help="linear warm-up steps (then cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--scene-fraction", type=float, default=0.25, help="share of whole-scene / region pairs per batch")
+    p.add_argument("--eval-scenes", type=int, default=40, help="held-out 'calibration' scenes for the zero-shot figures (0: none)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (2: this machine's cores)")
+    p.add_argument("--frame-scale", type=float, default=1.0, help="render frames at this scale (smoke runs only)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_train(args) -> int:
+    """Train the proving-ground CLIP, save it with its sha256, loss curve PNG and run JSON."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(int(args.threads))
+    np.random.seed(args.seed)
+    progress = not args.no_progress
+    out = pathlib.Path(args.out) if args.out else _repo_calibration_dir() / ct.CHECKPOINT
+    stem = out.with_suffix("")
+    size = None if args.frame_scale == 1.0 else (max(4, round(12 * args.frame_scale)), max(8, round(300 * args.frame_scale)))
+
+    t0 = time.perf_counter()
+    pool = ct.build_pool(args.scenes, frame_scale=args.frame_scale, size_range=size, progress=progress)
+    render_s = time.perf_counter() - t0
+    LOG.info("pool: %d object patches, %d scenes (%.1f s); per class %s", len(pool.patches), len(pool.scenes),
+             render_s, pool.class_counts())
+    print(f"pool: {len(pool.patches)} object patches from {len(pool.scenes)} scenes in {render_s:.1f} s "
+          f"(skipped: {pool.skipped_occluded} occluded > {ct.MAX_OCCLUSION}, {pool.skipped_tiny} tiny)", flush=True)
+
+    model, tokenizer = ct.build_model(args.model, args.seed)
+    S = model.visual.image_size
+    S = int(S[0] if isinstance(S, (tuple, list)) else S)
+    sampler = ct.Sampler(pool, size=S, scene_fraction=args.scene_fraction, seed=args.seed)
+    t0 = time.perf_counter()
+    hist = ct.train(model, tokenizer, sampler, args.steps, args.batch_size, lr=args.lr, warmup=args.warmup,
+                 weight_decay=args.weight_decay, progress=progress)
+    train_s = time.perf_counter() - t0
+    ips = args.steps * args.batch_size / max(1e-9, train_s)
+    print(f"trained {args.steps} steps x {args.batch_size} in {train_s:.1f} s ({ips:.1f} images/s; "
+          f"data {hist['data_s']:.1f} s, model {hist['step_s']:.1f} s); loss {np.mean(hist['loss'][:10]):.3f} -> "
+          f"{np.mean(hist['loss'][-10:]):.3f}", flush=True)
+
+    digest = ct.save_checkpoint(model, out)
+    size_mb = out.stat().st_size / 1e6
+    print(f"checkpoint {out} ({size_mb:.1f} MB, sha256 {digest})", flush=True)
+    png = plots.loss_curve_png(hist, stem.with_name(stem.name + "_loss.png"),
+                         f"{args.model}: contrastive pre-training in the proving-ground world "
+                         f"({args.steps} steps x {args.batch_size}, seed {args.seed})")
+
+    report = {"model": args.model, "checkpoint": str(out), "sha256": digest, "size_mb": round(size_mb, 2),
+              "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
+              "pool": {"scenes": len(pool.scenes), "object_patches": len(pool.patches),
+                       "per_class": pool.class_counts(), "skipped_occluded": pool.skipped_occluded,
+                       "skipped_tiny": pool.skipped_tiny},
+              "times_s": {"render": round(render_s, 1), "train": round(train_s, 1)},
+              "images_per_s": round(ips, 1),
+              "loss_first10": float(np.mean(hist["loss"][:10])), "loss_last10": float(np.mean(hist["loss"][-10:])),
+              "loss_curve_png": str(png)}
+    if args.eval_scenes > 0:
+        t0 = time.perf_counter()
+        enc = DualEncoder.load(args.model, pretrained=str(out))  # the fp16 file as every user loads it
+        trained = ct.zero_shot(enc.model, enc.tokenizer, args.eval_scenes, frame_scale=args.frame_scale,
+                            size_range=size, progress=progress)
+        rnd, rtok = ct.build_model(args.model, seed=10_000 + args.seed)
+        random_ = ct.zero_shot(rnd, rtok, args.eval_scenes, frame_scale=args.frame_scale, size_range=size,
+                            progress=progress)
+        report["times_s"]["eval"] = round(time.perf_counter() - t0, 1)
+        report["zero_shot"] = {"label": "synthetic world, model trained here", "trained": trained,
+                               "random_weights_same_architecture": random_}
+        for name, r in (("trained", trained), ("random", random_)):
+            print(f"zero-shot [{name}] on {r['boxes']} {r['split']} boxes: accuracy {r['accuracy_all_classes']:.3f} "
+                  f"(ID over ID {r['accuracy_id_boxes_over_id_classes']:.3f}); AUROC near {r['auroc_near']:.3f}, "
+                  f"far {r['auroc_far']:.3f}, near <32px {r['auroc_near_below_32px']:.3f}; FPR95 near "
+                  f"{r['fpr95_near']:.3f}", flush=True)
+    report["times_s"]["total"] = round(time.perf_counter() - t_start, 1)
+    stem.with_name(stem.name + "_train.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"total {report['times_s']['total']:.1f} s; report {stem.with_name(stem.name + '_train.json')}", flush=True)
+    return 0

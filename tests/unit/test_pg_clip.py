@@ -17,6 +17,7 @@ from runa_ood_node.core.encoder import (REGISTERED_WEIGHTS, DualEncoder, Weights
                                         register_model_configs)
 from runa_ood_node.proving_ground import clip_train as ct  # noqa: E402
 from runa_ood_node.proving_ground import world  # noqa: E402
+from runa_ood_node.tools import proving_ground as pg  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CKPT = REPO / "calibration" / ct.CHECKPOINT
@@ -114,12 +115,12 @@ def test_train_command_writes_a_loadable_checkpoint_and_its_report(tmp_path, one
     import json
 
     p = argparse.ArgumentParser()
-    ct.add_arguments(p)
+    pg.add_train_arguments(p)
     out = tmp_path / "m.pt"
     args = p.parse_args(["--out", str(out), "--model", "runa-tiny-vit", "--scenes", "3", "--steps", "2",
                          "--batch-size", "8", "--eval-scenes", "2", "--frame-scale", "0.25", "--threads", "1",
                          "--no-progress"])
-    assert ct.run(args) == 0
+    assert pg.run_train(args) == 0
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     assert (tmp_path / "m.pt.sha256").read_text().split()[0] == digest
     assert (tmp_path / "m_loss.png").stat().st_size > 0

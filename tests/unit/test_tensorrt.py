@@ -11,7 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runa_ood_node.backends.base import BackendUnavailableError, make_backend  # noqa: E402
+from runa_ood_node.backends.base import BackendUnavailableError
+from runa_ood_node.backends.select import make_backend  # noqa: E402
 from runa_ood_node.backends.ort_backend import cosine_rows  # noqa: E402
 from runa_ood_node.backends.tensorrt_backend import tensorrt_available  # noqa: E402
 
