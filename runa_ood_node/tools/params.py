@@ -1,16 +1,17 @@
 """`runa-ood params`: the files generated from the node's parameter table.
 
-``runa_ood_node.ros.params.PARAMETERS`` is the one declaration of the node's parameters. From it
+``runa_ood_node.core.parameters.PARAMETERS`` is the one declaration of the node's parameters. From it
 this command renders, byte for byte reproducibly:
 
 * ``config/runa_ood.yaml``: every parameter at its default, ``/**: ros__parameters:`` form (any
   node name), each preceded by its description as a comment;
 * ``config/runa_ood.schema.json``: a JSON Schema (draft-07) of that file (types, ranges, choices,
   descriptions, defaults; unknown names refused), as Autoware ships one beside each param.yaml;
-* the README's parameter table, between ``<!-- params:begin -->`` and ``<!-- params:end -->``.
+* the parameter table of ``docs/parameters.md``, between ``<!-- params:begin -->`` and ``<!-- params:end -->``
+  (the text around it is written by hand).
 
 ``runa-ood params --write`` regenerates all three (run it after changing the table); ``--check``
-(the default) exits 1 and names every stale file. ``tests/test_params.py`` runs the check.
+(the default) exits 1 and names every stale file. ``tests/ros/test_params.py`` runs the check.
 Also runnable as ``python -m runa_ood_node.tools.params --write``.
 """
 from __future__ import annotations
@@ -24,14 +25,14 @@ from typing import Dict, List
 
 import yaml
 
-from ..ros.params import CAMERA_OVERRIDES, PARAMETERS, ParamSpec
+from ..core.parameters import CAMERA_OVERRIDES, PARAMETERS, ParamSpec
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 YAML_PATH = pathlib.Path("config/runa_ood.yaml")
 SCHEMA_PATH = pathlib.Path("config/runa_ood.schema.json")
-README_PATH = pathlib.Path("README.md")
+DOCS_PATH = pathlib.Path("docs/parameters.md")
 BEGIN, END = "<!-- params:begin -->", "<!-- params:end -->"
-_GENERATED = "GENERATED from runa_ood_node/ros/params.py (PARAMETERS) by `runa-ood params --write`: edit the table."
+_GENERATED = "GENERATED from runa_ood_node/core/parameters.py (PARAMETERS) by `runa-ood params --write`: edit the table."
 _WIDTH = 100
 
 _HEADER = f"""\
@@ -137,7 +138,7 @@ def render_schema(specs=None) -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
 
 
-def render_readme_table(specs=None) -> str:
+def render_table(specs=None) -> str:
     def cell(text) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -154,18 +155,18 @@ def render_readme_table(specs=None) -> str:
     return "\n".join(lines)
 
 
-def _readme_with_table(text: str) -> str:
+def _docs_with_table(text: str) -> str:
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"{README_PATH} needs exactly one {BEGIN} ... {END} block")
+        raise ValueError(f"{DOCS_PATH} needs exactly one {BEGIN} ... {END} block")
     a, b = text.index(BEGIN), text.index(END) + len(END)
-    return text[:a] + render_readme_table() + text[b:]
+    return text[:a] + render_table() + text[b:]
 
 
 def generated(root: pathlib.Path = REPO_ROOT) -> Dict[pathlib.Path, str]:
-    """Path -> the text it must have (the README with its table replaced)."""
+    """Path -> the text it must have (docs/parameters.md with its table replaced)."""
     root = pathlib.Path(root)
     return {root / YAML_PATH: render_yaml(), root / SCHEMA_PATH: render_schema(),
-            root / README_PATH: _readme_with_table((root / README_PATH).read_text(encoding="utf-8"))}
+            root / DOCS_PATH: _docs_with_table((root / DOCS_PATH).read_text(encoding="utf-8"))}
 
 
 def stale(root: pathlib.Path = REPO_ROOT) -> List[pathlib.Path]:
@@ -188,7 +189,7 @@ def write(root: pathlib.Path = REPO_ROOT) -> List[pathlib.Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--write", action="store_true", help="regenerate the YAML, the schema and the README table")
+    g.add_argument("--write", action="store_true", help="regenerate the YAML, the schema and the table of docs/parameters.md")
     g.add_argument("--check", action="store_true", help="exit 1 when a generated file is out of date (default)")
     parser.add_argument("--root", default=str(REPO_ROOT), help="repository root (default %(default)s)")
 
@@ -203,7 +204,7 @@ def run(args) -> int:
     for p in bad:
         print(f"out of date: {p} (run `runa-ood params --write`)", file=sys.stderr)
     if not bad:
-        print("config/runa_ood.yaml, config/runa_ood.schema.json and the README table match PARAMETERS")
+        print("config/runa_ood.yaml, config/runa_ood.schema.json and docs/parameters.md match PARAMETERS")
     return 1 if bad else 0
 
 

@@ -96,7 +96,7 @@ def test_random_weights_and_thresholds_file(tmp_path):
 
 
 def test_generated_files_are_in_sync_with_the_table():
-    """config/runa_ood.yaml, its schema and the README table are what `runa-ood params --write` makes."""
+    """config/runa_ood.yaml, its schema and the table of docs/parameters.md are what `runa-ood params --write` makes."""
     from runa_ood_node.tools import params as gen
 
     assert gen.stale(REPO) == [], "run `runa-ood params --write`"
@@ -107,17 +107,18 @@ def test_generator_detects_every_stale_file_and_rewrites_them(tmp_path, monkeypa
     from runa_ood_node.tools.cli import main
 
     (tmp_path / "config").mkdir()
-    (tmp_path / "README.md").write_text("# x\n\n<!-- params:begin -->\nold table\n<!-- params:end -->\ntail\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "parameters.md").write_text("# x\n\n<!-- params:begin -->\nold table\n<!-- params:end -->\ntail\n")
     (tmp_path / "config" / "runa_ood.yaml").write_text(gen.render_yaml())
     assert main(["params", "--check", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "runa_ood.schema.json" in err and "README.md" in err and "runa_ood.yaml" not in err
+    assert "runa_ood.schema.json" in err and "parameters.md" in err and "runa_ood.yaml" not in err
     # a new row in the table (what another branch adds) makes every generated file stale
     row = P.ParamSpec("max_image_pixels", 4096 * 4096, "Largest image accepted (pixels).", 1, 1e9, section="inputs")
     monkeypatch.setattr(gen, "PARAMETERS", P.PARAMETERS + (row,))
     assert main(["params", "--write", "--root", str(tmp_path)]) == 0
     assert gen.stale(tmp_path) == []
-    text = (tmp_path / "README.md").read_text()
+    text = (tmp_path / "docs" / "parameters.md").read_text()
     assert "old table" not in text and "`max_image_pixels`" in text and text.endswith("<!-- params:end -->\ntail\n")
     flat = dict(flatten_params(yaml.safe_load((tmp_path / "config" / "runa_ood.yaml").read_text())["/**"]["ros__parameters"]))
     assert flat["max_image_pixels"] == 4096 * 4096
