@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "latency of every available backend vs the naive per-box loop"),
     "bench-node": ("bench_node", "end-to-end latency through the running node vs the core pipeline"),
     "build-engine": ("build_engine", "export ONNX and build the TensorRT engine (never at start-up)"),
-    "params": ("params", "regenerate / check config/runa_ood.yaml, its schema and the README table from the parameter table"),
+    "params": ("params", "regenerate / check config/runa_ood.yaml, its schema and docs/parameters.md from the parameter table"),
     "fleet": ("fleet", "score, mine and evaluate many bags on Ray Data (Parquet, summary, top-K OOD, metrics)"),
     "fuzz": ("fuzz", "hostile input against the node over DDS, every message accounted for (--soak: RSS curve)"),
     "proving-ground": ("proving_ground", "the synthetic proving ground: its world's COCO splits and bag (world), its CLIP (train)"),
