@@ -1,141 +1,87 @@
-"""The one way to build an ``OodScorer`` from a configuration (node, tools, benchmarks).
+"""The one way to build an ``OodScorer``: from a :class:`~runa_ood_node.core.config.ScorerConfig`.
 
-:func:`build_scorer` loads (or takes) the encoder, builds the visual backend, applies the
-fine-tuned projection, loads the thresholds, picks the view maker and constructs the
-``core.pipeline.OodScorer``. It lives outside ``core`` because it needs ``backends`` (optional
-runtimes, GPU views); ``core`` never imports ``backends``.
+:func:`build_scorer` takes the typed, validated configuration (``core.config``: built from node
+parameters, command-line arguments or a parameters file, its label set, thresholds, head and
+projection already loaded) and loads or takes the encoder, checks the head / projection against the
+loaded model, picks the view maker, constructs the ``core.pipeline.OodScorer`` (the method with its
+settings and head: for RUNA the fine-tuned projection ``P_r``) and builds the visual
+backend. It lives outside ``core`` because it needs ``backends`` (optional runtimes, GPU views);
+``core`` never imports ``backends``. The node's ``on_configure`` (``build_scorer(settings.config)``)
+and every tool (``tools.common.scorer_from_args``) call it, so an offline run scores exactly what the
+node would. Nothing here has a default of its own: they are the parameter table's.
 
-:func:`build_node_scorer` is the node's path: validated node settings (``ros.params.NodeSettings``)
--> ``scorer_config()`` + ``thresholds()`` -> :func:`build_scorer`. The node's ``on_configure`` and
-offline bag evaluation (``tools.bag_eval``) both call it, so an offline run scores exactly what
-the node would.
-
-``max_boxes``: None or 0 means **no cap** everywhere (the node parameter's documented meaning);
-``OodScorer`` itself treats 0 the same way.
+``max_boxes``: 0 means **no cap** (the node parameter's documented meaning), as in ``OodScorer``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional
+from typing import Optional
 
+from .core.config import ScorerConfig
 from .core.encoder import DualEncoder
+from .core.methods.heads import check_head
 from .core.pipeline import OodScorer
 
 LOG = logging.getLogger(__name__)
 
-#: Keys :func:`build_scorer` accepts (anything else raises ValueError: typos must not pass silently).
-CONFIG_KEYS = frozenset({
-    "model", "pretrained", "device", "precision", "allow_random", "allow_download", "labels", "label_set",
-    "projection", "thresholds", "scorer", "lam", "blur_radius", "ablation", "max_boxes", "min_box_size",
-    "temperature", "max_batch", "backend", "backend_options", "views", "method", "head"})
-#: Keys that only matter when the encoder is loaded here (ignored when an encoder is passed in).
-_LOAD_KEYS = ("pretrained", "device", "precision", "allow_random", "allow_download", "backend", "backend_options")
 
-
-def build_scorer(config: Mapping[str, Any], encoder: Optional[DualEncoder] = None, view_maker=None) -> OodScorer:
-    """Build encoder, backend, projection, thresholds, view maker and scorer from a flat dict.
-
-    Keys (all optional except ``model`` when no ``encoder`` is given; defaults in brackets):
-        ``model`` open_clip model name; ``pretrained`` [None] tag or checkpoint path;
-        ``device`` ["cpu"]; ``precision`` ["fp32"] (torch trunk and backend); ``allow_random`` [False];
-        ``allow_download`` [None: allowed unless RUNA_OOD_OFFLINE / HF_HUB_OFFLINE] may an open_clip
-        tag missing from the local cache be downloaded (a vehicle passes False);
-        ``labels`` / ``label_set`` ["voc"] built-in name or YAML path/name;
-        ``projection`` [None] fine-tuned regional projection (name in calibration/ or path, via
-        ``core.finetune.load_projection``); None/"" = the off-the-shelf projection (``P_r = P_g``);
-        ``thresholds`` [None] a ``Thresholds`` object or a thresholds file (name or path);
-        ``scorer`` ["runa"]; ``lam`` [0.5]; ``blur_radius`` [1.0]; ``ablation`` ["dual"];
-        ``max_boxes`` [None] (None or 0 = no cap); ``min_box_size`` [2.0]; ``temperature`` [1.0];
-        ``max_batch`` [None]; ``views`` ["gpu" when ``device`` is CUDA, else "cpu"]: "gpu" builds
-        ``backends.gpu_preprocess.GpuViewMaker`` on ``device`` (falls back to the CPU views with a
-        warning when it cannot be built);
-        ``backend`` ["torch"]: other kinds go through ``backends.base.make_backend(kind, encoder,
-        device=, precision=, **backend_options)`` (``"auto"`` falls back TensorRT -> ONNX Runtime ->
-        torch, logged there); ``backend_options`` [{}];
-        ``method`` ["runa"] one of ``core.registry.METHODS``; ``head`` [None] a trained head of that method
-        (folder / name, ``core.methods.heads.load_head``: refused when made for another method, model or
-        label set, or damaged); for RUNA a head is its regional projection (``projection`` stays its alias).
+def build_scorer(config: ScorerConfig, encoder: Optional[DualEncoder] = None, view_maker=None) -> OodScorer:
+    """The ``OodScorer`` of ``config`` (a :class:`ScorerConfig`; nothing in it is loaded again).
 
     Args:
-        config: the dict above.
-        encoder: an already loaded :class:`DualEncoder` to build around (a tool that has one saves
-            a second model load). The loading keys (``pretrained``, ``device``, ``precision``,
-            ``allow_random``, ``allow_download``, ``backend``, ``backend_options``) are then not
-            used; ``model``, when given, must name the encoder's model. A ``projection`` key, when
-            present, is still applied: **the encoder's regional projection is replaced** (None or ""
-            restores P_g, as the node's empty ``projection`` parameter); without the key the encoder
-            keeps the projection it has.
+        config: the configuration. ``views`` None: ``gpu`` on a CUDA device (``backends.gpu_preprocess
+            .GpuViewMaker``; the CPU views with a warning when it cannot be built), else ``cpu``;
+            ``backend`` other than torch: ``backends.select.make_backend(kind, encoder, device=,
+            precision=, outputs=, **config.backend_kwargs())`` (``auto`` falls back TensorRT -> ONNX
+            Runtime -> torch, logged there), built once the scorer exists (it serves the method's outputs).
+        encoder: an already loaded :class:`DualEncoder` to build around (a tool that has one saves a
+            second model load); the loading settings (weights, device, precision, backend) are then
+            not used, and ``config.model`` must name the encoder's model (nothing of the encoder is changed:
+            RUNA's ``P_r`` is its head's).
         view_maker: a view maker to use instead of the one ``views`` / ``device`` would build.
 
     Raises:
-        ValueError: unknown keys, missing ``model``, a ``model`` that differs from ``encoder``'s,
-            bad values (from ``OodScorer``), unreadable projection / thresholds.
+        ValueError: a ``model`` that differs from ``encoder``'s, a head or projection made for another
+            model (``HeadError``), bad values (from ``OodScorer``).
         core.encoder.WeightsUnavailableError: the weights cannot be loaded.
-        FileNotFoundError: projection or thresholds file missing.
     """
-    cfg = dict(config)
-    unknown = set(cfg) - CONFIG_KEYS
-    if unknown:
-        raise ValueError(f"unknown scorer config keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
-
-    def opt(key, default=None):
-        v = cfg.get(key, default)
-        return default if v in ("", None) else v
-
-    device = str(opt("device", "cpu"))
+    if not isinstance(config, ScorerConfig):
+        raise TypeError(f"build_scorer takes a core.config.ScorerConfig, not {type(config).__name__}")
     loaded_here = encoder is None
     if loaded_here:
-        if not cfg.get("model"):
-            raise ValueError("scorer config needs 'model' (an open_clip model name, e.g. 'ViT-B-16')")
-        encoder = DualEncoder.load(cfg["model"], pretrained=opt("pretrained"), device=device,
-                                   allow_random=bool(cfg.get("allow_random", False)),
-                                   precision=opt("precision", "fp32"), allow_download=cfg.get("allow_download"))
-    else:
-        model = opt("model")
-        if model is not None and str(model).replace("/", "-") != str(encoder.model_name).replace("/", "-"):
-            raise ValueError(f"config names model {model!r} but the encoder passed in is {encoder.model_name!r}")
-        device = str(getattr(encoder, "device", device))
-    if loaded_here or "projection" in cfg:  # a passed-in encoder keeps its projection unless the config names one
-        _apply_projection(encoder, opt("projection"))
-    method = str(opt("method", "runa"))
-    labels = opt("labels", None) or opt("label_set", "voc")
-    head = None
-    if opt("head") is not None:
-        from .core.labels import load_label_set
-        from .core.methods.heads import load_head
-
-        labels = load_label_set(labels)
-        head = load_head(opt("head"), method=method, encoder=encoder, label_set=labels)
-    thresholds = opt("thresholds")
-    if thresholds is not None and not hasattr(thresholds, "for_label"):
-        from .core.paths import resolve_calibration_file
-        from .core.thresholds import Thresholds
-
-        thresholds = Thresholds.load(resolve_calibration_file(thresholds, (".json", ".yaml", ".yml")))
-    blur_radius = float(opt("blur_radius", 1.0))
+        encoder = DualEncoder.load(config.model, pretrained=config.pretrained or None, device=config.device,
+                                   allow_random=config.allow_random, precision=config.resolved_precision,
+                                   allow_download=config.allow_download)
+    elif config.model.replace("/", "-") != str(encoder.model_name).replace("/", "-"):
+        raise ValueError(f"config names model {config.model!r} but the encoder passed in is {encoder.model_name!r}")
+    device = str(encoder.device if not loaded_here else config.device)
+    if config.head is not None:
+        check_head(config.head, encoder=encoder)  # method and label set were checked when it was loaded
     if view_maker is None:
-        view_maker = _view_maker(encoder, opt("views", "gpu" if device.startswith("cuda") else "cpu"), device,
-                                 blur_radius)
-    scorer = OodScorer(encoder, labels, scorer=opt("scorer", "runa"), method=method, head=head,
-                       lam=float(opt("lam", 0.5)), blur_radius=blur_radius, ablation=opt("ablation", "dual"),
-                       thresholds=thresholds, max_boxes=opt("max_boxes"),
-                       min_box_size=float(opt("min_box_size", 2.0)), temperature=float(opt("temperature", 1.0)),
-                       max_batch=opt("max_batch"), view_maker=view_maker)
-    backend = None
-    if loaded_here and opt("backend", "torch") != "torch":
-        # built once the scorer exists: the backend serves the method's output set, and backend: auto
-        # measures its CPU variants on this method's own views (samples.method_sample), bounded and logged
-        from .backends.base import make_backend  # optional runtimes
-        from .backends.samples import method_sample
-
-        # a method setting this backend cannot serve (TagOOD's frame_size) fails here
-        scorer.method.check_backend(str(opt("backend")))
-        options = {"device": device, "precision": opt("precision", "fp32"), "outputs": tuple(scorer.method.outputs),
-                   "auto_sample": lambda: method_sample(scorer), **dict(cfg.get("backend_options") or {})}
-        backend = make_backend(opt("backend"), encoder, **options)
-        encoder.set_backend(backend, getattr(backend, "name", opt("backend")))
+        views = config.views or ("gpu" if device.startswith("cuda") else "cpu")
+        view_maker = _view_maker(encoder, views, device, config.blur_radius)
+    scorer = OodScorer(encoder, config.label_set, scorer=config.scorer, method=config.method, head=config.head,
+                       settings=config.method_settings, ablation=config.ablation,
+                       thresholds=config.thresholds, max_boxes=config.max_boxes, min_box_size=config.min_box_size,
+                       temperature=config.temperature, max_batch=config.max_batch, view_maker=view_maker)
+    backend = _build_backend(scorer, config) if loaded_here and config.backend != "torch" else None
     scorer.backend_choice = backend_choice(backend if backend is not None else getattr(encoder, "_backend", None))
     return scorer
+
+
+def _build_backend(scorer: OodScorer, config: ScorerConfig):
+    """The visual backend of ``config``, built once the scorer exists: it serves the method's output
+    set, and backend ``auto`` measures its CPU variants on this method's own views
+    (``samples.method_sample``), bounded and logged; set on the scorer's encoder."""
+    from .backends.samples import method_sample
+    from .backends.select import make_backend  # optional runtimes
+
+    scorer.method.check_backend(config.backend)  # a method setting this backend cannot serve (TagOOD's frame_size)
+    options = {"precision": config.resolved_precision, "outputs": tuple(scorer.method.outputs),
+               "auto_sample": lambda: method_sample(scorer), **config.backend_kwargs()}
+    backend = make_backend(config.backend, scorer.encoder, **options)
+    scorer.encoder.set_backend(backend, getattr(backend, "name", config.backend))
+    return backend
 
 
 def backend_choice(backend) -> dict:
@@ -149,35 +95,6 @@ def backend_choice(backend) -> dict:
             "variant": str(getattr(backend, "variant", "") or getattr(backend, "name", "")),
             "reason": str(getattr(backend, "variant_reason", "explicit")),
             "detail": str(getattr(backend, "variant_detail", ""))}
-
-
-def build_node_scorer(settings, encoder: Optional[DualEncoder] = None, view_maker=None,
-                      ablation: Optional[str] = None, apply_thresholds: bool = True) -> OodScorer:
-    """The node's scorer from validated node settings (``ros.params.NodeSettings``):
-    ``settings.scorer_config()`` with ``settings.thresholds()`` (``thresholds_file``, else
-    ``default_threshold`` for every label) -> :func:`build_scorer`. ``encoder`` / ``view_maker``: as
-    there (offline tools that already hold the node's model).
-
-    Offline tools only (the node passes neither): ``ablation`` (None = dual, the node's two views)
-    scores with one view; ``apply_thresholds=False`` builds without thresholds (tools that fit
-    thresholds or apply ``--thresholds`` per run themselves)."""
-    cfg = dict(settings.scorer_config())
-    cfg["thresholds"] = settings.thresholds() if apply_thresholds else None
-    if ablation is not None:
-        cfg["ablation"] = ablation
-    return build_scorer(cfg, encoder=encoder, view_maker=view_maker)
-
-
-def _apply_projection(encoder: DualEncoder, projection: Optional[str]) -> None:
-    """Set the encoder's regional projection: a name / path -> a RUNA head (``core.methods.heads.load_head``:
-    refused when it records another ``model_id``); None -> ``P_r = P_g``."""
-    if projection is None:
-        encoder.set_regional_projection(None)
-        return
-    from .core.methods.heads import load_head
-    from .core.methods.runa import PROJECTION_KEY
-
-    encoder.set_regional_projection(load_head(projection, method="runa", encoder=encoder).state[PROJECTION_KEY])
 
 
 def _view_maker(encoder: DualEncoder, views: str, device: str, blur_radius: float):
@@ -196,4 +113,4 @@ def _view_maker(encoder: DualEncoder, views: str, device: str, blur_radius: floa
         return None
 
 
-__all__ = ["build_scorer", "build_node_scorer", "backend_choice", "CONFIG_KEYS"]
+__all__ = ["build_scorer", "backend_choice"]

@@ -3,13 +3,15 @@
 Every parameter is one row of :data:`PARAMETERS` (a :class:`ParamSpec`: name, type = the type of
 its default, range, choices, description, read-only flag, section). The table is the only place a
 parameter's name, type, default, range, choices and description are written:
-``ros.params.declare_parameters`` declares them on the node (descriptors), :func:`validate` turns raw
-values into a frozen :class:`NodeSettings` or raises :class:`ParameterValidationError` listing *every*
-problem at once, ``core.config`` builds the scorer's typed configuration (``ScorerConfig``) from them,
+``ros.params.declare_parameters`` declares them on the node (descriptors), :func:`check` checks raw
+values against it (type, range, choices, the rules between parameters), ``core.config.validate`` turns
+them into a frozen :class:`NodeSettings` holding the scorer's typed configuration (``ScorerConfig``,
+its files loaded once) or raises :class:`ParameterValidationError` listing *every* problem at once,
 and ``config/runa_ood.yaml``, ``config/runa_ood.schema.json`` and the parameter table of the docs are
 generated from it by ``runa-ood params --write`` (a test fails while they are stale). Adding a
 parameter = one ``_P(...)`` row in its section, then ``runa-ood params --write``; read it in the node as
-``settings.<name with dots as underscores>``. Cross-parameter rules live in :func:`validate`.
+``settings.<name with dots as underscores>``. Cross-parameter rules live in :func:`check` (and the
+rules a running node adds, in ``core.config.validate``).
 
 Plain Python (no rclpy), so core, the tools and the unit tests use it without ROS;
 ``runa_ood_node.ros.params`` re-exports every name for the node.
@@ -44,15 +46,23 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .alerts import AlertConfig
+from . import registry
 from .registry import BACKENDS, DEVICES, METHODS, PRECISIONS, SCORERS, resolve_precision
 from .roi import parse_roi
 
 __all__ = [
-    "ParamSpec", "PARAMETERS", "NodeSettings", "AlertSettings", "ParameterValidationError", "validate",
+    "ParamSpec", "PARAMETERS", "NodeSettings", "AlertSettings", "ParameterValidationError", "check", "Checked",
+    "canonical_scorer", "DEFAULT_SCORER", "SCORER_CHOICES",
     "defaults", "default", "LIVE_PARAMETERS", "UNCALIBRATED_DEFAULT_THRESHOLD", "QOS_CHOICES", "TRANSPORTS",
     "CAMERA_OVERRIDES", "CameraInputs", "camera_parameter", "closest_parameter",
 ]
 
+#: old scorer names still accepted (``core.registry.SCORER_ALIASES``: ``runa`` -> its new name)
+_SCORER_ALIASES: Dict[str, str] = dict(getattr(registry, "SCORER_ALIASES", {}))  # until the rename lands
+#: the scorer parameter's choices: the registry's scorers and their old names
+SCORER_CHOICES: Tuple[str, ...] = tuple(SCORERS) + tuple(a for a in _SCORER_ALIASES if a not in SCORERS)
+#: RUNA's max-cosine scorer (the only one ``default_threshold`` is meaningful for)
+DEFAULT_SCORER = _SCORER_ALIASES.get("runa", "runa")
 QOS_CHOICES = ("sensor_data", "reliable")
 TRANSPORTS = ("raw", "compressed")
 #: parameters applied immediately while the node is active (the rest at the next configure)
@@ -225,7 +235,7 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
            0.0, 1.0),
         _P("blur_radius", 1.0, "Gaussian sigma (px at the encoder input size) of the global view's blur "
            "(paper: 1).", 0.0, 50.0),
-        _P("scorer", "runa", "Uncertainty score.", choices=SCORERS),
+        _P("scorer", DEFAULT_SCORER, "Uncertainty score.", choices=SCORER_CHOICES),
         _P("temperature", 1.0, "Temperature of the mcm and energy scorers.", 1e-4, 1000.0),
         _P("label_set", "voc", "In-distribution label set: built-in voc, bdd, coco, or a YAML file (path or "
            "name in calibration/)."),
@@ -325,7 +335,7 @@ def default(name: str) -> Any:
 
 @dataclass(frozen=True)
 class AlertSettings:
-    """The ``alert.*`` parameters in ``core.alerts.AlertConfig``'s terms (built by :func:`validate`).
+    """The ``alert.*`` parameters in ``core.alerts.AlertConfig``'s terms (built by :func:`check`).
 
     ``None`` disables a take-over rule (a negative fraction parameter); ``takeover_k`` None means
     "same as k" (parameter 0); ``roi`` is a polygon of normalised (x, y) points or None (empty)."""
@@ -362,61 +372,11 @@ class _SettingsBase:
         """The topic actually subscribed (``<image_topic>/compressed`` for compressed transport)."""
         return self.image_topic + "/compressed" if self.image_transport == "compressed" else self.image_topic
 
-    def scorer_config(self) -> Dict[str, Any]:
-        """The dict for ``factory.build_scorer`` (thresholds excluded: see
-        :meth:`thresholds`)."""
-        cfg: Dict[str, Any] = {
-            "model": self.model,
-            "pretrained": self.pretrained or None,
-            "device": self.device,
-            "precision": self.resolved_precision,
-            "allow_random": self.allow_random_weights,
-            "allow_download": self.allow_download,
-            "label_set": self.label_set,
-            "projection": self.projection or None,
-            "method": self.method,
-            "head": self.head or None,
-            "scorer": self.scorer,
-            "lam": self.lam,
-            "blur_radius": self.blur_radius,
-            "max_boxes": self.max_boxes,
-            "min_box_size": self.min_box_size,
-            "temperature": self.temperature,
-            "backend": self.backend,
-        }
-        if self.backend != "torch":  # keyword arguments of backends.base.make_backend
-            cfg["backend_options"] = {"device": self.device}
-            if self.engine_path:
-                cfg["backend_options"]["engine_path"] = self.engine_path
-        return cfg
-
-    def thresholds(self):
-        """``core.thresholds.Thresholds`` from ``thresholds_file``, or a global
-        ``default_threshold`` when the file parameter is empty.
-
-        Raises FileNotFoundError / ThresholdsFileError (ValueError) for a missing or bad file."""
-        from .thresholds import Thresholds
-
-        if self.thresholds_file:
-            from .paths import resolve_calibration_file
-
-            return Thresholds.load(resolve_calibration_file(self.thresholds_file, (".yaml", ".yml", ".json")))
-        return Thresholds(global_threshold=self.default_threshold,
-                          meta={"source": "default_threshold parameter (uncalibrated)"})
-
     def check_thresholds(self, scorer) -> List[str]:
-        """The thresholds-file check every user of these settings runs once the scorer is built
-        (``core.thresholds.check_fit`` against the scorer's fit identity).
-
-        Returns the mismatches (empty: compatible, or no ``thresholds_file``: the uncalibrated
-        ``default_threshold`` records nothing to compare); with ``thresholds_allow_mismatch`` they are
-        returned for the caller to log and report, else ``ThresholdsMismatchError`` is raised naming each."""
-        if not self.thresholds_file:
-            return []
-        from .thresholds import check_fit
-
-        return check_fit(scorer.thresholds, scorer, allow_mismatch=self.thresholds_allow_mismatch,
-                         source=self.thresholds_file)
+        """The thresholds-file check (``core.config.ScorerConfig.check_thresholds`` of :attr:`config`):
+        the mismatches (empty: compatible, or no ``thresholds_file``); raises ``ThresholdsMismatchError``
+        unless ``thresholds_allow_mismatch``."""
+        return self.config.check_thresholds(scorer)
 
 
 #: input parameters a camera of ``cameras`` may override (``camera.<C>.<name>``); the model is one for all
@@ -432,7 +392,7 @@ def camera_parameter(camera: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class CameraInputs:
-    """One input stream of the node (built by :func:`validate`): ``name`` "" = the single stream
+    """One input stream of the node (built by :func:`check`): ``name`` "" = the single stream
     (``cameras`` empty: today's topics); else camera ``name``, whose topics are ``<name>/<topic>``
     and whose outputs are ``<name>/ood/...``."""
 
@@ -504,29 +464,47 @@ def _settings_default(spec: ParamSpec):
 
 
 #: Validated node settings: one attribute per :data:`PARAMETERS` row (``spec.attr``) except the
-#: ``alert.*`` rows, which form ``alert`` (:class:`AlertSettings`). Defaults are the table's.
+#: ``alert.*`` rows, which form ``alert`` (:class:`AlertSettings`); ``inputs`` the camera streams;
+#: ``config`` the scorer's typed configuration (``core.config.ScorerConfig``, its files loaded; None
+#: when validated without files). Defaults are the table's. Built by ``core.config.validate``.
 NodeSettings = dataclasses.make_dataclass(
     "NodeSettings",
     [(p.attr, Any, _settings_default(p)) for p in PARAMETERS if not p.name.startswith(_ALERT_PREFIX)]
-    + [("alert", AlertSettings, field(default_factory=lambda: validate({}, check_files=False).alert)),
-       ("inputs", Tuple[CameraInputs, ...], field(default_factory=lambda: validate({}, check_files=False).inputs))],
+    + [("alert", AlertSettings, field(default_factory=lambda: check({}).alert)),
+       ("inputs", Tuple[CameraInputs, ...], field(default_factory=lambda: check({}).inputs)),
+       ("config", Any, field(default=None, compare=False))],
     bases=(_SettingsBase,), frozen=True)
 NodeSettings.__module__ = __name__
 NodeSettings.__doc__ = """Validated node settings (see :data:`PARAMETERS` for meanings and units)."""
 
 
 # ------------------------------------------------------------------------------------ validation
-def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = True) -> "NodeSettings":
-    """Validate raw parameter values (missing names take their defaults) into :class:`NodeSettings`.
+@dataclass
+class Checked:
+    """What :func:`check` made of raw values: ``values`` (name -> checked value, a bad one replaced by
+    its default), ``alert``, ``inputs`` and every ``problems`` found (``name: message``)."""
+
+    values: Dict[str, Any]
+    alert: AlertSettings
+    inputs: Tuple[CameraInputs, ...]
+    problems: List[str]
+
+    def settings(self, config=None) -> "NodeSettings":
+        """The :class:`NodeSettings` of these values (``config``: the ``ScorerConfig``, or None)."""
+        return NodeSettings(alert=self.alert, inputs=self.inputs, config=config,
+                            **{spec.attr: self.values[spec.name] for spec in PARAMETERS
+                               if not spec.name.startswith(_ALERT_PREFIX)})
+
+
+def check(values: Optional[Mapping[str, Any]] = None) -> Checked:
+    """Check raw parameter values against the table (missing names take their defaults): each value's
+    type, range and choices, and the rules between parameters that hold for every user (pairing,
+    health, weights, precision, alert, cameras). Files are not read and the rules a running node adds
+    (a method's head, a scorer's thresholds) are ``core.config.validate``'s; nothing is raised here.
 
     Args:
         values: parameter name -> value (ROS names, e.g. ``"alert.k"``; per-camera overrides
             ``camera.<C>.<name>`` for the :data:`CAMERA_OVERRIDES` of a camera in ``cameras``).
-        check_files: also check that ``label_set`` / ``thresholds_file`` / ``projection`` /
-            ``engine_path`` exist and parse (label sets and thresholds are read; cheap).
-
-    Raises:
-        ParameterValidationError: listing every invalid parameter with the reason.
     """
     raw = defaults()
     values = dict(values or {})
@@ -535,6 +513,7 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
     raw.update(values)
     problems: List[str] = [f"{n}: unknown parameter" for n in unknown]
     v: Dict[str, Any] = {spec.name: _check_value(spec, raw[spec.name], problems) for spec in PARAMETERS}
+    v["scorer"] = canonical_scorer(v["scorer"])
 
     if v["pairing_max_age_s"] < v["pairing_slop_s"]:
         problems.append(f"pairing_max_age_s: {v['pairing_max_age_s']} must be >= pairing_slop_s ({v['pairing_slop_s']})")
@@ -548,13 +527,15 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         resolve_precision(v["precision"], v["device"])
     except ValueError as exc:
         problems.append(f"precision: {exc}")
-    if v["method"] != "runa" and not v["head"]:
-        problems.append(f"head: method {v['method']!r} needs a trained head (`runa-ood finetune --method "
-                        f"{v['method']} --out DIR`, then head:=DIR)")
-    if v["scorer"] != "runa" and not v["thresholds_file"]:
-        problems.append(f"thresholds_file: scorer {v['scorer']!r} needs a thresholds file calibrated for it "
-                        f"(`runa-ood calibrate --scorer {v['scorer']}`); default_threshold is in runa units "
-                        "(-max cosine) and means nothing for other scorers")
+    alert = _alert_settings(v, problems)
+    inputs = _camera_inputs(v, overrides, problems)
+    if v["engine_path"] and not os.path.isfile(os.path.expanduser(v["engine_path"])):
+        problems.append(f"engine_path: file not found: {v['engine_path']} (build it with `runa-ood build-engine`)")
+    return Checked(v, alert, inputs, problems)
+
+
+def _alert_settings(v: Mapping[str, Any], problems: List[str]) -> AlertSettings:
+    """The ``alert.*`` values as :class:`AlertSettings` (their rules reported in ``problems``)."""
     k, n, tk = v["alert.k"], v["alert.n"], v["alert.takeover_k"]
     if k > n:
         problems.append(f"alert.k: {k} must be <= alert.n ({n})")
@@ -566,20 +547,16 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
         problems.append(f"alert.roi: {exc}")
         roi = None
     area, bottom = v["alert.takeover_min_area_frac"], v["alert.takeover_min_bottom_frac"]
-    alert = AlertSettings(
+    return AlertSettings(
         k=k, n=n, hold_s=v["alert.hold_s"], clear_s=v["alert.clear_s"],
         takeover_min_area_frac=None if area < 0 else area, takeover_min_bottom_frac=None if bottom < 0 else bottom,
         roi=None if roi is None else tuple(roi), takeover_k=tk or None, match_iou=v["alert.match_iou"],
         use_detection_ids=v["alert.use_detection_ids"])
 
-    inputs = _camera_inputs(v, overrides, problems)
 
-    if check_files:
-        _check_files(v, problems)
-    if problems:
-        raise ParameterValidationError(problems)
-    return NodeSettings(alert=alert, inputs=inputs, **{spec.attr: v[spec.name] for spec in PARAMETERS
-                                        if not spec.name.startswith(_ALERT_PREFIX)})
+def canonical_scorer(name: str) -> str:
+    """A scorer's name with the registry's aliases mapped (``runa`` -> its new name once renamed)."""
+    return _SCORER_ALIASES.get(name, name)
 
 
 def _check_value(spec: ParamSpec, value: Any, problems: List[str]) -> Any:
@@ -638,29 +615,3 @@ def _check_value(spec: ParamSpec, value: Any, problems: List[str]) -> Any:
     if spec.nonempty and not value:
         return bad("must not be empty")
     return value
-
-
-def _check_files(s: Dict[str, Any], problems: List[str]) -> None:
-    from .labels import load_label_set
-
-    try:
-        load_label_set(s["label_set"])
-    except (ValueError, OSError) as exc:
-        problems.append(f"label_set: {exc}")
-    if s["thresholds_file"]:
-        from .paths import resolve_calibration_file
-        from .thresholds import Thresholds
-
-        try:
-            Thresholds.load(resolve_calibration_file(s["thresholds_file"], (".yaml", ".yml", ".json")))
-        except (ValueError, OSError) as exc:
-            problems.append(f"thresholds_file: {exc}")
-    if s["head"]:  # method and label set refusals at validation; the model's at configure (factory)
-        from .methods.heads import load_head
-
-        try:
-            load_head(s["head"], method=s["method"], label_set=load_label_set(s["label_set"]))
-        except (ValueError, OSError) as exc:
-            problems.append(f"head: {exc}")
-    if s["engine_path"] and not os.path.isfile(os.path.expanduser(s["engine_path"])):
-        problems.append(f"engine_path: file not found: {s['engine_path']} (build it with `runa-ood build-engine`)")

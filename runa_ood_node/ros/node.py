@@ -49,7 +49,7 @@ Cameras (parameter ``cameras``; empty = the one stream above, topics unchanged)
     health is degraded when any camera is, and says which. ``ood/label_info`` is shared.
 
 Lifecycle
-    configure: validate parameters, load model / projection / thresholds (``factory.build_node_scorer``,
+    configure: validate parameters, load model / projection / thresholds (``factory.build_scorer(settings.config)``,
     with ``precision`` resolved for the device and ``allow_download``: by default a pretrained tag
     must already be in the local cache), create publishers. A load failure is logged as an error
     and configure returns FAILURE (``main`` exits with status 1). activate: subscriptions, timers,
@@ -338,10 +338,10 @@ class RunaOodNode(LifecycleNode):
             return self._fail(f"configure failed: {exc}")
         try:
             from ..core.encoder import WeightsUnavailableError
-            from ..factory import build_node_scorer
+            from ..factory import build_scorer
 
             t0 = time.perf_counter()
-            scorer = build_node_scorer(settings)
+            scorer = build_scorer(settings.config)  # the typed config validate() built, files loaded once
             load_s = time.perf_counter() - t0
             warm = scorer.warmup()  # lazy start-up (allocators, kernels, engines) now, not on the first frame
             warmup_s = time.perf_counter() - t0 - load_s

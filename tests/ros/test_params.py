@@ -15,11 +15,11 @@ def test_defaults_validate_and_map_to_scorer_config():
     s = P.validate({})
     assert s.lam == 0.5 and s.scorer == "runa" and s.backend == "auto" and s.label_set == "voc"
     assert s.image_topic_resolved == "image"
-    cfg = s.scorer_config()
-    assert cfg["model"] == "ViT-B-16" and cfg["pretrained"] == "openai" and cfg["allow_random"] is False
-    assert cfg["label_set"] == "voc" and cfg["backend"] == "auto" and cfg["backend_options"] == {"device": "cpu"}
-    assert "backend_options" not in P.validate({"backend": "torch"}).scorer_config()
-    th = s.thresholds()
+    cfg = s.config  # the scorer's typed configuration, its files loaded
+    assert cfg.model == "ViT-B-16" and cfg.pretrained == "openai" and cfg.allow_random is False
+    assert cfg.label_set.name == "voc" and cfg.backend == "auto" and cfg.backend_kwargs() == {"device": "cpu"}
+    assert P.validate({"backend": "torch"}).config.backend_kwargs() == {}
+    th = s.config.thresholds
     assert th.for_label("car") == pytest.approx(P.UNCALIBRATED_DEFAULT_THRESHOLD)
 
 
@@ -87,8 +87,8 @@ def test_random_weights_and_thresholds_file(tmp_path):
     f = Thresholds(global_threshold=-0.3, per_class={"car": -0.28}).save(tmp_path / "th.yaml")
     s = P.validate({"pretrained": "", "allow_random_weights": True, "thresholds_file": str(f),
                     "image_transport": "compressed", "engine_path": ""})
-    assert s.scorer_config()["pretrained"] is None and s.scorer_config()["allow_random"] is True
-    assert s.thresholds().for_label("car") == pytest.approx(-0.28)
+    assert s.config.pretrained == "" and s.config.allow_random is True
+    assert s.config.thresholds.for_label("car") == pytest.approx(-0.28)
     assert s.image_topic_resolved == "image/compressed"
     with pytest.raises(P.ParameterValidationError, match="engine_path"):
         P.validate({"engine_path": str(tmp_path / "missing.engine")})
@@ -178,20 +178,20 @@ def test_descriptors_have_descriptions_ranges_and_read_only():
 def test_precision_resolved_and_passed_to_the_scorer_not_the_backend_options():
     cpu = P.validate({})
     assert cpu.precision == "auto" and cpu.resolved_precision == "fp32"
-    cfg = cpu.scorer_config()
-    assert cfg["precision"] == "fp32" and "precision" not in cfg["backend_options"]
+    cfg = cpu.config
+    assert cfg.resolved_precision == "fp32" and "precision" not in cfg.backend_kwargs()
     gpu = P.validate({"device": "cuda"})  # auto on a CUDA device: the fp16 engine of build-engine
-    assert gpu.resolved_precision == "fp16" and gpu.scorer_config()["precision"] == "fp16"
-    assert gpu.scorer_config()["backend_options"] == {"device": "cuda"}
-    assert P.validate({"device": "cuda", "precision": "fp32"}).scorer_config()["precision"] == "fp32"
-    assert P.validate({"device": "cuda", "precision": "FP16"}).scorer_config()["precision"] == "fp16"
-    assert P.validate({"precision": "fp32"}).scorer_config()["precision"] == "fp32"
+    assert gpu.resolved_precision == "fp16" and gpu.config.resolved_precision == "fp16"
+    assert gpu.config.backend_kwargs() == {"device": "cuda"}
+    assert P.validate({"device": "cuda", "precision": "fp32"}).config.resolved_precision == "fp32"
+    assert P.validate({"device": "cuda", "precision": "FP16"}).config.resolved_precision == "fp16"
+    assert P.validate({"precision": "fp32"}).config.resolved_precision == "fp32"
 
 
 def test_allow_download_off_by_default_read_only_and_passed_through():
     assert P.validate({}).allow_download is False
-    assert P.validate({}).scorer_config()["allow_download"] is False
-    assert P.validate({"allow_download": True}).scorer_config()["allow_download"] is True
+    assert P.validate({}).config.allow_download is False
+    assert P.validate({"allow_download": True}).config.allow_download is True
     assert P._BY_NAME["allow_download"].read_only and P._BY_NAME["precision"].read_only
     assert "local cache" in P._BY_NAME["allow_download"].describe()
 
@@ -205,7 +205,7 @@ def test_non_runa_scorer_needs_a_calibrated_thresholds_file(tmp_path):
     assert "runa-ood calibrate --scorer sum" in str(err.value)
     f = Thresholds(global_threshold=-5.0, meta={"scorer": "energy"}).save(tmp_path / "energy.yaml")
     s = P.validate({"scorer": "energy", "thresholds_file": str(f)})
-    assert s.scorer_config()["scorer"] == "energy" and s.thresholds().global_threshold == pytest.approx(-5.0)
+    assert s.config.scorer == "energy" and s.config.thresholds.global_threshold == pytest.approx(-5.0)
     assert P.validate({"scorer": "runa"}).thresholds_file == ""  # runa keeps its default_threshold
 
 

@@ -1,0 +1,99 @@
+"""``core.config.ScorerConfig``: one typed configuration, checked against the one parameter table,
+built from node parameters, command-line arguments and a parameters file alike, validated once."""
+import argparse
+import dataclasses
+import pathlib
+
+import pytest
+import yaml
+
+from runa_ood_node.core import config as C
+from runa_ood_node.core import parameters as T
+from runa_ood_node.core.labels import LabelSet
+from runa_ood_node.core.methods import get_method
+from runa_ood_node.core.thresholds import Thresholds
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+RANDOM = {"model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True}
+
+
+def test_every_field_is_a_table_row_with_the_tables_default():
+    names = {p.name for p in T.PARAMETERS}
+    plain = C.ScorerConfig()
+    seen = set()
+    for f in dataclasses.fields(C.ScorerConfig):
+        meta = f.metadata
+        assert ("param" in meta) + ("params" in meta) + ("tool" in meta) == 1, f.name  # exactly one origin
+        if "tool" in meta:
+            assert f.name in C.TOOL_FIELDS
+            continue
+        rows = [meta["param"]] if "param" in meta else list(meta["params"])
+        assert set(rows) <= names, (f.name, rows)
+        seen.update(rows)
+        if "params" in meta:  # the method's settings: each field its row's default
+            got = dataclasses.asdict(plain.method_settings)
+            assert {r: got[r] for r in rows} == {r: T.default(r) for r in rows}
+        elif not meta.get("loaded"):
+            assert f.default == T.default(meta["param"]), f.name
+            assert getattr(plain, f.name) == T.default(meta["param"]), f.name
+    # the loaded fields from the defaults: the default label set, default_threshold for every label
+    built = C.from_parameters(RANDOM)
+    assert isinstance(built.label_set, LabelSet) and built.label_set.name == T.default("label_set")
+    assert built.thresholds.for_label("car") == pytest.approx(T.default("default_threshold"))
+    assert built.head is None and plain.label_set.name == T.default("label_set")
+    # every scorer-side row of the table reaches the config
+    for row in ("model", "pretrained", "device", "precision", "backend", "engine_path", "allow_download",
+                "allow_random_weights", "label_set", "method", "head", "lam", "blur_radius", "scorer", "temperature",
+                "thresholds_file", "thresholds_allow_mismatch", "max_boxes", "min_box_size"):
+        assert row in seen, row
+
+
+def test_the_factory_defaults_nothing_itself():
+    """No default of a parameter is written in the factory or the pipeline's builder path (the table's only)."""
+    text = (REPO / "runa_ood_node" / "factory.py").read_text()
+    for needle in ("0.5", "\"voc\"", "\"runa\"", "2.0", "\"dual\""):
+        assert needle not in text, needle
+
+
+def test_three_builders_make_the_same_config(tmp_path):
+    values = {**RANDOM, "lam": 0.25, "label_set": "bdd", "backend": "torch", "max_boxes": 0}
+    from_params = C.from_parameters(values)
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"lam": 0.25, "label_set": "bdd"}},
+                                 "runa_ood": {"ros__parameters": {**RANDOM, "backend": "torch", "max_boxes": 0}}}))
+    from_file = C.from_yaml(f)
+    args = argparse.Namespace(model="runa-tiny-vit", pretrained="none", lam=0.25, id_set="bdd", backend="torch",
+                              max_boxes=0, device="cpu", offline=True, allow_random_weights=True, thresholds=None)
+    from_cli = C.from_args(args, {"allow_random_weights": True})
+    for cfg in (from_file, from_cli):
+        assert cfg.label_set.name == "bdd" and cfg.method_settings.lam == 0.25 and cfg.max_boxes == 0
+        assert cfg.model == from_params.model and cfg.backend == "torch" and cfg.pretrained == ""
+    assert from_cli.allow_download is False  # --offline
+
+
+def test_validated_once_every_problem_listed_and_files_loaded_once(tmp_path):
+    with pytest.raises(T.ParameterValidationError) as err:
+        C.from_parameters({**RANDOM, "lam": 2.0, "label_set": str(tmp_path / "none.yaml"), "scorer": "energy"})
+    names = [p.split(":")[0] for p in err.value.problems]
+    assert "lam" in names and "label_set" in names and "thresholds_file" in names
+    th = Thresholds(global_threshold=-1.0, meta={"scorer": "energy"}).save(tmp_path / "e.yaml")
+    cfg = C.from_parameters({**RANDOM, "scorer": "energy", "thresholds_file": str(th)})
+    assert isinstance(cfg.thresholds, Thresholds) and cfg.thresholds.global_threshold == -1.0
+
+
+def test_node_rules_are_lifted_by_name_not_by_substitution():
+    """A tool that fits thresholds / a head says so; the config keeps its real scorer and method."""
+    with pytest.raises(T.ParameterValidationError, match="head"):
+        C.from_parameters({**RANDOM, "method": "uni-ood"})
+    cfg = C.from_parameters({**RANDOM, "method": "uni-ood", "scorer": "mcm"}, thresholds=False, need_head=False)
+    assert cfg.method == "uni-ood" and cfg.scorer == "mcm" and cfg.thresholds is None and cfg.head is None
+    assert isinstance(cfg.method_settings, get_method("uni-ood").Settings)
+
+
+def test_tool_fields_and_replace():
+    cfg = C.from_parameters(RANDOM, ablation="regional", views="cpu")
+    assert cfg.ablation == "regional" and cfg.views == "cpu"
+    with pytest.raises(TypeError):
+        C.from_parameters(RANDOM, lamda=0.3)
+    assert cfg.replace(lam=0.75).method_settings.lam == 0.75 and cfg.method_settings.lam == T.default("lam")
+    assert cfg.replace(pretrained="", allow_random=True).allow_random
