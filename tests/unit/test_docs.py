@@ -31,8 +31,8 @@ TWO_COMMANDS = (
     "```\n"
 )
 #: roots of dotted names that belong to other packages (cited, never resolved here)
-EXTERNAL = {"torch", "np", "numpy", "open_clip", "cv2", "rclpy", "ray", "yaml", "onnx", "onnxruntime",
-            "tensorrt", "dataclasses", "pytest", "rosbags", "json", "os", "sys"}
+EXTERNAL = {"torch", "nn", "np", "numpy", "open_clip", "cv2", "rclpy", "ray", "yaml", "onnx", "onnxruntime",
+            "tensorrt", "dataclasses", "pytest", "rosbags", "json", "os", "sys", "logging", "warnings"}
 #: first folders of a cited path that is code or a repository file (others are topics: `ood/driver_alert`)
 PATH_ROOTS = {"runa_ood_node", "core", "ros", "tools", "backends", "proving_ground", "config", "launch", "scripts",
               "docs", "tests", "calibration", "ros2_ws", "requirements", ".ci"}
@@ -116,6 +116,21 @@ def _modules() -> Dict[str, _Module]:
             parts = parts[:-1]
         out[".".join(parts)] = _Module(path)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_names() -> Set[str]:
+    """The node's parameter names: the string first argument of every row of core/parameters.py's table."""
+    tree = _modules()["core.parameters"].tree
+    return {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call) and n.args
+            and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str)
+            and getattr(n.func, "id", "") in ("_P", "ParamSpec")}
+
+
+@functools.lru_cache(maxsize=None)
+def _message_names() -> Set[str]:
+    """The message types built in ros2_ws (runa_ood_msgs, vision_msgs, foxglove_msgs)."""
+    return {p.stem for p in (REPO / "ros2_ws" / "src").rglob("*.msg")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,8 +219,10 @@ def resolve(name: str) -> Optional[str]:
         if not re.fullmatch(r"[\w./-]+", span) or span.split("/")[0] not in PATH_ROOTS:
             raise ValueError(f"not a code path: {name!r}")  # a topic (`ood/driver_alert`), a pattern
         return _resolve_path(span)
-    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", span):
-        raise ValueError(f"not a code name: {name!r}")
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", span) or span.endswith(FILE_EXT):
+        raise ValueError(f"not a code name: {name!r}")  # prose, or a file name without a folder (`summary.json`)
+    if span in _parameter_names() or span.startswith("camera.") or span in _message_names():
+        return None  # a node parameter (`alert.k`), a per-camera override, a message type of ros2_ws
     parts = span.split(".")
     if parts[0] in EXTERNAL:
         return None
