@@ -672,11 +672,13 @@ def bench_model(encoder, variants: Sequence[str], box_counts: Sequence[int], ima
     from ..backends.base import describe_model
     from ..backends.ort_backend import embedding_fidelity
     from ..backends.torch_backend import TorchBackend
+    from ..core.config import ScorerConfig
     from ..core.views import ViewMaker
     from ..factory import build_scorer
 
     model = encoder.model_name
-    scorer = build_scorer({"labels": args.labels, "views": "cpu"}, encoder=encoder)
+    scorer = build_scorer(ScorerConfig(model=model, label_set=args.labels, views="cpu", backend="torch"),
+                          encoder=encoder)
     view_maker = ViewMaker(encoder.input_size, encoder.mean, encoder.std, 1.0)
     preprocess = open_clip_preprocess(encoder)
     calib_cache: Dict[str, Any] = {}

@@ -330,13 +330,13 @@ class ScorerCache:
         self.labels = labels
         self.encoders: Dict[Tuple[str, str], Any] = {}
 
-    def config(self, v: Variant, method: str) -> Dict[str, Any]:
-        cfg = {"model": self.model, "pretrained": None, "allow_random": True, "allow_download": False,
-               "device": v.device, "precision": v.precision, "backend": v.backend, "method": method,
-               "label_set": self.labels, "max_boxes": 0}
-        if v.views is not None:
-            cfg["views"] = v.views
-        return cfg
+    def config(self, v: Variant, method: str):
+        """The ``core.config.ScorerConfig`` of variant ``v`` (written out: no head, no thresholds)."""
+        from ..core.config import ScorerConfig
+
+        return ScorerConfig(model=self.model, pretrained="", allow_random=True, allow_download=False,
+                            device=v.device, precision=v.precision, backend=v.backend, method=method,
+                            label_set=self.labels, max_boxes=0, views=v.views)
 
     def node_parameters(self, v: Variant, method: str) -> Dict[str, Any]:
         return {"model": self.model, "pretrained": "", "allow_random_weights": True, "allow_download": False,
@@ -751,8 +751,7 @@ def section_tensorrt(plan: Plan, image, boxes, budget: Budget, log, refs: Scorer
             row["build_s"] = time.perf_counter() - t0
             v = Variant("tensorrt fp16", plan.device, "fp16", "fp16", backend="tensorrt", views=None)
             cache = ScorerCache(plan.agreement_model, plan.labels)
-            cfg = cache.config(v, method)
-            cfg["backend_options"] = {"engine_path": str(path), "outputs": outputs}
+            cfg = cache.config(v, method).replace(engine_path=str(path), backend_options={"outputs": outputs})
             from ..factory import build_scorer
 
             sc = build_scorer(cfg)
