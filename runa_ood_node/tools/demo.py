@@ -487,7 +487,7 @@ def run(args) -> int:
                     f"FPR95 {m['fpr95']:.3f}  AUROC {m['auroc']:.3f}")
         if pg is not None:
             head.insert(0, "*** " + SYNTHETIC_LABEL + " ***")
-            head.append("(" + SYNTHETIC_LABEL + "; the proving ground's full table: README, "
+            head.append("(" + SYNTHETIC_LABEL + "; the proving ground's full table: docs/proving_ground.md, "
                         "`bash scripts/proving_ground.sh`)")
     report_text = "\n".join(head) + "\n\nPER-BOX TABLE\n" + table + "\n\nALERT TIMELINE\n" + alerts_text + \
         f"\n\nfiles: {sheet_path}, {frames_dir}/frame_*.png, {out / 'output_bag'} (Foxglove/RViz; " \

@@ -17,10 +17,12 @@ def test_evaluate_slice_writes_labelled_report_and_plots(ood_pack, tmp_path, cap
 
     out = tmp_path / "eval"
     from runa_ood_node.core.thresholds import fit_identity
+    from runa_ood_node.core.config import ScorerConfig
     from runa_ood_node.factory import build_scorer
 
     # fitted for runa/dual on the seeded random tiny model the tool builds too
-    ident = fit_identity(build_scorer({"model": "runa-tiny-vit", "allow_random": True, "labels": "voc"}))
+    ident = fit_identity(build_scorer(ScorerConfig(model="runa-tiny-vit", pretrained="", allow_random=True,
+                                                   label_set="voc", backend="torch")))
     thr_file = Thresholds(0.0, {}, 0.95, {"fitted_for": ident}).save(tmp_path / "thr.yaml")
     rc = main(["evaluate", *TINY, "--pretrained", "none", "--allow-random-weights",
                "--annotations", str(ood_pack / "annotations.json"), "--id-set", "voc", "--max-images", "6",
@@ -187,8 +189,8 @@ def test_precision_argument_resolves_per_device():
     assert parser.parse_args(["--precision", "fp16", "--offline"]).offline is True
     # the CUDA configuration the node would get: device and precision reach build_scorer
     params = common.node_parameters_from_args(_model_ns(device="cuda:0", backend="tensorrt"), random_weights=True)
-    cfg = common.settings_from_parameters(params).scorer_config()
-    assert (cfg["device"], cfg["precision"], cfg["backend"]) == ("cuda", "fp16", "tensorrt")
+    cfg = common.settings_from_parameters(params).config
+    assert (cfg.device, cfg.resolved_precision, cfg.backend) == ("cuda", "fp16", "tensorrt")
 
 
 def test_fp16_on_cpu_exits_2(ood_pack, tmp_path, capsys):
@@ -208,7 +210,7 @@ def test_tools_build_the_backend_the_node_builds():
     tool = common.scorer_from_args(_model_ns(backend="onnxruntime")).scorer
     settings = validate({"model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True,
                          "backend": "onnxruntime"})
-    node = build_scorer(settings.scorer_config())
+    node = build_scorer(settings.config)
     torch_pipe = common.scorer_from_args(_model_ns(backend="torch")).scorer
     assert tool.encoder.backend_name == node.encoder.backend_name == "onnxruntime-cpu-fp32"
     assert torch_pipe.encoder.backend_name == "torch"

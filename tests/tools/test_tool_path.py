@@ -36,12 +36,15 @@ def test_flags_land_in_the_node_parameters_by_name():
 
 
 def test_scorer_from_args_is_the_node_construction(tmp_path):
-    from runa_ood_node.factory import build_node_scorer
+    from runa_ood_node.factory import build_scorer
+    from runa_ood_node.ros.params import validate
 
     built = common.scorer_from_args(_args("--lam", "0.25", "--ablation", "regional"))
     assert built.random_weights and built.params["allow_random_weights"] is True and built.params["pretrained"] == ""
     assert (built.scorer.lam, built.scorer.ablation, built.ablation) == (0.25, "regional", "regional")
-    node = build_node_scorer(built.settings, encoder=built.scorer.encoder, ablation="regional")
+    assert built.config == built.config.replace() and built.config.ablation == "regional"
+    node_config = validate(built.params).config  # what the node makes of the same parameters
+    node = build_scorer(node_config.replace(ablation="regional"), encoder=built.scorer.encoder)
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (64, 96, 3), np.uint8)
     boxes = [[4, 4, 40, 30], [30, 10, 90, 60]]
@@ -60,11 +63,12 @@ def test_score_boxes_leaves_the_shared_encoder_alone(ood_pack):
     scorer = common.scorer_from_args(_args(), apply_thresholds=False).scorer
     ds = load_dataset(ood_pack / "annotations.json", "voc").subset(2)
     enc = common.encode_boxes(scorer, ds, progress=False)
-    before = scorer.encoder.proj_regional.clone()
+    before = scorer.method.proj_regional.clone()  # RUNA's P_r (its head's; off the shelf: P_g)
     other = torch.randn_like(before)
     a = common.score_boxes(enc)
     b = common.score_boxes(enc, regional_projection=other)
-    assert scorer.encoder.proj_regional is not other and torch.equal(scorer.encoder.proj_regional, before)
+    assert scorer.method.proj_regional is not other and torch.equal(scorer.method.proj_regional, before)
+    assert torch.equal(scorer.encoder.proj_global, before)  # the shared encoder's projection untouched
     ok = a.status == 0
     assert ok.any() and not np.allclose(a.uncertainty[ok], b.uncertainty[ok])  # the other P_r was used
     np.testing.assert_array_equal(common.score_boxes(enc).uncertainty, a.uncertainty)

@@ -292,7 +292,10 @@ def test_auto_static_int8_is_calibrated_on_the_methods_own_views(tiny_encoder, t
         assert v["cos_min"] > 0.99 and v["attn_max_abs"] < 5e-3
     # the factory's way: the node's scorer measures on its method's views once, then reads the record
     monkeypatch.setenv("RUNA_OOD_CACHE_DIR", str(cache))
-    cfg = {"model": tiny_encoder.model_name, "allow_random": True, "backend": "auto", "method": "uni-ood"}
+    from runa_ood_node.core.config import ScorerConfig
+
+    cfg = ScorerConfig(model=tiny_encoder.model_name, pretrained="", allow_random=True, backend="auto",
+                       method="uni-ood")
     first, second = build_scorer(cfg), build_scorer(cfg)
     assert first.backend_choice["reason"] == "measured" and "uni-ood's views" in first.backend_choice["detail"]
     assert second.backend_choice["reason"] == "recorded"
