@@ -9,14 +9,15 @@ The split exists so ``evaluate`` can compare several scorers and ablations on on
 regional_projection=...)``).
 
 Model loading, ONE path for every tool: :func:`scorer_from_args` = the command-line arguments ->
-the node's parameters (:func:`node_parameters_from_args`: a flag lands under the node parameter of
-its name, :data:`FLAG_PARAMETERS` for the three that differ) -> the node's validation
-(:func:`settings_from_parameters`, ``ros.params.validate``) -> ``factory.build_node_scorer``
-(:func:`scorer_from_parameters`: the node's construction: encoder precision, the backend built
-with ``make_backend(kind, encoder, device=..., precision=...)`` so ``--device cuda --backend
-tensorrt|auto`` can pick TensorRT, GPU views on CUDA, the fine-tuned projection, thresholds) ->
-the node's thresholds fit check. A tool therefore scores what the node configured with the same
-parameters scores; a new node parameter with a flag of the same name needs no code here.
+the node's parameters (:func:`node_parameters_from_args`: ``core.config.parameters_from_args`` puts
+a flag under the node parameter of its name, ``core.config.FLAG_PARAMETERS`` for the few that
+differ; :data:`TOOL_PARAMETERS` where a tool departs from the node) -> ONE validation into the typed
+``core.config.ScorerConfig`` (:func:`config_from_args`: ``core.config.from_parameters``, the label
+set, thresholds and head loaded once; a tool that fits thresholds or a head says so by name) ->
+``factory.build_scorer`` (the node's construction: encoder precision, the backend, GPU views on
+CUDA, the head, thresholds) -> the node's thresholds fit check. A tool therefore scores what the
+node configured with the same parameters scores; a new node parameter with a flag of the same name
+needs no code here.
 
 Weights policy: a tool never silently falls back to random weights. When the requested weights
 cannot be loaded it prints what failed and how to provide weights, and exits with status 2.
@@ -43,17 +44,22 @@ import numpy as np
 LOG = logging.getLogger("runa_ood_node.tools")
 
 RANDOM_LABEL = "RANDOM WEIGHTS — numbers say nothing about detection quality"
-from ..ros.params import defaults as _node_defaults  # noqa: E402 (plain Python: no rclpy at import)
+from ..core import config as scorer_config  # noqa: E402
+from ..core.parameters import defaults as _node_defaults  # noqa: E402
 
-#: the tools' method defaults are the node's (one table: ros.params.PARAMETERS)
+#: the tools' method defaults are the node's (one table: core.parameters.PARAMETERS)
 NODE_DEFAULTS = _node_defaults()
 DEFAULT_MODEL = NODE_DEFAULTS["model"]
 DEFAULT_PRETRAINED = NODE_DEFAULTS["pretrained"]
 from ..core.registry import (ABLATIONS, BACKENDS, METHODS, PRECISIONS, SCORERS,  # noqa: E402
                              resolve_device as _resolve_device, resolve_precision)
 
+from ..core.paths import data_pack_annotations  # noqa: E402
+from ..factory import build_scorer  # noqa: E402
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_ANNOTATIONS = (REPO_ROOT.parent / "shared" / "data" / "ood_pack" / "annotations.json")
+#: ``--annotations`` when not given: ``$RUNA_OOD_DATA_PACK`` (None when unset; no path is guessed)
+DEFAULT_ANNOTATIONS = data_pack_annotations()
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -119,10 +125,10 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, allow_all: bool = Fal
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--annotations`` (default: the shared ood_pack when it exists)."""
+    """``--annotations`` (default: ``$RUNA_OOD_DATA_PACK``)."""
     parser.add_argument("--annotations", default=None,
                         help="COCO-style annotation JSON (ood_pack format or plain COCO); default "
-                             f"{DEFAULT_ANNOTATIONS} when it exists")
+                             "$RUNA_OOD_DATA_PACK when set")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
@@ -175,22 +181,12 @@ def _pretrained_arg(value) -> Optional[str]:
 
 def allow_download(args) -> bool:
     """May open_clip download uncached tag weights? False with ``--offline`` or when
-    ``RUNA_OOD_OFFLINE`` / ``HF_HUB_OFFLINE`` is set (``core.encoder`` reads the same variables)."""
-    from ..core.encoder import env_offline
-
-    return not (bool(getattr(args, "offline", False)) or env_offline())
+    ``RUNA_OOD_OFFLINE`` / ``HF_HUB_OFFLINE`` is set (``core.config.parameters_from_args``)."""
+    return scorer_config.parameters_from_args(args)["allow_download"]
 
 
-#: flags whose destination differs from the node parameter they set. Every other flag whose
-#: destination IS a node parameter's name (``--lam`` -> ``lam``, ``--model`` -> ``model``, a future
-#: ``--method`` -> ``method``) lands in the parameters under that name by itself: adding a node
-#: parameter (one row in ``ros.params.PARAMETERS``) and its flag needs no change here.
-#: ``--allow-random-weights`` (None: no parameter) is the tools' fallback policy, not the node's
-#: ``allow_random_weights`` (which builds random weights when ``pretrained`` is empty): it is set,
-#: with an empty ``pretrained``, only when the tool falls back (see :func:`scorer_from_args`).
-FLAG_PARAMETERS: Dict[str, Optional[str]] = {"id_set": "label_set", "thresholds": "thresholds_file",
-                                             "allow_threshold_mismatch": "thresholds_allow_mismatch",
-                                             "allow_random_weights": None}
+#: flags whose destination differs from the node parameter they set (``core.config.FLAG_PARAMETERS``)
+FLAG_PARAMETERS = scorer_config.FLAG_PARAMETERS
 #: where an offline tool departs from the node's defaults: every box scored (no cap), the torch
 #: backend unless ``--backend`` says otherwise, reliable QoS for a replayed bag; and the loading
 #: settings written out (so a live node started with these parameters loads the model alike)
@@ -201,36 +197,21 @@ TOOL_PARAMETERS: Dict[str, Any] = {"max_boxes": 0, "backend": "torch", "image_qo
 
 def node_parameters_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, random_weights: bool = False,
                               image_topic: Optional[str] = None, n_frames: int = 100) -> Dict[str, Any]:
-    """The node parameters of a tool run: THE converter from command-line arguments to settings.
+    """The node parameters of a tool run (for a live node too): THE converter from command-line arguments.
 
-    In order (later wins): :data:`TOOL_PARAMETERS`; every argument whose destination is a node
-    parameter name or listed in :data:`FLAG_PARAMETERS` (None values skipped; ``--device`` resolved
-    to the node's ``cpu`` / ``cuda``, ``--pretrained none`` -> empty, ``--scorer all`` -> ``runa``);
-    ``allow_download`` from ``--offline`` / the offline environment; the topic settings of
-    ``image_topic`` (a ``.../compressed`` topic -> compressed transport) and queue / pairing sizes
-    of a bag of ``n_frames`` images; the seeded random model when ``random_weights``;
-    ``overrides``; last ``--node-params name:=value`` (``args.node_params``).
-
-    Validate with :func:`settings_from_parameters`; build with :func:`scorer_from_parameters`.
+    In order (later wins): :data:`TOOL_PARAMETERS`; ``core.config.parameters_from_args`` (every
+    argument whose destination is a node parameter name or in ``FLAG_PARAMETERS``; ``--device``
+    resolved, ``--pretrained none`` -> empty, ``--scorer all`` -> RUNA's, ``allow_download`` from
+    ``--offline``); the topic settings of ``image_topic`` (a ``.../compressed`` topic -> compressed
+    transport) and queue / pairing sizes of a bag of ``n_frames`` images; the seeded random model when
+    ``random_weights``; ``overrides``; last ``--node-params name:=value`` (``args.node_params``).
     """
-    from ..core.registry import resolve_device
-    from ..ros.params import PARAMETERS
-
-    names = {p.name for p in PARAMETERS}
     p: Dict[str, Any] = dict(TOOL_PARAMETERS)
-    for dest, value in sorted(vars(args).items()):
-        name = FLAG_PARAMETERS.get(dest, dest)
-        if name is not None and name in names and value is not None:
-            p[name] = value
-    device = resolve_device(p.get("device", "cpu"))
-    p["device"] = "cuda" if device.startswith("cuda") else device
-    p["pretrained"] = _pretrained_arg(p.get("pretrained")) or ""
-    if p.get("scorer") == "all":
-        p["scorer"] = "runa"
+    p.update(scorer_config.parameters_from_args(args))
+    p.setdefault("pretrained", "")
     for k in ("projection", "thresholds_file"):
         p[k] = str(p.get(k) or "")
-    p["label_set"] = str(p.get("label_set", NODE_DEFAULTS["label_set"]))
-    p["allow_download"] = allow_download(args)
+    p.setdefault("label_set", NODE_DEFAULTS["label_set"])
     if image_topic:
         from . import bagio
 
@@ -262,51 +243,34 @@ def parse_node_params(items: Optional[Sequence[str]]) -> Dict[str, Any]:
 
 
 def settings_from_parameters(params: Dict[str, Any], apply_thresholds: bool = True, fit_head: bool = False):
-    """``ros.params.NodeSettings`` of ``params``: the node's own validation (``ros.params.validate``;
-    raises ``ParameterValidationError``, a ValueError, listing every bad value).
-
-    Two of the node's rules are about what a running node needs, and are lifted for the tools that
-    make it (each checked under the rule's neutral value, then the real value put back):
-
-    * ``apply_thresholds=False`` (tools that fit thresholds or compare several scorers and apply
-      ``--thresholds`` per run themselves): a scorer other than ``runa`` needs no ``thresholds_file``;
-    * ``fit_head=True`` (``finetune``, which trains the head): a method other than ``runa`` needs no
-      ``head``."""
-    from ..ros.params import validate
-
-    lifted: Dict[str, str] = {}
-    if not apply_thresholds and not params.get("thresholds_file") and params.get("scorer", "runa") in SCORERS:
-        lifted["scorer"] = params.get("scorer", "runa")
-    if fit_head and not params.get("head") and params.get("method", "runa") in METHODS:
-        lifted["method"] = params.get("method", "runa")
-    lifted = {k: v for k, v in lifted.items() if v != "runa"}
-    if not lifted:
-        return validate(params)
-    return dataclasses.replace(validate({**params, **{k: "runa" for k in lifted}}), **lifted)
+    """The node's validated settings of ``params`` (``core.config.validate``: ``settings.config`` is the
+    ``ScorerConfig``, its files loaded; raises ``ParameterValidationError``, a ValueError, listing every
+    bad value). The rules a running node adds are lifted by name for the tools that make what they ask:
+    ``apply_thresholds=False`` (no thresholds loaded; a scorer other than RUNA's needs no
+    ``thresholds_file``), ``fit_head=True`` (``finetune``: a method other than ``runa`` needs no ``head``)."""
+    return scorer_config.validate(params, thresholds=apply_thresholds, need_head=not fit_head)
 
 
 def scorer_from_parameters(params: Dict[str, Any], ablation: Optional[str] = None, encoder=None,
                            apply_thresholds: bool = True, fit_head: bool = False):
-    """``(OodScorer, NodeSettings)``: :func:`settings_from_parameters` -> ``factory.build_node_scorer``
-    (the node's construction). ``ablation`` (a tool's ``--ablation``; None = dual, the node's views),
-    ``encoder`` (an already loaded model to build around): passed on. Raises as they do; Ray actors
-    and tests call this, command-line tools :func:`scorer_from_args`."""
-    from ..factory import build_node_scorer
-
-    settings = settings_from_parameters(params, apply_thresholds, fit_head)
-    return (build_node_scorer(settings, encoder=encoder, ablation=ablation, apply_thresholds=apply_thresholds),
-            settings)
+    """``(OodScorer, ScorerConfig)`` of node parameters: ``core.config.from_parameters`` ->
+    ``factory.build_scorer`` (the node's construction). ``ablation`` (a tool's ``--ablation``; None =
+    dual, the node's views), ``encoder`` (an already loaded model to build around): passed on. Raises as
+    they do; Ray actors and tests call this, command-line tools :func:`scorer_from_args`."""
+    config = scorer_config.from_parameters(params, thresholds=apply_thresholds, need_head=not fit_head,
+                                           **({"ablation": ablation} if ablation else {}))
+    return build_scorer(config, encoder=encoder), config
 
 
 @dataclasses.dataclass
 class ToolScorer:
     """What :func:`scorer_from_args` built: the ``scorer``, the node ``params`` it was built from
-    (random weights recorded in them), their validated ``settings``, the ``ablation`` and the
-    thresholds-file ``mismatch`` list (non-empty only with ``--allow-threshold-mismatch``)."""
+    (random weights recorded in them), their ``config`` (``core.config.ScorerConfig``), the ``ablation``
+    and the thresholds-file ``mismatch`` list (non-empty only with ``--allow-threshold-mismatch``)."""
 
     scorer: Any
     params: Dict[str, Any]
-    settings: Any
+    config: Any
     ablation: str
     mismatch: List[str]
 
@@ -320,32 +284,12 @@ def ablation_of(args, overrides: Optional[str] = None) -> str:
     return overrides or _single(getattr(args, "ablation", None), "dual")
 
 
-def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablation: Optional[str] = None,
-                     apply_thresholds: bool = True, image_topic: Optional[str] = None,
-                     n_frames: int = 100, fit_head: bool = False) -> ToolScorer:
-    """THE way a tool turns its command-line arguments into a scorer: arguments -> node parameters
-    (:func:`node_parameters_from_args`) -> ``ros.params`` validation -> ``factory.build_node_scorer``
-    (:func:`scorer_from_parameters`) -> the node's thresholds fit check (``check_fit``;
-    ``--allow-threshold-mismatch`` = the node's ``thresholds_allow_mismatch``).
-
-    Weights policy: when the weights of ``--model`` / ``--pretrained`` cannot be loaded (or none are
-    asked for) the tool exits 2 saying how to provide them, unless ``--allow-random-weights``: then
-    the seeded random model is built (``pretrained`` empty, ``allow_random_weights`` in the
-    parameters, as the node builds it) and a banner says so.
-
-    ``overrides``: parameter values that win over the arguments (e.g. the scorer of one run);
-    ``ablation``: None = ``--ablation`` (``all`` -> dual); ``apply_thresholds``: False for tools that
-    apply ``--thresholds`` themselves or fit them (no thresholds on the scorer, no check here);
-    ``image_topic`` / ``n_frames``: the bag's (topics, pairing buffer).
-    ``fit_head``: True for ``finetune``, which builds a method's scorer to train its head (a method
-    other than ``runa`` then needs no ``head``).
-
-    Raises:
-        SystemExit(2): invalid settings, unusable weights, CUDA missing, an unavailable backend, an
-            unreadable projection / thresholds file, thresholds fitted for another configuration.
-    """
-    from ..core.encoder import RANDOM_WEIGHTS_SEED, WeightsUnavailableError
-
+def config_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablation: Optional[str] = None,
+                     apply_thresholds: bool = True, image_topic: Optional[str] = None, n_frames: int = 100,
+                     fit_head: bool = False):
+    """``(ScorerConfig, node parameters, reason)`` of a command line, validated once (exit 2 listing every
+    bad value before a model loads). No weights asked for (``--pretrained none``): the seeded random model's
+    parameters, with ``reason`` saying why (else None). Arguments: as :func:`scorer_from_args`."""
     ablation = ablation_of(args, ablation)
     if ablation not in ABLATIONS:
         raise fail([f"--ablation {ablation!r}: not one of {list(ABLATIONS)}"])
@@ -356,60 +300,90 @@ def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablati
         if not torch.cuda.is_available():
             raise fail([f"--device {device}: CUDA is not available here; use --device cpu or --device auto"])
     kw = dict(image_topic=image_topic, n_frames=n_frames)
+    params, reason = node_parameters_from_args(args, overrides, **kw), None
+    if not params["pretrained"] and not params.get("allow_random_weights"):
+        params = node_parameters_from_args(args, overrides, random_weights=True, **kw)
+        reason = f"no pretrained weights requested for {params['model']!r} (--pretrained " \
+                 f"{getattr(args, 'pretrained', None)})"
     try:
-        params = node_parameters_from_args(args, overrides, **kw)
-        if not params["pretrained"] and not params.get("allow_random_weights"):
-            params = node_parameters_from_args(args, overrides, random_weights=True, **kw)
-            reason = f"no pretrained weights requested for {params['model']!r} (--pretrained " \
-                     f"{getattr(args, 'pretrained', None)})"
-        else:
-            reason = None
-        settings_from_parameters(params, apply_thresholds, fit_head)  # every bad value listed before a model loads
+        config = scorer_config.from_parameters(params, thresholds=apply_thresholds, need_head=not fit_head,
+                                               ablation=ablation)
     except ValueError as exc:
         raise fail([f"invalid settings: {exc}"])
-    model = params["model"]
-    built = None
+    return config, params, reason
+
+
+def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablation: Optional[str] = None,
+                     apply_thresholds: bool = True, image_topic: Optional[str] = None,
+                     n_frames: int = 100, fit_head: bool = False) -> ToolScorer:
+    """THE way a tool turns its command-line arguments into a scorer: :func:`config_from_args` (arguments
+    -> node parameters -> one validation into a ``ScorerConfig``) -> ``factory.build_scorer`` -> the
+    node's thresholds fit check (``ScorerConfig.check_thresholds``; ``--allow-threshold-mismatch`` = the
+    node's ``thresholds_allow_mismatch``).
+
+    Weights policy: when the weights of ``--model`` / ``--pretrained`` cannot be loaded (or none are
+    asked for) the tool exits 2 saying how to provide them, unless ``--allow-random-weights``: then
+    the seeded random model is built (``pretrained`` empty, ``allow_random_weights`` in the
+    parameters, as the node builds it) and a banner says so.
+
+    ``overrides``: parameter values that win over the arguments (e.g. the scorer of one run);
+    ``ablation``: None = ``--ablation`` (``all`` -> dual); ``apply_thresholds``: False for tools that
+    apply ``--thresholds`` themselves or fit them (no thresholds on the scorer, no check here);
+    ``image_topic`` / ``n_frames``: the bag's (topics, pairing buffer); ``fit_head``: True for
+    ``finetune``, which builds a method's scorer to train its head (a method other than ``runa`` then
+    needs no ``head``).
+
+    Raises:
+        SystemExit(2): invalid settings, unusable weights, CUDA missing, an unavailable backend, an
+            unreadable head / thresholds file, thresholds fitted for another configuration.
+    """
+    from ..core.encoder import RANDOM_WEIGHTS_SEED, WeightsUnavailableError
+
+    config, params, reason = config_from_args(args, overrides, ablation=ablation, apply_thresholds=apply_thresholds,
+                                              image_topic=image_topic, n_frames=n_frames, fit_head=fit_head)
+    scorer = None
     if reason is None:
-        if not params.get("allow_random_weights"):
-            _log_weights_source(model, params["pretrained"], params["allow_download"])
+        if not config.allow_random:
+            _log_weights_source(config.model, config.pretrained, config.allow_download)
         try:
-            built = _build(params, ablation, apply_thresholds, fit_head)
+            scorer = _build(config)
         except WeightsUnavailableError as exc:
             reason = str(exc)
-    if built is None:
+    if scorer is None:
         if not bool(getattr(args, "allow_random_weights", False)):
-            raise fail([
-                f"cannot load weights for model {model!r} (--pretrained {getattr(args, 'pretrained', None)}):",
-                *_wrap(reason),
-                "",
-                "How to provide weights:",
-                "  * --pretrained /path/to/checkpoint.pt   (a local open_clip checkpoint file), or",
-                f"  * run once with internet access with --model {model} --pretrained <tag> so open_clip caches",
-                "    the tag (HF_HOME / ~/.cache/huggingface), then reuse or copy that cache here.",
-                "  * plumbing tests only: --allow-random-weights (numbers then say nothing about quality).",
-            ])
-        params = node_parameters_from_args(args, overrides, random_weights=True, **kw)
-        try:
-            built = _build(params, ablation, apply_thresholds, fit_head)
-        except WeightsUnavailableError as exc:  # cannot happen with allow_random; be explicit anyway
-            raise fail([f"cannot build a random {model!r}: {exc}"])
-        banner([RANDOM_LABEL, f"model {model!r} runs with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}) because:",
+            raise fail([f"cannot load weights for model {config.model!r} (--pretrained "
+                        f"{getattr(args, 'pretrained', None)}):", *_wrap(reason), "", *_WEIGHTS_HELP(config.model)])
+        params = {**params, "pretrained": "", "allow_random_weights": True}
+        config = config.replace(pretrained="", allow_random=True)
+        scorer = _build(config)
+        banner([RANDOM_LABEL, f"model {config.model!r} runs with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}) because:",
                 *_wrap(reason), "Use this run to test plumbing only."])
-    scorer, settings = built
-    mismatch: List[str] = []
-    if apply_thresholds:
-        try:  # the node's thresholds check (core.thresholds.check_fit), refused or reported as the node does
-            mismatch = settings.check_thresholds(scorer)
-        except ValueError as exc:
-            raise fail(str(exc).splitlines())
-        if mismatch:
-            LOG.warning("--allow-threshold-mismatch: thresholds %s were fitted for another configuration (%s); "
-                        "applied anyway", params["thresholds_file"], "; ".join(mismatch))
+    mismatch = _check_thresholds(config, scorer) if apply_thresholds else []
     enc = scorer.encoder
     LOG.info("pipeline: %s on %s, %s, backend %s, %s views, %s ablation%s", enc.model_name, enc.device,
-             enc.precision, enc.backend_name, type(scorer.view_maker).__name__, ablation,
-             f", projection {params['projection']}" if params["projection"] else "")
-    return ToolScorer(scorer, params, settings, ablation, mismatch)
+             enc.precision, enc.backend_name, type(scorer.view_maker).__name__, config.ablation,
+             f", projection {params['projection']}" if params.get("projection") else "")
+    return ToolScorer(scorer, params, config, config.ablation, mismatch)
+
+
+def _WEIGHTS_HELP(model: str) -> List[str]:
+    return ["How to provide weights:",
+            "  * --pretrained /path/to/checkpoint.pt   (a local open_clip checkpoint file), or",
+            f"  * run once with internet access with --model {model} --pretrained <tag> so open_clip caches",
+            "    the tag (HF_HOME / ~/.cache/huggingface), then reuse or copy that cache here.",
+            "  * plumbing tests only: --allow-random-weights (numbers then say nothing about quality)."]
+
+
+def _check_thresholds(config, scorer) -> List[str]:
+    """The node's thresholds check (``core.thresholds.check_fit``), refused (exit 2) or reported as the node does."""
+    try:
+        mismatch = config.check_thresholds(scorer)
+    except ValueError as exc:
+        raise fail(str(exc).splitlines())
+    if mismatch:
+        LOG.warning("--allow-threshold-mismatch: thresholds %s were fitted for another configuration (%s); "
+                    "applied anyway", config.thresholds_file, "; ".join(mismatch))
+    return mismatch
 
 
 def _single(value: Optional[str], default: str) -> str:
@@ -440,23 +414,21 @@ def _log_weights_source(model: str, pretrained: str, download: bool) -> None:
                  "takes about a minute to fail; --offline fails at once)", model, pretrained)
 
 
-def _build(params: Dict[str, Any], ablation: str, apply_thresholds: bool, fit_head: bool = False):
-    """:func:`scorer_from_parameters`; every failure but missing weights becomes ``fail`` (exit 2)."""
+def _build(config):
+    """``factory.build_scorer(config)``; every failure but missing weights becomes ``fail`` (exit 2)."""
     from ..core.encoder import WeightsUnavailableError
 
     try:
-        return scorer_from_parameters(params, ablation, apply_thresholds=apply_thresholds, fit_head=fit_head)
+        return build_scorer(config)
     except WeightsUnavailableError:
         raise
     except Exception as exc:
         name = type(exc).__name__
         if name == "BackendUnavailableError":
-            raise fail([f"backend {params['backend']!r} is not available: {exc}",
+            raise fail([f"backend {config.backend!r} is not available: {exc}",
                         "use --backend auto (falls back TensorRT -> ONNX Runtime -> torch) or --backend torch"])
-        if params.get("projection") and isinstance(exc, (OSError, ValueError, KeyError)) and "projection" in str(exc):
-            raise fail([f"cannot use projection {params['projection']!r}: {name}: {exc}"])
         if isinstance(exc, (OSError, ValueError, KeyError, ImportError, RuntimeError)):
-            raise fail([f"cannot build the pipeline for model {params['model']!r}: {name}: {exc}"])
+            raise fail([f"cannot build the pipeline for model {config.model!r}: {name}: {exc}"])
         raise
 
 
@@ -488,6 +460,9 @@ def load_thresholds_or_exit(args):
 def annotations_path_or_exit(args) -> pathlib.Path:
     """``--annotations`` or the default shared pack; exit 2 if neither exists."""
     path = pathlib.Path(args.annotations).expanduser() if args.annotations else DEFAULT_ANNOTATIONS
+    if path is None:
+        raise fail(["no annotation file: pass --annotations /path/to/annotations.json (ood_pack or COCO format) "
+                    "or set RUNA_OOD_DATA_PACK"])
     if not path.is_file():
         raise fail([f"annotation file not found: {path}",
                     "pass --annotations /path/to/annotations.json (ood_pack or COCO format)"])
