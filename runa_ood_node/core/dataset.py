@@ -323,6 +323,26 @@ def load_dataset(path: Union[str, os.PathLike], id_set: Union[str, os.PathLike, 
         labels.LabelSetError: invalid ``id_set``.
     """
     path = pathlib.Path(path).expanduser().resolve()
+    data = _read_coco(path)
+    label_set, flag = _resolve_id_set(id_set)
+    anns = data["annotations"]
+    if flag is not None and anns and not any(flag in a for a in anns[:50]):
+        LOG.info("%s has no %r flags: ID = membership in label set %r", path, flag, label_set.name)
+        flag = None
+    stats = Counter(images=0, boxes_total=len(anns), boxes=0, id=0, ood=0, skipped_unknown=0, skipped_crowd=0,
+                    skipped_bad_bbox=0, skipped_no_image=0)
+    per_image = _rows_per_image(path, data, label_lookup(label_set), flag, stats)
+    frames = _frames(path, data["images"], per_image, stats)
+    rule = f"flag:{flag}" if flag else "membership"
+    ds = Dataset(frames, label_set, rule, path, dict(stats))
+    LOG.info("loaded %s: %d images, %d boxes (%d ID / %d OOD) for ID set %r (%s); skipped %d unknown, %d crowd",
+             path, ds.n_images, ds.n_boxes, ds.n_id, ds.n_ood, label_set.name, rule, stats["skipped_unknown"],
+             stats["skipped_crowd"])
+    return ds
+
+
+def _read_coco(path: pathlib.Path) -> dict:
+    """The annotation file's JSON object, checked for its ``images`` and ``annotations`` lists."""
     if not path.is_file():
         raise DatasetError(f"annotation file not found: {path}")
     try:
@@ -332,36 +352,36 @@ def load_dataset(path: Union[str, os.PathLike], id_set: Union[str, os.PathLike, 
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
             data.get("annotations"), list):
         raise DatasetError(f"{path}: expected a JSON object with 'images' and 'annotations' lists (COCO style)")
-    label_set, flag = _resolve_id_set(id_set)
-    anns = data["annotations"]
-    if flag is not None and anns and not any(flag in a for a in anns[:50]):
-        LOG.info("%s has no %r flags: ID = membership in label set %r", path, flag, label_set.name)
-        flag = None
+    return data
+
+
+def _category(path, i: int, a: dict, cat_names: Dict[object, str]) -> str:
+    cat = a.get("category")
+    if cat is None and "category_id" in a:
+        cat = cat_names.get(a["category_id"])
+        if cat is None:
+            raise DatasetError(f"{path}: annotations[{i}] has category_id {a['category_id']!r} "
+                               "that is not in categories[]")
+    if cat is None:
+        raise DatasetError(f"{path}: annotations[{i}] has neither 'category' nor 'category_id'")
+    return str(cat)
+
+
+def _rows_per_image(path, data: dict, lookup, flag: Optional[str], stats: Counter) -> Dict[object, list]:
+    """image id -> [(box xywh, category, is_id, annotation id, group)]; what is skipped is counted in ``stats``."""
     cat_names: Dict[object, str] = {}
     if isinstance(data.get("categories"), list):
         for c in data["categories"]:
             if isinstance(c, dict) and "id" in c and "name" in c:
                 cat_names[c["id"]] = str(c["name"])
-    lookup = label_lookup(label_set)
-    root = path.parent
-
-    stats = Counter(images=0, boxes_total=len(anns), boxes=0, id=0, ood=0, skipped_unknown=0, skipped_crowd=0,
-                    skipped_bad_bbox=0, skipped_no_image=0)
     per_image: Dict[object, list] = {}
-    for i, a in enumerate(anns):
+    for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict) or "image_id" not in a:
             raise DatasetError(f"{path}: annotations[{i}] is not an object with 'image_id'")
         if a.get("iscrowd"):
             stats["skipped_crowd"] += 1
             continue
-        cat = a.get("category")
-        if cat is None and "category_id" in a:
-            cat = cat_names.get(a["category_id"])
-            if cat is None:
-                raise DatasetError(f"{path}: annotations[{i}] has category_id {a['category_id']!r} "
-                                   "that is not in categories[]")
-        if cat is None:
-            raise DatasetError(f"{path}: annotations[{i}] has neither 'category' nor 'category_id'")
+        cat = _category(path, i, a, cat_names)
         bbox = a.get("bbox")
         try:
             box = np.asarray(bbox, dtype=np.float32).reshape(4)
@@ -377,11 +397,15 @@ def load_dataset(path: Union[str, os.PathLike], id_set: Union[str, os.PathLike, 
             is_id = bool(v)
         else:
             is_id = normalize_name(cat) in lookup
-        per_image.setdefault(a["image_id"], []).append((box, str(cat), is_id, a.get("id", i), str(a.get("group") or "")))
+        per_image.setdefault(a["image_id"], []).append((box, cat, is_id, a.get("id", i), str(a.get("group") or "")))
+    return per_image
 
+
+def _frames(path: pathlib.Path, images: list, per_image: Dict[object, list], stats: Counter) -> List[Frame]:
+    """One :class:`Frame` per image entry; annotations of unknown images counted as ``skipped_no_image``."""
     frames: List[Frame] = []
     seen_ids = set()
-    for j, img in enumerate(data["images"]):
+    for j, img in enumerate(images):
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
             raise DatasetError(f"{path}: images[{j}] needs 'id' and 'file_name'")
         try:
@@ -391,7 +415,7 @@ def load_dataset(path: Union[str, os.PathLike], id_set: Union[str, os.PathLike, 
         seen_ids.add(img["id"])
         rows = per_image.get(img["id"], [])
         fp = pathlib.Path(img["file_name"])
-        fp = fp if fp.is_absolute() else root / fp
+        fp = fp if fp.is_absolute() else path.parent / fp
         frames.append(Frame(
             image_id=img["id"], path=fp, width=w, height=h,
             boxes=np.stack([r[0] for r in rows]).astype(np.float32) if rows else np.zeros((0, 4), np.float32),
@@ -406,12 +430,7 @@ def load_dataset(path: Union[str, os.PathLike], id_set: Union[str, os.PathLike, 
         n = sum(len(per_image[k]) for k in orphans)
         stats["skipped_no_image"] = n
         LOG.warning("%s: %d annotation(s) refer to %d image id(s) not in images[]; skipped", path, n, len(orphans))
-    rule = f"flag:{flag}" if flag else "membership"
-    ds = Dataset(frames, label_set, rule, path, dict(stats))
-    LOG.info("loaded %s: %d images, %d boxes (%d ID / %d OOD) for ID set %r (%s); skipped %d unknown, %d crowd",
-             path, ds.n_images, ds.n_boxes, ds.n_id, ds.n_ood, label_set.name, rule, stats["skipped_unknown"],
-             stats["skipped_crowd"])
-    return ds
+    return frames
 
 
 __all__ = ["Dataset", "DatasetError", "Frame", "Shots", "load_dataset", "label_lookup", "normalize_name", "FLAG_FIELDS"]
