@@ -523,6 +523,51 @@ class AlertMonitor:
         return "; ".join(f"{self._describe(frame, t, current)} OOD in {sum(t.ood)} of last {len(t.ood)} frames "
                          f"(k={k})" for t in pers)
 
+    def _jump_back(self, stamp: float) -> str:
+        """Reset the history when ``stamp`` jumped back more than ``jump_back_reset_s`` (looped bag,
+        restarted source, clock step back: the history belongs to another time); the reason's note."""
+        jb = self.config.jump_back_reset_s
+        if self._last_stamp is None or jb is None or not stamp < self._last_stamp - jb:
+            return ""
+        note = f" [alert history reset: stamps jumped back from {self._last_stamp:.3f} s to {stamp:.3f} s]"
+        self._reset_history()
+        self.n_jump_resets += 1
+        return note
+
+    def _object_ids(self, object_ids: Optional[Sequence[str]], n: int) -> Optional[List[str]]:
+        """The boxes' ids as strings, or None (no ids, none set, or the wrong number: counted)."""
+        if object_ids is None:
+            return None
+        ids = ["" if v is None else str(v) for v in object_ids]
+        if len(ids) != n:
+            self.n_bad_object_ids += 1
+            return None
+        return ids if any(ids) else None
+
+    def _move_level(self, target: AlertLevel, stamp: float) -> str:
+        """Move the level towards ``target``: up at once; down only after the minimum hold and once
+        the condition has been absent for ``clear_s`` (TAKE_OVER to CLEAR through CAUTION while
+        caution is recent). Returns why the level was held ("" when it was not)."""
+        cfg, before = self.config, self._level  # before == the level before the frame unless just reset
+        if target > before:
+            self._level = target
+            self._raised_s = stamp
+            return ""
+        if target == before:
+            return ""
+        since_raise = stamp - self._raised_s if self._raised_s is not None else math.inf
+        absent = stamp - self._last_seen[before]
+        if since_raise < cfg.hold_s - _TIME_TOL_S:
+            return f"held: raised {since_raise:.2f} s ago (minimum hold {cfg.hold_s:.2f} s)"
+        if absent < cfg.clear_s - _TIME_TOL_S:
+            return f"held: condition absent for {absent:.2f} s (clears after {cfg.clear_s:.2f} s)"
+        new = target
+        if before == AlertLevel.TAKE_OVER and target == AlertLevel.CLEAR:
+            if stamp - self._last_seen[AlertLevel.CAUTION] < cfg.clear_s - _TIME_TOL_S:
+                new = AlertLevel.CAUTION  # caution still recent: step down one level
+        self._level = new
+        return ""
+
     # -------------------------------------------------------------------------------- per frame
     def update(self, stamp_s: float, frame_result, width: int, height: int,
                object_ids: Optional[Sequence[str]] = None) -> Alert:
@@ -547,14 +592,7 @@ class AlertMonitor:
         if not (width > 0 and height > 0):
             raise ValueError(f"image size must be positive, got {width}x{height}")
         level_before = self._level  # before a possible history reset (the change must be reported)
-        jump_note = ""
-        jb = self.config.jump_back_reset_s
-        if self._last_stamp is not None and jb is not None and stamp < self._last_stamp - jb:
-            # looped bag / restarted source / clock step back: the history belongs to another time
-            jump_note = (f" [alert history reset: stamps jumped back from {self._last_stamp:.3f} s to "
-                         f"{stamp:.3f} s]")
-            self._reset_history()
-            self.n_jump_resets += 1
+        jump_note = self._jump_back(stamp)
         if self._last_stamp is not None and stamp <= self._last_stamp:
             self.n_out_of_order += 1
             return Alert(
@@ -565,18 +603,9 @@ class AlertMonitor:
                 False,
             )
         f = self._parse(frame_result)
-        ids = None
-        if object_ids is not None:
-            ids = ["" if v is None else str(v) for v in object_ids]
-            if len(ids) != f.n:
-                self.n_bad_object_ids += 1
-                ids = None
-            elif not any(ids):
-                ids = None
+        ids = self._object_ids(object_ids, f.n)
         prev_stamp, self._last_stamp = self._last_stamp, stamp
         self.n_frames += 1
-        cfg = self.config
-
         skip = unscored_reason(frame_result)
         if skip is not None:
             # no evidence: windows untouched, level held, and the interval ending here does not
@@ -599,25 +628,7 @@ class AlertMonitor:
             if target >= lvl:
                 self._last_seen[lvl] = stamp
 
-        before = self._level  # == level_before unless the history was just reset (then CLEAR)
-        held_note = ""
-        if target > before:
-            self._level = target
-            self._raised_s = stamp
-        elif target < before:
-            since_raise = stamp - self._raised_s if self._raised_s is not None else math.inf
-            absent = stamp - self._last_seen[before]
-            if since_raise < cfg.hold_s - _TIME_TOL_S:
-                held_note = f"held: raised {since_raise:.2f} s ago (minimum hold {cfg.hold_s:.2f} s)"
-            elif absent < cfg.clear_s - _TIME_TOL_S:
-                held_note = f"held: condition absent for {absent:.2f} s (clears after {cfg.clear_s:.2f} s)"
-            else:
-                new = target
-                if before == AlertLevel.TAKE_OVER and target == AlertLevel.CLEAR:
-                    if stamp - self._last_seen[AlertLevel.CAUTION] < cfg.clear_s - _TIME_TOL_S:
-                        new = AlertLevel.CAUTION  # caution still recent: step down one level
-                self._level = new
-
+        held_note = self._move_level(target, stamp)
         level = self._level
         behind = (take or pers) if level == AlertLevel.TAKE_OVER else pers if level == AlertLevel.CAUTION else []
         indices = sorted({i for t in behind for i in t.now})
