@@ -1,17 +1,12 @@
-"""The RUNA dual encoder on top of an open_clip ViT.
+"""The shared CLIP encoder every method reads (``DualEncoder``, named after RUNA's two views), on an open_clip ViT.
 
-RUNA encodes each box twice with the same CLIP image tower: once as a regional crop and once as a
-blurred global view (see :mod:`views`). Both go through the visual *trunk* (everything up to and
-including ``ln_post`` and the [CLS] pooling, i.e. the tower without its final projection), giving
-pre-projection features of size ``width``. The projections are applied outside the trunk:
-
-    I_t = L2norm( lam * f_r @ P_r + (1 - lam) * f_g @ P_g )          (``DualEncoder.fuse``)
-
-``P_g`` is the off-the-shelf ``visual.proj`` and ``P_r`` starts as a copy of it; a few-shot
-fine-tuned ``P_r`` (:mod:`finetune`) can be swapped in with :meth:`set_regional_projection`. With
-``P_r == P_g == P`` this equals the paper's Eq. 3 ``P(lam*f_r + (1-lam)*f_g)`` because P is linear.
-Keeping the projection out of the trunk means one exported ONNX/TensorRT trunk serves every
-fine-tune (:meth:`set_backend` swaps the trunk implementation).
+The views (see :mod:`views`) go through the visual *trunk* (everything up to and including ``ln_post``
+and the [CLS] pooling, i.e. the tower without its final projection), giving pre-projection features of
+size ``width`` (and the other backbone outputs, :mod:`backbone`). The model's projection ``P_g``
+(``proj_global``, the off-the-shelf ``visual.proj``) is applied outside the trunk by the methods; a
+method's own trained projections are its head's, not this encoder's (RUNA's fine-tuned regional
+projection ``P_r``: ``core.methods.runa``). Keeping projections out of the trunk means one exported
+ONNX/TensorRT trunk serves every fine-tune (:meth:`set_backend` swaps the trunk implementation).
 
 Tensor conventions: every tensor returned by this class is float32 on the CPU (features,
 projections, embeddings); the trunk itself runs on ``device`` in the model's precision.
@@ -24,7 +19,7 @@ import logging
 import os
 import pathlib
 import threading
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -169,6 +164,82 @@ def find_cached_tag_weights(arch: str, tag: str) -> Optional[str]:
     return None
 
 
+def _check_model_name(model_name) -> Tuple[str, bool]:
+    """``(arch, has_schema)`` of an open_clip model name (``hf-hub:`` / ``local-dir:`` schemas pass as they
+    are); ValueError for an unknown one."""
+    import open_clip
+
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
+    has_schema = model_name.startswith(("hf-hub:", "local-dir:"))
+    arch = model_name.replace("/", "-")
+    if not has_schema and arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}; known ViT models include "
+                         f"{[m for m in open_clip.list_models() if m.startswith('ViT-')][:12]} ... "
+                         "and this package's configs in core/model_configs")
+    return arch, has_schema
+
+
+def _schema_source(model_name: str, allow_download: bool) -> Tuple[str, Dict]:
+    """``(weights_id, create_model kwargs)`` of an ``hf-hub:`` / ``local-dir:`` model."""
+    if model_name.startswith("hf-hub:") and not allow_download:
+        # open_clip fetches hf-hub models over the network (even to check its cache)
+        raise WeightsUnavailableError(
+            f"{model_name!r} is a Hugging Face hub model and downloading is disabled "
+            "(allow_download=False or RUNA_OOD_OFFLINE/HF_HUB_OFFLINE set); download it once into a "
+            "folder and use 'local-dir:<folder>' instead. " + _how_to_provide(model_name))
+    return f"schema:{model_name}", {}
+
+
+def _weights_source(model_name: str, arch: str, pretrained: str, allow_download: bool) -> Tuple[str, Dict]:
+    """``(weights_id, create_model kwargs)`` of ``pretrained``: a registered name, a checkpoint file or an
+    open_clip tag (:func:`_tag_source`); WeightsUnavailableError when it is none of them."""
+    import open_clip
+
+    if pretrained.strip().lower() in REGISTERED_WEIGHTS:
+        path = registered_weights_file(pretrained, arch)
+        return f"file:{file_sha256(path, memo=True)}", {"pretrained": str(path)}
+    path = pathlib.Path(pretrained).expanduser()
+    known_tags = open_clip.list_pretrained_tags_by_model(arch)
+    looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+    if path.is_file():
+        return f"file:{file_sha256(path, memo=True)}", {"pretrained": str(path)}
+    if looks_like_path or pretrained.lower() not in [t.lower() for t in known_tags]:
+        where = "checkpoint file not found" if looks_like_path else \
+            f"not an existing file nor a known open_clip tag for {arch} (tags: {known_tags})"
+        raise WeightsUnavailableError(f"cannot load weights {pretrained!r}: {where}. " + _how_to_provide(model_name))
+    tag = next(t for t in known_tags if t.lower() == pretrained.lower())
+    return _tag_source(model_name, arch, tag, allow_download)
+
+
+def _tag_source(model_name: str, arch: str, tag: str, allow_download: bool) -> Tuple[str, Dict]:
+    """``(weights_id, create_model kwargs)`` of an open_clip tag: from the local cache when it is there,
+    else a download (refused when not allowed)."""
+    import open_clip
+
+    weights_id = f"tag:{tag}"
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
+    # open_clip only *warns* when a tag was trained with QuickGELU (OpenAI weights) and the
+    # architecture name lacks "-quickgelu"; the activations would then be wrong. Force it.
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    if quick_gelu:
+        weights_id += "|quickgelu"
+    cached = find_cached_tag_weights(arch, tag)
+    if cached is not None:
+        # Same result as open_clip's tag path (preprocessing of the tag), but straight
+        # from the cache: no HEAD requests and retries when offline.
+        LOG.info("loading %s/%s from cached file %s", arch, tag, cached)
+        return weights_id, {"pretrained": cached, "force_quick_gelu": quick_gelu,
+                            "force_preprocess_cfg": {k: tag_cfg[k] for k in ("mean", "std", "interpolation",
+                                                                            "resize_mode") if k in tag_cfg}}
+    if not allow_download:
+        raise WeightsUnavailableError(
+            f"weights for {model_name!r} tag {tag!r} are not in the local cache and downloading is "
+            "disabled (allow_download=False or RUNA_OOD_OFFLINE/HF_HUB_OFFLINE set). "
+            + _how_to_provide(model_name))
+    return weights_id, {"pretrained": tag, "force_quick_gelu": quick_gelu}
+
+
 def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 22, memo: bool = False) -> str:
     """sha256 hex digest of a file's bytes: the one file hash of the package (weights files here,
     ONNX graphs for engine keys and int8 sidecars in ``backends``).
@@ -249,7 +320,8 @@ class DualEncoder:
     * ``model_name``, ``pretrained``: what was loaded (``pretrained`` is the tag, path, or None).
     * ``input_size`` (S, px), ``mean``, ``std`` (RGB, for [0,1] inputs): preprocessing of views.
     * ``width``: pre-projection feature size; ``embed_dim`` (D): joint embedding size.
-    * ``proj_global``, ``proj_regional``: float32 CPU ``[width, D]`` projections.
+    * ``proj_global``: float32 CPU ``[width, D]``, the model's projection (a method's own projections,
+      RUNA's fine-tuned ``P_r``, are its head's: ``core.methods``).
     * ``random_weights``: True when weights are random (tests only; scores are meaningless).
     * ``model_id``: stable string identifying architecture + weights (for caches and engines).
     * ``visual_trunk``: :class:`VisualTrunk` (torch module, on ``device``, eval mode).
@@ -290,7 +362,6 @@ class DualEncoder:
 
         self.proj_global = visual.proj.detach().to("cpu", torch.float32).clone()
         self.width, self.embed_dim = (int(d) for d in self.proj_global.shape)
-        self.proj_regional = self.proj_global.clone()
         self.visual_trunk = VisualTrunk(visual).eval()
         self._backend: Optional[Backend] = None
         self.backend_name = "torch"
@@ -336,82 +407,26 @@ class DualEncoder:
         import open_clip
 
         register_model_configs()
-        if not isinstance(model_name, str) or not model_name:
-            raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
-        has_schema = model_name.startswith(("hf-hub:", "local-dir:"))
-        arch = model_name.replace("/", "-")
-        if not has_schema and arch not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {model_name!r}; known ViT models include "
-                             f"{[m for m in open_clip.list_models() if m.startswith('ViT-')][:12]} ... "
-                             "and this package's configs in core/model_configs")
+        arch, has_schema = _check_model_name(model_name)
         if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
             raise ValueError(f"pretrained must be a tag, a path or None, got {pretrained!r}")
         pretrained = os.fspath(pretrained) if pretrained is not None else None
         if pretrained == "":
             pretrained = None
-
+        if allow_download is None:
+            allow_download = not env_offline()
         random_weights = False
         if has_schema:
-            if allow_download is None:
-                allow_download = not env_offline()
-            if model_name.startswith("hf-hub:") and not allow_download:
-                # open_clip fetches hf-hub models over the network (even to check its cache)
-                raise WeightsUnavailableError(
-                    f"{model_name!r} is a Hugging Face hub model and downloading is disabled "
-                    "(allow_download=False or RUNA_OOD_OFFLINE/HF_HUB_OFFLINE set); download it once into a "
-                    "folder and use 'local-dir:<folder>' instead. " + _how_to_provide(model_name))
-            weights_id = f"schema:{model_name}"
-            kwargs = {}
+            weights_id, kwargs = _schema_source(model_name, allow_download)
         elif pretrained is None:
             if not allow_random:
                 raise WeightsUnavailableError(
                     f"no pretrained weights requested for {model_name!r} (pretrained=None) and allow_random=False. "
                     + _how_to_provide(model_name))
             random_weights = True
-            weights_id = None  # filled from the state dict below
-            kwargs = {"pretrained": None}
-        elif pretrained.strip().lower() in REGISTERED_WEIGHTS:
-            path = registered_weights_file(pretrained, arch)
-            weights_id = f"file:{file_sha256(path, memo=True)}"
-            kwargs = {"pretrained": str(path)}
+            weights_id, kwargs = None, {"pretrained": None}  # the id from the state dict below
         else:
-            path = pathlib.Path(pretrained).expanduser()
-            known_tags = open_clip.list_pretrained_tags_by_model(arch)
-            looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
-            if path.is_file():
-                weights_id = f"file:{file_sha256(path, memo=True)}"
-                kwargs = {"pretrained": str(path)}
-            elif looks_like_path or pretrained.lower() not in [t.lower() for t in known_tags]:
-                where = "checkpoint file not found" if looks_like_path else \
-                    f"not an existing file nor a known open_clip tag for {arch} (tags: {known_tags})"
-                raise WeightsUnavailableError(f"cannot load weights {pretrained!r}: {where}. " + _how_to_provide(model_name))
-            else:
-                tag = next(t for t in known_tags if t.lower() == pretrained.lower())
-                weights_id = f"tag:{tag}"
-                tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
-                # open_clip only *warns* when a tag was trained with QuickGELU (OpenAI weights) and the
-                # architecture name lacks "-quickgelu"; the activations would then be wrong. Force it.
-                quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-                if quick_gelu:
-                    weights_id += "|quickgelu"
-                cached = find_cached_tag_weights(arch, tag)
-                if cached is not None:
-                    # Same result as open_clip's tag path (preprocessing of the tag), but straight
-                    # from the cache: no HEAD requests and retries when offline.
-                    kwargs = {"pretrained": cached, "force_quick_gelu": quick_gelu,
-                              "force_preprocess_cfg": {k: tag_cfg[k] for k in ("mean", "std", "interpolation",
-                                                                              "resize_mode") if k in tag_cfg}}
-                    LOG.info("loading %s/%s from cached file %s", arch, tag, cached)
-                else:
-                    if allow_download is None:
-                        allow_download = not env_offline()
-                    if not allow_download:
-                        raise WeightsUnavailableError(
-                            f"weights for {model_name!r} tag {tag!r} are not in the local cache and downloading is "
-                            "disabled (allow_download=False or RUNA_OOD_OFFLINE/HF_HUB_OFFLINE set). "
-                            + _how_to_provide(model_name))
-                    kwargs = {"pretrained": tag, "force_quick_gelu": quick_gelu}
-
+            weights_id, kwargs = _weights_source(model_name, arch, pretrained, allow_download)
         try:
             # Random weights are always drawn with seed RANDOM_WEIGHTS_SEED inside a forked RNG, so
             # the node, the tools and the tests build the *same* random model (their scores can be
@@ -563,26 +578,6 @@ class DualEncoder:
         """
         return self.visual_outputs(views, ("cls",), max_batch=max_batch)["cls"]
 
-    # ---------------------------------------------- RUNA's regional projection (the method: core/methods/runa.py)
-    def set_regional_projection(self, proj: Union[None, torch.Tensor, np.ndarray]) -> None:
-        """Replace this encoder's ``P_r`` (what RUNA uses without a head) by a (fine-tuned)
-        ``[width, D]`` matrix; None restores ``P_g``. Checked by ``methods.runa.checked_projection``.
-
-        Raises:
-            ValueError: wrong shape or non-finite values.
-        """
-        from .methods.runa import checked_projection
-
-        self.proj_regional = self.proj_global.clone() if proj is None else checked_projection(
-            proj, self.width, self.embed_dim, self.model_name)
-
-    def fuse(self, f_r: Optional[torch.Tensor], f_g: Optional[torch.Tensor], lam: float) -> torch.Tensor:
-        """RUNA's fused, L2-normalised box embeddings with this encoder's projections
-        (``methods.runa.fuse``: ``L2norm(lam*f_r@P_r + (1-lam)*f_g@P_g)``, float32 CPU ``[M, D]``)."""
-        from .methods.runa import fuse
-
-        return fuse(f_r, f_g, lam, self.proj_regional, self.proj_global)
-
     # ------------------------------------------------------------------ text side
     def _text_key(self, prompts: Sequence[Sequence[str]]) -> str:
         blob = json.dumps({"model_id": self.model_id, "prompts": [list(p) for p in prompts]}, sort_keys=True)
@@ -658,5 +653,4 @@ class DualEncoder:
         return {"model_name": self.model_name, "pretrained": self.pretrained, "model_id": self.model_id,
                 "random_weights": self.random_weights, "input_size": self.input_size, "width": self.width,
                 "embed_dim": self.embed_dim, "device": str(self.device), "precision": self.precision,
-                "backend": self.backend_name,
-                "regional_projection": "off-the-shelf" if torch.equal(self.proj_regional, self.proj_global) else "custom"}
+                "backend": self.backend_name}

@@ -1,4 +1,4 @@
-"""``OodScorer``: one RGB frame + N detector boxes -> per-box RUNA OOD results.
+"""``OodScorer``: one RGB frame + N detector boxes -> per-box OOD results of one method (``core.methods``).
 
 This is the single implementation of the method that the ROS node, the evaluation tool and the
 benchmark all call; they build it with ``runa_ood_node.factory.build_scorer`` (outside core: it
@@ -18,9 +18,10 @@ needs the optional backends). :meth:`OodScorer.score` is ``score_features(encode
 
 :meth:`OodScorer.score_features` (features -> :class:`FrameResult`, cheap, row-wise per box):
 
-6. fuse (``lam``; regional ablation uses lam=1, global ablation lam=0), cosine similarities to the
-   ID text embeddings, scorer (:mod:`scoring`); scorer / ablation / lam / temperature default to
-   the OodScorer's settings and may be overridden per call;
+6. the method's per-box class similarities (``Method.similarities``; RUNA: fuse with ``lam``, regional
+   ablation lam=1, global ablation lam=0, cosine to the ID text embeddings), scorer (:mod:`scoring`);
+   scorer / ablation / the method's settings / temperature default to the OodScorer's and may be
+   overridden per call;
 7. threshold of the nearest ID label (:class:`thresholds.Thresholds`) -> ``is_ood``.
 
 Because steps 6-7 are per box, the :class:`BoxFeatures` of many frames may be joined with
@@ -51,15 +52,17 @@ from . import scoring
 from .boxes import BoxStatus, sanitize_boxes, status_text
 from .encoder import DualEncoder
 from .labels import LabelSet, load_label_set
-from .methods import make_method
-from .methods.runa import check_lam, effective_lam  # noqa: F401 (re-exported: tools import it from here)
+from .methods import get_method, make_method
+from .methods.runa import check_lam, effective_lam  # noqa: F401 (re-exported: tools import them from here)
 from .views import ViewMaker, make_views
 
 LOG = logging.getLogger(__name__)
 
-from .registry import ABLATIONS, PER_IMAGE_VIEWS, SCORERS, VIEWS, VIEWS_FOR_ABLATION  # noqa: E402,F401 (re-exported)
+from .registry import (ABLATIONS, PER_IMAGE_VIEWS, SCORERS, VIEWS, VIEWS_FOR_ABLATION,  # noqa: E402,F401 (re-exported)
+                       canonical_scorer)
 
-_RUNA_VIEWS = VIEWS_FOR_ABLATION["dual"]
+#: the views :meth:`BoxFeatures.unscored` gives ``cls`` rows for when none are named (the default method's)
+_DEFAULT_VIEWS = VIEWS_FOR_ABLATION["dual"]
 #: ``BoxFeatures.data`` key of the token centres inside each box (``core.methods.tagood``), -> FrameResult
 TOKENS_IN_BOX = "frame.tokens_in_box"
 
@@ -160,6 +163,11 @@ class FrameResult:
         return recs
 
 
+def _add_error(res: FrameResult, msg: str) -> None:
+    """Append ``msg`` to ``res.error`` (``"; "`` between messages)."""
+    res.error = msg if not res.error else f"{res.error}; {msg}"
+
+
 def _empty_result(xyxy: np.ndarray, status: np.ndarray, det: Optional[np.ndarray]) -> FrameResult:
     n = status.shape[0]
     return FrameResult(
@@ -218,23 +226,13 @@ class BoxFeatures:
     def __len__(self) -> int:
         return int(self.status.shape[0])
 
-    @property
-    def f_r(self) -> Optional[torch.Tensor]:
-        """RUNA's regional (crop) pre-projection features ``[N, width]``, or None when not computed."""
-        return self.data.get("regional.cls")
-
-    @property
-    def f_g(self) -> Optional[torch.Tensor]:
-        """RUNA's blurred-global-view pre-projection features ``[N, width]``, or None."""
-        return self.data.get("global.cls")
-
     def rows(self, idx) -> Dict[str, torch.Tensor]:
         """The per-box tensors of boxes ``idx`` (int array / tensor)."""
         rows = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         return {k: t[rows] for k, t in self.data.items()}
 
     @classmethod
-    def unscored(cls, n: int, width: int, views: Sequence[str] = _RUNA_VIEWS, status: int = BoxStatus.NOT_SCORED,
+    def unscored(cls, n: int, width: int, views: Sequence[str] = _DEFAULT_VIEWS, status: int = BoxStatus.NOT_SCORED,
                  error: Optional[str] = None) -> "BoxFeatures":
         """``n`` boxes that could not be encoded (e.g. their image could not be read): NaN boxes
         and ``cls`` features per view, every status ``status``; :meth:`concat` gives them any
@@ -299,6 +297,47 @@ class FrameInput(NamedTuple):
     detector_labels: Optional[Sequence[str]] = None
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """One frame of :meth:`OodScorer.encode_frames` between its views and the backend call."""
+
+    xyxy: np.ndarray
+    status: np.ndarray
+    det: Optional[np.ndarray]
+    idx: np.ndarray
+    wh: Tuple[int, int]
+    error: Optional[str] = None
+    rows: Dict[str, int] = dataclasses.field(default_factory=dict)   # view -> first row in the batch
+    pair_rows: Dict[Tuple[str, str], int] = dataclasses.field(default_factory=dict)  # (q, k) -> first xattn row
+    n_views: int = 0
+    views_ms: float = 0.0
+    own_ms: float = 0.0
+
+
+class _Batch:
+    """The views (and ``xattn`` pairs) of every frame of one :meth:`OodScorer.encode_frames` call."""
+
+    def __init__(self, views: Tuple[str, ...], pairs_kinds, frame_vm: Optional[ViewMaker]):
+        self.views, self.pairs_kinds, self.frame_vm = views, tuple(pairs_kinds), frame_vm
+        #: the kinds the scorer's view maker makes (the frame apart when it has its own size)
+        self.kinds = views if frame_vm is None else tuple(v for v in views if v != "frame")
+        self.parts: List[torch.Tensor] = []
+        self.pairs: List[torch.Tensor] = []
+        self.n_rows = self.n_pairs = 0
+        self._mark = (0, 0, 0, 0)
+
+    def mark(self, p: _Prepared) -> None:
+        """Remember where frame ``p``'s views start (:meth:`drop` takes them back)."""
+        self._mark = (len(self.parts), len(self.pairs), self.n_rows, self.n_pairs)
+
+    def drop(self, p: _Prepared) -> None:
+        """Take frame ``p``'s views and pairs back out (its view maker failed half-way)."""
+        if p.n_views or p.rows:
+            parts, pairs, self.n_rows, self.n_pairs = self._mark
+            del self.parts[parts:], self.pairs[pairs:]
+        p.n_views, p.rows, p.pair_rows = 0, {}, {}
+
+
 class OodScorer:
     """OOD scoring of detector boxes with one of the methods of ``core.methods`` (see module docstring).
 
@@ -306,7 +345,8 @@ class OodScorer:
         encoder: a loaded :class:`DualEncoder`.
         label_set: :class:`LabelSet`, or a built-in name / YAML path for :func:`load_label_set`.
         scorer: one of ``core.registry.SCORERS`` (``"runa"`` = -max cosine, paper Eq. 6).
-        lam: fusion weight of the regional view in [0, 1] (paper: 0.5); used by ``"dual"``.
+        lam: RUNA's fusion weight of the regional view in [0, 1] (paper: 0.5); used by ``"dual"``
+            (with ``blur_radius``: RUNA's settings when ``settings`` is None; other methods ignore both).
         blur_radius: Gaussian sigma of the global view in px at the encoder input size (paper: 1).
         ablation: ``"dual"`` (RUNA), ``"regional"`` (crop only, lam=1) or ``"global"`` (blurred
             global view only, lam=0). Single-view ablations encode only the views they use.
@@ -324,54 +364,64 @@ class OodScorer:
             ``background`` / ``frame`` views call its ``make_views(image, boxes, kinds)``.
         method: one of ``core.registry.METHODS`` (``"runa"``, the default; ``"uni-ood"``, ``"tagood"``).
         head: a trained head (``core.methods.heads.Head``) of that method, or None. RUNA without a head
-            uses the encoder's current regional projection.
+            uses the model's projection as its regional one (off the shelf).
+        settings: that method's ``Settings`` (``get_method(method).make_settings(...)``); None = from
+            ``lam`` / ``blur_radius``.
     """
 
     def __init__(self, encoder: DualEncoder, label_set, scorer: str = "runa", lam: float = 0.5,
                  blur_radius: float = 1.0, ablation: str = "dual", thresholds=None,
                  max_boxes: Optional[int] = None, min_box_size: float = 2.0, temperature: float = 1.0,
-                 max_batch: Optional[int] = None, view_maker=None, method: str = "runa", head=None):
+                 max_batch: Optional[int] = None, view_maker=None, method: str = "runa", head=None,
+                 settings=None):
+        scorer = canonical_scorer(scorer)
         if scorer not in SCORERS:
             raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
-        lam = check_lam(lam)
         if max_boxes is not None and (int(max_boxes) != max_boxes or max_boxes < 0):
             raise ValueError(f"max_boxes must be None or an integer >= 0, got {max_boxes!r}")
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if not (math.isfinite(min_box_size) and min_box_size >= 0):
             raise ValueError(f"min_box_size must be >= 0 px, got {min_box_size!r}")
+        if settings is None:  # the keyword arguments (RUNA's lam and blur radius; others have none)
+            settings = get_method(method).make_settings(lam=lam, blur_radius=blur_radius)
+        if view_maker is not None:  # the given view maker's blur is the global view's
+            settings = get_method(method).replace_settings(settings, blur_radius=view_maker.blur_radius)
         self.encoder = encoder
-        self.method = make_method(method, encoder, head=head)
+        self.method = make_method(method, encoder, head=head, settings=settings)
         self.method.check_ablation(ablation)
         self.label_set: LabelSet = load_label_set(label_set)
         self.scorer = scorer
-        self.lam = float(lam)
         self.ablation = ablation
         self.thresholds = thresholds
         self.max_boxes = None if not max_boxes else int(max_boxes)  # 0 = no cap, as the node parameter
         self.min_box_size = float(min_box_size)
         self.temperature = float(temperature)
         self.max_batch = max_batch
+        blur = self.method.view_blur_radius()
         self.view_maker = view_maker if view_maker is not None else ViewMaker(
-            encoder.input_size, encoder.mean, encoder.std, blur_radius)
+            encoder.input_size, encoder.mean, encoder.std, blur_radius if blur is None else blur)
         self.text_emb = encoder.text_embeddings(self.label_set)  # [K, D], computed/cached once
-        prepare = getattr(self.method, "prepare", None)  # per label set work of a method (e.g. text attention)
-        if callable(prepare):
-            prepare(self.label_set, self.text_emb)
+        self.method.prepare(self.label_set, self.text_emb)  # per label set work of a method (e.g. text attention)
         self._label_thresholds = self._resolve_thresholds()
         self._other_thresholds: Dict[str, np.ndarray] = {}  # per-label thresholds of overridden scorers
+
+    @property
+    def settings(self):
+        """The method's settings in use (``Method.Settings``)."""
+        return self.method.settings
+
+    @property
+    def lam(self) -> Optional[float]:
+        """RUNA's fusion weight (``settings.lam``); None for a method without one."""
+        return self.method.settings_dict().get("lam")
 
     # ------------------------------------------------------------------ configuration
     @property
     def blur_radius(self) -> float:
         return self.view_maker.blur_radius
-
-    @property
-    def effective_lam(self) -> float:
-        """The fusion weight actually used: lam for dual, 1 for regional, 0 for global."""
-        return effective_lam(self.ablation, self.lam)
 
     def _resolve_thresholds(self, scorer: Optional[str] = None) -> np.ndarray:
         """float32 ``[K]`` per-label thresholds for ``scorer`` (default: this scorer's).
@@ -479,103 +529,107 @@ class OodScorer:
             ValueError: as :meth:`encode`, for the first malformed frame.
         """
         views = self.resolve_views(views)
-        method = self.method
-        pairs_kinds = method.pairs(views)
-        frame_vm = self._frame_view_maker(views)  # None: the frame view is the view maker's S x S
-        kinds = views if frame_vm is None else tuple(v for v in views if v != "frame")
-        prepared, parts, pairs, n_rows, n_pairs = [], [], [], 0, 0
-        for fr in frames:
-            t0 = time.perf_counter()
-            ViewMaker.check_image(fr.image_rgb)
-            H, W = fr.image_rgb.shape[:2]
-            xyxy, status = sanitize_boxes(fr.boxes, W, H, fmt=fr.box_format, min_size=self.min_box_size)
-            n = status.shape[0]
-            det = None
-            if fr.detector_scores is not None:
-                det = np.asarray(_to_numpy(fr.detector_scores), dtype=np.float32).reshape(-1)
-                if det.shape[0] != n:
-                    raise ValueError(f"detector_scores has {det.shape[0]} values for {n} boxes")
-            self._cap(status, det)
-            idx = np.flatnonzero(status == BoxStatus.OK)
-            error, n_views, views_ms, rows, pair_rows = None, 0, 0.0, {}, {}
-            if idx.size:
-                tv = time.perf_counter()
-                try:  # a GPU view maker can fail like a backend: only this frame's boxes are lost
-                    made = make_views(self.view_maker, fr.image_rgb, xyxy[idx], kinds) if kinds else {}
-                    if frame_vm is not None:
-                        made["frame"] = frame_vm.make_views(fr.image_rgb, xyxy[idx][:0], ("frame",))["frame"]
-                    for v in views:  # VIEWS order, as the outputs are read back below
-                        rows[v] = n_rows
-                        parts.append(made[v])
-                        n_rows += int(made[v].shape[0])
-                        n_views += int(made[v].shape[0])
-                    for q, k in pairs_kinds:  # inter-image attention rows: box i's q view against its k view
-                        box = torch.arange(idx.size)
-                        key = rows[k] + (torch.zeros_like(box) if k in PER_IMAGE_VIEWS else box)
-                        pair_rows[(q, k)] = n_pairs
-                        pairs.append(torch.stack([rows[q] + box, key], 1))
-                        n_pairs += idx.size
-                except Exception as exc:
-                    msg = f"{type(exc).__name__}: {exc}"
-                    who = f"view maker {type(self.view_maker).__name__}"
-                    LOG.error("%s failed on %d boxes: %s", who, idx.size, msg)
-                    error = f"{who} failed: {msg}"
-                    status[idx] = BoxStatus.BACKEND_ERROR
-                    del parts[len(parts) - len(rows):]
-                    n_rows -= n_views
-                    n_views, rows, pair_rows = 0, {}, {}
-                views_ms = (time.perf_counter() - tv) * 1e3
-            prepared.append(dict(xyxy=xyxy, status=status, det=det, idx=idx, error=error, rows=rows,
-                                 pair_rows=pair_rows, n_views=n_views, views_ms=views_ms, wh=(W, H),
-                                 own_ms=(time.perf_counter() - t0) * 1e3))
+        batch = _Batch(views, self.method.pairs(views), self._frame_view_maker(views))
+        prepared = [self._prepare_frame(fr, batch) for fr in frames]
         encode_ms, out = 0.0, None
-        if parts:
+        if batch.parts:
             t1 = time.perf_counter()
             try:
-                out = self._backbone(parts[0] if len(parts) == 1 else torch.cat(parts, 0),
-                                     torch.cat(pairs, 0) if pairs else None)
+                out = self._backbone(batch.parts[0] if len(batch.parts) == 1 else torch.cat(batch.parts, 0),
+                                     torch.cat(batch.pairs, 0) if batch.pairs else None)
             except Exception as exc:  # backend failure: keep the frames, flag their boxes
                 msg = f"{type(exc).__name__}: {exc}"
                 who = f"backend {self.encoder.backend_name!r}"
-                LOG.error("%s failed on %d views of %d frames: %s", who, sum(p["n_views"] for p in prepared),
+                LOG.error("%s failed on %d views of %d frames: %s", who, sum(p.n_views for p in prepared),
                           len(prepared), msg)
                 for p in prepared:
-                    if p["n_views"]:
-                        p["status"][p["idx"]] = BoxStatus.BACKEND_ERROR
-                        p["error"] = f"{who} failed: {msg}"
+                    if p.n_views:
+                        p.status[p.idx] = BoxStatus.BACKEND_ERROR
+                        p.error = f"{who} failed: {msg}"
             encode_ms = (time.perf_counter() - t1) * 1e3
-        shapes = self._feature_shapes(views)
-        results = []
-        for p in prepared:
-            n = p["status"].shape[0]
-            data = {k: _nan_like(like, n) for k, like in shapes.items()}
-            if out is not None and p["n_views"]:
-                M = p["idx"].size
-                per_view = {}
-                for v, start in p["rows"].items():
-                    m = 1 if v in PER_IMAGE_VIEWS else M
-                    per_view[v] = {o: t[start:start + m] for o, t in out.items() if o != "xattn"}
-                if p["pair_rows"]:
-                    per_view["xattn"] = {qk: out["xattn"][s0:s0 + M] for qk, s0 in p["pair_rows"].items()}
-                rows = torch.from_numpy(p["idx"])
-                for k, t in method.box_features(per_view, p["xyxy"][p["idx"]], p["wh"]).items():
-                    if k not in data:
-                        data[k] = _nan_like(t, n)
-                    data[k][rows] = t.to(data[k].dtype)
-            timings = {"views": p["views_ms"], "encode": encode_ms if p["n_views"] else 0.0,
-                       "total": p["own_ms"] + (encode_ms if p["n_views"] else 0.0)}
-            if len(prepared) > 1:
-                timings["batch_frames"] = float(len(prepared))
-            results.append(BoxFeatures(boxes_xyxy=p["xyxy"], status=p["status"], data=data, timings=timings,
-                                       error=p["error"], detector_scores=p["det"],
-                                       image_wh=np.tile(np.asarray(p["wh"], np.int32), (n, 1)), views=views))
-        return results
+        shapes = self.method.feature_shapes(views)
+        return [self._frame_features(p, out, shapes, encode_ms, len(prepared), views) for p in prepared]
+
+    def _prepare_frame(self, fr: "FrameInput", batch: "_Batch") -> "_Prepared":
+        """One frame of :meth:`encode_frames`: image check, sanitised and capped boxes, its views appended to
+        ``batch`` (a view-maker failure marks only this frame's boxes ``BACKEND_ERROR``)."""
+        t0 = time.perf_counter()
+        ViewMaker.check_image(fr.image_rgb)
+        H, W = fr.image_rgb.shape[:2]
+        xyxy, status = sanitize_boxes(fr.boxes, W, H, fmt=fr.box_format, min_size=self.min_box_size)
+        n = status.shape[0]
+        det = None
+        if fr.detector_scores is not None:
+            det = np.asarray(_to_numpy(fr.detector_scores), dtype=np.float32).reshape(-1)
+            if det.shape[0] != n:
+                raise ValueError(f"detector_scores has {det.shape[0]} values for {n} boxes")
+        self._cap(status, det)
+        p = _Prepared(xyxy=xyxy, status=status, det=det, idx=np.flatnonzero(status == BoxStatus.OK), wh=(W, H))
+        if p.idx.size:
+            tv = time.perf_counter()
+            try:  # a GPU view maker can fail like a backend: only this frame's boxes are lost
+                self._add_views(fr.image_rgb, p, batch)
+            except Exception as exc:
+                msg = f"{type(exc).__name__}: {exc}"
+                who = f"view maker {type(self.view_maker).__name__}"
+                LOG.error("%s failed on %d boxes: %s", who, p.idx.size, msg)
+                p.error = f"{who} failed: {msg}"
+                status[p.idx] = BoxStatus.BACKEND_ERROR
+                batch.drop(p)
+            p.views_ms = (time.perf_counter() - tv) * 1e3
+        p.own_ms = (time.perf_counter() - t0) * 1e3
+        return p
+
+    def _add_views(self, image_rgb: np.ndarray, p: "_Prepared", batch: "_Batch") -> None:
+        """Make frame ``p``'s views of its valid boxes and append them (and its ``xattn`` pairs) to ``batch``."""
+        xyxy = p.xyxy[p.idx]
+        made = make_views(self.view_maker, image_rgb, xyxy, batch.kinds) if batch.kinds else {}
+        if batch.frame_vm is not None:
+            made["frame"] = batch.frame_vm.make_views(image_rgb, xyxy[:0], ("frame",))["frame"]
+        batch.mark(p)
+        for v in batch.views:  # VIEWS order, as the outputs are read back
+            p.rows[v] = batch.n_rows
+            batch.parts.append(made[v])
+            batch.n_rows += int(made[v].shape[0])
+            p.n_views += int(made[v].shape[0])
+        for q, k in batch.pairs_kinds:  # inter-image attention rows: box i's q view against its k view
+            box = torch.arange(p.idx.size)
+            key = p.rows[k] + (torch.zeros_like(box) if k in PER_IMAGE_VIEWS else box)
+            p.pair_rows[(q, k)] = batch.n_pairs
+            batch.pairs.append(torch.stack([p.rows[q] + box, key], 1))
+            batch.n_pairs += p.idx.size
+
+    def _frame_features(self, p: "_Prepared", out: Optional[Dict[str, torch.Tensor]], shapes, encode_ms: float,
+                        n_frames: int, views: Tuple[str, ...]) -> BoxFeatures:
+        """Frame ``p``'s :class:`BoxFeatures` from the batch's backbone outputs ``out`` (``Method.box_features``
+        of its rows; NaN rows for boxes that were not encoded)."""
+        n = p.status.shape[0]
+        data = {k: _nan_like(like, n) for k, like in shapes.items()}
+        if out is not None and p.n_views:
+            M = p.idx.size
+            per_view = {}
+            for v, start in p.rows.items():
+                m = 1 if v in PER_IMAGE_VIEWS else M
+                per_view[v] = {o: t[start:start + m] for o, t in out.items() if o != "xattn"}
+            if p.pair_rows:
+                per_view["xattn"] = {qk: out["xattn"][s0:s0 + M] for qk, s0 in p.pair_rows.items()}
+            rows = torch.from_numpy(p.idx)
+            for k, t in self.method.box_features(per_view, p.xyxy[p.idx], p.wh).items():
+                if k not in data:
+                    data[k] = _nan_like(t, n)
+                data[k][rows] = t.to(data[k].dtype)
+        timings = {"views": p.views_ms, "encode": encode_ms if p.n_views else 0.0,
+                   "total": p.own_ms + (encode_ms if p.n_views else 0.0)}
+        if n_frames > 1:
+            timings["batch_frames"] = float(n_frames)
+        return BoxFeatures(boxes_xyxy=p.xyxy, status=p.status, data=data, timings=timings, error=p.error,
+                           detector_scores=p.det, image_wh=np.tile(np.asarray(p.wh, np.int32), (n, 1)), views=views)
 
     def _frame_view_maker(self, views) -> Optional[ViewMaker]:
         """A CPU ``ViewMaker`` at the method's ``frame_size`` when it differs from the view maker's input size
         (TagOOD's higher-resolution frame pass), else None. Only for frame-only methods (one batch holds
         views of one size)."""
-        size = getattr(self.method, "frame_size", None)
+        size = self.method.frame_size
         own = int(getattr(self.view_maker, "input_size", self.encoder.input_size))
         if "frame" not in views or size is None or int(size) == own:
             return None
@@ -595,23 +649,18 @@ class OodScorer:
             return {"cls": self.encoder.visual_features(batch, max_batch=self.max_batch)}
         return self.encoder.visual_outputs(batch, outputs, pairs=pairs, max_batch=self.max_batch)
 
-    def _feature_shapes(self, views) -> Dict[str, torch.Tensor]:
-        """One empty row per tensor the method stores for ``views`` (so frames whose boxes were not
-        encoded carry the same keys as the others)."""
-        shapes = getattr(self.method, "feature_shapes", None)
-        if callable(shapes):
-            return shapes(views)
-        return {f"{v}.cls": torch.zeros((0, int(self.encoder.width)), dtype=torch.float32) for v in views}
-
     def score_features(self, features: BoxFeatures, scorer: Optional[str] = None, ablation: Optional[str] = None,
-                       lam: Optional[float] = None, temperature: Optional[float] = None, head=None) -> FrameResult:
+                       lam: Optional[float] = None, temperature: Optional[float] = None, head=None,
+                       settings=None) -> FrameResult:
         """Score encoded boxes (steps 6-7 of the module docstring); no image, no visual trunk.
 
         Args:
             features: from :meth:`encode` of this scorer (or :meth:`BoxFeatures.concat` of several).
-            scorer, ablation, lam, temperature: override this OodScorer's settings for this call
+            scorer, ablation, temperature: override this OodScorer's settings for this call
                 (None = its own). The result equals what a fresh ``OodScorer`` built with those
                 settings returns from :meth:`score` on the same frame.
+            settings: the method's ``Settings`` for this call (None = the method's own); ``lam``: RUNA's
+                fusion weight over them (``Method.with_settings``; a method without one ignores it).
             head: another head of this scorer's method for this call only (RUNA: a Head or a
                 ``[width, D]`` regional projection), e.g. a before / after comparison; nothing shared
                 (encoder, method) is changed.
@@ -631,18 +680,9 @@ class OodScorer:
                 (encode with ``views=("regional", "global")`` to score every RUNA ablation).
         """
         t0 = time.perf_counter()
-        scorer = self.scorer if scorer is None else scorer
-        ablation = self.ablation if ablation is None else ablation
-        lam = self.lam if lam is None else lam
-        temperature = self.temperature if temperature is None else temperature
-        if scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
-        lam = check_lam(lam)
-        if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        effective_lam(ablation, lam)  # raises for an unknown ablation
-        self.method.check_ablation(ablation)
-        missing = self.method.missing(tuple(features.data), ablation, lam)
+        scorer, ablation, temperature = self._call_options(scorer, ablation, temperature)
+        settings = self.method.with_settings(settings, lam=lam)
+        missing = self.method.missing(tuple(features.data), ablation, settings)
         if missing:
             raise ValueError(f"{missing}, but these features hold only the views {features.views}; encode with "
                              f"views={self.method.accepted_views()!r}")
@@ -653,50 +693,71 @@ class OodScorer:
         if TOKENS_IN_BOX in features.data:  # one-pass methods (TagOOD): token centres per box
             res.tokens_in_box = features.data[TOKENS_IN_BOX].numpy().astype(np.float32).reshape(-1)
         idx = np.flatnonzero(status == BoxStatus.OK)
-
         if idx.size:
             sims = None
             try:
-                kw = {} if head is None else {"head": head}
-                sims = self.method.similarities(features.rows(idx), self.text_emb, ablation=ablation, lam=lam, **kw)
+                sims = self.method.similarities(features.rows(idx), self.text_emb, ablation, settings, head)
             except Exception as exc:  # wrong feature width for this encoder: flag, never crash a frame
                 msg = f"{self.method.name} similarities failed: {type(exc).__name__}: {exc}"
                 LOG.error("%s (%d boxes)", msg, idx.size)
-                res.error = msg if not res.error else f"{res.error}; {msg}"
+                _add_error(res, msg)
                 status[idx] = BoxStatus.BACKEND_ERROR
             if sims is not None:
-                finite = torch.isfinite(torch.as_tensor(sims)).all(dim=1).numpy()
-                if not finite.all():
-                    status[idx[~finite]] = BoxStatus.BACKEND_ERROR
-                    msg = (f"backend {self.encoder.backend_name!r} returned non-finite features for "
-                           f"{int((~finite).sum())} of {idx.size} boxes")
-                    LOG.warning(msg)
-                    res.error = msg if not res.error else f"{res.error}; {msg}"
-                good = idx[finite]
-                if good.size:
-                    out = scoring.score(sims[torch.from_numpy(finite)], method=scorer, temperature=float(temperature))
-                    unc = np.asarray(_to_numpy(out.uncertainty), np.float32).reshape(-1)
-                    lab = np.asarray(_to_numpy(out.label_idx), np.int64).reshape(-1)
-                    sim = np.asarray(_to_numpy(out.similarity), np.float32).reshape(-1)
-                    bad = ~np.isfinite(unc) | (lab < 0)
-                    if bad.any():  # scorer could not score a row (should not happen with finite features)
-                        status[good[bad]] = BoxStatus.BACKEND_ERROR
-                    ok = ~bad
-                    g = good[ok]
-                    res.uncertainty[g] = unc[ok]
-                    res.label_idx[g] = lab[ok]
-                    res.similarity[g] = sim[ok]
-                    thr = self._thresholds_for(scorer)[lab[ok]]
-                    res.threshold[g] = thr
-                    res.is_ood[g] = np.isfinite(thr) & (unc[ok] > thr)
-                    names = self.label_set.labels
-                    for i, k in zip(g, lab[ok]):
-                        res.label[i] = names[int(k)]
+                self._fill_scores(res, idx, sims, scorer, temperature)
         t_score = (time.perf_counter() - t0) * 1e3
         ft = features.timings
         res.timings = {"views": float(ft.get("views", 0.0)), "encode": float(ft.get("encode", 0.0)),
                        "score": t_score, "total": float(ft.get("total", 0.0)) + t_score}
         return res
+
+    def _call_options(self, scorer: Optional[str], ablation: Optional[str],
+                      temperature: Optional[float]) -> Tuple[str, str, float]:
+        """One call's scorer (its name now: ``core.registry.canonical_scorer``), ablation and temperature
+        (None = this scorer's), checked (ValueError)."""
+        scorer = canonical_scorer(self.scorer if scorer is None else scorer)
+        ablation = self.ablation if ablation is None else ablation
+        temperature = self.temperature if temperature is None else temperature
+        if scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
+        if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
+        self.method.check_ablation(ablation)
+        return scorer, ablation, float(temperature)
+
+    def _fill_scores(self, res: FrameResult, idx: np.ndarray, sims, scorer: str, temperature: float) -> None:
+        """The boxes ``idx``'s similarities ``[M, K]`` -> uncertainty, label, threshold and ``is_ood`` in ``res``;
+        rows with non-finite similarities (or that the scorer cannot score) become ``BACKEND_ERROR``."""
+        status = res.status
+        finite = torch.isfinite(torch.as_tensor(sims)).all(dim=1).numpy()
+        if not finite.all():
+            status[idx[~finite]] = BoxStatus.BACKEND_ERROR
+            msg = (f"backend {self.encoder.backend_name!r} returned non-finite features for "
+                   f"{int((~finite).sum())} of {idx.size} boxes")
+            LOG.warning(msg)
+            _add_error(res, msg)
+        good = idx[finite]
+        if not good.size:
+            return
+        out = scoring.score(sims[torch.from_numpy(finite)], method=scorer, temperature=temperature)
+        unc = np.asarray(_to_numpy(out.uncertainty), np.float32).reshape(-1)
+        lab = np.asarray(_to_numpy(out.label_idx), np.int64).reshape(-1)
+        sim = np.asarray(_to_numpy(out.similarity), np.float32).reshape(-1)
+        bad = ~np.isfinite(unc) | (lab < 0)
+        if bad.any():  # scorer could not score a row (should not happen with finite features)
+            status[good[bad]] = BoxStatus.BACKEND_ERROR
+        ok = ~bad
+        g = good[ok]
+        res.uncertainty[g] = unc[ok]
+        res.label_idx[g] = lab[ok]
+        res.similarity[g] = sim[ok]
+        thr = self._thresholds_for(scorer)[lab[ok]]
+        res.threshold[g] = thr
+        res.is_ood[g] = np.isfinite(thr) & (unc[ok] > thr)
+        names = self.label_set.labels
+        for i, k in zip(g, lab[ok]):
+            res.label[i] = names[int(k)]
 
     def score(self, image_rgb: np.ndarray, boxes, box_format: str = "xyxy", detector_scores=None,
               detector_labels: Optional[Sequence[str]] = None) -> FrameResult:

@@ -21,12 +21,14 @@ from .alerts import AlertLevel
 from .boxes import STATUS_TEXT, BoxStatus
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "SCORERS", "TEMPERATURE_SCORERS", "ABLATIONS", "VIEWS", "PER_IMAGE_VIEWS",
-           "BACKBONE_OUTPUTS", "VIEWS_FOR_ABLATION", "BACKENDS", "PRECISIONS", "DEVICES",
+           "BACKBONE_OUTPUTS", "VIEWS_FOR_ABLATION", "SCORER_ALIASES", "canonical_scorer", "BACKENDS", "PRECISIONS", "DEVICES",
            "BoxStatus", "STATUS_TEXT", "BOX_STATUSES", "AlertLevel", "ALERT_LEVELS", "resolve_device",
            "resolve_precision"]
 
 #: uncertainty scores (``core.scoring.score(method=...)``); ``runa`` is the paper's (Eq. 6)
 SCORERS: Tuple[str, ...] = ("runa", "mcm", "energy", "sum")
+#: old scorer names -> their names now (parameter and thresholds files written with the old name keep working)
+SCORER_ALIASES: Dict[str, str] = {}
 #: the scorers that use ``temperature`` (``runa`` and ``sum`` ignore it)
 TEMPERATURE_SCORERS: Tuple[str, ...] = ("mcm", "energy")
 #: which views a box embedding fuses: dual (RUNA, lam), regional (crop only), global (blurred frame only)
@@ -55,6 +57,11 @@ RESOLVED_PRECISIONS: Tuple[str, ...] = ("fp32", "fp16")
 DEVICES: Tuple[str, ...] = ("cpu", "cuda")
 BOX_STATUSES: Tuple[str, ...] = tuple(s.name for s in BoxStatus)
 ALERT_LEVELS: Tuple[str, ...] = tuple(level.name for level in AlertLevel)
+
+
+def canonical_scorer(name: str) -> str:
+    """A scorer's name now (:data:`SCORER_ALIASES` maps an old one); any other name unchanged."""
+    return SCORER_ALIASES.get(str(name), str(name))
 
 
 def resolve_device(device: Optional[str]) -> str:

@@ -42,12 +42,14 @@ import yaml
 
 from .metrics import threshold_at_tpr
 from .plain import to_plain
+from .registry import TEMPERATURE_SCORERS, canonical_scorer
 
 __all__ = [
     "Thresholds",
     "ThresholdsMismatchError",
     "fit_identity",
-    "projection_identity",
+    "IDENTITY_KEYS",
+    "OFF_THE_SHELF",
     "check_fit",
     "ThresholdsFileError",
     "fit_threshold",
@@ -81,63 +83,44 @@ class ThresholdsMismatchError(ValueError):
 #: what a threshold's units depend on (``meta.fitted_for`` keys, :func:`fit_identity`)
 IDENTITY_KEYS = ("model", "weights", "scorer", "ablation", "lam", "blur_radius", "temperature", "label_set",
                  "label_set_hash", "projection", "method", "head")
+#: RUNA's regional projection left as the model's (``P_r == P_g``); the other methods record it too
 OFF_THE_SHELF = "off-the-shelf"
 #: what a file written before a key existed was fitted for (every such file is RUNA's; its head is its
 #: projection). A callable reads the default from the file's other keys.
 _LEGACY_DEFAULTS = {"method": lambda fitted: "runa", "head": lambda fitted: fitted.get("projection")}
 
 
-def _tensor_hash(t) -> str:
-    import hashlib
-
-    a = t.detach().to("cpu").float().contiguous().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
-    return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()[:16]
-
-
-def projection_identity(proj_regional, proj_global) -> str:
-    """``off-the-shelf`` when ``P_r == P_g``, else ``sha256:<16 hex>`` of ``P_r`` (RUNA's head identity)."""
-    same = tuple(proj_regional.shape) == tuple(proj_global.shape) and bool((proj_regional == proj_global).all())
-    return OFF_THE_SHELF if same else "sha256:" + _tensor_hash(proj_regional)
-
-
 def fit_identity(scorer, scorer_name: Optional[str] = None, ablation: Optional[str] = None) -> dict:
     """What thresholds fitted on (or applied to) the scores of ``scorer`` (a ``core.pipeline.OodScorer``)
-    depend on: model name, weights identity (``DualEncoder.weights_id``: the pretrained tag, the
-    checkpoint's sha256, or the seeded random model's hash), scorer, ablation, the fusion weight actually
-    used (1 for regional, 0 for global), blur radius (None for the regional ablation, which has no
-    global view), temperature (mcm / energy only, else None), label set name and content hash, and the
-    regional projection (``off-the-shelf`` or the sha256 of the fine-tuned one), the method
-    (``core.registry.METHODS``) and its head (``Method.head_identity``: RUNA's is its projection; the
-    others' ``none`` or ``sha256:`` of the head's weights file).
+    depend on, in :data:`IDENTITY_KEYS` order: model name, weights identity (``DualEncoder.weights_id``: the
+    pretrained tag, the checkpoint's sha256, or the seeded random model's hash), scorer (its canonical name,
+    ``core.registry.SCORER_ALIASES``), ablation, temperature (mcm / energy only, else None), label set name
+    and content hash, and what the method says of itself (``Method.identity``: its settings and head;
+    RUNA's fusion weight actually used (1 for regional, 0 for global), blur radius (None for the regional
+    ablation) and regional projection, ``off-the-shelf`` or the sha256 of the fine-tuned one).
 
     ``scorer_name`` / ``ablation``: the identity of ``scorer.score_features(scorer=..., ablation=...)``
-    (tools that score several configurations from one encoding)."""
-    from .pipeline import effective_lam
-    from .registry import TEMPERATURE_SCORERS
-
+    (tools that score several configurations from one encoding). Reads the scorer's attributes only: this
+    module imports neither the pipeline nor the methods."""
     enc = scorer.encoder
-    name = scorer_name or scorer.scorer
+    name = canonical_scorer(scorer_name or scorer.scorer)
     ablation = ablation or scorer.ablation
-    method = getattr(scorer, "method", None)
-    proj_r = getattr(method, "proj_regional", enc.proj_regional)
-    runa = getattr(method, "name", "runa") == "runa"  # lam and blur are RUNA's fusion and global view
-    return {
+    own = {
         "model": str(enc.model_name),
         "weights": str(enc.weights_id),
-        "scorer": str(name),
+        "scorer": name,
         "ablation": str(ablation),
-        "lam": effective_lam(ablation, scorer.lam) if runa else None,
-        "blur_radius": None if ablation == "regional" or not runa else float(scorer.blur_radius),
         "temperature": float(scorer.temperature) if name in TEMPERATURE_SCORERS else None,
         "label_set": str(scorer.label_set.name),
         "label_set_hash": scorer.label_set.content_hash(),
-        "projection": projection_identity(proj_r, enc.proj_global),
-        "method": str(getattr(method, "name", "runa")),
-        "head": method.head_identity() if method is not None else projection_identity(proj_r, enc.proj_global),
     }
+    ident = {**own, **scorer.method.identity(ablation)}
+    return {k: ident[k] for k in IDENTITY_KEYS if k in ident} | {k: v for k, v in ident.items() if k not in IDENTITY_KEYS}
 
 
-def _same(a, b) -> bool:
+def _same(key: str, a, b) -> bool:
+    if key == "scorer" and isinstance(a, str) and isinstance(b, str):  # renamed scorers (runa -> max_cosine)
+        return canonical_scorer(a) == canonical_scorer(b)
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
     return a == b
@@ -253,7 +236,7 @@ class Thresholds:
                 fitted = {**fitted, key: _LEGACY_DEFAULTS[key](fitted)}
             if key not in fitted:
                 wrong.append(f"{key}: not recorded in the file, in use is {want!r}")
-            elif not _same(fitted[key], want):
+            elif not _same(key, fitted[key], want):
                 wrong.append(f"{key}: fitted for {fitted[key]!r}, in use is {want!r}")
         return wrong
 

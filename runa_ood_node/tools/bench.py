@@ -184,6 +184,7 @@ def naive_frame(encoder, view_maker, text_emb, image: np.ndarray, boxes: np.ndar
     """The naive per-box loop (see module docstring); returns the uncertainties ``[N]``."""
     from ..core import scoring
     from ..core.boxes import sanitize_boxes
+    from ..core.methods.runa import fuse
 
     H, W = image.shape[:2]
     xyxy, status = sanitize_boxes(boxes, W, H)
@@ -192,7 +193,7 @@ def naive_frame(encoder, view_maker, text_emb, image: np.ndarray, boxes: np.ndar
         r, g = view_maker.make_naive(image, xyxy[i])
         f_r = encoder.visual_features(r)
         f_g = encoder.visual_features(g)
-        emb = encoder.fuse(f_r, f_g, lam)
+        emb = fuse(f_r, f_g, lam, encoder.proj_global, encoder.proj_global)  # RUNA's Eq. 3, off the shelf
         out = scoring.score(scoring.cosine_similarities(emb, text_emb), method="runa")
         unc[i] = float(np.asarray(out.uncertainty).reshape(-1)[0])
     return unc

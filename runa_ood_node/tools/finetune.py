@@ -121,11 +121,12 @@ def shot_features(scorer, dataset, shots, use_cache: bool = True, progress: bool
     feats = torch.full((n, encoder.width), float("nan"))
     keep = np.zeros(n, bool)
     for fr, positions, enc in _encoded_shots(scorer, dataset, shots, ("regional",), progress):
-        good = (enc.status == BoxStatus.OK) & torch.isfinite(enc.f_r).all(dim=1).numpy()
+        f_r = enc.data["regional.cls"]
+        good = (enc.status == BoxStatus.OK) & torch.isfinite(f_r).all(dim=1).numpy()
         if not good.all():
             LOG.warning("dropping %d unencodable shot box(es) of %s", int((~good).sum()), fr.path)
         pos = np.asarray(positions)[good]
-        feats[pos] = enc.f_r[torch.from_numpy(good)]
+        feats[pos] = f_r[torch.from_numpy(good)]
         keep[pos] = True
     feats = feats[torch.from_numpy(keep)].contiguous()
     if path is not None:
@@ -199,7 +200,7 @@ def _run(args) -> int:
     if feats.shape[0] == 0:
         raise common.fail(["no shot could be encoded (see the warnings above)"])
     feat_s = time.perf_counter() - t0
-    init = scorer.method.proj_regional.clone()  # where RunaMethod.fit starts (the encoder's P_r without a head)
+    init = scorer.method.proj_regional.clone()  # where RunaMethod.fit starts (its head's P_r, else P_g)
     loss_before = float(ft.eq7_loss(feats, y, text_emb, init, args.tau))
     cos_before = ft.own_class_cosine(feats, y, text_emb, init)
     t1 = time.perf_counter()

@@ -424,6 +424,8 @@ def compare_features(ref, var, method: str, ref_encoder=None, var_encoder=None, 
     import torch
     import torch.nn.functional as F
 
+    from ..core.methods.runa import fuse as runa_fuse
+
     (ref_feats, ref_res), (var_feats, var_res) = ref, var
     ok = np.flatnonzero((ref_res.status == 0) & (var_res.status == 0))
     out: Dict[str, Any] = {"boxes": int(len(ref_res)), "boxes_compared": int(ok.size), "features": {}}
@@ -459,8 +461,10 @@ def compare_features(ref, var, method: str, ref_encoder=None, var_encoder=None, 
             cos_all.append(rec["cos_min"])
         out["features"][key] = rec
     if method == "runa" and ref_encoder is not None and var_encoder is not None:
-        fr = ref_encoder.fuse(ref_feats.f_r[rows], ref_feats.f_g[rows], lam)
-        fv = var_encoder.fuse(var_feats.f_r[rows], var_feats.f_g[rows], lam)
+        fr = runa_fuse(ref_feats.data["regional.cls"][rows], ref_feats.data["global.cls"][rows], lam,
+                       ref_encoder.proj_global, ref_encoder.proj_global)
+        fv = runa_fuse(var_feats.data["regional.cls"][rows], var_feats.data["global.cls"][rows], lam,
+                       var_encoder.proj_global, var_encoder.proj_global)
         cos = F.cosine_similarity(fr.double(), fv.double(), dim=1)
         out["features"]["fused_embedding"] = {"kind": "embedding", "cos_min": float(cos.min()),
                                               "cos_mean": float(cos.mean()), "vectors": int(cos.numel())}

@@ -281,12 +281,11 @@ def test_fine_tuned_projection_changes_the_identity(tiny_encoder):
     from runa_ood_node.core.pipeline import OodScorer
     from runa_ood_node.core.thresholds import fit_identity
 
-    saved = tiny_encoder.proj_regional
-    try:
-        tiny_encoder.set_regional_projection(saved + 0.01 * torch.ones_like(saved))
-        ident = fit_identity(OodScorer(tiny_encoder, "voc"))
-    finally:
-        tiny_encoder.proj_regional = saved
+    from runa_ood_node.core.methods.heads import Head
+
+    P = tiny_encoder.proj_global
+    head = Head("runa", {"proj_regional": P + 0.01 * torch.ones_like(P)}, {}, "tuned")  # RUNA's P_r is its head
+    ident = fit_identity(OodScorer(tiny_encoder, "voc", head=head))
     assert ident["projection"].startswith("sha256:")
 
 

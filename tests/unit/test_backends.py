@@ -319,6 +319,7 @@ def test_gpu_views_close_to_cpu_views_on_real_photos(photos, tiny_encoder, torch
     views; single pixels differ by up to ~30 on sharp edges; fused embedding cosine min 0.99992.
     Tolerances below leave ~1.5x headroom.
     """
+    from runa_ood_node.core.methods.runa import fuse
     from runa_ood_node.core.views import ViewMaker
 
     enc = tiny_encoder
@@ -333,8 +334,9 @@ def test_gpu_views_close_to_cpu_views_on_real_photos(photos, tiny_encoder, torch
         assert r2.shape == r1.shape and g2.shape == g1.shape and r2.dtype == torch.float32
         worst_mean_r = max(worst_mean_r, float(((r1 - r2).abs() * grey).mean()))
         worst_mean_g = max(worst_mean_g, float(((g1 - g2).abs() * grey).mean()))
-        f1 = enc.fuse(torch_be(r1), torch_be(g1), 0.5)
-        f2 = enc.fuse(torch_be(r2), torch_be(g2), 0.5)
+        P = enc.proj_global  # RUNA's Eq. 3 off the shelf (methods.runa.fuse)
+        f1 = fuse(torch_be(r1), torch_be(g1), 0.5, P, P)
+        f2 = fuse(torch_be(r2), torch_be(g2), 0.5, P, P)
         emb_cos.append(cosine_rows(f1, f2))
     emb_cos = torch.cat(emb_cos)
     print(f"\nGPU-style vs CPU views: worst per-photo mean |diff| regional {worst_mean_r:.3f}, global "

@@ -25,7 +25,7 @@ def test_attributes(tiny_encoder):
     e = tiny_encoder
     assert e.random_weights is True and e.pretrained is None and e.model_name == TINY
     assert e.input_size == 64 and e.width == 64 and e.embed_dim == 32
-    assert e.proj_global.shape == e.proj_regional.shape == (64, 32)
+    assert e.proj_global.shape == (64, 32) and not hasattr(e, "proj_regional")  # P_r is RUNA's head's
     assert e.proj_global.dtype == torch.float32
     assert len(e.mean) == len(e.std) == 3
     assert isinstance(e.model_id, str) and len(e.model_id) >= 8
@@ -107,35 +107,44 @@ def test_chunked_features_equal_single_call(tiny_encoder):
 
 
 def test_fusion_is_paper_eq3_when_projections_are_equal(tiny_encoder):
+    from runa_ood_node.core.methods.runa import fuse
+
     e = tiny_encoder
+    P = e.proj_global
     a, b = torch.randn(5, e.width), torch.randn(5, e.width)
     for lam in (0.0, 0.3, 0.5, 1.0):
-        got = e.fuse(a, b, lam)
+        got = fuse(a, b, lam, P, P)
         want = F.normalize((lam * a + (1 - lam) * b) @ e.proj_global, dim=-1)
         assert torch.allclose(got, want, atol=1e-5)
         assert torch.allclose(got.norm(dim=-1), torch.ones(5), atol=1e-5)
-    assert torch.allclose(e.fuse(a, None, 1.0), F.normalize(a @ e.proj_global, dim=-1), atol=1e-6)
-    assert torch.allclose(e.fuse(None, b, 0.0), F.normalize(b @ e.proj_global, dim=-1), atol=1e-6)
+    assert torch.allclose(fuse(a, None, 1.0, P, P), F.normalize(a @ e.proj_global, dim=-1), atol=1e-6)
+    assert torch.allclose(fuse(None, b, 0.0, P, P), F.normalize(b @ e.proj_global, dim=-1), atol=1e-6)
     with pytest.raises(ValueError):
-        e.fuse(a, None, 0.5)
+        fuse(a, None, 0.5, P, P)
     with pytest.raises(ValueError):
-        e.fuse(a, b, 1.5)
+        fuse(a, b, 1.5, P, P)
 
 
-def test_regional_projection_replacement():
+def test_regional_projection_is_runas_head_not_the_encoders():
+    """P_r lives in RUNA's head (a projection file loads as one); the shared encoder keeps only P_g."""
+    from runa_ood_node.core.methods.heads import Head
+    from runa_ood_node.core.methods.runa import RunaMethod, RunaSettings
+
     e = _load_seeded(0)
     a, b = torch.randn(4, e.width), torch.randn(4, e.width)
     p = torch.randn(e.width, e.embed_dim)
-    e.set_regional_projection(p)
+    settings = RunaSettings(lam=0.5, blur_radius=1.0)
+    runa = RunaMethod(e, head=Head("runa", {"proj_regional": p}, {}, "p"), settings=settings)
     want = F.normalize(0.5 * a @ p + 0.5 * b @ e.proj_global, dim=-1)
-    assert torch.allclose(e.fuse(a, b, 0.5), want, atol=1e-5)
-    assert e.describe()["regional_projection"] == "custom"
+    assert torch.allclose(runa.embed({"regional.cls": a, "global.cls": b}), want, atol=1e-5)
+    assert runa.describe()["head"].startswith("sha256:")
     with pytest.raises(ValueError, match=r"\[64, 32\]"):
-        e.set_regional_projection(torch.zeros(32, 64))
+        RunaMethod(e, head=Head("runa", {"proj_regional": torch.zeros(32, 64)}, {}, "p"), settings=settings)
     with pytest.raises(ValueError, match="NaN"):
-        e.set_regional_projection(torch.full((64, 32), float("nan")))
-    e.set_regional_projection(None)
-    assert torch.equal(e.proj_regional, e.proj_global)
+        RunaMethod(e, head=Head("runa", {"proj_regional": torch.full((64, 32), float("nan"))}, {}, "p"),
+                   settings=settings)
+    plain = RunaMethod(e, settings=settings)
+    assert torch.equal(plain.proj_regional, e.proj_global)
 
 
 def test_text_embeddings_normalised_and_prompt_ensembles(tiny_encoder):

@@ -8,6 +8,15 @@ from runa_ood_node.core.labels import load_label_set
 from runa_ood_node.core.methods.heads import HEAD_FILE, HEAD_META, HeadError, load_head, save_head
 
 
+def _scorer(enc, **params):
+    """``factory.build_scorer`` around ``enc`` of the node parameters ``params`` (``core.config.from_parameters``)."""
+    from runa_ood_node.core.config import from_parameters
+    from runa_ood_node.factory import build_scorer
+
+    return build_scorer(from_parameters({"model": enc.model_name, "pretrained": "", "allow_random_weights": True,
+                                         "backend": "torch", "label_set": "voc", **params}), encoder=enc)
+
+
 def _runa_head(tmp_path, enc, proj=None, label_set="voc", name="head"):
     ls = load_label_set(label_set)
     proj = enc.proj_global + 0.01 * torch.ones_like(enc.proj_global) if proj is None else proj
@@ -85,23 +94,21 @@ def test_projection_files_load_as_runa_heads_and_a_foreign_one_is_refused(tmp_pa
     # right shape, other model: refused (it used to be only a warning in the factory)
     save_projection(tmp_path / "foreign", proj, {"model_id": "feedfacefeedface", "model_name": "ViT-B-16"})
     with pytest.raises(HeadError, match="another model"):
-        build_scorer({"labels": "voc", "projection": str(tmp_path / "foreign")}, encoder=tiny_encoder)
-    saved = tiny_encoder.proj_regional
-    try:  # a head given as the factory's `head` and the same matrix as `projection` score alike
-        a = build_scorer({"labels": "voc", "projection": str(tmp_path / "mine")}, encoder=tiny_encoder)
-        img = np.full((48, 64, 3), 90, np.uint8)
-        img[10:30, 10:40] = 200
-        ra = a.score(img, [[5, 5, 40, 30], [20, 10, 60, 45]])
-        from runa_ood_node.core.thresholds import fit_identity
+        _scorer(tiny_encoder, projection=str(tmp_path / "foreign"))
+    # a head given as the factory's `head` and the same matrix as `projection` score alike (RUNA's head: the
+    # projection parameter is its alias); the shared encoder holds no P_r of its own
+    a = _scorer(tiny_encoder, projection=str(tmp_path / "mine"))
+    img = np.full((48, 64, 3), 90, np.uint8)
+    img[10:30, 10:40] = 200
+    ra = a.score(img, [[5, 5, 40, 30], [20, 10, 60, 45]])
+    from runa_ood_node.core.thresholds import fit_identity
 
-        ident_a = fit_identity(a)  # (a reads the shared encoder's projection, reset next)
-        tiny_encoder.set_regional_projection(None)
-        b = build_scorer({"labels": "voc", "head": str(tmp_path / "mine"), "method": "runa"}, encoder=tiny_encoder)
-        rb = b.score(img, [[5, 5, 40, 30], [20, 10, 60, 45]])
-        np.testing.assert_allclose(ra.uncertainty, rb.uncertainty, atol=1e-6)
-        assert ident_a["head"] == fit_identity(b)["head"] == ident_a["projection"] != "off-the-shelf"
-    finally:
-        tiny_encoder.proj_regional = saved
+    ident_a = fit_identity(a)
+    assert not hasattr(tiny_encoder, "proj_regional")
+    b = _scorer(tiny_encoder, head=str(tmp_path / "mine"), method="runa")
+    rb = b.score(img, [[5, 5, 40, 30], [20, 10, 60, 45]])
+    np.testing.assert_allclose(ra.uncertainty, rb.uncertainty, atol=1e-6)
+    assert ident_a["head"] == fit_identity(b)["head"] == ident_a["projection"] != "off-the-shelf"
 
 
 def test_thresholds_record_method_and_head_and_refuse_another(tmp_path, tiny_encoder):
@@ -132,7 +139,6 @@ def test_finetune_method_writes_a_head_the_factory_loads(tmp_path, ood_pack, tin
     """`runa-ood finetune --method M --out DIR` -> head.pt + head.yaml; build_scorer(method, head) scores."""
     import json
 
-    from runa_ood_node.factory import build_scorer
     from runa_ood_node.tools.cli import main
 
     out = tmp_path / "head"
@@ -146,15 +152,16 @@ def test_finetune_method_writes_a_head_the_factory_loads(tmp_path, ood_pack, tin
     assert rep["method"] == method and rep["random_weights"] is True and rep["n_shots_used"] > 0
     head = load_head(out)
     assert head.method == method and len(head.meta["loss_curve"]) == 2 and head.hyper["epochs"] == 2
-    sc = build_scorer({"labels": "voc", "method": method, "head": str(out)}, encoder=tiny_encoder)
+    sc = _scorer(tiny_encoder, method=method, head=str(out))
     img = np.full((96, 128, 3), 80, np.uint8)
     img[20:60, 30:90] = 200
     res = sc.score(img, [[30, 20, 90, 60], [0, 0, 50, 50]])
     assert res.ok.all() and np.isfinite(res.uncertainty).all()
-    with pytest.raises(HeadError, match=f"method '{method}', not 'runa'"):
-        build_scorer({"labels": "voc", "head": str(out)}, encoder=tiny_encoder)
-    with pytest.raises(HeadError, match="label set 'voc'.*not for 'coco'"):
-        build_scorer({"labels": "coco", "method": method, "head": str(out)}, encoder=tiny_encoder)
+    # refused when the configuration is validated (core.config loads the head once): HeadError's message
+    with pytest.raises(ValueError, match=f"method '{method}', not 'runa'"):
+        _scorer(tiny_encoder, head=str(out))
+    with pytest.raises(ValueError, match="label set 'voc'.*not for 'coco'"):
+        _scorer(tiny_encoder, label_set="coco", method=method, head=str(out))
 
 
 def test_node_parameters_select_method_and_head_and_refuse_what_does_not_fit(tmp_path, tiny_encoder):
@@ -162,8 +169,8 @@ def test_node_parameters_select_method_and_head_and_refuse_what_does_not_fit(tmp
 
     base = {"model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True, "backend": "torch"}
     settings = validate(base)
-    assert settings.method == "runa" and settings.scorer_config()["method"] == "runa"
-    assert settings.scorer_config()["head"] is None
+    assert settings.method == "runa" and settings.config.method == "runa"
+    assert settings.config.head is None
     with pytest.raises(ParameterValidationError, match="method 'tagood' needs a trained head"):
         validate({**base, "method": "tagood"})
     with pytest.raises(ParameterValidationError, match="method"):
@@ -174,4 +181,4 @@ def test_node_parameters_select_method_and_head_and_refuse_what_does_not_fit(tmp
     with pytest.raises(ParameterValidationError, match="head: head .*not for 'coco'"):
         validate({**base, "head": str(folder), "label_set": "coco"})
     ok = validate({**base, "head": str(folder)})
-    assert ok.scorer_config()["head"] == str(folder)
+    assert ok.config.head.source == str(folder)  # loaded once, at validation

@@ -58,21 +58,25 @@ def test_runa_similarities_are_eq3_fusion_then_cosine(tiny_encoder):
     for ablation, lam, want_lam in (("dual", 0.3, 0.3), ("regional", 0.3, 1.0), ("global", 0.3, 0.0)):
         emb = F.normalize(want_lam * f_r @ P + (1 - want_lam) * f_g @ P, dim=-1)
         want = emb @ F.normalize(text, dim=-1).T
-        got = sc.method.similarities({"regional.cls": f_r, "global.cls": f_g}, text, ablation=ablation, lam=lam)
+        got = sc.method.similarities({"regional.cls": f_r, "global.cls": f_g}, text, ablation=ablation,
+                                     settings=sc.method.with_settings(lam=lam))
         assert got.shape == (4, len(sc.label_set))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # the encoder's fuse is the same formula (methods.runa.fuse)
-    torch.testing.assert_close(tiny_encoder.fuse(f_r, f_g, 0.3), F.normalize(0.3 * f_r @ P + 0.7 * f_g @ P, dim=-1))
+    # RUNA's fuse is the same formula (methods.runa.fuse; P_r = P_g without a head)
+    from runa_ood_node.core.methods.runa import fuse
+
+    torch.testing.assert_close(fuse(f_r, f_g, 0.3, sc.method.proj_regional, P),
+                               F.normalize(0.3 * f_r @ P + 0.7 * f_g @ P, dim=-1))
 
 
-def test_box_features_carry_image_size_views_and_runa_aliases(tiny_encoder):
+def test_box_features_carry_image_size_views_and_no_runa_aliases(tiny_encoder):
     sc = OodScorer(tiny_encoder, "voc")
     img = _image()
     feats = sc.encode(img, BOXES + [[0, 0, 0, 0]])
     assert feats.views == ("regional", "global") and set(feats.data) == {"regional.cls", "global.cls"}
-    assert feats.f_r is feats.data["regional.cls"] and feats.f_g is feats.data["global.cls"]
+    assert not hasattr(feats, "f_r") and not hasattr(feats, "f_g")  # RUNA's features: read by their keys
     assert feats.image_wh.tolist() == [[128, 96]] * 4
-    assert torch.isnan(feats.f_r[3]).all() and feats.status[3] == BoxStatus.ZERO_AREA
+    assert torch.isnan(feats.data["regional.cls"][3]).all() and feats.status[3] == BoxStatus.ZERO_AREA
     other = sc.encode(_image(48, 64), [[1, 1, 30, 30]])
     joined = BoxFeatures.concat([feats, other, BoxFeatures.unscored(2, tiny_encoder.width)])
     assert joined.image_wh.tolist() == [[128, 96]] * 4 + [[64, 48]] + [[-1, -1]] * 2
@@ -133,10 +137,10 @@ class _PairMethod(Method):
         return {"regional.cls": out["regional"]["cls"], "background.cls": out["background"]["cls"],
                 "frame.cls": out["frame"]["cls"].expand(M, -1), "regional.xattn": out["xattn"][("regional", "background")]}
 
-    def missing(self, keys, ablation, lam=0.5):
+    def missing(self, keys, ablation, settings=None):
         return None
 
-    def similarities(self, feats, text_emb, ablation="dual", lam=0.5):
+    def similarities(self, feats, text_emb, ablation="dual", settings=None, head=None):
         return feats["regional.cls"][:, : text_emb.shape[0]]
 
 

@@ -341,10 +341,11 @@ def test_score_is_score_features_of_encode(tiny_encoder, photo):
     s = OodScorer(tiny_encoder, "voc", max_boxes=len(boxes) - 1, thresholds=FakeThresholds(-0.1))
     feats = s.encode(image, allb, box_format="xywh", detector_scores=det)
     assert feats.views == ("regional", "global") and len(feats) == len(allb)
-    assert feats.f_r.shape == (len(allb), tiny_encoder.width) and feats.f_r.dtype == torch.float32
+    f_r = feats.data["regional.cls"]  # RUNA's crop features
+    assert f_r.shape == (len(allb), tiny_encoder.width) and f_r.dtype == torch.float32
     ok = feats.status == BoxStatus.OK
-    assert torch.isfinite(feats.f_r[torch.from_numpy(ok)]).all() and torch.isnan(feats.f_r[torch.from_numpy(~ok)]).all()
-    status_before, f_r_before = feats.status.copy(), feats.f_r.clone()
+    assert torch.isfinite(f_r[torch.from_numpy(ok)]).all() and torch.isnan(f_r[torch.from_numpy(~ok)]).all()
+    status_before, f_r_before = feats.status.copy(), feats.data["regional.cls"].clone()
     split = s.score_features(feats)
     whole = s.score(image, allb, box_format="xywh", detector_scores=det)
     _check_shapes(split, len(allb))
@@ -355,7 +356,7 @@ def test_score_is_score_features_of_encode(tiny_encoder, photo):
     # scoring does not mutate the encoding: a second call gives the same result
     _assert_same_result(s.score_features(feats), split)
     np.testing.assert_array_equal(feats.status, status_before)
-    assert torch.equal(torch.nan_to_num(feats.f_r), torch.nan_to_num(f_r_before))
+    assert torch.equal(torch.nan_to_num(feats.data["regional.cls"]), torch.nan_to_num(f_r_before))
     split.status[:] = BoxStatus.BACKEND_ERROR  # results own their arrays
     np.testing.assert_array_equal(feats.status, status_before)
 
@@ -387,7 +388,7 @@ def test_encode_default_views_follow_the_ablation_and_missing_views_raise(tiny_e
     image, boxes = photo
     reg = OodScorer(tiny_encoder, "voc", ablation="regional")
     feats = reg.encode(image, boxes, box_format="xywh")
-    assert feats.views == ("regional",) and feats.f_g is None
+    assert feats.views == ("regional",) and "global.cls" not in feats.data
     assert reg.score_features(feats, ablation="dual", lam=1.0).ok.all()  # lam=1 needs only the crop
     with pytest.raises(ValueError, match="global view"):
         reg.score_features(feats, ablation="global")
@@ -450,7 +451,7 @@ def test_encode_contains_backend_failure(tiny_encoder, photo):
     with using_backend(tiny_encoder, broken, name="broken"):
         feats = s.encode(image, boxes, box_format="xywh", views=("regional", "global"))
     assert (feats.status == BoxStatus.BACKEND_ERROR).all() and "engine lost" in feats.error
-    assert torch.isnan(feats.f_r).all() and torch.isnan(feats.f_g).all()
+    assert torch.isnan(feats.data["regional.cls"]).all() and torch.isnan(feats.data["global.cls"]).all()
     for ab in ("dual", "global"):
         r = s.score_features(feats, ablation=ab)
         assert (r.status == BoxStatus.BACKEND_ERROR).all() and "engine lost" in r.error and not r.is_ood.any()

@@ -295,6 +295,7 @@ def test_factory_refuses_frame_size_on_an_exported_backend_at_build(tiny_encoder
     """The node's path (factory.build_scorer, the backend built after the scorer): a head fitted at another
     frame_size is refused before any ONNX export, with the reason, for every backend but torch."""
     from runa_ood_node.core.labels import load_label_set
+    from runa_ood_node.core.config import from_parameters
     from runa_ood_node.core.methods.heads import head_meta, save_head
     from runa_ood_node.factory import build_scorer
 
@@ -304,10 +305,11 @@ def test_factory_refuses_frame_size_on_an_exported_backend_at_build(tiny_encoder
     feats = sc.encode(_image(), BOXES * 3)
     state, curve, hyper = sc.method.fit(feats.data, torch.tensor([0, 1, 2] * 3), sc.text_emb, **SMALL)
     folder = save_head(tmp_path / "h128", "tagood", state, head_meta(tiny_encoder, voc, hyper, curve))
-    cfg = {"model": "runa-tiny-vit", "allow_random": True, "method": "tagood", "head": str(folder), "labels": "voc"}
+    cfg = {"model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True, "method": "tagood",
+           "head": str(folder), "label_set": "voc"}
     for kind in ("onnxruntime", "tensorrt", "auto"):
         with pytest.raises(ValueError, match=f"frame_size 128 needs the torch backend: the '{kind}' graph"):
-            build_scorer({**cfg, "backend": kind, "backend_options": {"cache_dir": str(tmp_path / "c")}})
+            build_scorer(from_parameters({**cfg, "backend": kind}, backend_options={"cache_dir": str(tmp_path / "c")}))
     assert not (tmp_path / "c").exists()                           # refused before any export
-    built = build_scorer({**cfg, "backend": "torch"})
+    built = build_scorer(from_parameters({**cfg, "backend": "torch"}))
     assert built.method.frame_size == 128

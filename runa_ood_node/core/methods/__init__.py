@@ -41,6 +41,7 @@ def get_method(name: str) -> Type[Method]:
     return getattr(mod, cls)
 
 
-def make_method(name: str, encoder, head=None) -> Method:
-    """An instance of method ``name`` over ``encoder``, with ``head`` (a loaded ``heads.Head``) or None."""
-    return get_method(name)(encoder, head=head)
+def make_method(name: str, encoder, head=None, settings=None) -> Method:
+    """An instance of method ``name`` over ``encoder``, with ``head`` (a loaded ``heads.Head``) or None and
+    ``settings`` (that method's ``Settings``; None: it must have none, e.g. UNI-OOD and TagOOD)."""
+    return get_method(name)(encoder, head=head, settings=settings)

@@ -13,20 +13,31 @@ and the shared scorers turn ``s`` into an uncertainty (``runa`` = ``-max_k s_k``
 ``P_r == P_g == P`` the fusion equals the paper's ``P(lam f_r + (1-lam) f_g)`` since ``P`` is linear.
 Ablations: ``regional`` (crop only, lam = 1) and ``global`` (blurred frame only, lam = 0).
 
+Settings (:class:`RunaSettings`): ``lam`` (the fusion weight, :func:`check_lam`) and ``blur_radius`` (the
+global view's Gaussian sigma, px at the encoder's input size); their defaults live in the parameter table.
+
 Head: the regional projection ``P_r`` ``[width, D]`` (``core.finetune.train_projection``: only ``P_r``
-is trained, cross-entropy over the cosine logits / tau, AdamW). Trunk passes per frame: 2 per box.
+is trained, cross-entropy over the cosine logits / tau, AdamW), RUNA's own state: the shared encoder holds
+only the model's projection ``P_g``; without a head ``P_r = P_g`` (``off-the-shelf``). A projection file
+(``core.finetune.save_projection``, the ``projection`` parameter) loads as a RUNA head
+(``core.methods.heads``). Trunk passes per frame: 2 per box.
 No pretrained CLIP weights exist on the development machine, so no quality figure is claimed here.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import numbers
-from typing import Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..finetune import train_projection
 from ..registry import ABLATIONS, VIEWS_FOR_ABLATION
-from .base import Method, feature_key
+from ..scoring import cosine_similarities
+from ..thresholds import OFF_THE_SHELF
+from .base import FitOutput, Method, feature_key
 
 PROJECTION_KEY = "proj_regional"
 
@@ -36,6 +47,20 @@ def check_lam(lam) -> float:
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0.0 <= float(lam) <= 1.0:
         raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
     return float(lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunaSettings:
+    """RUNA's settings (no defaults here: ``core.parameters``): ``lam`` the fusion weight of the regional view
+    in [0, 1] (:func:`check_lam`), ``blur_radius`` the Gaussian sigma of the global view (px at the encoder's
+    input size)."""
+
+    lam: float
+    blur_radius: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "lam", check_lam(self.lam))
+        object.__setattr__(self, "blur_radius", float(self.blur_radius))
 
 
 def effective_lam(ablation: str, lam: float) -> float:
@@ -56,6 +81,16 @@ def checked_projection(proj: Union[torch.Tensor, np.ndarray], width: int, embed_
     if not torch.isfinite(t).all():
         raise ValueError("regional projection contains NaN or inf")
     return t
+
+
+def projection_identity(proj_regional, proj_global) -> str:
+    """``off-the-shelf`` when ``P_r == P_g``, else ``sha256:<16 hex>`` of ``P_r`` (RUNA's head identity, the
+    thresholds' ``projection``)."""
+    same = tuple(proj_regional.shape) == tuple(proj_global.shape) and bool((proj_regional == proj_global).all())
+    if same:
+        return OFF_THE_SHELF
+    a = proj_regional.detach().to("cpu").float().contiguous().numpy()
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()[:16]
 
 
 def fuse(f_r: Optional[torch.Tensor], f_g: Optional[torch.Tensor], lam: float, proj_regional: torch.Tensor,
@@ -80,24 +115,33 @@ def fuse(f_r: Optional[torch.Tensor], f_g: Optional[torch.Tensor], lam: float, p
 
 
 class RunaMethod(Method):
-    """RUNA (see the module docstring). ``P_r``: the head's projection when a head is set, else the
-    encoder's current ``proj_regional`` (what ``factory`` / the tools set on a shared encoder)."""
+    """RUNA (see the module docstring). ``P_r``: the head's projection when a head is set, else the model's
+    ``P_g`` (the encoder's ``proj_global``, off the shelf)."""
 
     name = "runa"
     paper = "RUNA (paper 001): regional + blurred global CLIP views, fused projections, -max cosine"
+    Settings = RunaSettings
     views = ("regional", "global")
     outputs = ("cls",)
     ablations = ABLATIONS
+    #: what fitting reads: the shots' crops only (P_g and the global view stay off the shelf)
+    fit_views = ("regional",)
+    #: paper defaults of the fine-tuning (Eq. 7; tau and weight decay: see core.finetune)
+    fit_defaults = {"lr": 5e-6, "epochs": 100, "batch_size": 256, "tau": 0.01, "weight_decay": 0.01, "seed": 0}
 
     def views_for(self, ablation: str = "dual") -> Tuple[str, ...]:
         self.check_ablation(ablation)
         return VIEWS_FOR_ABLATION[ablation]
 
+    def view_blur_radius(self) -> Optional[float]:
+        return self.settings.blur_radius
+
     @property
     def proj_regional(self) -> torch.Tensor:
+        """``P_r`` in use: the head's, else the model's ``P_g``."""
         if self.head is not None:
             return self.head.state[PROJECTION_KEY]
-        return self.encoder.proj_regional
+        return self.encoder.proj_global
 
     def set_head(self, head) -> None:
         super().set_head(head)
@@ -114,12 +158,20 @@ class RunaMethod(Method):
     def head_identity(self) -> str:
         """RUNA's head is its regional projection: ``off-the-shelf`` or the projection's hash
         (the same identity as the thresholds' ``projection``, however the projection was loaded)."""
-        from ..thresholds import projection_identity
-
         return projection_identity(self.proj_regional, self.encoder.proj_global)
 
-    def missing(self, keys, ablation: str, lam: float = 0.5) -> Optional[str]:
-        lam_e = effective_lam(ablation, lam)
+    def identity(self, ablation: str = "dual", settings=None) -> Dict[str, Any]:
+        """The fusion weight actually used (1 for regional, 0 for global), the blur radius (None for the
+        regional ablation, which has no global view), the regional projection (= the head)."""
+        s = self.settings if settings is None else self.check_settings(settings)
+        head = self.head_identity()
+        return {"lam": effective_lam(ablation, s.lam),
+                "blur_radius": None if ablation == "regional" else float(s.blur_radius),
+                "projection": head, "method": self.name, "head": head}
+
+    def missing(self, keys, ablation: str, settings=None) -> Optional[str]:
+        s = self.settings if settings is None else self.check_settings(settings)
+        lam_e = effective_lam(ablation, s.lam)
         for need, view in ((lam_e > 0, "regional"), (lam_e < 1, "global")):
             if need and feature_key(view, "cls") not in keys:
                 return f"ablation {ablation!r} (lam={lam_e:g}) needs the {view} view"
@@ -133,35 +185,28 @@ class RunaMethod(Method):
         proj = head.state.get(PROJECTION_KEY) if hasattr(head, "state") else head
         return checked_projection(proj, enc.width, enc.embed_dim, enc.model_name)
 
-    def embed(self, feats: Mapping[str, torch.Tensor], ablation: str = "dual", lam: float = 0.5,
+    def embed(self, feats: Mapping[str, torch.Tensor], ablation: str = "dual", settings=None,
               head=None) -> torch.Tensor:
-        """Fused box embeddings ``I_t`` ``[M, D]`` (Eq. 3) of the boxes' features (``head``: see
-        :meth:`similarities`)."""
-        lam_e = effective_lam(ablation, check_lam(lam))
+        """Fused box embeddings ``I_t`` ``[M, D]`` (Eq. 3) of the boxes' features (``settings``, ``head``:
+        see :meth:`similarities`)."""
+        s = self.settings if settings is None else self.check_settings(settings)
+        lam_e = effective_lam(ablation, s.lam)
         return fuse(feats.get(feature_key("regional", "cls")) if lam_e > 0 else None,
                     feats.get(feature_key("global", "cls")) if lam_e < 1 else None, lam_e,
                     self._projection(head), self.encoder.proj_global)
 
-    def similarities(self, feats, text_emb, ablation: str = "dual", lam: float = 0.5, head=None) -> torch.Tensor:
-        """``[M, K]`` cosines of the fused embeddings to the ID text embeddings. ``head``: another
-        ``P_r`` for this call only (a Head or a ``[width, D]`` tensor; nothing shared is changed)."""
-        from ..scoring import cosine_similarities
+    def similarities(self, feats, text_emb, ablation: str = "dual", settings=None, head=None) -> torch.Tensor:
+        """``[M, K]`` cosines of the fused embeddings to the ID text embeddings. ``settings``: a
+        :class:`RunaSettings` for this call (None = the ones in use); ``head``: another ``P_r`` for this call
+        only (a Head or a ``[width, D]`` tensor; nothing shared is changed)."""
+        return cosine_similarities(self.embed(feats, ablation, settings, head), text_emb)
 
-        return cosine_similarities(self.embed(feats, ablation, lam, head), text_emb)
-
-    #: what fitting reads: the shots' crops only (P_g and the global view stay off the shelf)
-    fit_views = ("regional",)
-    #: paper defaults of the fine-tuning (Eq. 7; tau and weight decay: see core.finetune)
-    fit_defaults = {"lr": 5e-6, "epochs": 100, "batch_size": 256, "tau": 0.01, "weight_decay": 0.01, "seed": 0}
-
-    def fit(self, feats: Mapping[str, torch.Tensor], labels: torch.Tensor, text_emb: torch.Tensor,
-            progress: bool = False, **hyper):
+    def fit(self, feats: Mapping[str, torch.Tensor], labels: torch.Tensor, text_emb: torch.Tensor, *,
+            progress: bool = False, context: Optional[Sequence[Sequence[int]]] = None, **hyper: Any) -> FitOutput:
         """Few-shot fine-tuning of ``P_r`` (Eq. 7, ``core.finetune.train_projection``) from the shots'
-        ``regional.cls`` features, starting at the projection in use.
+        ``regional.cls`` features, starting at the projection in use (``context`` is not read).
 
         Returns ``(state, loss_curve, hyper)``: ``state = {"proj_regional": P_r}`` (a RUNA head's weights)."""
-        from ..finetune import train_projection
-
         hp = {**self.fit_defaults, **{k: v for k, v in hyper.items() if v is not None}}
         proj, curve = train_projection(feats[feature_key("regional", "cls")], labels, text_emb,
                                        self.proj_regional.clone(), tau=hp["tau"], lr=hp["lr"],

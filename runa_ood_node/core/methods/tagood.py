@@ -40,12 +40,12 @@ No pretrained CLIP weights exist on the development machine: nothing here is a c
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .base import Method, feature_key, grid_size
+from .base import FitOutput, Method, feature_key, grid_size
 from .tagood_ops import (SELECTIONS, TagOODProjector, fit_tagood, select_box_tokens, token_alignment_score,
                          tagood_similarities, tokens_in_boxes)
 
@@ -73,8 +73,8 @@ class TagOodMethod(Method):
                     "dim": 512, "heads": 8, "mlp": 2048, "blocks": 2, "patterns": 4, "dropout": 0.1,
                     "momentum": 0.999, "mse_weight": 0.1, "centre_init": "class_means", "ema_span": 0.1}
 
-    def __init__(self, encoder, head=None, thr: Optional[float] = None, selection: Optional[str] = None,
-                 frame_size: Optional[int] = None):
+    def __init__(self, encoder, head=None, settings=None, thr: Optional[float] = None,
+                 selection: Optional[str] = None, frame_size: Optional[int] = None):
         self.encoder = encoder
         self._explicit = {k: v for k, v in (("thr", thr), ("selection", selection), ("frame_size", frame_size))
                           if v is not None}
@@ -83,7 +83,7 @@ class TagOodMethod(Method):
         self._modules = None
         self.configure(**SETTINGS)
         self.configure(**self._explicit)
-        super().__init__(encoder, head)
+        super().__init__(encoder, head, settings)
 
     # ------------------------------------------------------------------ settings
     def configure(self, **options) -> None:
@@ -134,7 +134,7 @@ class TagOodMethod(Method):
         exported graphs are traced at S). ``factory.build_scorer`` calls it before building the backend."""
         self._refuse_backend(self.frame_size, str(kind))
 
-    def settings(self) -> Dict:
+    def head_settings_in_use(self) -> Dict:
         """The head settings in use (recorded in a fitted head's hyper-parameters)."""
         return {"thr": self.thr, "selection": self.selection, "frame_size": self.frame_size}
 
@@ -173,7 +173,7 @@ class TagOodMethod(Method):
             mask[i, : ix.numel()] = False
         return {TOKENS: packed, MASK: mask, TOKENS_IN_BOX: tokens_in_boxes(boxes, image_wh, self.grid).float()}
 
-    def missing(self, keys, ablation: str, lam: float = 0.5) -> Optional[str]:
+    def missing(self, keys, ablation: str, settings=None) -> Optional[str]:
         lost = [k for k in (TOKENS, MASK) if k not in keys]
         return None if not lost else f"method 'tagood' needs {lost} (the frame view)"
 
@@ -220,7 +220,7 @@ class TagOodMethod(Method):
         return proj.eval(), cen.float()
 
     def similarities(self, feats: Mapping[str, torch.Tensor], text_emb: torch.Tensor, ablation: str = "dual",
-                     lam: float = 0.5, head=None) -> torch.Tensor:
+                     settings=None, head=None) -> torch.Tensor:
         """``[M, K]`` mean pattern cosine of the boxes' projected features to the class centres."""
         proj, centres = self.trained_modules(head)
         if centres.shape[0] != text_emb.shape[0]:
@@ -231,11 +231,12 @@ class TagOodMethod(Method):
             f, _ = proj(tokens[:, :width], mask[:, :width])
         return tagood_similarities(f, centres)
 
-    def fit(self, feats: Mapping[str, torch.Tensor], labels: torch.Tensor, text_emb: torch.Tensor,
-            progress: bool = False, **hyper):
-        """Train the projector and centres on the shots' token sets. Returns ``(state, loss_curve, hyper)``."""
+    def fit(self, feats: Mapping[str, torch.Tensor], labels: torch.Tensor, text_emb: torch.Tensor, *,
+            progress: bool = False, context: Optional[Sequence[Sequence[int]]] = None, **hyper: Any) -> FitOutput:
+        """Train the projector and centres on the shots' token sets (``context`` is not read). Returns
+        ``(state, loss_curve, hyper)``."""
         hp = {**self.fit_defaults, **self._fit_hyper, **{k: v for k, v in hyper.items() if v is not None},
-              **self.settings(), "max_tokens": self.grid * self.grid}
+              **self.head_settings_in_use(), "max_tokens": self.grid * self.grid}
         tokens, mask = feats[TOKENS], feats[MASK]
         sets = [tokens[i][~mask[i]] for i in range(tokens.shape[0])]
         proj, centres, curve = fit_tagood(

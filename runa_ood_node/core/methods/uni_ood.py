@@ -26,12 +26,12 @@ CLIP weights exist on the development machine: nothing here is a claim about det
 from __future__ import annotations
 
 import logging
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .base import Method, feature_key, grid_size
+from .base import FitOutput, Method, feature_key, grid_size
 from .uni_ood_ops import (TRAIN_BACKGROUND_TEXTS, Combiner, background_text, background_weights, context_counts,
                           exclusion_counts, fit_uni_ood, inter_text_weights, target_weights, text_eot_logits,
                           uni_ood_similarities)
@@ -68,8 +68,8 @@ class UniOodMethod(Method):
     fit_defaults = {"epochs": 100, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.01, "temperature": 0.01,
                     "pairing": "candidate", "seed": 0}
 
-    def __init__(self, encoder, head=None, background: str = "masked", exclude_self: Optional[bool] = None,
-                 train_background_text: Optional[str] = None):
+    def __init__(self, encoder, head=None, settings=None, background: str = "masked",
+                 exclude_self: Optional[bool] = None, train_background_text: Optional[str] = None):
         self.grid = grid_size(encoder)
         self._set_background(background)
         self._modules = None
@@ -85,7 +85,7 @@ class UniOodMethod(Method):
         self._asked = {"exclude_self": exclude_self, "train_background_text": train_background_text}
         self.exclude_self = bool(exclude_self) if exclude_self is not None else False
         self.train_background_text = train_background_text or "others"
-        super().__init__(encoder, head)
+        super().__init__(encoder, head, settings)
 
     def _set_background(self, background: str) -> None:
         if background not in BACKGROUNDS:
@@ -119,7 +119,7 @@ class UniOodMethod(Method):
         return {tok: out["regional"]["tokens"], att: out["regional"]["attn_cls"],
                 xat: out["xattn"][("regional", self.bg_view)], bg: bg_tokens}
 
-    def missing(self, keys, ablation: str, lam: float = 0.5) -> Optional[str]:
+    def missing(self, keys, ablation: str, settings=None) -> Optional[str]:
         lost = [k for k in self._keys if k not in keys]
         return None if not lost else f"method 'uni-ood' ({self.background} background) needs {lost}"
 
@@ -221,7 +221,7 @@ class UniOodMethod(Method):
         return tuple(out)
 
     def similarities(self, feats: Mapping[str, torch.Tensor], text_emb: torch.Tensor, ablation: str = "dual",
-                     lam: float = 0.5, head=None) -> torch.Tensor:
+                     settings=None, head=None) -> torch.Tensor:
         """``Omega [M, K]`` (module docstring), K combiner passes per box per branch."""
         tc, bc = self.trained_modules(head)
         tok, att, xat, bg = (feats[k] for k in self._keys)
@@ -259,9 +259,9 @@ class UniOodMethod(Method):
         w = inter_text_weights(lg, uniq.reshape(-1, k, k))[inv] if int(n) else torch.zeros(0, k, k)
         return background_text(self._text_emb, w), alone
 
-    def fit(self, feats: Mapping[str, torch.Tensor], labels: torch.Tensor, text_emb: torch.Tensor,
-            progress: bool = False, combiner: Optional[dict] = None,
-            context: Optional[Sequence[Sequence[int]]] = None, **hyper):
+    def fit(self, feats: Mapping[str, torch.Tensor], labels: torch.Tensor, text_emb: torch.Tensor, *,
+            progress: bool = False, context: Optional[Sequence[Sequence[int]]] = None,
+            combiner: Optional[dict] = None, **hyper: Any) -> FitOutput:
         """Train the two combiners on the shots (``uni_ood_ops.fit_uni_ood``). Returns ``(state, curve, hyper)``.
 
         ``context``: per shot, the label-set indices of the other ID objects of its image (the training
