@@ -25,12 +25,17 @@ def finetuned(ood_pack, tmp_path_factory):
 
 
 def _tool_encoder(projection=None):
-    """The encoder the tools build (same seeded random weights), optionally with a projection."""
-    from runa_ood_node.tools.common import load_encoder_or_exit
+    """The encoder the tools build (same seeded random weights)."""
+    return _tool_scorer(projection).encoder
+
+
+def _tool_scorer(projection=None):
+    """The scorer the tools build (same seeded random weights), optionally with a projection (RUNA's head)."""
+    from runa_ood_node.tools.common import scorer_from_args
 
     ns = argparse.Namespace(model="runa-tiny-vit", pretrained="none", device="cpu", backend="torch",
                             allow_random_weights=True, projection=projection)
-    return load_encoder_or_exit(ns)
+    return scorer_from_args(ns, apply_thresholds=False).scorer
 
 
 def test_outputs_and_report(finetuned):
@@ -54,7 +59,7 @@ def test_training_improves_the_shots_independently(finetuned, ood_pack):
     """Recompute the shots' features and check loss and per-shot cosines with both projections."""
     from runa_ood_node.core.dataset import load_dataset
     from runa_ood_node.core.finetune import eq7_loss, load_projection, own_class_cosine
-    from runa_ood_node.factory import build_scorer
+    from runa_ood_node.core.pipeline import OodScorer
     from runa_ood_node.tools.finetune import shot_features
 
     enc = _tool_encoder()
@@ -64,8 +69,7 @@ def test_training_improves_the_shots_independently(finetuned, ood_pack):
     shots = ds.sample_shots(2, seed=3)
     assert [s["ann_id"] for s in meta["shot_list"]] == [ds.frames[f].ann_ids[b] for f, b in
                                                         zip(shots.frame_idx, shots.box_idx)]
-    feats, keep = shot_features(build_scorer({"labels": ds.label_set}, encoder=enc), ds, shots, use_cache=False,
-                                progress=False)
+    feats, keep = shot_features(OodScorer(enc, ds.label_set), ds, shots, use_cache=False, progress=False)
     assert keep.all()
     y = torch.from_numpy(shots.label_idx)
     txt = enc.text_embeddings(ds.label_set)
@@ -93,7 +97,8 @@ def test_held_out_before_after_matches_independent_scoring(finetuned, ood_pack):
     assert held.n_images == rep["held_out"]["images"] == 4
     unc = {}
     for name, projection in (("before", None), ("after", str(finetuned))):
-        recs = score_dataset(OodScorer(_tool_encoder(projection), held.label_set), held, progress=False)
+        tool = _tool_scorer(projection)
+        recs = score_dataset(OodScorer(tool.encoder, held.label_set, head=tool.method.head), held, progress=False)
         is_id, u, _ = recs.arrays()
         ok = np.isfinite(u)
         unc[name] = u
@@ -112,14 +117,15 @@ def test_projection_reloads_and_changes_pipeline_scores(finetuned, real_photo):
     from runa_ood_node.core.pipeline import OodScorer
 
     img, boxes = real_photo
-    plain = _tool_encoder()
-    tuned = _tool_encoder(projection=str(finetuned))  # --projection path of every tool
-    assert not torch.equal(tuned.proj_regional, plain.proj_regional)
-    assert torch.equal(tuned.proj_global, plain.proj_global)  # P_g stays off-the-shelf
+    plain = _tool_scorer()
+    tuned = _tool_scorer(projection=str(finetuned))  # --projection path of every tool (RUNA's head)
+    assert not torch.equal(tuned.method.proj_regional, plain.method.proj_regional)
+    assert torch.equal(tuned.encoder.proj_global, plain.encoder.proj_global)  # P_g stays off-the-shelf
     res = {}
-    for name, enc in (("plain", plain), ("tuned", tuned)):
+    for name, sc in (("plain", plain), ("tuned", tuned)):
         for ab in ("dual", "global"):
-            res[name, ab] = OodScorer(enc, "voc", ablation=ab).score(img, boxes, box_format="xywh")
+            res[name, ab] = OodScorer(sc.encoder, "voc", ablation=ab, head=sc.method.head).score(
+                img, boxes, box_format="xywh")
     ok = res["plain", "dual"].ok
     assert ok.any()
     d = np.abs(res["plain", "dual"].uncertainty[ok] - res["tuned", "dual"].uncertainty[ok])
