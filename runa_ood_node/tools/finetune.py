@@ -173,8 +173,8 @@ def _run(args) -> int:
     from ..core.boxes import BoxStatus
     from . import plots
 
-    common.setup_logging(args)
     out = _out_dir(args)
+    common.setup_logging(args)
     dataset = common.load_dataset_or_exit(args)
     if args.max_images:
         dataset = dataset.subset(args.max_images)
