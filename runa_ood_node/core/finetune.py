@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from .methods.fitting import run_epochs
 from .plain import to_plain
 
 __all__ = [
@@ -167,11 +168,32 @@ def train_projection(
         ``(proj, loss_curve)``: the trained float32 CPU ``[width, D]`` tensor (detached) and the
         sample-weighted mean training loss of each epoch (``len == epochs``).
     """
+    feats, y, txt, p0, batch_size = _checked_training_inputs(features, labels, text_emb, init_proj, tau, lr,
+                                                             batch_size, epochs, batch)
+    device = feats.device
+    feats = feats.float()
+    y = y.to(device)
+    txt = F.normalize(txt.to(device=device, dtype=torch.float32), dim=1)
+    proj = p0.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+    opt = torch.optim.AdamW([proj], lr=float(lr), weight_decay=float(weight_decay))
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.to(device)
+        return eq7_loss(feats[idx], y[idx], txt, proj, tau)
+
+    curve = run_epochs(feats.shape[0], int(batch_size), int(epochs), int(seed), step, opt, progress=progress,
+                       desc="fine-tune P_r")
+    return proj.detach().to("cpu", torch.float32).contiguous(), curve
+
+
+def _checked_training_inputs(features, labels, text_emb, init_proj, tau, lr, batch_size, epochs, batch):
+    """:func:`train_projection`'s inputs as tensors, checked (ValueError naming what is wrong):
+    ``(features, labels, text_emb, init_proj, batch_size)`` (``batch``: the alias, resolved)."""
     feats = features.detach() if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
     txt = text_emb.detach() if isinstance(text_emb, torch.Tensor) else torch.as_tensor(np.asarray(text_emb))
     p0 = init_proj.detach() if isinstance(init_proj, torch.Tensor) else torch.as_tensor(np.asarray(init_proj))
     _check_shapes(feats, txt, p0)
-    tau = _check_tau(tau)
+    _check_tau(tau)
     if batch is not None:
         if batch_size not in (256, batch):  # 256: batch_size left at its default
             raise ValueError(f"batch={batch} and batch_size={batch_size} disagree; pass one of them")
@@ -186,44 +208,7 @@ def train_projection(
     y = _as_labels(labels, n, txt.shape[0])
     if not torch.isfinite(feats).all():
         raise ValueError("features contain NaN or inf (a failed backend pass?)")
-
-    device = feats.device
-    feats = feats.float()
-    y = y.to(device)
-    txt = F.normalize(txt.to(device=device, dtype=torch.float32), dim=1)
-    proj = p0.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
-    opt = torch.optim.AdamW([proj], lr=float(lr), weight_decay=float(weight_decay))
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    bs = int(batch_size)
-
-    epoch_iter = range(int(epochs))
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(epoch_iter, desc="fine-tune P_r", unit="epoch")
-            epoch_iter = bar
-        except ImportError:  # tqdm is optional
-            pass
-
-    curve: List[float] = []
-    for _ in epoch_iter:
-        perm = torch.randperm(n, generator=gen).to(device)
-        total = 0.0
-        for start in range(0, n, bs):
-            idx = perm[start:start + bs]
-            loss = eq7_loss(feats[idx], y[idx], txt, proj, tau)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * idx.numel()
-        curve.append(total / n)
-        if bar is not None:
-            bar.set_postfix(loss=f"{curve[-1]:.4f}")
-    if bar is not None:
-        bar.close()
-    return proj.detach().to("cpu", torch.float32).contiguous(), curve
+    return feats, y, txt, p0, batch_size
 
 
 def sample_shots(labels: Sequence[int], shots: int, seed: int = 0) -> np.ndarray:

@@ -825,7 +825,7 @@ def _untrained_head(scorer, image: np.ndarray, boxes: np.ndarray):
 
     from ..core.methods.heads import Head
 
-    feats = scorer.encode(image, boxes, views=getattr(scorer.method, "fit_views", None))
+    feats = scorer.encode(image, boxes, views=scorer.method.fit_views)
     ok = np.flatnonzero(feats.status == 0)
     y = torch.arange(ok.size) % len(scorer.label_set)
     state, _, hyper = scorer.method.fit(feats.rows(ok), y, scorer.text_emb, epochs=0)

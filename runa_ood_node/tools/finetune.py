@@ -300,12 +300,10 @@ def _configure_method(method, options) -> None:
         return
     pairs = dict(o.split("=", 1) for o in options if "=" in o)
     bad = [o for o in options if "=" not in o]
-    configure = getattr(method, "configure", None)
-    if bad or not callable(configure):
-        raise common.fail([f"--method-option: {'expected KEY=VALUE, got ' + repr(bad) if bad else ''}"
-                           f"{'' if callable(configure) else f'method {method.name!r} has no options'}"])
-    try:
-        configure(**pairs)
+    if bad:
+        raise common.fail([f"--method-option: expected KEY=VALUE, got {bad!r}"])
+    try:  # Method.configure: a method without options refuses any ("method 'runa' has no options")
+        method.configure(**pairs)
     except (TypeError, ValueError) as exc:
         raise common.fail([f"--method-option: {exc}"])
 
@@ -327,7 +325,7 @@ def _fit_head(args, scorer, dataset, shots, out) -> int:
     t0 = time.perf_counter()
     context = shot_context(dataset, shots)  # per shot, its image's other ID objects (UNI-OOD's background text)
     parts, labels, contexts = [], [], []
-    for fr, positions, enc in _encoded_shots(scorer, dataset, shots, getattr(method, "fit_views", None),
+    for fr, positions, enc in _encoded_shots(scorer, dataset, shots, method.fit_views,
                                              not args.no_progress):
         good = np.flatnonzero(enc.status == BoxStatus.OK)
         if good.size < len(positions):

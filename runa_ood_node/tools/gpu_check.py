@@ -395,7 +395,7 @@ def fitted_head(scorer, image, boxes, epochs: int = HEAD_EPOCHS):
     from ..core.methods.heads import Head
     from .bench import cycle_boxes
 
-    feats = scorer.encode(image, cycle_boxes(boxes, 24), views=getattr(scorer.method, "fit_views", None))
+    feats = scorer.encode(image, cycle_boxes(boxes, 24), views=scorer.method.fit_views)
     ok = np.flatnonzero(feats.status == 0)
     y = torch.arange(ok.size) % len(scorer.label_set)
     state, curve, hyper = scorer.method.fit(feats.rows(ok), y, scorer.text_emb, epochs=int(epochs))

@@ -516,6 +516,55 @@ def fit_uni_ood(target_tokens: torch.Tensor, target_attn: torch.Tensor, bg_token
         ``(target_combiner, background_combiner, loss_curve)``, eval mode, CPU; ``loss_curve[e]`` is epoch
         ``e``'s sample-weighted mean loss.
     """
+    y = _checked_fit_inputs(target_tokens, target_attn, bg_tokens, bg_xattn, labels, text, bg_text, epochs, batch,
+                            lr, pairing)
+    p = proj.detach().float()
+    tt, bt = target_tokens.detach().float(), bg_tokens.detach().float()
+    with torch.no_grad():  # frozen backbone: every object's weights for every class, once
+        wt = target_weights(target_attn.detach(), tt, p, text.detach())            # [N, K, T]
+        wb = background_weights(bg_xattn.detach(), bt, p, bg_text.detach())        # [N, K, T]
+    txt = F.normalize(text.detach().float(), dim=-1)
+    kwargs = dict(combiner_kwargs or {})
+    with seeded(seed):
+        tc = Combiner(tt.shape[-1], grid, **kwargs)
+        bc = Combiner(tt.shape[-1], grid, **kwargs)
+        opt = torch.optim.AdamW(list(tc.parameters()) + list(bc.parameters()), lr=float(lr),
+                                weight_decay=float(weight_decay))
+        step = _contrastive_step(tc, bc, (tt, wt), (bt, wb), p, txt, y, pairing, temperature)
+        tc.train()
+        bc.train()
+        curve = run_epochs(int(y.shape[0]), int(batch), int(epochs), seed, step, opt, progress=progress,
+                           desc="fit UNI-OOD")
+    tc.eval()
+    bc.eval()
+    return tc, bc, curve
+
+
+def _contrastive_step(tc: "Combiner", bc: "Combiner", target, background, p: torch.Tensor, txt: torch.Tensor,
+                      y: torch.Tensor, pairing: str, temperature: float):
+    """``step(idx) -> loss`` of :func:`fit_uni_ood` over a batch of objects: ``target`` / ``background`` the
+    ``(tokens [N, T, W], weights [N, K, T])`` of each branch, ``p`` the projection, ``txt`` the normalised
+    ID text, ``y`` the labels; ``pairing`` as there."""
+    tt, wt = target
+    bt, wb = background
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        yb = y[idx]
+        if pairing == "candidate":   # the classes present in the batch: [B, C] passes, C <= K
+            present, col = torch.unique(yb, return_inverse=True)
+            z = tc(tt[idx], wt[idx][:, present]) + bc(bt[idx], wb[idx][:, present])   # [B, C, W]
+            emb = (z @ p)[:, col]                                                    # [B, B, D]
+        else:
+            z = tc(tt[idx], wt[idx, yb][:, None]) + bc(bt[idx], wb[idx, yb][:, None])  # [B, 1, W]
+            emb = z[:, 0] @ p
+        return clip_contrastive_loss(emb, txt[yb], temperature)
+
+    return step
+
+
+def _checked_fit_inputs(target_tokens, target_attn, bg_tokens, bg_xattn, labels, text, bg_text, epochs, batch, lr,
+                        pairing) -> torch.Tensor:
+    """:func:`fit_uni_ood`'s checks (ValueError naming what is wrong); returns the labels as int64 ``[N]``."""
     n = target_tokens.shape[0]
     y = torch.as_tensor(labels).long().reshape(-1)
     if y.shape[0] != n or bg_tokens.shape[0] != n or target_attn.shape[0] != n or bg_xattn.shape[0] != n:
@@ -534,33 +583,4 @@ def fit_uni_ood(target_tokens: torch.Tensor, target_attn: torch.Tensor, bg_token
         raise ValueError(f"bg_text must be [K, D] = {tuple(text.shape)} or [N={n}, K, D], got {tuple(bg_text.shape)}")
     if pairing not in ("candidate", "own"):
         raise ValueError(f"pairing must be 'candidate' or 'own', got {pairing!r}")
-    p = proj.detach().float()
-    tt, bt = target_tokens.detach().float(), bg_tokens.detach().float()
-    with torch.no_grad():  # frozen backbone: every object's weights for every class, once
-        wt = target_weights(target_attn.detach(), tt, p, text.detach())            # [N, K, T]
-        wb = background_weights(bg_xattn.detach(), bt, p, bg_text.detach())        # [N, K, T]
-    txt = F.normalize(text.detach().float(), dim=-1)
-    kwargs = dict(combiner_kwargs or {})
-    with seeded(seed):
-        tc = Combiner(tt.shape[-1], grid, **kwargs)
-        bc = Combiner(tt.shape[-1], grid, **kwargs)
-        opt = torch.optim.AdamW(list(tc.parameters()) + list(bc.parameters()), lr=float(lr),
-                                weight_decay=float(weight_decay))
-
-        def step(idx: torch.Tensor) -> torch.Tensor:
-            yb = y[idx]
-            if pairing == "candidate":   # the classes present in the batch: [B, C] passes, C <= K
-                present, col = torch.unique(yb, return_inverse=True)
-                z = tc(tt[idx], wt[idx][:, present]) + bc(bt[idx], wb[idx][:, present])   # [B, C, W]
-                emb = (z @ p)[:, col]                                                    # [B, B, D]
-            else:
-                z = tc(tt[idx], wt[idx, yb][:, None]) + bc(bt[idx], wb[idx, yb][:, None])  # [B, 1, W]
-                emb = z[:, 0] @ p
-            return clip_contrastive_loss(emb, txt[yb], temperature)
-
-        tc.train()
-        bc.train()
-        curve = run_epochs(n, int(batch), int(epochs), seed, step, opt, progress=progress, desc="fit UNI-OOD")
-    tc.eval()
-    bc.eval()
-    return tc, bc, curve
+    return y
