@@ -13,7 +13,9 @@ bottom of the image (OpenCV's Hershey fonts are ASCII-only, so the banner uses a
 :data:`WATERMARK` has an em dash).
 
 :func:`annotate` needs only NumPy and OpenCV; :func:`make_markers` and :func:`make_image_annotations`
-import the message packages when called (nothing ROS is imported at module import).
+import the message packages when called (nothing ROS is imported at module import). The node draws
+through one call, :func:`publish_drawings`: the three drawings of a scored frame, each made only
+when wanted. The colours, labels and the selection of boxes are in :mod:`.boxstyle`.
 
 Foxglove image annotations
 --------------------------
@@ -55,76 +57,14 @@ says "+N boxes not drawn".
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..core.boxes import BoxStatus
-
-ID_RGB: Tuple[int, int, int] = (0, 200, 0)
-OOD_RGB: Tuple[int, int, int] = (230, 0, 0)
-NOT_SCORED_RGB: Tuple[int, int, int] = (150, 150, 150)
-WATERMARK = "RANDOM WEIGHTS \u2014 NOT A QUALITY RESULT"
-WATERMARK_ASCII = "RANDOM WEIGHTS - NOT A QUALITY RESULT"
-WATERMARK_RGB: Tuple[int, int, int] = (255, 220, 0)
-#: at most this many boxes are drawn / marked per frame (OOD first, then ID, then not scored)
-MAX_DRAWN_BOXES = 200
-#: at most this many of them may be boxes that were not scored
-MAX_DRAWN_NOT_SCORED = 20
-
-
-def select_boxes(frame_result, max_boxes: int = MAX_DRAWN_BOXES,
-                 max_not_scored: int = MAX_DRAWN_NOT_SCORED) -> Tuple[np.ndarray, int]:
-    """Indices of the boxes worth drawing, in drawing order (not scored, then ID, then OOD on top),
-    and how many drawable boxes were left out. See the module docstring for the rule."""
-    if frame_result is None or len(frame_result.status) == 0:
-        return np.zeros(0, np.intp), 0
-    status = np.asarray(frame_result.status).astype(np.int64).reshape(-1)
-    boxes = np.asarray(frame_result.boxes_xyxy, np.float64).reshape(-1, 4)
-    ood = np.asarray(frame_result.is_ood).astype(bool).reshape(-1) & (status == BoxStatus.OK)
-    finite = np.isfinite(boxes).all(axis=1)
-    ood_i = np.flatnonzero(finite & ood)
-    id_i = np.flatnonzero(finite & (status == BoxStatus.OK) & ~ood)
-    ns_i = np.flatnonzero(finite & (status != BoxStatus.OK))
-    keep_ood = ood_i[:max_boxes]
-    keep_id = id_i[: max_boxes - keep_ood.size]
-    keep_ns = ns_i[: max(0, min(max_not_scored, max_boxes - keep_ood.size - keep_id.size))]
-    omitted = int(ood_i.size + id_i.size + ns_i.size - keep_ood.size - keep_id.size - keep_ns.size)
-    return np.concatenate([keep_ns, keep_id, keep_ood]), omitted
-
-
-def _box_style(frame_result, i: int) -> Tuple[Tuple[int, int, int], str]:
-    """Colour and label text of box ``i``."""
-    st = int(frame_result.status[i])
-    if st != BoxStatus.OK:
-        try:
-            name = BoxStatus(st).name
-        except ValueError:
-            name = f"STATUS_{st}"
-        return NOT_SCORED_RGB, name
-    u = float(frame_result.uncertainty[i])
-    label = str(frame_result.label[i])
-    if bool(frame_result.is_ood[i]):
-        return OOD_RGB, f"OOD {u:.2f} (~{label})"
-    return ID_RGB, f"{label} {u:.2f}"
-
-
-def _ink(color: Tuple[int, int, int]) -> Tuple[int, int, int]:
-    """Text colour on a label background of ``color``: black on green and grey, white on red."""
-    return (0, 0, 0) if color == ID_RGB or color == NOT_SCORED_RGB else (255, 255, 255)
-
-
-def _finite_box(frame_result, i: int) -> Optional[Tuple[float, float, float, float]]:
-    """Box ``i`` as 4 finite floats, else None (per box and plain floats: cheaper than NumPy on
-    one row, and every drawing calls it for each box it draws)."""
-    try:
-        b = tuple(float(v) for v in frame_result.boxes_xyxy[i])
-    except (TypeError, ValueError):
-        return None
-    if len(b) != 4 or not all(map(math.isfinite, b)):
-        return None
-    return b
-
+from . import convert, wire
+from .boxstyle import (ANNOTATION_FONT_SIZE, ANNOTATION_THICKNESS, ID_RGB, MAX_DRAWN_BOXES,  # re-exported
+                       MAX_DRAWN_NOT_SCORED, NOT_SCORED_RGB, OOD_RGB, WATERMARK, WATERMARK_ASCII, WATERMARK_RGB,
+                       _box_style, _finite_box, _ink, annotation_items, select_boxes)
 
 def annotate(rgb: np.ndarray, frame_result, random_weights: bool = False,
              indices: Optional[np.ndarray] = None) -> np.ndarray:
@@ -225,8 +165,6 @@ def make_markers(header, frame_result, width: int, height: int, ns: str = "runa_
         depth: distance of that plane along the optical axis (z), metres.
         line_px, text_px: line width and text height, in pixels (times ``scale``).
     """
-    from .convert import copy_header
-
     Marker = _msg("visualization_msgs", "Marker")
     MarkerArray = _msg("visualization_msgs", "MarkerArray")
     Point = _msg("geometry_msgs", "Point")
@@ -236,7 +174,7 @@ def make_markers(header, frame_result, width: int, height: int, ns: str = "runa_
 
     out = MarkerArray()
     clear = Marker()
-    clear.header = copy_header(header)
+    clear.header = convert.copy_header(header)
     clear.ns = ns
     clear.id = 0
     clear.action = Marker.DELETEALL
@@ -250,7 +188,7 @@ def make_markers(header, frame_result, width: int, height: int, ns: str = "runa_
         color, text = _box_style(frame_result, i)
         x1, y1, x2, y2 = box
         rect = Marker()
-        rect.header = copy_header(header)
+        rect.header = convert.copy_header(header)
         rect.ns, rect.id = ns, 2 * i + 1
         rect.type, rect.action = Marker.LINE_STRIP, Marker.ADD
         rect.pose.orientation.w = 1.0
@@ -260,7 +198,7 @@ def make_markers(header, frame_result, width: int, height: int, ns: str = "runa_
                        (to_xyz(x1, y1), to_xyz(x2, y1), to_xyz(x2, y2), to_xyz(x1, y2),
                         to_xyz(x1, y1))]
         label = Marker()
-        label.header = copy_header(header)
+        label.header = convert.copy_header(header)
         label.ns, label.id = ns, 2 * i + 2
         label.type, label.action = Marker.TEXT_VIEW_FACING, Marker.ADD
         tx, ty, tz = to_xyz(x1 + (x2 - x1) / 2.0, y1 - text_px)  # centred above the box
@@ -272,41 +210,6 @@ def make_markers(header, frame_result, width: int, height: int, ns: str = "runa_
         markers += [rect, label]
     out.markers = markers
     return out
-
-
-#: stroke of the Foxglove box outlines and size of their label texts, in image pixels
-ANNOTATION_THICKNESS = 2.0
-ANNOTATION_FONT_SIZE = 14.0
-
-
-def annotation_items(frame_result, indices: Optional[np.ndarray] = None, random_weights: bool = False):
-    """What the Foxglove annotations draw (see the module docstring), free of any message type:
-    ``(outlines, texts)``, ``outlines`` a list of ``(x1, y1, x2, y2, rgb)`` boxes in drawing order,
-    ``texts`` a list of ``(x, y, text, ink_rgb, background_rgb)`` (``(x, y)``: the text's bottom-left
-    corner). :func:`make_image_annotations` turns them into a message, ``wire.write_image_annotations``
-    into its bytes. Arguments as :func:`make_image_annotations`."""
-    omitted = 0
-    if indices is None:
-        indices, omitted = select_boxes(frame_result)
-    outlines, texts = [], []
-    for i in np.asarray(indices, np.intp).tolist():
-        box = _finite_box(frame_result, i)
-        if box is None:
-            continue
-        rgb, label = _box_style(frame_result, i)
-        x1, y1, x2, y2 = box
-        outlines.append((x1, y1, x2, y2, rgb))
-        # above the box; inside it, under its top edge, when the box touches the image's top
-        ty = y1 if y1 >= ANNOTATION_FONT_SIZE else y1 + ANNOTATION_FONT_SIZE + ANNOTATION_THICKNESS
-        texts.append((x1, ty, label, _ink(rgb), rgb))
-    line = ANNOTATION_FONT_SIZE + 4.0
-    row = 1
-    if omitted:
-        texts.append((0.0, line * row, f"+{omitted} boxes not drawn", (0, 0, 0), NOT_SCORED_RGB))
-        row += 1
-    if random_weights:
-        texts.append((0.0, line * row, WATERMARK, WATERMARK_RGB, (0, 0, 0)))
-    return outlines, texts
 
 
 def make_image_annotations(header, frame_result, indices: Optional[np.ndarray] = None,
@@ -343,3 +246,38 @@ def make_image_annotations(header, frame_result, indices: Optional[np.ndarray] =
                              font_size=ANNOTATION_FONT_SIZE, text_color=color(ink), background_color=color(bg))
               for x, y, text, ink, bg in texts]
     return _msg("foxglove_msgs", "ImageAnnotations")(circles=[], points=points, texts=labels)
+
+
+#: the publishers' keys of the three drawings, in the order they are published
+DRAWINGS = ("annotated", "markers", "annotations")
+
+
+def publish_drawings(pubs, header, rgb: np.ndarray, frame_result, random_weights: bool = False,
+                     lazy: bool = True) -> Dict[str, int]:
+    """Draw one scored frame three ways and publish each on ``pubs[key]`` (:data:`DRAWINGS`): the
+    annotated image (``sensor_msgs/Image`` rgb8), the RViz markers and the Foxglove image
+    annotations (written as bytes, ``wire.write_image_annotations``), all of the same bounded
+    selection of boxes (:func:`select_boxes`) and stamped with ``header``. With ``lazy`` a drawing
+    is only made while someone subscribes to it.
+
+    Returns the counters to add (``annotated_frames``, ``marker_frames``, ``annotation_frames``,
+    ``boxes_not_drawn``); empty when nothing was drawn."""
+    want = {k: not lazy or pubs[k].get_subscription_count() > 0 for k in DRAWINGS}
+    if not any(want.values()):
+        return {}
+    h, w = rgb.shape[:2]
+    drawn, not_drawn = select_boxes(frame_result)  # bounded: OOD, then ID, few not scored
+    if want["annotated"]:
+        pubs["annotated"].publish(convert.rgb_to_image(
+            annotate(rgb, frame_result, random_weights, indices=drawn), header))
+    if want["markers"]:
+        pubs["markers"].publish(make_markers(header, frame_result, w, h, indices=drawn))
+    if want["annotations"]:  # Foxglove: the same boxes drawn on the client, stamped like the image
+        pubs["annotations"].publish(wire.write_image_annotations(header, frame_result, drawn, random_weights))
+    return {"annotated_frames": int(want["annotated"]), "marker_frames": int(want["markers"]),
+            "annotation_frames": int(want["annotations"]), "boxes_not_drawn": not_drawn}
+
+
+__all__ = ["ID_RGB", "OOD_RGB", "NOT_SCORED_RGB", "WATERMARK", "WATERMARK_ASCII", "WATERMARK_RGB", "MAX_DRAWN_BOXES",
+           "MAX_DRAWN_NOT_SCORED", "ANNOTATION_THICKNESS", "ANNOTATION_FONT_SIZE", "select_boxes", "annotate",
+           "make_markers", "annotation_items", "make_image_annotations", "DRAWINGS", "publish_drawings"]

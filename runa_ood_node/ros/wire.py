@@ -17,7 +17,7 @@ of those outputs, for the node and the offline tools alike:
   lands at the same offset modulo 8 as in the input, else re-laid with the 8-byte-aligned blocks
   (hypothesis scores and poses, the box) moved by 4 bytes - never deserialized and rebuilt.
 * :func:`write_image_annotations`: ``foxglove_msgs/ImageAnnotations`` of the drawn boxes
-  (``draw.annotation_items``), what ``draw.make_image_annotations`` builds as message objects.
+  (``boxstyle.annotation_items``), what ``draw.make_image_annotations`` builds as message objects.
 
 Why: ``runa-ood bench-node`` measured the generic deserializers (rclpy's and ``rosbags``') at
 several times the cost of this flat reading on the node's critical path (numbers in the README).
@@ -43,6 +43,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.boxes import BoxStatus, status_text
+from . import boxstyle
 from .msgdefs import CdrError
 
 
@@ -413,13 +414,11 @@ def write_alert(header, level: int, source: int, reason: str, dets: Optional[Det
 def write_image_annotations(header, frame_result, indices=None, random_weights: bool = False) -> bytes:
     """``foxglove_msgs/ImageAnnotations`` bytes of ``draw.make_image_annotations`` (the same
     arguments; equal to rclpy's serialization of that message, byte for byte), written from
-    ``draw.annotation_items``: every annotation stamped with ``header``'s stamp, per box a 4-point
+    ``boxstyle.annotation_items``: every annotation stamped with ``header``'s stamp, per box a 4-point
     ``LINE_LOOP`` outline (no fill) and a label text."""
-    from . import draw
-
-    outlines, texts = draw.annotation_items(frame_result, indices, random_weights)
+    outlines, texts = boxstyle.annotation_items(frame_result, indices, random_weights)
     stamp = _STAMP.pack(int(header.stamp.sec), int(header.stamp.nanosec))
-    thick, size = float(draw.ANNOTATION_THICKNESS), float(draw.ANNOTATION_FONT_SIZE)
+    thick, size = float(boxstyle.ANNOTATION_THICKNESS), float(boxstyle.ANNOTATION_FONT_SIZE)
     o = _Out()
     o.count(0)  # circles
     o.count(len(outlines))
