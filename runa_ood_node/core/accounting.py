@@ -221,7 +221,17 @@ class CameraLedger:
 
     # ------------------------------------------------------------------ snapshot
     def snapshot(self, worker_busy: bool = False, node_counters: Optional[Mapping[str, int]] = None) -> Dict[str, Any]:
-        """The books now (keys: see ``RunaOodNode.accounting``), ``balanced`` by the rule above."""
+        """The books now: ``received`` {stream: n}, ``lost`` {stream: n} (messages that never reached
+        the node: the larger of the gaps in the publishers' sequence numbers and the middleware's
+        plausible message-lost counts; published = received + lost), ``lost_detail`` {stream: figures
+        of :class:`.loss.StreamLoss`}, ``transport_problems`` (loss figures that cannot be true:
+        non-empty = not balanced), ``transport_warning`` (set while a stream's share lost in transport
+        is over ``loss_warn_fraction``), ``input_drops`` {reason: n}, ``pairer`` (the pairer's
+        counters), ``pairer_by_stream``, ``frames_scored``, ``frame_drops`` {reason: n}, ``queued``,
+        ``in_flight`` (taken by a worker, not yet accounted for), ``worker_busy`` (a scoring thread
+        still on a batch: ``worker_busy`` given), ``boxes_total``, ``boxes_by_status`` {name: n},
+        ``boxes_ood``, ``counters`` (``node_counters`` and this camera's: ``qos_incompatible``,
+        ``frame_id_mismatch``, ``backend_error_frames``, ...), and ``balanced`` by the rule above."""
         with self.lock:
             pc = dict(self.pairer.counters) if self.pairer is not None else {}
             frame_drops, input_drops = dict(self.frame_drops), dict(self.input_drops)

@@ -343,7 +343,7 @@ def test_an_impossible_middleware_loss_report_is_an_error_not_a_balance(loss_rig
     rig = loss_rig
     before = rig.node.accounting()["lost"]["image"]
     cam = rig.node._cams[0]
-    rig.node._note_lost_report(cam, "image", 2 ** 64 - 2 ** 31, "image")
+    cam.note_lost_report(rig.node, "image", 2 ** 64 - 2 ** 31, "image")
     a = rig.node.accounting()
     assert a["lost"]["image"] == before and not a["balanced"]
     assert any("impossible" in p and "-2147483648" in p for p in a["transport_problems"])
