@@ -20,6 +20,8 @@ from typing import Optional
 from .core.config import ScorerConfig
 from .core.encoder import DualEncoder
 from .core.methods.heads import check_head
+from .core.parameters import default
+from .core.registry import resolve_precision
 from .core.pipeline import OodScorer
 
 LOG = logging.getLogger(__name__)
@@ -48,9 +50,10 @@ def build_scorer(config: ScorerConfig, encoder: Optional[DualEncoder] = None, vi
     if not isinstance(config, ScorerConfig):
         raise TypeError(f"build_scorer takes a core.config.ScorerConfig, not {type(config).__name__}")
     loaded_here = encoder is None
+    precision = resolve_precision(config.precision, config.device)
     if loaded_here:
         encoder = DualEncoder.load(config.model, pretrained=config.pretrained or None, device=config.device,
-                                   allow_random=config.allow_random, precision=config.resolved_precision,
+                                   allow_random=config.allow_random, precision=precision,
                                    allow_download=config.allow_download)
     elif config.model.replace("/", "-") != str(encoder.model_name).replace("/", "-"):
         raise ValueError(f"config names model {config.model!r} but the encoder passed in is {encoder.model_name!r}")
@@ -59,17 +62,22 @@ def build_scorer(config: ScorerConfig, encoder: Optional[DualEncoder] = None, vi
         check_head(config.head, encoder=encoder)  # method and label set were checked when it was loaded
     if view_maker is None:
         views = config.views or ("gpu" if device.startswith("cuda") else "cpu")
-        view_maker = _view_maker(encoder, views, device, config.blur_radius)
+        view_maker = _view_maker(encoder, views, device, _blur_radius(config.method_settings))
     scorer = OodScorer(encoder, config.label_set, scorer=config.scorer, method=config.method, head=config.head,
                        settings=config.method_settings, ablation=config.ablation,
                        thresholds=config.thresholds, max_boxes=config.max_boxes, min_box_size=config.min_box_size,
                        temperature=config.temperature, max_batch=config.max_batch, view_maker=view_maker)
-    backend = _build_backend(scorer, config) if loaded_here and config.backend != "torch" else None
+    backend = _build_backend(scorer, config, precision) if loaded_here and config.backend != "torch" else None
     scorer.backend_choice = backend_choice(backend if backend is not None else getattr(encoder, "_backend", None))
     return scorer
 
 
-def _build_backend(scorer: OodScorer, config: ScorerConfig):
+def _blur_radius(settings) -> float:
+    """The blurred global view's sigma: the method's setting (RUNA's), else the table's (a view maker needs one)."""
+    return float(getattr(settings, "blur_radius", default("blur_radius")))
+
+
+def _build_backend(scorer: OodScorer, config: ScorerConfig, precision: str):
     """The visual backend of ``config``, built once the scorer exists: it serves the method's output
     set, and backend ``auto`` measures its CPU variants on this method's own views
     (``samples.method_sample``), bounded and logged; set on the scorer's encoder."""
@@ -77,7 +85,7 @@ def _build_backend(scorer: OodScorer, config: ScorerConfig):
     from .backends.select import make_backend  # optional runtimes
 
     scorer.method.check_backend(config.backend)  # a method setting this backend cannot serve (TagOOD's frame_size)
-    options = {"precision": config.resolved_precision, "outputs": tuple(scorer.method.outputs),
+    options = {"precision": precision, "outputs": tuple(scorer.method.outputs),
                "auto_sample": lambda: method_sample(scorer), **config.backend_kwargs()}
     backend = make_backend(config.backend, scorer.encoder, **options)
     scorer.encoder.set_backend(backend, getattr(backend, "name", config.backend))

@@ -35,8 +35,8 @@ from .encoder import env_offline
 from .labels import LabelSet, load_label_set
 from .methods import get_method
 from .methods.heads import Head, load_head
-from .parameters import (DEFAULT_SCORER, PARAMETERS, Checked, NodeSettings, ParameterValidationError, check,
-                         default, defaults)
+from .parameters import (ALERT_PREFIX, DEFAULT_SCORER, PARAMETERS, Checked, NodeSettings, ParameterValidationError,
+                         check, default, defaults)
 from .paths import resolve_calibration_file
 from .registry import ABLATIONS, DEFAULT_METHOD, resolve_device, resolve_precision
 from .thresholds import Thresholds, check_fit
@@ -56,7 +56,9 @@ def _param(name: str, **meta) -> Any:
 def method_settings(method: str, values: Optional[Mapping[str, Any]] = None):
     """Method ``method``'s own ``Settings`` (``core.methods``: RUNA's ``lam`` and ``blur_radius``; none for
     the others) from checked parameter ``values``; a name missing there takes the table's default."""
-    return get_method(method).make_settings({**defaults(), **dict(values or {})})
+    cls = get_method(method)
+    given = {**defaults(), **dict(values or {})}
+    return cls.make_settings({f.name: given[f.name] for f in dataclasses.fields(cls.Settings) if f.name in given})
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class ScorerConfig:
     views: Optional[str] = field(default=None, metadata={"tool": "cpu / gpu view maker (None = gpu on CUDA)"})
     backend_options: Mapping[str, Any] = field(default_factory=dict,
                                                metadata={"tool": "extra make_backend keywords"})
+    # ---- where it came from: the node parameter values it was built from (reports, a live node alike)
+    parameters: Mapping[str, Any] = field(default_factory=dict, compare=False, metadata={"source": True})
 
     def __post_init__(self):  # a config written by hand (tests, scripts): a label set name loaded, settings made
         if not isinstance(self.label_set, LabelSet):
@@ -178,10 +182,11 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
     unknown = sorted(set(tool) - set(TOOL_FIELDS))
     if unknown:
         raise TypeError(f"not scorer settings of a tool: {unknown} (known: {list(TOOL_FIELDS)})")
-    config = _load(c, thresholds, tool) if check_files else None
+    config = _load(c, thresholds, dict(tool, parameters=dict(values or {}))) if check_files else None
     if c.problems:
         raise ParameterValidationError(c.problems)
-    return c.settings(config=config)
+    return NodeSettings(alert=c.alert, inputs=c.inputs, config=config,
+                        **{spec.attr: v[spec.name] for spec in PARAMETERS if not spec.name.startswith(ALERT_PREFIX)})
 
 
 def _load(c: Checked, thresholds: bool, tool: Mapping[str, Any]) -> Optional[ScorerConfig]:
@@ -235,12 +240,13 @@ FLAG_PARAMETERS: Dict[str, Optional[str]] = {"id_set": "label_set", "thresholds"
 _NAMES = frozenset(p.name for p in PARAMETERS)
 
 
-def parameters_from_args(args) -> Dict[str, Any]:
-    """The node parameters that the arguments of a namespace name (None values skipped): a flag under
-    the parameter of its name or :data:`FLAG_PARAMETERS`'; ``--device`` resolved to the node's ``cpu`` /
-    ``cuda``; ``--pretrained none`` -> empty; ``--scorer all`` -> RUNA's; ``--offline`` (or the offline
-    environment) -> ``allow_download`` false."""
-    p: Dict[str, Any] = {}
+def parameters_from_args(args, base: Optional[Mapping[str, Any]] = None,
+                         overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The node parameters of a namespace: ``base``, then the parameters its arguments name (None values
+    skipped): a flag under the parameter of its name or :data:`FLAG_PARAMETERS`'; ``--device`` resolved to
+    the node's ``cpu`` / ``cuda``; ``--pretrained none`` -> empty; ``--scorer all`` -> RUNA's;
+    ``--offline`` (or the offline environment) -> ``allow_download`` false; last ``overrides``."""
+    p: Dict[str, Any] = dict(base or {})
     for dest, value in sorted(vars(args).items()):
         name = FLAG_PARAMETERS.get(dest, dest)
         if name is not None and name in _NAMES and value is not None:
@@ -253,19 +259,20 @@ def parameters_from_args(args) -> Dict[str, Any]:
         p["pretrained"] = "" if text.lower() in ("", "none", "null", "random") else text
     if p.get("scorer") == "all":
         p["scorer"] = DEFAULT_SCORER
-    for k in ("projection", "thresholds_file", "label_set"):
-        if k in p:
-            p[k] = str(p[k] or "")
+    for k in ("projection", "thresholds_file"):  # written out, empty = none (reports, a live node alike)
+        p[k] = str(p.get(k) or "")
+    p["label_set"] = str(p.get("label_set") or default("label_set"))
     p["allow_download"] = not (bool(getattr(args, "offline", False)) or env_offline())
+    p.update(overrides or {})
     return p
 
 
-def from_args(args, overrides: Optional[Mapping[str, Any]] = None, *, thresholds: bool = True,
-              need_head: bool = True, **tool) -> ScorerConfig:
-    """The :class:`ScorerConfig` of a command line: :func:`parameters_from_args` with ``overrides`` on top
-    -> :func:`from_parameters`."""
-    return from_parameters({**parameters_from_args(args), **dict(overrides or {})}, thresholds=thresholds,
-                           need_head=need_head, **tool)
+def from_args(args, overrides: Optional[Mapping[str, Any]] = None, *, base: Optional[Mapping[str, Any]] = None,
+              thresholds: bool = True, need_head: bool = True, **tool) -> ScorerConfig:
+    """The :class:`ScorerConfig` of a command line: :func:`parameters_from_args` (``base`` under the
+    arguments, ``overrides`` over them) -> :func:`from_parameters`; ``config.parameters`` holds the values."""
+    return from_parameters(parameters_from_args(args, base, overrides), thresholds=thresholds, need_head=need_head,
+                           **tool)
 
 
 def from_yaml(path, node_name: str = "runa_ood", overrides: Optional[Mapping[str, Any]] = None, *,

@@ -28,8 +28,8 @@ When parameters take effect:
 Units: seconds (``*_s``), milliseconds (``*_ms``), pixels (``blur_radius`` at the encoder input
 resolution, ``min_box_size`` in original image pixels), fractions in [0, 1] (``alert.*_frac``,
 ``alert.roi`` in normalised image coordinates). Uncertainty thresholds are in the units of the
-chosen scorer (``runa``: ``-max cosine``, higher = more OOD; a box is OOD when
-``uncertainty > threshold``). ``default_threshold`` is in ``runa`` units only: any other scorer
+chosen scorer (RUNA's ``max_cosine``, old name ``runa``: ``-max cosine``, higher = more OOD; a box is
+OOD when ``uncertainty > threshold``). ``default_threshold`` is in its units only: any other scorer
 needs a ``thresholds_file`` calibrated for it (``runa-ood calibrate --scorer <name>``), else
 validation fails.
 
@@ -46,29 +46,27 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .alerts import AlertConfig
-from . import registry
-from .registry import BACKENDS, DEVICES, METHODS, PRECISIONS, SCORERS, resolve_precision
+from .registry import BACKENDS, DEVICES, METHODS, PRECISIONS, SCORER_ALIASES, SCORERS, canonical_scorer, resolve_precision
 from .roi import parse_roi
 
 __all__ = [
     "ParamSpec", "PARAMETERS", "NodeSettings", "AlertSettings", "ParameterValidationError", "check", "Checked",
-    "canonical_scorer", "DEFAULT_SCORER", "SCORER_CHOICES",
+    "canonical_scorer", "DEFAULT_SCORER", "SCORER_CHOICES", "ALERT_PREFIX",
     "defaults", "default", "LIVE_PARAMETERS", "UNCALIBRATED_DEFAULT_THRESHOLD", "QOS_CHOICES", "TRANSPORTS",
     "CAMERA_OVERRIDES", "CameraInputs", "camera_parameter", "closest_parameter",
 ]
 
-#: old scorer names still accepted (``core.registry.SCORER_ALIASES``: ``runa`` -> its new name)
-_SCORER_ALIASES: Dict[str, str] = dict(getattr(registry, "SCORER_ALIASES", {}))  # until the rename lands
-#: the scorer parameter's choices: the registry's scorers and their old names
-SCORER_CHOICES: Tuple[str, ...] = tuple(SCORERS) + tuple(a for a in _SCORER_ALIASES if a not in SCORERS)
+#: the scorer parameter's choices: the registry's scorers and their old names (``core.registry.SCORER_ALIASES``:
+#: parameter files written with an old name keep working; validation maps it to the new one)
+SCORER_CHOICES: Tuple[str, ...] = tuple(SCORERS) + tuple(a for a in SCORER_ALIASES if a not in SCORERS)
 #: RUNA's max-cosine scorer (the only one ``default_threshold`` is meaningful for)
-DEFAULT_SCORER = _SCORER_ALIASES.get("runa", "runa")
+DEFAULT_SCORER = canonical_scorer("runa")
 QOS_CHOICES = ("sensor_data", "reliable")
 TRANSPORTS = ("raw", "compressed")
 #: parameters applied immediately while the node is active (the rest at the next configure)
 LIVE_PARAMETERS = ("publish_annotated", "lazy")
 
-#: Used as ``default_threshold``: an *uncalibrated* guess in ``runa`` units (-max cosine) for
+#: Used as ``default_threshold``: an *uncalibrated* guess in RUNA's ``max_cosine`` units (-max cosine) for
 #: ViT-B/16 OpenAI weights, where ID boxes typically reach cosine 0.26-0.33 to their prompt.
 #: Calibrate (``runa-ood calibrate``) and set ``thresholds_file`` for real use.
 UNCALIBRATED_DEFAULT_THRESHOLD = -0.24
@@ -235,21 +233,23 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
            0.0, 1.0),
         _P("blur_radius", 1.0, "Gaussian sigma (px at the encoder input size) of the global view's blur "
            "(paper: 1).", 0.0, 50.0),
-        _P("scorer", DEFAULT_SCORER, "Uncertainty score.", choices=SCORER_CHOICES),
+        _P("scorer", DEFAULT_SCORER, f"Uncertainty score ({DEFAULT_SCORER}: RUNA's -max cosine"
+           + "".join(f"; {old} = {new}, its old name" for old, new in SCORER_ALIASES.items()) + ").",
+           choices=SCORER_CHOICES),
         _P("temperature", 1.0, "Temperature of the mcm and energy scorers.", 1e-4, 1000.0),
         _P("label_set", "voc", "In-distribution label set: built-in voc, bdd, coco, or a YAML file (path or "
            "name in calibration/)."),
         _P("thresholds_file", "", "Calibrated thresholds YAML (`runa-ood calibrate`), path or name in "
            "calibration/. It records what it was fitted for (model, weights, scorer, ablation, lam, blur, "
            "label set, projection); configure fails when that differs from this node's configuration. Empty = "
-           "use default_threshold for every label (scorer runa only: the other scorers need a thresholds "
+           f"use default_threshold for every label (scorer {DEFAULT_SCORER} only: the other scorers need a thresholds "
            "file calibrated for them)."),
         _P("thresholds_allow_mismatch", False, "Use a thresholds_file although it was fitted for another "
            "configuration (or records none): configure then only warns, and /diagnostics reports "
            "thresholds_mismatch. For experiments; re-calibrate for real use."),
-        _P("default_threshold", UNCALIBRATED_DEFAULT_THRESHOLD, "Uncertainty threshold in runa units (-max "
-           "cosine) used for every label when thresholds_file is empty; a box is OOD when "
-           "uncertainty > threshold. Only valid with scorer=runa. The default -0.24 is an uncalibrated guess "
+        _P("default_threshold", UNCALIBRATED_DEFAULT_THRESHOLD, f"Uncertainty threshold in {DEFAULT_SCORER} units "
+           "(-max cosine) used for every label when thresholds_file is empty; a box is OOD when "
+           f"uncertainty > threshold. Only valid with scorer={DEFAULT_SCORER}. The default -0.24 is an uncalibrated guess "
            "for ViT-B/16 OpenAI weights: calibrate for real use.", -1e6, 1e6),
         _P("max_boxes", 100, "Score at most this many boxes per frame, highest detector score first; the rest "
            "get status NOT_SCORED. 0 = no cap.", 0, 100000),
@@ -319,7 +319,7 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
 )
 
 _BY_NAME: Dict[str, ParamSpec] = {p.name: p for p in PARAMETERS}
-_ALERT_PREFIX = "alert."
+_ALERT_PREFIX = ALERT_PREFIX = "alert."  # the rows that form NodeSettings.alert
 
 
 def defaults() -> Dict[str, Any]:
@@ -489,12 +489,6 @@ class Checked:
     inputs: Tuple[CameraInputs, ...]
     problems: List[str]
 
-    def settings(self, config=None) -> "NodeSettings":
-        """The :class:`NodeSettings` of these values (``config``: the ``ScorerConfig``, or None)."""
-        return NodeSettings(alert=self.alert, inputs=self.inputs, config=config,
-                            **{spec.attr: self.values[spec.name] for spec in PARAMETERS
-                               if not spec.name.startswith(_ALERT_PREFIX)})
-
 
 def check(values: Optional[Mapping[str, Any]] = None) -> Checked:
     """Check raw parameter values against the table (missing names take their defaults): each value's
@@ -552,11 +546,6 @@ def _alert_settings(v: Mapping[str, Any], problems: List[str]) -> AlertSettings:
         takeover_min_area_frac=None if area < 0 else area, takeover_min_bottom_frac=None if bottom < 0 else bottom,
         roi=None if roi is None else tuple(roi), takeover_k=tk or None, match_iou=v["alert.match_iou"],
         use_detection_ids=v["alert.use_detection_ids"])
-
-
-def canonical_scorer(name: str) -> str:
-    """A scorer's name with the registry's aliases mapped (``runa`` -> its new name once renamed)."""
-    return _SCORER_ALIASES.get(name, name)
 
 
 def _check_value(spec: ParamSpec, value: Any, problems: List[str]) -> Any:

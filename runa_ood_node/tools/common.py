@@ -30,6 +30,7 @@ instead of open_clip retrying a download for about a minute.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -197,28 +198,31 @@ TOOL_PARAMETERS: Dict[str, Any] = {"max_boxes": 0, "backend": "torch", "image_qo
 
 def node_parameters_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, random_weights: bool = False,
                               image_topic: Optional[str] = None, n_frames: int = 100) -> Dict[str, Any]:
-    """The node parameters of a tool run (for a live node too): THE converter from command-line arguments.
+    """The node parameters of a tool run (a live node's too): THE converter from command-line arguments.
 
     In order (later wins): :data:`TOOL_PARAMETERS`; ``core.config.parameters_from_args`` (every
     argument whose destination is a node parameter name or in ``FLAG_PARAMETERS``; ``--device``
     resolved, ``--pretrained none`` -> empty, ``--scorer all`` -> RUNA's, ``allow_download`` from
-    ``--offline``); the topic settings of ``image_topic`` (a ``.../compressed`` topic -> compressed
-    transport) and queue / pairing sizes of a bag of ``n_frames`` images; the seeded random model when
-    ``random_weights``; ``overrides``; last ``--node-params name:=value`` (``args.node_params``).
+    ``--offline``); then :func:`_run_parameters`: the bag's topics and queue sizes, the seeded random
+    model when ``random_weights``, ``overrides``, ``--node-params name:=value`` (``args.node_params``).
     """
-    p: Dict[str, Any] = dict(TOOL_PARAMETERS)
-    p.update(scorer_config.parameters_from_args(args))
-    p.setdefault("pretrained", "")
-    for k in ("projection", "thresholds_file"):
-        p[k] = str(p.get(k) or "")
-    p.setdefault("label_set", NODE_DEFAULTS["label_set"])
+    return scorer_config.parameters_from_args(
+        args, TOOL_PARAMETERS, _run_parameters(args, overrides, random_weights, image_topic, n_frames))
+
+
+def _run_parameters(args, overrides: Optional[Dict[str, Any]], random_weights: bool, image_topic: Optional[str],
+                    n_frames: int) -> Dict[str, Any]:
+    """What a run sets over its arguments: the topic settings of ``image_topic`` (a ``.../compressed``
+    topic -> compressed transport) and queue / pairing sizes of a bag of ``n_frames`` images; the seeded
+    random model when ``random_weights``; ``overrides``; last ``--node-params name:=value``."""
+    p: Dict[str, Any] = {}
     if image_topic:
         from . import bagio
 
         compressed = image_topic.endswith("/compressed")
         p.update(image_topic=image_topic[: -len("/compressed")] if compressed else image_topic,
-                 image_transport="compressed" if compressed else "raw")
-        p.setdefault("detections_topic", bagio.DETECTIONS_TOPIC)
+                 image_transport="compressed" if compressed else "raw",
+                 detections_topic=getattr(args, "detections_topic", None) or bagio.DETECTIONS_TOPIC)
     n = int(n_frames)
     p.update(image_queue_size=max(5, min(1000, n)), detections_queue_size=max(10, min(1000, n)),
              processing_queue_size=max(2, min(100, n)), pairing_buffer=max(30, min(1000, n)))
@@ -299,17 +303,19 @@ def config_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablati
 
         if not torch.cuda.is_available():
             raise fail([f"--device {device}: CUDA is not available here; use --device cpu or --device auto"])
-    kw = dict(image_topic=image_topic, n_frames=n_frames)
-    params, reason = node_parameters_from_args(args, overrides, **kw), None
-    if not params["pretrained"] and not params.get("allow_random_weights"):
-        params = node_parameters_from_args(args, overrides, random_weights=True, **kw)
-        reason = f"no pretrained weights requested for {params['model']!r} (--pretrained " \
-                 f"{getattr(args, 'pretrained', None)})"
-    try:
-        config = scorer_config.from_parameters(params, thresholds=apply_thresholds, need_head=not fit_head,
-                                               ablation=ablation)
+    extra = _run_parameters(args, overrides, False, image_topic, n_frames)
+    reason = None
+    if not _pretrained_arg(extra.get("pretrained", getattr(args, "pretrained", None))) \
+            and not extra.get("allow_random_weights"):  # no weights asked for: the seeded random model's
+        extra = _run_parameters(args, overrides, True, image_topic, n_frames)
+        reason = f"no pretrained weights requested for {extra.get('model', getattr(args, 'model', None))!r} " \
+                 f"(--pretrained {getattr(args, 'pretrained', None)})"
+    try:  # ONE validation into the typed config: the arguments' parameters over TOOL_PARAMETERS, then the run's
+        config = scorer_config.from_args(args, extra, base=TOOL_PARAMETERS, thresholds=apply_thresholds,
+                                         need_head=not fit_head, ablation=ablation)
     except ValueError as exc:
         raise fail([f"invalid settings: {exc}"])
+    params = dict(config.parameters)
     return config, params, reason
 
 
@@ -346,7 +352,8 @@ def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablati
         if not config.allow_random:
             _log_weights_source(config.model, config.pretrained, config.allow_download)
         try:
-            scorer = _build(config)
+            with _build_failures(config.model, config.backend):
+                scorer = build_scorer(config)
         except WeightsUnavailableError as exc:
             reason = str(exc)
     if scorer is None:
@@ -355,7 +362,8 @@ def scorer_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, ablati
                         f"{getattr(args, 'pretrained', None)}):", *_wrap(reason), "", *_WEIGHTS_HELP(config.model)])
         params = {**params, "pretrained": "", "allow_random_weights": True}
         config = config.replace(pretrained="", allow_random=True)
-        scorer = _build(config)
+        with _build_failures(config.model, config.backend):
+            scorer = build_scorer(config)
         banner([RANDOM_LABEL, f"model {config.model!r} runs with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}) because:",
                 *_wrap(reason), "Use this run to test plumbing only."])
     mismatch = _check_thresholds(config, scorer) if apply_thresholds else []
@@ -414,21 +422,22 @@ def _log_weights_source(model: str, pretrained: str, download: bool) -> None:
                  "takes about a minute to fail; --offline fails at once)", model, pretrained)
 
 
-def _build(config):
-    """``factory.build_scorer(config)``; every failure but missing weights becomes ``fail`` (exit 2)."""
+@contextlib.contextmanager
+def _build_failures(model: str, backend: str):
+    """Around ``factory.build_scorer``: every failure but missing weights becomes ``fail`` (exit 2)."""
     from ..core.encoder import WeightsUnavailableError
 
     try:
-        return build_scorer(config)
+        yield
     except WeightsUnavailableError:
         raise
     except Exception as exc:
         name = type(exc).__name__
         if name == "BackendUnavailableError":
-            raise fail([f"backend {config.backend!r} is not available: {exc}",
+            raise fail([f"backend {backend!r} is not available: {exc}",
                         "use --backend auto (falls back TensorRT -> ONNX Runtime -> torch) or --backend torch"])
         if isinstance(exc, (OSError, ValueError, KeyError, ImportError, RuntimeError)):
-            raise fail([f"cannot build the pipeline for model {config.model!r}: {name}: {exc}"])
+            raise fail([f"cannot build the pipeline for model {model!r}: {name}: {exc}"])
         raise
 
 

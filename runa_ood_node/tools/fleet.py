@@ -31,11 +31,12 @@ with bags and leaves partial files behind when a run dies. The rows that come ba
 pixels, except a few thumbnails of top-K candidates), so writing them from the driver is cheap.
 
 Same method as ``runa-ood evaluate --bag``: the scorer comes from the tools' one path
-(``common.scorer_from_args``: arguments -> node parameters -> the node's validation ->
-``factory.build_node_scorer`` -> the node's thresholds fit check, ``--allow-threshold-mismatch``
-as in ``evaluate``; ``--ablation`` applied), every actor builds its scorer from the same
-parameters (``common.scorer_from_parameters``), frames come from the same bag reader with the same
-pairing and decoding, so per-box results equal ``evaluate --bag`` (tested).
+(``common.scorer_from_args``: arguments -> node parameters -> one validation into a
+``core.config.ScorerConfig`` -> ``factory.build_scorer`` -> the node's thresholds fit check,
+``--allow-threshold-mismatch`` as in ``evaluate``; ``--ablation`` applied), every actor builds its
+scorer from that same ScorerConfig (``factory.build_scorer``: its files were loaded once, on the
+driver), frames come from the same bag reader with the same pairing and decoding, so per-box results
+equal ``evaluate --bag`` (tested).
 
 No box is lost without a count: the read side's end marker of a bag lists every frame it sent with
 its box count, every scored row carries its frame's row count, and the driver commits a bag only
@@ -297,15 +298,30 @@ def _read_schema():
                       ("info", pa.string())])
 
 
+def _bag_topic(path, image_topic: Optional[str]) -> Tuple[str, int]:
+    """The image topic read from the bag at ``path`` (``image_topic``, else the bag's) and its message count."""
+    info = bagio.bag_info(path)
+    topic = image_topic or bagio.pick_image_topic(info.topics) or bagio.IMAGE_TOPIC
+    return topic, info.counts.get(topic, 0)
+
+
 def bag_node_parameters(args_ns, random_weights: bool, path, image_topic: Optional[str]) -> Dict[str, Any]:
     """The node parameters ``evaluate --bag`` uses for this bag (``common.node_parameters_from_args``
     with the bag's image topic and image count: the pairing buffer follows it)."""
     from . import common
 
-    info = bagio.bag_info(path)
-    topic = image_topic or bagio.pick_image_topic(info.topics) or bagio.IMAGE_TOPIC
-    return common.node_parameters_from_args(args_ns, random_weights=random_weights, image_topic=topic,
-                                            n_frames=info.counts.get(topic, 0))
+    topic, n = _bag_topic(path, image_topic)
+    return common.node_parameters_from_args(args_ns, random_weights=random_weights, image_topic=topic, n_frames=n)
+
+
+def scorer_config_for_bag(args_ns, path, image_topic: Optional[str] = None):
+    """The ``core.config.ScorerConfig`` ``evaluate --bag`` builds for the bag at ``path`` (its image topic
+    and image count; ``common.config_from_args``): what a score actor is built from (``ScoreFrames(config)``;
+    a fleet run builds one for every bag, ``common.scorer_from_args``, on the driver)."""
+    from . import common
+
+    topic, n = _bag_topic(path, image_topic)
+    return common.config_from_args(args_ns, image_topic=topic, n_frames=n)[0]
 
 
 def iter_bag_frames(path, image_topic: Optional[str], detections_topic: str, gt_topic: Optional[str],
@@ -501,8 +517,8 @@ def crop_and_context(rgb: np.ndarray, box, crop_px: int = 160, context_w: int = 
 
 class ScoreFrames:
     """``map_batches`` callable class of the score stage: one scorer (one model) per actor, built
-    by ``common.scorer_from_parameters(params, ablation)`` (``factory.build_node_scorer``: the
-    node's construction, as ``evaluate --bag`` builds it). A batch holds frames of one or several
+    by ``factory.build_scorer(config)`` from the driver's ``core.config.ScorerConfig`` (the node's
+    construction, as ``evaluate --bag`` builds it; ``config.ablation`` applied). A batch holds frames of one or several
     bags, scored together: ``OodScorer.score_frames`` sends the views of every box of the batch
     through the visual trunk in one backend call (equal to the node's per-frame ``score``). Every
     frame becomes one row per box (a ``frame`` row when it has no box, or when scoring it failed:
@@ -512,15 +528,15 @@ class ScoreFrames:
     within the batch carry a crop and a context thumbnail: the union of those is a superset of
     every bag's (and the fleet's) top K, at a bounded cost per batch."""
 
-    def __init__(self, params: Dict[str, Any], threads: int = 0, top_k: int = 50, ablation: str = "dual"):
+    def __init__(self, config, threads: int = 0, top_k: int = 50):
         import torch
 
-        from . import common
+        from ..factory import build_scorer
 
         if threads > 0:
             torch.set_num_threads(int(threads))
         logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] %(name)s: %(message)s")
-        self.scorer, _ = common.scorer_from_parameters(params, ablation)
+        self.scorer = build_scorer(config)
         self.model_id = str(self.scorer.encoder.model_id)
         self.top_k = int(top_k)
         self.pid = os.getpid()
@@ -959,9 +975,9 @@ def run(args) -> int:
     refs = expand_inputs(args.inputs)
     if not refs:
         raise common.fail([f"no bags in {args.inputs}"])
-    # the one path of every tool (common.scorer_from_args): arguments -> node parameters -> the
-    # node's validation -> factory.build_node_scorer -> the node's thresholds fit check (exit 2 on a
-    # mismatch unless --allow-threshold-mismatch); the actors build theirs from the same parameters
+    # the one path of every tool (common.scorer_from_args): arguments -> node parameters -> one
+    # validation into a ScorerConfig -> factory.build_scorer -> the node's thresholds fit check (exit 2
+    # on a mismatch unless --allow-threshold-mismatch); the actors build theirs from the same config
     built = common.scorer_from_args(args, image_topic=args.image_topic or bagio.IMAGE_TOPIC)
     rw = built.random_weights
     params = built.params
@@ -994,8 +1010,8 @@ def run(args) -> int:
     t_run = time.perf_counter()
     perf: Dict[str, Any] = {"bags_scored": len(todo)}
     if todo:
-        perf.update(_run_pipeline(args, todo, params, identity, device, out, summaries, progress, config_hash,
-                                  built.ablation))
+        perf.update(_run_pipeline(args, todo, built.config, identity, device, out, summaries, progress,
+                                  config_hash))
     perf["wall_s"] = round(time.perf_counter() - t_run, 3)
 
     summaries.sort(key=lambda s: s["bag"])
@@ -1029,8 +1045,7 @@ def run(args) -> int:
     return 0
 
 
-def _run_pipeline(args, todo, params, identity, device, out, summaries, progress, config_hash,
-                  ablation: str = "dual") -> Dict[str, Any]:
+def _run_pipeline(args, todo, config, identity, device, out, summaries, progress, config_hash) -> Dict[str, Any]:
     import torch
     from tqdm import tqdm
 
@@ -1065,8 +1080,8 @@ def _run_pipeline(args, todo, params, identity, device, out, summaries, progress
         ds = ds.map_batches(ReadBags(args.image_topic, args.detections_topic, args.gt_topic or None,
                                      args_ns, identity["random_weights"], args.batch_frames),
                             batch_size=1, batch_format="pyarrow", num_cpus=read_cpus)
-        ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"params": params, "threads": 0 if n_gpus else threads,
-                                                                "top_k": args.top_k, "ablation": ablation},
+        ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"config": config, "threads": 0 if n_gpus else threads,
+                                                                "top_k": args.top_k},
                             batch_size=args.batch_frames, batch_format="pyarrow", concurrency=workers,
                             num_cpus=actor_cpus, num_gpus=1 if n_gpus else None)
         states = {key: BagState(ref, key) for ref, key in todo}

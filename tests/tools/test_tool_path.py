@@ -112,7 +112,7 @@ def test_read_and_score_stages_count_every_row(small_bag):
     assert rows[-1]["kind"] == "bag_end" and end["frames_sent"] == len(frames) == 3
     assert end["frame_boxes"] == {str(r["frame_index"]): r["n_boxes"] for r in frames}
     assert end["boxes_read"] == end["boxes_sent"] == sum(r["n_boxes"] for r in frames) > 3
-    score = fleet.ScoreFrames(built.params, top_k=1000, ablation=built.ablation)
+    score = fleet.ScoreFrames(built.config, top_k=1000)  # the driver's typed config, as Ray hands it on
     assert score.scorer.ablation == "global"
     out = score(pa.Table.from_pylist(rows[1:], schema=fleet._read_schema())).to_pylist()  # frames 1, 2 + end
     out += score(pa.Table.from_pylist(rows[:1], schema=fleet._read_schema())).to_pylist()

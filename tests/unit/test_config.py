@@ -23,7 +23,10 @@ def test_every_field_is_a_table_row_with_the_tables_default():
     seen = set()
     for f in dataclasses.fields(C.ScorerConfig):
         meta = f.metadata
-        assert ("param" in meta) + ("params" in meta) + ("tool" in meta) == 1, f.name  # exactly one origin
+        assert ("param" in meta) + ("params" in meta) + ("tool" in meta) + ("source" in meta) == 1, f.name
+        if "source" in meta:  # the parameter values it was built from
+            assert f.name == "parameters" and not f.compare
+            continue
         if "tool" in meta:
             assert f.name in C.TOOL_FIELDS
             continue
@@ -69,6 +72,7 @@ def test_three_builders_make_the_same_config(tmp_path):
         assert cfg.label_set.name == "bdd" and cfg.method_settings.lam == 0.25 and cfg.max_boxes == 0
         assert cfg.model == from_params.model and cfg.backend == "torch" and cfg.pretrained == ""
     assert from_cli.allow_download is False  # --offline
+    assert from_cli.parameters["label_set"] == "bdd" and from_params.parameters == values  # where each came from
 
 
 def test_validated_once_every_problem_listed_and_files_loaded_once(tmp_path):
