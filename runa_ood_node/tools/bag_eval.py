@@ -492,8 +492,8 @@ def run_bag(args) -> int:
         raise common.fail([f"--live runs the node, which always scores both views: --ablation "
                            f"{args.ablation} cannot be applied there (drop --live to score it offline)"])
     n_frames = info.counts.get(image_topic, 0)
-    # the one path (tools.common.scorer_from_args): arguments -> node parameters -> the node's
-    # validation -> factory.build_node_scorer -> the node's thresholds fit check
+    # the one path (tools.common.scorer_from_args): arguments -> node parameters -> one validation into
+    # a core.config.ScorerConfig -> factory.build_scorer -> the node's thresholds fit check
     built = common.scorer_from_args(args, image_topic=image_topic, n_frames=n_frames)
     scorer, params = built.scorer, built.params
     rw = built.random_weights

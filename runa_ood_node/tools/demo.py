@@ -199,7 +199,7 @@ def load_scorer(args, base_params: Dict[str, Any]):
 
 
 def _scorer(params: Dict[str, Any]):
-    """The scorer the node builds from ``params`` (``factory.build_node_scorer``)."""
+    """The scorer the node builds from ``params`` (``core.config.from_parameters`` -> ``factory.build_scorer``)."""
     from .common import scorer_from_parameters
 
     return scorer_from_parameters(params)[0]

@@ -231,7 +231,7 @@ def _run_dataset(args) -> int:
             LOG.warning("method %s has none of the ablations %s: skipped", method, ablations)
             continue
         # one pipeline per method (the tools' one path, common.scorer_from_args ->
-        # factory.build_node_scorer): its encode() runs once per frame, its score_features() once per
+        # factory.build_scorer): its encode() runs once per frame, its score_features() once per
         # scorer x ablation; --thresholds are checked and applied per run below (_check_thresholds)
         ref = common.scorer_from_args(args, {"scorer": run_scorers[0], "method": method, "head": head},
                                       ablation=abls[0], apply_thresholds=False).scorer
