@@ -344,7 +344,8 @@ class OodScorer:
     Args:
         encoder: a loaded :class:`DualEncoder`.
         label_set: :class:`LabelSet`, or a built-in name / YAML path for :func:`load_label_set`.
-        scorer: one of ``core.registry.SCORERS`` (``"runa"`` = -max cosine, paper Eq. 6).
+        scorer: one of ``core.registry.SCORERS`` (``"max_cosine"`` = -max cosine, paper Eq. 6; old names
+            of ``SCORER_ALIASES`` such as ``"runa"`` are accepted and stored under the new name).
         lam: RUNA's fusion weight of the regional view in [0, 1] (paper: 0.5); used by ``"dual"``
             (with ``blur_radius``: RUNA's settings when ``settings`` is None; other methods ignore both).
         blur_radius: Gaussian sigma of the global view in px at the encoder input size (paper: 1).
@@ -369,7 +370,7 @@ class OodScorer:
             ``lam`` / ``blur_radius``.
     """
 
-    def __init__(self, encoder: DualEncoder, label_set, scorer: str = "runa", lam: float = 0.5,
+    def __init__(self, encoder: DualEncoder, label_set, scorer: str = "max_cosine", lam: float = 0.5,
                  blur_radius: float = 1.0, ablation: str = "dual", thresholds=None,
                  max_boxes: Optional[int] = None, min_box_size: float = 2.0, temperature: float = 1.0,
                  max_batch: Optional[int] = None, view_maker=None, method: str = "runa", head=None,

@@ -25,11 +25,12 @@ __all__ = ["METHODS", "DEFAULT_METHOD", "SCORERS", "TEMPERATURE_SCORERS", "ABLAT
            "BoxStatus", "STATUS_TEXT", "BOX_STATUSES", "AlertLevel", "ALERT_LEVELS", "resolve_device",
            "resolve_precision"]
 
-#: uncertainty scores (``core.scoring.score(method=...)``); ``runa`` is the paper's (Eq. 6)
-SCORERS: Tuple[str, ...] = ("runa", "mcm", "energy", "sum")
-#: old scorer names -> their names now (parameter and thresholds files written with the old name keep working)
-SCORER_ALIASES: Dict[str, str] = {}
-#: the scorers that use ``temperature`` (``runa`` and ``sum`` ignore it)
+#: uncertainty scores (``core.scoring.score(method=...)``); ``max_cosine`` (-max cosine) is RUNA's paper's (Eq. 6)
+SCORERS: Tuple[str, ...] = ("max_cosine", "mcm", "energy", "sum")
+#: old scorer names -> their names now (parameter and thresholds files written with the old name keep working):
+#: ``runa`` was both a method and this scorer's name
+SCORER_ALIASES: Dict[str, str] = {"runa": "max_cosine"}
+#: the scorers that use ``temperature`` (``max_cosine`` and ``sum`` ignore it)
 TEMPERATURE_SCORERS: Tuple[str, ...] = ("mcm", "energy")
 #: which views a box embedding fuses: dual (RUNA, lam), regional (crop only), global (blurred frame only)
 ABLATIONS: Tuple[str, ...] = ("dual", "regional", "global")

@@ -17,7 +17,8 @@ Scorers (``SCORERS``), with ``s_i = cos(I_t, T(t_i))`` and temperature ``T > 0``
 ========== ==================================== ===================================================
 method     uncertainty                          notes
 ========== ==================================== ===================================================
-``runa``   ``-max_i s_i``                       paper Eq. 6 (max similarity). Range [-1, 1].
+``max_cosine`` ``-max_i s_i``                   paper Eq. 6 (max similarity). Range [-1, 1].
+                                                Old name ``runa`` (``core.registry.SCORER_ALIASES``).
 ``mcm``    ``-max_i softmax(s / T)_i``          paper Eq. 2 (Ming et al. 2022). Range [-1, -1/K].
                                                 T = 1 is the MCM paper's default; the RUNA paper
                                                 shows T = 1 and T = 100 (Fig. 4). Note: the
@@ -26,11 +27,11 @@ method     uncertainty                          notes
 ``energy`` ``-T * logsumexp_i(s_i / T)``        the free energy of the logits ``s / T`` (Liu et al.
                                                 2020); lower energy = more ID, so the energy
                                                 itself is the uncertainty. As T -> 0 it tends
-                                                to ``runa``.
+                                                to ``max_cosine``.
 ``sum``    ``-sum_i s_i``                       paper Eq. 5 (direct sum), shown to work poorly.
 ========== ==================================== ===================================================
 
-``runa`` and ``sum`` ignore ``temperature``. All computation is done in float64 and returned as
+``max_cosine`` and ``sum`` ignore ``temperature``. All computation is done in float64 and returned as
 float32 numpy arrays, whatever the input type (``torch.Tensor`` or ``np.ndarray``), because the
 per-frame results (``FrameResult``) are numpy.
 """
@@ -45,11 +46,12 @@ try:  # torch is optional for this module: numpy-only callers (metrics, tools) n
 except ImportError:  # pragma: no cover - torch is a hard dependency of the package
     torch = None
 
-__all__ = ["SCORERS", "ScoreOutput", "cosine_similarities", "score"]
+__all__ = ["SCORERS", "SCORER_ALIASES", "ScoreOutput", "cosine_similarities", "score"]
 
-#: Valid values of ``score(..., method=...)`` (``core.registry.SCORERS``); ``runa`` is the paper's (Eq. 6).
+#: Valid values of ``score(..., method=...)`` (``core.registry.SCORERS``; the old names of
+#: ``SCORER_ALIASES`` are accepted too); ``max_cosine`` is the paper's (Eq. 6).
 #: (Named SCORERS, not METHODS: the OOD methods are ``core.registry.METHODS``, ``core.methods``.)
-from .registry import SCORERS, TEMPERATURE_SCORERS  # noqa: E402
+from .registry import SCORER_ALIASES, SCORERS, TEMPERATURE_SCORERS, canonical_scorer  # noqa: E402
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]
 
@@ -139,15 +141,16 @@ def _to_numpy64(sims: ArrayLike) -> np.ndarray:
     return np.asarray(sims, dtype=np.float64)
 
 
-def score(sims: ArrayLike, method: str = "runa", temperature: float = 1.0) -> ScoreOutput:
+def score(sims: ArrayLike, method: str = "max_cosine", temperature: float = 1.0) -> ScoreOutput:
     """Uncertainty of each box from its cosine similarities to the K ID prompts.
 
     Args:
         sims: ``[M, K]`` cosine similarities (``cosine_similarities`` output), torch or numpy.
             M may be 0; K must be >= 1.
-        method: one of :data:`SCORERS` (see the module docstring for the formulas).
+        method: one of :data:`SCORERS` or an old name of :data:`SCORER_ALIASES` (see the module
+            docstring for the formulas).
         temperature: T > 0 for ``mcm`` and ``energy`` (dimensionless, divides the cosines);
-            ignored by ``runa`` and ``sum``.
+            ignored by ``max_cosine`` and ``sum``.
 
     Returns:
         :class:`ScoreOutput` of numpy arrays of length M.
@@ -156,8 +159,10 @@ def score(sims: ArrayLike, method: str = "runa", temperature: float = 1.0) -> Sc
         ValueError: unknown method (the message lists the valid ones), bad temperature, or
             ``sims`` not 2-D with K >= 1.
     """
+    method = canonical_scorer(method)
     if method not in SCORERS:
-        raise ValueError(f"unknown scoring method {method!r}; valid methods: {', '.join(SCORERS)}")
+        raise ValueError(f"unknown scoring method {method!r}; valid methods: {', '.join(SCORERS)} "
+                         f"(old names: {', '.join(SCORER_ALIASES)})")
     t = float(temperature)
     if method in TEMPERATURE_SCORERS and not (np.isfinite(t) and t > 0.0):
         raise ValueError(f"temperature must be a finite number > 0 for {method!r}, got {temperature!r}")
@@ -177,7 +182,7 @@ def score(sims: ArrayLike, method: str = "runa", temperature: float = 1.0) -> Sc
         v = s[valid]
         idx = np.argmax(v, axis=1)
         smax = v[np.arange(v.shape[0]), idx]
-        if method == "runa":
+        if method == "max_cosine":
             u = -smax
         elif method == "sum":
             u = -v.sum(axis=1)

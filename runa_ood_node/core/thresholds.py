@@ -11,11 +11,11 @@ Thresholds file (YAML, written by :meth:`Thresholds.save`)::
 
     format_version: 1
     tpr: 0.95
-    global: -0.2413           # uncertainty units of the scorer (e.g. -max cosine for "runa")
+    global: -0.2413           # uncertainty units of the scorer (e.g. -max cosine for "max_cosine")
     per_class: {car: -0.25, person: -0.23}
-    meta: {n: 1200, n_per_class: {...}, model_id: ..., scorer: runa, label_set: bdd,
+    meta: {n: 1200, n_per_class: {...}, model_id: ..., scorer: max_cosine, label_set: bdd,
            created: 2026-01-01T00:00:00+00:00, ...,
-           fitted_for: {model: ViT-B-16, weights: "tag:openai|quickgelu", scorer: runa,
+           fitted_for: {model: ViT-B-16, weights: "tag:openai|quickgelu", scorer: max_cosine,
                         ablation: dual, lam: 0.5, blur_radius: 1.0, temperature: null,
                         label_set: bdd, label_set_hash: 3f..., projection: off-the-shelf}}
 
@@ -25,7 +25,9 @@ projection. ``calibrate`` records them (:func:`fit_identity` of the ``OodScorer`
 ``meta.fitted_for``; :meth:`Thresholds.check_compatible` lists every difference from the scorer that
 is about to apply them, and :func:`check_fit` is the one check the node and every tool run (refuse,
 or with an explicit override warn and report). Files without ``fitted_for`` (older ones) are refused
-unless overridden: re-calibrate them.
+unless overridden: re-calibrate them. Files written before a key or a name changed still check: a scorer is
+compared by its name now (``scorer: runa`` is ``max_cosine``, ``core.registry.SCORER_ALIASES``), and a file
+without ``method`` / ``head`` was RUNA's with its projection as head.
 """
 from __future__ import annotations
 

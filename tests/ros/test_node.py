@@ -230,7 +230,7 @@ def test_real_photographs_every_box_scored_headers_copied(rig):
             out = dets[stamp]
             assert out.header.frame_id == frame_id and convert.stamp_to_ns(out.header.stamp) == stamp
             assert len(out.detections) == len(boxes)
-            assert out.model == "runa-tiny-vit" and out.backend == "torch" and out.scorer == "runa"
+            assert out.model == "runa-tiny-vit" and out.backend == "torch" and out.scorer == "max_cosine"
             assert out.random_weights is True
             for d, b in zip(out.detections, boxes):
                 assert d.status == 0, d.status_text  # every real box inside the photo is scored

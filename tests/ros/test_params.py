@@ -13,7 +13,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def test_defaults_validate_and_map_to_scorer_config():
     s = P.validate({})
-    assert s.lam == 0.5 and s.scorer == "runa" and s.backend == "auto" and s.label_set == "voc"
+    assert s.lam == 0.5 and s.scorer == "max_cosine" and s.backend == "auto" and s.label_set == "voc"
+    assert P.validate({"scorer": "runa"}).scorer == "max_cosine"  # the old name: an alias (registry.SCORER_ALIASES)
     assert s.image_topic_resolved == "image"
     cfg = s.config  # the scorer's typed configuration, its files loaded
     assert cfg.model == "ViT-B-16" and cfg.pretrained == "openai" and cfg.allow_random is False

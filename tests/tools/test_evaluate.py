@@ -42,7 +42,7 @@ def test_evaluate_slice_writes_labelled_report_and_plots(ood_pack, tmp_path, cap
     n_id, n_ood = rep["dataset"]["id_boxes"], rep["dataset"]["ood_boxes"]
     assert n_id > 0 and n_ood > 0
     runs = {(r["scorer"], r["ablation"]): r for r in rep["runs"]}
-    assert set(runs) == {(s, a) for s in ("runa", "mcm", "energy", "sum") for a in ("dual", "regional", "global")}
+    assert set(runs) == {(s, a) for s in ("max_cosine", "mcm", "energy", "sum") for a in ("dual", "regional", "global")}
     for (s, a), r in runs.items():
         m = r["metrics"]
         scored = r["status_counts"].get("OK", 0)
@@ -53,17 +53,17 @@ def test_evaluate_slice_writes_labelled_report_and_plots(ood_pack, tmp_path, cap
         assert r["boxes_per_s"] > 0
         assert (out / f"hist_{s}_{a}.png").read_bytes()[:8] == PNG_MAGIC
     # single-view ablations use the fusion weight they claim
-    assert runs[("runa", "regional")]["lam"] == 1.0 and runs[("runa", "global")]["lam"] == 0.0
+    assert runs[("max_cosine", "regional")]["lam"] == 1.0 and runs[("max_cosine", "global")]["lam"] == 0.0
     # different views give different scores (the ablation is not a no-op)
-    assert runs[("runa", "regional")]["metrics"]["auroc"] != runs[("runa", "global")]["metrics"]["auroc"]
+    assert runs[("max_cosine", "regional")]["metrics"]["auroc"] != runs[("max_cosine", "global")]["metrics"]["auroc"]
     assert (out / "roc.png").read_bytes()[:8] == PNG_MAGIC
 
     # the thresholds apply only to the configuration they were fitted for; recount from the scores
-    assert "at_thresholds" not in runs[("mcm", "dual")] and "at_thresholds" not in runs[("runa", "global")]
-    op = runs[("runa", "dual")]["at_thresholds"]
-    recs = json.loads((out / "scores.json").read_text())["runa/dual"]
+    assert "at_thresholds" not in runs[("mcm", "dual")] and "at_thresholds" not in runs[("max_cosine", "global")]
+    op = runs[("max_cosine", "dual")]["at_thresholds"]
+    recs = json.loads((out / "scores.json").read_text())["max_cosine/dual"]
     ok = [r for r in recs if r["status"] == "OK"]
-    assert len(ok) == runs[("runa", "dual")]["status_counts"]["OK"]
+    assert len(ok) == runs[("max_cosine", "dual")]["status_counts"]["OK"]
     id_acc = [r["uncertainty"] <= 0.0 for r in ok if r["is_id"]]
     ood_acc = [r["uncertainty"] <= 0.0 for r in ok if not r["is_id"]]
     assert op["tpr"] == pytest.approx(np.mean(id_acc)) and op["fpr"] == pytest.approx(np.mean(ood_acc))
@@ -71,7 +71,7 @@ def test_evaluate_slice_writes_labelled_report_and_plots(ood_pack, tmp_path, cap
     from runa_ood_node.core import metrics
 
     m = metrics.summary([r["uncertainty"] for r in ok if r["is_id"]], [r["uncertainty"] for r in ok if not r["is_id"]])
-    assert m["auroc"] == pytest.approx(runs[("runa", "dual")]["metrics"]["auroc"])
+    assert m["auroc"] == pytest.approx(runs[("max_cosine", "dual")]["metrics"]["auroc"])
 
 
 def test_unloadable_checkpoint_exits_2_with_instructions(ood_pack, tmp_path, capsys):
