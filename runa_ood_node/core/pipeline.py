@@ -54,6 +54,7 @@ from .encoder import DualEncoder
 from .labels import LabelSet, load_label_set
 from .methods import get_method, make_method
 from .methods.runa import check_lam, effective_lam  # noqa: F401 (re-exported: tools import them from here)
+from .parameters import default
 from .views import ViewMaker, make_views
 
 LOG = logging.getLogger(__name__)
@@ -161,6 +162,11 @@ class FrameResult:
                 "tokens_in_box": None if self.tokens_in_box is None else f(self.tokens_in_box[i]),
             })
         return recs
+
+
+def _default(value, name: str):
+    """``value``, or the parameter table's default of ``name`` when it is None."""
+    return default(name) if value is None else value
 
 
 def _add_error(res: FrameResult, msg: str) -> None:
@@ -346,6 +352,8 @@ class OodScorer:
         label_set: :class:`LabelSet`, or a built-in name / YAML path for :func:`load_label_set`.
         scorer: one of ``core.registry.SCORERS`` (``"max_cosine"`` = -max cosine, paper Eq. 6; old names
             of ``SCORER_ALIASES`` such as ``"runa"`` are accepted and stored under the new name).
+            ``scorer``, ``lam``, ``blur_radius``, ``min_box_size``, ``temperature``, ``method``: None = the
+            parameter table's default (``core.parameters.default``).
         lam: RUNA's fusion weight of the regional view in [0, 1] (paper: 0.5); used by ``"dual"``
             (with ``blur_radius``: RUNA's settings when ``settings`` is None; other methods ignore both).
         blur_radius: Gaussian sigma of the global view in px at the encoder input size (paper: 1).
@@ -370,12 +378,15 @@ class OodScorer:
             ``lam`` / ``blur_radius``.
     """
 
-    def __init__(self, encoder: DualEncoder, label_set, scorer: str = "max_cosine", lam: float = 0.5,
-                 blur_radius: float = 1.0, ablation: str = "dual", thresholds=None,
-                 max_boxes: Optional[int] = None, min_box_size: float = 2.0, temperature: float = 1.0,
-                 max_batch: Optional[int] = None, view_maker=None, method: str = "runa", head=None,
-                 settings=None):
-        scorer = canonical_scorer(scorer)
+    def __init__(self, encoder: DualEncoder, label_set, scorer: Optional[str] = None, lam: Optional[float] = None,
+                 blur_radius: Optional[float] = None, ablation: str = ABLATIONS[0], thresholds=None,
+                 max_boxes: Optional[int] = None, min_box_size: Optional[float] = None,
+                 temperature: Optional[float] = None, max_batch: Optional[int] = None, view_maker=None,
+                 method: Optional[str] = None, head=None, settings=None):
+        # None: the parameter table's default (core.parameters, the one place defaults are written)
+        scorer, method = canonical_scorer(_default(scorer, "scorer")), _default(method, "method")
+        lam, blur_radius = _default(lam, "lam"), _default(blur_radius, "blur_radius")
+        min_box_size, temperature = _default(min_box_size, "min_box_size"), _default(temperature, "temperature")
         if scorer not in SCORERS:
             raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
         if ablation not in ABLATIONS:
