@@ -26,11 +26,11 @@ def test_thresholds_file_loads_with_provenance(calibrated):
 
     thr = Thresholds.load(calibrated)
     assert thr.tpr == 0.95 and np.isfinite(thr.global_threshold)
-    assert thr.meta["scorer"] == "runa" and thr.meta["label_set"] == "voc" and thr.meta["random_weights"] is True
+    assert thr.meta["scorer"] == "max_cosine" and thr.meta["label_set"] == "voc" and thr.meta["random_weights"] is True
     assert thr.meta["n"] >= 20
     fitted = thr.fitted_for
     assert (fitted["model"], fitted["scorer"], fitted["ablation"], fitted["lam"], fitted["blur_radius"]) == \
-        ("runa-tiny-vit", "runa", "dual", 0.5, 1.0)
+        ("runa-tiny-vit", "max_cosine", "dual", 0.5, 1.0)
     assert fitted["weights"].startswith("random-seed:") and fitted["projection"] == "off-the-shelf"
     assert fitted["label_set"] == "voc" and len(fitted["label_set_hash"]) == 16
     # every fitted ID box is counted under one predicted label, and exactly the labels with at least
@@ -94,7 +94,7 @@ def test_evaluate_applies_the_file_at_its_lam_refuses_it_at_another_and_marks_th
     ann = ["--annotations", str(ood_pack / "annotations.json"), "--thresholds", str(calibrated)]
     assert main([*EVAL, *ann, "--lam", "0.5", "--out", str(tmp_path / "same")]) == 0
     rep = json.loads((tmp_path / "same" / "report.json").read_text())
-    assert rep["runs"][0]["at_thresholds"]["mismatch"] == [] and rep["thresholds"]["applied_to"] == ["runa/dual"]
+    assert rep["runs"][0]["at_thresholds"]["mismatch"] == [] and rep["thresholds"]["applied_to"] == ["max_cosine/dual"]
     capsys.readouterr()
 
     assert main([*EVAL, *ann, "--lam", "0.7", "--out", str(tmp_path / "other")]) == 2
@@ -105,6 +105,6 @@ def test_evaluate_applies_the_file_at_its_lam_refuses_it_at_another_and_marks_th
     assert main([*EVAL, *ann, "--lam", "0.7", "--allow-threshold-mismatch", "--out", str(tmp_path / "forced")]) == 0
     out = capsys.readouterr().out
     rep = json.loads((tmp_path / "forced" / "report.json").read_text())
-    assert rep["thresholds"]["mismatch"] == {"runa/dual": ["lam: fitted for 0.5, in use is 0.7"]}
+    assert rep["thresholds"]["mismatch"] == {"max_cosine/dual": ["lam: fitted for 0.5, in use is 0.7"]}
     assert rep["runs"][0]["at_thresholds"]["mismatch"] == ["lam: fitted for 0.5, in use is 0.7"]
     assert "MISMATCHED thresholds" in out
