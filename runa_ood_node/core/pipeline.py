@@ -419,6 +419,7 @@ class OodScorer:
         self.method.prepare(self.label_set, self.text_emb)  # per label set work of a method (e.g. text attention)
         self._label_thresholds = self._resolve_thresholds()
         self._other_thresholds: Dict[str, np.ndarray] = {}  # per-label thresholds of overridden scorers
+        self._frame_vm: Optional[ViewMaker] = None  # the frame view maker at the method's frame_size (made once)
 
     @property
     def settings(self):
@@ -647,7 +648,7 @@ class OodScorer:
             return None
         if tuple(views) != ("frame",):
             raise ValueError(f"a frame_size ({size}) other than the input size needs a frame-only method, got {views}")
-        vm = getattr(self, "_frame_vm", None)
+        vm = self._frame_vm
         if vm is None or vm.input_size != int(size):
             vm = self._frame_vm = ViewMaker(int(size), self.encoder.mean, self.encoder.std, 0.0)
         return vm

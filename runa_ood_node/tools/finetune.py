@@ -191,7 +191,7 @@ def _run(args) -> int:
              args.shots, shots.report["short_classes"] or "none")
 
     _configure_method(scorer.method, args.method_option)
-    if scorer.method.name != "runa":  # the other methods' heads: the method's own fit on its own features
+    if not scorer.method.head_is_projection:  # the other methods' heads: the method's own fit on its own features
         return _fit_head(args, scorer, dataset, shots, out)
     t0 = time.perf_counter()
     feats, keep = shot_features(scorer, dataset, shots, use_cache=not args.no_feature_cache,

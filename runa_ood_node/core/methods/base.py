@@ -108,6 +108,10 @@ class Method:
     fit_views: Optional[Tuple[str, ...]] = None
     fit_defaults: ClassVar[Dict[str, Any]] = {}
     frame_size: Optional[int] = None
+    #: whether the finetune tool writes this method's head as a projection file too (RUNA's ``P_r``)
+    head_is_projection: ClassVar[bool] = False
+    #: the head in use built into modules (``_build``), None without a head (:meth:`trained_modules`)
+    _modules: Any = None
 
     def __init__(self, encoder, head=None, settings=None):
         self.encoder = encoder
@@ -240,11 +244,15 @@ class Method:
     def trained_modules(self, head=None):
         """The trained modules of ``head`` for one call (the subclass's ``_build``), else those of the head in
         use (``_modules``). A method without a head raises ValueError saying how to train one."""
-        modules = getattr(self, "_modules", None) if head is None else self._build(head)
+        modules = self._modules if head is None else self._build(head)
         if modules is None:
             raise ValueError(f"method {self.name!r} needs a trained head: `runa-ood finetune --method {self.name} "
                              "--out DIR`, then head DIR")
         return modules
+
+    def _build(self, head):
+        """``head``'s trained modules (a method with a head of modules overrides it)."""
+        raise ValueError(f"method {self.name!r} has no trained modules")
 
     def head_identity(self) -> str:
         """What the thresholds record as ``head``: ``none`` or ``sha256:<weights file sha256>``."""

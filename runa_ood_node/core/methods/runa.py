@@ -124,6 +124,7 @@ class RunaMethod(Method):
     views = ("regional", "global")
     outputs = ("cls",)
     ablations = ABLATIONS
+    head_is_projection = True
     #: what fitting reads: the shots' crops only (P_g and the global view stay off the shelf)
     fit_views = ("regional",)
     #: paper defaults of the fine-tuning (Eq. 7; tau and weight decay: see core.finetune)
