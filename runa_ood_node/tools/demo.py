@@ -393,7 +393,7 @@ def run(args) -> int:
     elif params.get("thresholds_file"):
         threshold_note = f"calibrated thresholds from {params['thresholds_file']}"
     else:
-        thr = common.settings_from_parameters(params).default_threshold
+        thr = params.get("default_threshold", common.NODE_DEFAULTS["default_threshold"])  # validated with the scorer
         threshold_note = f"{thr:+.4f} = the node's default_threshold (uncalibrated guess; run `runa-ood calibrate`)"
     del scorer
 
