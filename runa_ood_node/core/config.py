@@ -111,11 +111,6 @@ class ScorerConfig:
         """``precision`` with ``auto`` resolved for ``device`` (fp16 on CUDA, fp32 on the CPU)."""
         return resolve_precision(self.precision, self.device)
 
-    @property
-    def blur_radius(self) -> float:
-        """The blurred global view's sigma: the method's setting, else the table's (a view maker needs one)."""
-        return float(dataclasses.asdict(self.method_settings).get("blur_radius", default("blur_radius")))
-
     def backend_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of ``backends.select.make_backend`` from this configuration ({} for torch)."""
         if self.backend == "torch":
@@ -132,6 +127,9 @@ class ScorerConfig:
         names = {f.name for f in dataclasses.fields(self)}
         ms = {k: changes.pop(k) for k in list(changes) if k not in names}
         new = dataclasses.replace(self, **changes)
+        unknown = sorted(set(ms) - {f.name for f in dataclasses.fields(new.method_settings)})
+        if unknown:
+            raise TypeError(f"ScorerConfig of method {new.method!r} has no setting {unknown}")
         if ms:
             merged = {**dataclasses.asdict(new.method_settings), **ms}
             new = dataclasses.replace(new, method_settings=method_settings(new.method, merged))

@@ -101,3 +101,5 @@ def test_tool_fields_and_replace():
         C.from_parameters(RANDOM, lamda=0.3)
     assert cfg.replace(lam=0.75).method_settings.lam == 0.75 and cfg.method_settings.lam == T.default("lam")
     assert cfg.replace(pretrained="", allow_random=True).allow_random
+    with pytest.raises(TypeError, match="lamda"):
+        cfg.replace(lamda=0.75)  # a typo is refused, not ignored
