@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List
 
-from ..core.parameters import *  # noqa: F401,F403 (the table and validation, re-exported)
-from ..core.parameters import __all__ as _core_all
 from ..core.config import ParameterValidationError, validate  # noqa: F401 (validation: values, rules, files once)
-from ..core.parameters import (_BY_NAME, _CAMERA_PREFIX, _NAME_CHARS, PARAMETERS,  # noqa: F401
-                               ParamSpec, _check_value, camera_parameter, CAMERA_OVERRIDES)
+from ..core.parameters import *  # noqa: F401,F403 (the table and its checks, re-exported)
+from ..core.parameters import __all__ as _core_all
+from ..core.parameters import (_BY_NAME, _CAMERA_PREFIX, _NAME_CHARS, CAMERA_OVERRIDES,  # noqa: F401 (tests)
+                               PARAMETERS, ParamSpec, camera_parameter)
 
 __all__ = list(_core_all) + ["validate", "declare_parameters", "read_parameters", "declare_camera_parameters"]
 
