@@ -307,6 +307,21 @@ def test_file_fitted_at_lam_05_is_refused_at_07_and_the_override_reports_it(tmp_
     assert keys == {"lam", "scorer", "temperature", "label_set", "label_set_hash"}
 
 
+def test_a_file_fitted_for_the_runa_scorer_checks_against_max_cosine(tmp_path, tiny_encoder):
+    """The scorer was renamed (runa -> max_cosine, core.registry.SCORER_ALIASES): a file recording the old name
+    fits a scorer built with either name, and not another scorer."""
+    from runa_ood_node.core.pipeline import OodScorer
+    from runa_ood_node.core.thresholds import check_fit, fit_identity
+
+    ident = fit_identity(OodScorer(tiny_encoder, "voc"))
+    assert ident["scorer"] == "max_cosine"
+    old = Thresholds(-0.3, {}, 0.95, {"fitted_for": {**ident, "scorer": "runa"}}).save(tmp_path / "old.yaml")
+    thr = Thresholds.load(old)
+    assert check_fit(thr, OodScorer(tiny_encoder, "voc")) == []
+    assert check_fit(thr, OodScorer(tiny_encoder, "voc", scorer="runa")) == []
+    assert [w.split(":")[0] for w in thr.check_compatible({"scorer": "sum"})] == ["scorer"]
+
+
 def test_old_file_without_identity_is_refused_unless_overridden(tmp_path, tiny_encoder):
     from runa_ood_node.core.pipeline import OodScorer
     from runa_ood_node.core.thresholds import ThresholdsMismatchError, check_fit

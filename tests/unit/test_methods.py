@@ -69,6 +69,37 @@ def test_runa_similarities_are_eq3_fusion_then_cosine(tiny_encoder):
                                F.normalize(0.3 * f_r @ P + 0.7 * f_g @ P, dim=-1))
 
 
+def test_each_method_declares_its_settings_without_defaults_and_its_identity(tiny_encoder):
+    """Settings: a frozen dataclass per method (RUNA: lam, blur_radius; the others none), no defaults (the table
+    has them); OodScorer takes them whole or from its keywords; identity() is what thresholds are fitted for."""
+    import dataclasses
+
+    from runa_ood_node.core.methods.runa import RunaSettings
+    from runa_ood_node.core.parameters import defaults
+
+    runa = get_method("runa")
+    assert runa.Settings is RunaSettings and [f.name for f in dataclasses.fields(RunaSettings)] == ["lam", "blur_radius"]
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(RunaSettings))
+    with pytest.raises(TypeError, match="need \\['blur_radius'\\]"):
+        runa.make_settings(lam=0.5)
+    table = runa.make_settings(defaults())  # the table's values; other keys ignored
+    assert table == RunaSettings(lam=0.5, blur_radius=1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        table.lam = 0.1
+    with pytest.raises(ValueError, match="lam must be a number"):
+        RunaSettings(lam=2.0, blur_radius=1.0)
+    for name in ("uni-ood", "tagood"):
+        assert dataclasses.fields(get_method(name).Settings) == () and get_method(name).make_settings(defaults())
+    sc = OodScorer(tiny_encoder, "voc", settings=RunaSettings(lam=0.3, blur_radius=2.0))
+    assert sc.lam == 0.3 and sc.blur_radius == 2.0 and sc.settings == OodScorer(tiny_encoder, "voc", lam=0.3,
+                                                                                blur_radius=2.0).settings
+    with pytest.raises(TypeError, match="takes RunaSettings"):
+        OodScorer(tiny_encoder, "voc", method="runa", settings=get_method("tagood").make_settings())
+    assert sc.method.identity("regional") == {"lam": 1.0, "blur_radius": None, "projection": "off-the-shelf",
+                                              "method": "runa", "head": "off-the-shelf"}
+    assert sc.method.with_settings(lam=0.7, frame_size=3) == RunaSettings(lam=0.7, blur_radius=2.0)
+
+
 def test_box_features_carry_image_size_views_and_no_runa_aliases(tiny_encoder):
     sc = OodScorer(tiny_encoder, "voc")
     img = _image()

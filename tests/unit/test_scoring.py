@@ -32,6 +32,15 @@ def test_every_registered_scorer_is_implemented_distinct_and_offered_by_the_tool
         parser.parse_args(["--scorer", "maxlogit"])
 
 
+def test_the_old_scorer_name_runa_is_max_cosine():
+    from runa_ood_node.core.registry import SCORER_ALIASES, canonical_scorer
+
+    assert SCORER_ALIASES == {"runa": "max_cosine"} and "runa" not in METHODS
+    assert canonical_scorer("runa") == "max_cosine" and canonical_scorer("mcm") == "mcm"
+    np.testing.assert_array_equal(score(SIMS, "runa").uncertainty, score(SIMS, "max_cosine").uncertainty)
+    np.testing.assert_allclose(score(SIMS).uncertainty, -np.asarray(SIMS).max(1), rtol=1e-6)  # -max cosine
+
+
 def test_cosine_orthonormal_known_values_numpy():
     txt = _basis(3, 4)
     # unnormalised on purpose: 2*e0 -> cos 1 with e0; (e0+e1) -> 1/sqrt2 with e0 and e1; e3 -> 0
