@@ -66,7 +66,7 @@ def test_evaluate_method_all_compares_the_methods_in_one_run(tmp_path, ood_pack,
     rep = json.loads((out / "report.json").read_text())
     assert rep["methods"] == ["runa", "uni-ood", "tagood"]
     runs = {(r["method"], r["scorer"]) for r in rep["runs"]}
-    assert runs == {(m, s) for m in rep["methods"] for s in ("runa", "mcm", "energy", "sum")}
+    assert runs == {(m, s) for m in rep["methods"] for s in ("max_cosine", "mcm", "energy", "sum")}
     n_boxes = {m: rep["encoding"][m]["boxes"] for m in rep["methods"]}
     assert len(set(n_boxes.values())) == 1 and n_boxes["runa"] > 0  # the same boxes for every method
     for r in rep["runs"]:
