@@ -130,10 +130,15 @@ def _find_photo(path) -> np.ndarray:
         if bgr is None:
             raise SystemExit(f"cannot read image {path}")
     else:
-        pack = pathlib.Path(os.environ.get("RUNA_OOD_PACK", pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "ood_pack"))
-        ann_file = pack / "annotations.json"
-        if not ann_file.exists():
-            raise SystemExit(f"no --image given and no ood_pack at {pack} (set RUNA_OOD_PACK)")
+        from ..core.paths import data_pack_annotations
+
+        # the data pack's annotation file ($RUNA_OOD_DATA_PACK; or a pack folder in $RUNA_OOD_PACK): no path is guessed
+        folder = os.environ.get("RUNA_OOD_PACK", "").strip()
+        ann_file = data_pack_annotations() or (pathlib.Path(folder) / "annotations.json" if folder else None)
+        if ann_file is None or not ann_file.exists():
+            raise SystemExit(f"no --image given and no data pack ({ann_file or 'none named'}): pass --image or set "
+                             "RUNA_OOD_DATA_PACK to an annotations.json")
+        pack = ann_file.parent
         ann = json.loads(ann_file.read_text())
         img = next((i for i in ann["images"] if (i["width"], i["height"]) == (640, 480)), ann["images"][0])
         bgr = cv2.imread(str(pack / img["file_name"]), cv2.IMREAD_COLOR)
