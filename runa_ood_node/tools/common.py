@@ -52,7 +52,7 @@ from ..core.parameters import defaults as _node_defaults  # noqa: E402
 NODE_DEFAULTS = _node_defaults()
 DEFAULT_MODEL = NODE_DEFAULTS["model"]
 DEFAULT_PRETRAINED = NODE_DEFAULTS["pretrained"]
-from ..core.registry import (ABLATIONS, BACKENDS, METHODS, PRECISIONS, SCORERS,  # noqa: E402
+from ..core.registry import (ABLATIONS, BACKENDS, METHODS, PRECISIONS, SCORERS, canonical_scorer,  # noqa: E402
                              resolve_device as _resolve_device, resolve_precision)
 
 from ..core.paths import data_pack_annotations  # noqa: E402
@@ -105,8 +105,10 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, allow_all: bool = Fal
                    help="ID label set: voc | bdd (pack flags decide ID/OOD), coco, or a label-set YAML path "
                         "(then ID = category in the set) (default %(default)s)")
     extra = " or all" if allow_all else ""
-    g.add_argument("--scorer", default=NODE_DEFAULTS["scorer"], choices=SCORERS + (("all",) if allow_all else ()),
-                   help=f"uncertainty score: runa (paper Eq. 6), mcm, energy, sum{extra} (default %(default)s)")
+    g.add_argument("--scorer", default=NODE_DEFAULTS["scorer"], type=canonical_scorer,
+                   choices=SCORERS + (("all",) if allow_all else ()),
+                   help=f"uncertainty score: max_cosine (RUNA, paper Eq. 6; old name runa), mcm, energy, sum{extra} "
+                        "(default %(default)s)")
     g.add_argument("--ablation", default="dual", choices=ABLATIONS + (("all",) if allow_all else ()),
                    help=f"views: dual (RUNA), regional (crop only), global (blurred frame only){extra} "
                         "(default %(default)s)")
