@@ -35,6 +35,19 @@ def test_flags_land_in_the_node_parameters_by_name():
     assert p["blur_radius"] == 3.0 and "not_a_parameter" not in p
 
 
+def test_old_scorer_name_and_the_typed_config_of_a_command_line():
+    """--scorer runa (the name before the rename) is the node's alias: max_cosine, in the parameters and the
+    ScorerConfig alike; the config holds the loaded label set and the node parameters it came from."""
+    from runa_ood_node.core.labels import LabelSet
+
+    a = _args("--scorer", "runa", "--id-set", "bdd", "--lam", "0.4")
+    assert common.node_parameters_from_args(a)["scorer"] == "max_cosine"
+    config, params, reason = common.config_from_args(a)
+    assert config.scorer == "max_cosine" and isinstance(config.label_set, LabelSet) and config.label_set.name == "bdd"
+    assert config.method_settings.lam == 0.4 and params == dict(config.parameters) and params["lam"] == 0.4
+    assert reason and config.allow_random and config.pretrained == ""  # --pretrained none: the seeded random model
+
+
 def test_scorer_from_args_is_the_node_construction(tmp_path):
     from runa_ood_node.factory import build_scorer
     from runa_ood_node.ros.params import validate
