@@ -72,6 +72,8 @@ def test_three_builders_make_the_same_config(tmp_path):
         assert cfg.label_set.name == "bdd" and cfg.method_settings.lam == 0.25 and cfg.max_boxes == 0
         assert cfg.model == from_params.model and cfg.backend == "torch" and cfg.pretrained == ""
     assert from_cli.allow_download is False  # --offline
+    shipped = C.from_yaml(REPO / "config" / "runa_ood.yaml", overrides=RANDOM)  # every parameter at its default
+    assert shipped == C.from_parameters(RANDOM)
     assert from_cli.parameters["label_set"] == "bdd" and from_params.parameters == values  # where each came from
 
 
