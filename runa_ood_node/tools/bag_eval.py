@@ -471,6 +471,12 @@ def run_bag(args) -> int:
     """``runa-ood evaluate --bag PATH [--live]``: metrics, latency and drops of a bag (see module)."""
     from . import common
 
+    heads = common.method_heads(args)
+    if len(heads) > 1:
+        print("error: bag mode evaluates one configuration: give one --method (`all` compares the methods "
+              "on a dataset: runa-ood evaluate without --bag)", file=sys.stderr)
+        raise SystemExit(2)
+    (args.method, args.head), = heads.items()  # one method: --head is its one value, as the node's `head`
     common.setup_logging(args)
     bag = pathlib.Path(args.bag)
     try:

@@ -160,17 +160,7 @@ def _size_mask(enc, size_frame: str):
 
 
 def run(args) -> int:
-    try:
-        heads = common.method_heads(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    if len(heads) == 1:  # one method: --head is its one value, as the node's `head` parameter
-        (args.method, args.head), = heads.items()
-    if getattr(args, "bag", None):
-        if len(heads) > 1:
-            print("error: bag mode evaluates one configuration: give one --method (`all` compares the methods "
-                  "on a dataset: runa-ood evaluate without --bag)", file=sys.stderr)
-            return 2
+    if getattr(args, "bag", None):  # one configuration of a bag (bag_eval resolves --method / --head)
         try:
             from . import bag_eval
         except Exception as exc:
@@ -181,6 +171,12 @@ def run(args) -> int:
             return int(bag_eval.run_bag(args) or 0)
         except SystemExit as exc:  # common.fail inside bag_eval: the message is already printed
             return int(exc.code or 0)
+    try:
+        heads = common.method_heads(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if len(heads) == 1:  # one method: --head is its one value, as the node's `head` parameter
+        (args.method, args.head), = heads.items()
     if getattr(args, "live", False):
         print("error: --live needs --bag PATH", file=sys.stderr)
         return 2
