@@ -74,11 +74,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, allow_all: bool = False
     g.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
                    help="open_clip pretrained tag (cached locally) or a checkpoint path; 'none' for no weights "
                         "(needs --allow-random-weights) (default %(default)s, as in the paper)")
-    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:0 or auto (default %(default)s)")
-    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+    g.add_argument("--device", default=TOOL_PARAMETERS["device"], help="torch device: cpu, cuda, cuda:0 or auto (default %(default)s)")
+    g.add_argument("--precision", default=TOOL_PARAMETERS["precision"], choices=PRECISIONS,
                    help="trunk precision of the model and the backend: auto = fp16 on CUDA, fp32 on the CPU; "
                         "fp16 needs CUDA (default %(default)s)")
-    g.add_argument("--backend", default="torch", choices=BACKENDS,
+    g.add_argument("--backend", default=TOOL_PARAMETERS["backend"], choices=BACKENDS,
                    help="visual trunk backend; auto tries TensorRT -> ONNX Runtime -> torch (default %(default)s)")
     g.add_argument("--offline", action="store_true",
                    help="never download weights: a pretrained tag that is not in the local cache fails at once "
@@ -109,7 +109,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, allow_all: bool = Fal
                    choices=SCORERS + (("all",) if allow_all else ()),
                    help=f"uncertainty score: max_cosine (RUNA, paper Eq. 6; old name runa), mcm, energy, sum{extra} "
                         "(default %(default)s)")
-    g.add_argument("--ablation", default="dual", choices=ABLATIONS + (("all",) if allow_all else ()),
+    g.add_argument("--ablation", default=ABLATIONS[0], choices=ABLATIONS + (("all",) if allow_all else ()),
                    help=f"views: dual (RUNA), regional (crop only), global (blurred frame only){extra} "
                         "(default %(default)s)")
     g.add_argument("--lam", type=float, default=NODE_DEFAULTS["lam"], help="fusion weight of the regional view (default %(default)s)")
@@ -194,8 +194,8 @@ FLAG_PARAMETERS = scorer_config.FLAG_PARAMETERS
 #: backend unless ``--backend`` says otherwise, reliable QoS for a replayed bag; and the loading
 #: settings written out (so a live node started with these parameters loads the model alike)
 TOOL_PARAMETERS: Dict[str, Any] = {"max_boxes": 0, "backend": "torch", "image_qos": "reliable",
-                                   "detections_qos": "reliable", "autostart": True, "device": "cpu",
-                                   "precision": "auto"}
+                                   "detections_qos": "reliable",
+                                   **{k: NODE_DEFAULTS[k] for k in ("autostart", "device", "precision")}}
 
 
 def node_parameters_from_args(args, overrides: Optional[Dict[str, Any]] = None, *, random_weights: bool = False,
