@@ -21,7 +21,6 @@ from .core.config import ScorerConfig
 from .core.encoder import DualEncoder
 from .core.methods.heads import check_head
 from .core.parameters import default
-from .core.registry import resolve_precision
 from .core.pipeline import OodScorer
 
 LOG = logging.getLogger(__name__)
@@ -50,7 +49,9 @@ def build_scorer(config: ScorerConfig, encoder: Optional[DualEncoder] = None, vi
     if not isinstance(config, ScorerConfig):
         raise TypeError(f"build_scorer takes a core.config.ScorerConfig, not {type(config).__name__}")
     loaded_here = encoder is None
-    precision = resolve_precision(config.precision, config.device)
+    # ``auto`` resolved for the device (the node's rule); an explicit precision goes to the encoder as given
+    # (the node's table refuses fp16 on a CPU; tools such as gpu-check measure CPU fp16 / bf16 on purpose)
+    precision = config.resolved_precision if config.precision == "auto" else config.precision
     if loaded_here:
         encoder = DualEncoder.load(config.model, pretrained=config.pretrained or None, device=config.device,
                                    allow_random=config.allow_random, precision=precision,
