@@ -81,6 +81,22 @@ def pytest_sessionstart(session):
                         "run scripts/setup.sh and source scripts/env.sh", returncode=3)
 
 
+@pytest.fixture(autouse=True)
+def _package_loggers_propagate():
+    """``import launch`` (the ros2_cli fixture checks launch_ros) makes every logger created afterwards a
+    ``launch.logging.LaunchLogger`` with ``propagate = False``; a package module first imported after it
+    would then log past caplog. Tests see the package's loggers as a process without launch has them."""
+    import logging
+
+    for name, lg in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("runa_ood_node") and isinstance(lg, logging.Logger) and not lg.propagate:
+            lg.propagate = True
+    cls = logging.getLoggerClass()
+    logging.setLoggerClass(logging.Logger)  # loggers made during the test (caplog.at_level's) propagate too
+    yield
+    logging.setLoggerClass(cls)
+
+
 @pytest.fixture(scope="session")
 def ood_pack():
     """The shared data pack of real photographs; tests that need it skip when it is absent."""

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(not os.environ.get("RUNA_OOD_SLOW_TESTS"),
                                 reason="colcon build + launch take about a minute; set RUNA_OOD_SLOW_TESTS=1 "
                                        "(.ci/run does)")
 
-PACKAGE_FILES = ("package.xml", "setup.py", "setup.cfg", "resource", "runa_ood_node", "launch", "config",
-                 "calibration")
+PACKAGE_FILES = ("package.xml", "setup.py", "setup.cfg", "MANIFEST.in", "requirements", "resource", "runa_ood_node",
+                 "launch", "config", "calibration")
 
 
 def test_colcon_build_then_ros2_pkg_and_launch_from_the_install(ros2_cli, tmp_path):
