@@ -30,11 +30,13 @@ path (identical on identical inputs).
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..core.parameters import default
 
 
 def gaussian_kernel1d(sigma: float, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -66,11 +68,12 @@ class GpuViewMaker:
         device: torch device for all the work.
     """
 
-    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], blur_radius: float = 1.0,
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], blur_radius: Optional[float] = None,
                  device: Union[str, torch.device] = "cuda"):
         self.input_size = int(input_size)
         if self.input_size <= 0:
             raise ValueError(f"input_size must be positive, got {input_size}")
+        blur_radius = float(default("blur_radius") if blur_radius is None else blur_radius)  # None: the table's
         if not math.isfinite(blur_radius) or blur_radius < 0:
             raise ValueError(f"blur_radius must be finite and >= 0, got {blur_radius}")
         self.blur_radius = float(blur_radius)

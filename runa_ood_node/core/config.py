@@ -211,8 +211,8 @@ def _load(c: Checked, thresholds: bool, tool: Mapping[str, Any]) -> Optional[Sco
     head = None
     if v["head"]:
         head = load("head", load_head, v["head"], method=v["method"], label_set=labels)
-    elif v["projection"] and v["method"] == "runa":
-        head = load("projection", load_head, v["projection"], method="runa")
+    elif v["projection"] and get_method(v["method"]).head_is_projection:
+        head = load("projection", load_head, v["projection"], method=v["method"])
     settings = load(f"{v['method']} settings", method_settings, v["method"], v)
     if problems or labels is None:
         return None

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .alerts import AlertConfig
-from .registry import BACKENDS, DEVICES, METHODS, PRECISIONS, SCORER_ALIASES, SCORERS, canonical_scorer, resolve_precision
+from .registry import (BACKENDS, DEFAULT_METHOD, DEVICES, METHODS, PRECISIONS, SCORER_ALIASES, SCORERS, canonical_scorer,
+                       resolve_precision)
 from .roi import parse_roi
 
 __all__ = [
@@ -222,7 +223,7 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ),
     *_section(
         "method",
-        _P("method", "runa", "OOD method (core/methods/): runa (paper 001, crop + blurred global view per box), "
+        _P("method", DEFAULT_METHOD, "OOD method (core/methods/): runa (paper 001, crop + blurred global view per box), "
            "uni-ood (paper 002, crop + masked background per box, needs a trained head), tagood (paper 003 "
            "adapted to detector boxes: one pass of the whole frame, needs a trained head).", read_only=True,
            choices=METHODS),

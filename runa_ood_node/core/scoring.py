@@ -37,7 +37,7 @@ per-frame results (``FrameResult``) are numpy.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -51,6 +51,7 @@ __all__ = ["SCORERS", "SCORER_ALIASES", "ScoreOutput", "cosine_similarities", "s
 #: Valid values of ``score(..., method=...)`` (``core.registry.SCORERS``; the old names of
 #: ``SCORER_ALIASES`` are accepted too); ``max_cosine`` is the paper's (Eq. 6).
 #: (Named SCORERS, not METHODS: the OOD methods are ``core.registry.METHODS``, ``core.methods``.)
+from .parameters import default  # noqa: E402
 from .registry import SCORER_ALIASES, SCORERS, TEMPERATURE_SCORERS, canonical_scorer  # noqa: E402
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]
@@ -141,16 +142,16 @@ def _to_numpy64(sims: ArrayLike) -> np.ndarray:
     return np.asarray(sims, dtype=np.float64)
 
 
-def score(sims: ArrayLike, method: str = "max_cosine", temperature: float = 1.0) -> ScoreOutput:
+def score(sims: ArrayLike, method: Optional[str] = None, temperature: Optional[float] = None) -> ScoreOutput:
     """Uncertainty of each box from its cosine similarities to the K ID prompts.
 
     Args:
         sims: ``[M, K]`` cosine similarities (``cosine_similarities`` output), torch or numpy.
             M may be 0; K must be >= 1.
         method: one of :data:`SCORERS` or an old name of :data:`SCORER_ALIASES` (see the module
-            docstring for the formulas).
+            docstring for the formulas); None: the parameter table's ``scorer``.
         temperature: T > 0 for ``mcm`` and ``energy`` (dimensionless, divides the cosines);
-            ignored by ``max_cosine`` and ``sum``.
+            ignored by ``max_cosine`` and ``sum``; None: the table's ``temperature``.
 
     Returns:
         :class:`ScoreOutput` of numpy arrays of length M.
@@ -159,7 +160,8 @@ def score(sims: ArrayLike, method: str = "max_cosine", temperature: float = 1.0)
         ValueError: unknown method (the message lists the valid ones), bad temperature, or
             ``sims`` not 2-D with K >= 1.
     """
-    method = canonical_scorer(method)
+    method = canonical_scorer(default("scorer") if method is None else method)
+    temperature = default("temperature") if temperature is None else temperature
     if method not in SCORERS:
         raise ValueError(f"unknown scoring method {method!r}; valid methods: {', '.join(SCORERS)} "
                          f"(old names: {', '.join(SCORER_ALIASES)})")

@@ -38,13 +38,14 @@ Naive path (:meth:`ViewMaker.make_naive`)
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 
 from .boxes import pixel_bounds
+from .parameters import default
 
 #: view kinds :meth:`ViewMaker.make` returns, in its order
 _MAKE_KINDS = ("regional", "global")
@@ -84,10 +85,12 @@ class ViewMaker:
     Args:
         input_size: S, the encoder's square input size in pixels.
         mean, std: per-channel RGB normalisation of the encoder (values for [0,1] images).
-        blur_radius: Gaussian sigma in pixels at S x S resolution; 0 disables blurring.
+        blur_radius: Gaussian sigma in pixels at S x S resolution; 0 disables blurring (None: the parameter
+            table's default, ``core.parameters``).
     """
 
-    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], blur_radius: float = 1.0):
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float],
+                 blur_radius: Optional[float] = None):
         if isinstance(input_size, (tuple, list)):
             if len(input_size) != 2 or input_size[0] != input_size[1]:
                 raise ValueError(f"only square encoder inputs are supported, got {input_size}")
@@ -95,6 +98,7 @@ class ViewMaker:
         self.input_size = int(input_size)
         if self.input_size <= 0:
             raise ValueError(f"input_size must be positive, got {input_size}")
+        blur_radius = float(default("blur_radius") if blur_radius is None else blur_radius)  # None: the table's
         if not math.isfinite(blur_radius) or blur_radius < 0:
             raise ValueError(f"blur_radius must be a finite number >= 0 (pixels at {self.input_size}x{self.input_size}), got {blur_radius}")
         self.blur_radius = float(blur_radius)

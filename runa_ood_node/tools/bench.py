@@ -60,7 +60,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.registry import METHODS, PER_IMAGE_VIEWS, VIEWS_FOR_ABLATION
+from ..core.parameters import default
+from ..core.registry import DEFAULT_METHOD, METHODS, PER_IMAGE_VIEWS, VIEWS_FOR_ABLATION
 
 LOG = logging.getLogger("runa_ood_node.tools.bench")
 DEFAULT_BENCH_MODEL = "ViT-B-32"
@@ -102,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", default="voc", help="ID label set (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="cache root for ONNX exports (default $RUNA_OOD_CACHE_DIR)")
     parser.add_argument("--json", dest="json_path", default=None, help="write all figures to this JSON file")
-    parser.add_argument("--method", default="runa",
+    parser.add_argument("--method", default=DEFAULT_METHOD,
                         help="OOD methods to time side by side, each on every CPU backend (--method-backends), in "
                              f"one interleaved run: 'all' or a comma list of {', '.join(METHODS)} (default "
                              "%(default)s: RUNA's variants only)")
@@ -180,12 +181,13 @@ def percentiles(ms: Sequence[float]) -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------------- variants
-def naive_frame(encoder, view_maker, text_emb, image: np.ndarray, boxes: np.ndarray, lam: float = 0.5):
-    """The naive per-box loop (see module docstring); returns the uncertainties ``[N]``."""
+def naive_frame(encoder, view_maker, text_emb, image: np.ndarray, boxes: np.ndarray, lam: Optional[float] = None):
+    """The naive per-box loop (see module docstring); returns the uncertainties ``[N]`` (``lam`` None: the table's)."""
     from ..core import scoring
     from ..core.boxes import sanitize_boxes
     from ..core.methods.runa import fuse
 
+    lam = default("lam") if lam is None else lam
     H, W = image.shape[:2]
     xyxy, status = sanitize_boxes(boxes, W, H)
     unc = np.full(len(xyxy), np.nan, np.float32)
@@ -194,13 +196,13 @@ def naive_frame(encoder, view_maker, text_emb, image: np.ndarray, boxes: np.ndar
         f_r = encoder.visual_features(r)
         f_g = encoder.visual_features(g)
         emb = fuse(f_r, f_g, lam, encoder.proj_global, encoder.proj_global)  # RUNA's Eq. 3, off the shelf
-        out = scoring.score(scoring.cosine_similarities(emb, text_emb), method="runa")
+        out = scoring.score(scoring.cosine_similarities(emb, text_emb), method="max_cosine")
         unc[i] = float(np.asarray(out.uncertainty).reshape(-1)[0])
     return unc
 
 
-def naive_b2_frame(encoder, preprocess, text_emb, image: np.ndarray, boxes: np.ndarray, lam: float = 0.5,
-                   blur_radius: float = 1.0):
+def naive_b2_frame(encoder, preprocess, text_emb, image: np.ndarray, boxes: np.ndarray, lam: Optional[float] = None,
+                   blur_radius: Optional[float] = None):
     """The paper-faithful per-box implementation (module docstring, ``naive-b2``); uncertainties ``[N]``.
 
     ``preprocess`` is open_clip's own eval transform (:func:`open_clip_preprocess`). Same geometry as
@@ -214,6 +216,8 @@ def naive_b2_frame(encoder, preprocess, text_emb, image: np.ndarray, boxes: np.n
     from ..core import scoring
     from ..core.boxes import pixel_bounds, sanitize_boxes
 
+    lam = default("lam") if lam is None else lam
+    blur_radius = default("blur_radius") if blur_radius is None else blur_radius
     H, W = image.shape[:2]
     S = encoder.input_size
     xyxy, status = sanitize_boxes(boxes, W, H)
@@ -233,7 +237,7 @@ def naive_b2_frame(encoder, preprocess, text_emb, image: np.ndarray, boxes: np.n
             e = model.encode_image(views).float()  # one batch-2 pass, projection included
         emb = lam * e[0:1] + (1.0 - lam) * e[1:2]
         emb = emb / emb.norm(dim=-1, keepdim=True)
-        out = scoring.score(scoring.cosine_similarities(emb, text_emb), method="runa")
+        out = scoring.score(scoring.cosine_similarities(emb, text_emb), method="max_cosine")
         unc[i] = float(np.asarray(out.uncertainty).reshape(-1)[0])
     return unc
 
@@ -570,7 +574,7 @@ def run(args) -> int:
     try:
         variants = available_variants(args.variants, cuda)
         models = parse_models(args.model, args.pretrained)
-        methods = parse_methods(getattr(args, "method", "runa"))
+        methods = parse_methods(getattr(args, "method", DEFAULT_METHOD))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -603,7 +607,7 @@ def run(args) -> int:
             except Exception as exc:  # the roofline must not cost the benchmark
                 LOG.warning("%s: FLOPs not counted, no roofline: %s: %s", name, type(exc).__name__, exc)
         sections[name] = bench_model(encoder, variants, box_counts, image, ann_boxes, args, cuda)
-        if methods != ["runa"]:
+        if methods != [DEFAULT_METHOD]:
             sections[name]["methods"] = bench_methods(encoder, methods, box_counts, image, ann_boxes, args, cuda,
                                                       sections[name]["results"])
         del encoder
@@ -810,7 +814,7 @@ def parse_methods(arg: str) -> List[str]:
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise ValueError(f"unknown --method {unknown or arg!r}; choose among {list(METHODS)} or 'all'")
-    return ["runa"] + [m for m in dict.fromkeys(names) if m != "runa"]
+    return [DEFAULT_METHOD] + [m for m in dict.fromkeys(names) if m != DEFAULT_METHOD]
 
 
 def trunk_passes(method, n_boxes: int) -> int:
@@ -1001,15 +1005,15 @@ def bench_methods(encoder, methods: Sequence[str], box_counts: Sequence[int], im
         for b in results[m]:
             for n in box_counts:
                 r = results[m][b][str(n)]
-                ref = best.get("runa", {}).get(str(n))
+                ref = best.get(DEFAULT_METHOD, {}).get(str(n))
                 r["vs_runa_best"] = r["p50_ms"] / ref["p50_ms"] if ref else None
         if m in auto_info and "auto" in results[m]:
             auto_info[m]["vs_best"] = {str(n): results[m]["auto"][str(n)]["p50_ms"] / best[m][str(n)]["p50_ms"]
                                        for n in box_counts if str(n) in best[m]}
     goals: Dict[str, Optional[bool]] = {}
     for goal, (m, n, bound) in METHOD_GOALS.items():
-        if m in best and "runa" in best and str(n) in best[m] and str(n) in best["runa"]:
-            goals[goal] = best[m][str(n)]["p50_ms"] <= bound * best["runa"][str(n)]["p50_ms"]
+        if m in best and DEFAULT_METHOD in best and str(n) in best[m] and str(n) in best[DEFAULT_METHOD]:
+            goals[goal] = best[m][str(n)]["p50_ms"] <= bound * best[DEFAULT_METHOD][str(n)]["p50_ms"]
     for m, a in auto_info.items():
         if a.get("vs_best"):
             goals[f"{m}_auto_within_10%_of_best"] = all(r <= AUTO_WITHIN for r in a["vs_best"].values())

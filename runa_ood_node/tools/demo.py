@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..core.parameters import default
 from ..core.registry import METHODS
 from . import bagio, bag_eval, foxglove_layout, make_bag
 
@@ -363,8 +364,9 @@ def run(args) -> int:
     bag_frames = [f for f in bagio.iter_frames(bag_path) if f.ok]
 
     # 2) weights (real, else random + prominent notice)
-    ns = types.SimpleNamespace(lam=0.5, blur_radius=1.0, scorer="runa", temperature=1.0, id_set=args.id_set,
-                               thresholds=args.thresholds, min_box_size=2.0, pretrained=args.pretrained,
+    ns = types.SimpleNamespace(lam=default("lam"), blur_radius=default("blur_radius"), scorer=default("scorer"),
+                               temperature=default("temperature"), id_set=args.id_set,
+                               thresholds=args.thresholds, min_box_size=default("min_box_size"), pretrained=args.pretrained,
                                projection=None, backend="torch", device="cpu", node_params=[], model=args.model,
                                method=args.method, head=args.head)
     base = common.node_parameters_from_args(ns, pg.node_parameters() if pg is not None else None,

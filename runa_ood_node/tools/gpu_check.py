@@ -58,6 +58,8 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..core.registry import DEFAULT_METHOD
+
 SCHEMA = "runa-ood gpu-check/1"
 JSON_NAME = "gpu_check.json"
 MD_NAME = "gpu_check.md"
@@ -194,15 +196,15 @@ class Plan:
             raise ValueError(f"--boxes must be positive integers, got {args.boxes!r}")
         models = [m.strip() for m in str(args.models or ",".join(DRY_MODELS if dry else GPU_MODELS)).split(",")
                   if m.strip()]
-        node = str(args.node_defaults if args.node_defaults is not None else ("runa" if dry else "all")).strip()
+        node = str(args.node_defaults if args.node_defaults is not None else (DEFAULT_METHOD if dry else "all")).strip()
         node_methods = list(methods) if node == "all" else [] if node == "none" else \
             [m.strip() for m in node.split(",") if m.strip()]
         if [m for m in node_methods if m not in METHODS]:
             raise ValueError(f"unknown --node-defaults {node!r}; a comma list of {list(METHODS)}, 'all' or 'none'")
         return cls(out=pathlib.Path(args.out), dry_run=dry, device=str(args.device or ("cpu" if dry else "cuda")),
                    models=models, agreement_model=str(args.agreement_model or (DRY_MODELS[0] if dry else GPU_MODELS[0])),
-                   boxes=boxes, methods=["runa"] + [m for m in dict.fromkeys(methods) if m != "runa"]
-                   if "runa" in methods else list(dict.fromkeys(methods)),
+                   boxes=boxes, methods=[DEFAULT_METHOD] + [m for m in dict.fromkeys(methods) if m != DEFAULT_METHOD]
+                   if DEFAULT_METHOD in methods else list(dict.fromkeys(methods)),
                    repeats=int(args.repeats if args.repeats is not None else (2 if dry else 10)),
                    warmup=int(args.warmup if args.warmup is not None else (1 if dry else 3)),
                    budget_s=float(args.budget_s if args.budget_s is not None else (120.0 if dry else 330.0)),
@@ -418,13 +420,12 @@ def _is_attention(key: str) -> bool:
     return name == "attn_cls" or name.startswith("xattn")
 
 
-def compare_features(ref, var, method: str, ref_encoder=None, var_encoder=None, lam: float = 0.5) -> Dict[str, Any]:
-    """Figures of one variant's ``BoxFeatures`` / ``FrameResult`` against the reference's (module docstring)."""
+def compare_features(ref, var, method: str, ref_method=None, var_method=None) -> Dict[str, Any]:
+    """Figures of one variant's ``BoxFeatures`` / ``FrameResult`` against the reference's (module docstring);
+    with both scorers' method objects also their per-box embeddings (``Method.embed``: RUNA's fused ``I_t``)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
-
-    from ..core.methods.runa import fuse as runa_fuse
 
     (ref_feats, ref_res), (var_feats, var_res) = ref, var
     ok = np.flatnonzero((ref_res.status == 0) & (var_res.status == 0))
@@ -460,11 +461,11 @@ def compare_features(ref, var, method: str, ref_encoder=None, var_encoder=None, 
                    "vectors": int(used.sum())}
             cos_all.append(rec["cos_min"])
         out["features"][key] = rec
-    if method == "runa" and ref_encoder is not None and var_encoder is not None:
-        fr = runa_fuse(ref_feats.data["regional.cls"][rows], ref_feats.data["global.cls"][rows], lam,
-                       ref_encoder.proj_global, ref_encoder.proj_global)
-        fv = runa_fuse(var_feats.data["regional.cls"][rows], var_feats.data["global.cls"][rows], lam,
-                       var_encoder.proj_global, var_encoder.proj_global)
+    fr = fv = None
+    if ref_method is not None and var_method is not None:
+        fr = ref_method.embed({k: v[rows] for k, v in ref_feats.data.items()})
+        fv = var_method.embed({k: v[rows] for k, v in var_feats.data.items()})
+    if fr is not None and fv is not None:
         cos = F.cosine_similarity(fr.double(), fv.double(), dim=1)
         out["features"]["fused_embedding"] = {"kind": "embedding", "cos_min": float(cos.min()),
                                               "cos_mean": float(cos.mean()), "vectors": int(cos.numel())}
@@ -550,7 +551,7 @@ def section_agreement(plan: Plan, image, boxes, log, refs: ScorerCache) -> Dict[
                 out = _encode_score(sc, image, boxes)
                 if out[1].error:
                     raise RuntimeError(f"scoring reported: {out[1].error}")
-                row.update(compare_features(ref_out, out, method, ref.encoder, sc.encoder))
+                row.update(compare_features(ref_out, out, method, ref.method, sc.method))
                 bad = within(row, TOLERANCES[v.tolerance_key])
                 row["status"] = "ok" if not bad else "out_of_tolerance"
                 row["outside"] = bad
@@ -589,7 +590,7 @@ def section_preprocessing(plan: Plan, image, boxes, log, refs: ScorerCache) -> D
     from ..core.views import ViewMaker
     from .bench import cycle_boxes, percentiles
 
-    enc = refs.build(REFERENCE, "runa").encoder
+    enc = refs.build(REFERENCE, DEFAULT_METHOD).encoder
     S, blur = enc.input_size, 1.0
     cpu_vm = ViewMaker(S, enc.mean, enc.std, blur)
     dev_vm = GpuViewMaker(S, enc.mean, enc.std, blur, device=plan.device)
@@ -761,7 +762,7 @@ def section_tensorrt(plan: Plan, image, boxes, budget: Budget, log, refs: Scorer
             sc = build_scorer(cfg)
             if head is not None:
                 sc.method.set_head(head)
-            row.update(compare_features(ref_out, _encode_score(sc, image, boxes), method, ref.encoder, sc.encoder))
+            row.update(compare_features(ref_out, _encode_score(sc, image, boxes), method, ref.method, sc.method))
             bad = within(row, TOLERANCES["fp16"])
             row["status"], row["outside"] = ("ok" if not bad else "out_of_tolerance"), bad
             row["timings"] = {}

@@ -54,7 +54,7 @@ def test_compare_features_sees_a_disagreement(tiny_scorer):
     boxes = [[10, 10, 60, 60], [40, 20, 120, 90], [0, 0, 127, 95]]
     ref = tiny_scorer.encode(img, boxes)
     ref_res = tiny_scorer.score_features(ref)
-    same = gpu_check.compare_features((ref, ref_res), (ref, ref_res), "runa", tiny_scorer.encoder, tiny_scorer.encoder)
+    same = gpu_check.compare_features((ref, ref_res), (ref, ref_res), "runa", tiny_scorer.method, tiny_scorer.method)
     assert same["embedding_cos_min"] > 0.999999 and same["uncertainty_max_abs_diff"] == 0
     assert gpu_check.within(same, gpu_check.TOLERANCES["fp32"]) == []
     g = torch.Generator().manual_seed(0)
@@ -64,7 +64,7 @@ def test_compare_features_sees_a_disagreement(tiny_scorer):
     bad = BoxFeatures(boxes_xyxy=ref.boxes_xyxy, status=ref.status.copy(), data=data, timings=ref.timings,
                       views=ref.views, image_wh=ref.image_wh)
     bad_res = tiny_scorer.score_features(bad)
-    rec = gpu_check.compare_features((ref, ref_res), (bad, bad_res), "runa", tiny_scorer.encoder, tiny_scorer.encoder)
+    rec = gpu_check.compare_features((ref, ref_res), (bad, bad_res), "runa", tiny_scorer.method, tiny_scorer.method)
     outside = gpu_check.within(rec, gpu_check.TOLERANCES["bf16"])
     assert any(o.startswith("embedding_cos_min") for o in outside), rec
     assert any(o.startswith("uncertainty_max_abs_diff") for o in gpu_check.within(rec, gpu_check.TOLERANCES["fp32"]))

@@ -226,6 +226,12 @@ class Method:
         lost = [k for k in want if k not in keys]
         return None if not lost else f"method {self.name!r} needs {lost}"
 
+    def embed(self, feats: Mapping[str, torch.Tensor], ablation: str = "dual", settings=None,
+              head=None) -> Optional[torch.Tensor]:
+        """The per-box image embedding ``[M, D]`` the method compares with the ID text, when it has a single one
+        (RUNA: the fused ``I_t``, Eq. 3); None (the default) for methods whose similarities come out of their head."""
+        return None
+
     def similarities(self, feats: Mapping[str, torch.Tensor], text_emb: torch.Tensor, ablation: str = "dual",
                      settings=None, head=None) -> torch.Tensor:
         """Per-box class similarities ``[M, K]`` from the boxes' features (rows of ``feats``).
