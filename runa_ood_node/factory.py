@@ -19,6 +19,7 @@ from typing import Optional
 
 from .core.config import ScorerConfig
 from .core.encoder import DualEncoder
+from .core.methods import get_method
 from .core.methods.heads import check_head
 from .core.parameters import default
 from .core.pipeline import OodScorer
@@ -63,7 +64,7 @@ def build_scorer(config: ScorerConfig, encoder: Optional[DualEncoder] = None, vi
         check_head(config.head, encoder=encoder)  # method and label set were checked when it was loaded
     if view_maker is None:
         views = config.views or ("gpu" if device.startswith("cuda") else "cpu")
-        view_maker = _view_maker(encoder, views, device, _blur_radius(config.method_settings))
+        view_maker = _view_maker(encoder, views, device, _blur_radius(config))
     scorer = OodScorer(encoder, config.label_set, scorer=config.scorer, method=config.method, head=config.head,
                        settings=config.method_settings, ablation=config.ablation,
                        thresholds=config.thresholds, max_boxes=config.max_boxes, min_box_size=config.min_box_size,
@@ -73,9 +74,11 @@ def build_scorer(config: ScorerConfig, encoder: Optional[DualEncoder] = None, vi
     return scorer
 
 
-def _blur_radius(settings) -> float:
-    """The blurred global view's sigma: the method's setting (RUNA's), else the table's (a view maker needs one)."""
-    return float(getattr(settings, "blur_radius", default("blur_radius")))
+def _blur_radius(config: ScorerConfig) -> float:
+    """The blurred global view's sigma: what the method's settings give it (RUNA's ``blur_radius``), else the
+    table's (a view maker needs one)."""
+    r = get_method(config.method).settings_blur_radius(config.method_settings)
+    return float(default("blur_radius") if r is None else r)
 
 
 def _build_backend(scorer: OodScorer, config: ScorerConfig, precision: str):

@@ -164,8 +164,7 @@ def method_sample(scorer, max_images: int = SAMPLE_IMAGES, annotations=None, box
     if not tap.calls:
         raise ValueError(f"no boxes to make sample views from ({where})")
     n = sum(int(v.shape[0]) for v, _ in tap.calls)
-    method = getattr(getattr(scorer, "method", None), "name", "runa")
-    return _assemble(tap.calls, f"{method}'s views of {len(tap.calls)} photographs ({n} views) from {where}")
+    return _assemble(tap.calls, f"{scorer.method.name}'s views of {len(tap.calls)} photographs ({n} views) from {where}")
 
 
 __all__ = ["Sample", "sample_frames", "calibration_views", "method_sample", "SAMPLE_IMAGES", "SAMPLE_BOXES"]

@@ -38,7 +38,7 @@ from .methods.heads import Head, load_head
 from .parameters import (ALERT_PREFIX, DEFAULT_SCORER, PARAMETERS, Checked, NodeSettings, ParameterValidationError,
                          check, default, defaults)
 from .paths import resolve_calibration_file
-from .registry import ABLATIONS, DEFAULT_METHOD, resolve_device, resolve_precision
+from .registry import ABLATIONS, METHODS, resolve_device, resolve_precision
 from .thresholds import Thresholds, check_fit
 
 __all__ = ["ScorerConfig", "validate", "from_parameters", "from_args", "from_yaml",
@@ -170,7 +170,7 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
     """
     c = check(values)
     v = c.values
-    if need_head and v["method"] != DEFAULT_METHOD and not v["head"]:
+    if need_head and v["method"] in METHODS and get_method(v["method"]).needs_head and not v["head"]:
         c.problems.append(f"head: method {v['method']!r} needs a trained head (`runa-ood finetune --method "
                           f"{v['method']} --out DIR`, then head:=DIR)")
     if thresholds and v["scorer"] != DEFAULT_SCORER and not v["thresholds_file"]:

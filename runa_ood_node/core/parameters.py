@@ -61,7 +61,7 @@ __all__ = [
 #: parameter files written with an old name keep working; validation maps it to the new one)
 SCORER_CHOICES: Tuple[str, ...] = tuple(SCORERS) + tuple(a for a in SCORER_ALIASES if a not in SCORERS)
 #: RUNA's max-cosine scorer (the only one ``default_threshold`` is meaningful for)
-DEFAULT_SCORER = canonical_scorer("runa")
+DEFAULT_SCORER = "max_cosine"
 QOS_CHOICES = ("sensor_data", "reliable")
 TRANSPORTS = ("raw", "compressed")
 #: parameters applied immediately while the node is active (the rest at the next configure)

@@ -491,7 +491,7 @@ def run_bag(args) -> int:
         LOG.warning("%s has no %s: latency and drops only, no OOD metrics", bag, bagio.GROUND_TRUTH_TOPIC)
     if info.recovered:
         LOG.warning("%s is cut short (no MCAP footer): %s", bag, info.recovery.describe())
-    if getattr(args, "scorer", "runa") == "all" or getattr(args, "ablation", "dual") == "all":
+    if getattr(args, "scorer", None) == "all" or getattr(args, "ablation", "dual") == "all":
         raise common.fail(["bag mode evaluates one configuration: give one --scorer and one --ablation "
                            "(`all` compares several on a dataset: runa-ood evaluate without --bag)"])
     if args.live and common.ablation_of(args) != "dual":

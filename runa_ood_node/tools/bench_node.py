@@ -297,7 +297,7 @@ def _ros_messages():
 def _node_params(args) -> dict:
     """The node's parameters in every benchmark: the model of the arguments, no health verdicts."""
     return {"model": args.model, "pretrained": args.pretrained, "allow_random_weights": not args.pretrained,
-            "backend": args.backend, "device": args.device, "default_threshold": -0.24, "image_qos": "reliable",
+            "backend": args.backend, "device": args.device, "image_qos": "reliable",
             "health.latency_budget_ms": 1e6, "health.frame_timeout_s": 3600.0, "max_boxes": max(args.boxes, 1)}
 
 

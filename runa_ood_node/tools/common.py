@@ -52,7 +52,7 @@ from ..core.parameters import defaults as _node_defaults  # noqa: E402
 NODE_DEFAULTS = _node_defaults()
 DEFAULT_MODEL = NODE_DEFAULTS["model"]
 DEFAULT_PRETRAINED = NODE_DEFAULTS["pretrained"]
-from ..core.registry import (ABLATIONS, BACKENDS, METHODS, PRECISIONS, SCORERS, canonical_scorer,  # noqa: E402
+from ..core.registry import (ABLATIONS, BACKENDS, DEFAULT_METHOD, METHODS, PRECISIONS, SCORERS, canonical_scorer,  # noqa: E402
                              resolve_device as _resolve_device, resolve_precision)
 
 from ..core.paths import data_pack_annotations  # noqa: E402
@@ -754,7 +754,7 @@ def method_heads(args) -> Dict[str, str]:
     method) and ``--head`` (one value ``DIR`` for one method; ``METHOD=DIR`` per method, repeatable).
     A method without a head maps to ``""`` (the node's empty ``head``). Exits 2 on a head that names no
     compared method, or a bare ``DIR`` with several methods."""
-    methods = expand_choice(getattr(args, "method", None) or "runa", METHODS)
+    methods = expand_choice(getattr(args, "method", None) or DEFAULT_METHOD, METHODS)
     given = getattr(args, "head", None)
     given = [given] if isinstance(given, str) else list(given or ())
     heads = {m: "" for m in methods}

@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..core.parameters import default
-from ..core.registry import METHODS
+from ..core.registry import DEFAULT_METHOD, METHODS
 from . import bagio, bag_eval, foxglove_layout, make_bag
 
 LOG = logging.getLogger("runa_ood_node.tools.demo")
@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skimage", action="store_true", help="use scikit-image's photographs even if the pack exists")
     p.add_argument("--threshold", type=float, default=None, help="use this OOD threshold instead of the default")
     p.add_argument("--thresholds", default=None, help="calibrated thresholds file (real weights only)")
-    p.add_argument("--method", default="runa", choices=METHODS,
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help="OOD method of the node (default %(default)s; uni-ood and tagood need --head)")
     p.add_argument("--head", default=None, help="trained head of the method (`runa-ood finetune --method M --out DIR`)")
     p.add_argument("--rate", type=float, default=1.0, help="replay speed factor (bag at 5 fps; default 1)")

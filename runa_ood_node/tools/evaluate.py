@@ -77,7 +77,7 @@ def _encoding_entry(enc) -> dict:
 
 
 #: zero-shot baseline runs of ``--baselines``: (run name, method, scorer, ablation); no head
-BASELINES = (("mcm-crop", "runa", "mcm", "regional"), ("runa-0shot", "runa", "runa", "dual"))
+BASELINES = (("mcm-crop", "runa", "mcm", "regional"), ("runa-0shot", "runa", "max_cosine", "dual"))
 
 
 def _format_table(rows, random_weights: bool, with_method: bool = False) -> str:

@@ -11,7 +11,7 @@ this command renders, byte for byte reproducibly:
   (the text around it is written by hand).
 
 ``runa-ood params --write`` regenerates all three (run it after changing the table); ``--check``
-(the default) exits 1 and names every stale file. ``tests/ros/test_params.py`` runs the check.
+(the default) exits 1 and names every stale file. ``tests/unit/test_params.py`` runs the check.
 Also runnable as ``python -m runa_ood_node.tools.params --write``.
 """
 from __future__ import annotations

@@ -424,7 +424,7 @@ def test_bad_input_is_counted_and_never_kills_the_node(rig):
     rig.publish(s[6], rgb=rig.gray(), boxes=[SMALL])  # a good frame (drops s[5]'s detections)
     rig.publish(s[6], rgb=rig.gray())  # the same image stamp again: duplicate
     # 1 s back in time (within pairing_max_age_s = 2 s): out of order (x2). A jump of more than
-    # pairing_max_age_s restarts the pairer instead (looped bag; tests/test_pairing.py)
+    # pairing_max_age_s restarts the pairer instead (looped bag; tests/unit/test_pairing.py)
     rig.publish(s[6] - 1 * 10**9, rgb=rig.gray(), boxes=[SMALL])
     rng = np.random.default_rng(0)  # 1,000 boxes in one frame; max_boxes = 50
     xy = rng.uniform((0, 0), (W - 40, H - 40), (1000, 2))

@@ -68,6 +68,12 @@ def test_no_room_import_cycle_and_rooms_import_only_downwards(graph):
     assert not wrong, wrong
 
 
+def test_thresholds_sit_low_in_core(graph):
+    """The thresholds' lookup policy imports only what is below the scorer (no pipeline, encoder or methods)."""
+    low = {"runa_ood_node.core.metrics", "runa_ood_node.core.plain", "runa_ood_node.core.registry"}
+    assert graph["runa_ood_node.core.thresholds"] <= low, graph["runa_ood_node.core.thresholds"] - low
+
+
 def test_unit_room_has_no_ros_and_no_subprocess():
     banned = {"rclpy", "subprocess", "launch", "launch_ros", "launch_testing"}
     found = []

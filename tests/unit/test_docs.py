@@ -4,9 +4,9 @@ commands), every relative link in README.md and docs/*.md reaches an existing fi
 
 Code names are resolved statically (``ast``; nothing is imported): a module path
 (`core/pipeline.py`, `runa_ood_node/ros/`), a path with attributes (`tools/bagio.iter_frames`,
-`ros/node._Camera`), a dotted name (`core.alerts.AlertMonitor`, `factory.build_scorer`,
+`ros/camera.Camera`), a dotted name (`core.alerts.AlertMonitor`, `factory.build_scorer`,
 `bagio.read_bag`), a class or function and its attributes (`OodScorer.score_frames`,
-`DualEncoder.grid_size`), a private name (`_process_batch`), and in the fenced API blocks every
+`DualEncoder.grid_size`), a private name (`Worker._process`), and in the fenced API blocks every
 ``module:`` line's module, every ``name(`` of that module and every ``.method(`` of it.
 """
 from __future__ import annotations

@@ -158,10 +158,15 @@ class Method:
         """The settings (None = the ones in use) as a plain dict (for logs, reports, ``describe``)."""
         return dataclasses.asdict(self.settings if settings is None else settings)
 
-    def view_blur_radius(self) -> Optional[float]:
-        """The Gaussian sigma (px at the encoder's input size) its settings give the blurred ``global`` view;
+    @classmethod
+    def settings_blur_radius(cls, settings) -> Optional[float]:
+        """The Gaussian sigma (px at the encoder's input size) ``settings`` give the blurred ``global`` view;
         None = the method's settings have none (the view maker keeps the one it was built with)."""
         return None
+
+    def view_blur_radius(self) -> Optional[float]:
+        """:meth:`settings_blur_radius` of the settings in use."""
+        return self.settings_blur_radius(self.settings)
 
     def configure(self, **options: Any) -> None:
         """Set head settings / fit hyper-parameters before fitting a head (``runa-ood finetune

@@ -134,8 +134,9 @@ class RunaMethod(Method):
         self.check_ablation(ablation)
         return VIEWS_FOR_ABLATION[ablation]
 
-    def view_blur_radius(self) -> Optional[float]:
-        return self.settings.blur_radius
+    @classmethod
+    def settings_blur_radius(cls, settings) -> Optional[float]:
+        return settings.blur_radius
 
     @property
     def proj_regional(self) -> torch.Tensor:
