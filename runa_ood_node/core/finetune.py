@@ -162,7 +162,7 @@ def train_projection(
         seed: seeds the per-epoch shuffling (a private generator: global RNG state is untouched),
             so equal inputs and seed give bit-identical results on the same device.
         progress: show a tqdm bar over epochs (if tqdm is installed).
-        batch: alias of ``batch_size`` (the name used in docs/ARCHITECTURE.md); keyword only.
+        batch: alias of ``batch_size`` (kept for callers of the old name); keyword only.
 
     Returns:
         ``(proj, loss_curve)``: the trained float32 CPU ``[width, D]`` tensor (detached) and the

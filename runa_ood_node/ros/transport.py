@@ -1,10 +1,10 @@
-"""Messages lost between a publisher and the node: counted right, checked, and announced.
+"""Messages lost between a publisher and the node: the Fast DDS side.
 
 Plain Python (no rclpy): the Fast DDS profile helpers the launch file and ``runa-ood bench-node``
 share, and the node's advice when messages are lost (``tests/ros/test_transport_loss.py``).
 
-The counting (:class:`StreamLoss`) and the announcing (:class:`LossWatch`) are ROS-free policy in
-:mod:`runa_ood_node.core.loss` (re-exported here); :func:`loss_advice` names the likely cause
+The counting (``StreamLoss``) and the announcing (``LossWatch``) are ROS-free policy in
+:mod:`runa_ood_node.core.loss` (tests/unit/test_loss.py); :func:`loss_advice` names the likely cause
 (Fast DDS's default transports cut a large image into fragments through a 512 KiB shared-memory
 segment and lose them in bursts; the shipped profile ``config/fastdds_one_host.xml`` carries an
 image in one piece).
@@ -15,10 +15,8 @@ import os
 import pathlib
 from typing import Optional
 
-from ..core.loss import SEQ_UNKNOWN, LossWatch, StreamLoss
-
-__all__ = ["StreamLoss", "LossWatch", "loss_advice", "ONE_HOST_PROFILE", "one_host_profile", "fastdds_profile",
-           "PROFILE_ENV_VARS", "active_profile", "SEQ_UNKNOWN"]
+__all__ = ["loss_advice", "ONE_HOST_PROFILE", "one_host_profile", "fastdds_profile", "PROFILE_ENV_VARS",
+           "active_profile"]
 
 #: Fast DDS 3 reads the first, Fast DDS 2 (ROS 2 Humble / Jazzy) the second
 PROFILE_ENV_VARS = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
