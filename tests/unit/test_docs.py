@@ -1,6 +1,7 @@
 """The documentation holds: README.md is a front door (at most 300 lines, opening with the two
 commands), every relative link in README.md and docs/*.md reaches an existing file (and, with
-``#anchor``, a heading of it), and every code name docs/ARCHITECTURE.md cites exists in the code.
+``#anchor``, a heading of it), every repository path they cite in backticks exists, and every code
+name docs/ARCHITECTURE.md cites exists in the code.
 
 Code names are resolved statically (``ast``; nothing is imported): a module path
 (`core/pipeline.py`, `runa_ood_node/ros/`), a path with attributes (`tools/bagio.iter_frames`,
@@ -379,6 +380,27 @@ def test_every_code_name_architecture_cites_exists():
     assert len(names) > 50, "the citation finder found too few names: it is broken"
     bad = sorted({f"`{n.lstrip('@')}`: {why}" for n in names if (why := _check(n)) is not None})
     assert not bad, "docs/ARCHITECTURE.md cites what the code does not have:\n" + "\n".join(bad)
+
+
+def cited_paths(text: str) -> List[str]:
+    """The repository paths a document cites in backticks (`tests/unit/test_loss.py`, `config/runa_ood.yaml`,
+    `core/methods/runa.py`): spans with a folder whose first part is a room or a repository folder."""
+    prose, _ = _strip_fences(text)
+    out = []
+    for span in re.findall(r"`([^`\n]+)`", prose):
+        for piece in re.split(r"\s*(?:/|,)\s+|\s+(?:→|->)\s+", span):
+            p = re.sub(r"\(.*\)$", "", piece.strip())
+            if "/" in p and re.fullmatch(r"[\w./-]+", p) and p.split("/")[0] in PATH_ROOTS:
+                out.append(p)
+    return out
+
+
+def test_every_path_the_docs_cite_exists():
+    bad = [f"{p.relative_to(REPO)}: `{c}`: {why}" for p in _docs() for c in cited_paths(p.read_text(encoding="utf-8"))
+           if (why := _resolve_path(c)) is not None]
+    assert not bad, "the docs cite paths that do not exist (moved? renamed?):\n" + "\n".join(bad)
+    assert cited_paths("`tests/ros/no_such_test.py` and `out/demo/` and `ood/driver_alert`") == ["tests/ros/no_such_test.py"]
+    assert _resolve_path("tests/ros/no_such_test.py") is not None
 
 
 @pytest.mark.parametrize("name", [
