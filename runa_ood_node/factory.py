@@ -23,6 +23,7 @@ from .core.methods import get_method
 from .core.methods.heads import check_head
 from .core.parameters import default
 from .core.pipeline import OodScorer
+from .core.registry import resolve_precision
 
 LOG = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def build_scorer(config: ScorerConfig, encoder: Optional[DualEncoder] = None, vi
     loaded_here = encoder is None
     # ``auto`` resolved for the device (the node's rule); an explicit precision goes to the encoder as given
     # (the node's table refuses fp16 on a CPU; tools such as gpu-check measure CPU fp16 / bf16 on purpose)
-    precision = config.resolved_precision if config.precision == "auto" else config.precision
+    precision = resolve_precision(config.precision, config.device) if config.precision == "auto" else config.precision
     if loaded_here:
         encoder = DualEncoder.load(config.model, pretrained=config.pretrained or None, device=config.device,
                                    allow_random=config.allow_random, precision=precision,

@@ -134,23 +134,21 @@ def run_evaluate_bag(tmp: pathlib.Path, ann: str):
 
 
 def run_fleet(tmp: pathlib.Path, ann: str):
+    """The real ``runa-ood fleet`` command up to its first scorer (built on the driver before any Ray
+    work). No Ray can start here: ``ray`` is replaced by a module that refuses every use, and the
+    loopback-only guard is answered with "only loopback" so that the command gets that far."""
+    import types
+
     from runa_ood_node.tools import cli, fleet
 
-    bag = _bag(tmp)
-    p = argparse.ArgumentParser()
-    fleet.add_arguments(p)
-    args = p.parse_args(["--bags", bag, "--out", str(tmp / "fl"), *_tiny_args([])]) if "--bags" in p.format_help() \
-        else p.parse_args([bag, "--out", str(tmp / "fl"), *_tiny_args([])])
+    class _NoRay(types.ModuleType):
+        def __getattr__(self, name):
+            raise SystemExit(f"arg_paths: the fleet command reached ray.{name} before building a scorer")
 
-    def go():
-        driver = getattr(fleet, "scorer_config_for_bag", None)
-        if driver is not None:  # after the redesign: the driver builds the typed config
-            cfg = driver(args, bag)
-            fleet.ScoreFrames(cfg)
-        else:
-            params = fleet.bag_node_parameters(args, True, bag, None)
-            fleet.ScoreFrames(params)
-    return go
+    sys.modules["ray"] = _NoRay("ray")
+    fleet.non_loopback_interfaces = lambda: []
+    bag = _bag(tmp)
+    return lambda: cli.main(["fleet", bag, "--out", str(tmp / "fl"), "--no-progress", *_tiny_args([])])
 
 
 COMMANDS = {"finetune": run_finetune, "evaluate --bag": run_evaluate_bag, "fleet": run_fleet}

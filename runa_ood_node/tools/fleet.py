@@ -314,16 +314,6 @@ def bag_node_parameters(args_ns, random_weights: bool, path, image_topic: Option
     return common.node_parameters_from_args(args_ns, random_weights=random_weights, image_topic=topic, n_frames=n)
 
 
-def scorer_config_for_bag(args_ns, path, image_topic: Optional[str] = None):
-    """The ``core.config.ScorerConfig`` ``evaluate --bag`` builds for the bag at ``path`` (its image topic
-    and image count; ``common.config_from_args``): what a score actor is built from (``ScoreFrames(config)``;
-    a fleet run builds one for every bag, ``common.scorer_from_args``, on the driver)."""
-    from . import common
-
-    topic, n = _bag_topic(path, image_topic)
-    return common.config_from_args(args_ns, image_topic=topic, n_frames=n)[0]
-
-
 def iter_bag_frames(path, image_topic: Optional[str], detections_topic: str, gt_topic: Optional[str],
                     params: Dict[str, Any], drops: collections.Counter, counts: Dict[str, int],
                     box_drops: Optional[collections.Counter] = None) -> Iterator[Tuple[int, "bagio.BagFrame"]]:
