@@ -287,14 +287,21 @@ def test_replay_launch_matches_offline_evaluation(ros2_cli, probe, tmp_path):
         with lock:
             got[m.header.stamp.sec * 10**9 + m.header.stamp.nanosec] = m
 
-    sub = probe.create_subscription(OodDetectionArray, "/ood/detections", on_msg,
+    # its own namespace: lifecycle nodes that earlier tests of this process destroyed stay in the DDS graph
+    # (rclpy keeps their participant's entities), and a stale /runa_ood would answer this launch's lifecycle
+    # requests; the inputs keep the launch's default (absolute) topics
+    sub = probe.create_subscription(OodDetectionArray, "/replay/ood/detections", on_msg,
                                     QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
     log_path = tmp_path / "replay.log"
     proc = ros2_cli.popen("launch", "runa_ood_node", "runa_ood_replay.launch.py", f"bag:={bag}",
-                          f"params_file:={ros2_cli.tiny_params}", "player:=runa_ood", log_path=log_path)
+                          f"params_file:={ros2_cli.tiny_params}", "player:=runa_ood", "namespace:=replay",
+                          log_path=log_path)
     try:
-        wait_until(lambda: len(got) >= n_frames or proc.poll() is not None, START_TIMEOUT,
-                   f"{n_frames} frames on ood/detections")
+        try:
+            wait_until(lambda: len(got) >= n_frames or proc.poll() is not None, START_TIMEOUT,
+                       f"{n_frames} frames on ood/detections")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; got {len(got)}; the launch's log:\n{_log(log_path)[-4000:]}") from None
         # the player ends by itself; the node keeps running until Ctrl-C
         wait_until(lambda: "bag_player-2]: process has finished cleanly" in _log(log_path) or proc.poll() is not None,
                    120, "the bag player to finish")

@@ -73,7 +73,7 @@ def test_evaluate_baselines_and_breakdown(tmp_path, capsys):
     runs = {r["run"]: r for r in rep["runs"]}
     assert (runs["mcm-crop"]["scorer"], runs["mcm-crop"]["ablation"], runs["mcm-crop"]["head"]) == \
         ("mcm", "regional", None)
-    assert (runs["runa-0shot"]["scorer"], runs["runa-0shot"]["ablation"]) == ("runa", "dual")
+    assert (runs["runa-0shot"]["scorer"], runs["runa-0shot"]["ablation"]) == ("max_cosine", "dual")  # RUNA's scorer
     # with no head given, RUNA and its zero-shot baseline are the same configuration: same scores
     assert runs["runa"]["metrics"]["auroc"] == runs["runa-0shot"]["metrics"]["auroc"]
     bd = runs["runa"]["breakdown"]
