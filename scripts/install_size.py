@@ -17,7 +17,7 @@ import json
 import pathlib
 import re
 import sys
-from typing import Dict, Iterable, Set
+from typing import Dict, Iterable, Optional, Set
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
@@ -93,6 +93,19 @@ def import_names(dist: md.Distribution) -> Set[str]:
     return names
 
 
+def outside_vehicle(dists: Dict[str, md.Distribution]) -> Set[str]:
+    """The distributions the extras ([tools], [export], [fleet]) bring that the vehicle install (with the
+    ROS wheels) does not have."""
+    vehicle = closure(requirement_lines("vehicle") + requirement_lines("ros-wheels"), dists)
+    return closure([r for f in ("tools", "export", "fleet") for r in requirement_lines(f)], dists) - vehicle
+
+
+def outside_vehicle_imports(dists: Optional[Dict[str, md.Distribution]] = None) -> list:
+    """Top-level import names of :func:`outside_vehicle`'s distributions (what a vehicle cannot import)."""
+    dists = _dists() if dists is None else dists
+    return sorted({n for k in outside_vehicle(dists) for n in import_names(dists[k])})
+
+
 def measure() -> dict:
     dists = _dists()
     out = {}
@@ -100,9 +113,8 @@ def measure() -> dict:
         reqs = [r for f in files for r in requirement_lines(f)]
         keys = closure(reqs, dists)
         out[name] = {"packages": len(keys), "bytes": sum(size_of(dists[k]) for k in keys)}
-    vehicle = closure(requirement_lines("vehicle") + requirement_lines("ros-wheels"), dists)
-    rest = closure([r for f in ("tools", "export", "fleet") for r in requirement_lines(f)], dists) - vehicle
-    out["outside_vehicle_imports"] = sorted({n for k in rest for n in import_names(dists[k])})
+    rest = outside_vehicle(dists)
+    out["outside_vehicle_imports"] = outside_vehicle_imports(dists)
     out["outside_vehicle_biggest"] = [f"{k} {size_of(dists[k]) / 1e6:.0f} MB" for k in
                                       sorted(rest, key=lambda k: -size_of(dists[k]))[:10]]
     return out

@@ -53,7 +53,6 @@ from .boxes import BoxStatus, sanitize_boxes, status_text
 from .encoder import DualEncoder
 from .labels import LabelSet, load_label_set
 from .methods import get_method, make_method
-from .methods.runa import check_lam, effective_lam  # noqa: F401 (re-exported: tools import them from here)
 from .parameters import default
 from .views import ViewMaker, make_views
 

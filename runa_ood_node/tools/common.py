@@ -668,13 +668,6 @@ class ScoredBoxes:
     result: Any = None  # the FrameResult over all B boxes (threshold, is_ood, ...)
 
 
-def effective_lam(ablation: str, lam: float) -> float:
-    """The fusion weight an ablation uses (``core.pipeline.effective_lam``)."""
-    from ..core.pipeline import effective_lam as _effective_lam
-
-    return _effective_lam(ablation, lam)
-
-
 def score_boxes(enc: EncodedBoxes, scorer: Optional[str] = None, ablation: Optional[str] = None,
                 lam: Optional[float] = None, temperature: Optional[float] = None,
                 regional_projection=None) -> ScoredBoxes:

@@ -34,6 +34,7 @@ import pathlib
 import sys
 import time
 
+from ..core.methods.runa import effective_lam
 from . import common
 
 LOG = logging.getLogger("runa_ood_node.tools.evaluate")
@@ -259,7 +260,7 @@ def _run_dataset(args) -> int:
                 n_ok = int(ok.sum())
                 names, counts = np.unique(scored.status, return_counts=True)
                 row = {"run": run_name, "method": method, "head": head or None, "scorer": sc, "ablation": ab,
-                       "lam": common.effective_lam(ab, args.lam), "metrics": summ,
+                       "lam": effective_lam(ab, args.lam), "metrics": summ,
                        "boxes_per_s": n_ok / secs if secs > 0 else float("nan"), "seconds": secs,
                        "status_counts": {BoxStatus(int(s)).name: int(c) for s, c in zip(names, counts)},
                        "nearest_label_accuracy_on_id": _label_accuracy(enc, scored, dataset.label_set),

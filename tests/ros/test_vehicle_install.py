@@ -67,7 +67,7 @@ def _outside_vehicle_imports():
     spec = importlib.util.spec_from_file_location("install_size", REPO / "scripts" / "install_size.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.measure()["outside_vehicle_imports"]
+    return mod.outside_vehicle_imports()
 
 
 def test_node_scores_a_frame_without_the_workshop(tmp_path):
