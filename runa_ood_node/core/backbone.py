@@ -2,10 +2,12 @@
 
 One forward pass of the open_clip ViT tower gives, on request:
 
-* ``"cls"``      ``[B, W]``    the pooled [CLS] token after ``ln_post`` (pre-projection; today's
-  ``DualEncoder.visual_features``);
-* ``"tokens"``   ``[B, T, W]`` every final-layer token after ``ln_post`` (token 0 = CLS, then the
-  G x G patches row-major), not projected;
+* ``"cls"``      ``[B, W]``    the pooled token after ``ln_post`` (pre-projection; ``DualEncoder.visual_features``):
+  the [CLS] token of an OpenAI-style ViT, the mean of the patch tokens of a ``pool_type: avg`` tower
+  (:func:`token_pool`);
+* ``"tokens"``   ``[B, T, W]`` every final-layer token after ``ln_post`` (token 0 = the pooled token
+  ``cls``, i.e. the CLS token, or for a ``pool_type: avg`` tower the patches' mean; then the G x G
+  patches row-major), not projected;
 * ``"attn_cls"`` ``[B, T]``    the CLS -> token attention probabilities (softmax over all T keys, CLS
   included), averaged over all L layers and all H heads;
 * ``"xattn"``    ``[P, T]``    inter-image attention for ``pairs`` ``[P, 2]`` = (query view q, key view
@@ -166,9 +168,15 @@ def cls_attention(h: torch.Tensor, wq: torch.Tensor, bq: Optional[torch.Tensor],
     return own, cross
 
 
-def _standard_cls_pool(visual: nn.Module) -> bool:
-    return (getattr(visual, "attn_pool", None) is None and not getattr(visual, "final_ln_after_pool", False)
-            and getattr(visual, "pool_type", "tok") == "tok")
+def token_pool(visual: nn.Module) -> str:
+    """How the tower pools its final tokens into ``cls`` when ``tokens`` are asked for too: ``"tok"`` (the
+    CLS token, OpenAI-style ViTs), ``"avg"`` (the mean of the patch tokens, the CLS token still present in
+    the sequence: open_clip ``pool_type: avg``, e.g. the proving-ground CLIP), or ``""`` when the tower has
+    no such token layout (attention pooling, ``final_ln_after_pool``): no ``tokens`` / attention outputs."""
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+        return ""
+    pool = getattr(visual, "pool_type", "tok")
+    return pool if pool in ("tok", "avg") else ""
 
 
 def interpolated_pos_embed(visual: nn.Module, grid: int) -> torch.Tensor:
@@ -220,8 +228,10 @@ def backbone_forward(visual: nn.Module, views: torch.Tensor, names: Sequence[str
     v = visual
     want_self, want_x = "attn_cls" in names, "xattn" in names
     want_trunk = "cls" in names or "tokens" in names
-    if ("tokens" in names or want_self or want_x) and not _standard_cls_pool(v):
-        raise ValueError("tokens and attention outputs need a CLS-token ViT (pool_type 'tok', no attention pooling)")
+    pool = token_pool(v)
+    if ("tokens" in names or want_self or want_x) and not pool:
+        raise ValueError("tokens and attention outputs need a ViT with a CLS token and pool_type 'tok' or 'avg' "
+                         "(no attention pooling, no final_ln_after_pool)")
     if want_x and pairs is None:
         raise ValueError("backbone output 'xattn' needs pairs")
     tr = v.transformer
@@ -245,7 +255,9 @@ def backbone_forward(visual: nn.Module, views: torch.Tensor, names: Sequence[str
         x = x.transpose(0, 1)
     out: Dict[str, torch.Tensor] = {}
     if "tokens" in names:
-        xp = v.ln_post(x)            # what _pool does for a CLS-token ViT: ln_post, then token 0
+        xp = v.ln_post(x)            # what _pool does: ln_post, then token 0 ("tok") or the patches' mean ("avg")
+        if pool == "avg":            # token 0 is the pooled token for every tower (the methods read it as such)
+            xp = torch.cat([xp[:, 1:].mean(dim=1, keepdim=True), xp[:, 1:]], dim=1)
         out["cls"] = xp[:, 0]
         out["tokens"] = xp
     elif "cls" in names:

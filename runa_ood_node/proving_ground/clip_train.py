@@ -71,6 +71,11 @@ MAX_OCCLUSION = 0.7
 SCENE_MIN_PX = 6.0
 #: at most this many names in a scene caption (context length 32)
 SCENE_MAX_NAMES = 5
+#: scene pairs (the committed checkpoint's run): this share shows the whole frame, the others a region whose
+#: sides are fractions of the frame's drawn from SCENE_REGION (uniformly; ``region_law="log"``: log-uniformly)
+WHOLE_SCENE_P = 0.4
+SCENE_REGION = (0.35, 0.85)
+REGION_LAWS = ("uniform", "log")
 #: stored scene images are downscaled to this width (scene samples are squashed to 224 px anyway)
 SCENE_STORE_WIDTH = 640
 
@@ -188,9 +193,18 @@ class Sampler:
     """
 
     def __init__(self, pool: Pool, size: int = 224, scene_fraction: float = 0.25, tight_fraction: float = 0.35,
-                 seed: int = 0):
+                 seed: int = 0, whole_scene: float = WHOLE_SCENE_P, scene_region: Tuple[float, float] = SCENE_REGION,
+                 region_law: str = "uniform"):
+        lo, hi = (float(v) for v in scene_region)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"scene_region must be 0 < lo <= hi <= 1 (side fractions of the frame), got {scene_region}")
+        if region_law not in REGION_LAWS:
+            raise ValueError(f"region_law must be one of {REGION_LAWS}, got {region_law!r}")
+        if not 0.0 <= float(whole_scene) <= 1.0:
+            raise ValueError(f"whole_scene must be in [0, 1], got {whole_scene}")
         self.pool, self.size = pool, int(size)
         self.scene_fraction, self.tight_fraction = float(scene_fraction), float(tight_fraction)
+        self.whole_scene, self.scene_region, self.region_law = float(whole_scene), (lo, hi), region_law
         self.rng = np.random.default_rng(seed)
         cls = np.asarray(pool.patch_class, np.int64)
         self.by_class = [np.flatnonzero(cls == k) for k in range(len(pool.class_names))]
@@ -233,10 +247,14 @@ class Sampler:
         i = int(rng.integers(len(p.scenes)))
         img = p.scenes[i]
         H, W = img.shape[:2]
-        if rng.random() < 0.4:
+        if rng.random() < self.whole_scene:
             rx1, ry1, rx2, ry2 = 0.0, 0.0, float(W), float(H)
         else:
-            fw, fh = rng.uniform(0.35, 0.85), rng.uniform(0.35, 0.85)
+            lo, hi = self.scene_region
+            if self.region_law == "log":   # tiles as often as large regions
+                fw, fh = (float(np.exp(v)) for v in rng.uniform(np.log(lo), np.log(hi), size=2))
+            else:
+                fw, fh = rng.uniform(lo, hi), rng.uniform(lo, hi)
             rw, rh = fw * W, fh * H
             rx1, ry1 = rng.uniform(0, W - rw), rng.uniform(0, H - rh)
             rx2, ry2 = rx1 + rw, ry1 + rh

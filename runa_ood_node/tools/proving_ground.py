@@ -212,6 +212,17 @@ def run(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- train
+def _fractions(text: str):
+    """``"LO,HI"`` -> ``(lo, hi)`` with 0 < lo <= hi <= 1 (argparse type)."""
+    try:
+        lo, hi = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    if not 0.0 < lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI <= 1, got {text!r}")
+    return lo, hi
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """``runa-ood proving-ground train``'s options (the trainer: ``proving_ground.clip_train``)."""
     p.add_argument("--out", default=None,
@@ -226,6 +237,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=40, help="linear warm-up steps (then cosine decay)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--scene-fraction", type=float, default=0.25, help="share of whole-scene / region pairs per batch")
+    p.add_argument("--whole-scene", type=float, default=ct.WHOLE_SCENE_P,
+                   help="share of the scene pairs showing the whole frame (default %(default)s)")
+    p.add_argument("--scene-region", type=_fractions, default=ct.SCENE_REGION, metavar="LO,HI",
+                   help="side fractions of the other scene pairs' regions (default %(default)s)")
+    p.add_argument("--scene-region-law", choices=ct.REGION_LAWS, default="uniform",
+                   help="how the region's side fractions are drawn (default %(default)s)")
     p.add_argument("--eval-scenes", type=int, default=40, help="held-out 'calibration' scenes for the zero-shot figures (0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (2: this machine's cores)")
     p.add_argument("--frame-scale", type=float, default=1.0, help="render frames at this scale (smoke runs only)")
@@ -253,7 +270,8 @@ def run_train(args) -> int:
     model, tokenizer = ct.build_model(args.model, args.seed)
     S = model.visual.image_size
     S = int(S[0] if isinstance(S, (tuple, list)) else S)
-    sampler = ct.Sampler(pool, size=S, scene_fraction=args.scene_fraction, seed=args.seed)
+    sampler = ct.Sampler(pool, size=S, scene_fraction=args.scene_fraction, seed=args.seed, whole_scene=args.whole_scene,
+                         scene_region=args.scene_region, region_law=args.scene_region_law)
     t0 = time.perf_counter()
     hist = ct.train(model, tokenizer, sampler, args.steps, args.batch_size, lr=args.lr, warmup=args.warmup,
                  weight_decay=args.weight_decay, progress=progress)

@@ -245,3 +245,36 @@ def test_vit_b32_torch_outputs_equal_the_plain_reimplementation():
     assert cos_min(out["cls"], ref["cls"]) >= 0.9999
     assert float((out["attn_cls"].double() - ref["attn_cls"]).abs().max()) <= 1e-4
     assert float((out["xattn"].double() - ref["xattn"]).abs().max()) <= 1e-4
+
+
+def test_an_avg_pool_tower_gives_its_own_pooled_token_first(tiny_encoder, views):
+    """A ``pool_type: avg`` tower (the proving ground's ``runa-pg-vit-avg``): ``cls`` is the patches' mean, as the
+    tower's own forward pools it, and token 0 of ``tokens`` is that pooled token (the methods read token 0 as
+    the image's pooled feature); the patches are unchanged. A CLS-pooled reading would differ."""
+    from runa_ood_node.core.backbone import backbone_forward, token_pool
+
+    v = tiny_encoder.model.visual
+    tok = backbone_forward(v, views, ("cls", "tokens"))
+    assert token_pool(v) == "tok"
+    v.pool_type = "avg"
+    try:
+        assert token_pool(v) == "avg"
+        with torch.no_grad():
+            ref_cls = tiny_encoder.visual_trunk(views)     # the tower's own _pool: mean of ln_post(patches)
+            ref_emb = v(views)
+        out = backbone_forward(v, views, ("cls", "tokens", "attn_cls"))
+        cls_only = backbone_forward(v, views, ("cls",))
+    finally:
+        v.pool_type = "tok"
+    assert torch.allclose(out["cls"], ref_cls, atol=1e-6) and torch.allclose(cls_only["cls"], ref_cls, atol=1e-6)
+    assert torch.allclose(out["cls"] @ v.proj, ref_emb, atol=1e-5)
+    assert torch.equal(out["tokens"][:, 0], out["cls"])
+    assert torch.equal(out["tokens"][:, 1:], tok["tokens"][:, 1:])
+    assert float((out["cls"] - tok["cls"]).abs().max()) > 1e-3
+    v.attn_pool = torch.nn.Identity()
+    try:
+        assert token_pool(v) == ""
+        with pytest.raises(ValueError, match="pool_type 'tok' or 'avg'"):
+            backbone_forward(v, views, ("tokens",))
+    finally:
+        v.attn_pool = None

@@ -80,6 +80,26 @@ def test_pool_names_every_class_and_augmentation_keeps_hue():
             assert min(abs(int(h) - h0), 256 - abs(int(h) - h0)) <= 8, (name, h0, h)
 
 
+def test_scene_regions_follow_their_settings():
+    """Scene pairs: ``whole_scene`` = 1 shows only whole frames, 0 with small regions never does; the
+    defaults are the committed checkpoint's run; settings outside their range are refused."""
+    pool = _tiny_pool(4)
+    whole = [ct.Sampler(pool, size=64)._resize(sc) for sc in pool.scenes]
+    assert (ct.WHOLE_SCENE_P, ct.SCENE_REGION) == (0.4, (0.35, 0.85))  # the committed run (CLIP.md)
+
+    def is_whole(img):
+        return any(np.array_equal(img, w) for w in whole)
+    for law in ct.REGION_LAWS:
+        s1 = ct.Sampler(pool, size=64, seed=0, whole_scene=1.0, region_law=law)
+        assert all(is_whole(s1.scene_sample()[0]) for _ in range(10))
+        s0 = ct.Sampler(pool, size=64, seed=0, whole_scene=0.0, scene_region=(0.15, 0.3), region_law=law)
+        assert not any(is_whole(s0.scene_sample()[0]) for _ in range(10))
+    for bad in (dict(scene_region=(0.0, 0.5)), dict(scene_region=(0.6, 0.5)), dict(region_law="cubic"),
+                dict(whole_scene=1.5)):
+        with pytest.raises(ValueError):
+            ct.Sampler(pool, size=64, **bad)
+
+
 def test_loss_counts_same_caption_pairs_as_positives():
     emb = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     scale = torch.tensor(50.0)
