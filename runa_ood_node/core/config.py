@@ -21,6 +21,8 @@ running node adds (a method other than ``runa`` needs a ``head``; a scorer other
 the thresholds, the head and the projection ONCE and raises ``ParameterValidationError`` listing every
 problem; the node's :class:`~runa_ood_node.core.parameters.NodeSettings` carries the result as
 ``settings.config``. ``factory.build_scorer`` takes a :class:`ScorerConfig` and loads nothing of it again.
+:meth:`ScorerConfig.replace` goes through the same :func:`validate` (its loaded objects kept, only a
+file a change names loaded).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import yaml
 from .encoder import env_offline
 from .labels import LabelSet, load_label_set
 from .methods import get_method
-from .methods.heads import Head, load_head
+from .methods.heads import Head, check_head, load_head
 from .parameters import (ALERT_PREFIX, DEFAULT_SCORER, PARAMETERS, Checked, NodeSettings, ParameterValidationError,
                          check, default, defaults)
 from .paths import resolve_calibration_file
@@ -122,18 +124,53 @@ class ScorerConfig:
         return kw
 
     def replace(self, **changes) -> "ScorerConfig":
-        """A copy with ``changes`` (``dataclasses.replace``); a method setting's name (``lam``,
-        ``blur_radius``) changes the method's settings."""
-        names = {f.name for f in dataclasses.fields(self)}
-        ms = {k: changes.pop(k) for k in list(changes) if k not in names}
-        new = dataclasses.replace(self, **changes)
-        unknown = sorted(set(ms) - {f.name for f in dataclasses.fields(new.method_settings)})
+        """A copy with ``changes``, through the builders' one :func:`validate` (an invalid value raises
+        ``ParameterValidationError`` as they do; a name that is neither a field nor a setting of the
+        method, ``TypeError``). A method setting's name (``lam``, ``blur_radius``) changes the method's
+        settings. Files are loaded only for what a change names: a label set, head or thresholds file
+        given by name or path is loaded; a loaded ``LabelSet`` / ``Head`` / ``Thresholds`` (or None) is
+        taken as it is; every other loaded object is kept (a kept head re-checked against the method and
+        label set, ``heads.check_head``). The rules of a node are lifted as the original build lifted
+        them: no thresholds loaded (``thresholds`` None) keeps them off, a method that needs a head
+        built without one keeps that rule off. ``parameters`` records the changes over the values it
+        was built from."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        method = changes.get("method", self.method)
+        settings = {f.name for f in dataclasses.fields(get_method(method).Settings)} if method in METHODS else set()
+        unknown = sorted(k for k in changes if k not in fields and k not in settings)
         if unknown:
-            raise TypeError(f"ScorerConfig of method {new.method!r} has no setting {unknown}")
-        if ms:
-            merged = {**dataclasses.asdict(new.method_settings), **ms}
-            new = dataclasses.replace(new, method_settings=method_settings(new.method, merged))
-        return new
+            raise TypeError(f"ScorerConfig of method {method!r} has no setting {unknown}")
+        loaded = {n: f.metadata["param"] for n, f in fields.items() if f.metadata.get("loaded")}
+        objects = {k: v for k, v in changes.items() if k in loaded and not isinstance(v, (str, os.PathLike))}
+        changed: Dict[str, Any] = {}
+        for k, value in changes.items():
+            if k in objects or k == "parameters":
+                continue
+            if k == "method_settings":
+                changed.update(dataclasses.asdict(value))
+            elif k in fields and "param" in fields[k].metadata:
+                changed[fields[k].metadata["param"]] = os.fspath(value) if k in loaded else value
+            elif k not in fields:  # a method setting
+                changed[k] = value
+        # the loaded objects: given ones as they are, the others kept unless a change names their file
+        kept = {n: getattr(self, n) for n, param in loaded.items() if param not in changed}
+        kept.update(objects)
+        thresholds = (objects["thresholds"] if "thresholds" in objects else self.thresholds) is not None
+        need_head = not (self.method in METHODS and get_method(self.method).needs_head and self.head is None)
+        tool = {n: changes.get(n, getattr(self, n)) for n in TOOL_FIELDS}
+        source = {**changes.get("parameters", self.parameters), **changed}
+        return _validate({**self._parameter_values(), **changed}, True, thresholds, need_head, tool, kept,
+                         source).config
+
+    def _parameter_values(self) -> Dict[str, Any]:
+        """The node parameter values of this configuration: those it was built from, its fields' over them."""
+        values = dict(self.parameters)
+        for f in dataclasses.fields(self):
+            if "param" in f.metadata and not f.metadata.get("loaded"):
+                values[f.metadata["param"]] = getattr(self, f.name)
+        values.update(dataclasses.asdict(self.method_settings))
+        values.setdefault("label_set", self.label_set.name)
+        return values
 
     def check_thresholds(self, scorer) -> List[str]:
         """The thresholds-file check every user runs once the scorer is built (``core.thresholds.check_fit``
@@ -168,9 +205,19 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
     Raises:
         ParameterValidationError: listing every invalid parameter with the reason.
     """
+    return _validate(values, check_files, thresholds, need_head, tool)
+
+
+def _validate(values: Optional[Mapping[str, Any]], check_files: bool, thresholds: bool, need_head: bool,
+              tool: Mapping[str, Any], kept: Optional[Mapping[str, Any]] = None,
+              source: Optional[Mapping[str, Any]] = None) -> NodeSettings:
+    """:func:`validate`; ``kept``: loaded objects (``label_set``, ``thresholds``, ``head``) taken as they are
+    instead of loading their files (``ScorerConfig.replace``); ``source``: ``config.parameters`` (None: ``values``)."""
     c = check(values)
     v = c.values
-    if need_head and v["method"] in METHODS and get_method(v["method"]).needs_head and not v["head"]:
+    kept = kept or {}
+    has_head = kept["head"] is not None if "head" in kept else bool(v["head"])
+    if need_head and v["method"] in METHODS and get_method(v["method"]).needs_head and not has_head:
         c.problems.append(f"head: method {v['method']!r} needs a trained head (`runa-ood finetune --method "
                           f"{v['method']} --out DIR`, then head:=DIR)")
     if thresholds and v["scorer"] != DEFAULT_SCORER and not v["thresholds_file"]:
@@ -180,15 +227,18 @@ def validate(values: Optional[Mapping[str, Any]] = None, check_files: bool = Tru
     unknown = sorted(set(tool) - set(TOOL_FIELDS))
     if unknown:
         raise TypeError(f"not scorer settings of a tool: {unknown} (known: {list(TOOL_FIELDS)})")
-    config = _load(c, thresholds, dict(tool, parameters=dict(values or {}))) if check_files else None
+    parameters = dict(values or {}) if source is None else dict(source)
+    config = _load(c, thresholds, dict(tool, parameters=parameters), kept) if check_files else None
     if c.problems:
         raise ParameterValidationError(c.problems)
     return NodeSettings(alert=c.alert, inputs=c.inputs, config=config,
                         **{spec.attr: v[spec.name] for spec in PARAMETERS if not spec.name.startswith(ALERT_PREFIX)})
 
 
-def _load(c: Checked, thresholds: bool, tool: Mapping[str, Any]) -> Optional[ScorerConfig]:
-    """The :class:`ScorerConfig` of checked values, its files loaded (each failure a problem)."""
+def _load(c: Checked, thresholds: bool, tool: Mapping[str, Any],
+          kept: Mapping[str, Any]) -> Optional[ScorerConfig]:
+    """The :class:`ScorerConfig` of checked values, its files loaded (each failure a problem); a loaded
+    object in ``kept`` is taken instead of its file (a kept head checked as a loaded one is)."""
     v, problems = c.values, c.problems
 
     def load(name, fn, *args, **kw):
@@ -198,9 +248,11 @@ def _load(c: Checked, thresholds: bool, tool: Mapping[str, Any]) -> Optional[Sco
             problems.append(f"{name}: {exc}")
             return None
 
-    labels = load("label_set", load_label_set, v["label_set"])
+    labels = kept["label_set"] if "label_set" in kept else load("label_set", load_label_set, v["label_set"])
     thr = None
-    if thresholds and v["thresholds_file"]:
+    if thresholds and "thresholds" in kept:
+        thr = kept["thresholds"]
+    elif thresholds and v["thresholds_file"]:
         thr = load("thresholds_file", lambda f: Thresholds.load(resolve_calibration_file(f, _THRESHOLD_SUFFIXES)),
                    v["thresholds_file"])
     elif thresholds:
@@ -209,9 +261,14 @@ def _load(c: Checked, thresholds: bool, tool: Mapping[str, Any]) -> Optional[Sco
     # the method and label set refusals here; the model's once it is loaded (factory). RUNA's projection
     # parameter is its head's alias (a projection file loads as a RUNA head; no label set recorded)
     head = None
-    if v["head"]:
+    projection = not v["head"] and v["projection"] and get_method(v["method"]).head_is_projection
+    if "head" in kept:
+        head = kept["head"]
+        if head is not None:
+            load("head", check_head, head, method=v["method"], label_set=None if projection else labels)
+    elif v["head"]:
         head = load("head", load_head, v["head"], method=v["method"], label_set=labels)
-    elif v["projection"] and get_method(v["method"]).head_is_projection:
+    elif projection:
         head = load("projection", load_head, v["projection"], method=v["method"])
     settings = load(f"{v['method']} settings", method_settings, v["method"], v)
     if problems or labels is None:

@@ -105,3 +105,74 @@ def test_tool_fields_and_replace():
     assert cfg.replace(pretrained="", allow_random=True).allow_random
     with pytest.raises(TypeError, match="lamda"):
         cfg.replace(lamda=0.75)  # a typo is refused, not ignored
+
+
+@pytest.mark.parametrize("change", [{"scorer": "nope"}, {"min_box_size": -1.0}, {"temperature": 0.0},
+                                    {"method": "no-such-method"}, {"precision": "fp16"}, {"lam": 2.0},
+                                    {"blur_radius": -1.0}, {"scorer": "energy"}, {"method": "uni-ood"},
+                                    {"allow_random": False}, {"label_set": "/no/such/labels.yaml"}])
+def test_replace_refuses_what_the_builders_refuse(change):
+    """``replace`` goes through the builders' one validation: the same error, the same problems."""
+    cfg = C.from_parameters(RANDOM)
+    params = {("allow_random_weights" if k == "allow_random" else k): v for k, v in change.items()}
+    with pytest.raises(T.ParameterValidationError) as by_builder:
+        C.from_parameters({**RANDOM, **params})
+    with pytest.raises(T.ParameterValidationError) as by_replace:
+        cfg.replace(**change)
+    assert by_replace.value.problems == by_builder.value.problems
+
+
+def test_replace_makes_what_the_builders_make():
+    cfg = C.from_parameters(RANDOM, ablation="regional")
+    assert cfg.replace() == cfg and cfg.replace().ablation == "regional"
+    for change in ({"lam": 0.25}, {"blur_radius": 3.0}, {"lam": 0.0, "blur_radius": 0.5}, {"scorer": "runa"},
+                   {"max_boxes": 3.0}, {"label_set": "bdd"}, {"min_box_size": 0.0}, {"temperature": 2.0}):
+        got = cfg.replace(**change)
+        assert got == C.from_parameters({**RANDOM, **change}, ablation="regional"), change
+        assert got.parameters == {**RANDOM, **change}  # what it was built from, the changes over it
+    assert cfg.replace(scorer="runa").scorer == "max_cosine" and type(cfg.replace(max_boxes=3.0).max_boxes) is int
+    settings = get_method("runa").make_settings({"lam": 0.3, "blur_radius": 2.0})
+    assert cfg.replace(method_settings=settings).method_settings == settings
+    # a change of method makes the new method's settings; a setting it does not have is refused
+    lifted = C.from_parameters({**RANDOM, "method": "uni-ood"}, need_head=False)  # finetune's: no head yet
+    assert isinstance(lifted.replace(method="tagood").method_settings, get_method("tagood").Settings)
+    assert isinstance(lifted.replace(method="runa").method_settings, get_method("runa").Settings)
+    with pytest.raises(TypeError, match="lam"):
+        cfg.replace(method="tagood", lam=0.3)
+
+
+def test_replace_loads_only_the_files_a_change_names(tmp_path, monkeypatch):
+    th = Thresholds(global_threshold=-0.5, meta={"scorer": "energy"}).save(tmp_path / "e.yaml")
+    cfg = C.from_parameters({**RANDOM, "scorer": "energy", "thresholds_file": str(th)})
+    calls = []
+    monkeypatch.setattr(C, "load_label_set", lambda *a, **k: calls.append(("label_set", a)))
+    monkeypatch.setattr(C, "load_head", lambda *a, **k: calls.append(("head", a)))
+    monkeypatch.setattr(C.Thresholds, "load", classmethod(lambda cls, *a, **k: calls.append(("thresholds", a))))
+    got = cfg.replace(lam=0.25, temperature=2.0, max_boxes=5, scorer="mcm")
+    assert calls == [] and got.label_set is cfg.label_set and got.thresholds is cfg.thresholds
+    assert got.method_settings.lam == 0.25 and got.scorer == "mcm" and got.max_boxes == 5
+    monkeypatch.undo()
+    # a change that names a file loads it, as a builder would
+    th2 = Thresholds(global_threshold=-0.25, meta={"scorer": "energy"}).save(tmp_path / "e2.yaml")
+    again = cfg.replace(thresholds_file=str(th2), label_set="bdd")
+    assert again.thresholds.global_threshold == -0.25 and again.label_set.name == "bdd"
+    assert again == C.from_parameters({**RANDOM, "scorer": "energy", "thresholds_file": str(th2), "label_set": "bdd"})
+    # a tool's config without thresholds stays without: no file is read for them
+    tool = C.from_parameters(RANDOM, thresholds=False)
+    assert tool.replace(scorer="energy").thresholds is None
+
+
+def test_replace_checks_a_kept_head_as_a_loaded_one():
+    from runa_ood_node.core.methods.heads import Head
+
+    lifted = C.from_parameters({**RANDOM, "method": "uni-ood"}, need_head=False)  # finetune's: no head yet
+    assert lifted.replace(temperature=2.0).head is None  # the rule stays lifted
+    head = Head("uni-ood", {}, {}, "by hand")
+    with_head = lifted.replace(head=head)
+    assert with_head.head is head and with_head.replace(temperature=2.0).head is head
+    with pytest.raises(T.ParameterValidationError, match="trained for method 'uni-ood'"):
+        with_head.replace(method="tagood")
+    node = C.from_parameters(RANDOM)
+    with pytest.raises(T.ParameterValidationError, match="needs a trained head"):
+        node.replace(method="uni-ood")
+    assert node.replace(method="uni-ood", head=head).head is head
