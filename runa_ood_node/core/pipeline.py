@@ -53,7 +53,7 @@ from .boxes import BoxStatus, sanitize_boxes, status_text
 from .encoder import DualEncoder
 from .labels import LabelSet, load_label_set
 from .methods import get_method, make_method
-from .parameters import default
+from .parameters import default, defaults
 from .views import ViewMaker, make_views
 
 LOG = logging.getLogger(__name__)
@@ -351,11 +351,8 @@ class OodScorer:
         label_set: :class:`LabelSet`, or a built-in name / YAML path for :func:`load_label_set`.
         scorer: one of ``core.registry.SCORERS`` (``"max_cosine"`` = -max cosine, paper Eq. 6; old names
             of ``SCORER_ALIASES`` such as ``"runa"`` are accepted and stored under the new name).
-            ``scorer``, ``lam``, ``blur_radius``, ``min_box_size``, ``temperature``, ``method``: None = the
+            ``scorer``, ``min_box_size``, ``temperature``, ``method``, ``settings``: None = the
             parameter table's default (``core.parameters.default``).
-        lam: RUNA's fusion weight of the regional view in [0, 1] (paper: 0.5); used by ``"dual"``
-            (with ``blur_radius``: RUNA's settings when ``settings`` is None; other methods ignore both).
-        blur_radius: Gaussian sigma of the global view in px at the encoder input size (paper: 1).
         ablation: ``"dual"`` (RUNA), ``"regional"`` (crop only, lam=1) or ``"global"`` (blurred
             global view only, lam=0). Single-view ablations encode only the views they use.
         thresholds: optional ``thresholds.Thresholds`` (``for_label(label) -> float``), applied as
@@ -373,18 +370,18 @@ class OodScorer:
         method: one of ``core.registry.METHODS`` (``"runa"``, the default; ``"uni-ood"``, ``"tagood"``).
         head: a trained head (``core.methods.heads.Head``) of that method, or None. RUNA without a head
             uses the model's projection as its regional one (off the shelf).
-        settings: that method's ``Settings`` (``get_method(method).make_settings(...)``); None = from
-            ``lam`` / ``blur_radius``.
+        settings: that method's ``Settings`` (``get_method(method).make_settings(...)``, or a
+            ``core.config.ScorerConfig``'s ``method_settings``; RUNA's: ``lam``, the fusion weight of the
+            regional view in [0, 1], paper 0.5, used by ``"dual"``, and ``blur_radius``, the Gaussian sigma
+            of the global view in px at the encoder input size, paper 1); None = the table's defaults.
     """
 
-    def __init__(self, encoder: DualEncoder, label_set, scorer: Optional[str] = None, lam: Optional[float] = None,
-                 blur_radius: Optional[float] = None, ablation: str = ABLATIONS[0], thresholds=None,
-                 max_boxes: Optional[int] = None, min_box_size: Optional[float] = None,
+    def __init__(self, encoder: DualEncoder, label_set, scorer: Optional[str] = None, ablation: str = ABLATIONS[0],
+                 thresholds=None, max_boxes: Optional[int] = None, min_box_size: Optional[float] = None,
                  temperature: Optional[float] = None, max_batch: Optional[int] = None, view_maker=None,
                  method: Optional[str] = None, head=None, settings=None):
         # None: the parameter table's default (core.parameters, the one place defaults are written)
         scorer, method = canonical_scorer(_default(scorer, "scorer")), _default(method, "method")
-        lam, blur_radius = _default(lam, "lam"), _default(blur_radius, "blur_radius")
         min_box_size, temperature = _default(min_box_size, "min_box_size"), _default(temperature, "temperature")
         if scorer not in SCORERS:
             raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
@@ -396,8 +393,8 @@ class OodScorer:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if not (math.isfinite(min_box_size) and min_box_size >= 0):
             raise ValueError(f"min_box_size must be >= 0 px, got {min_box_size!r}")
-        if settings is None:  # the keyword arguments (RUNA's lam and blur radius; others have none)
-            settings = get_method(method).make_settings(lam=lam, blur_radius=blur_radius)
+        if settings is None:  # the table's (RUNA's lam and blur radius; others have none)
+            settings = get_method(method).make_settings(defaults())
         if view_maker is not None:  # the given view maker's blur is the global view's
             settings = get_method(method).replace_settings(settings, blur_radius=view_maker.blur_radius)
         self.encoder = encoder
@@ -411,9 +408,8 @@ class OodScorer:
         self.min_box_size = float(min_box_size)
         self.temperature = float(temperature)
         self.max_batch = max_batch
-        blur = self.method.view_blur_radius()
-        self.view_maker = view_maker if view_maker is not None else ViewMaker(
-            encoder.input_size, encoder.mean, encoder.std, blur_radius if blur is None else blur)
+        self.view_maker = view_maker if view_maker is not None else ViewMaker(  # blur None: the table's
+            encoder.input_size, encoder.mean, encoder.std, self.method.view_blur_radius())
         self.text_emb = encoder.text_embeddings(self.label_set)  # [K, D], computed/cached once
         self.method.prepare(self.label_set, self.text_emb)  # per label set work of a method (e.g. text attention)
         self._label_thresholds = self._resolve_thresholds()

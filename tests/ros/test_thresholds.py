@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
+from runa_ood_node.core.config import method_settings
 from runa_ood_node.core.thresholds import (
     Thresholds,
     ThresholdsFileError,
@@ -13,6 +14,11 @@ from runa_ood_node.core.thresholds import (
     min_samples_for_tpr,
     tpr_with_ci,
 )
+
+
+def _runa(**values):
+    """RUNA's settings with ``values`` over the table's defaults (``core.config.method_settings``)."""
+    return method_settings("runa", values)
 
 
 def _rate(scores, thr):
@@ -256,8 +262,8 @@ def test_identity_names_every_setting_the_units_depend_on(tiny_encoder):
     assert tuple(base) == IDENTITY_KEYS
     assert base["weights"] == tiny_encoder.weights_id and base["projection"] == "off-the-shelf"
     changed = {
-        "lam": fit_identity(OodScorer(tiny_encoder, "voc", lam=0.7)),
-        "blur_radius": fit_identity(OodScorer(tiny_encoder, "voc", blur_radius=2.0)),
+        "lam": fit_identity(OodScorer(tiny_encoder, "voc", settings=_runa(lam=0.7))),
+        "blur_radius": fit_identity(OodScorer(tiny_encoder, "voc", settings=_runa(blur_radius=2.0))),
         "scorer": fit_identity(OodScorer(tiny_encoder, "voc", scorer="energy")),
         "label_set": fit_identity(OodScorer(tiny_encoder, "coco")),
     }
@@ -270,7 +276,7 @@ def test_identity_names_every_setting_the_units_depend_on(tiny_encoder):
     other = LabelSet("voc", voc.labels, templates=("a picture of a {label}",))
     assert fit_identity(OodScorer(tiny_encoder, other))["label_set_hash"] != base["label_set_hash"]
     # single-view ablations: lam is what they use (1 / 0), blur does not matter for the crop alone
-    reg = fit_identity(OodScorer(tiny_encoder, "voc", ablation="regional", lam=0.3, blur_radius=5.0))
+    reg = fit_identity(OodScorer(tiny_encoder, "voc", ablation="regional", settings=_runa(lam=0.3, blur_radius=5.0)))
     assert reg["lam"] == 1.0 and reg["blur_radius"] is None
     assert reg == fit_identity(OodScorer(tiny_encoder, "voc", ablation="regional"))
 
@@ -293,16 +299,16 @@ def test_file_fitted_at_lam_05_is_refused_at_07_and_the_override_reports_it(tmp_
     from runa_ood_node.core.pipeline import OodScorer
     from runa_ood_node.core.thresholds import ThresholdsMismatchError, check_fit, fit_identity
 
-    thr = Thresholds.load(_fitted_file(tmp_path, tiny_encoder, lam=0.5))
-    assert check_fit(thr, OodScorer(tiny_encoder, "voc", lam=0.5)) == []
-    at07 = OodScorer(tiny_encoder, "voc", lam=0.7)
+    thr = Thresholds.load(_fitted_file(tmp_path, tiny_encoder, settings=_runa(lam=0.5)))
+    assert check_fit(thr, OodScorer(tiny_encoder, "voc", settings=_runa(lam=0.5))) == []
+    at07 = OodScorer(tiny_encoder, "voc", settings=_runa(lam=0.7))
     with pytest.raises(ThresholdsMismatchError) as err:
         check_fit(thr, at07, source="thr.yaml")
     assert err.value.mismatches == ["lam: fitted for 0.5, in use is 0.7"]
     assert "thr.yaml" in str(err.value) and "runa-ood calibrate" in str(err.value)
     assert check_fit(thr, at07, allow_mismatch=True) == ["lam: fitted for 0.5, in use is 0.7"]
     # several differences are all named
-    other = OodScorer(tiny_encoder, "coco", lam=0.7, scorer="mcm")
+    other = OodScorer(tiny_encoder, "coco", settings=_runa(lam=0.7), scorer="mcm")
     keys = {w.split(":")[0] for w in thr.check_compatible(fit_identity(other))}
     assert keys == {"lam", "scorer", "temperature", "label_set", "label_set_hash"}
 
@@ -341,7 +347,7 @@ def test_node_configure_refuses_a_mismatch_and_the_override_marks_it(tmp_path, t
 
     from runa_ood_node.ros.node import RunaOodNode
 
-    path = _fitted_file(tmp_path, tiny_encoder, lam=0.5)
+    path = _fitted_file(tmp_path, tiny_encoder, settings=_runa(lam=0.5))
     base = {"model": "runa-tiny-vit", "pretrained": "", "allow_random_weights": True, "backend": "torch",
             "thresholds_file": str(path), "autostart": False}
     ctx = rclpy.Context()

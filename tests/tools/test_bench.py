@@ -380,10 +380,11 @@ def test_cycle_boxes_and_percentiles():
 
 # ---------------------------------------------------------------------- the batch-2 baseline's correctness
 def _b2_and_batched(encoder, image, boxes, blur_radius):
+    from runa_ood_node.core.config import method_settings
     from runa_ood_node.core.pipeline import OodScorer
     from runa_ood_node.tools.bench import naive_b2_frame, open_clip_preprocess
 
-    scorer = OodScorer(encoder, "voc", blur_radius=blur_radius)
+    scorer = OodScorer(encoder, "voc", settings=method_settings("runa", {"blur_radius": blur_radius}))
     b2 = naive_b2_frame(encoder, open_clip_preprocess(encoder), scorer.text_emb, image, boxes,
                         blur_radius=blur_radius)
     return b2, scorer.score(image, boxes).uncertainty

@@ -6,11 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from runa_ood_node.core.boxes import BoxStatus
+from runa_ood_node.core.config import method_settings
 from runa_ood_node.core.methods import get_method
 from runa_ood_node.core.methods.base import Method
 from runa_ood_node.core.pipeline import BoxFeatures, FrameInput, OodScorer
 from runa_ood_node.core.registry import METHODS
 from runa_ood_node.core.views import ViewMaker
+
+
+def _runa(**values):
+    """RUNA's settings with ``values`` over the table's defaults (``core.config.method_settings``)."""
+    return method_settings("runa", values)
 
 
 def _image(h=96, w=128):
@@ -91,8 +97,8 @@ def test_each_method_declares_its_settings_without_defaults_and_its_identity(tin
     for name in ("uni-ood", "tagood"):
         assert dataclasses.fields(get_method(name).Settings) == () and get_method(name).make_settings(defaults())
     sc = OodScorer(tiny_encoder, "voc", settings=RunaSettings(lam=0.3, blur_radius=2.0))
-    assert sc.lam == 0.3 and sc.blur_radius == 2.0 and sc.settings == OodScorer(tiny_encoder, "voc", lam=0.3,
-                                                                                blur_radius=2.0).settings
+    assert sc.lam == 0.3 and sc.blur_radius == 2.0 and sc.settings == OodScorer(
+        tiny_encoder, "voc", settings=get_method("runa").make_settings(lam=0.3, blur_radius=2.0)).settings
     with pytest.raises(TypeError, match="takes RunaSettings"):
         OodScorer(tiny_encoder, "voc", method="runa", settings=get_method("tagood").make_settings())
     assert sc.method.identity("regional") == {"lam": 1.0, "blur_radius": None, "projection": "off-the-shelf",
@@ -202,13 +208,13 @@ def test_seam_one_backend_call_for_all_views_and_pairs_of_several_frames(tiny_en
 
 
 def test_lam_has_one_rule_in_the_constructor_and_per_call(tiny_encoder):
-    sc = OodScorer(tiny_encoder, "voc", lam=np.float32(0.25))
+    sc = OodScorer(tiny_encoder, "voc", settings=_runa(lam=np.float32(0.25)))
     assert sc.lam == 0.25
     feats = sc.encode(_image(), BOXES)
     sc.score_features(feats, lam=np.float32(0.25))  # numpy numbers are numbers in both places
     for bad in (True, float("nan"), 1.5, "0.5"):
         with pytest.raises(ValueError, match="lam must be a number in \\[0, 1\\]"):
-            OodScorer(tiny_encoder, "voc", lam=bad)
+            OodScorer(tiny_encoder, "voc", settings=_runa(lam=bad))
         with pytest.raises(ValueError, match="lam must be a number in \\[0, 1\\]"):
             sc.score_features(feats, lam=bad)
 

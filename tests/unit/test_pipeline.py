@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from runa_ood_node.core.boxes import BoxStatus
+from runa_ood_node.core.config import method_settings
 from runa_ood_node.core.labels import load_label_set
 from runa_ood_node.core.pipeline import FrameResult, OodScorer
 
@@ -25,6 +26,11 @@ def using_backend(encoder, backend, name=None):
         yield
     finally:
         encoder.set_backend(None)
+
+
+def _runa(**values):
+    """RUNA's settings with ``values`` over the table's defaults (``core.config.method_settings``)."""
+    return method_settings("runa", values)
 
 
 def _device_lost(views):
@@ -190,17 +196,19 @@ def test_ablations_differ_and_encode_only_needed_views(tiny_encoder, photo):
     assert not np.allclose(u["dual"], u["regional"]) and not np.allclose(u["dual"], u["global"])
     assert not np.allclose(u["regional"], u["global"])
     # regional ablation == dual with lam = 1
-    lam1 = OodScorer(tiny_encoder, "voc", lam=1.0).score(image, boxes, box_format="xywh")
+    lam1 = OodScorer(tiny_encoder, "voc", settings=_runa(lam=1.0)).score(image, boxes, box_format="xywh")
     assert np.allclose(lam1.uncertainty, u["regional"], atol=1e-5)
 
 
 def test_blur_radius_changes_dual_but_not_regional(tiny_encoder, photo):
     image, boxes = photo
-    a = OodScorer(tiny_encoder, "voc", blur_radius=0.0).score(image, boxes, box_format="xywh")
-    b = OodScorer(tiny_encoder, "voc", blur_radius=3.0).score(image, boxes, box_format="xywh")
+    a = OodScorer(tiny_encoder, "voc", settings=_runa(blur_radius=0.0)).score(image, boxes, box_format="xywh")
+    b = OodScorer(tiny_encoder, "voc", settings=_runa(blur_radius=3.0)).score(image, boxes, box_format="xywh")
     assert not np.allclose(a.uncertainty, b.uncertainty)
-    ra = OodScorer(tiny_encoder, "voc", blur_radius=0.0, ablation="regional").score(image, boxes, box_format="xywh")
-    rb = OodScorer(tiny_encoder, "voc", blur_radius=3.0, ablation="regional").score(image, boxes, box_format="xywh")
+    ra = OodScorer(tiny_encoder, "voc", settings=_runa(blur_radius=0.0), ablation="regional").score(
+        image, boxes, box_format="xywh")
+    rb = OodScorer(tiny_encoder, "voc", settings=_runa(blur_radius=3.0), ablation="regional").score(
+        image, boxes, box_format="xywh")
     assert np.allclose(ra.uncertainty, rb.uncertainty, atol=1e-6)
 
 
@@ -285,11 +293,14 @@ def test_bad_inputs_raise_value_error(scorer, photo):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"scorer": "maxlogit"}, "scorer"), ({"ablation": "both"}, "ablation"), ({"lam": 1.5}, "lam"),
-    ({"max_boxes": -1}, "max_boxes"), ({"temperature": 0.0}, "temperature"), ({"blur_radius": -1}, "blur_radius"),
+    ({"scorer": "maxlogit"}, "scorer"), ({"ablation": "both"}, "ablation"), ({"settings": {"lam": 1.5}}, "lam"),
+    ({"max_boxes": -1}, "max_boxes"), ({"temperature": 0.0}, "temperature"),
+    ({"settings": {"blur_radius": -1}}, "blur_radius"),
 ])
 def test_bad_configuration_raises(tiny_encoder, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match):  # RUNA's settings: made as the caller makes them
+        if "settings" in kwargs:
+            kwargs = {**kwargs, "settings": _runa(**kwargs["settings"])}
         OodScorer(tiny_encoder, "voc", **kwargs)
 
 
@@ -299,7 +310,7 @@ def test_custom_view_maker_is_used(tiny_encoder, photo):
     image, boxes = photo
     vm = ViewMaker(tiny_encoder.input_size, tiny_encoder.mean, tiny_encoder.std, blur_radius=0.0)
     a = OodScorer(tiny_encoder, "voc", view_maker=vm).score(image, boxes, box_format="xywh")
-    b = OodScorer(tiny_encoder, "voc", blur_radius=0.0).score(image, boxes, box_format="xywh")
+    b = OodScorer(tiny_encoder, "voc", settings=_runa(blur_radius=0.0)).score(image, boxes, box_format="xywh")
     assert np.allclose(a.uncertainty, b.uncertainty, atol=1e-6)
 
 
@@ -377,7 +388,8 @@ def test_one_encoding_scores_every_scorer_and_ablation_like_a_fresh_scorer(tiny_
     for ab in ("dual", "regional", "global"):
         for sc in ("runa", "mcm", "energy", "sum"):
             got = base.score_features(feats, scorer=sc, ablation=ab, lam=0.3, temperature=0.5)
-            want = OodScorer(tiny_encoder, "voc", scorer=sc, ablation=ab, lam=0.3, temperature=0.5).score(
+            want = OodScorer(tiny_encoder, "voc", scorer=sc, ablation=ab, settings=_runa(lam=0.3),
+                             temperature=0.5).score(
                 image, boxes, box_format="xywh")
             _assert_same_result(got, want, atol=1e-5)
     # the defaults are the scorer's own settings
