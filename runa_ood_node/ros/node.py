@@ -39,6 +39,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 from rclpy.clock import Clock, ClockType
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.lifecycle import LifecycleState, Node as LifecycleNode, TransitionCallbackReturn
 from rcl_interfaces.msg import SetParametersResult
 
@@ -64,6 +65,14 @@ ZERO_COPY_RGB8 = True
 _SUCCESS, _FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 #: parameters every rclpy node may be given that are not this node's to declare
 _FOREIGN_PARAMETERS = ("use_sim_time", "start_type_description_service")
+
+
+class _DestroyedStateMachine:
+    """Stands for a destroyed node's lifecycle state machine: a transition asked after
+    ``destroy_node`` raises ``InvalidHandle`` (the destroyed rclpy object would crash the process)."""
+
+    def __getattr__(self, name: str):
+        raise _rclpy.InvalidHandle(f"the node was destroyed: no lifecycle state machine ({name})")
 
 
 class RunaOodNode(LifecycleNode):
@@ -235,6 +244,26 @@ class RunaOodNode(LifecycleNode):
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().error(f"lifecycle error from state {state.label}; releasing resources")
         return self.on_shutdown(state)
+
+    def destroy_node(self) -> None:
+        """Stop the scoring threads, release the model, destroy the node and its lifecycle state
+        machine: the node leaves the ROS graph now, whatever state it was in.
+
+        rclpy's ``LifecycleNode.destroy_node`` leaves the state machine, which holds a share of the
+        rcl node (and owns the lifecycle services and ``transition_event``): the node stayed in the
+        graph until the Python object was garbage-collected (reference cycles: a cyclic collection)
+        or, with the process ended by ``os._exit``, for the DDS lease (~20 s) after the process
+        had gone. A node destroyed active without ``trigger_shutdown`` kept its scoring threads, which
+        kept the node alive for good. Idempotent."""
+        try:
+            self._destroy_inputs()
+            self._release()
+        except Exception as exc:  # the node is destroyed all the same
+            self.get_logger().error(f"releasing the node's resources failed: {type(exc).__name__}: {exc}")
+        super().destroy_node()
+        machine, self._state_machine = self._state_machine, _DestroyedStateMachine()
+        if not isinstance(machine, _DestroyedStateMachine):
+            machine.destroy_when_not_in_use()
 
     def _fail(self, msg: str) -> TransitionCallbackReturn:
         self.last_error = msg

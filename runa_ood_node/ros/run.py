@@ -70,13 +70,8 @@ def _shut_down(node) -> None:
             node.trigger_shutdown()
         except Exception:
             pass
-    try:
-        node._destroy_inputs()
-        node._release()  # idempotent: stops the worker thread, releases the model
-    except Exception:
-        pass
     rosout_logging.uninstall()
-    node.destroy_node()
+    node.destroy_node()  # stops the scoring threads, releases the model; the node leaves the graph now
 
 
 __all__ = ["run_node"]
