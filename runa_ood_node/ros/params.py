@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List
 
-from ..core.config import ParameterValidationError, validate  # noqa: F401 (validation: values, rules, files once)
+from ..core.config import validate  # noqa: F401 (validation: values, rules, files once)
 from ..core.parameters import *  # noqa: F401,F403 (the table and its checks, re-exported)
 from ..core.parameters import __all__ as _core_all
-from ..core.parameters import (_BY_NAME, _CAMERA_PREFIX, _NAME_CHARS, CAMERA_OVERRIDES,  # noqa: F401 (tests)
-                               PARAMETERS, ParamSpec, camera_parameter)
+from ..core.parameters import (_BY_NAME, _CAMERA_PREFIX, _NAME_CHARS, CAMERA_OVERRIDES, PARAMETERS, ParamSpec,
+                               camera_parameter)
 
 __all__ = list(_core_all) + ["validate", "declare_parameters", "read_parameters", "declare_camera_parameters"]
 

@@ -58,7 +58,6 @@ from ..core.registry import (ABLATIONS, BACKENDS, DEFAULT_METHOD, METHODS, PRECI
 from ..core.paths import data_pack_annotations  # noqa: E402
 from ..factory import build_scorer  # noqa: E402
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: ``--annotations`` when not given: ``$RUNA_OOD_DATA_PACK`` (None when unset; no path is guessed)
 DEFAULT_ANNOTATIONS = data_pack_annotations()
 
@@ -188,8 +187,6 @@ def allow_download(args) -> bool:
     return scorer_config.parameters_from_args(args)["allow_download"]
 
 
-#: flags whose destination differs from the node parameter they set (``core.config.FLAG_PARAMETERS``)
-FLAG_PARAMETERS = scorer_config.FLAG_PARAMETERS
 #: where an offline tool departs from the node's defaults: every box scored (no cap), the torch
 #: backend unless ``--backend`` says otherwise, reliable QoS for a replayed bag; and the loading
 #: settings written out (so a live node started with these parameters loads the model alike)
@@ -203,7 +200,7 @@ def node_parameters_from_args(args, overrides: Optional[Dict[str, Any]] = None, 
     """The node parameters of a tool run (a live node's too): THE converter from command-line arguments.
 
     In order (later wins): :data:`TOOL_PARAMETERS`; ``core.config.parameters_from_args`` (every
-    argument whose destination is a node parameter name or in ``FLAG_PARAMETERS``; ``--device``
+    argument whose destination is a node parameter name or in ``core.config.FLAG_PARAMETERS``; ``--device``
     resolved, ``--pretrained none`` -> empty, ``--scorer all`` -> RUNA's, ``allow_download`` from
     ``--offline``); then :func:`_run_parameters`: the bag's topics and queue sizes, the seeded random
     model when ``random_weights``, ``overrides``, ``--node-params name:=value`` (``args.node_params``).
