@@ -287,9 +287,10 @@ def test_replay_launch_matches_offline_evaluation(ros2_cli, probe, tmp_path):
         with lock:
             got[m.header.stamp.sec * 10**9 + m.header.stamp.nanosec] = m
 
-    # its own namespace: lifecycle nodes that earlier tests of this process destroyed stay in the DDS graph
-    # (rclpy keeps their participant's entities), and a stale /runa_ood would answer this launch's lifecycle
-    # requests; the inputs keep the launch's default (absolute) topics
+    # its own namespace: kept apart from the nodes other tests of this process create (a destroyed
+    # RunaOodNode used to stay in the DDS graph and a stale /runa_ood answered this launch's lifecycle
+    # requests; fixed in RunaOodNode.destroy_node, see test_node_teardown: this test passes without the
+    # namespace after test_cameras); the inputs keep the launch's default (absolute) topics
     sub = probe.create_subscription(OodDetectionArray, "/replay/ood/detections", on_msg,
                                     QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
     log_path = tmp_path / "replay.log"
