@@ -76,6 +76,8 @@ SCENE_MAX_NAMES = 5
 WHOLE_SCENE_P = 0.4
 SCENE_REGION = (0.35, 0.85)
 REGION_LAWS = ("uniform", "log")
+#: object tiles (``tile_fraction`` of a batch, none in the committed run): side fractions of the frame
+TILE_REGION = (0.08, 0.4)
 #: stored scene images are downscaled to this width (scene samples are squashed to 224 px anyway)
 SCENE_STORE_WIDTH = 640
 
@@ -194,7 +196,7 @@ class Sampler:
 
     def __init__(self, pool: Pool, size: int = 224, scene_fraction: float = 0.25, tight_fraction: float = 0.35,
                  seed: int = 0, whole_scene: float = WHOLE_SCENE_P, scene_region: Tuple[float, float] = SCENE_REGION,
-                 region_law: str = "uniform"):
+                 region_law: str = "uniform", tile_fraction: float = 0.0, tile_region: Tuple[float, float] = TILE_REGION):
         lo, hi = (float(v) for v in scene_region)
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"scene_region must be 0 < lo <= hi <= 1 (side fractions of the frame), got {scene_region}")
@@ -205,6 +207,20 @@ class Sampler:
         self.pool, self.size = pool, int(size)
         self.scene_fraction, self.tight_fraction = float(scene_fraction), float(tight_fraction)
         self.whole_scene, self.scene_region, self.region_law = float(whole_scene), (lo, hi), region_law
+        tlo, thi = (float(v) for v in tile_region)
+        if not 0.0 < tlo <= thi <= 1.0:
+            raise ValueError(f"tile_region must be 0 < lo <= hi <= 1 (side fractions of the frame), got {tile_region}")
+        if not (0.0 <= float(tile_fraction) and float(tile_fraction) + float(scene_fraction) <= 1.0):
+            raise ValueError(f"tile_fraction + scene_fraction must be in [0, 1], got {tile_fraction} + {scene_fraction}")
+        self.tile_fraction, self.tile_region = float(tile_fraction), (tlo, thi)
+        # the scenes' nameable objects by class: (scene, object) pairs, for class-balanced object tiles
+        objs: List[List[Tuple[int, int]]] = [[] for _ in pool.class_names]
+        for i, (cls_i, occ_i) in enumerate(zip(pool.scene_classes, pool.scene_occlusion)):
+            for j, (c, o) in enumerate(zip(cls_i, occ_i)):
+                if o <= 0.6:
+                    objs[int(c)].append((i, j))
+        self.scene_objects = objs
+        self.tile_classes = [k for k, v in enumerate(objs) if v]
         self.rng = np.random.default_rng(seed)
         cls = np.asarray(pool.patch_class, np.int64)
         self.by_class = [np.flatnonzero(cls == k) for k in range(len(pool.class_names))]
@@ -258,6 +274,36 @@ class Sampler:
             rw, rh = fw * W, fh * H
             rx1, ry1 = rng.uniform(0, W - rw), rng.uniform(0, H - rh)
             rx2, ry2 = rx1 + rw, ry1 + rh
+        return self._region_pair(i, rx1, ry1, rx2, ry2)
+
+    def tile_sample(self) -> Tuple[np.ndarray, str, Tuple[int, ...]]:
+        """An object in its scene: a region of side fraction ``tile_region`` (log-uniform, the frame's aspect)
+        around an object drawn class-balanced, at least 1.5x the object and small enough that it is named
+        (>= 8 px at 224), captioned like a crop when it is the only object named, like a scene otherwise."""
+        rng, p = self.rng, self.pool
+        k = self.tile_classes[int(rng.integers(len(self.tile_classes)))]
+        i, j = self.scene_objects[k][int(rng.integers(len(self.scene_objects[k])))]
+        H, W = p.scenes[i].shape[:2]
+        x1, y1, x2, y2 = (float(v) for v in p.scene_boxes[i][j])
+        bw, bh = max(1.0, x2 - x1), max(1.0, y2 - y1)
+        lo, hi = self.tile_region
+        f = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        f = min(f, math.sqrt(bw * bh) * self.size / 8.0 / math.sqrt(W * H))   # the object >= 8 px at 224
+        f = min(1.0, max(f, 1.5 * bw / W, 1.5 * bh / H))                       # ... and inside with context
+        rw, rh = f * W, f * H
+        rx1 = float(np.clip(rng.uniform(x2 - rw, x1), 0.0, W - rw))
+        ry1 = float(np.clip(rng.uniform(y2 - rh, y1), 0.0, H - rh))
+        img, caption, key = self._region_pair(i, rx1, ry1, rx1 + rw, ry1 + rh)
+        if len(key) == 1 and key[0] >= 0:
+            name = p.class_names[key[0]]
+            caption = CROP_TEMPLATES[int(rng.integers(len(CROP_TEMPLATES)))].format(name)
+        return img, caption, key
+
+    def _region_pair(self, i: int, rx1: float, ry1: float, rx2: float, ry2: float):
+        """Region ``(rx1, ry1, rx2, ry2)`` of stored scene ``i`` at ``size`` px with the scene caption naming
+        what is visible in it (>= 60 % inside, occlusion <= 0.6, >= SCENE_MIN_PX at ``size``)."""
+        rng, p = self.rng, self.pool
+        img = p.scenes[i]
         ix1, iy1, ix2, iy2 = int(rx1), int(ry1), int(math.ceil(rx2)), int(math.ceil(ry2))
         region = img[iy1:iy2, ix1:ix2]
         sx, sy = self.size / region.shape[1], self.size / region.shape[0]
@@ -306,8 +352,14 @@ class Sampler:
     def batch(self, batch_size: int, augment: bool = True):
         imgs, caps, keys = [], [], []
         n_scene = int(round(batch_size * self.scene_fraction)) if self.pool.scenes else 0
+        n_tile = int(round(batch_size * self.tile_fraction)) if self.tile_classes else 0
         for i in range(batch_size):
-            img, cap, key = self.scene_sample() if i < n_scene else self.crop_sample()
+            if i < n_scene:
+                img, cap, key = self.scene_sample()
+            elif i < n_scene + n_tile:
+                img, cap, key = self.tile_sample()
+            else:
+                img, cap, key = self.crop_sample()
             imgs.append(self.augment(img) if augment else img)
             caps.append(cap)
             keys.append(key)

@@ -243,6 +243,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="side fractions of the other scene pairs' regions (default %(default)s)")
     p.add_argument("--scene-region-law", choices=ct.REGION_LAWS, default="uniform",
                    help="how the region's side fractions are drawn (default %(default)s)")
+    p.add_argument("--tile-fraction", type=float, default=0.0,
+                   help="share of object-in-scene tiles per batch (default %(default)s: none)")
+    p.add_argument("--tile-region", type=_fractions, default=ct.TILE_REGION, metavar="LO,HI",
+                   help="side fractions of the object tiles, log-uniform (default %(default)s)")
     p.add_argument("--eval-scenes", type=int, default=40, help="held-out 'calibration' scenes for the zero-shot figures (0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (2: this machine's cores)")
     p.add_argument("--frame-scale", type=float, default=1.0, help="render frames at this scale (smoke runs only)")
@@ -271,7 +275,8 @@ def run_train(args) -> int:
     S = model.visual.image_size
     S = int(S[0] if isinstance(S, (tuple, list)) else S)
     sampler = ct.Sampler(pool, size=S, scene_fraction=args.scene_fraction, seed=args.seed, whole_scene=args.whole_scene,
-                         scene_region=args.scene_region, region_law=args.scene_region_law)
+                         scene_region=args.scene_region, region_law=args.scene_region_law,
+                         tile_fraction=args.tile_fraction, tile_region=args.tile_region)
     t0 = time.perf_counter()
     hist = ct.train(model, tokenizer, sampler, args.steps, args.batch_size, lr=args.lr, warmup=args.warmup,
                  weight_decay=args.weight_decay, progress=progress)

@@ -100,6 +100,27 @@ def test_scene_regions_follow_their_settings():
             ct.Sampler(pool, size=64, **bad)
 
 
+def test_object_tiles_show_a_named_object_in_its_scene():
+    """Object tiles (``tile_fraction``): a region of the scene around an object drawn class-balanced; the
+    object is named (a crop's caption when it is the only one named) and the batch holds the asked share."""
+    pool = _tiny_pool(6)
+    s = ct.Sampler(pool, size=64, seed=0, scene_fraction=0.25, tile_fraction=0.5)
+    crop_caps = {t.format(n) for t in ct.CROP_TEMPLATES for n in pool.class_names}
+    named = 0
+    for _ in range(60):
+        img, cap, key = s.tile_sample()
+        assert img.shape == (64, 64, 3)
+        named += bool(key)
+        if len(key) == 1:
+            assert cap in crop_caps
+    assert named >= 50
+    imgs, caps, keys = s.batch(20, augment=False)
+    assert len(caps) == 20
+    assert ct.Sampler(pool, size=64).tile_fraction == 0.0   # the committed run has none
+    with pytest.raises(ValueError):
+        ct.Sampler(pool, size=64, scene_fraction=0.6, tile_fraction=0.5)
+
+
 def test_loss_counts_same_caption_pairs_as_positives():
     emb = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     scale = torch.tensor(50.0)
