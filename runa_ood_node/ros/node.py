@@ -25,7 +25,8 @@ under ``C/``; ``ood/driver_alert``, ``ood/monitor_health`` and ``ood/label_info`
 Lifecycle: configure validates the parameters, builds the scorer (the factory), creates publishers
 and starts the scoring threads (a failure: logged, FAILURE, ``main`` exits 1); activate creates
 subscriptions and timers and publishes LabelInfo and the initial alerts; deactivate removes them
-and counts waiting messages as dropped; cleanup / shutdown release the model. ``autostart``
+and counts waiting messages as dropped; cleanup / shutdown release the model; ``destroy_node`` (from
+any state) does too, and the node leaves the ROS graph at once. ``autostart``
 (default true) makes ``main`` configure and activate. A callback never raises: errors are logged
 and counted ``internal_error``.
 """
