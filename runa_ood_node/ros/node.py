@@ -329,8 +329,11 @@ class RunaOodNode(LifecycleNode):
             return SetParametersResult(successful=True)
         for prm in ours:
             current[prm.name] = list(prm.value) if prm.name == "alert.roi" and prm.value is not None else prm.value
+        # files (label set, thresholds, head) are read only when a change can touch them: toggling a live
+        # parameter on an active node (e.g. publish_annotated from RViz) reads nothing from disk
+        files = not all(prm.name in LIVE_PARAMETERS for prm in ours)
         try:
-            new = validate(current)
+            new = validate(current, check_files=files)
         except ParameterValidationError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         if self.settings is not None:

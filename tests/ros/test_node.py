@@ -531,6 +531,22 @@ def test_parameters_validated_at_run_time(rig):
     rig.node.set_parameters([Parameter("publish_annotated", value=True)])
 
 
+def test_a_live_change_reads_no_file_and_a_file_change_is_checked(rig, monkeypatch):
+    """Toggling a live parameter on the active node reads nothing from disk (the label set, thresholds and
+    head were loaded at configure); a change naming a file is still checked at once (a bad one refused)."""
+    from runa_ood_node.core import config
+
+    loads = []
+    orig = config.load_label_set
+    monkeypatch.setattr(config, "load_label_set", lambda *a, **k: loads.append(a) or orig(*a, **k))
+    for value in (False, True):
+        res = rig.node.set_parameters([Parameter("publish_annotated", value=value)])
+        assert res[0].successful and rig.node.settings.publish_annotated is value
+    assert loads == []
+    res = rig.node.set_parameters([Parameter("label_set", value="/nonexistent/labels.yaml")])
+    assert not res[0].successful and "label_set" in res[0].reason and len(loads) == 1
+
+
 def test_incompatible_qos_publisher_is_reported(rig):
     """A best-effort detector on the reliable detections subscription delivers nothing: the node
     must say so (counted + warned) rather than stay silent."""
