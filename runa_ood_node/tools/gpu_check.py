@@ -58,7 +58,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..core.registry import DEFAULT_METHOD
+from ..core.registry import DEFAULT_METHOD, DEVICES
 
 SCHEMA = "runa-ood gpu-check/1"
 JSON_NAME = "gpu_check.json"
@@ -139,7 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="run every step on the CPU (fp32/fp16/bf16 on the CPU, perf_counter timings, the tiny "
                              "model): what CI runs so the check cannot rot")
-    parser.add_argument("--device", default=None, help="device under test (default cuda; cpu with --dry-run)")
+    parser.add_argument("--device", default=None, choices=DEVICES,
+                        help="device under test, as the node's `device` parameter takes it (default cuda; cpu with "
+                             "--dry-run; pick a GPU with CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--models", default=None,
                         help=f"comma list of models to time (default {','.join(GPU_MODELS)}; "
                              f"{','.join(DRY_MODELS)} with --dry-run)")
