@@ -32,10 +32,14 @@ runa-ood proving-ground world --out "$OUT" --frames "$FRAMES"
 if [ "$TRAIN" = 1 ]; then
   runa-ood proving-ground train
 fi
+# TagOOD's head reads every token in the box of a 672 px frame pass: the best of 448-896 px and of the
+# token selections on the calibration split with this CLIP (docs/proving_ground.md)
+declare -A OPTIONS=([tagood]="--method-option frame_size=672 --method-option selection=all")
 HEADS=()
 for m in runa uni-ood tagood; do
+  # shellcheck disable=SC2086
   runa-ood finetune "${M[@]}" --method "$m" --annotations "$OUT/train/annotations.json" --shots 10 --seed 0 \
-    --eval-images 0 --out "$PG/heads/$m"
+    --eval-images 0 --out "$PG/heads/$m" ${OPTIONS[$m]:-}
   runa-ood calibrate "${M[@]}" --method "$m" --head "$PG/heads/$m" \
     --annotations "$OUT/calibration/annotations.json" --out "$PG/thresholds/$m/thresholds.yaml"
   HEADS+=(--head "$m=$PG/heads/$m")
