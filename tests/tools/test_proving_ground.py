@@ -38,7 +38,7 @@ FLOORS = {
     "tagood": {"auroc": 0.53, "near": None, "far": 0.57, "label_acc": 0.42},  # 0.587 0.561 0.623 0.478
 }
 #: RUNA's two views on their own (the same encoding: --ablation all costs no extra pass). The global
-#: view scores at chance here (0.52): see test_the_global_views_blur_is_inert_here
+#: view scores at chance here (0.52): see GAP_BLUR
 VIEW_FLOORS = {"regional": 0.93, "global": None}  # 0.981
 
 MODEL = ["--model", artefacts.MODEL, "--pretrained", artefacts.PRETRAINED]
