@@ -18,15 +18,12 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from runa_ood_node.proving_ground import artefacts, world
 from runa_ood_node.tools.cli import main
 
 #: frames of the gate split (about 6 objects each: ~45 % ID, ~35 % near-OOD, ~20 % far-OOD)
 GATE_FRAMES = 60
-#: frames of the train split (as scripts/proving_ground.sh writes it: the committed heads' shots)
-TRAIN_FRAMES = 150
 #: floors = measured at commit time (comment) minus MARGIN, rounded down
 MARGIN = 0.05
 FLOORS = {
@@ -64,18 +61,23 @@ def gate_split(tmp_path_factory):
 @pytest.fixture(scope="module")
 def train_split(tmp_path_factory):
     """The world's train split (the committed heads' shots), for bugs injected into fitting."""
-    return world.write_split(tmp_path_factory.mktemp("train"), "train", TRAIN_FRAMES, progress=False)
+    from runa_ood_node.tools.proving_ground import DEFAULT_FRAMES, parse_frames
+
+    n = parse_frames(DEFAULT_FRAMES)["train"]  # as scripts/proving_ground.sh writes it
+    return world.write_split(tmp_path_factory.mktemp("train"), "train", n, progress=False)
 
 
 def refit(ann, out, method):
-    """`runa-ood finetune` of ``method`` as ``scripts/proving_ground.sh`` fits its committed head (10 shots,
+    """`runa-ood finetune` of TagOOD as ``scripts/proving_ground.sh`` fits its committed head (10 shots,
     seed 0, the head settings the committed head records) -> the new head's folder. Without a bug this
     remakes the committed head (measured: the same loss curve and gate figures)."""
+    from runa_ood_node.core.methods.heads import load_head
     from runa_ood_node.core.methods.tagood import SETTINGS
 
-    hyper = yaml.safe_load((artefacts.head_dir(method) / "head.yaml").read_text())["hyper"]
-    options = [a for k in SETTINGS if method == "tagood" and hyper.get(k) is not None
-               for a in ("--method-option", f"{k}={hyper[k]}")]
+    if method != "tagood":
+        raise ValueError(f"refit knows TagOOD's head settings only, not {method!r}'s")
+    hyper = load_head(artefacts.head_dir(method), method=method).hyper
+    options = [a for k in SETTINGS if hyper.get(k) is not None for a in ("--method-option", f"{k}={hyper[k]}")]
     argv = ["finetune", *MODEL, "--id-set", str(world.LABELS_PATH), "--method", method, "--annotations", str(ann),
             "--shots", "10", "--seed", "0", "--eval-images", "0", "--no-progress", "--out", str(out), *options]
     assert main(argv) == 0
